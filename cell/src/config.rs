@@ -1,0 +1,119 @@
+//! Configuration of one replica (`cellbank cell`), from TOML or flags.
+//! Every field has a default that works on a laptop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    pub cell_id: u64,
+    pub replica_id: u64,
+    /// gRPC address for clients and peers.
+    pub listen: SocketAddr,
+    /// Prometheus metrics over HTTP; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// The founding members (replica id to address). Used only the first time
+    /// the replica starts on an empty data directory; a replica that joins an
+    /// existing cell through a conf change leaves this empty.
+    #[serde(default, with = "peer_map")]
+    pub peers: BTreeMap<u64, String>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub log_compact_threshold_entries: u64,
+    pub log_retain_entries: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning { election_tick: 10, heartbeat_tick: 2, log_compact_threshold_entries: 10_000, log_retain_entries: 2_000 }
+    }
+}
+
+impl ReplicaConfig {
+    pub fn from_toml(text: &str) -> anyhow::Result<ReplicaConfig> {
+        let config: ReplicaConfig = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.cell_id > 0, "cell_id must be at least 1");
+        anyhow::ensure!(self.replica_id > 0, "replica_id must be at least 1");
+        if !self.peers.is_empty() {
+            anyhow::ensure!(
+                self.peers.contains_key(&self.replica_id),
+                "peers must include this replica ({}) when founding a cell",
+                self.replica_id
+            );
+        }
+        for (id, addr) in &self.peers {
+            anyhow::ensure!(*id > 0, "peer ids start at 1");
+            addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
+        }
+        anyhow::ensure!(self.raft.election_tick > self.raft.heartbeat_tick, "election_tick must exceed heartbeat_tick");
+        anyhow::ensure!(self.raft.log_compact_threshold_entries > 0, "log_compact_threshold_entries must be positive");
+        Ok(())
+    }
+}
+
+/// TOML tables have string keys: peers are written `[peers]` / `1 = "host:port"`.
+mod peer_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(peers: &BTreeMap<u64, String>, serializer: S) -> Result<S::Ok, S::Error> {
+        let text: BTreeMap<String, &String> = peers.iter().map(|(id, addr)| (id.to_string(), addr)).collect();
+        text.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u64, String>, D::Error> {
+        let text = BTreeMap::<String, String>::deserialize(deserializer)?;
+        text.into_iter()
+            .map(|(id, addr)| {
+                id.parse::<u64>().map(|id| (id, addr)).map_err(|_| serde::de::Error::custom(format!("peer id {id:?} is not a number")))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_toml() {
+        let config = ReplicaConfig {
+            cell_id: 1,
+            replica_id: 2,
+            listen: "127.0.0.1:7102".parse().unwrap(),
+            metrics_listen: None,
+            data_dir: "data/x".into(),
+            peers: [(1, "127.0.0.1:7101".to_string()), (2, "127.0.0.1:7102".to_string())].into_iter().collect(),
+            raft: RaftTuning::default(),
+        };
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn rejects_peers_without_self_and_unknown_fields() {
+        let text = "cell_id = 1\nreplica_id = 3\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n[peers]\n1 = \"127.0.0.1:2\"\n";
+        assert!(ReplicaConfig::from_toml(text).is_err());
+        let text = "cell_id = 1\nreplica_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\ntypo = 3\n";
+        assert!(ReplicaConfig::from_toml(text).is_err());
+    }
+}

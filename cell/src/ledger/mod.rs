@@ -1,0 +1,364 @@
+//! The ledger state machine of one cell: accounts, double-entry movements,
+//! idempotent transfer ids, per-account history.
+//!
+//! It owns every key under the state prefix (`0x04`) and keeps these
+//! invariants, asserted where they are established:
+//! - An account is (kind, owner, currency). User accounts hold a balance in
+//!   `0..=u64::MAX` minor units and never go below zero. The settlement
+//!   account of a currency (money entering and leaving the system) may go
+//!   negative; balances are `i128` so no sum can wrap.
+//! - Double entry: every movement debits one account and credits another by
+//!   the same amount, so per currency the balances of all accounts sum to 0.
+//! - A transfer id is recorded with its fields and outcome the first time it
+//!   is applied. A retry with the same fields gets that outcome back
+//!   (`duplicate = true`); other fields get `ID_REUSED_WITH_DIFFERENT_FIELDS`
+//!   naming the first differing field; a failed id stays failed.
+//! - Apply is deterministic: it reads only the command, the entry index and
+//!   the state; the proposer chose the timestamp. Business failures are
+//!   result codes; undecodable state is corruption and panics.
+
+pub mod currency;
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use cellbank_proto::cell::{command, Command, CommandBatch, MoveCommand, OpenAccountCommand};
+use cellbank_proto::v1::{ResultCode, TransferKind, TransferRecord, TransferResult};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::raft::storage::STATE_PREFIX;
+use crate::raft::{Kv, StateMachine};
+pub use currency::Currency;
+
+/// Account kinds; the byte is part of the key. Later kinds (clearing per
+/// peer cell, escrow) take the next values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum AccountKind {
+    Settlement = 1,
+    User = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId {
+    pub kind: AccountKind,
+    pub owner: u64,
+    pub currency: Currency,
+}
+
+impl AccountId {
+    pub fn user(user_id: u64, currency: Currency) -> AccountId {
+        AccountId { kind: AccountKind::User, owner: user_id, currency }
+    }
+
+    pub fn settlement(currency: Currency) -> AccountId {
+        AccountId { kind: AccountKind::Settlement, owner: 0, currency }
+    }
+
+    /// `0x04 'a' kind owner(be) currency`.
+    pub fn key(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(14);
+        key.push(STATE_PREFIX);
+        key.push(b'a');
+        key.push(self.kind as u8);
+        key.extend_from_slice(&self.owner.to_be_bytes());
+        key.extend_from_slice(&self.currency.bytes());
+        key
+    }
+
+    pub fn from_key(key: &[u8]) -> Option<AccountId> {
+        if key.len() != 14 || key[0] != STATE_PREFIX || key[1] != b'a' {
+            return None;
+        }
+        let kind = match key[2] {
+            1 => AccountKind::Settlement,
+            2 => AccountKind::User,
+            _ => return None,
+        };
+        let owner = u64::from_be_bytes(key[3..11].try_into().ok()?);
+        let currency = Currency::from_bytes(key[11..14].try_into().ok()?);
+        Some(AccountId { kind, owner, currency })
+    }
+
+    /// Prefix of this account's history keys.
+    pub fn history_prefix(&self) -> Vec<u8> {
+        let mut key = self.key();
+        key[1] = b'h';
+        key
+    }
+
+    pub fn history_key(&self, seq: u64) -> Vec<u8> {
+        let mut key = self.history_prefix();
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    }
+}
+
+/// An account's stored state: 16-byte big-endian i128 balance, 8-byte version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Account {
+    pub balance: i128,
+    /// Movements applied since opening; also the next history sequence number.
+    pub version: u64,
+}
+
+impl Account {
+    pub fn encode(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..16].copy_from_slice(&self.balance.to_be_bytes());
+        out[16..].copy_from_slice(&self.version.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Account> {
+        if bytes.len() != 24 {
+            return None;
+        }
+        Some(Account {
+            balance: i128::from_be_bytes(bytes[..16].try_into().ok()?),
+            version: u64::from_be_bytes(bytes[16..].try_into().ok()?),
+        })
+    }
+}
+
+pub fn transfer_key(transfer_id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + transfer_id.len());
+    key.push(STATE_PREFIX);
+    key.push(b't');
+    key.extend_from_slice(transfer_id);
+    key
+}
+
+fn read_account(kv: &dyn Kv, id: &AccountId) -> Option<Account> {
+    kv.get(&id.key()).map(|bytes| {
+        Account::decode(&bytes).unwrap_or_else(|| panic!("corrupt account record for {id:?}: {bytes:02x?}"))
+    })
+}
+
+fn write_account(kv: &mut dyn Kv, id: &AccountId, account: &Account) {
+    if id.kind == AccountKind::User {
+        assert!(
+            account.balance >= 0 && account.balance <= u64::MAX as i128,
+            "user balance out of range for {id:?}: {}",
+            account.balance
+        );
+    }
+    kv.put(&id.key(), &account.encode());
+}
+
+pub fn read_transfer(kv: &dyn Kv, transfer_id: &[u8]) -> Option<TransferRecord> {
+    kv.get(&transfer_key(transfer_id)).map(|bytes| {
+        TransferRecord::decode(bytes.as_slice())
+            .unwrap_or_else(|e| panic!("corrupt transfer record {transfer_id:02x?}: {e}"))
+    })
+}
+
+fn result(code: ResultCode, applied_index: u64) -> TransferResult {
+    TransferResult { code: code as i32, applied_index, ..Default::default() }
+}
+
+fn rejection(code: ResultCode, field: &str, detail: String, applied_index: u64) -> TransferResult {
+    TransferResult { code: code as i32, field: field.into(), detail, applied_index, duplicate: false }
+}
+
+/// The first field in which a retry differs from the recorded transfer.
+fn first_differing_field(recorded: &TransferRecord, command: &MoveCommand) -> Option<&'static str> {
+    if recorded.kind != command.kind {
+        return Some("kind");
+    }
+    if recorded.from_user_id != command.from_user_id {
+        return Some("from_user_id");
+    }
+    if recorded.to_user_id != command.to_user_id {
+        return Some("to_user_id");
+    }
+    if recorded.currency != command.currency {
+        return Some("currency");
+    }
+    if recorded.amount != command.amount {
+        return Some("amount");
+    }
+    None
+}
+
+/// The ledger state machine.
+#[derive(Default)]
+pub struct Ledger {}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger {}
+    }
+
+    /// Applies one command; the result is what the proposer hears.
+    pub fn apply_command(&self, kv: &mut dyn Kv, index: u64, timestamp_ms: u64, command: &Command) -> TransferResult {
+        match &command.kind {
+            Some(command::Kind::OpenAccount(open)) => self.open_account(kv, index, open),
+            Some(command::Kind::Move(movement)) => self.apply_move(kv, index, timestamp_ms, movement),
+            None => rejection(ResultCode::InvalidItem, "command", "empty command".into(), index),
+        }
+    }
+
+    fn open_account(&self, kv: &mut dyn Kv, index: u64, open: &OpenAccountCommand) -> TransferResult {
+        let currency = match validate::open_account(open.user_id, &open.currency) {
+            Ok(currency) => currency,
+            Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
+        };
+        let id = AccountId::user(open.user_id, currency);
+        if read_account(kv, &id).is_some() {
+            return result(ResultCode::AccountAlreadyExists, index);
+        }
+        write_account(kv, &id, &Account::default());
+        result(ResultCode::Ok, index)
+    }
+
+    fn apply_move(&self, kv: &mut dyn Kv, index: u64, timestamp_ms: u64, command: &MoveCommand) -> TransferResult {
+        let valid = match validate::move_command(command) {
+            Ok(valid) => valid,
+            Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
+        };
+        if let Some(recorded) = read_transfer(kv, &command.transfer_id) {
+            return match first_differing_field(&recorded, command) {
+                Some(field) => rejection(
+                    ResultCode::IdReusedWithDifferentFields,
+                    field,
+                    format!("transfer_id was first used at index {} with a different {field}", recorded.applied_index),
+                    index,
+                ),
+                None => TransferResult {
+                    code: recorded.result,
+                    applied_index: recorded.applied_index,
+                    duplicate: true,
+                    ..Default::default()
+                },
+            };
+        }
+        let (debit, credit) = match valid.kind {
+            TransferKind::Deposit => (AccountId::settlement(valid.currency), AccountId::user(command.to_user_id, valid.currency)),
+            TransferKind::Withdraw => (AccountId::user(command.from_user_id, valid.currency), AccountId::settlement(valid.currency)),
+            _ => (
+                AccountId::user(command.from_user_id, valid.currency),
+                AccountId::user(command.to_user_id, valid.currency),
+            ),
+        };
+        let outcome = self.post(kv, &debit, &credit, command.amount, &command.transfer_id);
+        let record = TransferRecord {
+            transfer_id: command.transfer_id.clone(),
+            kind: command.kind,
+            from_user_id: command.from_user_id,
+            to_user_id: command.to_user_id,
+            currency: command.currency.clone(),
+            amount: command.amount,
+            result: outcome.0 as i32,
+            applied_index: index,
+            timestamp_ms,
+        };
+        kv.put(&transfer_key(&command.transfer_id), &record.encode_to_vec());
+        rejection(outcome.0, "", outcome.1, index)
+    }
+
+    /// Moves `amount` from `debit` to `credit` if both exist and the balances
+    /// allow it; writes both accounts and their history entries.
+    fn post(&self, kv: &mut dyn Kv, debit: &AccountId, credit: &AccountId, amount: u64, transfer_id: &[u8]) -> (ResultCode, String) {
+        let mut debit_account = match self.existing_or_system(kv, debit) {
+            Some(account) => account,
+            None => return (ResultCode::AccountNotFound, format!("no account for user {} in {}", debit.owner, debit.currency.as_str())),
+        };
+        let mut credit_account = match self.existing_or_system(kv, credit) {
+            Some(account) => account,
+            None => return (ResultCode::AccountNotFound, format!("no account for user {} in {}", credit.owner, credit.currency.as_str())),
+        };
+        let amount = amount as i128;
+        let debited = debit_account.balance.checked_sub(amount);
+        let debited = match debited {
+            Some(balance) if debit.kind != AccountKind::User || balance >= 0 => balance,
+            _ => {
+                return (
+                    ResultCode::InsufficientFunds,
+                    format!("balance {} is less than {}", debit_account.balance, amount),
+                )
+            }
+        };
+        let credited = match credit_account.balance.checked_add(amount) {
+            Some(balance) if credit.kind != AccountKind::User || balance <= u64::MAX as i128 => balance,
+            _ => return (ResultCode::BalanceOverflow, "the credit would exceed the largest balance".into()),
+        };
+        let before = debit_account.balance + credit_account.balance;
+        debit_account.balance = debited;
+        credit_account.balance = credited;
+        assert_eq!(before, debit_account.balance + credit_account.balance, "a movement must conserve money");
+        for (id, account) in [(debit, &mut debit_account), (credit, &mut credit_account)] {
+            if id.kind == AccountKind::User {
+                kv.put(&id.history_key(account.version), transfer_id);
+            }
+            account.version += 1;
+            write_account(kv, id, account);
+        }
+        (ResultCode::Ok, String::new())
+    }
+
+    fn existing_or_system(&self, kv: &dyn Kv, id: &AccountId) -> Option<Account> {
+        match (read_account(kv, id), id.kind) {
+            (Some(account), _) => Some(account),
+            (None, AccountKind::Settlement) => Some(Account::default()),
+            (None, AccountKind::User) => None,
+        }
+    }
+}
+
+/// A read of the ledger for `GetAccount`.
+pub fn get_user_account(kv: &dyn Kv, user_id: u64, currency: Currency) -> Option<Account> {
+    read_account(kv, &AccountId::user(user_id, currency))
+}
+
+/// Summary of the whole ledger state, for replica comparison and checkers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerDigest {
+    pub digest_hex: String,
+    pub accounts: u64,
+    pub transfers: u64,
+    pub balance_sum_by_currency: BTreeMap<String, i128>,
+}
+
+/// Digests every state key and value in key order. `pairs` must be the
+/// state region in ascending key order.
+pub fn digest<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> LedgerDigest {
+    let mut hasher = Sha256::new();
+    let mut accounts = 0;
+    let mut transfers = 0;
+    let mut sums: BTreeMap<String, i128> = BTreeMap::new();
+    for (key, value) in pairs {
+        hasher.update((key.len() as u32).to_be_bytes());
+        hasher.update(key);
+        hasher.update((value.len() as u32).to_be_bytes());
+        hasher.update(value);
+        if let Some(id) = AccountId::from_key(key) {
+            accounts += 1;
+            let account = Account::decode(value).unwrap_or_else(|| panic!("corrupt account {id:?}"));
+            let sum = sums.entry(id.currency.as_str().to_string()).or_default();
+            *sum = sum.checked_add(account.balance).expect("sum of balances overflowed i128");
+        } else if key.len() > 1 && key[1] == b't' {
+            transfers += 1;
+        }
+    }
+    LedgerDigest { digest_hex: hex::encode(hasher.finalize()), accounts, transfers, balance_sum_by_currency: sums }
+}
+
+impl StateMachine for Ledger {
+    type Command = Command;
+    type Output = TransferResult;
+
+    fn encode_batch(&self, commands: Vec<Command>, timestamp_ms: u64) -> Vec<u8> {
+        CommandBatch { timestamp_ms, commands }.encode_to_vec()
+    }
+
+    fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TransferResult> {
+        let batch = CommandBatch::decode(data)
+            .unwrap_or_else(|e| panic!("entry {index} is not a command batch ({e}); the log is corrupt"));
+        batch.commands.iter().map(|command| self.apply_command(kv, index, batch.timestamp_ms, command)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+//! Unit and property tests of the ledger state machine, on an in-memory Kv.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cellbank_proto::cell::{command, Command, MoveCommand, OpenAccountCommand};
+use cellbank_proto::v1::{ResultCode, TransferKind, TransferResult};
+use proptest::prelude::*;
+
+use super::*;
+
+type Memory = BTreeMap<Vec<u8>, Vec<u8>>;
+
+fn open(user: u64, currency: &str) -> Command {
+    Command { kind: Some(command::Kind::OpenAccount(OpenAccountCommand { user_id: user, currency: currency.into() })) }
+}
+
+fn movement(id: &str, kind: TransferKind, from: u64, to: u64, currency: &str, amount: u64) -> Command {
+    Command {
+        kind: Some(command::Kind::Move(MoveCommand {
+            transfer_id: id.as_bytes().to_vec(),
+            kind: kind as i32,
+            from_user_id: from,
+            to_user_id: to,
+            currency: currency.into(),
+            amount,
+        })),
+    }
+}
+
+fn deposit(id: &str, user: u64, amount: u64) -> Command {
+    movement(id, TransferKind::Deposit, 0, user, "CNY", amount)
+}
+
+fn transfer(id: &str, from: u64, to: u64, amount: u64) -> Command {
+    movement(id, TransferKind::Transfer, from, to, "CNY", amount)
+}
+
+struct Harness {
+    ledger: Ledger,
+    kv: Memory,
+    index: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness { ledger: Ledger::new(), kv: Memory::new(), index: 0 }
+    }
+
+    fn apply(&mut self, command: Command) -> TransferResult {
+        self.index += 1;
+        self.ledger.apply_command(&mut self.kv, self.index, 1_700_000_000_000, &command)
+    }
+
+    fn code(&mut self, command: Command) -> ResultCode {
+        ResultCode::try_from(self.apply(command).code).unwrap()
+    }
+
+    fn balance(&self, user: u64) -> Option<i128> {
+        get_user_account(&self.kv, user, Currency::parse("CNY").unwrap()).map(|a| a.balance)
+    }
+
+    fn sums(&self) -> BTreeMap<String, i128> {
+        digest(self.kv.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).balance_sum_by_currency
+    }
+
+    fn assert_conserved(&self) {
+        for (currency, sum) in self.sums() {
+            assert_eq!(sum, 0, "balances in {currency} must sum to zero");
+        }
+        for (key, value) in &self.kv {
+            if let Some(id) = AccountId::from_key(key) {
+                let account = Account::decode(value).unwrap();
+                if id.kind == AccountKind::User {
+                    assert!(account.balance >= 0, "user balance negative: {id:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn deposit_transfer_withdraw_conserve_money() {
+    let mut h = Harness::new();
+    assert_eq!(h.code(open(1, "CNY")), ResultCode::Ok);
+    assert_eq!(h.code(open(2, "CNY")), ResultCode::Ok);
+    assert_eq!(h.code(open(1, "CNY")), ResultCode::AccountAlreadyExists);
+    assert_eq!(h.code(deposit("d1", 1, 500)), ResultCode::Ok);
+    assert_eq!(h.code(transfer("t1", 1, 2, 200)), ResultCode::Ok);
+    assert_eq!(h.code(movement("w1", TransferKind::Withdraw, 2, 0, "CNY", 50)), ResultCode::Ok);
+    assert_eq!((h.balance(1), h.balance(2)), (Some(300), Some(150)));
+    assert_eq!(h.sums().get("CNY"), Some(&0));
+    h.assert_conserved();
+}
+
+#[test]
+fn business_failures_are_result_codes_and_change_nothing() {
+    let mut h = Harness::new();
+    h.apply(open(1, "CNY"));
+    h.apply(open(2, "CNY"));
+    h.apply(deposit("d1", 1, 100));
+    let before = h.kv.clone();
+    assert_eq!(h.code(transfer("t1", 1, 2, 101)), ResultCode::InsufficientFunds);
+    assert_eq!(h.code(transfer("t2", 1, 3, 1)), ResultCode::AccountNotFound);
+    assert_eq!(h.code(deposit("d2", 9, 1)), ResultCode::AccountNotFound);
+    assert_eq!(h.code(movement("x", TransferKind::Transfer, 1, 2, "USD", 1)), ResultCode::AccountNotFound);
+    // Only the failed transfers' records were added; no account changed.
+    let accounts = |kv: &Memory| kv.iter().filter(|(k, _)| AccountId::from_key(k).is_some()).map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+    assert_eq!(accounts(&before), accounts(&h.kv));
+    // A failed id stays failed even once funds arrive.
+    h.apply(deposit("d3", 1, 1000));
+    let retry = h.apply(transfer("t1", 1, 2, 101));
+    assert_eq!(retry.code, ResultCode::InsufficientFunds as i32);
+    assert!(retry.duplicate);
+    assert_eq!(h.balance(2), Some(0));
+}
+
+#[test]
+fn malformed_commands_are_rejected_on_apply_too() {
+    let mut h = Harness::new();
+    h.apply(open(1, "CNY"));
+    h.apply(deposit("d", 1, 10));
+    let before = h.kv.clone();
+    let cases = vec![
+        (transfer("z", 1, 2, 0), "amount"),
+        (transfer("n", 1, 2, u64::MAX), "amount"),
+        (transfer("n2", 1, 2, i64::MAX as u64 + 1), "amount"),
+        (transfer("s", 1, 1, 5), "to_user_id"),
+        (transfer("", 1, 2, 5), "transfer_id"),
+        (transfer(&"x".repeat(65), 1, 2, 5), "transfer_id"),
+        (movement("c", TransferKind::Transfer, 1, 2, "ZZZ", 5), "currency"),
+        (movement("c2", TransferKind::Transfer, 1, 2, "", 5), "currency"),
+        (movement("k", TransferKind::Unspecified, 1, 2, "CNY", 5), "kind"),
+        (transfer("u", 0, 2, 5), "from_user_id"),
+        (open(0, "CNY"), "user_id"),
+        (open(3, "cny"), "currency"),
+        (Command { kind: None }, "command"),
+    ];
+    for (command, field) in cases {
+        let result = h.apply(command);
+        assert_eq!(result.code, ResultCode::InvalidItem as i32);
+        assert_eq!(result.field, field);
+    }
+    let mut non_utf8 = transfer("ok", 1, 2, 5);
+    if let Some(command::Kind::Move(m)) = &mut non_utf8.kind {
+        m.transfer_id = vec![0xff, 0xfe];
+    }
+    assert_eq!(h.apply(non_utf8).field, "transfer_id");
+    assert_eq!(before, h.kv, "no malformed command may change state");
+}
+
+#[test]
+fn balance_limits_at_u64_max() {
+    let mut h = Harness::new();
+    h.apply(open(1, "CNY"));
+    h.apply(open(2, "CNY"));
+    let max_amount = i64::MAX as u64;
+    // Fill account 1 to exactly u64::MAX with amounts at the per-movement cap.
+    assert_eq!(h.code(deposit("a", 1, max_amount)), ResultCode::Ok);
+    assert_eq!(h.code(deposit("b", 1, max_amount)), ResultCode::Ok);
+    assert_eq!(h.code(deposit("c", 1, 1)), ResultCode::Ok);
+    assert_eq!(h.balance(1), Some(u64::MAX as i128));
+    assert_eq!(h.code(deposit("d", 1, 1)), ResultCode::BalanceOverflow);
+    assert_eq!(h.balance(1), Some(u64::MAX as i128));
+    // Account 2 can take it all back out, one capped movement at a time.
+    assert_eq!(h.code(transfer("t1", 1, 2, max_amount)), ResultCode::Ok);
+    assert_eq!(h.code(transfer("t2", 1, 2, max_amount)), ResultCode::Ok);
+    assert_eq!(h.code(transfer("t3", 1, 2, 1)), ResultCode::Ok);
+    assert_eq!((h.balance(1), h.balance(2)), (Some(0), Some(u64::MAX as i128)));
+    assert_eq!(h.code(transfer("t4", 1, 2, 1)), ResultCode::InsufficientFunds);
+    h.assert_conserved();
+}
+
+#[test]
+fn idempotency_every_retry_shape() {
+    let mut h = Harness::new();
+    h.apply(open(1, "CNY"));
+    h.apply(open(2, "CNY"));
+    h.apply(open(3, "CNY"));
+    h.apply(open(1, "USD"));
+    h.apply(open(2, "USD"));
+    h.apply(deposit("seed", 1, 1000));
+    let first = h.apply(transfer("t", 1, 2, 10));
+    assert_eq!(first.code, ResultCode::Ok as i32);
+    // Same fields: the original result, nothing applied again.
+    let again = h.apply(transfer("t", 1, 2, 10));
+    assert!(again.duplicate);
+    assert_eq!((again.code, again.applied_index), (first.code, first.applied_index));
+    assert_eq!(h.balance(2), Some(10));
+    // Different fields: named.
+    let differ = |h: &mut Harness, command: Command| h.apply(command).field;
+    assert_eq!(differ(&mut h, transfer("t", 1, 2, 11)), "amount");
+    assert_eq!(differ(&mut h, transfer("t", 1, 3, 10)), "to_user_id");
+    assert_eq!(differ(&mut h, transfer("t", 3, 2, 10)), "from_user_id");
+    assert_eq!(differ(&mut h, movement("t", TransferKind::Transfer, 1, 2, "USD", 10)), "currency");
+    assert_eq!(differ(&mut h, movement("t", TransferKind::Withdraw, 1, 0, "CNY", 10)), "kind");
+    assert_eq!(h.code(transfer("t", 1, 2, 11)), ResultCode::IdReusedWithDifferentFields);
+    // The deposit id space is the same as transfers'.
+    assert_eq!(differ(&mut h, deposit("seed", 1, 999)), "amount");
+    assert!(h.apply(deposit("seed", 1, 1000)).duplicate);
+    assert_eq!(h.balance(1), Some(990));
+    h.assert_conserved();
+}
+
+#[test]
+fn history_lists_movements_in_order() {
+    let mut h = Harness::new();
+    h.apply(open(1, "CNY"));
+    h.apply(open(2, "CNY"));
+    h.apply(deposit("d", 1, 100));
+    h.apply(transfer("t1", 1, 2, 10));
+    h.apply(transfer("t2", 2, 1, 5));
+    h.apply(transfer("t3", 1, 2, 1000)); // fails: not in history
+    let id = AccountId::user(1, Currency::parse("CNY").unwrap());
+    let prefix = id.history_prefix();
+    let ids: Vec<_> = h.kv.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(_, v)| String::from_utf8(v.clone()).unwrap()).collect();
+    assert_eq!(ids, vec!["d", "t1", "t2"]);
+    let account = get_user_account(&h.kv, 1, Currency::parse("CNY").unwrap()).unwrap();
+    assert_eq!(account.version, 3);
+}
+
+#[test]
+fn digest_depends_on_every_key() {
+    let mut a = Harness::new();
+    let mut b = Harness::new();
+    for h in [&mut a, &mut b] {
+        h.apply(open(1, "CNY"));
+        h.apply(deposit("d", 1, 5));
+    }
+    let digest_of = |h: &Harness| digest(h.kv.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+    assert_eq!(digest_of(&a), digest_of(&b));
+    b.apply(deposit("e", 1, 1));
+    assert_ne!(digest_of(&a).digest_hex, digest_of(&b).digest_hex);
+}
+
+fn arb_account() -> impl Strategy<Value = Account> {
+    (any::<i128>(), any::<u64>()).prop_map(|(balance, version)| Account { balance, version })
+}
+
+/// One step of a random workload over a few users and two currencies.
+#[derive(Debug, Clone)]
+enum Step {
+    Open(u64, &'static str),
+    Deposit(u8, u64, &'static str, u64),
+    Withdraw(u8, u64, &'static str, u64),
+    Transfer(u8, u64, u64, &'static str, u64),
+}
+
+fn arb_amount() -> impl Strategy<Value = u64> {
+    prop_oneof![1u64..1000, Just(i64::MAX as u64), Just(i64::MAX as u64 + 1), Just(0u64), Just(u64::MAX), any::<u64>()]
+}
+
+fn arb_step() -> impl Strategy<Value = Step> {
+    let user = 1u64..6;
+    let currency = prop_oneof![Just("CNY"), Just("USD")];
+    // Transfer ids from a small pool so that retries (same and different fields) happen.
+    let id = 0u8..40;
+    prop_oneof![
+        (user.clone(), currency.clone()).prop_map(|(u, c)| Step::Open(u, c)),
+        (id.clone(), user.clone(), currency.clone(), arb_amount()).prop_map(|(i, u, c, a)| Step::Deposit(i, u, c, a)),
+        (id.clone(), user.clone(), currency.clone(), arb_amount()).prop_map(|(i, u, c, a)| Step::Withdraw(i, u, c, a)),
+        (id, user.clone(), user, currency, arb_amount()).prop_map(|(i, f, t, c, a)| Step::Transfer(i, f, t, c, a)),
+    ]
+}
+
+fn step_command(step: &Step) -> Command {
+    match step {
+        Step::Open(u, c) => open(*u, c),
+        Step::Deposit(i, u, c, a) => movement(&format!("id{i}"), TransferKind::Deposit, 0, *u, c, *a),
+        Step::Withdraw(i, u, c, a) => movement(&format!("id{i}"), TransferKind::Withdraw, *u, 0, c, *a),
+        Step::Transfer(i, f, t, c, a) => movement(&format!("id{i}"), TransferKind::Transfer, *f, *t, c, *a),
+    }
+}
+
+proptest! {
+    #[test]
+    fn account_encoding_round_trips(account in arb_account()) {
+        prop_assert_eq!(Account::decode(&account.encode()), Some(account));
+    }
+
+    #[test]
+    fn account_key_round_trips(owner in any::<u64>(), user in any::<bool>()) {
+        let currency = Currency::parse("EUR").unwrap();
+        let id = if user { AccountId::user(owner, currency) } else { AccountId { kind: AccountKind::Settlement, owner, currency } };
+        prop_assert_eq!(AccountId::from_key(&id.key()), Some(id));
+    }
+
+    /// Over random sequences: money is conserved per currency, no user balance
+    /// is negative, every retry of a recorded id returns the recorded outcome,
+    /// and replaying the same commands gives the same state (determinism).
+    #[test]
+    fn random_sequences_conserve_money(steps in proptest::collection::vec(arb_step(), 1..200)) {
+        let mut h = Harness::new();
+        let mut outcomes: HashMap<Vec<u8>, (i32, Command)> = HashMap::new();
+        for step in &steps {
+            let command = step_command(step);
+            let result = h.apply(command.clone());
+            if let Some(command::Kind::Move(m)) = &command.kind {
+                if result.code == ResultCode::InvalidItem as i32 {
+                    continue;
+                }
+                match outcomes.get(&m.transfer_id) {
+                    Some((code, first)) if first == &command => {
+                        prop_assert!(result.duplicate);
+                        prop_assert_eq!(result.code, *code);
+                    }
+                    Some(_) => prop_assert_eq!(result.code, ResultCode::IdReusedWithDifferentFields as i32),
+                    None => {
+                        prop_assert!(!result.duplicate);
+                        outcomes.insert(m.transfer_id.clone(), (result.code, command.clone()));
+                    }
+                }
+            }
+            h.assert_conserved();
+        }
+        let mut replay = Harness::new();
+        for step in &steps {
+            replay.apply(step_command(step));
+        }
+        prop_assert_eq!(replay.kv, h.kv);
+    }
+}

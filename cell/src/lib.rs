@@ -1,0 +1,16 @@
+//! One cellbank cell replica: a Raft node (tikv `raft`) whose state machine
+//! is the ledger, stored in RocksDB, served over gRPC.
+//!
+//! - [`raft`]: generic Raft machinery (storage, node, driver thread,
+//!   transport), reused by every replicated group.
+//! - [`ledger`]: the ledger state machine and input validation.
+//! - [`service`]: the gRPC services; [`server`] assembles a replica.
+//! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
+
+pub mod client;
+pub mod config;
+pub mod ledger;
+pub mod metrics;
+pub mod raft;
+pub mod server;
+pub mod service;

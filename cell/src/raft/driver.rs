@@ -1,0 +1,231 @@
+//! The one thread that owns a [`RaftNode`]: it ticks the node every
+//! [`TICK`], drains a bounded input queue, folds every proposal that arrived
+//! while the previous Ready was being persisted into one entry, and hands
+//! outgoing messages to the transport. Batching comes from this loop: while
+//! one fsync runs, the next batch accumulates.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use raft::eraftpb::{ConfChange, ConfState, Message};
+
+use super::node::{NodeStatus, ProposeError, RaftNode, Responder};
+use super::StateMachine;
+
+/// The Raft tick; with `election_tick = 10` an election starts 1-2 s after
+/// the leader goes silent.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Inputs waiting for the node thread; beyond this, callers hear "overloaded".
+pub const INPUT_QUEUE_MAX: usize = 65_536;
+/// Inputs handled per loop round before the node persists and applies.
+pub const INPUTS_PER_ROUND_MAX: usize = 16_384;
+/// Ready rounds per loop iteration.
+const READY_ROUNDS_MAX: usize = 8;
+
+pub enum Input<SM: StateMachine> {
+    Raft(Box<Message>),
+    Propose(Vec<SM::Command>, Responder<Vec<SM::Output>>),
+    Read(Responder<u64>),
+    ConfChange(ConfChange, Responder<ConfState>),
+    TransferLeader(u64),
+    Unreachable(u64),
+    SnapshotReport { replica_id: u64, delivered: bool },
+    Status(Box<dyn FnOnce(NodeStatus) + Send>),
+    Campaign,
+    Shutdown,
+}
+
+/// Where the node's outgoing messages go.
+pub trait MessageSink: Send + Sync + 'static {
+    fn send(&self, messages: Vec<Message>);
+    /// Called whenever the applied address book changes.
+    fn set_peers(&self, peers: &BTreeMap<u64, String>);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeError {
+    Propose(ProposeError),
+    /// The input queue is full; retry later.
+    Overloaded,
+    /// The node thread has stopped.
+    Stopped,
+}
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeError::Propose(e) => e.fmt(f),
+            NodeError::Overloaded => write!(f, "replica overloaded: input queue full"),
+            NodeError::Stopped => write!(f, "replica is stopping"),
+        }
+    }
+}
+
+/// What other threads may read without asking the node thread.
+#[derive(Default)]
+pub struct Shared {
+    pub leader_id: AtomicU64,
+    pub is_leader: AtomicBool,
+    pub applied_index: AtomicU64,
+    pub peers: RwLock<BTreeMap<u64, String>>,
+}
+
+pub struct DriverHandle<SM: StateMachine> {
+    tx: Sender<Input<SM>>,
+    pub shared: Arc<Shared>,
+}
+
+impl<SM: StateMachine> Clone for DriverHandle<SM> {
+    fn clone(&self) -> Self {
+        DriverHandle { tx: self.tx.clone(), shared: self.shared.clone() }
+    }
+}
+
+impl<SM: StateMachine> DriverHandle<SM> {
+    pub fn send(&self, input: Input<SM>) -> Result<(), NodeError> {
+        match self.tx.try_send(input) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(NodeError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(NodeError::Stopped),
+        }
+    }
+
+    async fn ask<T: Send + 'static>(&self, make: impl FnOnce(Responder<T>) -> Input<SM>) -> Result<T, NodeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(make(Box::new(move |result| {
+            let _ = tx.send(result);
+        })))?;
+        match rx.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(NodeError::Propose(e)),
+            Err(_) => Err(NodeError::Stopped),
+        }
+    }
+
+    /// Proposes commands; resolves with one output per command once applied.
+    pub async fn propose(&self, commands: Vec<SM::Command>) -> Result<Vec<SM::Output>, NodeError> {
+        self.ask(|waiter| Input::Propose(commands, waiter)).await
+    }
+
+    /// A linearizable read barrier: resolves once this replica (the leader)
+    /// has applied everything committed before the call.
+    pub async fn read_index(&self) -> Result<u64, NodeError> {
+        self.ask(Input::Read).await
+    }
+
+    pub async fn conf_change(&self, change: ConfChange) -> Result<ConfState, NodeError> {
+        self.ask(|waiter| Input::ConfChange(change, waiter)).await
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Input::Status(Box::new(move |status| {
+            let _ = tx.send(status);
+        })))?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Input::Shutdown);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Starts the node thread. Returns the handle and the thread's join handle.
+pub fn spawn<SM: StateMachine>(node: RaftNode<SM>, sink: Arc<dyn MessageSink>) -> (DriverHandle<SM>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = bounded(INPUT_QUEUE_MAX);
+    let shared = Arc::new(Shared::default());
+    let handle = DriverHandle { tx, shared: shared.clone() };
+    let name = format!("raft-{}", node.replica_id());
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(node, rx, sink, shared))
+        .expect("spawn raft thread");
+    (handle, thread)
+}
+
+fn run<SM: StateMachine>(mut node: RaftNode<SM>, rx: Receiver<Input<SM>>, sink: Arc<dyn MessageSink>, shared: Arc<Shared>) {
+    sink.set_peers(node.peers());
+    *shared.peers.write().expect("peers lock") = node.peers().clone();
+    let mut known_peers = node.peers().clone();
+    let mut next_tick = Instant::now() + TICK;
+    loop {
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(timeout) {
+            Ok(input) => {
+                if !handle_input(&mut node, input) {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let mut stop = false;
+        for _ in 0..INPUTS_PER_ROUND_MAX {
+            match rx.try_recv() {
+                Ok(input) => {
+                    if !handle_input(&mut node, input) {
+                        stop = true;
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if stop {
+            break;
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            node.tick();
+            next_tick += TICK;
+            if next_tick < now {
+                next_tick = now + TICK;
+            }
+        }
+        node.flush_proposals(now_ms());
+        node.flush_reads();
+        for _ in 0..READY_ROUNDS_MAX {
+            if !node.has_ready() {
+                break;
+            }
+            node.handle_ready(&mut |messages| sink.send(messages));
+        }
+        shared.leader_id.store(node.leader_id(), Ordering::Relaxed);
+        shared.is_leader.store(node.is_leader(), Ordering::Relaxed);
+        shared.applied_index.store(node.applied_index(), Ordering::Relaxed);
+        if node.peers() != &known_peers {
+            known_peers = node.peers().clone();
+            sink.set_peers(&known_peers);
+            *shared.peers.write().expect("peers lock") = known_peers.clone();
+        }
+    }
+    tracing::info!(replica = node.replica_id(), "raft thread stopped");
+}
+
+/// Returns false on shutdown.
+fn handle_input<SM: StateMachine>(node: &mut RaftNode<SM>, input: Input<SM>) -> bool {
+    match input {
+        Input::Raft(message) => {
+            if let Err(err) = node.step(*message) {
+                tracing::debug!(replica = node.replica_id(), "refused a raft message: {err}");
+            }
+        }
+        Input::Propose(commands, waiter) => node.submit(commands, waiter),
+        Input::Read(waiter) => node.read(waiter),
+        Input::ConfChange(change, waiter) => node.propose_conf_change(change, waiter),
+        Input::TransferLeader(replica_id) => node.transfer_leader(replica_id),
+        Input::Unreachable(replica_id) => node.report_unreachable(replica_id),
+        Input::SnapshotReport { replica_id, delivered } => node.report_snapshot(replica_id, delivered),
+        Input::Status(reply) => reply(node.status()),
+        Input::Campaign => node.campaign(),
+        Input::Shutdown => return false,
+    }
+    true
+}

@@ -1,0 +1,122 @@
+//! Generic Raft machinery, written once for every replicated group cellbank
+//! runs (ledger cells now, the routers' routing table later).
+//!
+//! - [`storage`]: the durable log, hard state, conf state and apply state on
+//!   RocksDB, and snapshots of the state region.
+//! - [`node`]: [`node::RaftNode`], which owns the `RawNode` and a
+//!   [`StateMachine`] and handles `Ready` exactly in the order of the raft-rs
+//!   contract. It owns no socket and no clock: ticks, messages and proposals
+//!   come in as calls, outgoing messages leave through a callback. That makes
+//!   it deterministic and testable with a simulated network.
+//! - [`driver`]: the one thread that owns a `RaftNode` in production: ticks on
+//!   a fixed cadence, drains an input queue, batches proposals.
+//! - [`transport`]: peer messages over long-lived gRPC streams, snapshots in
+//!   chunks.
+
+pub mod driver;
+pub mod node;
+pub mod storage;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+
+use rocksdb::{WriteBatch, DB};
+
+/// Key-value access for a state machine's apply: reads see the writes made
+/// earlier in the same batch.
+pub trait Kv {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
+    fn put(&mut self, key: &[u8], value: &[u8]);
+    fn delete(&mut self, key: &[u8]);
+}
+
+/// A deterministic state machine replicated by a [`node::RaftNode`]. It keeps
+/// all of its state under [`storage::STATE_PREFIX`] so that snapshots, which
+/// copy that region, carry all of it.
+pub trait StateMachine: Send + 'static {
+    type Command: Send + 'static;
+    type Output: Send + 'static;
+
+    /// Encodes many commands (from many clients) as one Raft entry. The
+    /// proposer's clock reading goes inside so that apply needs no clock.
+    fn encode_batch(&self, commands: Vec<Self::Command>, timestamp_ms: u64) -> Vec<u8>;
+
+    /// Applies one entry: one output per command, in order. Must be a pure
+    /// function of (state, index, data). Panics on corruption.
+    fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<Self::Output>;
+}
+
+/// A batch of writes on top of a RocksDB instance, with an overlay so that
+/// later commands in the batch read earlier commands' writes.
+pub struct ApplyBatch<'a> {
+    db: &'a DB,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    batch: WriteBatch,
+}
+
+impl<'a> ApplyBatch<'a> {
+    pub fn new(db: &'a DB) -> ApplyBatch<'a> {
+        ApplyBatch { db, overlay: HashMap::new(), batch: WriteBatch::default() }
+    }
+
+    pub fn into_write_batch(self) -> WriteBatch {
+        self.batch
+    }
+}
+
+impl Kv for ApplyBatch<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(value) = self.overlay.get(key) {
+            return value.clone();
+        }
+        self.db.get(key).unwrap_or_else(|e| panic!("storage failure (read during apply): {e}"))
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.overlay.insert(key.to_vec(), Some(value.to_vec()));
+        self.batch.put(key, value);
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.overlay.insert(key.to_vec(), None);
+        self.batch.delete(key);
+    }
+}
+
+/// An in-memory [`Kv`], for unit tests of state machines.
+impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        BTreeMap::get(self, key).cloned()
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.insert(key.to_vec(), value.to_vec());
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.remove(key);
+    }
+}
+
+/// A slog drain that forwards raft-rs's log lines to `tracing`.
+pub struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record, _values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        let message = record.msg().to_string();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{message}"),
+            slog::Level::Warning => tracing::warn!(target: "raft", "{message}"),
+            slog::Level::Info => tracing::info!(target: "raft", "{message}"),
+            _ => tracing::debug!(target: "raft", "{message}"),
+        }
+        Ok(())
+    }
+}
+
+pub fn raft_logger(replica_id: u64) -> slog::Logger {
+    slog::Logger::root(TracingDrain, slog::o!("replica" => replica_id))
+}

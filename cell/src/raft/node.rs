@@ -1,0 +1,658 @@
+//! [`RaftNode`]: one replica's Raft state and state machine, driven through
+//! the raft-rs Ready loop. No sockets, no clocks, no threads: the caller
+//! ticks it, steps messages into it, and sends what it hands back.
+//!
+//! Ready handling follows the contract (STYLE.md) step by step; see
+//! [`RaftNode::handle_ready`]. Invariants asserted here:
+//! - entries are applied in index order, each exactly once
+//!   (`index == applied + 1`);
+//! - a proposer hears the outputs of its commands only if the entry applied
+//!   at the index it was proposed at carries the term it was proposed in;
+//!   otherwise it hears `Superseded` (the outcome is then unknown to it and a
+//!   retry with the same transfer id is safe);
+//! - a read is answered only when `applied >= read index`, on the leader.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use cellbank_proto::cell::PeerAddress;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use rocksdb::DB;
+
+use super::storage::{peer_key, RaftStorage, PEER_PREFIX};
+use super::{ApplyBatch, StateMachine};
+use crate::metrics::Metrics;
+
+/// Most commands folded into one Raft entry.
+pub const COMMANDS_PER_ENTRY_MAX: usize = 16_384;
+/// Most reads waiting for one ReadIndex round.
+pub const READS_PER_ROUND_MAX: usize = 65_536;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// This replica is not the leader; `leader_id` is 0 when unknown.
+    NotLeader { leader_id: u64 },
+    /// The entry was overwritten by a new leader, or leadership was lost
+    /// before it applied: its outcome is unknown here.
+    Superseded { leader_id: u64 },
+    /// Raft refused the proposal (for example during a leader transfer, or a
+    /// conf change while another is pending).
+    Dropped(String),
+}
+
+impl std::fmt::Display for ProposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposeError::NotLeader { leader_id } => write!(f, "not the leader (leader is replica {leader_id})"),
+            ProposeError::Superseded { leader_id } => {
+                write!(f, "leadership changed before the command applied; outcome unknown (leader is replica {leader_id})")
+            }
+            ProposeError::Dropped(why) => write!(f, "proposal dropped: {why}"),
+        }
+    }
+}
+
+pub type Responder<T> = Box<dyn FnOnce(Result<T, ProposeError>) + Send>;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub replica_id: u64,
+    /// Ticks without a leader before a follower campaigns (randomized up to
+    /// `max_election_tick`).
+    pub election_tick: usize,
+    /// Upper bound (exclusive) of the randomized election timeout, in ticks.
+    pub max_election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Compact the log once it holds this many applied entries...
+    pub log_compact_threshold_entries: u64,
+    /// ...keeping this many applied entries for slow followers.
+    pub log_retain_entries: u64,
+    pub max_size_per_msg_bytes: u64,
+    pub max_inflight_msgs: usize,
+}
+
+impl NodeConfig {
+    pub fn new(replica_id: u64) -> NodeConfig {
+        NodeConfig {
+            replica_id,
+            election_tick: 10,
+            max_election_tick: 15,
+            heartbeat_tick: 2,
+            log_compact_threshold_entries: 10_000,
+            log_retain_entries: 2_000,
+            max_size_per_msg_bytes: 4 * 1024 * 1024,
+            max_inflight_msgs: 256,
+        }
+    }
+}
+
+/// What a proposer waits for at one log index.
+enum Pending<O> {
+    Commands { term: u64, waiters: Vec<(usize, Responder<Vec<O>>)> },
+    ConfChange { term: u64, waiter: Responder<ConfState> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub replica_id: u64,
+    pub role: StateRole,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub leader_id: u64,
+    pub first_log_index: u64,
+    pub last_log_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub peers: BTreeMap<u64, String>,
+    pub snapshots_installed: u64,
+}
+
+pub struct RaftNode<SM: StateMachine> {
+    raw: RawNode<RaftStorage>,
+    sm: SM,
+    db: Arc<DB>,
+    config: NodeConfig,
+    applied_index: u64,
+    role: StateRole,
+    leader_id: u64,
+    pending: BTreeMap<u64, Pending<SM::Output>>,
+    queued_commands: Vec<SM::Command>,
+    queued_waiters: Vec<(usize, Responder<Vec<SM::Output>>)>,
+    reads_queued: Vec<Responder<u64>>,
+    reads_in_flight: HashMap<u64, Vec<Responder<u64>>>,
+    reads_ready: VecDeque<(u64, Vec<Responder<u64>>)>,
+    read_context_next: u64,
+    peers: BTreeMap<u64, String>,
+    snapshots_installed: u64,
+    metrics: Arc<Metrics>,
+}
+
+fn role_name(role: StateRole) -> &'static str {
+    match role {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+pub fn role_str(role: StateRole) -> &'static str {
+    role_name(role)
+}
+
+fn load_peers(db: &DB) -> BTreeMap<u64, String> {
+    let mut peers = BTreeMap::new();
+    let mut iter = db.raw_iterator();
+    iter.seek(PEER_PREFIX);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if !key.starts_with(PEER_PREFIX) {
+            break;
+        }
+        let id = u64::from_be_bytes(key[PEER_PREFIX.len()..].try_into().expect("peer key is prefix + u64"));
+        let addr = String::from_utf8(iter.value().expect("value").to_vec()).expect("peer address is UTF-8");
+        peers.insert(id, addr);
+        iter.next();
+    }
+    iter.status().unwrap_or_else(|e| panic!("storage failure (scan peers): {e}"));
+    peers
+}
+
+impl<SM: StateMachine> RaftNode<SM> {
+    /// Opens a replica on `db`. `bootstrap_peers` (id to address) founds a new
+    /// group when the database is empty; it is ignored otherwise. A replica
+    /// joining an existing group passes an empty map.
+    pub fn open(config: NodeConfig, db: Arc<DB>, sm: SM, bootstrap_peers: &BTreeMap<u64, String>, metrics: Arc<Metrics>) -> RaftNode<SM> {
+        let is_new = db.get(super::storage::CONF_STATE_KEY).expect("read conf state").is_none();
+        if is_new && !bootstrap_peers.is_empty() {
+            for (id, addr) in bootstrap_peers {
+                db.put(peer_key(*id), addr.as_bytes()).expect("write peer address");
+            }
+        }
+        let voters: Vec<u64> = if is_new { bootstrap_peers.keys().copied().collect() } else { Vec::new() };
+        let storage = RaftStorage::open(db.clone(), &voters);
+        let applied_index = storage.applied_index();
+        let raft_config = raft::Config {
+            id: config.replica_id,
+            election_tick: config.election_tick,
+            heartbeat_tick: config.heartbeat_tick,
+            min_election_tick: config.election_tick,
+            max_election_tick: config.max_election_tick.max(config.election_tick + 1),
+            applied: applied_index,
+            max_size_per_msg: config.max_size_per_msg_bytes,
+            max_inflight_msgs: config.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_config.validate().expect("valid raft config");
+        let raw = RawNode::new(&raft_config, storage, &super::raft_logger(config.replica_id)).expect("create raft node");
+        let peers = load_peers(&db);
+        RaftNode {
+            raw,
+            sm,
+            db,
+            config,
+            applied_index,
+            role: StateRole::Follower,
+            leader_id: 0,
+            pending: BTreeMap::new(),
+            queued_commands: Vec::new(),
+            queued_waiters: Vec::new(),
+            reads_queued: Vec::new(),
+            reads_in_flight: HashMap::new(),
+            reads_ready: VecDeque::new(),
+            read_context_next: 1,
+            peers,
+            snapshots_installed: 0,
+            metrics,
+        }
+    }
+
+    pub fn replica_id(&self) -> u64 {
+        self.config.replica_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn peers(&self) -> &BTreeMap<u64, String> {
+        &self.peers
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    pub fn state_machine(&self) -> &SM {
+        &self.sm
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn campaign(&mut self) {
+        let _ = self.raw.campaign();
+    }
+
+    /// Steps a message from a peer. Messages for another replica and local
+    /// message types are refused.
+    pub fn step(&mut self, message: Message) -> Result<(), String> {
+        if message.to != self.config.replica_id {
+            return Err(format!("message for replica {} delivered to {}", message.to, self.config.replica_id));
+        }
+        if raft::raw_node::is_local_msg(message.get_msg_type()) {
+            return Err(format!("local message type {:?} from the network", message.get_msg_type()));
+        }
+        self.raw.step(message).map_err(|e| e.to_string())
+    }
+
+    pub fn report_unreachable(&mut self, replica_id: u64) {
+        self.raw.report_unreachable(replica_id);
+    }
+
+    pub fn report_snapshot(&mut self, replica_id: u64, delivered: bool) {
+        let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+        self.raw.report_snapshot(replica_id, status);
+    }
+
+    pub fn transfer_leader(&mut self, replica_id: u64) {
+        self.raw.transfer_leader(replica_id);
+    }
+
+    /// Queues commands to go into the next entry; `waiter` hears one output
+    /// per command once they apply.
+    pub fn submit(&mut self, commands: Vec<SM::Command>, waiter: Responder<Vec<SM::Output>>) {
+        if !self.is_leader() {
+            waiter(Err(ProposeError::NotLeader { leader_id: self.leader_id() }));
+            return;
+        }
+        self.queued_waiters.push((commands.len(), waiter));
+        self.queued_commands.extend(commands);
+    }
+
+    /// Number of commands queued for the next entry.
+    pub fn queued_commands(&self) -> usize {
+        self.queued_commands.len()
+    }
+
+    /// Proposes every queued command as entries of at most
+    /// [`COMMANDS_PER_ENTRY_MAX`] commands (a caller's commands never split).
+    pub fn flush_proposals(&mut self, timestamp_ms: u64) {
+        while !self.queued_waiters.is_empty() {
+            let mut take_waiters = 0;
+            let mut take_commands = 0;
+            for (count, _) in &self.queued_waiters {
+                if take_waiters > 0 && take_commands + count > COMMANDS_PER_ENTRY_MAX {
+                    break;
+                }
+                take_waiters += 1;
+                take_commands += count;
+            }
+            let waiters: Vec<_> = self.queued_waiters.drain(..take_waiters).collect();
+            let commands: Vec<_> = self.queued_commands.drain(..take_commands).collect();
+            self.propose_entry(commands, waiters, timestamp_ms);
+        }
+    }
+
+    fn propose_entry(&mut self, commands: Vec<SM::Command>, waiters: Vec<(usize, Responder<Vec<SM::Output>>)>, timestamp_ms: u64) {
+        let command_count = commands.len();
+        let data = self.sm.encode_batch(commands, timestamp_ms);
+        let index_before = self.raw.raft.raft_log.last_index();
+        if let Err(err) = self.raw.propose(Vec::new(), data) {
+            let error = match err {
+                raft::Error::ProposalDropped if !self.is_leader() => ProposeError::NotLeader { leader_id: self.leader_id() },
+                other => ProposeError::Dropped(other.to_string()),
+            };
+            for (_, waiter) in waiters {
+                waiter(Err(error.clone()));
+            }
+            return;
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        assert_eq!(index, index_before + 1, "one proposal appends one entry");
+        self.metrics.proposals_total.inc();
+        self.metrics.commands_per_entry.observe(command_count as f64);
+        let term = self.raw.raft.term;
+        let previous = self.pending.insert(index, Pending::Commands { term, waiters });
+        assert!(previous.is_none(), "two proposals at index {index}");
+    }
+
+    /// Adds a replica (with its address) or removes one.
+    pub fn propose_conf_change(&mut self, change: ConfChange, waiter: Responder<ConfState>) {
+        if !self.is_leader() {
+            waiter(Err(ProposeError::NotLeader { leader_id: self.leader_id() }));
+            return;
+        }
+        let index_before = self.raw.raft.raft_log.last_index();
+        if let Err(err) = self.raw.propose_conf_change(Vec::new(), change) {
+            waiter(Err(ProposeError::Dropped(err.to_string())));
+            return;
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        if index == index_before {
+            waiter(Err(ProposeError::Dropped("raft did not append the conf change".into())));
+            return;
+        }
+        let term = self.raw.raft.term;
+        self.pending.insert(index, Pending::ConfChange { term, waiter });
+    }
+
+    /// Queues a linearizable read; `waiter` hears the read index once this
+    /// replica has applied up to it (leader only).
+    pub fn read(&mut self, waiter: Responder<u64>) {
+        if !self.is_leader() {
+            waiter(Err(ProposeError::NotLeader { leader_id: self.leader_id() }));
+            return;
+        }
+        if self.reads_queued.len() >= READS_PER_ROUND_MAX {
+            waiter(Err(ProposeError::Dropped("too many reads waiting".into())));
+            return;
+        }
+        self.reads_queued.push(waiter);
+    }
+
+    /// Starts one ReadIndex round for every queued read.
+    pub fn flush_reads(&mut self) {
+        if self.reads_queued.is_empty() {
+            return;
+        }
+        let context = self.read_context_next;
+        self.read_context_next += 1;
+        let waiters = std::mem::take(&mut self.reads_queued);
+        self.reads_in_flight.insert(context, waiters);
+        self.raw.read_index(context.to_be_bytes().to_vec());
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Handles one Ready, in the contract's order. `send` is called with
+    /// messages that may leave now: first the leader's (in parallel with the
+    /// local write), then the ones that acknowledge what this call persisted.
+    pub fn handle_ready(&mut self, send: &mut dyn FnMut(Vec<Message>)) {
+        if !self.raw.has_ready() {
+            return;
+        }
+        let mut ready = self.raw.ready();
+        if let Some(soft_state) = ready.ss() {
+            self.on_soft_state(soft_state.raft_state, soft_state.leader_id);
+        }
+        // 3. A leader's messages go out at once, in parallel with the write.
+        let messages = ready.take_messages();
+        if !messages.is_empty() {
+            send(messages);
+        }
+        // 4. A snapshot is installed durably before anything else.
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().clone());
+        }
+        for read_state in ready.take_read_states() {
+            self.on_read_state(read_state.index, &read_state.request_ctx);
+        }
+        // 5. Apply committed entries (all of them are persisted locally).
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed);
+        // 6. Append entries and the hard state in one batch; fsync if asked.
+        let started = std::time::Instant::now();
+        let must_sync = ready.must_sync();
+        let hard_state = ready.hs().cloned();
+        self.raw.mut_store().append(ready.entries(), hard_state.as_ref(), must_sync);
+        if must_sync {
+            self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        // 7. Acknowledgements only after the write is durable.
+        let persisted = ready.take_persisted_messages();
+        if !persisted.is_empty() {
+            send(persisted);
+        }
+        // 8. Advance, then the light ready.
+        let mut light = self.raw.advance(ready);
+        let messages = light.take_messages();
+        if !messages.is_empty() {
+            send(messages);
+        }
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed);
+        self.raw.advance_apply();
+        self.serve_ready_reads();
+        self.maybe_compact();
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let raft = &self.raw.raft;
+        self.metrics.term.set(raft.term as i64);
+        self.metrics.commit_index.set(raft.raft_log.committed as i64);
+        self.metrics.applied_index.set(self.applied_index as i64);
+        self.metrics.apply_lag_entries.set(raft.raft_log.committed.saturating_sub(self.applied_index) as i64);
+        self.metrics.is_leader.set(if self.is_leader() { 1 } else { 0 });
+    }
+
+    fn on_soft_state(&mut self, role: StateRole, leader_id: u64) {
+        if leader_id != self.leader_id && leader_id != 0 {
+            self.metrics.leader_changes_total.inc();
+        }
+        let was_leader = self.role == StateRole::Leader;
+        self.role = role;
+        self.leader_id = leader_id;
+        tracing::info!(replica = self.config.replica_id, role = role_name(role), leader = leader_id, term = self.raw.raft.term, "role changed");
+        if was_leader && role != StateRole::Leader {
+            self.fail_all_waiters(leader_id);
+        }
+    }
+
+    /// Leadership was lost: nobody here can learn the outcome of in-flight
+    /// proposals or serve waiting reads.
+    fn fail_all_waiters(&mut self, leader_id: u64) {
+        let error = ProposeError::Superseded { leader_id };
+        for (_, pending) in std::mem::take(&mut self.pending) {
+            match pending {
+                Pending::Commands { waiters, .. } => {
+                    for (_, waiter) in waiters {
+                        waiter(Err(error.clone()));
+                    }
+                }
+                Pending::ConfChange { waiter, .. } => waiter(Err(error.clone())),
+            }
+        }
+        for (_, waiter) in self.queued_waiters.drain(..) {
+            waiter(Err(error.clone()));
+        }
+        self.queued_commands.clear();
+        let reads = self.reads_queued.drain(..).chain(self.reads_in_flight.drain().flat_map(|(_, w)| w));
+        let reads: Vec<_> = reads.chain(self.reads_ready.drain(..).flat_map(|(_, w)| w)).collect();
+        for waiter in reads {
+            waiter(Err(error.clone()));
+        }
+    }
+
+    fn on_read_state(&mut self, index: u64, context: &[u8]) {
+        let Ok(bytes) = <[u8; 8]>::try_from(context) else { return };
+        if let Some(waiters) = self.reads_in_flight.remove(&u64::from_be_bytes(bytes)) {
+            self.reads_ready.push_back((index, waiters));
+        }
+    }
+
+    fn serve_ready_reads(&mut self) {
+        while let Some((index, _)) = self.reads_ready.front() {
+            if *index > self.applied_index {
+                break;
+            }
+            let (index, waiters) = self.reads_ready.pop_front().expect("front exists");
+            for waiter in waiters {
+                waiter(Ok(index));
+            }
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: raft::eraftpb::Snapshot) {
+        let index = snapshot.get_metadata().index;
+        assert!(index > self.applied_index, "snapshot at {index} is not past applied {}", self.applied_index);
+        if let Err(err) = self.raw.mut_store().install_snapshot(&snapshot) {
+            panic!("cannot install snapshot at {index}: {err}");
+        }
+        self.applied_index = index;
+        self.peers = load_peers(&self.db);
+        self.snapshots_installed += 1;
+        self.metrics.snapshots_installed_total.inc();
+        tracing::info!(replica = self.config.replica_id, index, "installed snapshot");
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) {
+        let Some(last) = entries.last() else { return };
+        let last_index = last.index;
+        let db = self.db.clone();
+        let mut batch = ApplyBatch::new(&db);
+        let mut outputs: Vec<(u64, u64, Vec<SM::Output>)> = Vec::new();
+        let mut conf_changes: Vec<(u64, u64, ConfState)> = Vec::new();
+        let mut conf_state = None;
+        for entry in entries {
+            assert_eq!(entry.index, self.applied_index + 1, "entries must apply in order, each once");
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => {
+                    let result = self.sm.apply(&mut batch, entry.index, &entry.data);
+                    outputs.push((entry.index, entry.term, result));
+                }
+                EntryType::EntryConfChange => {
+                    let change = ConfChange::parse_from_bytes(&entry.data)
+                        .unwrap_or_else(|e| panic!("entry {} holds a corrupt conf change: {e}", entry.index));
+                    let cs = self.raw.apply_conf_change(&change).unwrap_or_else(|e| {
+                        panic!("conf change at {} could not apply: {e}", entry.index)
+                    });
+                    self.record_peer_change(&mut batch, &change);
+                    conf_changes.push((entry.index, entry.term, cs.clone()));
+                    conf_state = Some(cs);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    panic!("entry {} is a joint conf change, which cellbank never proposes", entry.index)
+                }
+            }
+            self.applied_index = entry.index;
+        }
+        let hard_state = self.raw.raft.hard_state();
+        self.raw.mut_store().write_apply(batch.into_write_batch(), last_index, conf_state.as_ref(), &hard_state);
+        self.deliver(outputs, conf_changes);
+    }
+
+    fn record_peer_change(&mut self, batch: &mut ApplyBatch, change: &ConfChange) {
+        use super::Kv;
+        match change.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if let Ok(peer) = PeerAddress::decode(change.context.as_ref()) {
+                    if !peer.addr.is_empty() {
+                        batch.put(&peer_key(change.node_id), peer.addr.as_bytes());
+                        self.peers.insert(change.node_id, peer.addr);
+                    }
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                batch.delete(&peer_key(change.node_id));
+                self.peers.remove(&change.node_id);
+            }
+        }
+    }
+
+    fn deliver(&mut self, outputs: Vec<(u64, u64, Vec<SM::Output>)>, conf_changes: Vec<(u64, u64, ConfState)>) {
+        let leader_id = self.leader_id();
+        for (index, term, mut result) in outputs {
+            self.fail_pending_before(index, leader_id);
+            match self.pending.remove(&index) {
+                Some(Pending::Commands { term: proposed_term, waiters }) if proposed_term == term => {
+                    let total: usize = waiters.iter().map(|(count, _)| count).sum();
+                    assert_eq!(total, result.len(), "entry {index}: one output per proposed command");
+                    for (count, waiter) in waiters.into_iter().rev() {
+                        let tail = result.split_off(result.len() - count);
+                        waiter(Ok(tail));
+                    }
+                }
+                Some(other) => self.fail_pending(other, leader_id),
+                None => {}
+            }
+        }
+        for (index, term, cs) in conf_changes {
+            self.fail_pending_before(index, leader_id);
+            match self.pending.remove(&index) {
+                Some(Pending::ConfChange { term: proposed_term, waiter }) if proposed_term == term => waiter(Ok(cs)),
+                Some(other) => self.fail_pending(other, leader_id),
+                None => {}
+            }
+        }
+        self.fail_pending_before(self.applied_index + 1, leader_id);
+    }
+
+    fn fail_pending_before(&mut self, index: u64, leader_id: u64) {
+        while let Some((&first, _)) = self.pending.first_key_value() {
+            if first >= index {
+                break;
+            }
+            let (_, pending) = self.pending.pop_first().expect("first exists");
+            self.fail_pending(pending, leader_id);
+        }
+    }
+
+    fn fail_pending(&mut self, pending: Pending<SM::Output>, leader_id: u64) {
+        let error = ProposeError::Superseded { leader_id };
+        match pending {
+            Pending::Commands { waiters, .. } => {
+                for (_, waiter) in waiters {
+                    waiter(Err(error.clone()));
+                }
+            }
+            Pending::ConfChange { waiter, .. } => waiter(Err(error)),
+        }
+    }
+
+    fn maybe_compact(&mut self) {
+        let truncated = self.raw.store().truncated_index();
+        if self.applied_index.saturating_sub(truncated) < self.config.log_compact_threshold_entries {
+            return;
+        }
+        let target = self.applied_index.saturating_sub(self.config.log_retain_entries);
+        if target > truncated {
+            let applied = self.applied_index;
+            self.raw.mut_store().compact(target, applied);
+            tracing::debug!(replica = self.config.replica_id, to = target, "compacted the log");
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let raft = &self.raw.raft;
+        let cs = self.raw.store().conf_state();
+        NodeStatus {
+            replica_id: self.config.replica_id,
+            role: raft.state,
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied_index,
+            leader_id: raft.leader_id,
+            first_log_index: self.raw.store().truncated_index() + 1,
+            last_log_index: raft.raft_log.last_index(),
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            peers: self.peers.clone(),
+            snapshots_installed: self.snapshots_installed,
+        }
+    }
+}
+
+/// True when a message carries a snapshot (sent through the chunked path).
+pub fn is_snapshot(message: &Message) -> bool {
+    message.get_msg_type() == MessageType::MsgSnapshot
+}

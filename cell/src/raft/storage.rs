@@ -1,0 +1,480 @@
+//! Durable Raft storage on RocksDB: the log, the hard state, the conf state,
+//! the apply state and the state machine's keys, all in one RocksDB instance.
+//!
+//! Key layout (one byte prefix per region, big-endian numbers so that keys
+//! sort in index order):
+//!
+//! | key                     | value                                         |
+//! |-------------------------|-----------------------------------------------|
+//! | `0x01 'h'`              | `eraftpb.HardState`                           |
+//! | `0x01 't'`              | truncated state: index u64, term u64          |
+//! | `0x02 index`            | `eraftpb.Entry`                               |
+//! | `0x03 'a'`              | applied index u64                             |
+//! | `0x03 'c'`              | `eraftpb.ConfState` as of the applied index   |
+//! | `0x03 'p' replica_id`   | a peer's gRPC address (as of applied index)   |
+//! | `0x04 …`                | the state machine's keys                      |
+//!
+//! Invariants this module keeps:
+//! - `truncated_index < first_index = truncated_index + 1 <= last_index + 1`;
+//!   every index in `first_index..=last_index` has an entry on disk.
+//! - Log appends and the hard state are written in one batch; the batch is
+//!   fsynced when raft says `must_sync`, before any message acknowledging it
+//!   leaves the process (the caller sends persisted messages only afterwards).
+//! - The applied index, the conf state and the state machine's changes are
+//!   written in one atomic batch ([`RaftStorage::write_apply`]).
+//! - The log is only compacted up to the applied index, and the compaction is
+//!   written after the apply batch that reached that index, so the WAL order
+//!   makes any crash recover a prefix: never "compacted but not applied".
+//! - Any RocksDB error panics: a replica that cannot persist must not run.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rocksdb::{WriteBatch, WriteOptions, DB};
+
+pub const HARD_STATE_KEY: &[u8] = b"\x01h";
+pub const TRUNCATED_STATE_KEY: &[u8] = b"\x01t";
+pub const LOG_PREFIX: u8 = 0x02;
+pub const APPLIED_INDEX_KEY: &[u8] = b"\x03a";
+pub const CONF_STATE_KEY: &[u8] = b"\x03c";
+pub const PEER_PREFIX: &[u8] = b"\x03p";
+/// Every state machine key starts with this byte.
+pub const STATE_PREFIX: u8 = 0x04;
+
+/// A founded cell starts with its log truncated at this index and term, so
+/// that the founding conf state exists only in snapshots: a replica that
+/// joins later cannot replay entries from 1 (which would not tell it the
+/// founders) and is sent a snapshot instead.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+pub const BOOTSTRAP_TERM: u64 = 5;
+
+/// Most bytes of recent log entries kept in memory for replication.
+pub const ENTRY_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+pub fn log_key(index: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = LOG_PREFIX;
+    key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+pub fn peer_key(replica_id: u64) -> Vec<u8> {
+    let mut key = PEER_PREFIX.to_vec();
+    key.extend_from_slice(&replica_id.to_be_bytes());
+    key
+}
+
+fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
+    panic!("storage failure ({what}): {err}; stopping the replica rather than diverge")
+}
+
+pub fn open_db(path: &Path) -> Arc<DB> {
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    options.set_max_background_jobs(2);
+    options.set_write_buffer_size(64 * 1024 * 1024);
+    options.set_keep_log_file_num(4);
+    match DB::open(&options, path) {
+        Ok(db) => Arc::new(db),
+        Err(err) => fatal("open", err),
+    }
+}
+
+fn read_u64_pair(bytes: &[u8]) -> (u64, u64) {
+    assert_eq!(bytes.len(), 16, "truncated state must be 16 bytes");
+    let a = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let b = u64::from_be_bytes(bytes[8..].try_into().expect("8 bytes"));
+    (a, b)
+}
+
+/// The snapshot body: every peer-address key and every state machine key with
+/// its value, as length-prefixed pairs.
+pub fn encode_snapshot_body(pairs: impl Iterator<Item = (Box<[u8]>, Box<[u8]>)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in pairs {
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(&key);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(&value);
+    }
+    out
+}
+
+pub fn decode_snapshot_body(mut body: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+    let mut pairs = Vec::new();
+    let take = |body: &mut &[u8]| -> Result<usize, String> {
+        if body.len() < 4 {
+            return Err("snapshot body truncated in a length".into());
+        }
+        let len = u32::from_be_bytes(body[..4].try_into().expect("4 bytes")) as usize;
+        *body = &body[4..];
+        if body.len() < len {
+            return Err("snapshot body truncated in a value".into());
+        }
+        Ok(len)
+    };
+    while !body.is_empty() {
+        let key_len = take(&mut body)?;
+        let (key, rest) = body.split_at(key_len);
+        body = rest;
+        let value_len = take(&mut body)?;
+        let (value, rest) = body.split_at(value_len);
+        body = rest;
+        let allowed = key.first() == Some(&STATE_PREFIX) || key.starts_with(PEER_PREFIX);
+        if !allowed {
+            return Err(format!("snapshot key outside the state region: {key:02x?}"));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+/// Raft storage backed by RocksDB, with the recent log tail cached in memory.
+pub struct RaftStorage {
+    db: Arc<DB>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    truncated_index: u64,
+    truncated_term: u64,
+    last_index: u64,
+    /// Contiguous entries ending at `last_index` (may be empty).
+    cache: VecDeque<Entry>,
+    cache_bytes: usize,
+}
+
+impl RaftStorage {
+    /// Opens the storage. When the database is new and `initial_voters` is not
+    /// empty, bootstraps the conf state with them (every founding replica does
+    /// the same); a replica that joins later starts with no voters and is
+    /// initialized by a snapshot from the leader.
+    pub fn open(db: Arc<DB>, initial_voters: &[u64]) -> RaftStorage {
+        let get = |key: &[u8]| db.get(key).unwrap_or_else(|e| fatal("read", e));
+        let conf_state = match get(CONF_STATE_KEY) {
+            Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
+            None => {
+                let mut cs = ConfState::default();
+                cs.voters = initial_voters.to_vec();
+                if !initial_voters.is_empty() {
+                    let mut batch = WriteBatch::default();
+                    batch.put(CONF_STATE_KEY, cs.write_to_bytes().expect("encode"));
+                    let mut truncated = BOOTSTRAP_INDEX.to_be_bytes().to_vec();
+                    truncated.extend_from_slice(&BOOTSTRAP_TERM.to_be_bytes());
+                    batch.put(TRUNCATED_STATE_KEY, truncated);
+                    batch.put(APPLIED_INDEX_KEY, BOOTSTRAP_INDEX.to_be_bytes());
+                    let mut hs = HardState::default();
+                    hs.term = BOOTSTRAP_TERM;
+                    hs.commit = BOOTSTRAP_INDEX;
+                    batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode"));
+                    let mut opts = WriteOptions::default();
+                    opts.set_sync(true);
+                    db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("bootstrap", e));
+                }
+                cs
+            }
+        };
+        let hard_state = match get(HARD_STATE_KEY) {
+            Some(bytes) => HardState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("hard state", e)),
+            None => HardState::default(),
+        };
+        let (truncated_index, truncated_term) = match get(TRUNCATED_STATE_KEY) {
+            Some(bytes) => read_u64_pair(&bytes),
+            None => (0, 0),
+        };
+        let mut last_index = truncated_index;
+        let mut iter = db.raw_iterator();
+        iter.seek_for_prev(log_key(u64::MAX));
+        if iter.valid() {
+            let key = iter.key().expect("valid iterator has a key");
+            if key[0] == LOG_PREFIX {
+                last_index = u64::from_be_bytes(key[1..9].try_into().expect("9-byte log key"));
+            }
+        }
+        iter.status().unwrap_or_else(|e| fatal("scan log", e));
+        drop(iter);
+        assert!(last_index >= truncated_index, "log ends before the truncation point");
+        RaftStorage {
+            db,
+            hard_state,
+            conf_state,
+            truncated_index,
+            truncated_term,
+            last_index,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+        }
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        match self.db.get(APPLIED_INDEX_KEY).unwrap_or_else(|e| fatal("read", e)) {
+            Some(bytes) => u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+            None => 0,
+        }
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn truncated_index(&self) -> u64 {
+        self.truncated_index
+    }
+
+    pub fn last_index_value(&self) -> u64 {
+        self.last_index
+    }
+
+    /// Appends entries (truncating any conflicting tail) and writes the hard
+    /// state, in one batch; fsyncs when `sync`.
+    pub fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>, sync: bool) {
+        let mut batch = WriteBatch::default();
+        if let Some(first) = entries.first() {
+            let first_index = first.index;
+            assert!(
+                first_index > self.truncated_index,
+                "append at {first_index} at or below the truncation point {}",
+                self.truncated_index
+            );
+            assert!(
+                first_index <= self.last_index + 1,
+                "append at {first_index} leaves a gap after {}",
+                self.last_index
+            );
+            for (offset, entry) in entries.iter().enumerate() {
+                assert_eq!(entry.index, first_index + offset as u64, "entries not contiguous");
+                batch.put(log_key(entry.index), entry.write_to_bytes().expect("encode entry"));
+            }
+            let new_last = entries.last().expect("non-empty").index;
+            if new_last < self.last_index {
+                batch.delete_range(log_key(new_last + 1), log_key(self.last_index + 1));
+            }
+        }
+        if let Some(hs) = hard_state {
+            batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode hard state"));
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("append", e));
+        if let Some(hs) = hard_state {
+            self.hard_state = hs.clone();
+        }
+        if let Some(first) = entries.first() {
+            self.cache_append(first.index, entries);
+            self.last_index = entries.last().expect("non-empty").index;
+        }
+    }
+
+    fn cache_append(&mut self, first_index: u64, entries: &[Entry]) {
+        while let Some(back) = self.cache.back() {
+            if back.index >= first_index {
+                self.cache_bytes -= back.compute_size() as usize;
+                self.cache.pop_back();
+            } else {
+                break;
+            }
+        }
+        if let Some(back) = self.cache.back() {
+            if back.index + 1 != first_index {
+                self.cache.clear();
+                self.cache_bytes = 0;
+            }
+        }
+        for entry in entries {
+            self.cache_bytes += entry.compute_size() as usize;
+            self.cache.push_back(entry.clone());
+        }
+        while self.cache_bytes > ENTRY_CACHE_BYTES_MAX && self.cache.len() > 1 {
+            let front = self.cache.pop_front().expect("non-empty");
+            self.cache_bytes -= front.compute_size() as usize;
+        }
+    }
+
+    /// Writes an apply batch: the state machine's changes plus the applied
+    /// index, the conf state and the current hard state (so the commit index
+    /// on disk is never behind the applied index). Not fsynced: the entries it
+    /// applies are already durable in the log, and any later synced write
+    /// makes it durable too (one WAL).
+    pub fn write_apply(&mut self, mut batch: WriteBatch, applied_index: u64, conf_state: Option<&ConfState>, hard_state: &HardState) {
+        assert!(hard_state.commit >= applied_index, "applied {applied_index} beyond commit {}", hard_state.commit);
+        batch.put(APPLIED_INDEX_KEY, applied_index.to_be_bytes());
+        if let Some(cs) = conf_state {
+            batch.put(CONF_STATE_KEY, cs.write_to_bytes().expect("encode conf state"));
+            self.conf_state = cs.clone();
+        }
+        batch.put(HARD_STATE_KEY, hard_state.write_to_bytes().expect("encode hard state"));
+        self.hard_state = hard_state.clone();
+        let opts = WriteOptions::default();
+        self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("apply", e));
+    }
+
+    /// Drops log entries up to and including `index` (which must be applied).
+    pub fn compact(&mut self, index: u64, applied_index: u64) {
+        if index <= self.truncated_index {
+            return;
+        }
+        assert!(index <= applied_index, "compact to {index} beyond applied {applied_index}");
+        assert!(index <= self.last_index, "compact to {index} beyond last {}", self.last_index);
+        let term = raft::Storage::term(self, index).unwrap_or_else(|e| fatal("term for compaction", e));
+        let mut batch = WriteBatch::default();
+        let mut state = index.to_be_bytes().to_vec();
+        state.extend_from_slice(&term.to_be_bytes());
+        batch.put(TRUNCATED_STATE_KEY, state);
+        batch.delete_range(log_key(self.truncated_index + 1), log_key(index + 1));
+        self.db.write_opt(batch, &WriteOptions::default()).unwrap_or_else(|e| fatal("compact", e));
+        self.truncated_index = index;
+        self.truncated_term = term;
+        while let Some(front) = self.cache.front() {
+            if front.index <= index {
+                self.cache_bytes -= front.compute_size() as usize;
+                self.cache.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Replaces the whole state with a snapshot from the leader, durably.
+    pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+        let meta = snapshot.get_metadata();
+        let pairs = decode_snapshot_body(&snapshot.data)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range(vec![LOG_PREFIX], vec![LOG_PREFIX + 1]);
+        batch.delete_range(vec![STATE_PREFIX], vec![STATE_PREFIX + 1]);
+        let mut peer_end = PEER_PREFIX.to_vec();
+        peer_end.push(0xff);
+        peer_end.extend_from_slice(&[0xff; 8]);
+        batch.delete_range(PEER_PREFIX.to_vec(), peer_end);
+        for (key, value) in pairs {
+            batch.put(key, value);
+        }
+        let mut state = meta.index.to_be_bytes().to_vec();
+        state.extend_from_slice(&meta.term.to_be_bytes());
+        batch.put(TRUNCATED_STATE_KEY, state);
+        batch.put(APPLIED_INDEX_KEY, meta.index.to_be_bytes());
+        batch.put(CONF_STATE_KEY, meta.get_conf_state().write_to_bytes().expect("encode"));
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode"));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("install snapshot", e));
+        self.hard_state = hs;
+        self.conf_state = meta.get_conf_state().clone();
+        self.truncated_index = meta.index;
+        self.truncated_term = meta.term;
+        self.last_index = meta.index;
+        self.cache.clear();
+        self.cache_bytes = 0;
+        Ok(())
+    }
+
+    fn read_entry(&self, index: u64) -> Entry {
+        if let Some(front) = self.cache.front() {
+            if index >= front.index && index <= self.last_index {
+                let entry = &self.cache[(index - front.index) as usize];
+                debug_assert_eq!(entry.index, index);
+                return entry.clone();
+            }
+        }
+        let bytes = self
+            .db
+            .get(log_key(index))
+            .unwrap_or_else(|e| fatal("read entry", e))
+            .unwrap_or_else(|| fatal("read entry", format!("entry {index} missing from the log")));
+        Entry::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("decode entry", e))
+    }
+}
+
+impl raft::Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState { hard_state: self.hard_state.clone(), conf_state: self.conf_state.clone() })
+    }
+
+    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, _context: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        assert!(high <= self.last_index + 1, "entries({low}, {high}) past last index {}", self.last_index);
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut entries = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for index in low..high {
+            let entry = self.read_entry(index);
+            size += entry.compute_size() as u64;
+            if !entries.is_empty() && size > max_size {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        if index == self.truncated_index {
+            return Ok(self.truncated_term);
+        }
+        if index < self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if index > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.read_entry(index).term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    /// Builds a snapshot of the applied state from a consistent RocksDB view.
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let view = self.db.snapshot();
+        let applied = match view.get(APPLIED_INDEX_KEY).unwrap_or_else(|e| fatal("read", e)) {
+            Some(bytes) => u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+            None => 0,
+        };
+        let conf_state = match view.get(CONF_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
+            Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
+            None => self.conf_state.clone(),
+        };
+        let term = self.term(applied)?;
+        let mut pairs: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
+            let mut iter = view.raw_iterator();
+            iter.seek(&prefix);
+            while iter.valid() {
+                let key = iter.key().expect("key");
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                pairs.push((key.into(), iter.value().expect("value").into()));
+                iter.next();
+            }
+            iter.status().unwrap_or_else(|e| fatal("scan for snapshot", e));
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.data = encode_snapshot_body(pairs.into_iter()).into();
+        let mut meta = SnapshotMetadata::default();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        snapshot.set_metadata(meta);
+        Ok(snapshot)
+    }
+}

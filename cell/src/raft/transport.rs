@@ -1,0 +1,259 @@
+//! Raft messages between replicas over long-lived gRPC streams.
+//!
+//! One task per peer owns one client stream (`RaftTransport.Stream`) and
+//! sends batches of encoded messages on it; when the stream breaks, the task
+//! reports the peer unreachable and reconnects with backoff. Snapshots go
+//! through `RaftTransport.SendSnapshot` in [`SNAPSHOT_CHUNK_BYTES`] chunks,
+//! and the outcome is reported back to the node. Every queue is bounded;
+//! Raft tolerates lost messages, so a full queue drops rather than blocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellbank_proto::cell::raft_transport_client::RaftTransportClient;
+use cellbank_proto::cell::{RaftBatch, SnapshotChunk};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::driver::MessageSink;
+use super::node::is_snapshot;
+use crate::metrics::Metrics;
+
+/// Messages waiting for one peer's stream.
+pub const PEER_QUEUE_MAX: usize = 8_192;
+/// Messages per batch on the stream.
+pub const MESSAGES_PER_BATCH_MAX: usize = 256;
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest snapshot a replica accepts.
+pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
+/// Largest gRPC message on the internal services (a batch of appends).
+pub const INTERNAL_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What the transport tells the node about delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Unreachable(u64),
+    Snapshot { replica_id: u64, delivered: bool },
+}
+
+pub type Reporter = Arc<dyn Fn(Report) + Send + Sync>;
+
+struct Peer {
+    addr: String,
+    tx: mpsc::Sender<Message>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct GrpcTransport {
+    cell_id: u64,
+    replica_id: u64,
+    addr: String,
+    runtime: tokio::runtime::Handle,
+    peers: Mutex<HashMap<u64, Peer>>,
+    reporter: Mutex<Option<Reporter>>,
+    metrics: Arc<Metrics>,
+}
+
+impl GrpcTransport {
+    pub fn new(cell_id: u64, replica_id: u64, addr: String, runtime: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Arc<GrpcTransport> {
+        Arc::new(GrpcTransport {
+            cell_id,
+            replica_id,
+            addr,
+            runtime,
+            peers: Mutex::new(HashMap::new()),
+            reporter: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    pub fn set_reporter(&self, reporter: Reporter) {
+        *self.reporter.lock().expect("reporter lock") = Some(reporter);
+    }
+
+    /// Learns a peer's address from a message it sent, if it is not known
+    /// yet (a replica that joined has no address book until its snapshot).
+    pub fn learn(&self, replica_id: u64, addr: &str) {
+        if replica_id == self.replica_id || addr.parse::<std::net::SocketAddr>().is_err() {
+            return;
+        }
+        let mut peers = self.peers.lock().expect("peers lock");
+        if peers.contains_key(&replica_id) {
+            return;
+        }
+        self.start_peer(&mut peers, replica_id, addr.to_string());
+    }
+
+    fn start_peer(&self, peers: &mut HashMap<u64, Peer>, id: u64, addr: String) {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let reporter = self.reporter.lock().expect("reporter lock").clone();
+        let identity = Identity { cell_id: self.cell_id, replica_id: self.replica_id, addr: self.addr.clone() };
+        let task = self.runtime.spawn(run_peer(identity, id, addr.clone(), rx, reporter, self.metrics.clone()));
+        peers.insert(id, Peer { addr, tx, task });
+    }
+
+    fn report(&self, report: Report) {
+        if let Some(reporter) = self.reporter.lock().expect("reporter lock").as_ref() {
+            reporter(report);
+        }
+    }
+}
+
+impl MessageSink for GrpcTransport {
+    fn send(&self, messages: Vec<Message>) {
+        let peers = self.peers.lock().expect("peers lock");
+        let mut unreachable = Vec::new();
+        for message in messages {
+            let to = message.to;
+            let delivered = peers.get(&to).map(|peer| peer.tx.try_send(message).is_ok()).unwrap_or(false);
+            if !delivered {
+                self.metrics.raft_messages_dropped_total.inc();
+                if !unreachable.contains(&to) {
+                    unreachable.push(to);
+                }
+            }
+        }
+        drop(peers);
+        for to in unreachable {
+            self.report(Report::Unreachable(to));
+        }
+    }
+
+    fn set_peers(&self, wanted: &BTreeMap<u64, String>) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        peers.retain(|id, peer| {
+            let keep = wanted.get(id) == Some(&peer.addr);
+            if !keep {
+                peer.task.abort();
+            }
+            keep
+        });
+        for (id, addr) in wanted {
+            if *id == self.replica_id || peers.contains_key(id) {
+                continue;
+            }
+            self.start_peer(&mut peers, *id, addr.clone());
+        }
+    }
+}
+
+impl Drop for GrpcTransport {
+    fn drop(&mut self) {
+        for (_, peer) in self.peers.lock().expect("peers lock").drain() {
+            peer.task.abort();
+        }
+    }
+}
+
+fn report(reporter: &Option<Reporter>, report: Report) {
+    if let Some(reporter) = reporter {
+        reporter(report);
+    }
+}
+
+pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid endpoint")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+#[derive(Clone)]
+struct Identity {
+    cell_id: u64,
+    replica_id: u64,
+    addr: String,
+}
+
+async fn run_peer(identity: Identity, peer_id: u64, addr: String, mut rx: mpsc::Receiver<Message>, reporter: Option<Reporter>, metrics: Arc<Metrics>) {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    loop {
+        let channel = match connect(&addr).await {
+            Ok(channel) => channel,
+            Err(_) => {
+                // Drop what queued up while the peer was down: raft resends.
+                let mut dropped = 0;
+                while rx.try_recv().is_ok() {
+                    dropped += 1;
+                }
+                if dropped > 0 {
+                    metrics.raft_messages_dropped_total.inc_by(dropped);
+                    report(&reporter, Report::Unreachable(peer_id));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = RECONNECT_BACKOFF_MIN;
+        let mut client = RaftTransportClient::new(channel.clone())
+            .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+        let (stream_tx, stream_rx) = mpsc::channel::<RaftBatch>(64);
+        let call = tokio::spawn(async move { client.stream(ReceiverStream::new(stream_rx)).await });
+        loop {
+            let Some(first) = rx.recv().await else {
+                call.abort();
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MESSAGES_PER_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
+                }
+            }
+            let mut encoded = Vec::with_capacity(batch.len());
+            for message in batch {
+                if is_snapshot(&message) {
+                    tokio::spawn(send_snapshot(channel.clone(), identity.cell_id, message, reporter.clone(), metrics.clone()));
+                } else {
+                    encoded.push(message.write_to_bytes().expect("encode raft message"));
+                }
+            }
+            if encoded.is_empty() {
+                continue;
+            }
+            let batch = RaftBatch {
+                cell_id: identity.cell_id,
+                messages: encoded,
+                from_replica_id: identity.replica_id,
+                from_addr: identity.addr.clone(),
+            };
+            if stream_tx.send(batch).await.is_err() {
+                report(&reporter, Report::Unreachable(peer_id));
+                break;
+            }
+        }
+        call.abort();
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+async fn send_snapshot(channel: tonic::transport::Channel, cell_id: u64, mut message: Message, reporter: Option<Reporter>, metrics: Arc<Metrics>) {
+    let to = message.to;
+    let body = std::mem::take(&mut message.mut_snapshot().data);
+    let head = message.write_to_bytes().expect("encode snapshot message");
+    let total_len = body.len() as u64;
+    let mut chunks = vec![SnapshotChunk { cell_id, message: head, total_len, data: Vec::new() }];
+    for piece in body.chunks(SNAPSHOT_CHUNK_BYTES) {
+        chunks.push(SnapshotChunk { cell_id, message: Vec::new(), total_len: 0, data: piece.to_vec() });
+    }
+    let mut client = RaftTransportClient::new(channel).max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+    let delivered = client.send_snapshot(tokio_stream::iter(chunks)).await.is_ok();
+    if delivered {
+        metrics.snapshots_sent_total.inc();
+    }
+    tracing::info!(to, bytes = total_len, delivered, "sent snapshot");
+    report(&reporter, Report::Snapshot { replica_id: to, delivered });
+}

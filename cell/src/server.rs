@@ -1,0 +1,143 @@
+//! Assembles one replica: RocksDB, the Raft node thread, the transport, the
+//! gRPC server (Ledger, RaftTransport, ReplicaAdmin, health, reflection) and
+//! the metrics endpoint. [`Replica::stop`] shuts it down in order.
+
+use std::sync::Arc;
+
+use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
+use cellbank_proto::cell::replica_admin_server::ReplicaAdminServer;
+use cellbank_proto::v1::ledger_server::LedgerServer;
+use tokio::sync::oneshot;
+
+use crate::config::ReplicaConfig;
+use crate::ledger::Ledger;
+use crate::metrics::{self, Metrics};
+use crate::raft::driver::{self, DriverHandle, Input, MessageSink};
+use crate::raft::node::{NodeConfig, RaftNode};
+use crate::raft::storage::open_db;
+use crate::raft::transport::{GrpcTransport, Report, INTERNAL_MESSAGE_BYTES_MAX};
+use crate::service::{AdminService, LedgerService, ReplicaContext, TransportService};
+
+/// Largest client request (a full SubmitTransfers batch is well under this).
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+pub struct Replica {
+    pub node: DriverHandle<Ledger>,
+    pub metrics: Arc<Metrics>,
+    pub addr: std::net::SocketAddr,
+    server_stop: Option<oneshot::Sender<()>>,
+    server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _transport: Arc<GrpcTransport>,
+}
+
+pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
+    config.check()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let metrics = Metrics::new(config.cell_id, config.replica_id);
+    let db = open_db(&config.data_dir.join("rocksdb"));
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let mut node_config = NodeConfig::new(config.replica_id);
+    node_config.election_tick = config.raft.election_tick;
+    node_config.heartbeat_tick = config.raft.heartbeat_tick;
+    node_config.max_election_tick = config.raft.election_tick * 3 / 2;
+    node_config.log_compact_threshold_entries = config.raft.log_compact_threshold_entries;
+    node_config.log_retain_entries = config.raft.log_retain_entries;
+    let node = RaftNode::open(node_config, db.clone(), Ledger::new(), &config.peers, metrics.clone());
+    let transport = GrpcTransport::new(config.cell_id, config.replica_id, addr.to_string(), tokio::runtime::Handle::current(), metrics.clone());
+    let sink: Arc<dyn MessageSink> = transport.clone();
+    // The reporter is bound before the node thread starts so that every peer
+    // task can report back; it reaches the node through a late-set handle.
+    let slot: Arc<std::sync::OnceLock<DriverHandle<Ledger>>> = Arc::new(std::sync::OnceLock::new());
+    let reporter_slot = slot.clone();
+    transport.set_reporter(Arc::new(move |report| {
+        let input = match report {
+            Report::Unreachable(id) => Input::Unreachable(id),
+            Report::Snapshot { replica_id, delivered } => Input::SnapshotReport { replica_id, delivered },
+        };
+        if let Some(handle) = reporter_slot.get() {
+            let _ = handle.send(input);
+        }
+    }));
+    let (handle, thread) = driver::spawn(node, sink);
+    let _ = slot.set(handle.clone());
+
+    let context = ReplicaContext {
+        cell_id: config.cell_id,
+        replica_id: config.replica_id,
+        addr: addr.to_string(),
+        node: handle.clone(),
+        db,
+        metrics: metrics.clone(),
+        transport: transport.clone(),
+    };
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ledger = LedgerServer::new(LedgerService { context: context.clone() })
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+    let transport_service = RaftTransportServer::new(TransportService { context: context.clone() })
+        .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+    let admin = ReplicaAdminServer::new(AdminService { context });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(ledger)
+            .add_service(transport_service)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    let metrics_task = match config.metrics_listen {
+        Some(metrics_addr) => {
+            let listener = metrics::bind(metrics_addr).await?;
+            Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
+        }
+        None => None,
+    };
+    tracing::info!(cell = config.cell_id, replica = config.replica_id, %addr, data = %config.data_dir.display(), "replica started");
+    Ok(Replica {
+        node: handle,
+        metrics,
+        addr,
+        server_stop: Some(stop_tx),
+        server_task,
+        metrics_task,
+        thread: Some(thread),
+        _transport: transport,
+    })
+}
+
+impl Replica {
+    /// Stops serving, stops the Raft thread, and closes the database.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.server_stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.server_task).await;
+        self.server_task.abort();
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+        self.node.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! The gRPC services of one replica: the public `cellbank.v1.Ledger` API, the
+//! internal `RaftTransport` (peer messages and snapshots) and `ReplicaAdmin`
+//! (status, digest, membership).
+//!
+//! Writes are validated before they are proposed (a malformed request is
+//! INVALID_ARGUMENT naming the field and never reaches the log); the state
+//! machine validates again on apply. Reads go through ReadIndex on the
+//! leader. Anything that is not the leader answers UNAVAILABLE with the
+//! leader's address in the `cellbank-leader-addr` metadata.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellbank_proto::cell::change_membership_request::Action;
+use cellbank_proto::cell::raft_transport_server::RaftTransport;
+use cellbank_proto::cell::replica_admin_server::ReplicaAdmin;
+use cellbank_proto::cell::{
+    command, ChangeMembershipRequest, ChangeMembershipResponse, Command, DigestRequest, DigestResponse, MoveCommand,
+    OpenAccountCommand, PeerAddress, PeerInfo, RaftBatch, ReplicaStatus, SnapshotChunk, StatusRequest,
+    TransferLeaderRequest, TransferLeaderResponse, TransportAck,
+};
+use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
+use cellbank_proto::v1::*;
+use cellbank_proto::{LEADER_ADDR_METADATA_KEY, SUBMIT_TRANSFERS_ITEMS_MAX};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Message};
+use rocksdb::DB;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ledger::{self, validate, AccountId, Ledger};
+use crate::metrics::Metrics;
+use crate::raft::driver::{DriverHandle, Input, NodeError};
+use crate::raft::node::{role_str, ProposeError};
+use crate::raft::storage::{APPLIED_INDEX_KEY, STATE_PREFIX};
+use crate::raft::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
+
+/// How long a request waits for its command to apply when the client set no deadline.
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Largest `ListTransfers` page.
+pub const PAGE_SIZE_MAX: u32 = 1000;
+pub const PAGE_SIZE_DEFAULT: u32 = 100;
+
+/// What every service of a replica shares.
+#[derive(Clone)]
+pub struct ReplicaContext {
+    pub cell_id: u64,
+    pub replica_id: u64,
+    pub addr: String,
+    pub node: DriverHandle<Ledger>,
+    pub db: Arc<DB>,
+    pub metrics: Arc<Metrics>,
+    pub transport: Arc<GrpcTransport>,
+}
+
+impl ReplicaContext {
+    fn leader_addr(&self, leader_id: u64) -> Option<String> {
+        if leader_id == 0 {
+            return None;
+        }
+        self.node.shared.peers.read().expect("peers lock").get(&leader_id).cloned()
+    }
+
+    fn unavailable(&self, message: String, leader_id: u64) -> Status {
+        let mut status = Status::unavailable(message);
+        if let Some(addr) = self.leader_addr(leader_id) {
+            if let Ok(value) = addr.parse() {
+                status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
+            }
+        }
+        status
+    }
+
+    fn node_error(&self, error: NodeError) -> Status {
+        let leader_id = match &error {
+            NodeError::Propose(ProposeError::NotLeader { leader_id }) => *leader_id,
+            NodeError::Propose(ProposeError::Superseded { leader_id }) => *leader_id,
+            _ => self.node.shared.leader_id.load(Ordering::Relaxed),
+        };
+        self.unavailable(error.to_string(), leader_id)
+    }
+
+    /// Waits for `future` up to the request's deadline.
+    async fn within<T>(&self, timeout: Duration, future: impl std::future::Future<Output = Result<T, NodeError>>) -> Result<T, Status> {
+        match tokio::time::timeout(timeout, future).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(self.node_error(error)),
+            Err(_) => Err(Status::deadline_exceeded(
+                "the command did not apply in time; its outcome is unknown: retry with the same transfer_id",
+            )),
+        }
+    }
+
+    async fn propose(&self, timeout: Duration, commands: Vec<Command>) -> Result<Vec<TransferResult>, Status> {
+        let results = self.within(timeout, self.node.propose(commands)).await?;
+        for result in &results {
+            let code = ResultCode::try_from(result.code).unwrap_or(ResultCode::Unspecified);
+            self.metrics.results_total.with_label_values(&[code.as_str_name()]).inc();
+        }
+        Ok(results)
+    }
+
+    async fn read_barrier(&self, timeout: Duration) -> Result<u64, Status> {
+        self.within(timeout, self.node.read_index()).await
+    }
+}
+
+fn timeout_of<T>(request: &Request<T>) -> Duration {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(REQUEST_TIMEOUT_DEFAULT)
+        .min(REQUEST_TIMEOUT_DEFAULT * 6)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn invalid(error: validate::Invalid) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+fn move_command(kind: TransferKind, transfer_id: Vec<u8>, from: u64, to: u64, currency: String, amount: u64) -> MoveCommand {
+    MoveCommand { transfer_id, kind: kind as i32, from_user_id: from, to_user_id: to, currency, amount }
+}
+
+fn wrap(movement: MoveCommand) -> Command {
+    Command { kind: Some(command::Kind::Move(movement)) }
+}
+
+pub struct LedgerService {
+    pub context: ReplicaContext,
+}
+
+impl LedgerService {
+    async fn single_move(&self, timeout: Duration, movement: MoveCommand) -> Result<Response<TransferResponse>, Status> {
+        validate::move_command(&movement).map_err(invalid)?;
+        let mut results = self.context.propose(timeout, vec![wrap(movement)]).await?;
+        let result = results.pop().expect("one result per command");
+        Ok(Response::new(TransferResponse { result: Some(result) }))
+    }
+}
+
+#[tonic::async_trait]
+impl LedgerApi for LedgerService {
+    async fn open_account(&self, request: Request<OpenAccountRequest>) -> Result<Response<OpenAccountResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let request = request.into_inner();
+        validate::open_account(request.user_id, &request.currency).map_err(invalid)?;
+        let command = Command {
+            kind: Some(command::Kind::OpenAccount(OpenAccountCommand { user_id: request.user_id, currency: request.currency })),
+        };
+        let mut results = self.context.propose(timeout, vec![command]).await?;
+        let result = results.pop().expect("one result per command");
+        Ok(Response::new(OpenAccountResponse { code: result.code, detail: result.detail }))
+    }
+
+    async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        self.single_move(timeout, move_command(TransferKind::Deposit, r.transfer_id, 0, r.user_id, r.currency, r.amount)).await
+    }
+
+    async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        self.single_move(timeout, move_command(TransferKind::Withdraw, r.transfer_id, r.user_id, 0, r.currency, r.amount)).await
+    }
+
+    async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        let movement = move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
+        self.single_move(timeout, movement).await
+    }
+
+    async fn submit_transfers(&self, request: Request<SubmitTransfersRequest>) -> Result<Response<SubmitTransfersResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let items = request.into_inner().transfers;
+        if items.is_empty() {
+            return Err(Status::invalid_argument("transfers: must hold at least one transfer"));
+        }
+        if items.len() > SUBMIT_TRANSFERS_ITEMS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "transfers: {} items, at most {SUBMIT_TRANSFERS_ITEMS_MAX} per call",
+                items.len()
+            )));
+        }
+        let mut results: Vec<Option<TransferResult>> = vec![None; items.len()];
+        let mut commands = Vec::with_capacity(items.len());
+        let mut positions = Vec::with_capacity(items.len());
+        for (position, r) in items.into_iter().enumerate() {
+            let movement = move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
+            match validate::move_command(&movement) {
+                Ok(_) => {
+                    commands.push(wrap(movement));
+                    positions.push(position);
+                }
+                Err(error) => {
+                    results[position] = Some(TransferResult {
+                        code: ResultCode::InvalidItem as i32,
+                        field: error.field.into(),
+                        detail: error.detail,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        if !commands.is_empty() {
+            let applied = self.context.propose(timeout, commands).await?;
+            assert_eq!(applied.len(), positions.len(), "one result per proposed command");
+            for (position, result) in positions.into_iter().zip(applied) {
+                results[position] = Some(result);
+            }
+        }
+        let results = results.into_iter().map(|r| r.expect("every item has a result")).collect();
+        Ok(Response::new(SubmitTransfersResponse { results }))
+    }
+
+    async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
+        let read_index = self.context.read_barrier(timeout).await?;
+        let db: &DB = &self.context.db;
+        let kv = ReadOnly(db);
+        let account = ledger::get_user_account(&kv, r.user_id, currency)
+            .ok_or_else(|| Status::not_found(format!("no account for user {} in {}", r.user_id, r.currency)))?;
+        Ok(Response::new(GetAccountResponse {
+            user_id: r.user_id,
+            currency: r.currency,
+            balance: u64::try_from(account.balance).expect("user balances are within u64"),
+            version: account.version,
+            read_index,
+        }))
+    }
+
+    async fn get_transfer(&self, request: Request<GetTransferRequest>) -> Result<Response<GetTransferResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        validate::transfer_id(&r.transfer_id).map_err(invalid)?;
+        self.context.read_barrier(timeout).await?;
+        let kv = ReadOnly(&self.context.db);
+        let record = ledger::read_transfer(&kv, &r.transfer_id)
+            .ok_or_else(|| Status::not_found("no transfer with this transfer_id"))?;
+        Ok(Response::new(GetTransferResponse { transfer: Some(record) }))
+    }
+
+    async fn list_transfers(&self, request: Request<ListTransfersRequest>) -> Result<Response<ListTransfersResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
+        let page_size = match r.page_size {
+            0 => PAGE_SIZE_DEFAULT,
+            n if n > PAGE_SIZE_MAX => {
+                return Err(Status::invalid_argument(format!("page_size: {n} exceeds {PAGE_SIZE_MAX}")))
+            }
+            n => n,
+        };
+        let start = match r.page_token.len() {
+            0 => 0,
+            8 => u64::from_be_bytes(r.page_token[..].try_into().expect("8 bytes")),
+            _ => return Err(Status::invalid_argument("page_token: not a token this server issued")),
+        };
+        self.context.read_barrier(timeout).await?;
+        let view = self.context.db.snapshot();
+        let id = AccountId::user(r.user_id, currency);
+        let account_exists = view.get(id.key()).map_err(|e| Status::internal(e.to_string()))?.is_some();
+        if !account_exists {
+            return Err(Status::not_found(format!("no account for user {} in {}", r.user_id, r.currency)));
+        }
+        let prefix = id.history_prefix();
+        let mut iter = view.raw_iterator();
+        iter.seek(id.history_key(start));
+        let mut transfers = Vec::new();
+        let mut next_page_token = Vec::new();
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("history key ends in u64"));
+            if transfers.len() as u32 == page_size {
+                next_page_token = seq.to_be_bytes().to_vec();
+                break;
+            }
+            let transfer_id = iter.value().expect("value").to_vec();
+            let record = view
+                .get(ledger::transfer_key(&transfer_id))
+                .map_err(|e| Status::internal(e.to_string()))?
+                .ok_or_else(|| Status::internal("history names a transfer that is not recorded"))?;
+            transfers.push(TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?);
+            iter.next();
+        }
+        Ok(Response::new(ListTransfersResponse { transfers, next_page_token }))
+    }
+}
+
+/// Read-only [`crate::raft::Kv`] over the database, for the read path.
+struct ReadOnly<'a>(&'a DB);
+
+impl crate::raft::Kv for ReadOnly<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key).unwrap_or_else(|e| panic!("storage failure (read): {e}"))
+    }
+    fn put(&mut self, _key: &[u8], _value: &[u8]) {
+        unreachable!("the read path never writes")
+    }
+    fn delete(&mut self, _key: &[u8]) {
+        unreachable!("the read path never writes")
+    }
+}
+
+pub struct TransportService {
+    pub context: ReplicaContext,
+}
+
+impl TransportService {
+    fn decode(&self, bytes: &[u8]) -> Result<Message, Status> {
+        let message = Message::parse_from_bytes(bytes)
+            .map_err(|e| Status::invalid_argument(format!("messages: not a raft message ({e})")))?;
+        if message.to != self.context.replica_id {
+            return Err(Status::invalid_argument(format!(
+                "messages: addressed to replica {}, this is replica {}",
+                message.to, self.context.replica_id
+            )));
+        }
+        Ok(message)
+    }
+
+    fn check_cell(&self, cell_id: u64) -> Result<(), Status> {
+        if cell_id != self.context.cell_id {
+            return Err(Status::failed_precondition(format!(
+                "cell_id: this replica belongs to cell {}, not {cell_id}",
+                self.context.cell_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for TransportService {
+    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<TransportAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.check_cell(batch.cell_id)?;
+            for bytes in &batch.messages {
+                let message = self.decode(bytes)?;
+                if message.from == batch.from_replica_id {
+                    self.context.transport.learn(batch.from_replica_id, &batch.from_addr);
+                }
+                // A full queue drops the message; raft retransmits.
+                let _ = self.context.node.send(Input::Raft(Box::new(message)));
+            }
+        }
+        Ok(Response::new(TransportAck {}))
+    }
+
+    async fn send_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<TransportAck>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
+        self.check_cell(first.cell_id)?;
+        let mut message = self.decode(&first.message)?;
+        if first.total_len > SNAPSHOT_BYTES_MAX {
+            return Err(Status::invalid_argument(format!("total_len: {} exceeds {SNAPSHOT_BYTES_MAX}", first.total_len)));
+        }
+        let mut body = Vec::with_capacity(first.total_len as usize);
+        body.extend_from_slice(&first.data);
+        while let Some(chunk) = stream.message().await? {
+            if body.len() + chunk.data.len() > first.total_len as usize {
+                return Err(Status::invalid_argument("data: snapshot longer than total_len"));
+            }
+            body.extend_from_slice(&chunk.data);
+        }
+        if body.len() as u64 != first.total_len {
+            return Err(Status::invalid_argument(format!("data: got {} of {} snapshot bytes", body.len(), first.total_len)));
+        }
+        message.mut_snapshot().data = body.into();
+        self.context.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(TransportAck {}))
+    }
+}
+
+pub struct AdminService {
+    pub context: ReplicaContext,
+}
+
+fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -> Vec<PeerInfo> {
+    peers
+        .iter()
+        .map(|(id, addr)| PeerInfo { replica_id: *id, addr: addr.clone(), voter: voters.contains(id) })
+        .collect()
+}
+
+/// Digest of the state region at the replica's applied index, from one
+/// consistent view of the database.
+pub fn digest_of(db: &DB) -> DigestResponse {
+    let view = db.snapshot();
+    let applied_index = view
+        .get(APPLIED_INDEX_KEY)
+        .expect("read applied index")
+        .map(|b| u64::from_be_bytes(b[..8].try_into().expect("8 bytes")))
+        .unwrap_or(0);
+    let mut pairs = Vec::new();
+    let mut iter = view.raw_iterator();
+    iter.seek([STATE_PREFIX]);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if key[0] != STATE_PREFIX {
+            break;
+        }
+        pairs.push((key.to_vec(), iter.value().expect("value").to_vec()));
+        iter.next();
+    }
+    let digest = ledger::digest(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+    DigestResponse {
+        applied_index,
+        digest: digest.digest_hex,
+        accounts: digest.accounts,
+        transfers: digest.transfers,
+        balance_sum_by_currency: digest.balance_sum_by_currency.into_iter().map(|(c, s)| (c, s.to_string())).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaAdmin for AdminService {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        let status = self.context.node.status().await.map_err(|e| self.context.node_error(e))?;
+        Ok(Response::new(ReplicaStatus {
+            cell_id: self.context.cell_id,
+            replica_id: status.replica_id,
+            role: role_str(status.role).into(),
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            leader_id: status.leader_id,
+            leader_addr: status.peers.get(&status.leader_id).cloned().unwrap_or_default(),
+            first_log_index: status.first_log_index,
+            last_log_index: status.last_log_index,
+            peers: peer_infos(&status.peers, &status.voters),
+            snapshots_installed: status.snapshots_installed,
+            addr: self.context.addr.clone(),
+        }))
+    }
+
+    async fn digest(&self, _request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || digest_of(&db))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn change_membership(&self, request: Request<ChangeMembershipRequest>) -> Result<Response<ChangeMembershipResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        if r.replica_id == 0 {
+            return Err(Status::invalid_argument("replica_id: must be set"));
+        }
+        let mut change = ConfChange::default();
+        change.node_id = r.replica_id;
+        match Action::try_from(r.action).unwrap_or(Action::Unspecified) {
+            Action::AddVoter => {
+                if r.addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(Status::invalid_argument(format!("addr: {:?} is not host:port", r.addr)));
+                }
+                change.set_change_type(ConfChangeType::AddNode);
+                change.context = PeerAddress { replica_id: r.replica_id, addr: r.addr }.encode_to_vec().into();
+            }
+            Action::Remove => change.set_change_type(ConfChangeType::RemoveNode),
+            Action::Unspecified => return Err(Status::invalid_argument("action: must be ADD_VOTER or REMOVE")),
+        }
+        let conf_state = self.context.within(timeout, self.context.node.conf_change(change)).await?;
+        let applied_index = self.context.node.shared.applied_index.load(Ordering::Relaxed);
+        let peers = self.context.node.shared.peers.read().expect("peers lock").clone();
+        Ok(Response::new(ChangeMembershipResponse { applied_index, peers: peer_infos(&peers, &conf_state.voters) }))
+    }
+
+    async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = request.into_inner();
+        self.context.node.send(Input::TransferLeader(r.replica_id)).map_err(|e| self.context.node_error(e))?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+}

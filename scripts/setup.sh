@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building cellbank needs on a fresh Debian machine that has a
+# Rust toolchain: clang's libraries for the RocksDB bindings. protoc is not
+# needed (a vendored one is used). Safe to run again: it installs only what
+# is missing.
+set -euo pipefail
+
+need_apt=()
+for pkg in libclang-dev clang; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        need_apt+=("$pkg")
+    fi
+done
+if ((${#need_apt[@]})); then
+    echo "setup: installing ${need_apt[*]}" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+        rustup component add "$component"
+    fi
+done

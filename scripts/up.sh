@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs a local cellbank cluster (one cell of three replicas on loopback) in
+# the foreground. Installs prerequisites and builds first. Ctrl-C stops it;
+# running it again resumes the same data. Extra arguments go to `cellbank up`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
+cargo build --bin cellbank
+exec "$CARGO_TARGET_DIR/debug/cellbank" up "$@"

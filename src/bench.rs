@@ -1,0 +1,432 @@
+//! `cellbank bench`: drives a running cell and reports throughput and
+//! latency (HDR histogram: p50, p99, p99.9, max).
+//!
+//! - closed loop (`--concurrency N`): N workers, each sends its next request
+//!   when the previous one answers;
+//! - open loop (`--rate R`): R requests per second on a fixed schedule;
+//!   latency is measured from the scheduled send time, so a stall shows up
+//!   in the figures instead of hiding (no coordinated omission).
+//!
+//! `--api unary` sends one `Transfer` per request; `--api batch` sends
+//! `SubmitTransfers` of `--batch-size` transfers. Throughput is counted in
+//! transfers applied with result OK.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellbank_cell::client::CellClient;
+use cellbank_proto::cell::StatusRequest;
+use cellbank_proto::v1::ledger_client::LedgerClient;
+use cellbank_proto::v1::*;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::Endpoints;
+
+/// Most requests in flight in open-loop mode before the generator counts
+/// the rest as missed.
+const OPEN_LOOP_IN_FLIGHT_MAX: u64 = 20_000;
+/// Money each benchmark account starts with (minor units).
+const SEED_BALANCE: u64 = 1_000_000_000_000;
+/// gRPC connections to the leader.
+const CONNECTIONS: usize = 4;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// `unary` (Transfer) or `batch` (SubmitTransfers).
+    #[arg(long, default_value = "unary")]
+    api: String,
+    /// Transfers per SubmitTransfers call.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Closed loop with this many concurrent requests.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Open loop at this many requests per second (overrides --concurrency).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Distinct accounts transfers move between.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: u64,
+    /// First user id of the benchmark's accounts.
+    #[arg(long, default_value_t = 1_000_000)]
+    first_user: u64,
+    #[arg(long, default_value = "CNY")]
+    currency: String,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Unmeasured seconds before measuring.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Random seed for the account pairs (printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    transfers_ok: AtomicU64,
+    transfers_other: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    missed: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    api: String,
+    mode: String,
+    concurrency: usize,
+    rate: Option<u64>,
+    batch_size: usize,
+    accounts: u64,
+    seed: u64,
+    duration_s: f64,
+    transfers_ok: u64,
+    transfers_per_s: f64,
+    requests: u64,
+    requests_per_s: f64,
+    other_results: u64,
+    errors: u64,
+    missed_schedule: u64,
+    latency_ms: BTreeMap<String, f64>,
+    error_samples: Vec<String>,
+}
+
+async fn leader_endpoint(endpoints: &[String]) -> anyhow::Result<String> {
+    let client = CellClient::new(endpoints.to_vec());
+    for attempt in 0..50 {
+        for index in 0..endpoints.len() {
+            if let Ok(status) = client.admin(index).status(StatusRequest {}).await {
+                let status = status.into_inner();
+                if status.role == "leader" {
+                    return Ok(status.addr);
+                }
+            }
+        }
+        if attempt == 0 {
+            eprintln!("waiting for a leader...");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("no leader among {endpoints:?}")
+}
+
+async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyhow::Result<()> {
+    let users: Vec<u64> = (args.first_user..args.first_user + args.accounts).collect();
+    let progress = indicatif::ProgressBar::new(users.len() as u64);
+    progress.set_style(indicatif::ProgressStyle::with_template("seeding accounts {bar:40} {pos}/{len}").expect("template"));
+    let client = Arc::new(client);
+    let mut tasks = futures::stream::iter(users.into_iter().map(|user| {
+        let client = client.clone();
+        let currency = args.currency.clone();
+        let progress = progress.clone();
+        async move {
+            client
+                .ledger(|mut c| {
+                    let request = OpenAccountRequest { user_id: user, currency: currency.clone() };
+                    async move { c.open_account(request).await }
+                })
+                .await?;
+            let response = client
+                .ledger(|mut c| {
+                    let request = DepositRequest {
+                        transfer_id: format!("bench-seed-{run:x}-{user}").into_bytes(),
+                        user_id: user,
+                        currency: currency.clone(),
+                        amount: SEED_BALANCE,
+                    };
+                    async move { c.deposit(request).await }
+                })
+                .await?;
+            progress.inc(1);
+            let code = response.result.map(|r| r.code).unwrap_or_default();
+            Ok::<i32, tonic::Status>(code)
+        }
+    }))
+    .buffer_unordered(128);
+    use futures::StreamExt;
+    while let Some(result) = tasks.next().await {
+        let code = result.context("seeding an account")?;
+        // Overflow only if the account was seeded many times before.
+        anyhow::ensure!(
+            code == ResultCode::Ok as i32 || code == ResultCode::BalanceOverflow as i32,
+            "seeding deposit answered {code}"
+        );
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+struct Workload {
+    args_api_batch: bool,
+    batch_size: usize,
+    first_user: u64,
+    accounts: u64,
+    currency: String,
+    run: u64,
+    next_id: AtomicU64,
+}
+
+impl Workload {
+    fn transfer(&self, rng: &mut rand::rngs::StdRng) -> TransferRequest {
+        let from = self.first_user + rng.gen_range(0..self.accounts);
+        let mut to = self.first_user + rng.gen_range(0..self.accounts - 1);
+        if to >= from {
+            to += 1;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        TransferRequest {
+            transfer_id: format!("b{:x}-{id}", self.run).into_bytes(),
+            from_user_id: from,
+            to_user_id: to,
+            currency: self.currency.clone(),
+            amount: rng.gen_range(1..=100),
+        }
+    }
+
+    /// Sends one request; returns (transfers OK, other results).
+    async fn send(&self, client: &mut LedgerClient<Channel>, rng: &mut rand::rngs::StdRng) -> Result<(u64, u64), tonic::Status> {
+        if self.args_api_batch {
+            let transfers = (0..self.batch_size).map(|_| self.transfer(rng)).collect();
+            let response = client.submit_transfers(SubmitTransfersRequest { transfers }).await?.into_inner();
+            let ok = response.results.iter().filter(|r| r.code == ResultCode::Ok as i32).count() as u64;
+            Ok((ok, response.results.len() as u64 - ok))
+        } else {
+            let response = client.transfer(self.transfer(rng)).await?.into_inner();
+            let ok = response.result.map(|r| r.code == ResultCode::Ok as i32).unwrap_or(false);
+            Ok(if ok { (1, 0) } else { (0, 1) })
+        }
+    }
+}
+
+struct Recorder {
+    histogram: Mutex<Histogram<u64>>,
+    tally: Tally,
+    measuring: std::sync::atomic::AtomicBool,
+    error_samples: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    fn record(&self, latency: Duration, outcome: &Result<(u64, u64), tonic::Status>) {
+        if !self.measuring.load(Ordering::Relaxed) {
+            return;
+        }
+        self.tally.requests.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Ok((ok, other)) => {
+                self.tally.transfers_ok.fetch_add(*ok, Ordering::Relaxed);
+                self.tally.transfers_other.fetch_add(*other, Ordering::Relaxed);
+                let micros = latency.as_micros().clamp(1, u64::MAX as u128) as u64;
+                let _ = self.histogram.lock().expect("histogram").record(micros);
+            }
+            Err(status) => {
+                self.tally.errors.fetch_add(1, Ordering::Relaxed);
+                let mut samples = self.error_samples.lock().expect("samples");
+                if samples.len() < 5 {
+                    samples.push(format!("{:?}: {}", status.code(), status.message()));
+                }
+            }
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    anyhow::ensure!(args.api == "unary" || args.api == "batch", "--api is unary or batch");
+    anyhow::ensure!(
+        (1..=cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX).contains(&args.batch_size),
+        "--batch-size is 1..=8189"
+    );
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let run_id: u64 = rand::random();
+    let leader = leader_endpoint(&args.endpoints.endpoints).await?;
+    let setup_client = CellClient::new(vec![leader.clone()]);
+    seed_accounts(&setup_client, &args, run_id).await?;
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(cellbank_cell::raft::transport::connect(&leader).await?);
+    }
+    let workload = Arc::new(Workload {
+        args_api_batch: args.api == "batch",
+        batch_size: args.batch_size,
+        first_user: args.first_user,
+        accounts: args.accounts,
+        currency: args.currency.clone(),
+        run: run_id,
+        next_id: AtomicU64::new(0),
+    });
+    let recorder = Arc::new(Recorder {
+        histogram: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram")),
+        tally: Tally::default(),
+        measuring: false.into(),
+        error_samples: Mutex::new(Vec::new()),
+    });
+    let total = Duration::from_secs(args.warmup + args.duration);
+    let started = Instant::now();
+    let stop_at = started + total;
+    let tasks = match args.rate {
+        None => closed_loop(&args, &channels, &workload, &recorder, stop_at, seed),
+        Some(rate) => vec![tokio::spawn(open_loop(rate, channels.clone(), workload.clone(), recorder.clone(), stop_at, seed))],
+    };
+    let progress = if args.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total.as_secs()) };
+    progress.set_style(indicatif::ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len}s {msg}").expect("template"));
+    progress.set_prefix("warming up");
+    let mut measure_started = None;
+    let mut last_ok = 0;
+    while Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let elapsed = started.elapsed().as_secs();
+        if measure_started.is_none() && elapsed >= args.warmup {
+            recorder.measuring.store(true, Ordering::Relaxed);
+            measure_started = Some(Instant::now());
+            progress.set_prefix("measuring ");
+        }
+        let ok = recorder.tally.transfers_ok.load(Ordering::Relaxed);
+        progress.set_message(format!("{} transfers/s", ok - last_ok));
+        last_ok = ok;
+        progress.set_position(elapsed.min(total.as_secs()));
+    }
+    recorder.measuring.store(false, Ordering::Relaxed);
+    let measured = measure_started.map(|s| s.elapsed()).unwrap_or_default();
+    progress.finish_and_clear();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    let report = make_report(&args, seed, measured, &recorder);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn closed_loop(
+    args: &BenchArgs,
+    channels: &[Channel],
+    workload: &Arc<Workload>,
+    recorder: &Arc<Recorder>,
+    stop_at: Instant,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..args.concurrency)
+        .map(|worker| {
+            let mut client = LedgerClient::new(channels[worker % channels.len()].clone()).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20);
+            let workload = workload.clone();
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(worker as u64));
+                while Instant::now() < stop_at {
+                    let sent = Instant::now();
+                    let outcome = workload.send(&mut client, &mut rng).await;
+                    recorder.record(sent.elapsed(), &outcome);
+                    if outcome.is_err() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn open_loop(rate: u64, channels: Vec<Channel>, workload: Arc<Workload>, recorder: Arc<Recorder>, stop_at: Instant, seed: u64) {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut sequence: u64 = 0;
+    loop {
+        let scheduled = start + interval.mul_f64(sequence as f64);
+        if scheduled >= stop_at {
+            break;
+        }
+        tokio::time::sleep_until(scheduled.into()).await;
+        sequence += 1;
+        if in_flight.load(Ordering::Relaxed) >= OPEN_LOOP_IN_FLIGHT_MAX {
+            if recorder.measuring.load(Ordering::Relaxed) {
+                recorder.tally.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut client = LedgerClient::new(channels[(sequence as usize) % channels.len()].clone()).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20);
+        let workload = workload.clone();
+        let recorder = recorder.clone();
+        let in_flight = in_flight.clone();
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(sequence));
+            let outcome = workload.send(&mut client, &mut rng).await;
+            recorder.record(scheduled.elapsed(), &outcome);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+fn make_report(args: &BenchArgs, seed: u64, measured: Duration, recorder: &Recorder) -> Report {
+    let histogram = recorder.histogram.lock().expect("histogram");
+    let seconds = measured.as_secs_f64().max(1e-9);
+    let tally = &recorder.tally;
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    let mut latency_ms = BTreeMap::new();
+    if !histogram.is_empty() {
+        latency_ms.insert("p50".into(), ms(histogram.value_at_quantile(0.50)));
+        latency_ms.insert("p99".into(), ms(histogram.value_at_quantile(0.99)));
+        latency_ms.insert("p99.9".into(), ms(histogram.value_at_quantile(0.999)));
+        latency_ms.insert("max".into(), ms(histogram.max()));
+        latency_ms.insert("mean".into(), histogram.mean() / 1000.0);
+    }
+    let transfers_ok = tally.transfers_ok.load(Ordering::Relaxed);
+    let requests = tally.requests.load(Ordering::Relaxed);
+    Report {
+        api: args.api.clone(),
+        mode: if args.rate.is_some() { "open".into() } else { "closed".into() },
+        concurrency: args.concurrency,
+        rate: args.rate,
+        batch_size: if args.api == "batch" { args.batch_size } else { 1 },
+        accounts: args.accounts,
+        seed,
+        duration_s: seconds,
+        transfers_ok,
+        transfers_per_s: transfers_ok as f64 / seconds,
+        requests,
+        requests_per_s: requests as f64 / seconds,
+        other_results: tally.transfers_other.load(Ordering::Relaxed),
+        errors: tally.errors.load(Ordering::Relaxed),
+        missed_schedule: tally.missed.load(Ordering::Relaxed),
+        latency_ms,
+        error_samples: recorder.error_samples.lock().expect("samples").clone(),
+    }
+}
+
+fn print_report(r: &Report) {
+    let load = match r.rate {
+        Some(rate) => format!("open loop at {rate} req/s"),
+        None => format!("closed loop, concurrency {}", r.concurrency),
+    };
+    println!("cellbank bench: {} API, {load}, batch {}, {} accounts, seed {}", r.api, r.batch_size, r.accounts, r.seed);
+    println!("  measured      {:.1} s", r.duration_s);
+    println!("  throughput    {:.0} transfers/s ({:.0} requests/s)", r.transfers_per_s, r.requests_per_s);
+    let get = |k: &str| r.latency_ms.get(k).copied().unwrap_or(f64::NAN);
+    println!(
+        "  latency (ms)  p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        get("p50"),
+        get("p99"),
+        get("p99.9"),
+        get("max")
+    );
+    println!("  transfers OK {}  other results {}  errors {}  missed schedule {}", r.transfers_ok, r.other_results, r.errors, r.missed_schedule);
+    for sample in &r.error_samples {
+        println!("  error: {sample}");
+    }
+}

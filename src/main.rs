@@ -1,0 +1,191 @@
+//! `cellbank`: one binary for every role.
+//!
+//! - `cell`: run one replica of a cell.
+//! - `up`: run a local cluster from a topology file, in the foreground.
+//! - `status`: each replica's role, term, commit and applied index.
+//! - `account`, `deposit`, `withdraw`, `transfer`, `balance`, `history`,
+//!   `get-transfer`: human-friendly client commands.
+//! - `admin`: membership changes, leader transfer, ledger digests.
+//! - `bench`: drive a running cluster and report throughput and latency.
+
+mod bench;
+mod commands;
+mod up;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+
+#[derive(Parser)]
+#[command(name = "cellbank", version, about = "A cell-based transaction engine: Raft-replicated RocksDB ledgers behind gRPC.")]
+struct Cli {
+    /// Log format: `text` or `json`.
+    #[arg(long, global = true, default_value = "text", env = "CELLBANK_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Endpoints {
+    /// Replica gRPC addresses, comma-separated.
+    #[arg(long, env = "CELLBANK_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one replica of a cell.
+    Cell(CellArgs),
+    /// Run a local cluster (one cell of three replicas by default) in the foreground.
+    Up(up::UpArgs),
+    /// Print each replica's role, term, commit and applied index, and the leader.
+    Status(Endpoints),
+    /// Open an account.
+    Account {
+        #[command(subcommand)]
+        action: commands::AccountAction,
+    },
+    /// Move money into a user's account from the cell's settlement account.
+    Deposit(commands::MoveArgs),
+    /// Move money out of a user's account to the cell's settlement account.
+    Withdraw(commands::MoveArgs),
+    /// Move money between two users.
+    Transfer(commands::TransferArgs),
+    /// Show an account's balance (a linearizable read).
+    Balance(commands::AccountArgs),
+    /// Show an account's movements, oldest first.
+    History(commands::HistoryArgs),
+    /// Show one transfer by its id.
+    GetTransfer(commands::GetTransferArgs),
+    /// Operator actions on a cell.
+    Admin {
+        #[command(subcommand)]
+        action: commands::AdminAction,
+    },
+    /// Drive a running cluster and report throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct CellArgs {
+    /// TOML config file; flags below are used when it is absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    cell_id: u64,
+    #[arg(long, default_value_t = 1)]
+    replica_id: u64,
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    listen: SocketAddr,
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[arg(long, default_value = "data/cell-1/replica-1")]
+    data_dir: PathBuf,
+    /// Founding members as ID=HOST:PORT (repeat, or comma-separate).
+    #[arg(long = "peer", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Compact the Raft log once it holds this many applied entries.
+    #[arg(long)]
+    log_compact_threshold_entries: Option<u64>,
+    /// Applied entries kept after compaction.
+    #[arg(long)]
+    log_retain_entries: Option<u64>,
+}
+
+fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut map = BTreeMap::new();
+    for peer in peers {
+        let (id, addr) = peer.split_once('=').with_context(|| format!("peer {peer:?} is not ID=HOST:PORT"))?;
+        map.insert(id.parse().with_context(|| format!("peer id {id:?}"))?, addr.to_string());
+    }
+    Ok(map)
+}
+
+fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            cellbank_cell::config::ReplicaConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => cellbank_cell::config::ReplicaConfig {
+            cell_id: args.cell_id,
+            replica_id: args.replica_id,
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            data_dir: args.data_dir,
+            peers: parse_peers(&args.peers)?,
+            raft: Default::default(),
+        },
+    };
+    if let Some(threshold) = args.log_compact_threshold_entries {
+        config.raft.log_compact_threshold_entries = threshold;
+    }
+    if let Some(retain) = args.log_retain_entries {
+        config.raft.log_retain_entries = retain;
+    }
+    config.check()?;
+    Ok(config)
+}
+
+async fn run_cell(args: CellArgs) -> anyhow::Result<()> {
+    let config = cell_config(args)?;
+    let replica = cellbank_cell::server::start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("stopping on signal");
+    replica.stop().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_logging(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Cell(_) => "info,raft=warn",
+        _ => "warn",
+    };
+    init_logging(&cli.log_format, default_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Cell(args) => run_cell(args).await,
+            Command::Up(args) => up::run(args).await,
+            Command::Status(endpoints) => commands::status(&endpoints.endpoints).await,
+            Command::Account { action } => commands::account(action).await,
+            Command::Deposit(args) => commands::deposit(args, false).await,
+            Command::Withdraw(args) => commands::deposit(args, true).await,
+            Command::Transfer(args) => commands::transfer(args).await,
+            Command::Balance(args) => commands::balance(args).await,
+            Command::History(args) => commands::history(args).await,
+            Command::GetTransfer(args) => commands::get_transfer(args).await,
+            Command::Admin { action } => commands::admin(action).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    })
+}

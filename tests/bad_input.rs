@@ -1,0 +1,134 @@
+//! Bad input of every kind against a real replica over real gRPC: each gets
+//! a clear error naming the problem, and no balance changes.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use cellbank_proto::cell::raft_transport_client::RaftTransportClient;
+use cellbank_proto::cell::RaftBatch;
+use cellbank_proto::v1::ledger_client::LedgerClient;
+use cellbank_proto::v1::*;
+use common::Cell;
+use tonic::Code;
+
+fn transfer(id: &[u8], from: u64, to: u64, currency: &str, amount: u64) -> TransferRequest {
+    TransferRequest { transfer_id: id.to_vec(), from_user_id: from, to_user_id: to, currency: currency.into(), amount }
+}
+
+async fn balances(client: &mut LedgerClient<tonic::transport::Channel>) -> Vec<u64> {
+    let mut out = Vec::new();
+    for user in [1, 2, 3] {
+        let account = client.get_account(GetAccountRequest { user_id: user, currency: "CNY".into() }).await.unwrap();
+        out.push(account.into_inner().balance);
+    }
+    out
+}
+
+enum Expect {
+    /// gRPC INVALID_ARGUMENT whose message contains the text.
+    Invalid(&'static str),
+    /// A result code in the response.
+    Result(ResultCode),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let cell = Cell::start(1, &[]);
+    cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
+    let addr = cell.endpoints()[0].clone();
+    let channel = cellbank_cell::raft::transport::connect(&addr).await.unwrap();
+    let mut client = LedgerClient::new(channel.clone());
+    for user in [1, 2] {
+        client.open_account(OpenAccountRequest { user_id: user, currency: "CNY".into() }).await.unwrap();
+    }
+    client.open_account(OpenAccountRequest { user_id: 3, currency: "USD".into() }).await.unwrap();
+    client.open_account(OpenAccountRequest { user_id: 3, currency: "CNY".into() }).await.unwrap();
+    let seed = DepositRequest { transfer_id: b"seed".to_vec(), user_id: 1, currency: "CNY".into(), amount: 1000 };
+    client.deposit(seed).await.unwrap();
+    let full = DepositRequest { transfer_id: b"full".to_vec(), user_id: 2, currency: "CNY".into(), amount: i64::MAX as u64 };
+    client.deposit(full.clone()).await.unwrap();
+    client.deposit(DepositRequest { transfer_id: b"full2".to_vec(), ..full }).await.unwrap();
+    let before = balances(&mut client).await;
+
+    let cases: Vec<(&str, TransferRequest, Expect)> = vec![
+        ("zero amount", transfer(b"a", 1, 2, "CNY", 0), Expect::Invalid("amount")),
+        ("negative-looking amount", transfer(b"b", 1, 2, "CNY", (-5i64) as u64), Expect::Invalid("amount")),
+        ("amount just past i64::MAX", transfer(b"c", 1, 2, "CNY", i64::MAX as u64 + 1), Expect::Invalid("amount")),
+        ("credit overflows a balance", transfer(b"d", 1, 2, "CNY", 2), Expect::Result(ResultCode::BalanceOverflow)),
+        ("more than the balance", transfer(b"e", 1, 3, "CNY", 1001), Expect::Result(ResultCode::InsufficientFunds)),
+        ("unknown sender", transfer(b"f", 99, 1, "CNY", 1), Expect::Result(ResultCode::AccountNotFound)),
+        ("unknown recipient", transfer(b"g", 1, 99, "CNY", 1), Expect::Result(ResultCode::AccountNotFound)),
+        ("user 0", transfer(b"h", 0, 1, "CNY", 1), Expect::Invalid("from_user_id")),
+        ("same account", transfer(b"i", 1, 1, "CNY", 1), Expect::Invalid("to_user_id")),
+        ("currency the sender has no account in", transfer(b"j", 1, 3, "USD", 1), Expect::Result(ResultCode::AccountNotFound)),
+        ("unknown currency code", transfer(b"k", 1, 2, "XYZ", 1), Expect::Invalid("currency")),
+        ("lower-case currency", transfer(b"l", 1, 2, "cny", 1), Expect::Invalid("currency")),
+        ("missing currency", transfer(b"m", 1, 2, "", 1), Expect::Invalid("currency")),
+        ("empty transfer id", transfer(b"", 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
+        ("oversized transfer id", transfer(&[b'x'; 65], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
+        ("non-UTF-8 transfer id", transfer(&[0xc3, 0x28], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
+        ("id reused with another amount", transfer(b"seed", 1, 2, "CNY", 5), Expect::Result(ResultCode::IdReusedWithDifferentFields)),
+    ];
+    for (name, request, expect) in cases {
+        let outcome = client.transfer(request).await;
+        match (expect, outcome) {
+            (Expect::Invalid(field), Err(status)) => {
+                assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+                assert!(status.message().starts_with(field), "{name}: message {:?} should name {field}", status.message());
+            }
+            (Expect::Result(code), Ok(response)) => {
+                let result = response.into_inner().result.unwrap();
+                assert_eq!(result.code, code as i32, "{name}: {result:?}");
+                if code == ResultCode::IdReusedWithDifferentFields {
+                    assert_eq!(result.field, "amount", "{name}");
+                }
+            }
+            (_, other) => panic!("{name}: unexpected outcome {other:?}"),
+        }
+    }
+
+    // Batches: over the limit and empty are refused whole; malformed items
+    // are refused one by one while the rest apply.
+    let too_many: Vec<_> = (0..8190).map(|i| transfer(format!("big{i}").as_bytes(), 1, 2, "CNY", 1)).collect();
+    let status = client.submit_transfers(SubmitTransfersRequest { transfers: too_many }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("8189"), "{}", status.message());
+    let status = client.submit_transfers(SubmitTransfersRequest { transfers: vec![] }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mixed = vec![transfer(b"m1", 1, 2, "CNY", 0), transfer(b"m2", 1, 1, "CNY", 5), transfer(b"m3", 1, 3, "XXX", 5)];
+    let results = client.submit_transfers(SubmitTransfersRequest { transfers: mixed }).await.unwrap().into_inner().results;
+    let fields: Vec<_> = results.iter().map(|r| (r.code, r.field.as_str())).collect();
+    let invalid = ResultCode::InvalidItem as i32;
+    assert_eq!(fields, vec![(invalid, "amount"), (invalid, "to_user_id"), (invalid, "currency")]);
+
+    // Reads of unknown things and malformed reads.
+    let status = client.get_account(GetAccountRequest { user_id: 42, currency: "CNY".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client.get_transfer(GetTransferRequest { transfer_id: b"never".to_vec() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let bad_page = ListTransfersRequest { user_id: 1, currency: "CNY".into(), page_size: 5000, page_token: vec![] };
+    assert_eq!(client.list_transfers(bad_page).await.unwrap_err().code(), Code::InvalidArgument);
+    let bad_token = ListTransfersRequest { user_id: 1, currency: "CNY".into(), page_size: 5, page_token: vec![1, 2, 3] };
+    assert_eq!(client.list_transfers(bad_token).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Garbage on the Raft port: raw bytes that are not HTTP/2 at all...
+    let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+    socket.write_all(b"\x00\xffGARBAGE\r\n\r\nnot a grpc frame at all\x13\x37").unwrap();
+    drop(socket);
+    // ...and a well-formed stream carrying bytes that are not Raft messages,
+    // or messages for another cell.
+    let mut raft = RaftTransportClient::new(channel.clone());
+    let garbage = RaftBatch { cell_id: 1, messages: vec![vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]], from_replica_id: 9, from_addr: "x".into() };
+    let status = raft.stream(tokio_stream::iter(vec![garbage])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let wrong_cell = RaftBatch { cell_id: 77, messages: vec![], from_replica_id: 9, from_addr: "x".into() };
+    let status = raft.stream(tokio_stream::iter(vec![wrong_cell])).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // The replica still serves, and no balance moved.
+    assert_eq!(balances(&mut client).await, before);
+    let digest = cell.digest(1).await.unwrap();
+    assert_eq!(digest.balance_sum_by_currency.get("CNY").map(String::as_str), Some("0"));
+}

@@ -1,0 +1,197 @@
+//! End-to-end harness: real `cellbank cell` processes on loopback, killed
+//! with real signals, talked to over real gRPC.
+
+#![allow(dead_code)]
+
+pub mod ledger_checks;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cellbank_cell::client::CellClient;
+use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
+use cellbank_proto::cell::{DigestRequest, DigestResponse, ReplicaStatus, StatusRequest};
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+pub struct Replica {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+    pub extra_args: Vec<String>,
+}
+
+pub struct Cell {
+    pub dir: tempfile::TempDir,
+    pub replicas: BTreeMap<u64, Replica>,
+    pub founders: BTreeMap<u64, String>,
+}
+
+impl Cell {
+    /// Starts `n` founding replicas. `extra_args` go to every `cellbank cell`.
+    pub fn start(n: u64, extra_args: &[&str]) -> Cell {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let founders: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let mut cell = Cell { dir, replicas: BTreeMap::new(), founders: founders.clone() };
+        for (id, addr) in founders {
+            let data_dir = cell.dir.path().join(format!("replica-{id}"));
+            let extra = extra_args.iter().map(|s| s.to_string()).collect();
+            cell.replicas.insert(id, Replica { id, addr, data_dir, child: None, extra_args: extra });
+            cell.spawn(id, true);
+        }
+        cell
+    }
+
+    /// Starts a replica that will join through a conf change (no founders).
+    pub fn add_joiner(&mut self, id: u64, extra_args: &[&str]) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let data_dir = self.dir.path().join(format!("replica-{id}"));
+        let extra = extra_args.iter().map(|s| s.to_string()).collect();
+        self.replicas.insert(id, Replica { id, addr: addr.clone(), data_dir, child: None, extra_args: extra });
+        self.spawn(id, false);
+        addr
+    }
+
+    pub fn spawn(&mut self, id: u64, founder: bool) {
+        let peers: Vec<String> = self.founders.iter().map(|(id, addr)| format!("{id}={addr}")).collect();
+        let replica = self.replicas.get_mut(&id).expect("known replica");
+        assert!(replica.child.is_none(), "replica {id} already running");
+        std::fs::create_dir_all(&replica.data_dir).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(replica.data_dir.join("replica.log"))
+            .expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cellbank"));
+        command
+            .args(["cell", "--cell-id", "1", "--replica-id", &id.to_string(), "--listen", &replica.addr])
+            .arg("--data-dir")
+            .arg(&replica.data_dir)
+            .args(&replica.extra_args)
+            .env("RUST_LOG", "info,raft=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if founder {
+            command.arg("--peer").arg(peers.join(","));
+        }
+        replica.child = Some(command.spawn().expect("spawn cellbank cell"));
+    }
+
+    /// Restarts a stopped replica with its data.
+    pub fn restart(&mut self, id: u64) {
+        let founder = self.founders.contains_key(&id);
+        self.spawn(id, founder);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self, id: u64) {
+        let replica = self.replicas.get_mut(&id).expect("known replica");
+        let mut child = replica.child.take().expect("replica running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.replicas.values().map(|r| r.addr.clone()).collect()
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.replicas.values().filter(|r| r.child.is_some()).map(|r| r.id).collect()
+    }
+
+    pub fn client(&self) -> CellClient {
+        CellClient::new(self.endpoints())
+    }
+
+    pub async fn admin(&self, id: u64) -> Option<ReplicaAdminClient<Channel>> {
+        let addr = &self.replicas[&id].addr;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(5));
+        endpoint.connect().await.ok().map(ReplicaAdminClient::new)
+    }
+
+    pub async fn status(&self, id: u64) -> Option<ReplicaStatus> {
+        let mut admin = self.admin(id).await?;
+        admin.status(StatusRequest {}).await.ok().map(|r| r.into_inner())
+    }
+
+    pub async fn digest(&self, id: u64) -> Option<DigestResponse> {
+        let mut admin = self.admin(id).await?;
+        admin.digest(DigestRequest {}).await.ok().map(|r| r.into_inner())
+    }
+
+    /// The leader among running replicas, once one is reported, with its term.
+    pub async fn wait_for_leader(&self, timeout: Duration, newer_than_term: u64) -> Option<(u64, u64, Duration)> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            for id in self.running() {
+                if let Some(status) = self.status(id).await {
+                    if status.role == "leader" && status.term > newer_than_term {
+                        return Some((id, status.term, started.elapsed()));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Waits until every running replica has applied the same index, then
+    /// returns their digests.
+    pub async fn converged_digests(&self, timeout: Duration) -> BTreeMap<u64, DigestResponse> {
+        let started = Instant::now();
+        loop {
+            let mut digests = BTreeMap::new();
+            for id in self.running() {
+                if let Some(digest) = self.digest(id).await {
+                    digests.insert(id, digest);
+                }
+            }
+            let applied: Vec<u64> = digests.values().map(|d| d.applied_index).collect();
+            let all_same = digests.len() == self.running().len() && applied.windows(2).all(|w| w[0] == w[1]);
+            if all_same {
+                return digests;
+            }
+            assert!(started.elapsed() < timeout, "replicas did not converge: applied {applied:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for replica in self.replicas.values() {
+            let log = std::fs::read_to_string(replica.data_dir.join("replica.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            out.push_str(&format!("--- replica {} ---\n", replica.id));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        for replica in self.replicas.values_mut() {
+            if let Some(mut child) = replica.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
