@@ -41,6 +41,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let addr = listener.local_addr()?;
     let mut node_config = NodeConfig::new(config.replica_id);
     node_config.election_tick = config.raft.election_tick;
+    node_config.min_election_tick = config.raft.election_tick;
     node_config.heartbeat_tick = config.raft.heartbeat_tick;
     node_config.max_election_tick = config.raft.election_tick * 3 / 2;
     node_config.log_compact_threshold_entries = config.raft.log_compact_threshold_entries;

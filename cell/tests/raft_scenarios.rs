@@ -12,7 +12,9 @@
 //! - `deliver`: one round: every replica handles its Ready, then every queued
 //!   message is delivered once.
 //! - `partition ID...`: cut those replicas off from the rest; `heal` ends it.
-//! - `tick ID [times=N]`: advance that replica's logical clock.
+//! - `tick ID [times=N]`: advance that replica's logical clock. A leader
+//!   checks its quorum every 10 ticks; a follower's lease on its leader
+//!   expires after 10 ticks and it campaigns by itself after 20.
 //! - `crash ID` / `restart ID`: stop a replica (losing only what it never
 //!   persisted) and start it again from its RocksDB.
 //! - `status`, `state`: print roles and indexes; print each replica's data.
@@ -80,6 +82,11 @@ impl Cluster {
         let db = open_db(self.dirs[&id].path());
         let mut config = NodeConfig::new(id);
         config.log_compact_threshold_entries = u64::MAX;
+        // A follower campaigns by itself only after exactly 20 ticks, so
+        // scripts are deterministic; the leader lease (check_quorum) is the
+        // usual 10 ticks.
+        config.min_election_tick = 20;
+        config.max_election_tick = 21;
         RaftNode::open(config, db, KvMachine, &self.bootstrap, Metrics::new(1, id))
     }
 
@@ -195,7 +202,8 @@ impl goldenscript::Runner for Runner {
             }
             "propose" => {
                 let id: u64 = args.next_pos().ok_or("ID")?.parse()?;
-                let write = args.next_pos().ok_or("KEY=VALUE")?.to_string();
+                let (key, value) = args.next_key().ok_or("KEY=VALUE")?;
+                let write = format!("{key}={value}");
                 let heard = c.heard.clone();
                 let label = write.clone();
                 let node = c.node(id)?;

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     /// Ticks without a leader before a follower campaigns (randomized up to
     /// `max_election_tick`).
     pub election_tick: usize,
+    /// Lower bound of the randomized election timeout, in ticks (at least
+    /// `election_tick`, which is also the leader lease for check_quorum).
+    pub min_election_tick: usize,
     /// Upper bound (exclusive) of the randomized election timeout, in ticks.
     pub max_election_tick: usize,
     pub heartbeat_tick: usize,
@@ -79,6 +82,7 @@ impl NodeConfig {
         NodeConfig {
             replica_id,
             election_tick: 10,
+            min_election_tick: 10,
             max_election_tick: 15,
             heartbeat_tick: 2,
             log_compact_threshold_entries: 10_000,
@@ -180,8 +184,8 @@ impl<SM: StateMachine> RaftNode<SM> {
             id: config.replica_id,
             election_tick: config.election_tick,
             heartbeat_tick: config.heartbeat_tick,
-            min_election_tick: config.election_tick,
-            max_election_tick: config.max_election_tick.max(config.election_tick + 1),
+            min_election_tick: config.min_election_tick.max(config.election_tick),
+            max_election_tick: config.max_election_tick.max(config.min_election_tick.max(config.election_tick) + 1),
             applied: applied_index,
             max_size_per_msg: config.max_size_per_msg_bytes,
             max_inflight_msgs: config.max_inflight_msgs,
