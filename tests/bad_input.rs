@@ -69,7 +69,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("empty transfer id", transfer(b"", 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
         ("oversized transfer id", transfer(&[b'x'; 65], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
         ("non-UTF-8 transfer id", transfer(&[0xc3, 0x28], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
-        ("id reused with another amount", transfer(b"seed", 1, 2, "CNY", 5), Expect::Result(ResultCode::IdReusedWithDifferentFields)),
+        ("id reused with another amount", transfer(b"d", 1, 2, "CNY", 3), Expect::Result(ResultCode::IdReusedWithDifferentFields)),
+        ("a failed id stays failed on retry", transfer(b"d", 1, 2, "CNY", 2), Expect::Result(ResultCode::BalanceOverflow)),
     ];
     for (name, request, expect) in cases {
         let outcome = client.transfer(request).await;
