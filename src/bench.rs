@@ -126,7 +126,8 @@ async fn leader_endpoint(endpoints: &[String]) -> anyhow::Result<String> {
 async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyhow::Result<()> {
     let users: Vec<u64> = (args.first_user..args.first_user + args.accounts).collect();
     let progress = indicatif::ProgressBar::new(users.len() as u64);
-    progress.set_style(indicatif::ProgressStyle::with_template("seeding accounts {bar:40} {pos}/{len}").expect("template"));
+    progress
+        .set_style(indicatif::ProgressStyle::with_template("seeding accounts {bar:40} {pos}/{len}").expect("template"));
     let client = Arc::new(client);
     let mut tasks = futures::stream::iter(users.into_iter().map(|user| {
         let client = client.clone();
@@ -197,7 +198,11 @@ impl Workload {
     }
 
     /// Sends one request; returns (transfers OK, other results).
-    async fn send(&self, client: &mut LedgerClient<Channel>, rng: &mut rand::rngs::StdRng) -> Result<(u64, u64), tonic::Status> {
+    async fn send(
+        &self,
+        client: &mut LedgerClient<Channel>,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<(u64, u64), tonic::Status> {
         if self.args_api_batch {
             let transfers = (0..self.batch_size).map(|_| self.transfer(rng)).collect();
             let response = client.submit_transfers(SubmitTransfersRequest { transfers }).await?.into_inner();
@@ -278,10 +283,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let stop_at = started + total;
     let tasks = match args.rate {
         None => closed_loop(&args, &channels, &workload, &recorder, stop_at, seed),
-        Some(rate) => vec![tokio::spawn(open_loop(rate, channels.clone(), workload.clone(), recorder.clone(), stop_at, seed))],
+        Some(rate) => {
+            vec![tokio::spawn(open_loop(rate, channels.clone(), workload.clone(), recorder.clone(), stop_at, seed))]
+        }
     };
-    let progress = if args.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total.as_secs()) };
-    progress.set_style(indicatif::ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len}s {msg}").expect("template"));
+    let progress =
+        if args.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total.as_secs()) };
+    progress
+        .set_style(indicatif::ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len}s {msg}").expect("template"));
     progress.set_prefix("warming up");
     let mut measure_started = None;
     let mut last_ok = 0;
@@ -323,7 +332,9 @@ fn closed_loop(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..args.concurrency)
         .map(|worker| {
-            let mut client = LedgerClient::new(channels[worker % channels.len()].clone()).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20);
+            let mut client = LedgerClient::new(channels[worker % channels.len()].clone())
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20);
             let workload = workload.clone();
             let recorder = recorder.clone();
             tokio::spawn(async move {
@@ -341,7 +352,14 @@ fn closed_loop(
         .collect()
 }
 
-async fn open_loop(rate: u64, channels: Vec<Channel>, workload: Arc<Workload>, recorder: Arc<Recorder>, stop_at: Instant, seed: u64) {
+async fn open_loop(
+    rate: u64,
+    channels: Vec<Channel>,
+    workload: Arc<Workload>,
+    recorder: Arc<Recorder>,
+    stop_at: Instant,
+    seed: u64,
+) {
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let in_flight = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -360,7 +378,9 @@ async fn open_loop(rate: u64, channels: Vec<Channel>, workload: Arc<Workload>, r
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut client = LedgerClient::new(channels[(sequence as usize) % channels.len()].clone()).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20);
+        let mut client = LedgerClient::new(channels[(sequence as usize) % channels.len()].clone())
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20);
         let workload = workload.clone();
         let recorder = recorder.clone();
         let in_flight = in_flight.clone();
@@ -425,7 +445,10 @@ fn print_report(r: &Report) {
         get("p99.9"),
         get("max")
     );
-    println!("  transfers OK {}  other results {}  errors {}  missed schedule {}", r.transfers_ok, r.other_results, r.errors, r.missed_schedule);
+    println!(
+        "  transfers OK {}  other results {}  errors {}  missed schedule {}",
+        r.transfers_ok, r.other_results, r.errors, r.missed_schedule
+    );
     for sample in &r.error_samples {
         println!("  error: {sample}");
     }

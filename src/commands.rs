@@ -153,14 +153,24 @@ pub async fn deposit(args: MoveArgs, withdraw: bool) -> anyhow::Result<()> {
     let response = if withdraw {
         client
             .ledger(|mut c| {
-                let request = WithdrawRequest { transfer_id: id.clone().into_bytes(), user_id: args.user, currency: args.currency.clone(), amount: args.amount };
+                let request = WithdrawRequest {
+                    transfer_id: id.clone().into_bytes(),
+                    user_id: args.user,
+                    currency: args.currency.clone(),
+                    amount: args.amount,
+                };
                 async move { c.withdraw(request).await }
             })
             .await?
     } else {
         client
             .ledger(|mut c| {
-                let request = DepositRequest { transfer_id: id.clone().into_bytes(), user_id: args.user, currency: args.currency.clone(), amount: args.amount };
+                let request = DepositRequest {
+                    transfer_id: id.clone().into_bytes(),
+                    user_id: args.user,
+                    currency: args.currency.clone(),
+                    amount: args.amount,
+                };
                 async move { c.deposit(request).await }
             })
             .await?
@@ -282,7 +292,14 @@ pub async fn status(endpoints: &[String]) -> anyhow::Result<()> {
                 }
                 println!(
                     "{:<8} {:<22} {:<14} {:>6} {:>10} {:>10} {:>10} {:>7}",
-                    s.replica_id, endpoint, s.role, s.term, s.commit_index, s.applied_index, s.first_log_index, s.leader_id
+                    s.replica_id,
+                    endpoint,
+                    s.role,
+                    s.term,
+                    s.commit_index,
+                    s.applied_index,
+                    s.first_log_index,
+                    s.leader_id
                 );
             }
             Err(e) => println!("{:<8} {:<22} unreachable: {}", "?", endpoint, e.message()),

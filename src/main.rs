@@ -8,6 +8,9 @@
 //! - `admin`: membership changes, leader transfer, ledger digests.
 //! - `bench`: drive a running cluster and report throughput and latency.
 
+// tonic::Status is the error type of every client call here.
+#![allow(clippy::result_large_err)]
+
 mod bench;
 mod commands;
 mod up;
@@ -22,7 +25,11 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
 
 #[derive(Parser)]
-#[command(name = "cellbank", version, about = "A cell-based transaction engine: Raft-replicated RocksDB ledgers behind gRPC.")]
+#[command(
+    name = "cellbank",
+    version,
+    about = "A cell-based transaction engine: Raft-replicated RocksDB ledgers behind gRPC."
+)]
 struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long, global = true, default_value = "text", env = "CELLBANK_LOG_FORMAT")]
@@ -111,7 +118,8 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
     let mut config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            cellbank_cell::config::ReplicaConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
+            cellbank_cell::config::ReplicaConfig::from_toml(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
         }
         None => cellbank_cell::config::ReplicaConfig {
             cell_id: args.cell_id,

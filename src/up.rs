@@ -67,7 +67,8 @@ struct Process {
 fn replica_configs(topology: &Topology, data_dir: &Path) -> anyhow::Result<Vec<ReplicaConfig>> {
     let mut configs = Vec::new();
     for cell in &topology.cells {
-        let peers: std::collections::BTreeMap<u64, String> = cell.replicas.iter().map(|r| (r.id, r.listen.clone())).collect();
+        let peers: std::collections::BTreeMap<u64, String> =
+            cell.replicas.iter().map(|r| (r.id, r.listen.clone())).collect();
         for replica in &cell.replicas {
             configs.push(ReplicaConfig {
                 cell_id: cell.id,
@@ -122,7 +123,8 @@ async fn status_line(client: &CellClient, processes: &mut [Process]) -> String {
         match reply {
             Ok(Ok(s)) => {
                 let s = s.into_inner();
-                parts.push(format!("r{} {} t{} c{} a{}", s.replica_id, s.role, s.term, s.commit_index, s.applied_index));
+                parts
+                    .push(format!("r{} {} t{} c{} a{}", s.replica_id, s.role, s.term, s.commit_index, s.applied_index));
             }
             _ => parts.push(format!("{}: starting", process.label)),
         }

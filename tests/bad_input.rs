@@ -47,7 +47,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     client.open_account(OpenAccountRequest { user_id: 3, currency: "CNY".into() }).await.unwrap();
     let seed = DepositRequest { transfer_id: b"seed".to_vec(), user_id: 1, currency: "CNY".into(), amount: 1000 };
     client.deposit(seed).await.unwrap();
-    let full = DepositRequest { transfer_id: b"full".to_vec(), user_id: 2, currency: "CNY".into(), amount: i64::MAX as u64 };
+    let full =
+        DepositRequest { transfer_id: b"full".to_vec(), user_id: 2, currency: "CNY".into(), amount: i64::MAX as u64 };
     client.deposit(full.clone()).await.unwrap();
     client.deposit(DepositRequest { transfer_id: b"full2".to_vec(), ..full }).await.unwrap();
     let before = balances(&mut client).await;
@@ -62,22 +63,38 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("unknown recipient", transfer(b"g", 1, 99, "CNY", 1), Expect::Result(ResultCode::AccountNotFound)),
         ("user 0", transfer(b"h", 0, 1, "CNY", 1), Expect::Invalid("from_user_id")),
         ("same account", transfer(b"i", 1, 1, "CNY", 1), Expect::Invalid("to_user_id")),
-        ("currency the sender has no account in", transfer(b"j", 1, 3, "USD", 1), Expect::Result(ResultCode::AccountNotFound)),
+        (
+            "currency the sender has no account in",
+            transfer(b"j", 1, 3, "USD", 1),
+            Expect::Result(ResultCode::AccountNotFound),
+        ),
         ("unknown currency code", transfer(b"k", 1, 2, "XYZ", 1), Expect::Invalid("currency")),
         ("lower-case currency", transfer(b"l", 1, 2, "cny", 1), Expect::Invalid("currency")),
         ("missing currency", transfer(b"m", 1, 2, "", 1), Expect::Invalid("currency")),
         ("empty transfer id", transfer(b"", 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
         ("oversized transfer id", transfer(&[b'x'; 65], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
         ("non-UTF-8 transfer id", transfer(&[0xc3, 0x28], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
-        ("id reused with another amount", transfer(b"d", 1, 2, "CNY", 3), Expect::Result(ResultCode::IdReusedWithDifferentFields)),
-        ("a failed id stays failed on retry", transfer(b"d", 1, 2, "CNY", 2), Expect::Result(ResultCode::BalanceOverflow)),
+        (
+            "id reused with another amount",
+            transfer(b"d", 1, 2, "CNY", 3),
+            Expect::Result(ResultCode::IdReusedWithDifferentFields),
+        ),
+        (
+            "a failed id stays failed on retry",
+            transfer(b"d", 1, 2, "CNY", 2),
+            Expect::Result(ResultCode::BalanceOverflow),
+        ),
     ];
     for (name, request, expect) in cases {
         let outcome = client.transfer(request).await;
         match (expect, outcome) {
             (Expect::Invalid(field), Err(status)) => {
                 assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
-                assert!(status.message().starts_with(field), "{name}: message {:?} should name {field}", status.message());
+                assert!(
+                    status.message().starts_with(field),
+                    "{name}: message {:?} should name {field}",
+                    status.message()
+                );
             }
             (Expect::Result(code), Ok(response)) => {
                 let result = response.into_inner().result.unwrap();
@@ -99,7 +116,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let status = client.submit_transfers(SubmitTransfersRequest { transfers: vec![] }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let mixed = vec![transfer(b"m1", 1, 2, "CNY", 0), transfer(b"m2", 1, 1, "CNY", 5), transfer(b"m3", 1, 3, "XXX", 5)];
-    let results = client.submit_transfers(SubmitTransfersRequest { transfers: mixed }).await.unwrap().into_inner().results;
+    let results =
+        client.submit_transfers(SubmitTransfersRequest { transfers: mixed }).await.unwrap().into_inner().results;
     let fields: Vec<_> = results.iter().map(|r| (r.code, r.field.as_str())).collect();
     let invalid = ResultCode::InvalidItem as i32;
     assert_eq!(fields, vec![(invalid, "amount"), (invalid, "to_user_id"), (invalid, "currency")]);
@@ -111,7 +129,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(status.code(), Code::NotFound);
     let bad_page = ListTransfersRequest { user_id: 1, currency: "CNY".into(), page_size: 5000, page_token: vec![] };
     assert_eq!(client.list_transfers(bad_page).await.unwrap_err().code(), Code::InvalidArgument);
-    let bad_token = ListTransfersRequest { user_id: 1, currency: "CNY".into(), page_size: 5, page_token: vec![1, 2, 3] };
+    let bad_token =
+        ListTransfersRequest { user_id: 1, currency: "CNY".into(), page_size: 5, page_token: vec![1, 2, 3] };
     assert_eq!(client.list_transfers(bad_token).await.unwrap_err().code(), Code::InvalidArgument);
 
     // Garbage on the Raft port: raw bytes that are not HTTP/2 at all...
@@ -121,7 +140,12 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // ...and a well-formed stream carrying bytes that are not Raft messages,
     // or messages for another cell.
     let mut raft = RaftTransportClient::new(channel.clone());
-    let garbage = RaftBatch { cell_id: 1, messages: vec![vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]], from_replica_id: 9, from_addr: "x".into() };
+    let garbage = RaftBatch {
+        cell_id: 1,
+        messages: vec![vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]],
+        from_replica_id: 9,
+        from_addr: "x".into(),
+    };
     let status = raft.stream(tokio_stream::iter(vec![garbage])).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let wrong_cell = RaftBatch { cell_id: 77, messages: vec![], from_replica_id: 9, from_addr: "x".into() };

@@ -25,7 +25,8 @@ async fn leader_kill_then_whole_cell_kill() {
     let acked_before_kill = history.acked_count();
     assert!(acked_before_kill > 0, "no transfer was acknowledged before the kill");
     cell.kill(leader);
-    let (new_leader, _, elected_after) = cell.wait_for_leader(Duration::from_secs(10), term).await.expect("a new leader");
+    let (new_leader, _, elected_after) =
+        cell.wait_for_leader(Duration::from_secs(10), term).await.expect("a new leader");
     println!("killed leader {leader}; replica {new_leader} leads after {elected_after:?}");
     assert!(elected_after < Duration::from_secs(2), "new leader took {elected_after:?}");
     let acked_at_election = history.acked_count();

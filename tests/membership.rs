@@ -25,7 +25,11 @@ async fn replace_a_replica() {
     let addr = cell.add_joiner(4, &[]);
     let mut admin = cell.admin(leader).await.expect("leader admin");
     let added = admin
-        .change_membership(ChangeMembershipRequest { action: Action::AddVoter as i32, replica_id: 4, addr: addr.clone() })
+        .change_membership(ChangeMembershipRequest {
+            action: Action::AddVoter as i32,
+            replica_id: 4,
+            addr: addr.clone(),
+        })
         .await
         .expect("add replica 4")
         .into_inner();
@@ -36,7 +40,8 @@ async fn replace_a_replica() {
         let joined = cell.status(4).await;
         let lead = cell.status(leader).await.expect("leader status");
         if let Some(status) = joined {
-            if status.role == "follower" && status.applied_index + 50 >= lead.applied_index && status.applied_index > 5 {
+            if status.role == "follower" && status.applied_index + 50 >= lead.applied_index && status.applied_index > 5
+            {
                 assert!(status.snapshots_installed >= 1, "a joiner is initialized by a snapshot");
                 break;
             }
@@ -47,7 +52,11 @@ async fn replace_a_replica() {
     // Remove a founder that is not the leader, then stop its process.
     let removed = *cell.running().iter().find(|id| **id != leader && **id != 4).expect("a follower");
     let response = admin
-        .change_membership(ChangeMembershipRequest { action: Action::Remove as i32, replica_id: removed, addr: String::new() })
+        .change_membership(ChangeMembershipRequest {
+            action: Action::Remove as i32,
+            replica_id: removed,
+            addr: String::new(),
+        })
         .await
         .expect("remove")
         .into_inner();

@@ -90,7 +90,9 @@ impl CellClient {
         let mut redirects_free = 2;
         loop {
             let index = self.current();
-            let client = LedgerClient::new(self.channel(index)).max_decoding_message_size(16 * 1024 * 1024).max_encoding_message_size(16 * 1024 * 1024);
+            let client = LedgerClient::new(self.channel(index))
+                .max_decoding_message_size(16 * 1024 * 1024)
+                .max_encoding_message_size(16 * 1024 * 1024);
             match f(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retryable(&status) && started.elapsed() + backoff < self.deadline => {

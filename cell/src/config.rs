@@ -38,7 +38,12 @@ pub struct RaftTuning {
 
 impl Default for RaftTuning {
     fn default() -> Self {
-        RaftTuning { election_tick: 10, heartbeat_tick: 2, log_compact_threshold_entries: 10_000, log_retain_entries: 2_000 }
+        RaftTuning {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            log_compact_threshold_entries: 10_000,
+            log_retain_entries: 2_000,
+        }
     }
 }
 
@@ -84,7 +89,9 @@ mod peer_map {
         let text = BTreeMap::<String, String>::deserialize(deserializer)?;
         text.into_iter()
             .map(|(id, addr)| {
-                id.parse::<u64>().map(|id| (id, addr)).map_err(|_| serde::de::Error::custom(format!("peer id {id:?} is not a number")))
+                id.parse::<u64>()
+                    .map(|id| (id, addr))
+                    .map_err(|_| serde::de::Error::custom(format!("peer id {id:?} is not a number")))
             })
             .collect()
     }
@@ -111,7 +118,8 @@ mod tests {
 
     #[test]
     fn rejects_peers_without_self_and_unknown_fields() {
-        let text = "cell_id = 1\nreplica_id = 3\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n[peers]\n1 = \"127.0.0.1:2\"\n";
+        let text =
+            "cell_id = 1\nreplica_id = 3\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n[peers]\n1 = \"127.0.0.1:2\"\n";
         assert!(ReplicaConfig::from_toml(text).is_err());
         let text = "cell_id = 1\nreplica_id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\ntypo = 3\n";
         assert!(ReplicaConfig::from_toml(text).is_err());

@@ -7,6 +7,11 @@
 //! - [`service`]: the gRPC services; [`server`] assembles a replica.
 //! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
 
+// tonic::Status is the error type of every gRPC handler and helper here.
+#![allow(clippy::result_large_err)]
+// raft-rs's protobuf types are built field by field, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod client;
 pub mod config;
 pub mod ledger;

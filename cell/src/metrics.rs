@@ -29,7 +29,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(cell_id: u64, replica_id: u64) -> Arc<Metrics> {
         let labels = [("cell".to_string(), cell_id.to_string()), ("replica".to_string(), replica_id.to_string())];
-        let registry = Registry::new_custom(Some("cellbank".into()), Some(labels.into_iter().collect())).expect("registry");
+        let registry =
+            Registry::new_custom(Some("cellbank".into()), Some(labels.into_iter().collect())).expect("registry");
         let counter = |name: &str, help: &str| {
             let counter = IntCounter::new(name, help).expect("counter");
             registry.register(Box::new(counter.clone())).expect("register");
@@ -69,7 +70,10 @@ impl Metrics {
             results_total,
             snapshots_installed_total: counter("snapshots_installed_total", "Snapshots installed from a leader."),
             snapshots_sent_total: counter("snapshots_sent_total", "Snapshots streamed to followers."),
-            raft_messages_dropped_total: counter("raft_messages_dropped_total", "Raft messages dropped (queue full or peer down)."),
+            raft_messages_dropped_total: counter(
+                "raft_messages_dropped_total",
+                "Raft messages dropped (queue full or peer down).",
+            ),
             registry,
         })
     }

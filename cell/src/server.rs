@@ -47,7 +47,13 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     node_config.log_compact_threshold_entries = config.raft.log_compact_threshold_entries;
     node_config.log_retain_entries = config.raft.log_retain_entries;
     let node = RaftNode::open(node_config, db.clone(), Ledger::new(), &config.peers, metrics.clone());
-    let transport = GrpcTransport::new(config.cell_id, config.replica_id, addr.to_string(), tokio::runtime::Handle::current(), metrics.clone());
+    let transport = GrpcTransport::new(
+        config.cell_id,
+        config.replica_id,
+        addr.to_string(),
+        tokio::runtime::Handle::current(),
+        metrics.clone(),
+    );
     let sink: Arc<dyn MessageSink> = transport.clone();
     // The reporter is bound before the node thread starts so that every peer
     // task can report back; it reaches the node through a late-set handle.

@@ -82,7 +82,11 @@ impl ReplicaContext {
     }
 
     /// Waits for `future` up to the request's deadline.
-    async fn within<T>(&self, timeout: Duration, future: impl std::future::Future<Output = Result<T, NodeError>>) -> Result<T, Status> {
+    async fn within<T>(
+        &self,
+        timeout: Duration,
+        future: impl std::future::Future<Output = Result<T, NodeError>>,
+    ) -> Result<T, Status> {
         match tokio::time::timeout(timeout, future).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(self.node_error(error)),
@@ -134,7 +138,14 @@ fn invalid(error: validate::Invalid) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
-fn move_command(kind: TransferKind, transfer_id: Vec<u8>, from: u64, to: u64, currency: String, amount: u64) -> MoveCommand {
+fn move_command(
+    kind: TransferKind,
+    transfer_id: Vec<u8>,
+    from: u64,
+    to: u64,
+    currency: String,
+    amount: u64,
+) -> MoveCommand {
     MoveCommand { transfer_id, kind: kind as i32, from_user_id: from, to_user_id: to, currency, amount }
 }
 
@@ -147,7 +158,11 @@ pub struct LedgerService {
 }
 
 impl LedgerService {
-    async fn single_move(&self, timeout: Duration, movement: MoveCommand) -> Result<Response<TransferResponse>, Status> {
+    async fn single_move(
+        &self,
+        timeout: Duration,
+        movement: MoveCommand,
+    ) -> Result<Response<TransferResponse>, Status> {
         validate::move_command(&movement).map_err(invalid)?;
         let mut results = self.context.propose(timeout, vec![wrap(movement)]).await?;
         let result = results.pop().expect("one result per command");
@@ -157,12 +172,18 @@ impl LedgerService {
 
 #[tonic::async_trait]
 impl LedgerApi for LedgerService {
-    async fn open_account(&self, request: Request<OpenAccountRequest>) -> Result<Response<OpenAccountResponse>, Status> {
+    async fn open_account(
+        &self,
+        request: Request<OpenAccountRequest>,
+    ) -> Result<Response<OpenAccountResponse>, Status> {
         let timeout = timeout_of(&request);
         let request = request.into_inner();
         validate::open_account(request.user_id, &request.currency).map_err(invalid)?;
         let command = Command {
-            kind: Some(command::Kind::OpenAccount(OpenAccountCommand { user_id: request.user_id, currency: request.currency })),
+            kind: Some(command::Kind::OpenAccount(OpenAccountCommand {
+                user_id: request.user_id,
+                currency: request.currency,
+            })),
         };
         let mut results = self.context.propose(timeout, vec![command]).await?;
         let result = results.pop().expect("one result per command");
@@ -172,23 +193,35 @@ impl LedgerApi for LedgerService {
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
         let r = request.into_inner();
-        self.single_move(timeout, move_command(TransferKind::Deposit, r.transfer_id, 0, r.user_id, r.currency, r.amount)).await
+        self.single_move(
+            timeout,
+            move_command(TransferKind::Deposit, r.transfer_id, 0, r.user_id, r.currency, r.amount),
+        )
+        .await
     }
 
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
         let r = request.into_inner();
-        self.single_move(timeout, move_command(TransferKind::Withdraw, r.transfer_id, r.user_id, 0, r.currency, r.amount)).await
+        self.single_move(
+            timeout,
+            move_command(TransferKind::Withdraw, r.transfer_id, r.user_id, 0, r.currency, r.amount),
+        )
+        .await
     }
 
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
         let r = request.into_inner();
-        let movement = move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
+        let movement =
+            move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
         self.single_move(timeout, movement).await
     }
 
-    async fn submit_transfers(&self, request: Request<SubmitTransfersRequest>) -> Result<Response<SubmitTransfersResponse>, Status> {
+    async fn submit_transfers(
+        &self,
+        request: Request<SubmitTransfersRequest>,
+    ) -> Result<Response<SubmitTransfersResponse>, Status> {
         let timeout = timeout_of(&request);
         let items = request.into_inner().transfers;
         if items.is_empty() {
@@ -204,7 +237,8 @@ impl LedgerApi for LedgerService {
         let mut commands = Vec::with_capacity(items.len());
         let mut positions = Vec::with_capacity(items.len());
         for (position, r) in items.into_iter().enumerate() {
-            let movement = move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
+            let movement =
+                move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
             match validate::move_command(&movement) {
                 Ok(_) => {
                     commands.push(wrap(movement));
@@ -249,7 +283,10 @@ impl LedgerApi for LedgerService {
         }))
     }
 
-    async fn get_transfer(&self, request: Request<GetTransferRequest>) -> Result<Response<GetTransferResponse>, Status> {
+    async fn get_transfer(
+        &self,
+        request: Request<GetTransferRequest>,
+    ) -> Result<Response<GetTransferResponse>, Status> {
         let timeout = timeout_of(&request);
         let r = request.into_inner();
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
@@ -260,7 +297,10 @@ impl LedgerApi for LedgerService {
         Ok(Response::new(GetTransferResponse { transfer: Some(record) }))
     }
 
-    async fn list_transfers(&self, request: Request<ListTransfersRequest>) -> Result<Response<ListTransfersResponse>, Status> {
+    async fn list_transfers(
+        &self,
+        request: Request<ListTransfersRequest>,
+    ) -> Result<Response<ListTransfersResponse>, Status> {
         let timeout = timeout_of(&request);
         let r = request.into_inner();
         let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
@@ -371,13 +411,19 @@ impl RaftTransport for TransportService {
         Ok(Response::new(TransportAck {}))
     }
 
-    async fn send_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<TransportAck>, Status> {
+    async fn send_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<TransportAck>, Status> {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
         self.check_cell(first.cell_id)?;
         let mut message = self.decode(&first.message)?;
         if first.total_len > SNAPSHOT_BYTES_MAX {
-            return Err(Status::invalid_argument(format!("total_len: {} exceeds {SNAPSHOT_BYTES_MAX}", first.total_len)));
+            return Err(Status::invalid_argument(format!(
+                "total_len: {} exceeds {SNAPSHOT_BYTES_MAX}",
+                first.total_len
+            )));
         }
         let mut body = Vec::with_capacity(first.total_len as usize);
         body.extend_from_slice(&first.data);
@@ -388,7 +434,11 @@ impl RaftTransport for TransportService {
             body.extend_from_slice(&chunk.data);
         }
         if body.len() as u64 != first.total_len {
-            return Err(Status::invalid_argument(format!("data: got {} of {} snapshot bytes", body.len(), first.total_len)));
+            return Err(Status::invalid_argument(format!(
+                "data: got {} of {} snapshot bytes",
+                body.len(),
+                first.total_len
+            )));
         }
         message.mut_snapshot().data = body.into();
         self.context.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
@@ -460,13 +510,15 @@ impl ReplicaAdmin for AdminService {
 
     async fn digest(&self, _request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
         let db = self.context.db.clone();
-        let response = tokio::task::spawn_blocking(move || digest_of(&db))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let response =
+            tokio::task::spawn_blocking(move || digest_of(&db)).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(response))
     }
 
-    async fn change_membership(&self, request: Request<ChangeMembershipRequest>) -> Result<Response<ChangeMembershipResponse>, Status> {
+    async fn change_membership(
+        &self,
+        request: Request<ChangeMembershipRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
         let timeout = timeout_of(&request);
         let r = request.into_inner();
         if r.replica_id == 0 {
@@ -485,13 +537,15 @@ impl ReplicaAdmin for AdminService {
             Action::Remove => change.set_change_type(ConfChangeType::RemoveNode),
             Action::Unspecified => return Err(Status::invalid_argument("action: must be ADD_VOTER or REMOVE")),
         }
-        let conf_state = self.context.within(timeout, self.context.node.conf_change(change)).await?;
+        let (conf_state, peers) = self.context.within(timeout, self.context.node.conf_change(change)).await?;
         let applied_index = self.context.node.shared.applied_index.load(Ordering::Relaxed);
-        let peers = self.context.node.shared.peers.read().expect("peers lock").clone();
         Ok(Response::new(ChangeMembershipResponse { applied_index, peers: peer_infos(&peers, &conf_state.voters) }))
     }
 
-    async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderResponse>, Status> {
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
         let r = request.into_inner();
         self.context.node.send(Input::TransferLeader(r.replica_id)).map_err(|e| self.context.node_error(e))?;
         Ok(Response::new(TransferLeaderResponse {}))

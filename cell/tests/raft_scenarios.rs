@@ -166,7 +166,9 @@ fn describe(m: &Message) -> String {
             format!("{kind} term={} reject={}", m.term, m.reject)
         }
         MessageType::MsgHeartbeat => format!("{kind} term={} commit={}", m.term, m.commit),
-        MessageType::MsgSnapshot => format!("{kind} term={} snapshot_index={}", m.term, m.get_snapshot().get_metadata().index),
+        MessageType::MsgSnapshot => {
+            format!("{kind} term={} snapshot_index={}", m.term, m.get_snapshot().get_metadata().index)
+        }
         _ => format!("{kind} term={}", m.term),
     }
 }
@@ -178,7 +180,11 @@ struct Runner {
 impl goldenscript::Runner for Runner {
     type Command = goldenscript::Command;
 
-    fn run(&mut self, command: &goldenscript::Command, _context: &goldenscript::Context) -> Result<String, Box<dyn Error>> {
+    fn run(
+        &mut self,
+        command: &goldenscript::Command,
+        _context: &goldenscript::Context,
+    ) -> Result<String, Box<dyn Error>> {
         let mut out = String::new();
         let mut args = command.consume_args();
         let c = &mut self.cluster;
@@ -275,7 +281,11 @@ impl goldenscript::Runner for Runner {
                 c.nodes.insert(id, None);
                 let node = c.open(id);
                 let s = node.status();
-                writeln!(out, "n{id} restarted: term={} commit={} applied={} last={}", s.term, s.commit_index, s.applied_index, s.last_log_index)?;
+                writeln!(
+                    out,
+                    "n{id} restarted: term={} commit={} applied={} last={}",
+                    s.term, s.commit_index, s.applied_index, s.last_log_index
+                )?;
                 c.nodes.insert(id, Some(node));
             }
             "status" => {

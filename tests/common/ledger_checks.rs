@@ -44,7 +44,9 @@ pub fn users(n: u64) -> Vec<u64> {
 pub async fn seed(client: &CellClient, users: &[u64]) {
     for &user in users {
         let response = client
-            .ledger(|mut c| async move { c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await })
+            .ledger(|mut c| async move {
+                c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+            })
             .await
             .expect("open account");
         assert!(
@@ -69,7 +71,13 @@ pub async fn seed(client: &CellClient, users: &[u64]) {
 }
 
 /// Starts `workers` clients sending transfers until `history.stop`.
-pub fn start_load(endpoints: Vec<String>, users: Vec<u64>, workers: usize, history: Arc<History>, seed: u64) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn start_load(
+    endpoints: Vec<String>,
+    users: Vec<u64>,
+    workers: usize,
+    history: Arc<History>,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..workers)
         .map(|worker| {
             let history = history.clone();
@@ -95,10 +103,12 @@ pub fn start_load(endpoints: Vec<String>, users: Vec<u64>, workers: usize, histo
                         amount: if rng.gen_ratio(1, 50) { SEED_AMOUNT * 100 } else { rng.gen_range(1..=500) },
                     };
                     let sent = request.clone();
-                    let outcome = client.ledger(|mut c| {
-                        let request = sent.clone();
-                        async move { c.transfer(request).await }
-                    }).await;
+                    let outcome = client
+                        .ledger(|mut c| {
+                            let request = sent.clone();
+                            async move { c.transfer(request).await }
+                        })
+                        .await;
                     match outcome {
                         Ok(response) => {
                             let code = response.result.expect("a result").code;
@@ -125,7 +135,12 @@ async fn list_all(client: &CellClient, user: u64) -> Vec<TransferRecord> {
     loop {
         let page = client
             .ledger(|mut c| {
-                let request = ListTransfersRequest { user_id: user, currency: CURRENCY.into(), page_size: 1000, page_token: token.clone() };
+                let request = ListTransfersRequest {
+                    user_id: user,
+                    currency: CURRENCY.into(),
+                    page_size: 1000,
+                    page_token: token.clone(),
+                };
                 async move { c.list_transfers(request).await }
             })
             .await
@@ -188,7 +203,11 @@ pub async fn verify(cell: &Cell, users: &[u64], history: &History) {
         let mut seen = BTreeSet::new();
         let mut from_history: i128 = 0;
         for record in &records {
-            assert!(seen.insert(record.transfer_id.clone()), "transfer {} applied twice", String::from_utf8_lossy(&record.transfer_id));
+            assert!(
+                seen.insert(record.transfer_id.clone()),
+                "transfer {} applied twice",
+                String::from_utf8_lossy(&record.transfer_id)
+            );
             assert_eq!(record.result, ResultCode::Ok as i32, "history holds only applied movements");
             if record.to_user_id == user {
                 from_history += record.amount as i128;
@@ -198,17 +217,26 @@ pub async fn verify(cell: &Cell, users: &[u64], history: &History) {
             }
         }
         let account = client
-            .ledger(|mut c| async move { c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await })
+            .ledger(|mut c| async move {
+                c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+            })
             .await
             .expect("get account");
         assert_eq!(account.balance as i128, from_history, "user {user}: balance differs from its history");
-        assert_eq!(account.balance as i128, expected_balance[&user], "user {user}: balance differs from what clients were told");
+        assert_eq!(
+            account.balance as i128, expected_balance[&user],
+            "user {user}: balance differs from what clients were told"
+        );
         assert!(expected_balance[&user] >= 0);
     }
     let digests = cell.converged_digests(Duration::from_secs(30)).await;
     let first = digests.values().next().expect("a digest");
     for (id, digest) in &digests {
-        assert_eq!(digest.digest, first.digest, "replica {id} holds a different ledger at index {}", digest.applied_index);
+        assert_eq!(
+            digest.digest, first.digest,
+            "replica {id} holds a different ledger at index {}",
+            digest.applied_index
+        );
         for (currency, sum) in &digest.balance_sum_by_currency {
             assert_eq!(sum, "0", "replica {id}: balances in {currency} sum to {sum}");
         }

@@ -235,8 +235,12 @@ impl Ledger {
             };
         }
         let (debit, credit) = match valid.kind {
-            TransferKind::Deposit => (AccountId::settlement(valid.currency), AccountId::user(command.to_user_id, valid.currency)),
-            TransferKind::Withdraw => (AccountId::user(command.from_user_id, valid.currency), AccountId::settlement(valid.currency)),
+            TransferKind::Deposit => {
+                (AccountId::settlement(valid.currency), AccountId::user(command.to_user_id, valid.currency))
+            }
+            TransferKind::Withdraw => {
+                (AccountId::user(command.from_user_id, valid.currency), AccountId::settlement(valid.currency))
+            }
             _ => (
                 AccountId::user(command.from_user_id, valid.currency),
                 AccountId::user(command.to_user_id, valid.currency),
@@ -260,14 +264,31 @@ impl Ledger {
 
     /// Moves `amount` from `debit` to `credit` if both exist and the balances
     /// allow it; writes both accounts and their history entries.
-    fn post(&self, kv: &mut dyn Kv, debit: &AccountId, credit: &AccountId, amount: u64, transfer_id: &[u8]) -> (ResultCode, String) {
+    fn post(
+        &self,
+        kv: &mut dyn Kv,
+        debit: &AccountId,
+        credit: &AccountId,
+        amount: u64,
+        transfer_id: &[u8],
+    ) -> (ResultCode, String) {
         let mut debit_account = match self.existing_or_system(kv, debit) {
             Some(account) => account,
-            None => return (ResultCode::AccountNotFound, format!("no account for user {} in {}", debit.owner, debit.currency.as_str())),
+            None => {
+                return (
+                    ResultCode::AccountNotFound,
+                    format!("no account for user {} in {}", debit.owner, debit.currency.as_str()),
+                )
+            }
         };
         let mut credit_account = match self.existing_or_system(kv, credit) {
             Some(account) => account,
-            None => return (ResultCode::AccountNotFound, format!("no account for user {} in {}", credit.owner, credit.currency.as_str())),
+            None => {
+                return (
+                    ResultCode::AccountNotFound,
+                    format!("no account for user {} in {}", credit.owner, credit.currency.as_str()),
+                )
+            }
         };
         let amount = amount as i128;
         let debited = debit_account.balance.checked_sub(amount);

@@ -104,7 +104,12 @@ fn business_failures_are_result_codes_and_change_nothing() {
     assert_eq!(h.code(deposit("d2", 9, 1)), ResultCode::AccountNotFound);
     assert_eq!(h.code(movement("x", TransferKind::Transfer, 1, 2, "USD", 1)), ResultCode::AccountNotFound);
     // Only the failed transfers' records were added; no account changed.
-    let accounts = |kv: &Memory| kv.iter().filter(|(k, _)| AccountId::from_key(k).is_some()).map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+    let accounts = |kv: &Memory| {
+        kv.iter()
+            .filter(|(k, _)| AccountId::from_key(k).is_some())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(accounts(&before), accounts(&h.kv));
     // A failed id stays failed even once funds arrive.
     h.apply(deposit("d3", 1, 1000));
@@ -212,7 +217,11 @@ fn history_lists_movements_in_order() {
     h.apply(transfer("t3", 1, 2, 1000)); // fails: not in history
     let id = AccountId::user(1, Currency::parse("CNY").unwrap());
     let prefix = id.history_prefix();
-    let ids: Vec<_> = h.kv.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(_, v)| String::from_utf8(v.clone()).unwrap()).collect();
+    let ids: Vec<_> =
+        h.kv.iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .collect();
     assert_eq!(ids, vec!["d", "t1", "t2"]);
     let account = get_user_account(&h.kv, 1, Currency::parse("CNY").unwrap()).unwrap();
     assert_eq!(account.version, 3);

@@ -63,10 +63,7 @@ pub fn amount(amount: u64) -> Result<(), Invalid> {
         return Err(invalid("amount", "must be at least 1 minor unit"));
     }
     if amount > AMOUNT_MAX {
-        return Err(invalid(
-            "amount",
-            format!("{amount} exceeds {AMOUNT_MAX} (a negative number sent as unsigned?)"),
-        ));
+        return Err(invalid("amount", format!("{amount} exceeds {AMOUNT_MAX} (a negative number sent as unsigned?)")));
     }
     Ok(())
 }

@@ -10,9 +10,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
-use raft::eraftpb::{ConfChange, ConfState, Message};
+use raft::eraftpb::{ConfChange, Message};
 
-use super::node::{NodeStatus, ProposeError, RaftNode, Responder};
+use super::node::{Membership, NodeStatus, ProposeError, RaftNode, Responder};
 use super::StateMachine;
 
 /// The Raft tick; with `election_tick = 10` an election starts 1-2 s after
@@ -29,7 +29,7 @@ pub enum Input<SM: StateMachine> {
     Raft(Box<Message>),
     Propose(Vec<SM::Command>, Responder<Vec<SM::Output>>),
     Read(Responder<u64>),
-    ConfChange(ConfChange, Responder<ConfState>),
+    ConfChange(ConfChange, Responder<Membership>),
     TransferLeader(u64),
     Unreachable(u64),
     SnapshotReport { replica_id: u64, delivered: bool },
@@ -116,7 +116,7 @@ impl<SM: StateMachine> DriverHandle<SM> {
         self.ask(Input::Read).await
     }
 
-    pub async fn conf_change(&self, change: ConfChange) -> Result<ConfState, NodeError> {
+    pub async fn conf_change(&self, change: ConfChange) -> Result<Membership, NodeError> {
         self.ask(|waiter| Input::ConfChange(change, waiter)).await
     }
 
@@ -138,19 +138,25 @@ fn now_ms() -> u64 {
 }
 
 /// Starts the node thread. Returns the handle and the thread's join handle.
-pub fn spawn<SM: StateMachine>(node: RaftNode<SM>, sink: Arc<dyn MessageSink>) -> (DriverHandle<SM>, std::thread::JoinHandle<()>) {
+pub fn spawn<SM: StateMachine>(
+    node: RaftNode<SM>,
+    sink: Arc<dyn MessageSink>,
+) -> (DriverHandle<SM>, std::thread::JoinHandle<()>) {
     let (tx, rx) = bounded(INPUT_QUEUE_MAX);
     let shared = Arc::new(Shared::default());
     let handle = DriverHandle { tx, shared: shared.clone() };
     let name = format!("raft-{}", node.replica_id());
-    let thread = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || run(node, rx, sink, shared))
-        .expect("spawn raft thread");
+    let thread =
+        std::thread::Builder::new().name(name).spawn(move || run(node, rx, sink, shared)).expect("spawn raft thread");
     (handle, thread)
 }
 
-fn run<SM: StateMachine>(mut node: RaftNode<SM>, rx: Receiver<Input<SM>>, sink: Arc<dyn MessageSink>, shared: Arc<Shared>) {
+fn run<SM: StateMachine>(
+    mut node: RaftNode<SM>,
+    rx: Receiver<Input<SM>>,
+    sink: Arc<dyn MessageSink>,
+    shared: Arc<Shared>,
+) {
     sink.set_peers(node.peers());
     *shared.peers.write().expect("peers lock") = node.peers().clone();
     let mut known_peers = node.peers().clone();

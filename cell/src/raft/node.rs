@@ -48,7 +48,10 @@ impl std::fmt::Display for ProposeError {
         match self {
             ProposeError::NotLeader { leader_id } => write!(f, "not the leader (leader is replica {leader_id})"),
             ProposeError::Superseded { leader_id } => {
-                write!(f, "leadership changed before the command applied; outcome unknown (leader is replica {leader_id})")
+                write!(
+                    f,
+                    "leadership changed before the command applied; outcome unknown (leader is replica {leader_id})"
+                )
             }
             ProposeError::Dropped(why) => write!(f, "proposal dropped: {why}"),
         }
@@ -93,10 +96,19 @@ impl NodeConfig {
     }
 }
 
+/// A conf change's outcome: the new configuration and the address book.
+pub type Membership = (ConfState, BTreeMap<u64, String>);
+
+/// What applying one entry produced, for its proposer.
+enum Applied<O> {
+    Commands(Vec<O>),
+    ConfChange(ConfState),
+}
+
 /// What a proposer waits for at one log index.
 enum Pending<O> {
     Commands { term: u64, waiters: Vec<(usize, Responder<Vec<O>>)> },
-    ConfChange { term: u64, waiter: Responder<ConfState> },
+    ConfChange { term: u64, waiter: Responder<Membership> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +182,13 @@ impl<SM: StateMachine> RaftNode<SM> {
     /// Opens a replica on `db`. `bootstrap_peers` (id to address) founds a new
     /// group when the database is empty; it is ignored otherwise. A replica
     /// joining an existing group passes an empty map.
-    pub fn open(config: NodeConfig, db: Arc<DB>, sm: SM, bootstrap_peers: &BTreeMap<u64, String>, metrics: Arc<Metrics>) -> RaftNode<SM> {
+    pub fn open(
+        config: NodeConfig,
+        db: Arc<DB>,
+        sm: SM,
+        bootstrap_peers: &BTreeMap<u64, String>,
+        metrics: Arc<Metrics>,
+    ) -> RaftNode<SM> {
         let is_new = db.get(super::storage::CONF_STATE_KEY).expect("read conf state").is_none();
         if is_new && !bootstrap_peers.is_empty() {
             for (id, addr) in bootstrap_peers {
@@ -194,7 +212,8 @@ impl<SM: StateMachine> RaftNode<SM> {
             ..Default::default()
         };
         raft_config.validate().expect("valid raft config");
-        let raw = RawNode::new(&raft_config, storage, &super::raft_logger(config.replica_id)).expect("create raft node");
+        let raw =
+            RawNode::new(&raft_config, storage, &super::raft_logger(config.replica_id)).expect("create raft node");
         let peers = load_peers(&db);
         RaftNode {
             raw,
@@ -313,13 +332,20 @@ impl<SM: StateMachine> RaftNode<SM> {
         }
     }
 
-    fn propose_entry(&mut self, commands: Vec<SM::Command>, waiters: Vec<(usize, Responder<Vec<SM::Output>>)>, timestamp_ms: u64) {
+    fn propose_entry(
+        &mut self,
+        commands: Vec<SM::Command>,
+        waiters: Vec<(usize, Responder<Vec<SM::Output>>)>,
+        timestamp_ms: u64,
+    ) {
         let command_count = commands.len();
         let data = self.sm.encode_batch(commands, timestamp_ms);
         let index_before = self.raw.raft.raft_log.last_index();
         if let Err(err) = self.raw.propose(Vec::new(), data) {
             let error = match err {
-                raft::Error::ProposalDropped if !self.is_leader() => ProposeError::NotLeader { leader_id: self.leader_id() },
+                raft::Error::ProposalDropped if !self.is_leader() => {
+                    ProposeError::NotLeader { leader_id: self.leader_id() }
+                }
                 other => ProposeError::Dropped(other.to_string()),
             };
             for (_, waiter) in waiters {
@@ -337,7 +363,7 @@ impl<SM: StateMachine> RaftNode<SM> {
     }
 
     /// Adds a replica (with its address) or removes one.
-    pub fn propose_conf_change(&mut self, change: ConfChange, waiter: Responder<ConfState>) {
+    pub fn propose_conf_change(&mut self, change: ConfChange, waiter: Responder<Membership>) {
         if !self.is_leader() {
             waiter(Err(ProposeError::NotLeader { leader_id: self.leader_id() }));
             return;
@@ -455,7 +481,13 @@ impl<SM: StateMachine> RaftNode<SM> {
         let was_leader = self.role == StateRole::Leader;
         self.role = role;
         self.leader_id = leader_id;
-        tracing::info!(replica = self.config.replica_id, role = role_name(role), leader = leader_id, term = self.raw.raft.term, "role changed");
+        tracing::info!(
+            replica = self.config.replica_id,
+            role = role_name(role),
+            leader = leader_id,
+            term = self.raw.raft.term,
+            "role changed"
+        );
         if was_leader && role != StateRole::Leader {
             self.fail_all_waiters(leader_id);
         }
@@ -523,8 +555,7 @@ impl<SM: StateMachine> RaftNode<SM> {
         let last_index = last.index;
         let db = self.db.clone();
         let mut batch = ApplyBatch::new(&db);
-        let mut outputs: Vec<(u64, u64, Vec<SM::Output>)> = Vec::new();
-        let mut conf_changes: Vec<(u64, u64, ConfState)> = Vec::new();
+        let mut applied: Vec<(u64, u64, Applied<SM::Output>)> = Vec::new();
         let mut conf_state = None;
         for entry in entries {
             assert_eq!(entry.index, self.applied_index + 1, "entries must apply in order, each once");
@@ -532,16 +563,17 @@ impl<SM: StateMachine> RaftNode<SM> {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => {
                     let result = self.sm.apply(&mut batch, entry.index, &entry.data);
-                    outputs.push((entry.index, entry.term, result));
+                    applied.push((entry.index, entry.term, Applied::Commands(result)));
                 }
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .unwrap_or_else(|e| panic!("entry {} holds a corrupt conf change: {e}", entry.index));
-                    let cs = self.raw.apply_conf_change(&change).unwrap_or_else(|e| {
-                        panic!("conf change at {} could not apply: {e}", entry.index)
-                    });
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&change)
+                        .unwrap_or_else(|e| panic!("conf change at {} could not apply: {e}", entry.index));
                     self.record_peer_change(&mut batch, &change);
-                    conf_changes.push((entry.index, entry.term, cs.clone()));
+                    applied.push((entry.index, entry.term, Applied::ConfChange(cs.clone())));
                     conf_state = Some(cs);
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -552,7 +584,7 @@ impl<SM: StateMachine> RaftNode<SM> {
         }
         let hard_state = self.raw.raft.hard_state();
         self.raw.mut_store().write_apply(batch.into_write_batch(), last_index, conf_state.as_ref(), &hard_state);
-        self.deliver(outputs, conf_changes);
+        self.deliver(applied);
     }
 
     fn record_peer_change(&mut self, batch: &mut ApplyBatch, change: &ConfChange) {
@@ -573,29 +605,31 @@ impl<SM: StateMachine> RaftNode<SM> {
         }
     }
 
-    fn deliver(&mut self, outputs: Vec<(u64, u64, Vec<SM::Output>)>, conf_changes: Vec<(u64, u64, ConfState)>) {
+    /// Hands each applied entry's outputs to its proposer, in index order,
+    /// if the entry is the one it proposed (same term); fails every waiter
+    /// whose index was passed without a match.
+    fn deliver(&mut self, applied: Vec<(u64, u64, Applied<SM::Output>)>) {
         let leader_id = self.leader_id();
-        for (index, term, mut result) in outputs {
+        for (index, term, outcome) in applied {
             self.fail_pending_before(index, leader_id);
-            match self.pending.remove(&index) {
-                Some(Pending::Commands { term: proposed_term, waiters }) if proposed_term == term => {
+            let Some(pending) = self.pending.remove(&index) else { continue };
+            match (pending, outcome) {
+                (Pending::Commands { term: proposed_term, waiters }, Applied::Commands(mut outputs))
+                    if proposed_term == term =>
+                {
                     let total: usize = waiters.iter().map(|(count, _)| count).sum();
-                    assert_eq!(total, result.len(), "entry {index}: one output per proposed command");
+                    assert_eq!(total, outputs.len(), "entry {index}: one output per proposed command");
                     for (count, waiter) in waiters.into_iter().rev() {
-                        let tail = result.split_off(result.len() - count);
+                        let tail = outputs.split_off(outputs.len() - count);
                         waiter(Ok(tail));
                     }
                 }
-                Some(other) => self.fail_pending(other, leader_id),
-                None => {}
-            }
-        }
-        for (index, term, cs) in conf_changes {
-            self.fail_pending_before(index, leader_id);
-            match self.pending.remove(&index) {
-                Some(Pending::ConfChange { term: proposed_term, waiter }) if proposed_term == term => waiter(Ok(cs)),
-                Some(other) => self.fail_pending(other, leader_id),
-                None => {}
+                (Pending::ConfChange { term: proposed_term, waiter }, Applied::ConfChange(cs))
+                    if proposed_term == term =>
+                {
+                    waiter(Ok((cs, self.peers.clone())))
+                }
+                (other, _) => self.fail_pending(other, leader_id),
             }
         }
         self.fail_pending_before(self.applied_index + 1, leader_id);

@@ -93,7 +93,10 @@ fn read_u64_pair(bytes: &[u8]) -> (u64, u64) {
 
 /// The snapshot body: every peer-address key and every state machine key with
 /// its value, as length-prefixed pairs.
-pub fn encode_snapshot_body(pairs: impl Iterator<Item = (Box<[u8]>, Box<[u8]>)>) -> Vec<u8> {
+/// An owned key-value pair read from RocksDB.
+pub type OwnedPair = (Box<[u8]>, Box<[u8]>);
+
+pub fn encode_snapshot_body(pairs: impl Iterator<Item = OwnedPair>) -> Vec<u8> {
     let mut out = Vec::new();
     for (key, value) in pairs {
         out.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -104,7 +107,10 @@ pub fn encode_snapshot_body(pairs: impl Iterator<Item = (Box<[u8]>, Box<[u8]>)>)
     out
 }
 
-pub fn decode_snapshot_body(mut body: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+/// Borrowed key-value pairs of a snapshot body.
+pub type SnapshotPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, String> {
     let mut pairs = Vec::new();
     let take = |body: &mut &[u8]| -> Result<usize, String> {
         if body.len() < 4 {
@@ -305,7 +311,13 @@ impl RaftStorage {
     /// on disk is never behind the applied index). Not fsynced: the entries it
     /// applies are already durable in the log, and any later synced write
     /// makes it durable too (one WAL).
-    pub fn write_apply(&mut self, mut batch: WriteBatch, applied_index: u64, conf_state: Option<&ConfState>, hard_state: &HardState) {
+    pub fn write_apply(
+        &mut self,
+        mut batch: WriteBatch,
+        applied_index: u64,
+        conf_state: Option<&ConfState>,
+        hard_state: &HardState,
+    ) {
         assert!(hard_state.commit >= applied_index, "applied {applied_index} beyond commit {}", hard_state.commit);
         batch.put(APPLIED_INDEX_KEY, applied_index.to_be_bytes());
         if let Some(cs) = conf_state {
@@ -402,7 +414,13 @@ impl raft::Storage for RaftStorage {
         Ok(RaftState { hard_state: self.hard_state.clone(), conf_state: self.conf_state.clone() })
     }
 
-    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, _context: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
         if low <= self.truncated_index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
@@ -454,7 +472,7 @@ impl raft::Storage for RaftStorage {
             None => self.conf_state.clone(),
         };
         let term = self.term(applied)?;
-        let mut pairs: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        let mut pairs: Vec<OwnedPair> = Vec::new();
         for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
             let mut iter = view.raw_iterator();
             iter.seek(&prefix);

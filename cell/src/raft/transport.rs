@@ -61,7 +61,13 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    pub fn new(cell_id: u64, replica_id: u64, addr: String, runtime: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Arc<GrpcTransport> {
+    pub fn new(
+        cell_id: u64,
+        replica_id: u64,
+        addr: String,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+    ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             cell_id,
             replica_id,
@@ -175,7 +181,14 @@ struct Identity {
     addr: String,
 }
 
-async fn run_peer(identity: Identity, peer_id: u64, addr: String, mut rx: mpsc::Receiver<Message>, reporter: Option<Reporter>, metrics: Arc<Metrics>) {
+async fn run_peer(
+    identity: Identity,
+    peer_id: u64,
+    addr: String,
+    mut rx: mpsc::Receiver<Message>,
+    reporter: Option<Reporter>,
+    metrics: Arc<Metrics>,
+) {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
         let channel = match connect(&addr).await {
@@ -216,7 +229,13 @@ async fn run_peer(identity: Identity, peer_id: u64, addr: String, mut rx: mpsc::
             let mut encoded = Vec::with_capacity(batch.len());
             for message in batch {
                 if is_snapshot(&message) {
-                    tokio::spawn(send_snapshot(channel.clone(), identity.cell_id, message, reporter.clone(), metrics.clone()));
+                    tokio::spawn(send_snapshot(
+                        channel.clone(),
+                        identity.cell_id,
+                        message,
+                        reporter.clone(),
+                        metrics.clone(),
+                    ));
                 } else {
                     encoded.push(message.write_to_bytes().expect("encode raft message"));
                 }
@@ -240,7 +259,13 @@ async fn run_peer(identity: Identity, peer_id: u64, addr: String, mut rx: mpsc::
     }
 }
 
-async fn send_snapshot(channel: tonic::transport::Channel, cell_id: u64, mut message: Message, reporter: Option<Reporter>, metrics: Arc<Metrics>) {
+async fn send_snapshot(
+    channel: tonic::transport::Channel,
+    cell_id: u64,
+    mut message: Message,
+    reporter: Option<Reporter>,
+    metrics: Arc<Metrics>,
+) {
     let to = message.to;
     let body = std::mem::take(&mut message.mut_snapshot().data);
     let head = message.write_to_bytes().expect("encode snapshot message");
