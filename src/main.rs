@@ -172,15 +172,15 @@ fn init_logging(format: &str, default_level: &str) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Cell(_) => "info,raft=warn",
         _ => "warn",
     };
     init_logging(&cli.log_format, default_level);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let outcome = runtime.block_on(async move {
         match cli.command {
             Command::Cell(args) => run_cell(args).await,
             Command::Up(args) => up::run(args).await,
@@ -195,5 +195,18 @@ fn main() -> anyhow::Result<()> {
             Command::Admin { action } => commands::admin(action).await,
             Command::Bench(args) => bench::run(args).await,
         }
-    })
+    });
+    if let Err(error) = outcome {
+        eprintln!("error: {}", describe_error(&error));
+        std::process::exit(1);
+    }
+}
+
+/// One line for a person: a gRPC status as `CODE: message`, anything else
+/// with its chain of causes.
+fn describe_error(error: &anyhow::Error) -> String {
+    if let Some(status) = error.downcast_ref::<tonic::Status>() {
+        return format!("{:?}: {}", status.code(), status.message());
+    }
+    format!("{error:#}")
 }

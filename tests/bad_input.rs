@@ -157,3 +157,32 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let digest = cell.digest(1).await.unwrap();
     assert_eq!(digest.balance_sum_by_currency.get("CNY").map(String::as_str), Some("0"));
 }
+
+/// Stock gRPC tools can find their way: the standard health service answers
+/// SERVING and server reflection lists the services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let cell = Cell::start(1, &[]);
+    cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
+    let channel = cellbank_cell::raft::transport::connect(&cell.endpoints()[0]).await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let reply = health.check(HealthCheckRequest { service: "cellbank.v1.Ledger".into() }).await.unwrap().into_inner();
+    assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut replies = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let reply = replies.message().await.unwrap().expect("a reflection reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["cellbank.v1.Ledger", "grpc.health.v1.Health", "cellbank.cell.v1.RaftTransport", "cellbank.cell.v1.ReplicaAdmin"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+}

@@ -48,19 +48,27 @@ pub trait StateMachine: Send + 'static {
 
 /// A batch of writes on top of a RocksDB instance, with an overlay so that
 /// later commands in the batch read earlier commands' writes.
+/// Each key is written once, with its last value, however often the batch
+/// changed it (a hot account moved by many transfers in one entry).
 pub struct ApplyBatch<'a> {
     db: &'a DB,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    batch: WriteBatch,
 }
 
 impl<'a> ApplyBatch<'a> {
     pub fn new(db: &'a DB) -> ApplyBatch<'a> {
-        ApplyBatch { db, overlay: HashMap::new(), batch: WriteBatch::default() }
+        ApplyBatch { db, overlay: HashMap::new() }
     }
 
     pub fn into_write_batch(self) -> WriteBatch {
-        self.batch
+        let mut batch = WriteBatch::default();
+        for (key, value) in self.overlay {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        batch
     }
 }
 
@@ -74,12 +82,10 @@ impl Kv for ApplyBatch<'_> {
 
     fn put(&mut self, key: &[u8], value: &[u8]) {
         self.overlay.insert(key.to_vec(), Some(value.to_vec()));
-        self.batch.put(key, value);
     }
 
     fn delete(&mut self, key: &[u8]) {
         self.overlay.insert(key.to_vec(), None);
-        self.batch.delete(key);
     }
 }
 
