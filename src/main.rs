@@ -143,11 +143,24 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
 
 async fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     let config = cell_config(args)?;
+    abort_on_panic();
     let replica = cellbank_cell::server::start(config).await?;
     wait_for_signal().await;
     tracing::info!("stopping on signal");
     replica.stop().await;
     Ok(())
+}
+
+/// A replica whose Raft thread panicked (a failed write, a corrupt entry)
+/// must not keep serving: the whole process stops, loudly, and a supervisor
+/// restarts it from its durable state.
+fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("fatal: a replica thread panicked; aborting the process");
+        std::process::abort();
+    }));
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -29,7 +29,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -147,6 +147,14 @@ pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, String
     Ok(pairs)
 }
 
+/// Snapshots are built off the Raft thread: building one means reading the
+/// whole state region, which must not stall heartbeats.
+enum SnapshotBuild {
+    Idle,
+    Building,
+    Ready(Snapshot),
+}
+
 /// Raft storage backed by RocksDB, with the recent log tail cached in memory.
 pub struct RaftStorage {
     db: Arc<DB>,
@@ -158,6 +166,7 @@ pub struct RaftStorage {
     /// Contiguous entries ending at `last_index` (may be empty).
     cache: VecDeque<Entry>,
     cache_bytes: usize,
+    snapshot_build: Arc<Mutex<SnapshotBuild>>,
 }
 
 impl RaftStorage {
@@ -219,6 +228,7 @@ impl RaftStorage {
             last_index,
             cache: VecDeque::new(),
             cache_bytes: 0,
+            snapshot_build: Arc::new(Mutex::new(SnapshotBuild::Idle)),
         }
     }
 
@@ -468,39 +478,85 @@ impl raft::Storage for RaftStorage {
         Ok(self.last_index)
     }
 
-    /// Builds a snapshot of the applied state from a consistent RocksDB view.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let view = self.db.snapshot();
-        let applied = match view.get(APPLIED_INDEX_KEY).unwrap_or_else(|e| fatal("read", e)) {
-            Some(bytes) => u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
-            None => 0,
-        };
-        let conf_state = match view.get(CONF_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
-            Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
-            None => self.conf_state.clone(),
-        };
-        let term = self.term(applied)?;
-        let mut pairs: Vec<OwnedPair> = Vec::new();
-        for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
-            let mut iter = view.raw_iterator();
-            iter.seek(&prefix);
-            while iter.valid() {
-                let key = iter.key().expect("key");
-                if !key.starts_with(&prefix) {
-                    break;
+    /// Hands out the snapshot built in the background if it is still usable
+    /// (its index is not below the compacted log); otherwise starts building
+    /// one and answers "temporarily unavailable", so raft asks again later.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut build = self.snapshot_build.lock().expect("snapshot lock");
+        match &*build {
+            SnapshotBuild::Building => return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+            SnapshotBuild::Ready(snapshot) => {
+                let index = snapshot.get_metadata().index;
+                if index >= self.truncated_index && index >= request_index {
+                    return Ok(snapshot.clone());
                 }
-                pairs.push((key.into(), iter.value().expect("value").into()));
-                iter.next();
             }
-            iter.status().unwrap_or_else(|e| fatal("scan for snapshot", e));
+            SnapshotBuild::Idle => {}
         }
-        let mut snapshot = Snapshot::default();
-        snapshot.data = encode_snapshot_body(pairs.into_iter()).into();
-        let mut meta = SnapshotMetadata::default();
-        meta.index = applied;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
-        snapshot.set_metadata(meta);
-        Ok(snapshot)
+        *build = SnapshotBuild::Building;
+        let db = self.db.clone();
+        let slot = self.snapshot_build.clone();
+        std::thread::Builder::new()
+            .name("snapshot-build".into())
+            .spawn(move || {
+                let snapshot = build_snapshot(&db);
+                tracing::info!(index = snapshot.get_metadata().index, bytes = snapshot.data.len(), "built a snapshot");
+                *slot.lock().expect("snapshot lock") = SnapshotBuild::Ready(snapshot);
+            })
+            .expect("spawn snapshot builder");
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
+}
+
+fn read_u64(view: &rocksdb::SnapshotWithThreadMode<'_, DB>, key: &[u8]) -> Option<u64> {
+    view.get(key)
+        .unwrap_or_else(|e| fatal("read", e))
+        .map(|bytes| u64::from_be_bytes(bytes[..8].try_into().expect("8-byte value")))
+}
+
+/// Builds a snapshot of the applied state from one consistent RocksDB view:
+/// the applied index, the conf state and the state region are read at the
+/// same instant (they are written together by each apply batch).
+pub fn build_snapshot(db: &DB) -> Snapshot {
+    let view = db.snapshot();
+    let applied = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
+    let conf_state = match view.get(CONF_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
+        Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
+        None => ConfState::default(),
+    };
+    let (truncated_index, truncated_term) = match view.get(TRUNCATED_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
+        Some(bytes) => read_u64_pair(&bytes),
+        None => (0, 0),
+    };
+    let term = if applied == truncated_index {
+        truncated_term
+    } else {
+        let bytes = view
+            .get(log_key(applied))
+            .unwrap_or_else(|e| fatal("read", e))
+            .unwrap_or_else(|| fatal("snapshot", format!("applied entry {applied} is not in the log")));
+        Entry::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("decode entry", e)).term
+    };
+    let mut pairs: Vec<OwnedPair> = Vec::new();
+    for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
+        let mut iter = view.raw_iterator();
+        iter.seek(&prefix);
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            pairs.push((key.into(), iter.value().expect("value").into()));
+            iter.next();
+        }
+        iter.status().unwrap_or_else(|e| fatal("scan for snapshot", e));
+    }
+    let mut snapshot = Snapshot::default();
+    snapshot.data = encode_snapshot_body(pairs.into_iter()).into();
+    let mut meta = SnapshotMetadata::default();
+    meta.index = applied;
+    meta.term = term;
+    meta.set_conf_state(conf_state);
+    snapshot.set_metadata(meta);
+    snapshot
 }
