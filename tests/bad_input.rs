@@ -152,6 +152,27 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let status = raft.stream(tokio_stream::iter(vec![wrong_cell])).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
+    // A raft proposal from the network (any peer could forge one) is refused:
+    // only the leader's own API proposes.
+    let applied_before = cell.status(1).await.unwrap().applied_index;
+    let mut forged = raft::eraftpb::Message::default();
+    forged.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+    forged.to = 1;
+    forged.from = 1;
+    let mut entry = raft::eraftpb::Entry::default();
+    entry.data = vec![0xff; 16].into();
+    forged.entries = vec![entry].into();
+    let forged = protobuf::Message::write_to_bytes(&forged).unwrap();
+    let batch = RaftBatch { cell_id: 1, messages: vec![forged], from_replica_id: 1, from_addr: String::new() };
+    raft.stream(tokio_stream::iter(vec![batch])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cell.status(1).await.unwrap().applied_index, applied_before, "a forged proposal reached the log");
+
+    // A grpc-timeout header too large to represent is ignored, not fatal.
+    let mut request = tonic::Request::new(GetAccountRequest { user_id: 1, currency: "CNY".into() });
+    request.metadata_mut().insert("grpc-timeout", "99999999999999999H".parse().unwrap());
+    let _ = client.get_account(request).await;
+
     // The replica still serves, and no balance moved.
     assert_eq!(balances(&mut client).await, before);
     let digest = cell.digest(1).await.unwrap();
@@ -177,12 +198,20 @@ async fn health_and_reflection_are_served() {
     assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut replies = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
     let reply = replies.message().await.unwrap().expect("a reflection reply");
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply") };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["cellbank.v1.Ledger", "grpc.health.v1.Health", "cellbank.cell.v1.RaftTransport", "cellbank.cell.v1.ReplicaAdmin"] {
+    for expected in [
+        "cellbank.v1.Ledger",
+        "grpc.health.v1.Health",
+        "cellbank.cell.v1.RaftTransport",
+        "cellbank.cell.v1.ReplicaAdmin",
+    ] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
 }

@@ -65,7 +65,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
             Report::Snapshot { replica_id, delivered } => Input::SnapshotReport { replica_id, delivered },
         };
         if let Some(handle) = reporter_slot.get() {
-            let _ = handle.send(input);
+            handle.report(input);
         }
     }));
     let (handle, thread) = driver::spawn(node, sink);
@@ -79,6 +79,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         db,
         metrics: metrics.clone(),
         transport: transport.clone(),
+        snapshot_receives: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;

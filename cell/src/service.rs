@@ -52,6 +52,8 @@ pub struct ReplicaContext {
     pub db: Arc<DB>,
     pub metrics: Arc<Metrics>,
     pub transport: Arc<GrpcTransport>,
+    /// Bounds concurrent snapshot receives.
+    pub snapshot_receives: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReplicaContext {
@@ -124,8 +126,8 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
         "S" => Duration::from_secs(amount),
         "m" => Duration::from_millis(amount),
         "u" => Duration::from_micros(amount),
@@ -370,16 +372,17 @@ pub struct TransportService {
 }
 
 impl TransportService {
-    fn decode(&self, bytes: &[u8]) -> Result<Message, Status> {
+    /// Decodes one message; `None` for a message addressed to another
+    /// replica (a peer's stale address book), which is skipped, not fatal.
+    fn decode(&self, bytes: &[u8]) -> Result<Option<Message>, Status> {
         let message = Message::parse_from_bytes(bytes)
             .map_err(|e| Status::invalid_argument(format!("messages: not a raft message ({e})")))?;
         if message.to != self.context.replica_id {
-            return Err(Status::invalid_argument(format!(
-                "messages: addressed to replica {}, this is replica {}",
-                message.to, self.context.replica_id
-            )));
+            tracing::debug!(to = message.to, from = message.from, "skipping a raft message for another replica");
+            self.context.metrics.raft_messages_dropped_total.inc();
+            return Ok(None);
         }
-        Ok(message)
+        Ok(Some(message))
     }
 
     fn check_cell(&self, cell_id: u64) -> Result<(), Status> {
@@ -400,7 +403,7 @@ impl RaftTransport for TransportService {
         while let Some(batch) = stream.message().await? {
             self.check_cell(batch.cell_id)?;
             for bytes in &batch.messages {
-                let message = self.decode(bytes)?;
+                let Some(message) = self.decode(bytes)? else { continue };
                 if message.from == batch.from_replica_id {
                     self.context.transport.learn(batch.from_replica_id, &batch.from_addr);
                 }
@@ -415,17 +418,28 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<TransportAck>, Status> {
+        // One snapshot at a time: each may hold gigabytes.
+        let _permit = self
+            .context
+            .snapshot_receives
+            .try_acquire()
+            .map_err(|_| Status::resource_exhausted("another snapshot is being received"))?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
         self.check_cell(first.cell_id)?;
-        let mut message = self.decode(&first.message)?;
+        let mut message = self
+            .decode(&first.message)?
+            .ok_or_else(|| Status::invalid_argument("message: snapshot for another replica"))?;
+        if message.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument("message: not a MsgSnapshot"));
+        }
         if first.total_len > SNAPSHOT_BYTES_MAX {
             return Err(Status::invalid_argument(format!(
                 "total_len: {} exceeds {SNAPSHOT_BYTES_MAX}",
                 first.total_len
             )));
         }
-        let mut body = Vec::with_capacity(first.total_len as usize);
+        let mut body = Vec::new();
         body.extend_from_slice(&first.data);
         while let Some(chunk) = stream.message().await? {
             if body.len() + chunk.data.len() > first.total_len as usize {
@@ -440,6 +454,10 @@ impl RaftTransport for TransportService {
                 first.total_len
             )));
         }
+        // Decoded here, before raft accepts it: a body that cannot be
+        // installed is refused now instead of crashing the replica later.
+        crate::raft::storage::decode_snapshot_body(&body)
+            .map_err(|e| Status::invalid_argument(format!("data: {e}")))?;
         message.mut_snapshot().data = body.into();
         self.context.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(TransportAck {}))
@@ -549,5 +567,23 @@ impl ReplicaAdmin for AdminService {
         let r = request.into_inner();
         self.context.node.send(Input::TransferLeader(r.replica_id)).map_err(|e| self.context.node_error(e))?;
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_header_parses_and_never_overflows() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("99999999999999999H"), None);
+        assert_eq!(parse_grpc_timeout("9999999999999999999M"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("-5S"), None);
     }
 }

@@ -75,12 +75,15 @@ pub struct Shared {
 
 pub struct DriverHandle<SM: StateMachine> {
     tx: Sender<Input<SM>>,
+    /// Delivery reports from the transport: never dropped (raft waits for
+    /// the outcome of every snapshot it sends), drained every round.
+    reports_tx: Sender<Input<SM>>,
     pub shared: Arc<Shared>,
 }
 
 impl<SM: StateMachine> Clone for DriverHandle<SM> {
     fn clone(&self) -> Self {
-        DriverHandle { tx: self.tx.clone(), shared: self.shared.clone() }
+        DriverHandle { tx: self.tx.clone(), reports_tx: self.reports_tx.clone(), shared: self.shared.clone() }
     }
 }
 
@@ -128,6 +131,11 @@ impl<SM: StateMachine> DriverHandle<SM> {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Sends a transport report on the lossless channel.
+    pub fn report(&self, input: Input<SM>) {
+        let _ = self.reports_tx.send(input);
+    }
+
     pub fn shutdown(&self) {
         let _ = self.tx.send(Input::Shutdown);
     }
@@ -143,17 +151,21 @@ pub fn spawn<SM: StateMachine>(
     sink: Arc<dyn MessageSink>,
 ) -> (DriverHandle<SM>, std::thread::JoinHandle<()>) {
     let (tx, rx) = bounded(INPUT_QUEUE_MAX);
+    let (reports_tx, reports_rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared::default());
-    let handle = DriverHandle { tx, shared: shared.clone() };
+    let handle = DriverHandle { tx, reports_tx, shared: shared.clone() };
     let name = format!("raft-{}", node.replica_id());
-    let thread =
-        std::thread::Builder::new().name(name).spawn(move || run(node, rx, sink, shared)).expect("spawn raft thread");
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(node, rx, reports_rx, sink, shared))
+        .expect("spawn raft thread");
     (handle, thread)
 }
 
 fn run<SM: StateMachine>(
     mut node: RaftNode<SM>,
     rx: Receiver<Input<SM>>,
+    reports_rx: Receiver<Input<SM>>,
     sink: Arc<dyn MessageSink>,
     shared: Arc<Shared>,
 ) {
@@ -171,6 +183,9 @@ fn run<SM: StateMachine>(
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
+        }
+        while let Ok(report) = reports_rx.try_recv() {
+            handle_input(&mut node, report);
         }
         let mut stop = false;
         for _ in 0..INPUTS_PER_ROUND_MAX {

@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 
 /// Most commands folded into one Raft entry.
 pub const COMMANDS_PER_ENTRY_MAX: usize = 16_384;
+/// A follower more entries behind than this is not waited for by log
+/// compaction; it will catch up from a snapshot.
+pub const LAGGARD_ENTRIES_MAX: u64 = 100_000;
 /// Most reads waiting for one ReadIndex round.
 pub const READS_PER_ROUND_MAX: usize = 65_536;
 
@@ -90,8 +93,9 @@ impl NodeConfig {
             heartbeat_tick: 2,
             log_compact_threshold_entries: 10_000,
             log_retain_entries: 2_000,
-            max_size_per_msg_bytes: 4 * 1024 * 1024,
-            max_inflight_msgs: 256,
+            // At most 64 MiB of appends in flight to one follower.
+            max_size_per_msg_bytes: 1024 * 1024,
+            max_inflight_msgs: 64,
         }
     }
 }
@@ -169,9 +173,14 @@ fn load_peers(db: &DB) -> BTreeMap<u64, String> {
         if !key.starts_with(PEER_PREFIX) {
             break;
         }
-        let id = u64::from_be_bytes(key[PEER_PREFIX.len()..].try_into().expect("peer key is prefix + u64"));
-        let addr = String::from_utf8(iter.value().expect("value").to_vec()).expect("peer address is UTF-8");
-        peers.insert(id, addr);
+        let id = key[PEER_PREFIX.len()..].try_into().map(u64::from_be_bytes);
+        let addr = String::from_utf8(iter.value().expect("value").to_vec());
+        match (id, addr) {
+            (Ok(id), Ok(addr)) => {
+                peers.insert(id, addr);
+            }
+            _ => tracing::error!("skipping a malformed peer address entry {key:02x?}"),
+        }
         iter.next();
     }
     iter.status().unwrap_or_else(|e| panic!("storage failure (scan peers): {e}"));
@@ -281,6 +290,17 @@ impl<SM: StateMachine> RaftNode<SM> {
         if raft::raw_node::is_local_msg(message.get_msg_type()) {
             return Err(format!("local message type {:?} from the network", message.get_msg_type()));
         }
+        if message.get_msg_type() == MessageType::MsgPropose {
+            // Clients propose through the gRPC API on the leader; a proposal
+            // from the network would let any peer write the log.
+            return Err(format!("MsgPropose from replica {} refused", message.from));
+        }
+        let conf = self.raw.store().conf_state();
+        let initialized = !conf.voters.is_empty() || !conf.learners.is_empty();
+        let member = conf.voters.contains(&message.from) || conf.learners.contains(&message.from);
+        if initialized && !member {
+            return Err(format!("message from replica {}, which is not a member", message.from));
+        }
         self.raw.step(message).map_err(|e| e.to_string())
     }
 
@@ -316,6 +336,16 @@ impl<SM: StateMachine> RaftNode<SM> {
     /// Proposes every queued command as entries of at most
     /// [`COMMANDS_PER_ENTRY_MAX`] commands (a caller's commands never split).
     pub fn flush_proposals(&mut self, timestamp_ms: u64) {
+        if !self.is_leader() {
+            // Leadership was lost in this round (a higher term arrived after
+            // the commands were queued): nothing queued was proposed.
+            let error = ProposeError::NotLeader { leader_id: self.leader_id() };
+            self.queued_commands.clear();
+            for (_, waiter) in self.queued_waiters.drain(..) {
+                waiter(Err(error.clone()));
+            }
+            return;
+        }
         while !self.queued_waiters.is_empty() {
             let mut take_waiters = 0;
             let mut take_commands = 0;
@@ -354,7 +384,14 @@ impl<SM: StateMachine> RaftNode<SM> {
             return;
         }
         let index = self.raw.raft.raft_log.last_index();
-        assert_eq!(index, index_before + 1, "one proposal appends one entry");
+        if index != index_before + 1 || !self.is_leader() {
+            // raft-rs forwards a follower's proposal instead of appending it;
+            // cellbank does not rely on forwarding, so the caller retries.
+            for (_, waiter) in waiters {
+                waiter(Err(ProposeError::NotLeader { leader_id: self.leader_id() }));
+            }
+            return;
+        }
         self.metrics.proposals_total.inc();
         self.metrics.commands_per_entry.observe(command_count as f64);
         let term = self.raw.raft.term;
@@ -366,6 +403,10 @@ impl<SM: StateMachine> RaftNode<SM> {
     pub fn propose_conf_change(&mut self, change: ConfChange, waiter: Responder<Membership>) {
         if !self.is_leader() {
             waiter(Err(ProposeError::NotLeader { leader_id: self.leader_id() }));
+            return;
+        }
+        if self.raw.raft.has_pending_conf() {
+            waiter(Err(ProposeError::Dropped("another membership change is still being applied".into())));
             return;
         }
         let index_before = self.raw.raft.raft_log.last_index();
@@ -398,7 +439,9 @@ impl<SM: StateMachine> RaftNode<SM> {
 
     /// Starts one ReadIndex round for every queued read.
     pub fn flush_reads(&mut self) {
-        if self.reads_queued.is_empty() {
+        // raft-rs drops a ReadIndex request until the leader has committed an
+        // entry of its own term; keep reads queued until then.
+        if self.reads_queued.is_empty() || !self.is_leader() || !self.raw.raft.commit_to_current_term() {
             return;
         }
         let context = self.read_context_next;
@@ -582,8 +625,7 @@ impl<SM: StateMachine> RaftNode<SM> {
             }
             self.applied_index = entry.index;
         }
-        let hard_state = self.raw.raft.hard_state();
-        self.raw.mut_store().write_apply(batch.into_write_batch(), last_index, conf_state.as_ref(), &hard_state);
+        self.raw.mut_store().write_apply(batch.into_write_batch(), last_index, conf_state.as_ref());
         self.deliver(applied);
     }
 
@@ -662,12 +704,32 @@ impl<SM: StateMachine> RaftNode<SM> {
         if self.applied_index.saturating_sub(truncated) < self.config.log_compact_threshold_entries {
             return;
         }
-        let target = self.applied_index.saturating_sub(self.config.log_retain_entries);
+        let mut target = self.applied_index.saturating_sub(self.config.log_retain_entries);
+        if self.is_leader() {
+            target = target.min(self.slowest_active_follower(target));
+        }
         if target > truncated {
             let applied = self.applied_index;
             self.raw.mut_store().compact(target, applied);
             tracing::debug!(replica = self.config.replica_id, to = target, "compacted the log");
         }
+    }
+
+    /// The lowest index an active follower still needs from the log: its
+    /// matched index, or the index of the snapshot it is installing. A
+    /// follower further behind than [`LAGGARD_ENTRIES_MAX`] is not waited for.
+    fn slowest_active_follower(&self, target: u64) -> u64 {
+        let mut lowest = target;
+        for (id, progress) in self.raw.raft.prs().iter() {
+            if *id == self.config.replica_id || !progress.recent_active {
+                continue;
+            }
+            let needs = progress.matched.max(progress.pending_snapshot);
+            if self.applied_index.saturating_sub(needs) <= LAGGARD_ENTRIES_MAX {
+                lowest = lowest.min(needs);
+            }
+        }
+        lowest
     }
 
     pub fn status(&self) -> NodeStatus {

@@ -138,9 +138,13 @@ pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, String
         let value_len = take(&mut body)?;
         let (value, rest) = body.split_at(value_len);
         body = rest;
-        let allowed = key.first() == Some(&STATE_PREFIX) || key.starts_with(PEER_PREFIX);
-        if !allowed {
+        let is_state = key.first() == Some(&STATE_PREFIX);
+        let is_peer = key.starts_with(PEER_PREFIX) && key.len() == PEER_PREFIX.len() + 8;
+        if !is_state && !is_peer {
             return Err(format!("snapshot key outside the state region: {key:02x?}"));
+        }
+        if is_peer && std::str::from_utf8(value).is_err() {
+            return Err("snapshot peer address is not UTF-8".into());
         }
         pairs.push((key, value));
     }
@@ -325,25 +329,28 @@ impl RaftStorage {
     }
 
     /// Writes an apply batch: the state machine's changes plus the applied
-    /// index, the conf state and the current hard state (so the commit index
-    /// on disk is never behind the applied index). Not fsynced: the entries it
+    /// index and the conf state. When the applied index passes the commit
+    /// index on disk, the last persisted hard state goes in the same batch
+    /// with its commit raised to the applied index (never beyond: every
+    /// applied entry is already in the persisted log, while raft's in-memory
+    /// commit may cover entries that are not). Not fsynced: the entries it
     /// applies are already durable in the log, and any later synced write
     /// makes it durable too (one WAL).
-    pub fn write_apply(
-        &mut self,
-        mut batch: WriteBatch,
-        applied_index: u64,
-        conf_state: Option<&ConfState>,
-        hard_state: &HardState,
-    ) {
-        assert!(hard_state.commit >= applied_index, "applied {applied_index} beyond commit {}", hard_state.commit);
+    pub fn write_apply(&mut self, mut batch: WriteBatch, applied_index: u64, conf_state: Option<&ConfState>) {
+        assert!(
+            applied_index <= self.last_index,
+            "applied {applied_index} beyond the persisted log {}",
+            self.last_index
+        );
         batch.put(APPLIED_INDEX_KEY, applied_index.to_be_bytes());
         if let Some(cs) = conf_state {
             batch.put(CONF_STATE_KEY, cs.write_to_bytes().expect("encode conf state"));
             self.conf_state = cs.clone();
         }
-        batch.put(HARD_STATE_KEY, hard_state.write_to_bytes().expect("encode hard state"));
-        self.hard_state = hard_state.clone();
+        if self.hard_state.commit < applied_index {
+            self.hard_state.commit = applied_index;
+            batch.put(HARD_STATE_KEY, self.hard_state.write_to_bytes().expect("encode hard state"));
+        }
         let opts = WriteOptions::default();
         self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("apply", e));
     }
@@ -395,7 +402,10 @@ impl RaftStorage {
         batch.put(CONF_STATE_KEY, meta.get_conf_state().write_to_bytes().expect("encode"));
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
-        hs.term = hs.term.max(meta.term);
+        if meta.term > hs.term {
+            hs.term = meta.term;
+            hs.vote = 0;
+        }
         batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode"));
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -559,4 +569,93 @@ pub fn build_snapshot(db: &DB) -> Snapshot {
     meta.set_conf_state(conf_state);
     snapshot.set_metadata(meta);
     snapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut entry = Entry::default();
+        entry.index = index;
+        entry.term = term;
+        entry.data = format!("entry {index}").into_bytes().into();
+        entry
+    }
+
+    #[test]
+    fn founding_starts_past_the_bootstrap_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = RaftStorage::open(open_db(dir.path()), &[1, 2, 3]);
+        assert_eq!(storage.first_index().unwrap(), BOOTSTRAP_INDEX + 1);
+        assert_eq!(storage.last_index().unwrap(), BOOTSTRAP_INDEX);
+        assert_eq!(storage.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM);
+        assert_eq!(storage.applied_index(), BOOTSTRAP_INDEX);
+        assert_eq!(storage.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
+        assert!(matches!(
+            storage.entries(1, 6, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+    }
+
+    /// The commit index on disk never passes the persisted log, even when
+    /// raft's in-memory commit does, so a restart always finds
+    /// `commit <= last_index` and `applied <= commit`.
+    #[test]
+    fn apply_raises_commit_only_to_the_applied_index() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut storage = RaftStorage::open(open_db(dir.path()), &[1]);
+            let mut hs = storage.hard_state().clone();
+            hs.term = 6;
+            storage.append(&[entry(6, 6), entry(7, 6), entry(8, 6)], Some(&hs), true);
+            storage.write_apply(WriteBatch::default(), 7, None);
+        }
+        let storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let state = storage.initial_state().unwrap();
+        assert_eq!(state.hard_state.commit, 7);
+        assert_eq!(state.hard_state.term, 6);
+        assert_eq!(storage.applied_index(), 7);
+        assert_eq!(storage.last_index().unwrap(), 8);
+    }
+
+    #[test]
+    fn conflicting_append_truncates_the_tail_and_compaction_keeps_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        storage.append(&[entry(6, 6), entry(7, 6), entry(8, 6)], None, true);
+        storage.append(&[entry(7, 7)], None, true);
+        assert_eq!(storage.last_index().unwrap(), 7);
+        assert_eq!(storage.term(7).unwrap(), 7);
+        storage.write_apply(WriteBatch::default(), 7, None);
+        storage.compact(6, 7);
+        assert_eq!(storage.first_index().unwrap(), 7);
+        assert_eq!(storage.term(6).unwrap(), 6);
+        drop(storage);
+        let storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        assert_eq!((storage.first_index().unwrap(), storage.last_index().unwrap()), (7, 7));
+        assert_eq!(storage.entries(7, 8, None, GetEntriesContext::empty(false)).unwrap()[0].term, 7);
+    }
+
+    #[test]
+    fn snapshot_bodies_round_trip_and_reject_foreign_keys() {
+        let pairs: Vec<OwnedPair> = vec![
+            (peer_key(2).into_boxed_slice(), b"127.0.0.1:1".to_vec().into_boxed_slice()),
+            (vec![STATE_PREFIX, 1].into_boxed_slice(), vec![9; 3].into_boxed_slice()),
+        ];
+        let body = encode_snapshot_body(pairs.clone().into_iter());
+        let decoded = decode_snapshot_body(&body).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[1].1, &[9, 9, 9]);
+        let foreign = encode_snapshot_body(
+            vec![(HARD_STATE_KEY.to_vec().into_boxed_slice(), vec![1].into_boxed_slice())].into_iter(),
+        );
+        assert!(decode_snapshot_body(&foreign).is_err());
+        assert!(decode_snapshot_body(&body[..body.len() - 1]).is_err());
+        let bad_peer = encode_snapshot_body(
+            vec![(PEER_PREFIX.to_vec().into_boxed_slice(), vec![1].into_boxed_slice())].into_iter(),
+        );
+        assert!(decode_snapshot_body(&bad_peer).is_err());
+    }
 }

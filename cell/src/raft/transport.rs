@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 pub const PEER_QUEUE_MAX: usize = 8_192;
 /// Messages per batch on the stream.
 pub const MESSAGES_PER_BATCH_MAX: usize = 256;
+/// Encoded bytes per batch on the stream (well under the gRPC limit).
+pub const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest snapshot a replica accepts.
 pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
@@ -114,20 +116,27 @@ impl GrpcTransport {
 impl MessageSink for GrpcTransport {
     fn send(&self, messages: Vec<Message>) {
         let peers = self.peers.lock().expect("peers lock");
-        let mut unreachable = Vec::new();
+        let mut reports = Vec::new();
         for message in messages {
             let to = message.to;
+            let snapshot = is_snapshot(&message);
             let delivered = peers.get(&to).map(|peer| peer.tx.try_send(message).is_ok()).unwrap_or(false);
             if !delivered {
                 self.metrics.raft_messages_dropped_total.inc();
-                if !unreachable.contains(&to) {
-                    unreachable.push(to);
+                // Raft waits for the outcome of every snapshot it sends.
+                let report = if snapshot {
+                    Report::Snapshot { replica_id: to, delivered: false }
+                } else {
+                    Report::Unreachable(to)
+                };
+                if !reports.contains(&report) {
+                    reports.push(report);
                 }
             }
         }
         drop(peers);
-        for to in unreachable {
-            self.report(Report::Unreachable(to));
+        for report in reports {
+            self.report(report);
         }
     }
 
@@ -196,8 +205,11 @@ async fn run_peer(
             Err(_) => {
                 // Drop what queued up while the peer was down: raft resends.
                 let mut dropped = 0;
-                while rx.try_recv().is_ok() {
+                while let Ok(message) = rx.try_recv() {
                     dropped += 1;
+                    if is_snapshot(&message) {
+                        report(&reporter, Report::Snapshot { replica_id: peer_id, delivered: false });
+                    }
                 }
                 if dropped > 0 {
                     metrics.raft_messages_dropped_total.inc_by(dropped);
@@ -219,25 +231,21 @@ async fn run_peer(
                 call.abort();
                 return;
             };
-            let mut batch = vec![first];
-            while batch.len() < MESSAGES_PER_BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(message) => batch.push(message),
-                    Err(_) => break,
-                }
-            }
-            let mut encoded = Vec::with_capacity(batch.len());
-            for message in batch {
+            let mut encoded = Vec::new();
+            let mut encoded_bytes = 0;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
                 if is_snapshot(&message) {
-                    tokio::spawn(send_snapshot(
-                        channel.clone(),
-                        identity.cell_id,
-                        message,
-                        reporter.clone(),
-                        metrics.clone(),
-                    ));
+                    let snapshot =
+                        send_snapshot(channel.clone(), identity.cell_id, message, reporter.clone(), metrics.clone());
+                    tokio::spawn(snapshot);
                 } else {
-                    encoded.push(message.write_to_bytes().expect("encode raft message"));
+                    let bytes = message.write_to_bytes().expect("encode raft message");
+                    encoded_bytes += bytes.len();
+                    encoded.push(bytes);
+                }
+                if encoded.len() < MESSAGES_PER_BATCH_MAX && encoded_bytes < BATCH_BYTES_MAX {
+                    next = rx.try_recv().ok();
                 }
             }
             if encoded.is_empty() {
