@@ -159,8 +159,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     forged.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
     forged.to = 1;
     forged.from = 1;
-    let mut entry = raft::eraftpb::Entry::default();
-    entry.data = vec![0xff; 16].into();
+    let entry = raft::eraftpb::Entry { data: vec![0xff; 16].into(), ..Default::default() };
     forged.entries = vec![entry].into();
     let forged = protobuf::Message::write_to_bytes(&forged).unwrap();
     let batch = RaftBatch { cell_id: 1, messages: vec![forged], from_replica_id: 1, from_addr: String::new() };
