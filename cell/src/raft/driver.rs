@@ -22,6 +22,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub const INPUT_QUEUE_MAX: usize = 65_536;
 /// Inputs handled per loop round before the node persists and applies.
 pub const INPUTS_PER_ROUND_MAX: usize = 16_384;
+/// Ticks made up in one round after the loop was held up.
+const TICKS_CATCH_UP_MAX: usize = 5;
 /// Ready rounds per loop iteration.
 const READY_ROUNDS_MAX: usize = 8;
 
@@ -202,13 +204,17 @@ fn run<SM: StateMachine>(
         if stop {
             break;
         }
+        // Logical time follows the wall clock: ticks missed while the loop
+        // was busy are made up (a few at most, then time is re-anchored).
         let now = Instant::now();
-        if now >= next_tick {
+        let mut ticks = 0;
+        while now >= next_tick && ticks < TICKS_CATCH_UP_MAX {
             node.tick();
             next_tick += TICK;
-            if next_tick < now {
-                next_tick = now + TICK;
-            }
+            ticks += 1;
+        }
+        if now >= next_tick {
+            next_tick = now + TICK;
         }
         node.flush_proposals(now_ms());
         node.flush_reads();
