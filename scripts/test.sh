@@ -10,4 +10,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # One test at a time: the end-to-end tests time elections on a two-core machine.
-cargo test --workspace -- --test-threads=1
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace -- --test-threads=1 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "all tests: %d passed, %d failed\n", p, f; if (p == 0) exit 1 }' "$log"
