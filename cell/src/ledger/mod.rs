@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use cellbank_proto::cell::{command, Command, CommandBatch, MoveCommand, OpenAccountCommand};
 use cellbank_proto::v1::{ResultCode, TransferKind, TransferRecord, TransferResult};
 use prost::Message;
+use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
 
 use crate::raft::storage::STATE_PREFIX;
@@ -182,17 +183,54 @@ fn first_differing_field(recorded: &TransferRecord, command: &MoveCommand) -> Op
     None
 }
 
+/// Most accounts kept in the in-memory account table; past this the table
+/// is emptied and refills from RocksDB as accounts are touched.
+pub const ACCOUNT_CACHE_ENTRIES_MAX: usize = 1_000_000;
+
 /// The ledger state machine.
+///
+/// It keeps a write-through copy of the accounts it has touched, so that
+/// apply reads balances from memory; RocksDB stays the source of truth. The
+/// copy changes only through apply (deterministically) and is dropped
+/// whenever the state is replaced by a snapshot ([`StateMachine::restored`]).
 #[derive(Default)]
-pub struct Ledger {}
+pub struct Ledger {
+    accounts: FxHashMap<AccountId, Account>,
+}
 
 impl Ledger {
     pub fn new() -> Ledger {
-        Ledger {}
+        Ledger { accounts: FxHashMap::default() }
+    }
+
+    fn account(&mut self, kv: &dyn Kv, id: &AccountId) -> Option<Account> {
+        if let Some(account) = self.accounts.get(id) {
+            return Some(*account);
+        }
+        let account = read_account(kv, id)?;
+        if self.accounts.len() >= ACCOUNT_CACHE_ENTRIES_MAX {
+            self.accounts.clear();
+        }
+        self.accounts.insert(*id, account);
+        Some(account)
+    }
+
+    fn store_account(&mut self, kv: &mut dyn Kv, id: &AccountId, account: &Account) {
+        write_account(kv, id, account);
+        if self.accounts.len() >= ACCOUNT_CACHE_ENTRIES_MAX {
+            self.accounts.clear();
+        }
+        self.accounts.insert(*id, *account);
     }
 
     /// Applies one command; the result is what the proposer hears.
-    pub fn apply_command(&self, kv: &mut dyn Kv, index: u64, timestamp_ms: u64, command: &Command) -> TransferResult {
+    pub fn apply_command(
+        &mut self,
+        kv: &mut dyn Kv,
+        index: u64,
+        timestamp_ms: u64,
+        command: &Command,
+    ) -> TransferResult {
         match &command.kind {
             Some(command::Kind::OpenAccount(open)) => self.open_account(kv, index, open),
             Some(command::Kind::Move(movement)) => self.apply_move(kv, index, timestamp_ms, movement),
@@ -200,20 +238,20 @@ impl Ledger {
         }
     }
 
-    fn open_account(&self, kv: &mut dyn Kv, index: u64, open: &OpenAccountCommand) -> TransferResult {
+    fn open_account(&mut self, kv: &mut dyn Kv, index: u64, open: &OpenAccountCommand) -> TransferResult {
         let currency = match validate::open_account(open.user_id, &open.currency) {
             Ok(currency) => currency,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
         let id = AccountId::user(open.user_id, currency);
-        if read_account(kv, &id).is_some() {
+        if self.account(kv, &id).is_some() {
             return result(ResultCode::AccountAlreadyExists, index);
         }
-        write_account(kv, &id, &Account::default());
+        self.store_account(kv, &id, &Account::default());
         result(ResultCode::Ok, index)
     }
 
-    fn apply_move(&self, kv: &mut dyn Kv, index: u64, timestamp_ms: u64, command: &MoveCommand) -> TransferResult {
+    fn apply_move(&mut self, kv: &mut dyn Kv, index: u64, timestamp_ms: u64, command: &MoveCommand) -> TransferResult {
         let valid = match validate::move_command(command) {
             Ok(valid) => valid,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
@@ -265,7 +303,7 @@ impl Ledger {
     /// Moves `amount` from `debit` to `credit` if both exist and the balances
     /// allow it; writes both accounts and their history entries.
     fn post(
-        &self,
+        &mut self,
         kv: &mut dyn Kv,
         debit: &AccountId,
         credit: &AccountId,
@@ -314,13 +352,13 @@ impl Ledger {
                 kv.put(&id.history_key(account.version), transfer_id);
             }
             account.version += 1;
-            write_account(kv, id, account);
+            self.store_account(kv, id, account);
         }
         (ResultCode::Ok, String::new())
     }
 
-    fn existing_or_system(&self, kv: &dyn Kv, id: &AccountId) -> Option<Account> {
-        match (read_account(kv, id), id.kind) {
+    fn existing_or_system(&mut self, kv: &dyn Kv, id: &AccountId) -> Option<Account> {
+        match (self.account(kv, id), id.kind) {
             (Some(account), _) => Some(account),
             (None, AccountKind::Settlement) => Some(Account::default()),
             (None, AccountKind::User) => None,
@@ -372,6 +410,10 @@ impl StateMachine for Ledger {
 
     fn encode_batch(&self, commands: Vec<Command>, timestamp_ms: u64) -> Vec<u8> {
         CommandBatch { timestamp_ms, commands }.encode_to_vec()
+    }
+
+    fn restored(&mut self) {
+        self.accounts.clear();
     }
 
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TransferResult> {

@@ -593,6 +593,7 @@ impl<SM: StateMachine> RaftNode<SM> {
             panic!("cannot install snapshot at {index}: {err}");
         }
         self.applied_index = index;
+        self.sm.restored();
         self.peers = load_peers(&self.db);
         self.snapshots_installed += 1;
         self.metrics.snapshots_installed_total.inc();
