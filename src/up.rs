@@ -152,8 +152,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let endpoints: Vec<String> = processes.iter().map(|p| p.endpoint.clone()).collect();
     println!("logs:      <data>/cell-N/replica-N/replica.log");
-    println!("try:       cellbank account open --user 1 && cellbank deposit --user 1 --amount 10000");
-    println!("           cellbank status      (CELLBANK_ENDPOINTS={})", endpoints.join(","));
+    let exe = std::env::current_exe()?;
+    let exe = exe.display();
+    println!("try:       {exe} account open --user 1");
+    println!("           {exe} deposit --user 1 --amount 10000");
+    println!("           {exe} status      (replicas: {})", endpoints.join(","));
     println!("Ctrl-C stops the cluster.");
     let client = CellClient::new(endpoints);
     let stop = crate::wait_for_signal();
