@@ -11,12 +11,42 @@ use std::time::Duration;
 use common::ledger_checks::{self, History};
 use common::Cell;
 
+/// A write sent straight to a follower is refused as UNAVAILABLE with the
+/// leader's address in metadata, and changes nothing.
+async fn follower_redirects_to_the_leader(cell: &Cell) {
+    let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(5), 0).await.expect("leader");
+    let follower = *cell.running().iter().find(|id| **id != leader).expect("a follower");
+    let channel = cellbank_cell::raft::transport::connect(&cell.replicas[&follower].addr).await.unwrap();
+    let mut client = cellbank_proto::v1::ledger_client::LedgerClient::new(channel);
+    let request = cellbank_proto::v1::TransferRequest {
+        transfer_id: b"to-a-follower".to_vec(),
+        from_user_id: 1,
+        to_user_id: 2,
+        currency: "CNY".into(),
+        amount: 1,
+    };
+    let status = client.transfer(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let hinted = status.metadata().get(cellbank_proto::LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok());
+    assert_eq!(hinted, Some(cell.replicas[&leader].addr.as_str()));
+    let lookup = cellbank_proto::v1::GetTransferRequest { transfer_id: b"to-a-follower".to_vec() };
+    let reader = cell.client();
+    let missing = reader
+        .ledger(|mut c| {
+            let lookup = lookup.clone();
+            async move { c.get_transfer(lookup).await }
+        })
+        .await;
+    assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_then_whole_cell_kill() {
     let mut cell = Cell::start(3, &[]);
     let (_, _, _) = cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a first leader");
     let users = ledger_checks::users(20);
     ledger_checks::seed(&cell.client(), &users).await;
+    follower_redirects_to_the_leader(&cell).await;
 
     let history = Arc::new(History::default());
     let load = ledger_checks::start_load(cell.endpoints(), users.clone(), 8, history.clone(), 7);
