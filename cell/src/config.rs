@@ -34,6 +34,7 @@ pub struct RaftTuning {
     pub heartbeat_tick: usize,
     pub log_compact_threshold_entries: u64,
     pub log_retain_entries: u64,
+    pub log_compact_threshold_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -43,6 +44,7 @@ impl Default for RaftTuning {
             heartbeat_tick: 2,
             log_compact_threshold_entries: 10_000,
             log_retain_entries: 2_000,
+            log_compact_threshold_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -46,6 +46,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     node_config.max_election_tick = config.raft.election_tick * 3 / 2;
     node_config.log_compact_threshold_entries = config.raft.log_compact_threshold_entries;
     node_config.log_retain_entries = config.raft.log_retain_entries;
+    node_config.log_compact_threshold_bytes = config.raft.log_compact_threshold_bytes;
     let node = RaftNode::open(node_config, db.clone(), Ledger::new(), &config.peers, metrics.clone());
     let transport = GrpcTransport::new(
         config.cell_id,

@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub log_compact_threshold_entries: u64,
     /// ...keeping this many applied entries for slow followers.
     pub log_retain_entries: u64,
+    /// Compact the log once it holds this many bytes, down to half of it.
+    pub log_compact_threshold_bytes: u64,
     pub max_size_per_msg_bytes: u64,
     pub max_inflight_msgs: usize,
 }
@@ -93,6 +95,7 @@ impl NodeConfig {
             heartbeat_tick: 2,
             log_compact_threshold_entries: 10_000,
             log_retain_entries: 2_000,
+            log_compact_threshold_bytes: 64 * 1024 * 1024,
             // At most 64 MiB of appends in flight to one follower.
             max_size_per_msg_bytes: 1024 * 1024,
             max_inflight_msgs: 64,
@@ -706,15 +709,27 @@ impl<SM: StateMachine> RaftNode<SM> {
         }
     }
 
+    /// Compacts the log when it holds too many entries or too many bytes,
+    /// never past the applied index, and (on the leader) not past what an
+    /// active follower still needs unless the log has grown far too large.
     fn maybe_compact(&mut self) {
-        let truncated = self.raw.store().truncated_index();
-        if self.applied_index.saturating_sub(truncated) < self.config.log_compact_threshold_entries {
+        let store = self.raw.store();
+        let truncated = store.truncated_index();
+        let log_bytes = store.log_bytes();
+        let over_entries = self.applied_index.saturating_sub(truncated) >= self.config.log_compact_threshold_entries;
+        let over_bytes = log_bytes >= self.config.log_compact_threshold_bytes;
+        if !over_entries && !over_bytes {
             return;
         }
         let mut target = self.applied_index.saturating_sub(self.config.log_retain_entries);
-        if self.is_leader() {
+        if over_bytes {
+            target = target.max(store.compaction_index_for_bytes(self.config.log_compact_threshold_bytes / 2));
+        }
+        let far_too_large = log_bytes >= self.config.log_compact_threshold_bytes.saturating_mul(4);
+        if self.is_leader() && !far_too_large {
             target = target.min(self.slowest_active_follower(target));
         }
+        let target = target.min(self.applied_index);
         if target > truncated {
             let applied = self.applied_index;
             self.raw.mut_store().compact(target, applied);

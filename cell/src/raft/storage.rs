@@ -175,6 +175,10 @@ pub struct RaftStorage {
     /// Contiguous entries ending at `last_index` (may be empty).
     cache: VecDeque<Entry>,
     cache_bytes: usize,
+    /// Encoded size of every entry in `first_index..=last_index`, in order,
+    /// so the log can be compacted by bytes as well as by count.
+    entry_sizes: VecDeque<(u64, u64)>,
+    log_bytes: u64,
     snapshot_build: Arc<Mutex<SnapshotBuild>>,
 }
 
@@ -228,6 +232,23 @@ impl RaftStorage {
         iter.status().unwrap_or_else(|e| fatal("scan log", e));
         drop(iter);
         assert!(last_index >= truncated_index, "log ends before the truncation point");
+        let mut entry_sizes = VecDeque::new();
+        let mut log_bytes = 0;
+        let mut iter = db.raw_iterator();
+        iter.seek(log_key(truncated_index + 1));
+        while iter.valid() {
+            let key = iter.key().expect("valid iterator has a key");
+            if key[0] != LOG_PREFIX {
+                break;
+            }
+            let index = u64::from_be_bytes(key[1..9].try_into().expect("9-byte log key"));
+            let size = iter.value().expect("value").len() as u64;
+            entry_sizes.push_back((index, size));
+            log_bytes += size;
+            iter.next();
+        }
+        iter.status().unwrap_or_else(|e| fatal("scan log", e));
+        drop(iter);
         RaftStorage {
             db,
             hard_state,
@@ -237,6 +258,8 @@ impl RaftStorage {
             last_index,
             cache: VecDeque::new(),
             cache_bytes: 0,
+            entry_sizes,
+            log_bytes,
             snapshot_build: Arc::new(Mutex::new(SnapshotBuild::Idle)),
         }
     }
@@ -304,8 +327,43 @@ impl RaftStorage {
         }
         if let Some(first) = entries.first() {
             self.cache_append(first.index, entries);
+            self.sizes_append(first.index, entries);
             self.last_index = entries.last().expect("non-empty").index;
         }
+    }
+
+    fn sizes_append(&mut self, first_index: u64, entries: &[Entry]) {
+        while let Some(&(index, size)) = self.entry_sizes.back() {
+            if index < first_index {
+                break;
+            }
+            self.log_bytes -= size;
+            self.entry_sizes.pop_back();
+        }
+        for entry in entries {
+            let size = entry.compute_size() as u64;
+            self.entry_sizes.push_back((entry.index, size));
+            self.log_bytes += size;
+        }
+    }
+
+    /// Bytes of log entries held (after the truncation point).
+    pub fn log_bytes(&self) -> u64 {
+        self.log_bytes
+    }
+
+    /// The lowest compaction index that leaves at most `bytes_max` of log.
+    pub fn compaction_index_for_bytes(&self, bytes_max: u64) -> u64 {
+        let mut remaining = self.log_bytes;
+        let mut index = self.truncated_index;
+        for &(entry_index, size) in &self.entry_sizes {
+            if remaining <= bytes_max {
+                break;
+            }
+            remaining -= size;
+            index = entry_index;
+        }
+        index
     }
 
     fn cache_append(&mut self, first_index: u64, entries: &[Entry]) {
@@ -376,6 +434,13 @@ impl RaftStorage {
         self.db.write_opt(batch, &WriteOptions::default()).unwrap_or_else(|e| fatal("compact", e));
         self.truncated_index = index;
         self.truncated_term = term;
+        while let Some(&(entry_index, size)) = self.entry_sizes.front() {
+            if entry_index > index {
+                break;
+            }
+            self.log_bytes -= size;
+            self.entry_sizes.pop_front();
+        }
         while let Some(front) = self.cache.front() {
             if front.index <= index {
                 self.cache_bytes -= front.compute_size() as usize;
@@ -422,6 +487,8 @@ impl RaftStorage {
         self.last_index = meta.index;
         self.cache.clear();
         self.cache_bytes = 0;
+        self.entry_sizes.clear();
+        self.log_bytes = 0;
         Ok(())
     }
 
@@ -585,7 +652,7 @@ mod tests {
         let mut entry = Entry::default();
         entry.index = index;
         entry.term = term;
-        entry.data = format!("entry {index}").into_bytes().into();
+        entry.data = format!("entry {index:08}").into_bytes().into();
         entry
     }
 
@@ -641,6 +708,27 @@ mod tests {
         let storage = RaftStorage::open(open_db(dir.path()), &[1]);
         assert_eq!((storage.first_index().unwrap(), storage.last_index().unwrap()), (7, 7));
         assert_eq!(storage.entries(7, 8, None, GetEntriesContext::empty(false)).unwrap()[0].term, 7);
+    }
+
+    #[test]
+    fn log_bytes_are_counted_through_appends_conflicts_compaction_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let entries: Vec<Entry> = (6..=15).map(|i| entry(i, 6)).collect();
+        let size = entries[0].compute_size() as u64;
+        storage.append(&entries, None, true);
+        assert_eq!(storage.log_bytes(), 10 * size);
+        storage.append(&[entry(14, 7)], None, true);
+        assert_eq!(storage.log_bytes(), 9 * size);
+        // Keeping at most 4 entries' worth means compacting through index 10.
+        assert_eq!(storage.compaction_index_for_bytes(4 * size), 10);
+        storage.write_apply(WriteBatch::default(), 14, None);
+        storage.compact(10, 14);
+        assert_eq!(storage.log_bytes(), 4 * size);
+        drop(storage);
+        let storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        assert_eq!(storage.log_bytes(), 4 * size);
+        assert_eq!(storage.compaction_index_for_bytes(u64::MAX), 10);
     }
 
     #[test]
