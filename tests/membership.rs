@@ -1,7 +1,8 @@
 //! Replacing a replica through Raft conf changes, with real processes: a new
 //! replica joins (initialized by a snapshot, since a founded cell's log
-//! starts past its founding), then an old one is removed. The cell keeps
-//! serving and the remaining replicas agree.
+//! starts past its founding), then an old one is removed, then another
+//! replica joins after the membership changed. The cell keeps serving under
+//! load throughout and the replicas agree.
 
 mod common;
 
@@ -13,6 +14,37 @@ use cellbank_proto::cell::ChangeMembershipRequest;
 use common::ledger_checks::{self, History};
 use common::Cell;
 
+/// Starts replica `id`, adds it through the leader, and waits until it has
+/// been initialized by a snapshot and caught up.
+async fn add_and_catch_up(cell: &mut Cell, leader: u64, id: u64) {
+    let addr = cell.add_joiner(id, &[]);
+    let mut admin = cell.admin(leader).await.expect("leader admin");
+    let added = admin
+        .change_membership(ChangeMembershipRequest {
+            action: Action::AddVoter as i32,
+            replica_id: id,
+            addr: addr.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("add replica {id}: {e}"))
+        .into_inner();
+    assert!(added.peers.iter().any(|p| p.replica_id == id && p.voter && p.addr == addr), "{added:?}");
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let joined = cell.status(id).await;
+        let lead = cell.status(leader).await.expect("leader status");
+        if let Some(status) = joined {
+            if status.role == "follower" && status.applied_index + 50 >= lead.applied_index && status.applied_index > 5
+            {
+                assert!(status.snapshots_installed >= 1, "a joiner is initialized by a snapshot");
+                return;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "replica {id} never caught up");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_a_replica() {
     let mut cell = Cell::start(3, &[]);
@@ -22,32 +54,8 @@ async fn replace_a_replica() {
     let history = Arc::new(History::default());
     let load = ledger_checks::start_load(cell.endpoints(), users.clone(), 4, history.clone(), 3);
 
-    let addr = cell.add_joiner(4, &[]);
+    add_and_catch_up(&mut cell, leader, 4).await;
     let mut admin = cell.admin(leader).await.expect("leader admin");
-    let added = admin
-        .change_membership(ChangeMembershipRequest {
-            action: Action::AddVoter as i32,
-            replica_id: 4,
-            addr: addr.clone(),
-        })
-        .await
-        .expect("add replica 4")
-        .into_inner();
-    assert!(added.peers.iter().any(|p| p.replica_id == 4 && p.voter && p.addr == addr), "{added:?}");
-    let started = std::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let joined = cell.status(4).await;
-        let lead = cell.status(leader).await.expect("leader status");
-        if let Some(status) = joined {
-            if status.role == "follower" && status.applied_index + 50 >= lead.applied_index && status.applied_index > 5
-            {
-                assert!(status.snapshots_installed >= 1, "a joiner is initialized by a snapshot");
-                break;
-            }
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "replica 4 never caught up");
-    }
 
     // Remove a founder that is not the leader, then stop its process.
     let removed = *cell.running().iter().find(|id| **id != leader && **id != 4).expect("a follower");
@@ -62,12 +70,15 @@ async fn replace_a_replica() {
         .into_inner();
     assert!(!response.peers.iter().any(|p| p.replica_id == removed), "{response:?}");
     cell.kill(removed);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // A second joiner after the membership changed: it must get a snapshot
+    // whose configuration names it (not one cached before the changes).
+    add_and_catch_up(&mut cell, leader, 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     ledger_checks::stop_load(&history, load).await;
     let status = cell.status(leader).await.expect("leader status");
     let mut voters: Vec<u64> = status.peers.iter().filter(|p| p.voter).map(|p| p.replica_id).collect();
     voters.sort();
-    let mut expected: Vec<u64> = vec![1, 2, 3, 4].into_iter().filter(|id| *id != removed).collect();
+    let mut expected: Vec<u64> = vec![1, 2, 3, 4, 5].into_iter().filter(|id| *id != removed).collect();
     expected.sort();
     assert_eq!(voters, expected);
     ledger_checks::verify(&cell, &users, &history).await;

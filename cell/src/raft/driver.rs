@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
 use raft::eraftpb::{ConfChange, Message};
 
 use super::node::{Membership, NodeStatus, ProposeError, RaftNode, Responder};
@@ -20,6 +20,11 @@ use super::StateMachine;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Inputs waiting for the node thread; beyond this, callers hear "overloaded".
 pub const INPUT_QUEUE_MAX: usize = 65_536;
+/// Peer messages waiting for the node thread; beyond this they are dropped
+/// (raft retransmits).
+pub const RAFT_QUEUE_MAX: usize = 65_536;
+/// Peer messages handled per loop round.
+pub const RAFT_MESSAGES_PER_ROUND_MAX: usize = 65_536;
 /// Inputs handled per loop round before the node persists and applies.
 pub const INPUTS_PER_ROUND_MAX: usize = 16_384;
 /// Ticks made up in one round after the loop was held up.
@@ -77,6 +82,8 @@ pub struct Shared {
 
 pub struct DriverHandle<SM: StateMachine> {
     tx: Sender<Input<SM>>,
+    /// Messages from peers, on their own queue (see [`Queues`]).
+    raft_tx: Sender<Input<SM>>,
     /// Delivery reports from the transport: never dropped (raft waits for
     /// the outcome of every snapshot it sends), drained every round.
     reports_tx: Sender<Input<SM>>,
@@ -85,13 +92,19 @@ pub struct DriverHandle<SM: StateMachine> {
 
 impl<SM: StateMachine> Clone for DriverHandle<SM> {
     fn clone(&self) -> Self {
-        DriverHandle { tx: self.tx.clone(), reports_tx: self.reports_tx.clone(), shared: self.shared.clone() }
+        DriverHandle {
+            tx: self.tx.clone(),
+            raft_tx: self.raft_tx.clone(),
+            reports_tx: self.reports_tx.clone(),
+            shared: self.shared.clone(),
+        }
     }
 }
 
 impl<SM: StateMachine> DriverHandle<SM> {
     pub fn send(&self, input: Input<SM>) -> Result<(), NodeError> {
-        match self.tx.try_send(input) {
+        let queue = if matches!(input, Input::Raft(_)) { &self.raft_tx } else { &self.tx };
+        match queue.try_send(input) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(NodeError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(NodeError::Stopped),
@@ -153,55 +166,74 @@ pub fn spawn<SM: StateMachine>(
     sink: Arc<dyn MessageSink>,
 ) -> (DriverHandle<SM>, std::thread::JoinHandle<()>) {
     let (tx, rx) = bounded(INPUT_QUEUE_MAX);
+    let (raft_tx, raft_rx) = bounded(RAFT_QUEUE_MAX);
     let (reports_tx, reports_rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared::default());
-    let handle = DriverHandle { tx, reports_tx, shared: shared.clone() };
+    let handle = DriverHandle { tx, raft_tx, reports_tx, shared: shared.clone() };
+    let queues = Queues { reports: reports_rx, raft: raft_rx, rest: rx };
     let name = format!("raft-{}", node.replica_id());
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || run(node, rx, reports_rx, sink, shared))
+        .spawn(move || run(node, queues, sink, shared))
         .expect("spawn raft thread");
     (handle, thread)
 }
 
-fn run<SM: StateMachine>(
-    mut node: RaftNode<SM>,
-    rx: Receiver<Input<SM>>,
-    reports_rx: Receiver<Input<SM>>,
-    sink: Arc<dyn MessageSink>,
-    shared: Arc<Shared>,
-) {
+/// The three input queues, by priority: transport reports (lossless), peer
+/// messages (so that acknowledgements never wait behind client proposals:
+/// an overloaded leader must still see its quorum), then everything else.
+struct Queues<SM: StateMachine> {
+    reports: Receiver<Input<SM>>,
+    raft: Receiver<Input<SM>>,
+    rest: Receiver<Input<SM>>,
+}
+
+/// Handles inputs until the round is full or the queues are empty; returns
+/// false on shutdown or when the handles are gone.
+fn drain<SM: StateMachine>(node: &mut RaftNode<SM>, queues: &Queues<SM>) -> bool {
+    while let Ok(report) = queues.reports.try_recv() {
+        handle_input(node, report);
+    }
+    for _ in 0..RAFT_MESSAGES_PER_ROUND_MAX {
+        match queues.raft.try_recv() {
+            Ok(input) => {
+                handle_input(node, input);
+            }
+            Err(_) => break,
+        }
+    }
+    for _ in 0..INPUTS_PER_ROUND_MAX {
+        match queues.rest.try_recv() {
+            Ok(input) => {
+                if !handle_input(node, input) {
+                    return false;
+                }
+            }
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+    true
+}
+
+fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<dyn MessageSink>, shared: Arc<Shared>) {
     sink.set_peers(node.peers());
     *shared.peers.write().expect("peers lock") = node.peers().clone();
     let mut known_peers = node.peers().clone();
     let mut next_tick = Instant::now() + TICK;
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(timeout) {
-            Ok(input) => {
-                if !handle_input(&mut node, input) {
-                    break;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        while let Ok(report) = reports_rx.try_recv() {
-            handle_input(&mut node, report);
-        }
-        let mut stop = false;
-        for _ in 0..INPUTS_PER_ROUND_MAX {
-            match rx.try_recv() {
-                Ok(input) => {
-                    if !handle_input(&mut node, input) {
-                        stop = true;
-                        break;
-                    }
-                }
+        // Wait for any input or the next tick; the drain below handles it.
+        crossbeam_channel::select! {
+            recv(queues.reports) -> input => if let Ok(input) = input { handle_input(&mut node, input); },
+            recv(queues.raft) -> input => if let Ok(input) = input { handle_input(&mut node, input); },
+            recv(queues.rest) -> input => match input {
+                Ok(input) => if !handle_input(&mut node, input) { break },
                 Err(_) => break,
-            }
+            },
+            default(timeout) => {},
         }
-        if stop {
+        if !drain(&mut node, &queues) {
             break;
         }
         // Logical time follows the wall clock: ticks missed while the loop

@@ -418,6 +418,15 @@ impl RaftStorage {
         self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("apply", e));
     }
 
+    /// Releases the cached snapshot body (it may be large) once a follower
+    /// has it or gave up on it; the next request builds a fresh one.
+    pub fn release_snapshot(&self) {
+        let mut build = self.snapshot_build.lock().expect("snapshot lock");
+        if matches!(*build, SnapshotBuild::Ready(_)) {
+            *build = SnapshotBuild::Idle;
+        }
+    }
+
     /// Drops log entries up to and including `index` (which must be applied).
     pub fn compact(&mut self, index: u64, applied_index: u64) {
         if index <= self.truncated_index {
@@ -563,13 +572,17 @@ impl raft::Storage for RaftStorage {
     /// Hands out the snapshot built in the background if it is still usable
     /// (its index is not below the compacted log); otherwise starts building
     /// one and answers "temporarily unavailable", so raft asks again later.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut build = self.snapshot_build.lock().expect("snapshot lock");
         match &*build {
             SnapshotBuild::Building => return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
             SnapshotBuild::Ready(snapshot) => {
-                let index = snapshot.get_metadata().index;
-                if index >= self.truncated_index && index >= request_index {
+                let meta = snapshot.get_metadata();
+                let conf = meta.get_conf_state();
+                // A receiver refuses a snapshot whose configuration does not
+                // name it, so one built before a membership change is stale.
+                let current = conf == &self.conf_state && (conf.voters.contains(&to) || conf.learners.contains(&to));
+                if current && meta.index >= self.truncated_index && meta.index >= request_index {
                     return Ok(snapshot.clone());
                 }
             }

@@ -142,13 +142,21 @@ impl MessageSink for GrpcTransport {
 
     fn set_peers(&self, wanted: &BTreeMap<u64, String>) {
         let mut peers = self.peers.lock().expect("peers lock");
+        let mut stopped = Vec::new();
         peers.retain(|id, peer| {
             let keep = wanted.get(id) == Some(&peer.addr);
             if !keep {
                 peer.task.abort();
+                stopped.push(*id);
             }
             keep
         });
+        // A snapshot may have been queued on a stopped task; raft waits for
+        // its outcome (reporting a failure for a peer not receiving one is
+        // harmless).
+        for id in stopped {
+            self.report(Report::Snapshot { replica_id: id, delivered: false });
+        }
         for (id, addr) in wanted {
             if *id == self.replica_id || peers.contains_key(id) {
                 continue;
