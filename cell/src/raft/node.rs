@@ -2,7 +2,7 @@
 //! the raft-rs Ready loop. No sockets, no clocks, no threads: the caller
 //! ticks it, steps messages into it, and sends what it hands back.
 //!
-//! Ready handling follows the contract (STYLE.md) step by step; see
+//! Ready handling follows raft-rs's Ready contract step by step; see
 //! [`RaftNode::handle_ready`]. Invariants asserted here:
 //! - entries are applied in index order, each exactly once
 //!   (`index == applied + 1`);
