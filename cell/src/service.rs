@@ -33,7 +33,7 @@ use crate::ledger::{self, validate, AccountId, Ledger};
 use crate::metrics::Metrics;
 use crate::raft::driver::{DriverHandle, Input, NodeError};
 use crate::raft::node::{role_str, ProposeError};
-use crate::raft::storage::{APPLIED_INDEX_KEY, STATE_PREFIX};
+use crate::raft::storage::{read_u64, APPLIED_INDEX_KEY, STATE_PREFIX};
 use crate::raft::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
 
 /// How long a request waits for its command to apply when the client set no deadline.
@@ -100,9 +100,17 @@ impl ReplicaContext {
 
     async fn propose(&self, timeout: Duration, commands: Vec<Command>) -> Result<Vec<TransferResult>, Status> {
         let results = self.within(timeout, self.node.propose(commands)).await?;
+        // One metric update per code per call, not per transfer.
+        let mut counts: Vec<(i32, u64)> = Vec::new();
         for result in &results {
-            let code = ResultCode::try_from(result.code).unwrap_or(ResultCode::Unspecified);
-            self.metrics.results_total.with_label_values(&[code.as_str_name()]).inc();
+            match counts.iter_mut().find(|(code, _)| *code == result.code) {
+                Some((_, count)) => *count += 1,
+                None => counts.push((result.code, 1)),
+            }
+        }
+        for (code, count) in counts {
+            let code = ResultCode::try_from(code).unwrap_or(ResultCode::Unspecified);
+            self.metrics.results_total.with_label_values(&[code.as_str_name()]).inc_by(count);
         }
         Ok(results)
     }
@@ -479,11 +487,7 @@ fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -
 /// consistent view of the database.
 pub fn digest_of(db: &DB) -> DigestResponse {
     let view = db.snapshot();
-    let applied_index = view
-        .get(APPLIED_INDEX_KEY)
-        .expect("read applied index")
-        .map(|b| u64::from_be_bytes(b[..8].try_into().expect("8 bytes")))
-        .unwrap_or(0);
+    let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
     let mut pairs = Vec::new();
     let mut iter = view.raw_iterator();
     iter.seek([STATE_PREFIX]);

@@ -172,17 +172,13 @@ pub struct RaftNode<SM: StateMachine> {
     metrics: Arc<Metrics>,
 }
 
-fn role_name(role: StateRole) -> &'static str {
+pub fn role_str(role: StateRole) -> &'static str {
     match role {
         StateRole::Leader => "leader",
         StateRole::Follower => "follower",
         StateRole::Candidate => "candidate",
         StateRole::PreCandidate => "pre-candidate",
     }
-}
-
-pub fn role_str(role: StateRole) -> &'static str {
-    role_name(role)
 }
 
 fn load_peers(db: &DB) -> BTreeMap<u64, String> {
@@ -290,10 +286,6 @@ impl<SM: StateMachine> RaftNode<SM> {
         &self.db
     }
 
-    pub fn state_machine(&self) -> &SM {
-        &self.sm
-    }
-
     pub fn tick(&mut self) {
         self.raw.tick();
     }
@@ -342,11 +334,6 @@ impl<SM: StateMachine> RaftNode<SM> {
         }
         self.queued_waiters.push((commands.len(), waiter));
         self.queued_commands.extend(commands);
-    }
-
-    /// Number of commands queued for the next entry.
-    pub fn queued_commands(&self) -> usize {
-        self.queued_commands.len()
     }
 
     /// Proposes every queued command as entries of at most
@@ -542,7 +529,7 @@ impl<SM: StateMachine> RaftNode<SM> {
         self.leader_id = leader_id;
         tracing::info!(
             replica = self.config.replica_id,
-            role = role_name(role),
+            role = role_str(role),
             leader = leader_id,
             term = self.raw.raft.term,
             "role changed"

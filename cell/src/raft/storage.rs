@@ -287,10 +287,6 @@ impl RaftStorage {
         self.truncated_index
     }
 
-    pub fn last_index_value(&self) -> u64 {
-        self.last_index
-    }
-
     /// Appends entries (truncating any conflicting tail) and writes the hard
     /// state, in one batch; fsyncs when `sync`.
     pub fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>, sync: bool) {
@@ -603,7 +599,8 @@ impl raft::Storage for RaftStorage {
     }
 }
 
-fn read_u64(view: &rocksdb::SnapshotWithThreadMode<'_, DB>, key: &[u8]) -> Option<u64> {
+/// Reads a big-endian u64 (the applied index, say) from a consistent view.
+pub fn read_u64(view: &rocksdb::SnapshotWithThreadMode<'_, DB>, key: &[u8]) -> Option<u64> {
     view.get(key)
         .unwrap_or_else(|e| fatal("read", e))
         .map(|bytes| u64::from_be_bytes(bytes[..8].try_into().expect("8-byte value")))
