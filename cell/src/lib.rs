@@ -4,6 +4,8 @@
 //! - [`raft`]: generic Raft machinery (storage, node, driver thread,
 //!   transport), reused by every replicated group.
 //! - [`ledger`]: the ledger state machine and input validation.
+//! - [`replication`]: the standby stream (shipper on the active's leader,
+//!   acknowledged watermark, waits of sync mode).
 //! - [`service`]: the gRPC services; [`server`] assembles a replica.
 //! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
 
@@ -17,5 +19,6 @@ pub mod config;
 pub mod ledger;
 pub mod metrics;
 pub mod raft;
+pub mod replication;
 pub mod server;
 pub mod service;

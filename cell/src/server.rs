@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::cell::replica_admin_server::ReplicaAdminServer;
+use cellbank_proto::cell::standby_server::StandbyServer;
 use cellbank_proto::v1::ledger_server::LedgerServer;
 use tokio::sync::oneshot;
 
@@ -16,7 +17,8 @@ use crate::raft::driver::{self, DriverHandle, Input, MessageSink};
 use crate::raft::node::{election_stagger_ticks, NodeConfig, RaftNode};
 use crate::raft::storage::open_db;
 use crate::raft::transport::{GrpcTransport, Report, INTERNAL_MESSAGE_BYTES_MAX};
-use crate::service::{AdminService, LedgerService, ReplicaContext, TransportService};
+use crate::replication::{Replication, Shipper, SHIP_MESSAGE_BYTES_MAX};
+use crate::service::{AdminService, LedgerService, ReplicaContext, StandbyService, TransportService};
 
 /// Largest client request (a full SubmitTransfers batch is well under this).
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -28,6 +30,7 @@ pub struct Replica {
     server_stop: Option<oneshot::Sender<()>>,
     server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    shipper_task: tokio::task::JoinHandle<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
 }
@@ -47,7 +50,9 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     node_config.log_compact_threshold_entries = config.raft.log_compact_threshold_entries;
     node_config.log_retain_entries = config.raft.log_retain_entries;
     node_config.log_compact_threshold_bytes = config.raft.log_compact_threshold_bytes;
-    let node = RaftNode::open(node_config, db.clone(), Ledger::new(), &config.peers, metrics.clone());
+    let pair_view: crate::ledger::PairView = Arc::new(tokio::sync::watch::Sender::new(crate::ledger::pair::unpaired()));
+    let ledger = Ledger::with_view(db.clone(), pair_view.clone());
+    let node = RaftNode::open(node_config, db.clone(), ledger, &config.peers, metrics.clone());
     let transport = GrpcTransport::new(
         config.cell_id,
         config.replica_id,
@@ -72,16 +77,27 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let (handle, thread) = driver::spawn(node, sink);
     let _ = slot.set(handle.clone());
 
+    let replication = Arc::new(Replication::default());
     let context = ReplicaContext {
         cell_id: config.cell_id,
         replica_id: config.replica_id,
         addr: addr.to_string(),
         node: handle.clone(),
-        db,
+        db: db.clone(),
         metrics: metrics.clone(),
         transport: transport.clone(),
         snapshot_receives: Arc::new(tokio::sync::Semaphore::new(1)),
+        pair: pair_view.clone(),
+        replication: replication.clone(),
     };
+    let shipper = Arc::new(Shipper {
+        cell_id: config.cell_id,
+        node: handle.clone(),
+        db,
+        pair: pair_view,
+        replication,
+    });
+    let shipper_task = tokio::spawn(shipper.run());
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -95,8 +111,18 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let ledger = LedgerServer::new(LedgerService { context: context.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
-    let transport_service = RaftTransportServer::new(TransportService { context: context.clone() })
-        .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+    let transport_service = RaftTransportServer::new(TransportService {
+        group_id: config.cell_id,
+        replica_id: config.replica_id,
+        node: handle.clone(),
+        transport: transport.clone(),
+        metrics: metrics.clone(),
+        snapshot_receives: context.snapshot_receives.clone(),
+    })
+    .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+    let standby = StandbyServer::new(StandbyService { context: context.clone() })
+        .max_decoding_message_size(SHIP_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(SHIP_MESSAGE_BYTES_MAX);
     let admin = ReplicaAdminServer::new(AdminService { context });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -108,6 +134,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
             .add_service(reflection_alpha)
             .add_service(ledger)
             .add_service(transport_service)
+            .add_service(standby)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
@@ -128,6 +155,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         server_stop: Some(stop_tx),
         server_task,
         metrics_task,
+        shipper_task,
         thread: Some(thread),
         _transport: transport,
     })
@@ -144,6 +172,7 @@ impl Replica {
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }
+        self.shipper_task.abort();
         self.node.shutdown();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

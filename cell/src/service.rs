@@ -15,10 +15,12 @@ use std::time::Duration;
 use cellbank_proto::cell::change_membership_request::Action;
 use cellbank_proto::cell::raft_transport_server::RaftTransport;
 use cellbank_proto::cell::replica_admin_server::ReplicaAdmin;
+use cellbank_proto::cell::standby_server::Standby as StandbyApi;
 use cellbank_proto::cell::{
-    command, ChangeMembershipRequest, ChangeMembershipResponse, Command, DigestRequest, DigestResponse, MoveCommand,
-    OpenAccountCommand, PeerAddress, PeerInfo, RaftBatch, ReplicaStatus, SnapshotChunk, StatusRequest,
-    TransferLeaderRequest, TransferLeaderResponse, TransportAck,
+    command, ship_batch, ChangeMembershipRequest, ChangeMembershipResponse, Command, ConfigureCommand,
+    ConfigureRequest, ConfigureResponse, DigestRequest, DigestResponse, MoveCommand, OpenAccountCommand, PairRole,
+    PairState, PeerAddress, PeerInfo, RaftBatch, ReplicaStatus, ReplicationMode, ShipAck, ShipBatch, ShipHello,
+    SnapshotChunk, StatusRequest, TransferLeaderRequest, TransferLeaderResponse, TransportAck,
 };
 use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
 use cellbank_proto::v1::*;
@@ -29,9 +31,11 @@ use raft::eraftpb::{ConfChange, ConfChangeType, Message};
 use rocksdb::DB;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ledger::{self, validate, AccountId, Ledger};
+use crate::ledger::{self, pair, validate, AccountId, Ledger, PairView};
+use crate::replication::{epoch_status, Replication};
 use crate::metrics::Metrics;
 use crate::raft::driver::{DriverHandle, Input, NodeError};
+use crate::raft::StateMachine;
 use crate::raft::node::{role_str, ProposeError};
 use crate::raft::storage::{read_u64, APPLIED_INDEX_KEY, STATE_PREFIX};
 use crate::raft::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
@@ -54,6 +58,9 @@ pub struct ReplicaContext {
     pub transport: Arc<GrpcTransport>,
     /// Bounds concurrent snapshot receives.
     pub snapshot_receives: Arc<tokio::sync::Semaphore>,
+    /// The cell's pair state as applied here.
+    pub pair: PairView,
+    pub replication: Arc<Replication>,
 }
 
 impl ReplicaContext {
@@ -98,8 +105,61 @@ impl ReplicaContext {
         }
     }
 
+    /// Refuses a client request this cell must not serve: a routing epoch
+    /// other than the cell's, a standby or fenced cell, a deposed active.
+    /// Each refusal is UNAVAILABLE (retryable) with the cell's epoch.
+    fn gate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let state = self.pair.borrow().clone();
+        let requested = metadata.get(cellbank_proto::EPOCH_METADATA_KEY);
+        if let Some(requested) = requested {
+            let epoch = requested
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| Status::invalid_argument("cellbank-epoch: not a number"))?;
+            if epoch != state.epoch {
+                let why = if epoch < state.epoch { "stale" } else { "newer than this cell's" };
+                return Err(epoch_status(
+                    Status::unavailable(format!(
+                        "routing epoch {epoch} is {why}: cell {} is at epoch {}",
+                        self.cell_id, state.epoch
+                    )),
+                    state.epoch,
+                ));
+            }
+        }
+        if !pair::writable(&state) {
+            return Err(epoch_status(
+                Status::unavailable(format!(
+                    "cell {} is {} at epoch {} and serves no client requests",
+                    self.cell_id,
+                    pair::role(&state).as_str_name(),
+                    state.epoch
+                )),
+                state.epoch,
+            ));
+        }
+        if self.replication.deposed(&state) {
+            return Err(epoch_status(
+                Status::unavailable(format!("cell {} was deposed by its promoted standby", self.cell_id)),
+                self.replication.state.borrow().deposed_by_epoch,
+            ));
+        }
+        Ok(())
+    }
+
     async fn propose(&self, timeout: Duration, commands: Vec<Command>) -> Result<Vec<TransferResult>, Status> {
+        let started = tokio::time::Instant::now();
         let results = self.within(timeout, self.node.propose(commands)).await?;
+        if let Some(refused) = results.iter().find(|r| r.code == ResultCode::CellNotWritable as i32) {
+            let epoch = self.pair.borrow().epoch;
+            return Err(epoch_status(Status::unavailable(format!("nothing applied: {}", refused.detail)), epoch));
+        }
+        // The client hears of these results only once the standby holds
+        // every entry they reveal.
+        let revealed = results.iter().map(|r| r.applied_index).max().unwrap_or(0);
+        let remaining = timeout.saturating_sub(started.elapsed());
+        self.replication.wait_for(&self.pair, revealed, remaining).await?;
         // One metric update per code per call, not per transfer.
         let mut counts: Vec<(i32, u64)> = Vec::new();
         for result in &results {
@@ -116,7 +176,11 @@ impl ReplicaContext {
     }
 
     async fn read_barrier(&self, timeout: Duration) -> Result<u64, Status> {
-        self.within(timeout, self.node.read_index()).await
+        let started = tokio::time::Instant::now();
+        let read_index = self.within(timeout, self.node.read_index()).await?;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        self.replication.wait_for(&self.pair, read_index, remaining).await?;
+        Ok(read_index)
     }
 }
 
@@ -187,6 +251,7 @@ impl LedgerApi for LedgerService {
         request: Request<OpenAccountRequest>,
     ) -> Result<Response<OpenAccountResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let request = request.into_inner();
         validate::open_account(request.user_id, &request.currency).map_err(invalid)?;
         let command = Command {
@@ -202,6 +267,7 @@ impl LedgerApi for LedgerService {
 
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let r = request.into_inner();
         self.single_move(
             timeout,
@@ -212,6 +278,7 @@ impl LedgerApi for LedgerService {
 
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let r = request.into_inner();
         self.single_move(
             timeout,
@@ -222,6 +289,7 @@ impl LedgerApi for LedgerService {
 
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let r = request.into_inner();
         let movement =
             move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
@@ -233,6 +301,7 @@ impl LedgerApi for LedgerService {
         request: Request<SubmitTransfersRequest>,
     ) -> Result<Response<SubmitTransfersResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let items = request.into_inner().transfers;
         if items.is_empty() {
             return Err(Status::invalid_argument("transfers: must hold at least one transfer"));
@@ -277,11 +346,12 @@ impl LedgerApi for LedgerService {
 
     async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let r = request.into_inner();
         let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let read_index = self.context.read_barrier(timeout).await?;
         let db: &DB = &self.context.db;
-        let kv = ReadOnly(db);
+        let kv = crate::raft::ReadOnlyDb(db);
         let account = ledger::get_user_account(&kv, r.user_id, currency)
             .ok_or_else(|| Status::not_found(format!("no account for user {} in {}", r.user_id, r.currency)))?;
         Ok(Response::new(GetAccountResponse {
@@ -298,10 +368,11 @@ impl LedgerApi for LedgerService {
         request: Request<GetTransferRequest>,
     ) -> Result<Response<GetTransferResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let r = request.into_inner();
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
         self.context.read_barrier(timeout).await?;
-        let kv = ReadOnly(&self.context.db);
+        let kv = crate::raft::ReadOnlyDb(&self.context.db);
         let record = ledger::read_transfer(&kv, &r.transfer_id)
             .ok_or_else(|| Status::not_found("no transfer with this transfer_id"))?;
         Ok(Response::new(GetTransferResponse { transfer: Some(record) }))
@@ -312,6 +383,7 @@ impl LedgerApi for LedgerService {
         request: Request<ListTransfersRequest>,
     ) -> Result<Response<ListTransfersResponse>, Status> {
         let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
         let r = request.into_inner();
         let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let page_size = match r.page_size {
@@ -360,44 +432,37 @@ impl LedgerApi for LedgerService {
     }
 }
 
-/// Read-only [`crate::raft::Kv`] over the database, for the read path.
-struct ReadOnly<'a>(&'a DB);
-
-impl crate::raft::Kv for ReadOnly<'_> {
-    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.0.get(key).unwrap_or_else(|e| panic!("storage failure (read): {e}"))
-    }
-    fn put(&mut self, _key: &[u8], _value: &[u8]) {
-        unreachable!("the read path never writes")
-    }
-    fn delete(&mut self, _key: &[u8]) {
-        unreachable!("the read path never writes")
-    }
+/// Peer messages and snapshots for one Raft group (a cell, or the routers'
+/// table group).
+pub struct TransportService<SM: StateMachine> {
+    pub group_id: u64,
+    pub replica_id: u64,
+    pub node: DriverHandle<SM>,
+    pub transport: Arc<GrpcTransport>,
+    pub metrics: Arc<Metrics>,
+    /// Bounds concurrent snapshot receives.
+    pub snapshot_receives: Arc<tokio::sync::Semaphore>,
 }
 
-pub struct TransportService {
-    pub context: ReplicaContext,
-}
-
-impl TransportService {
+impl<SM: StateMachine> TransportService<SM> {
     /// Decodes one message; `None` for a message addressed to another
     /// replica (a peer's stale address book), which is skipped, not fatal.
     fn decode(&self, bytes: &[u8]) -> Result<Option<Message>, Status> {
         let message = Message::parse_from_bytes(bytes)
             .map_err(|e| Status::invalid_argument(format!("messages: not a raft message ({e})")))?;
-        if message.to != self.context.replica_id {
+        if message.to != self.replica_id {
             tracing::debug!(to = message.to, from = message.from, "skipping a raft message for another replica");
-            self.context.metrics.raft_messages_dropped_total.inc();
+            self.metrics.raft_messages_dropped_total.inc();
             return Ok(None);
         }
         Ok(Some(message))
     }
 
     fn check_cell(&self, cell_id: u64) -> Result<(), Status> {
-        if cell_id != self.context.cell_id {
+        if cell_id != self.group_id {
             return Err(Status::failed_precondition(format!(
-                "cell_id: this replica belongs to cell {}, not {cell_id}",
-                self.context.cell_id
+                "cell_id: this replica belongs to group {}, not {cell_id}",
+                self.group_id
             )));
         }
         Ok(())
@@ -405,7 +470,7 @@ impl TransportService {
 }
 
 #[tonic::async_trait]
-impl RaftTransport for TransportService {
+impl<SM: StateMachine> RaftTransport for TransportService<SM> {
     async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<TransportAck>, Status> {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
@@ -413,10 +478,10 @@ impl RaftTransport for TransportService {
             for bytes in &batch.messages {
                 let Some(message) = self.decode(bytes)? else { continue };
                 if message.from == batch.from_replica_id {
-                    self.context.transport.learn(batch.from_replica_id, &batch.from_addr);
+                    self.transport.learn(batch.from_replica_id, &batch.from_addr);
                 }
                 // A full queue drops the message; raft retransmits.
-                let _ = self.context.node.send(Input::Raft(Box::new(message)));
+                let _ = self.node.send(Input::Raft(Box::new(message)));
             }
         }
         Ok(Response::new(TransportAck {}))
@@ -428,7 +493,6 @@ impl RaftTransport for TransportService {
     ) -> Result<Response<TransportAck>, Status> {
         // One snapshot at a time: each may hold gigabytes.
         let _permit = self
-            .context
             .snapshot_receives
             .try_acquire()
             .map_err(|_| Status::resource_exhausted("another snapshot is being received"))?;
@@ -467,7 +531,7 @@ impl RaftTransport for TransportService {
         crate::raft::storage::decode_snapshot_body(&body)
             .map_err(|e| Status::invalid_argument(format!("data: {e}")))?;
         message.mut_snapshot().data = body.into();
-        self.context.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
+        self.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(TransportAck {}))
     }
 }
@@ -513,6 +577,10 @@ pub fn digest_of(db: &DB) -> DigestResponse {
 impl ReplicaAdmin for AdminService {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
         let status = self.context.node.status().await.map_err(|e| self.context.node_error(e))?;
+        let pair_state = self.context.pair.borrow().clone();
+        let ship = self.context.replication.state.borrow().clone();
+        let is_leader = status.role == raft::StateRole::Leader;
+        let (_, lag_ms) = self.context.replication.lag(status.applied_index);
         Ok(Response::new(ReplicaStatus {
             cell_id: self.context.cell_id,
             replica_id: status.replica_id,
@@ -527,6 +595,41 @@ impl ReplicaAdmin for AdminService {
             peers: peer_infos(&status.peers, &status.voters),
             snapshots_installed: status.snapshots_installed,
             addr: self.context.addr.clone(),
+            pair: Some(pair_state.clone()),
+            standby_acked_index: ship.acked_index,
+            standby_lag_ms: if is_leader { lag_ms } else { 0 },
+            deposed: self.context.replication.deposed(&pair_state),
+        }))
+    }
+
+    async fn configure(&self, request: Request<ConfigureRequest>) -> Result<Response<ConfigureResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        if r.cell_id != self.context.cell_id {
+            return Err(Status::invalid_argument(format!(
+                "cell_id: this is cell {}, not {}",
+                self.context.cell_id, r.cell_id
+            )));
+        }
+        let state = r.state.ok_or_else(|| Status::invalid_argument("state: must be set"))?;
+        if state.epoch == 0 {
+            return Err(Status::invalid_argument("state.epoch: must be at least 1"));
+        }
+        if PairRole::try_from(state.role).is_err() || ReplicationMode::try_from(state.mode).is_err() {
+            return Err(Status::invalid_argument("state: unknown role or mode"));
+        }
+        let command = Command {
+            kind: Some(command::Kind::Configure(ConfigureCommand { state: Some(state), source_state: r.source_state })),
+        };
+        let mut results = self.context.within(timeout, self.context.node.propose(vec![command])).await?;
+        let result = results.pop().expect("one result per command");
+        if result.code != ResultCode::Ok as i32 {
+            let epoch = self.context.pair.borrow().epoch;
+            return Err(epoch_status(Status::failed_precondition(result.detail), epoch));
+        }
+        Ok(Response::new(ConfigureResponse {
+            applied_index: result.applied_index,
+            state: Some(self.context.pair.borrow().clone()),
         }))
     }
 
@@ -571,6 +674,139 @@ impl ReplicaAdmin for AdminService {
         let r = request.into_inner();
         self.context.node.send(Input::TransferLeader(r.replica_id)).map_err(|e| self.context.node_error(e))?;
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+}
+
+/// The standby side of replication: this cell's leader takes the active's
+/// entries and proposes them into its own log.
+pub struct StandbyService {
+    pub context: ReplicaContext,
+}
+
+/// Shipped batches proposed and not yet acknowledged, per stream.
+const STANDBY_IN_FLIGHT_MAX: usize = 32;
+
+impl StandbyService {
+    /// Checks a hello against this cell's pair state.
+    fn check_hello(&self, hello: &ShipHello) -> Result<PairState, Status> {
+        let state = self.context.pair.borrow().clone();
+        let role = pair::role(&state);
+        if state.epoch > hello.epoch || (role != PairRole::Standby && state.epoch >= hello.epoch && state.epoch > 0) {
+            return Err(epoch_status(
+                Status::failed_precondition(format!(
+                    "cell {} is {} at epoch {}: it takes no stream from cell {} at epoch {}",
+                    self.context.cell_id,
+                    role.as_str_name(),
+                    state.epoch,
+                    hello.source_cell_id,
+                    hello.epoch
+                )),
+                state.epoch,
+            ));
+        }
+        if state.epoch < hello.epoch || role != PairRole::Standby || state.source_cell_id != hello.source_cell_id {
+            return Err(Status::unavailable(format!(
+                "cell {} is not yet the standby of cell {} at epoch {} (it is {} of cell {} at epoch {})",
+                self.context.cell_id,
+                hello.source_cell_id,
+                hello.epoch,
+                role.as_str_name(),
+                state.source_cell_id,
+                state.epoch
+            )));
+        }
+        Ok(state)
+    }
+}
+
+fn ship_ack(state: &PairState) -> ShipAck {
+    ShipAck {
+        source_index: state.source_index,
+        needs_snapshot: state.source_index == 0 || state.rebuild_snapshot_index != 0,
+        next_chunk: state.rebuild_next_chunk,
+    }
+}
+
+type AckStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<ShipAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StandbyApi for StandbyService {
+    type ReplicateStream = AckStream;
+
+    async fn replicate(&self, request: Request<Streaming<ShipBatch>>) -> Result<Response<AckStream>, Status> {
+        let context = self.context.clone();
+        if !context.node.shared.is_leader.load(Ordering::Relaxed) {
+            let leader_id = context.node.shared.leader_id.load(Ordering::Relaxed);
+            return Err(context.unavailable(format!("replica {} is not the leader", context.replica_id), leader_id));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }) => hello,
+            _ => return Err(Status::invalid_argument("the first message must be a hello")),
+        };
+        self.check_hello(&hello)?;
+        // Everything committed before the hello is applied before the
+        // answer, so the source index it names is the one the log holds.
+        context.within(REQUEST_TIMEOUT_DEFAULT, context.node.read_index()).await?;
+        let state = self.check_hello(&hello)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ShipAck, Status>>(STANDBY_IN_FLIGHT_MAX + 1);
+        tx.try_send(Ok(ship_ack(&state))).expect("fresh channel has room");
+        tokio::spawn(async move {
+            let mut pending = futures::stream::FuturesOrdered::new();
+            let mut inbound_open = true;
+            loop {
+                tokio::select! {
+                    message = inbound.message(), if inbound_open && pending.len() < STANDBY_IN_FLIGHT_MAX => {
+                        let command = match message {
+                            Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Entries(entries)) })) => {
+                                command::Kind::SourceEntries(entries)
+                            }
+                            Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Snapshot(chunk)) })) => {
+                                command::Kind::SourceSnapshot(chunk)
+                            }
+                            Ok(Some(_)) => {
+                                let _ = tx.send(Err(Status::invalid_argument("only one hello per stream"))).await;
+                                return;
+                            }
+                            Ok(None) | Err(_) => {
+                                inbound_open = false;
+                                continue;
+                            }
+                        };
+                        // Queued now, in stream order, so the log holds the
+                        // batches in the order they were shipped.
+                        match context.node.propose_queued(vec![Command { kind: Some(command) }]) {
+                            Ok(receiver) => pending.push_back(receiver),
+                            Err(e) => {
+                                let _ = tx.send(Err(context.node_error(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                    done = futures::StreamExt::next(&mut pending), if !pending.is_empty() => {
+                        let outcome = match done.expect("pending is not empty") {
+                            Ok(Ok(mut results)) => {
+                                let result = results.pop().expect("one result per command");
+                                if result.code == ResultCode::Ok as i32 {
+                                    Ok(ship_ack(&context.pair.borrow()))
+                                } else {
+                                    let epoch = context.pair.borrow().epoch;
+                                    Err(epoch_status(Status::failed_precondition(result.detail), epoch))
+                                }
+                            }
+                            Ok(Err(e)) => Err(context.node_error(NodeError::Propose(e))),
+                            Err(_) => Err(Status::unavailable("the replica is stopping")),
+                        };
+                        let failed = outcome.is_err();
+                        if tx.send(outcome).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 

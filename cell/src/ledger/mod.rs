@@ -18,11 +18,17 @@
 //!   result codes; undecodable state is corruption and panics.
 
 pub mod currency;
+pub mod pair;
 pub mod validate;
 
 use std::collections::BTreeMap;
 
-use cellbank_proto::cell::{command, Command, CommandBatch, MoveCommand, OpenAccountCommand};
+use std::sync::Arc;
+
+use cellbank_proto::cell::{
+    command, Command, CommandBatch, ConfigureCommand, MoveCommand, OpenAccountCommand, PairRole, PairState,
+    SourceEntries, SourceSnapshotChunk,
+};
 use cellbank_proto::v1::{ResultCode, TransferKind, TransferRecord, TransferResult};
 use prost::Message;
 use rustc_hash::FxHashMap;
@@ -193,14 +199,58 @@ pub const ACCOUNT_CACHE_ENTRIES_MAX: usize = 1_000_000;
 /// apply reads balances from memory; RocksDB stays the source of truth. The
 /// copy changes only through apply (deterministically) and is dropped
 /// whenever the state is replaced by a snapshot ([`StateMachine::restored`]).
+/// The pair state as last applied, for the service (role checks, whether a
+/// write waits for the standby). Published after every change.
+pub type PairView = Arc<tokio::sync::watch::Sender<PairState>>;
+
 #[derive(Default)]
 pub struct Ledger {
     accounts: FxHashMap<AccountId, Account>,
+    /// Cached pair states (own, source); dropped on restore.
+    pair_own: Option<PairState>,
+    pair_source: Option<PairState>,
+    view: Option<PairView>,
+    db: Option<Arc<rocksdb::DB>>,
 }
 
 impl Ledger {
     pub fn new() -> Ledger {
-        Ledger { accounts: FxHashMap::default() }
+        Ledger::default()
+    }
+
+    /// A ledger that publishes its pair state to `view`, reading it from
+    /// `db` at start and after a snapshot replaces the state.
+    pub fn with_view(db: Arc<rocksdb::DB>, view: PairView) -> Ledger {
+        let mut ledger = Ledger { view: Some(view), db: Some(db), ..Ledger::default() };
+        ledger.reload_pair_view();
+        ledger
+    }
+
+    fn reload_pair_view(&mut self) {
+        if let (Some(db), Some(view)) = (&self.db, &self.view) {
+            let state = pair::read(&crate::raft::ReadOnlyDb(db), pair::Slot::Own);
+            view.send_replace(state);
+        }
+    }
+
+    fn pair(&mut self, kv: &dyn Kv, slot: pair::Slot) -> PairState {
+        let cached = match slot {
+            pair::Slot::Own => &mut self.pair_own,
+            pair::Slot::Source => &mut self.pair_source,
+        };
+        cached.get_or_insert_with(|| pair::read(kv, slot)).clone()
+    }
+
+    fn set_pair(&mut self, kv: &mut dyn Kv, slot: pair::Slot, state: PairState) {
+        pair::write(kv, slot, &state);
+        if slot == pair::Slot::Own {
+            if let Some(view) = &self.view {
+                view.send_replace(state.clone());
+            }
+            self.pair_own = Some(state);
+        } else {
+            self.pair_source = Some(state);
+        }
     }
 
     fn account(&mut self, kv: &dyn Kv, id: &AccountId) -> Option<Account> {
@@ -223,7 +273,8 @@ impl Ledger {
         self.accounts.insert(*id, *account);
     }
 
-    /// Applies one command; the result is what the proposer hears.
+    /// Applies one command of this cell's own log; the result is what the
+    /// proposer hears.
     pub fn apply_command(
         &mut self,
         kv: &mut dyn Kv,
@@ -231,11 +282,143 @@ impl Ledger {
         timestamp_ms: u64,
         command: &Command,
     ) -> TransferResult {
+        self.apply_in_slot(kv, index, timestamp_ms, command, pair::Slot::Own)
+    }
+
+    /// Applies one command under the pair state in `slot`: the cell's own,
+    /// or (replaying a source's entry on a standby) the source's.
+    fn apply_in_slot(
+        &mut self,
+        kv: &mut dyn Kv,
+        index: u64,
+        timestamp_ms: u64,
+        command: &Command,
+        slot: pair::Slot,
+    ) -> TransferResult {
         match &command.kind {
+            Some(command::Kind::OpenAccount(_)) | Some(command::Kind::Move(_))
+                if !pair::writable(&self.pair(kv, slot)) =>
+            {
+                let state = self.pair(kv, slot);
+                let detail = format!("the cell is {} at epoch {}", pair::role(&state).as_str_name(), state.epoch);
+                rejection(ResultCode::CellNotWritable, "", detail, index)
+            }
             Some(command::Kind::OpenAccount(open)) => self.open_account(kv, index, open),
             Some(command::Kind::Move(movement)) => self.apply_move(kv, index, timestamp_ms, movement),
+            Some(command::Kind::Configure(configure)) => self.configure(kv, index, configure, slot),
+            // A source's own replication commands mean nothing to its standby.
+            Some(command::Kind::SourceEntries(_)) | Some(command::Kind::SourceSnapshot(_))
+                if slot == pair::Slot::Source =>
+            {
+                result(ResultCode::Ok, index)
+            }
+            Some(command::Kind::SourceEntries(entries)) => self.source_entries(kv, index, entries),
+            Some(command::Kind::SourceSnapshot(chunk)) => self.source_snapshot(kv, index, chunk),
             None => rejection(ResultCode::InvalidItem, "command", "empty command".into(), index),
         }
+    }
+
+    fn configure(&mut self, kv: &mut dyn Kv, index: u64, command: &ConfigureCommand, slot: pair::Slot) -> TransferResult {
+        let current = self.pair(kv, slot);
+        let requested = command.state.clone().unwrap_or_default();
+        match pair::configure(&current, &requested, index) {
+            Ok(next) => {
+                let becomes_standby = slot == pair::Slot::Own && pair::role(&next) == PairRole::Standby;
+                if becomes_standby && next.source_index != current.source_index {
+                    let source_state = command.source_state.clone().unwrap_or_default();
+                    self.set_pair(kv, pair::Slot::Source, source_state);
+                }
+                self.set_pair(kv, slot, next);
+                result(ResultCode::Ok, index)
+            }
+            Err(detail) => rejection(ResultCode::CellNotWritable, "epoch", detail, index),
+        }
+    }
+
+    /// Checks that a shipment comes from this standby's source at its epoch.
+    fn check_shipment(&mut self, kv: &dyn Kv, source_cell_id: u64, epoch: u64) -> Result<PairState, String> {
+        let own = self.pair(kv, pair::Slot::Own);
+        if pair::role(&own) != PairRole::Standby {
+            return Err(format!("this cell is {} at epoch {}", pair::role(&own).as_str_name(), own.epoch));
+        }
+        if own.epoch != epoch || own.source_cell_id != source_cell_id {
+            return Err(format!(
+                "this standby copies cell {} at epoch {}, not cell {source_cell_id} at epoch {epoch}",
+                own.source_cell_id, own.epoch
+            ));
+        }
+        Ok(own)
+    }
+
+    /// Replays the source's entries that follow the source index, in order.
+    fn source_entries(&mut self, kv: &mut dyn Kv, index: u64, shipped: &SourceEntries) -> TransferResult {
+        let mut own = match self.check_shipment(kv, shipped.source_cell_id, shipped.epoch) {
+            Ok(own) => own,
+            Err(detail) => return rejection(ResultCode::CellNotWritable, "epoch", detail, index),
+        };
+        if own.source_index == 0 || own.rebuild_snapshot_index != 0 {
+            return rejection(ResultCode::CellNotWritable, "first_index", "the standby needs a snapshot".into(), index);
+        }
+        if shipped.first_index == 0 || shipped.first_index > own.source_index + 1 {
+            let detail = format!("entries start at {}, the standby holds {}", shipped.first_index, own.source_index);
+            return rejection(ResultCode::CellNotWritable, "first_index", detail, index);
+        }
+        for (offset, data) in shipped.entries.iter().enumerate() {
+            let source_index = shipped.first_index + offset as u64;
+            if source_index <= own.source_index {
+                continue;
+            }
+            if !data.is_empty() {
+                let batch = CommandBatch::decode(data.as_ref()).unwrap_or_else(|e| {
+                    panic!("source entry {source_index} (in entry {index}) is not a command batch: {e}")
+                });
+                for command in &batch.commands {
+                    self.apply_in_slot(kv, source_index, batch.timestamp_ms, command, pair::Slot::Source);
+                }
+            }
+            own.source_index = source_index;
+        }
+        self.set_pair(kv, pair::Slot::Own, own);
+        result(ResultCode::Ok, index)
+    }
+
+    /// One chunk of a rebuild from the source's snapshot.
+    fn source_snapshot(&mut self, kv: &mut dyn Kv, index: u64, chunk: &SourceSnapshotChunk) -> TransferResult {
+        let mut own = match self.check_shipment(kv, chunk.source_cell_id, chunk.epoch) {
+            Ok(own) => own,
+            Err(detail) => return rejection(ResultCode::CellNotWritable, "epoch", detail, index),
+        };
+        let in_order = chunk.chunk == 0
+            || (own.rebuild_snapshot_index == chunk.snapshot_index && own.rebuild_next_chunk == chunk.chunk);
+        if !in_order || chunk.snapshot_index == 0 || chunk.keys.len() != chunk.values.len() {
+            let detail = format!(
+                "chunk {} of snapshot {} does not follow chunk {} of snapshot {}",
+                chunk.chunk, chunk.snapshot_index, own.rebuild_next_chunk, own.rebuild_snapshot_index
+            );
+            return rejection(ResultCode::CellNotWritable, "chunk", detail, index);
+        }
+        if let Some(key) = chunk.keys.iter().find(|k| k.as_slice() < pair::LEDGER_START || k.as_slice() >= pair::LEDGER_END)
+        {
+            return rejection(ResultCode::InvalidItem, "keys", format!("key {key:02x?} is outside the ledger"), index);
+        }
+        if chunk.chunk == 0 {
+            kv.clear_range(pair::LEDGER_START, pair::LEDGER_END);
+            own.source_index = 0;
+            own.rebuild_snapshot_index = chunk.snapshot_index;
+        }
+        self.accounts.clear();
+        for (key, value) in chunk.keys.iter().zip(&chunk.values) {
+            kv.put(key, value);
+        }
+        own.rebuild_next_chunk = chunk.chunk + 1;
+        if chunk.last {
+            own.source_index = chunk.snapshot_index;
+            own.rebuild_snapshot_index = 0;
+            own.rebuild_next_chunk = 0;
+            self.set_pair(kv, pair::Slot::Source, chunk.source_state.clone().unwrap_or_default());
+        }
+        self.set_pair(kv, pair::Slot::Own, own);
+        result(ResultCode::Ok, index)
     }
 
     fn open_account(&mut self, kv: &mut dyn Kv, index: u64, open: &OpenAccountCommand) -> TransferResult {
@@ -388,6 +571,9 @@ pub fn digest<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> LedgerDi
     let mut transfers = 0;
     let mut sums: BTreeMap<String, i128> = BTreeMap::new();
     for (key, value) in pairs {
+        if key >= pair::LEDGER_END {
+            continue;
+        }
         hasher.update((key.len() as u32).to_be_bytes());
         hasher.update(key);
         hasher.update((value.len() as u32).to_be_bytes());
@@ -414,6 +600,9 @@ impl StateMachine for Ledger {
 
     fn restored(&mut self) {
         self.accounts.clear();
+        self.pair_own = None;
+        self.pair_source = None;
+        self.reload_pair_view();
     }
 
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TransferResult> {

@@ -72,12 +72,28 @@ impl std::fmt::Display for NodeError {
 }
 
 /// What other threads may read without asking the node thread.
-#[derive(Default)]
 pub struct Shared {
     pub leader_id: AtomicU64,
     pub is_leader: AtomicBool,
     pub applied_index: AtomicU64,
+    /// The applied index, for tasks that wait for it to move.
+    pub applied: tokio::sync::watch::Sender<u64>,
     pub peers: RwLock<BTreeMap<u64, String>>,
+    /// Log entries from this index on are kept for the standby shipper (0: none).
+    pub retain_floor: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            leader_id: AtomicU64::new(0),
+            is_leader: AtomicBool::new(false),
+            applied_index: AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
+            peers: RwLock::new(BTreeMap::new()),
+            retain_floor: AtomicU64::new(0),
+        }
+    }
 }
 
 pub struct DriverHandle<SM: StateMachine> {
@@ -126,6 +142,22 @@ impl<SM: StateMachine> DriverHandle<SM> {
     /// Proposes commands; resolves with one output per command once applied.
     pub async fn propose(&self, commands: Vec<SM::Command>) -> Result<Vec<SM::Output>, NodeError> {
         self.ask(|waiter| Input::Propose(commands, waiter)).await
+    }
+
+    /// Queues commands for proposal now (so that calls made in order are
+    /// proposed in order) and returns the receiver of their outputs.
+    pub fn propose_queued(
+        &self,
+        commands: Vec<SM::Command>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<SM::Output>, ProposeError>>, NodeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Input::Propose(
+            commands,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        ))?;
+        Ok(rx)
     }
 
     /// A linearizable read barrier: resolves once this replica (the leader)
@@ -248,6 +280,7 @@ fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<d
         if now >= next_tick {
             next_tick = now + TICK;
         }
+        node.set_retain_floor(shared.retain_floor.load(Ordering::Relaxed));
         node.flush_proposals(now_ms());
         node.flush_reads();
         for _ in 0..READY_ROUNDS_MAX {
@@ -259,6 +292,12 @@ fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<d
         shared.leader_id.store(node.leader_id(), Ordering::Relaxed);
         shared.is_leader.store(node.is_leader(), Ordering::Relaxed);
         shared.applied_index.store(node.applied_index(), Ordering::Relaxed);
+        let applied = node.applied_index();
+        shared.applied.send_if_modified(|value| {
+            let changed = *value != applied;
+            *value = applied;
+            changed
+        });
         if node.peers() != &known_peers {
             known_peers = node.peers().clone();
             sink.set_peers(&known_peers);

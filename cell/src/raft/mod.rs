@@ -30,6 +30,26 @@ pub trait Kv {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
     fn put(&mut self, key: &[u8], value: &[u8]);
     fn delete(&mut self, key: &[u8]);
+    /// Deletes every key in `[start, end)`.
+    fn clear_range(&mut self, start: &[u8], end: &[u8]);
+}
+
+/// Read-only [`Kv`] over the database, for read paths outside apply.
+pub struct ReadOnlyDb<'a>(pub &'a DB);
+
+impl Kv for ReadOnlyDb<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key).unwrap_or_else(|e| panic!("storage failure (read): {e}"))
+    }
+    fn put(&mut self, _key: &[u8], _value: &[u8]) {
+        unreachable!("a read path never writes")
+    }
+    fn delete(&mut self, _key: &[u8]) {
+        unreachable!("a read path never writes")
+    }
+    fn clear_range(&mut self, _start: &[u8], _end: &[u8]) {
+        unreachable!("a read path never writes")
+    }
 }
 
 /// A deterministic state machine replicated by a [`node::RaftNode`]. It keeps
@@ -61,11 +81,17 @@ const APPLY_BATCH_KEYS_EXPECTED: usize = 16_384;
 pub struct ApplyBatch<'a> {
     db: &'a DB,
     overlay: FxHashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Ranges deleted in this batch (before any write in the overlay).
+    cleared: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<'a> ApplyBatch<'a> {
     pub fn new(db: &'a DB) -> ApplyBatch<'a> {
-        ApplyBatch { db, overlay: FxHashMap::with_capacity_and_hasher(APPLY_BATCH_KEYS_EXPECTED, Default::default()) }
+        ApplyBatch {
+            db,
+            overlay: FxHashMap::with_capacity_and_hasher(APPLY_BATCH_KEYS_EXPECTED, Default::default()),
+            cleared: Vec::new(),
+        }
     }
 
     /// The batch, in ascending key order: RocksDB's memtable inserts a
@@ -75,6 +101,9 @@ impl<'a> ApplyBatch<'a> {
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.overlay.into_iter().collect();
         writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut batch = WriteBatch::default();
+        for (start, end) in &self.cleared {
+            batch.delete_range(start, end);
+        }
         for (key, value) in writes {
             match value {
                 Some(value) => batch.put(key, value),
@@ -90,6 +119,9 @@ impl Kv for ApplyBatch<'_> {
         if let Some(value) = self.overlay.get(key) {
             return value.clone();
         }
+        if self.cleared.iter().any(|(start, end)| key >= start.as_slice() && key < end.as_slice()) {
+            return None;
+        }
         self.db.get(key).unwrap_or_else(|e| panic!("storage failure (read during apply): {e}"))
     }
 
@@ -99,6 +131,11 @@ impl Kv for ApplyBatch<'_> {
 
     fn delete(&mut self, key: &[u8]) {
         self.overlay.insert(key.to_vec(), None);
+    }
+
+    fn clear_range(&mut self, start: &[u8], end: &[u8]) {
+        self.overlay.retain(|key, _| !(key.as_slice() >= start && key.as_slice() < end));
+        self.cleared.push((start.to_vec(), end.to_vec()));
     }
 }
 
@@ -114,6 +151,10 @@ impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
 
     fn delete(&mut self, key: &[u8]) {
         self.remove(key);
+    }
+
+    fn clear_range(&mut self, start: &[u8], end: &[u8]) {
+        self.retain(|key, _| !(key.as_slice() >= start && key.as_slice() < end));
     }
 }
 

@@ -170,6 +170,9 @@ pub struct RaftNode<SM: StateMachine> {
     peers: BTreeMap<u64, String>,
     snapshots_installed: u64,
     metrics: Arc<Metrics>,
+    /// The lowest index another consumer of the log (the standby shipper)
+    /// still needs; 0 when none.
+    retain_floor: u64,
 }
 
 pub fn role_str(role: StateRole) -> &'static str {
@@ -258,6 +261,7 @@ impl<SM: StateMachine> RaftNode<SM> {
             read_context_next: 1,
             peers,
             snapshots_installed: 0,
+            retain_floor: 0,
             metrics,
         }
     }
@@ -722,6 +726,9 @@ impl<SM: StateMachine> RaftNode<SM> {
         let far_too_large = log_bytes >= self.config.log_compact_threshold_bytes.saturating_mul(4);
         if self.is_leader() && !far_too_large {
             target = target.min(self.slowest_active_follower(target));
+            if self.retain_floor > 0 && self.applied_index.saturating_sub(self.retain_floor) <= LAGGARD_ENTRIES_MAX {
+                target = target.min(self.retain_floor.saturating_sub(1));
+            }
         }
         let target = target.min(self.applied_index);
         if target > truncated {
@@ -746,6 +753,12 @@ impl<SM: StateMachine> RaftNode<SM> {
             }
         }
         lowest
+    }
+
+    /// Keeps log entries from `index` on (while within [`LAGGARD_ENTRIES_MAX`]
+    /// of the applied index); 0 lifts the floor.
+    pub fn set_retain_floor(&mut self, index: u64) {
+        self.retain_floor = index;
     }
 
     pub fn status(&self) -> NodeStatus {

@@ -1,0 +1,181 @@
+//! A cell's pair state: its role in an active/standby pair, the routing
+//! epoch, the replication mode, and (on a standby) the source index it
+//! holds. It is ledger state, changed only through the cell's own log, so
+//! every replica takes the same decisions at the same index:
+//! - Client writes apply only while the cell is UNPAIRED or ACTIVE; a write
+//!   that reaches the log after the cell was fenced or demoted is answered
+//!   `CELL_NOT_WRITABLE` and leaves no trace (no transfer record).
+//! - A configure command with an older epoch than the cell's is refused;
+//!   epochs never go back.
+//! - A standby applies the source's entries in source index order, each
+//!   once: entries at or below its source index are skipped, a gap is
+//!   refused. They replay under a copy of the source's own pair state (the
+//!   "source slot"), so a write the source refused is refused again.
+//! - The pair state lives under `0x04 'z'`, outside the ledger region that
+//!   digests compare and source snapshots copy.
+
+use cellbank_proto::cell::{PairRole, PairState, ReplicationMode};
+use prost::Message;
+
+use crate::raft::storage::STATE_PREFIX;
+use crate::raft::Kv;
+
+/// The ledger region: `[LEDGER_START, LEDGER_END)`.
+pub const LEDGER_START: &[u8] = &[STATE_PREFIX];
+pub const LEDGER_END: &[u8] = &[STATE_PREFIX, b'z'];
+/// This cell's own pair state.
+pub const OWN_PAIR_KEY: &[u8] = &[STATE_PREFIX, b'z', b'p'];
+/// On a standby: the source's pair state, under which its entries replay.
+pub const SOURCE_PAIR_KEY: &[u8] = &[STATE_PREFIX, b'z', b's'];
+
+/// Which pair state an apply consults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Own,
+    Source,
+}
+
+impl Slot {
+    pub fn key(self) -> &'static [u8] {
+        match self {
+            Slot::Own => OWN_PAIR_KEY,
+            Slot::Source => SOURCE_PAIR_KEY,
+        }
+    }
+}
+
+pub fn read(kv: &dyn Kv, slot: Slot) -> PairState {
+    match kv.get(slot.key()) {
+        Some(bytes) => PairState::decode(bytes.as_slice())
+            .unwrap_or_else(|e| panic!("corrupt pair state under {:02x?}: {e}", slot.key())),
+        None => unpaired(),
+    }
+}
+
+pub fn write(kv: &mut dyn Kv, slot: Slot, state: &PairState) {
+    kv.put(slot.key(), &state.encode_to_vec());
+}
+
+/// The state of a cell that has never been configured: takes writes, has no
+/// standby, epoch 0.
+pub fn unpaired() -> PairState {
+    PairState { role: PairRole::Unpaired as i32, mode: ReplicationMode::Async as i32, ..Default::default() }
+}
+
+pub fn role(state: &PairState) -> PairRole {
+    PairRole::try_from(state.role).unwrap_or(PairRole::Unpaired)
+}
+
+pub fn mode(state: &PairState) -> ReplicationMode {
+    ReplicationMode::try_from(state.mode).unwrap_or(ReplicationMode::Async)
+}
+
+/// True when client writes may apply.
+pub fn writable(state: &PairState) -> bool {
+    matches!(role(state), PairRole::Unpaired | PairRole::Active)
+}
+
+/// True when a client must not hear of a write until the standby holds it.
+pub fn waits_for_standby(state: &PairState) -> bool {
+    role(state) == PairRole::Active && mode(state) == ReplicationMode::Sync && state.standby_cell_id != 0
+}
+
+/// The state after a configure command at `index`, or why it is refused.
+pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Result<PairState, String> {
+    if requested.epoch < current.epoch {
+        return Err(format!("epoch {} is older than the cell's epoch {}", requested.epoch, current.epoch));
+    }
+    let requested_role = role(requested);
+    if requested_role == PairRole::Unpaired && current.epoch > 0 {
+        return Err("a paired cell cannot become unpaired".into());
+    }
+    if requested_role == PairRole::Standby && requested.source_cell_id == 0 {
+        return Err("a standby needs a source cell".into());
+    }
+    let mut next = requested.clone();
+    next.rebuild_snapshot_index = 0;
+    next.rebuild_next_chunk = 0;
+    if requested_role == PairRole::Standby {
+        let same_source = role(current) == PairRole::Standby && current.source_cell_id == requested.source_cell_id;
+        // A standby that keeps its source keeps what it holds unless told
+        // to rebuild (source_index 0); a new source brings its own index.
+        if same_source && requested.source_index != 0 {
+            next.source_index = current.source_index.max(requested.source_index);
+        }
+        if same_source && requested.source_index != 0 && current.rebuild_snapshot_index != 0 {
+            next.rebuild_snapshot_index = current.rebuild_snapshot_index;
+            next.rebuild_next_chunk = current.rebuild_next_chunk;
+        }
+    } else {
+        next.source_cell_id = 0;
+        next.source_index = 0;
+    }
+    if requested_role != PairRole::Active {
+        next.standby_cell_id = 0;
+        next.standby_addrs.clear();
+    }
+    let was_sync = waits_for_standby(current);
+    next.sync_since_index = match (was_sync, waits_for_standby(&next)) {
+        (true, true) => current.sync_since_index,
+        (_, true) => index,
+        (_, false) => 0,
+    };
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(epoch: u64, role: PairRole, mode: ReplicationMode) -> PairState {
+        PairState { epoch, role: role as i32, mode: mode as i32, ..Default::default() }
+    }
+
+    #[test]
+    fn epochs_never_go_back() {
+        let current = state(3, PairRole::Active, ReplicationMode::Sync);
+        let older = state(2, PairRole::Standby, ReplicationMode::Sync);
+        assert!(configure(&current, &older, 10).unwrap_err().contains("older"));
+    }
+
+    #[test]
+    fn sync_since_marks_the_switch_to_sync() {
+        let mut degraded = state(1, PairRole::Active, ReplicationMode::Async);
+        degraded.standby_cell_id = 2;
+        let mut sync = degraded.clone();
+        sync.mode = ReplicationMode::Sync as i32;
+        let next = configure(&degraded, &sync, 42).unwrap();
+        assert_eq!(next.sync_since_index, 42);
+        assert!(waits_for_standby(&next));
+        let again = configure(&next, &sync, 50).unwrap();
+        assert_eq!(again.sync_since_index, 42, "staying in sync keeps the index it started at");
+        let back = configure(&again, &degraded, 60).unwrap();
+        assert_eq!(back.sync_since_index, 0);
+        assert!(!waits_for_standby(&back));
+    }
+
+    #[test]
+    fn a_standby_keeps_its_copy_unless_told_to_rebuild() {
+        let mut standby = state(1, PairRole::Standby, ReplicationMode::Sync);
+        standby.source_cell_id = 1;
+        standby.source_index = 500;
+        let mut again = standby.clone();
+        again.source_index = 7;
+        assert_eq!(configure(&standby, &again, 9).unwrap().source_index, 500);
+        again.source_index = 0;
+        assert_eq!(configure(&standby, &again, 9).unwrap().source_index, 0);
+        let mut other_source = standby.clone();
+        other_source.epoch = 2;
+        other_source.source_cell_id = 3;
+        other_source.source_index = 77;
+        assert_eq!(configure(&standby, &other_source, 9).unwrap().source_index, 77);
+    }
+
+    #[test]
+    fn only_writable_roles_take_writes() {
+        assert!(writable(&unpaired()));
+        assert!(writable(&state(1, PairRole::Active, ReplicationMode::Sync)));
+        assert!(!writable(&state(1, PairRole::Standby, ReplicationMode::Sync)));
+        assert!(!writable(&state(1, PairRole::Fenced, ReplicationMode::Sync)));
+    }
+}

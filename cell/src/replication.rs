@@ -1,0 +1,470 @@
+//! Standby replication: the active cell's leader ships its committed
+//! entries, in order, to the standby cell's leader; the standby proposes
+//! them into its own log and acknowledges the source index it has
+//! committed. In sync mode a client hears of a write (or a read) only once
+//! the standby holds its entry.
+//!
+//! Invariants:
+//! - Only the leader of an ACTIVE cell ships, and only entries it has
+//!   applied (so committed); it reads them from its own log.
+//! - The stream starts with a hello; the standby answers with the source
+//!   index it holds after a read barrier, so the shipper resumes right after
+//!   it: no gap, and nothing is applied twice (the standby's apply skips any
+//!   entry at or below its source index and refuses a gap).
+//! - A standby that holds nothing usable (new, rebuilding, or behind the
+//!   active's compacted log) is rebuilt from a snapshot of the active's
+//!   ledger, shipped in chunks that are commands in the standby's log.
+//! - A standby that was promoted (or moved to a later epoch) refuses the
+//!   stream with FAILED_PRECONDITION and its epoch: the old active is then
+//!   deposed and acknowledges nothing more.
+//! - The acknowledged watermark only grows within one pair configuration.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellbank_proto::cell::standby_client::StandbyClient;
+use cellbank_proto::cell::{
+    ship_batch, PairRole, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
+};
+use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, EntryType};
+use rocksdb::DB;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::ledger::{pair, Ledger, PairView};
+use crate::raft::driver::DriverHandle;
+use crate::raft::storage::{log_key, read_u64, APPLIED_INDEX_KEY};
+
+/// Source entries in one shipped batch, and their bytes.
+pub const SHIP_BATCH_ENTRIES_MAX: usize = 512;
+pub const SHIP_BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// Batches sent and not yet acknowledged.
+pub const SHIP_IN_FLIGHT_MAX: usize = 16;
+/// Bytes of ledger per snapshot chunk.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1024 * 1024;
+/// Largest shipped message (a batch or a chunk, with framing).
+pub const SHIP_MESSAGE_BYTES_MAX: usize = 4 * SHIP_BATCH_BYTES_MAX;
+/// How long the shipper waits before it tries again after a failure.
+const SHIP_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// Connecting to a standby replica.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// No ack for this long ends the stream (the standby lost its leader).
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the active cell's leader knows about its standby.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShipState {
+    /// The pair epoch this watermark belongs to.
+    pub epoch: u64,
+    /// The standby holds the source log up to here.
+    pub acked_index: u64,
+    /// Set when the standby refused the stream because it moved to a later
+    /// epoch (promoted): this cell must acknowledge nothing more.
+    pub deposed_by_epoch: u64,
+}
+
+/// Shared between the shipper task and the request path.
+pub struct Replication {
+    pub state: watch::Sender<ShipState>,
+    /// When the oldest entry the standby does not hold yet was first seen.
+    behind_since: Mutex<Option<Instant>>,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication { state: watch::Sender::new(ShipState::default()), behind_since: Mutex::new(None) }
+    }
+}
+
+impl Replication {
+    /// Replication lag: (entries, milliseconds the oldest one has waited).
+    pub fn lag(&self, applied_index: u64) -> (u64, u64) {
+        let acked = self.state.borrow().acked_index;
+        let entries = applied_index.saturating_sub(acked);
+        let since = *self.behind_since.lock().expect("lag lock");
+        let ms = match (entries, since) {
+            (0, _) | (_, None) => 0,
+            (_, Some(since)) => since.elapsed().as_millis() as u64,
+        };
+        (entries, ms)
+    }
+
+    fn note_progress(&self, applied_index: u64) {
+        let acked = self.state.borrow().acked_index;
+        let mut since = self.behind_since.lock().expect("lag lock");
+        if acked >= applied_index {
+            *since = None;
+        } else if since.is_none() {
+            *since = Some(Instant::now());
+        }
+    }
+
+    /// True when the standby refused this cell at its current epoch.
+    pub fn deposed(&self, pair_state: &PairState) -> bool {
+        let state = self.state.borrow();
+        state.deposed_by_epoch > pair_state.epoch
+    }
+
+    /// Waits until the standby holds `index`, or the cell no longer waits
+    /// for it (degraded, unpaired). Fails when the cell was deposed or the
+    /// deadline passes: the outcome is then unknown to the client.
+    pub async fn wait_for(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut ship_rx = self.state.subscribe();
+        let mut pair_rx = pair_view.subscribe();
+        loop {
+            let pair_state = pair_rx.borrow_and_update().clone();
+            if !pair::waits_for_standby(&pair_state) {
+                return Ok(());
+            }
+            {
+                let ship = ship_rx.borrow_and_update();
+                if ship.deposed_by_epoch > pair_state.epoch {
+                    return Err(epoch_status(
+                        Status::unavailable(format!(
+                            "this cell was deposed: its standby was promoted at epoch {}; the outcome is unknown, retry \
+                             with the same transfer_id",
+                            ship.deposed_by_epoch
+                        )),
+                        ship.deposed_by_epoch,
+                    ));
+                }
+                if ship.epoch == pair_state.epoch && ship.acked_index >= index {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                _ = ship_rx.changed() => {}
+                _ = pair_rx.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the standby did not acknowledge entry {index} in time; the outcome is unknown: retry with the \
+                         same transfer_id"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Adds the epoch metadata to a refusal.
+pub fn epoch_status(mut status: Status, epoch: u64) -> Status {
+    if let Ok(value) = epoch.to_string().parse() {
+        status.metadata_mut().insert(EPOCH_METADATA_KEY, value);
+    }
+    status
+}
+
+/// Everything the shipper needs from its replica.
+pub struct Shipper {
+    pub cell_id: u64,
+    pub node: DriverHandle<Ledger>,
+    pub db: Arc<DB>,
+    pub pair: PairView,
+    pub replication: Arc<Replication>,
+}
+
+/// Why one shipping session ended.
+enum SessionEnd {
+    /// The configuration or leadership changed; start again at once.
+    Changed,
+    Failed(String),
+}
+
+impl Shipper {
+    /// Runs for the replica's lifetime: ships whenever this replica leads an
+    /// ACTIVE cell that has a standby.
+    pub async fn run(self: Arc<Self>) {
+        let mut preferred = 0usize;
+        let mut applied_rx = self.node.shared.applied.subscribe();
+        let mut pair_rx = self.pair.subscribe();
+        loop {
+            let pair_state = pair_rx.borrow_and_update().clone();
+            let leading = self.node.shared.is_leader.load(Ordering::Relaxed);
+            if !leading || pair::role(&pair_state) != PairRole::Active || pair_state.standby_cell_id == 0 {
+                self.node.shared.retain_floor.store(0, Ordering::Relaxed);
+                tokio::select! {
+                    _ = pair_rx.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                continue;
+            }
+            match self.session(&pair_state, &mut preferred, &mut applied_rx).await {
+                SessionEnd::Changed => {}
+                SessionEnd::Failed(reason) => {
+                    tracing::debug!(cell = self.cell_id, "standby stream ended: {reason}");
+                    preferred = preferred.wrapping_add(1);
+                    tokio::time::sleep(SHIP_RETRY_DELAY).await;
+                }
+            }
+        }
+    }
+
+    /// True while this replica still leads the same ACTIVE configuration.
+    fn still_current(&self, started: &PairState) -> bool {
+        let now = self.pair.borrow();
+        self.node.shared.is_leader.load(Ordering::Relaxed)
+            && pair::role(&now) == PairRole::Active
+            && now.epoch == started.epoch
+            && now.standby_cell_id == started.standby_cell_id
+            && now.standby_addrs == started.standby_addrs
+    }
+
+    async fn connect(&self, pair_state: &PairState, preferred: &mut usize) -> Result<StandbyClient<Channel>, String> {
+        let addrs = &pair_state.standby_addrs;
+        if addrs.is_empty() {
+            return Err("the standby has no addresses".into());
+        }
+        let addr = &addrs[*preferred % addrs.len()];
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| format!("connect {addr}: {e}"))?;
+        Ok(StandbyClient::new(channel)
+            .max_decoding_message_size(SHIP_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(SHIP_MESSAGE_BYTES_MAX))
+    }
+
+    fn set_ship_state(&self, change: impl FnOnce(&mut ShipState)) {
+        self.replication.state.send_modify(change);
+    }
+
+    /// Handles a refusal of the stream: a later epoch deposes this cell; a
+    /// leader hint moves the next attempt there.
+    fn refused(&self, status: &Status, pair_state: &PairState, preferred: &mut usize) -> SessionEnd {
+        if let Some(epoch) = status
+            .metadata()
+            .get(EPOCH_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if epoch > pair_state.epoch && status.code() == tonic::Code::FailedPrecondition {
+                tracing::warn!(cell = self.cell_id, epoch, "the standby was promoted; this cell is deposed");
+                self.set_ship_state(|s| s.deposed_by_epoch = s.deposed_by_epoch.max(epoch));
+            }
+        }
+        if let Some(leader) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+            if let Some(position) = pair_state.standby_addrs.iter().position(|a| a == leader) {
+                *preferred = position;
+                return SessionEnd::Changed;
+            }
+        }
+        SessionEnd::Failed(format!("standby refused: {}", status.message()))
+    }
+
+    async fn session(
+        &self,
+        pair_state: &PairState,
+        preferred: &mut usize,
+        applied_rx: &mut watch::Receiver<u64>,
+    ) -> SessionEnd {
+        let mut client = match self.connect(pair_state, preferred).await {
+            Ok(client) => client,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        let (tx, rx) = mpsc::channel::<ShipBatch>(SHIP_IN_FLIGHT_MAX + 2);
+        let hello = ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch };
+        tx.try_send(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }).expect("fresh channel has room");
+        let response = match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(response) => response,
+            Err(status) => return self.refused(&status, pair_state, preferred),
+        };
+        let mut acks = response.into_inner();
+        let first = match tokio::time::timeout(ACK_TIMEOUT, acks.message()).await {
+            Ok(Ok(Some(ack))) => ack,
+            Ok(Ok(None)) => return SessionEnd::Failed("stream closed before the hello was answered".into()),
+            Ok(Err(status)) => return self.refused(&status, pair_state, preferred),
+            Err(_) => return SessionEnd::Failed("the hello was not answered in time".into()),
+        };
+        let mut held = first.source_index;
+        self.set_ship_state(|s| {
+            if s.epoch != pair_state.epoch {
+                *s = ShipState { epoch: pair_state.epoch, acked_index: 0, deposed_by_epoch: s.deposed_by_epoch };
+            }
+            s.acked_index = s.acked_index.max(held);
+        });
+        let first_log_index = self.first_log_index();
+        if first.needs_snapshot || held == 0 || held + 1 < first_log_index {
+            match self.send_snapshot(pair_state, &tx, &mut acks).await {
+                Ok(index) => held = index,
+                Err(end) => return end,
+            }
+        }
+        self.stream_entries(pair_state, held, &tx, &mut acks, applied_rx, preferred).await
+    }
+
+    fn first_log_index(&self) -> u64 {
+        let mut iter = self.db.raw_iterator();
+        iter.seek(log_key(0));
+        match iter.key() {
+            Some(key) if key[0] == crate::raft::storage::LOG_PREFIX => {
+                u64::from_be_bytes(key[1..9].try_into().expect("log key holds an index"))
+            }
+            _ => u64::MAX,
+        }
+    }
+
+    /// Reads entries `from..` of this replica's log, up to `to`, within the
+    /// batch bounds. `None` when an entry is gone (compacted).
+    fn read_entries(&self, from: u64, to: u64) -> Option<Vec<bytes::Bytes>> {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for index in from..=to {
+            if entries.len() >= SHIP_BATCH_ENTRIES_MAX || (bytes >= SHIP_BATCH_BYTES_MAX && !entries.is_empty()) {
+                break;
+            }
+            let raw = self.db.get(log_key(index)).unwrap_or_else(|e| panic!("storage failure (read log): {e}"))?;
+            let entry = Entry::parse_from_bytes(&raw).unwrap_or_else(|e| panic!("log entry {index} is corrupt: {e}"));
+            assert_eq!(entry.index, index, "log key and entry index disagree");
+            let data = match entry.get_entry_type() {
+                EntryType::EntryNormal => bytes::Bytes::from(entry.data.to_vec()),
+                _ => bytes::Bytes::new(),
+            };
+            bytes += data.len();
+            entries.push(data);
+        }
+        Some(entries)
+    }
+
+    async fn stream_entries(
+        &self,
+        pair_state: &PairState,
+        held: u64,
+        tx: &mpsc::Sender<ShipBatch>,
+        acks: &mut tonic::Streaming<ShipAck>,
+        applied_rx: &mut watch::Receiver<u64>,
+        preferred: &mut usize,
+    ) -> SessionEnd {
+        let mut next = held + 1;
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        loop {
+            if !self.still_current(pair_state) {
+                return SessionEnd::Changed;
+            }
+            let applied = *applied_rx.borrow_and_update();
+            self.replication.note_progress(applied);
+            self.node.shared.retain_floor.store(self.replication.state.borrow().acked_index + 1, Ordering::Relaxed);
+            while in_flight.len() < SHIP_IN_FLIGHT_MAX && next <= applied {
+                let Some(entries) = self.read_entries(next, applied) else {
+                    return SessionEnd::Failed(format!("entry {next} was compacted; the standby needs a snapshot"));
+                };
+                let count = entries.len() as u64;
+                let batch = SourceEntries {
+                    source_cell_id: self.cell_id,
+                    epoch: pair_state.epoch,
+                    first_index: next,
+                    entries: entries.into_iter().map(|b| b.to_vec()).collect(),
+                };
+                if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Entries(batch)) }).await.is_err() {
+                    return SessionEnd::Failed("the stream closed".into());
+                }
+                next += count;
+                in_flight.push_back(next - 1);
+            }
+            let wait_for_ack = !in_flight.is_empty();
+            tokio::select! {
+                ack = tokio::time::timeout(ACK_TIMEOUT, acks.message()), if wait_for_ack => {
+                    match ack {
+                        Ok(Ok(Some(ack))) => {
+                            in_flight.pop_front();
+                            self.set_ship_state(|s| s.acked_index = s.acked_index.max(ack.source_index));
+                            self.replication.note_progress(*applied_rx.borrow());
+                        }
+                        Ok(Ok(None)) => return SessionEnd::Failed("the standby closed the stream".into()),
+                        Ok(Err(status)) => return self.refused(&status, pair_state, preferred),
+                        Err(_) => return SessionEnd::Failed("no ack in time".into()),
+                    }
+                }
+                changed = applied_rx.changed(), if !wait_for_ack || in_flight.len() < SHIP_IN_FLIGHT_MAX => {
+                    if changed.is_err() {
+                        return SessionEnd::Failed("the replica is stopping".into());
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// Ships the ledger at this replica's applied index, in chunks. Returns
+    /// the snapshot's index once the standby has committed the last chunk.
+    async fn send_snapshot(
+        &self,
+        pair_state: &PairState,
+        tx: &mpsc::Sender<ShipBatch>,
+        acks: &mut tonic::Streaming<ShipAck>,
+    ) -> Result<u64, SessionEnd> {
+        let chunks = self.build_snapshot_chunks(pair_state);
+        let snapshot_index = chunks.last().expect("at least one chunk").snapshot_index;
+        tracing::info!(cell = self.cell_id, snapshot_index, chunks = chunks.len(), "rebuilding the standby from a snapshot");
+        let total = chunks.len();
+        let mut sent = 0;
+        let mut acked = 0;
+        let mut chunks = chunks.into_iter();
+        while acked < total {
+            while sent < total && sent - acked < SHIP_IN_FLIGHT_MAX {
+                let chunk = chunks.next().expect("counted");
+                if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Snapshot(chunk)) }).await.is_err() {
+                    return Err(SessionEnd::Failed("the stream closed".into()));
+                }
+                sent += 1;
+            }
+            match tokio::time::timeout(ACK_TIMEOUT * 5, acks.message()).await {
+                Ok(Ok(Some(_))) => acked += 1,
+                Ok(Ok(None)) => return Err(SessionEnd::Failed("the standby closed the stream".into())),
+                Ok(Err(status)) => return Err(SessionEnd::Failed(format!("snapshot refused: {}", status.message()))),
+                Err(_) => return Err(SessionEnd::Failed("no snapshot ack in time".into())),
+            }
+        }
+        self.set_ship_state(|s| s.acked_index = s.acked_index.max(snapshot_index));
+        Ok(snapshot_index)
+    }
+
+    /// The ledger region and this cell's pair state, from one consistent view.
+    fn build_snapshot_chunks(&self, pair_state: &PairState) -> Vec<SourceSnapshotChunk> {
+        let view = self.db.snapshot();
+        let snapshot_index = read_u64(&view, APPLIED_INDEX_KEY).expect("a cell always has an applied index");
+        let source_state = view
+            .get(pair::OWN_PAIR_KEY)
+            .expect("storage failure (read pair state)")
+            .map(|bytes| prost::Message::decode(bytes.as_slice()).expect("pair state decodes"))
+            .unwrap_or_else(pair::unpaired);
+        let mut chunks = Vec::new();
+        let new_chunk = |n: u64| SourceSnapshotChunk {
+            source_cell_id: self.cell_id,
+            epoch: pair_state.epoch,
+            snapshot_index,
+            chunk: n,
+            ..Default::default()
+        };
+        let mut current = new_chunk(0);
+        let mut bytes = 0;
+        let mut iter = view.raw_iterator();
+        iter.seek(pair::LEDGER_START);
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if key >= pair::LEDGER_END {
+                break;
+            }
+            let value = iter.value().expect("value");
+            bytes += key.len() + value.len();
+            current.keys.push(key.to_vec());
+            current.values.push(value.to_vec());
+            if bytes >= SNAPSHOT_CHUNK_BYTES_MAX {
+                let n = current.chunk + 1;
+                chunks.push(std::mem::replace(&mut current, new_chunk(n)));
+                bytes = 0;
+            }
+            iter.next();
+        }
+        current.last = true;
+        current.source_state = Some(source_state);
+        chunks.push(current);
+        chunks
+    }
+}
