@@ -1,5 +1,10 @@
-//! `cellbank bench`: drives a running cell and reports throughput and
-//! latency (HDR histogram: p50, p99, p99.9, max).
+//! `cellbank bench`: drives a running cluster (through its routers) or a
+//! single cell and reports throughput and latency (HDR histogram: p50, p99,
+//! p99.9, max).
+//!
+//! Through routers, every transfer pairs two users of the same cell (the
+//! bench reads the routing table), since transfers between cells are not
+//! supported yet.
 //!
 //! - closed loop (`--concurrency N`): N workers, each sends its next request
 //!   when the previous one answers;
@@ -104,6 +109,34 @@ struct Report {
     error_samples: Vec<String>,
 }
 
+/// Where the load goes: the routers (with the routing table), or one cell's leader.
+enum Target {
+    Routers { endpoints: Vec<String>, table: cellbank_proto::router::RoutingTable },
+    Cell { leader: String },
+}
+
+async fn find_target(endpoints: &[String]) -> anyhow::Result<Target> {
+    for attempt in 0..50 {
+        match crate::cluster::cluster_status(endpoints, None).await {
+            Ok(status) => {
+                let table = status.table.unwrap_or_default();
+                if table.slice_count > 0 {
+                    return Ok(Target::Routers { endpoints: endpoints.to_vec(), table });
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return Ok(Target::Cell { leader: leader_endpoint(endpoints).await? });
+            }
+            Err(_) => {}
+        }
+        if attempt == 0 {
+            eprintln!("waiting for the routing table...");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("no router among {endpoints:?} has a routing table")
+}
+
 async fn leader_endpoint(endpoints: &[String]) -> anyhow::Result<String> {
     let client = CellClient::new(endpoints.to_vec());
     for attempt in 0..50 {
@@ -173,20 +206,35 @@ async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyho
 struct Workload {
     args_api_batch: bool,
     batch_size: usize,
-    first_user: u64,
-    accounts: u64,
+    /// Users that may move money between each other (one group per cell).
+    groups: Vec<Vec<u64>>,
     currency: String,
     run: u64,
     next_id: AtomicU64,
 }
 
+/// Splits the benchmark's users by the pair that serves them (one group
+/// when there is no routing table).
+fn user_groups(first_user: u64, accounts: u64, table: Option<&cellbank_proto::router::RoutingTable>) -> Vec<Vec<u64>> {
+    let users = first_user..first_user + accounts;
+    let Some(table) = table else { return vec![users.collect()] };
+    let mut groups: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for user in users {
+        let pair = cellbank_router::table::route(table, user).map(|r| r.pair_id).unwrap_or(0);
+        groups.entry(pair).or_default().push(user);
+    }
+    groups.into_values().filter(|g| g.len() >= 2).collect()
+}
+
 impl Workload {
     fn transfer(&self, rng: &mut rand::rngs::StdRng) -> TransferRequest {
-        let from = self.first_user + rng.gen_range(0..self.accounts);
-        let mut to = self.first_user + rng.gen_range(0..self.accounts - 1);
-        if to >= from {
-            to += 1;
+        let group = &self.groups[rng.gen_range(0..self.groups.len())];
+        let from_index = rng.gen_range(0..group.len());
+        let mut to_index = rng.gen_range(0..group.len() - 1);
+        if to_index >= from_index {
+            to_index += 1;
         }
+        let (from, to) = (group[from_index], group[to_index]);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         TransferRequest {
             transfer_id: format!("b{:x}-{id}", self.run).into_bytes(),
@@ -256,18 +304,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let seed = args.seed.unwrap_or_else(rand::random);
     let run_id: u64 = rand::random();
-    let leader = leader_endpoint(&args.endpoints.endpoints).await?;
-    let setup_client = CellClient::new(vec![leader.clone()]);
+    let target = find_target(&args.endpoints.endpoints).await?;
+    let (servers, groups) = match &target {
+        Target::Routers { endpoints, table } => {
+            (endpoints.clone(), user_groups(args.first_user, args.accounts, Some(table)))
+        }
+        Target::Cell { leader } => (vec![leader.clone()], user_groups(args.first_user, args.accounts, None)),
+    };
+    anyhow::ensure!(!groups.is_empty(), "too few accounts to pair users of one cell; raise --accounts");
+    let setup_client = CellClient::new(servers.clone());
     seed_accounts(&setup_client, &args, run_id).await?;
     let mut channels = Vec::new();
-    for _ in 0..CONNECTIONS {
-        channels.push(cellbank_cell::raft::transport::connect(&leader).await?);
+    for index in 0..CONNECTIONS.max(servers.len()) {
+        channels.push(cellbank_cell::raft::transport::connect(&servers[index % servers.len()]).await?);
     }
     let workload = Arc::new(Workload {
         args_api_batch: args.api == "batch",
         batch_size: args.batch_size,
-        first_user: args.first_user,
-        accounts: args.accounts,
+        groups,
         currency: args.currency.clone(),
         run: run_id,
         next_id: AtomicU64::new(0),

@@ -79,6 +79,44 @@ pub struct GetTransferArgs {
 
 #[derive(Subcommand)]
 pub enum AdminAction {
+    /// Planned switchover of a SYNC pair: its standby becomes active, nothing is lost.
+    Switchover {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        #[arg(long)]
+        pair: u64,
+    },
+    /// Fail a pair over to its standby. Without --force only a SYNC pair whose
+    /// active cell has no reachable leader; --force also fails over a healthy or
+    /// DEGRADED pair and prints what may be lost.
+    Failover {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        #[arg(long)]
+        pair: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a pair's standby drop its copy and rebuild it from the active's snapshot.
+    RebuildStandby {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        #[arg(long)]
+        pair: u64,
+    },
+    /// Print the routing table's audit log of admin actions.
+    Audit {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+    },
     /// Add a replica (already running with no founding peers) as a voter.
     AddReplica {
         #[command(flatten)]
@@ -315,6 +353,14 @@ pub async fn status(endpoints: &[String]) -> anyhow::Result<()> {
 
 pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
     match action {
+        AdminAction::Switchover { endpoints, auth, pair } => crate::cluster::switchover(&endpoints, &auth, pair).await,
+        AdminAction::Failover { endpoints, auth, pair, force } => {
+            crate::cluster::failover(&endpoints, &auth, pair, force).await
+        }
+        AdminAction::RebuildStandby { endpoints, auth, pair } => {
+            crate::cluster::rebuild_standby(&endpoints, &auth, pair).await
+        }
+        AdminAction::Audit { endpoints, auth } => crate::cluster::audit(&endpoints, &auth).await,
         AdminAction::AddReplica { endpoints, id, addr } => change(&endpoints, Action::AddVoter, id, addr).await,
         AdminAction::RemoveReplica { endpoints, id } => change(&endpoints, Action::Remove, id, String::new()).await,
         AdminAction::TransferLeader { endpoints, to } => {

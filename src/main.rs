@@ -1,17 +1,21 @@
 //! `cellbank`: one binary for every role.
 //!
 //! - `cell`: run one replica of a cell.
+//! - `router`: run one router (front door, routing table, coordinator).
 //! - `up`: run a local cluster from a topology file, in the foreground.
-//! - `status`: each replica's role, term, commit and applied index.
+//! - `status`: routers, pairs, slices and every replica's health (through a
+//!   router), or one cell's replicas (given cell endpoints).
 //! - `account`, `deposit`, `withdraw`, `transfer`, `balance`, `history`,
 //!   `get-transfer`: human-friendly client commands.
-//! - `admin`: membership changes, leader transfer, ledger digests.
+//! - `admin`: switchover, failover, standby rebuild, audit log (routers);
+//!   membership changes, leader transfer, ledger digests (cells).
 //! - `bench`: drive a running cluster and report throughput and latency.
 
 // tonic::Status is the error type of every client call here.
 #![allow(clippy::result_large_err)]
 
 mod bench;
+mod cluster;
 mod commands;
 mod up;
 
@@ -22,7 +26,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+/// The local cluster's router: clients talk to routers only.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7000";
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +45,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct Endpoints {
-    /// Replica gRPC addresses, comma-separated.
+    /// Router (or, for cell commands, replica) gRPC addresses, comma-separated.
     #[arg(long, env = "CELLBANK_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_delimiter = ',')]
     pub endpoints: Vec<String>,
 }
@@ -49,10 +54,18 @@ pub struct Endpoints {
 enum Command {
     /// Run one replica of a cell.
     Cell(CellArgs),
-    /// Run a local cluster (one cell of three replicas by default) in the foreground.
+    /// Run one router: the client front door, a member of the routing table's group.
+    Router(RouterArgs),
+    /// Run a local cluster (a router, two active cells and their standbys by default) in the foreground.
     Up(up::UpArgs),
-    /// Print each replica's role, term, commit and applied index, and the leader.
-    Status(Endpoints),
+    /// Show routers, pairs, replication lag, slices and each replica's health
+    /// (given a router), or one cell's replicas (given replica endpoints).
+    Status {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long, env = "CELLBANK_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
     /// Open an account.
     Account {
         #[command(subcommand)]
@@ -77,6 +90,25 @@ enum Command {
     },
     /// Drive a running cluster and report throughput and latency.
     Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RouterArgs {
+    /// TOML config file (see deploy/local/router.example.toml).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let config = cellbank_router::config::RouterConfig::from_toml(&text)
+        .with_context(|| format!("parsing {}", args.config.display()))?;
+    abort_on_panic();
+    let router = cellbank_router::server::start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("stopping on signal");
+    router.stop().await;
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -192,7 +224,7 @@ fn init_logging(format: &str, default_level: &str) {
 fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Cell(_) => "info,raft=warn",
+        Command::Cell(_) | Command::Router(_) => "info,raft=warn",
         _ => "warn",
     };
     init_logging(&cli.log_format, default_level);
@@ -200,8 +232,15 @@ fn main() {
     let outcome = runtime.block_on(async move {
         match cli.command {
             Command::Cell(args) => run_cell(args).await,
+            Command::Router(args) => run_router(args).await,
             Command::Up(args) => up::run(args).await,
-            Command::Status(endpoints) => commands::status(&endpoints.endpoints).await,
+            Command::Status { endpoints, admin_token } => {
+                if cluster::status(&endpoints, admin_token.as_deref()).await? {
+                    Ok(())
+                } else {
+                    commands::status(&endpoints.endpoints).await
+                }
+            }
             Command::Account { action } => commands::account(action).await,
             Command::Deposit(args) => commands::deposit(args, false).await,
             Command::Withdraw(args) => commands::deposit(args, true).await,

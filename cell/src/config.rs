@@ -77,7 +77,8 @@ impl ReplicaConfig {
 }
 
 /// TOML tables have string keys: peers are written `[peers]` / `1 = "host:port"`.
-mod peer_map {
+/// Serde for a peer map written with string keys (TOML needs them).
+pub mod peer_map {
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};

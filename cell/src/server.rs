@@ -13,10 +13,10 @@ use tokio::sync::oneshot;
 use crate::config::ReplicaConfig;
 use crate::ledger::Ledger;
 use crate::metrics::{self, Metrics};
-use crate::raft::driver::{self, DriverHandle, Input, MessageSink};
-use crate::raft::node::{election_stagger_ticks, NodeConfig, RaftNode};
+use crate::raft::driver::DriverHandle;
+use crate::raft::group::{self, Group, GroupMember};
 use crate::raft::storage::open_db;
-use crate::raft::transport::{GrpcTransport, Report, INTERNAL_MESSAGE_BYTES_MAX};
+use crate::raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
 use crate::replication::{Replication, Shipper, SHIP_MESSAGE_BYTES_MAX};
 use crate::service::{AdminService, LedgerService, ReplicaContext, StandbyService, TransportService};
 
@@ -42,40 +42,16 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let db = open_db(&config.data_dir.join("rocksdb"));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let mut node_config = NodeConfig::new(config.replica_id);
-    node_config.election_tick = config.raft.election_tick;
-    node_config.min_election_tick = config.raft.election_tick + election_stagger_ticks(config.replica_id);
-    node_config.max_election_tick = node_config.min_election_tick + 1;
-    node_config.heartbeat_tick = config.raft.heartbeat_tick;
-    node_config.log_compact_threshold_entries = config.raft.log_compact_threshold_entries;
-    node_config.log_retain_entries = config.raft.log_retain_entries;
-    node_config.log_compact_threshold_bytes = config.raft.log_compact_threshold_bytes;
     let pair_view: crate::ledger::PairView = Arc::new(tokio::sync::watch::Sender::new(crate::ledger::pair::unpaired()));
     let ledger = Ledger::with_view(db.clone(), pair_view.clone());
-    let node = RaftNode::open(node_config, db.clone(), ledger, &config.peers, metrics.clone());
-    let transport = GrpcTransport::new(
-        config.cell_id,
-        config.replica_id,
-        addr.to_string(),
-        tokio::runtime::Handle::current(),
-        metrics.clone(),
-    );
-    let sink: Arc<dyn MessageSink> = transport.clone();
-    // The reporter is bound before the node thread starts so that every peer
-    // task can report back; it reaches the node through a late-set handle.
-    let slot: Arc<std::sync::OnceLock<DriverHandle<Ledger>>> = Arc::new(std::sync::OnceLock::new());
-    let reporter_slot = slot.clone();
-    transport.set_reporter(Arc::new(move |report| {
-        let input = match report {
-            Report::Unreachable(id) => Input::Unreachable(id),
-            Report::Snapshot { replica_id, delivered } => Input::SnapshotReport { replica_id, delivered },
-        };
-        if let Some(handle) = reporter_slot.get() {
-            handle.report(input);
-        }
-    }));
-    let (handle, thread) = driver::spawn(node, sink);
-    let _ = slot.set(handle.clone());
+    let member = GroupMember {
+        group_id: config.cell_id,
+        replica_id: config.replica_id,
+        addr: addr.to_string(),
+        tuning: &config.raft,
+        peers: &config.peers,
+    };
+    let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.clone());
 
     let replication = Arc::new(Replication::default());
     let context = ReplicaContext {

@@ -194,7 +194,7 @@ fn timeout_of<T>(request: &Request<T>) -> Duration {
         .min(REQUEST_TIMEOUT_DEFAULT * 6)
 }
 
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {

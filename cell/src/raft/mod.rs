@@ -14,6 +14,7 @@
 //!   chunks.
 
 pub mod driver;
+pub mod group;
 pub mod node;
 pub mod storage;
 pub mod transport;

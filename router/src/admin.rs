@@ -1,0 +1,219 @@
+//! The routers' admin API: cluster status, switchover, failover, standby
+//! rebuild and the audit log. Actions run on the coordinator (the routers'
+//! Raft leader); another router answers UNAVAILABLE with the leader's
+//! address in `cellbank-leader-addr`. When the router has an admin token,
+//! every call must carry it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cellbank_cell::raft::driver::DriverHandle;
+use cellbank_proto::router::router_admin_server::RouterAdmin;
+use cellbank_proto::router::*;
+use cellbank_proto::LEADER_ADDR_METADATA_KEY;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::Coordinator;
+use crate::table::{self, TableMachine};
+
+pub struct AdminService {
+    pub router_id: u64,
+    pub node: DriverHandle<TableMachine>,
+    pub coordinator: Arc<Coordinator>,
+    pub db: Arc<rocksdb::DB>,
+    pub admin_token: Option<String>,
+    /// Whether IsolateCells is allowed (router config `fault_injection`).
+    pub fault_injection: bool,
+}
+
+/// Most audit records one call returns (the newest).
+pub const AUDIT_RECORDS_MAX: usize = 1000;
+
+impl AdminService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.admin_token else { return Ok(()) };
+        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match presented.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(given) if given == token => Ok(()),
+            Some(_) => Err(Status::permission_denied("authorization: the admin token is wrong")),
+            None => Err(Status::unauthenticated("authorization: admin calls need `Bearer <admin token>`")),
+        }
+    }
+
+    /// Refuses on a router that is not the coordinator, naming the leader.
+    fn require_coordinator(&self) -> Result<(), Status> {
+        if self.node.shared.is_leader.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let leader_id = self.node.shared.leader_id.load(Ordering::Relaxed);
+        let mut status = Status::unavailable(format!("router {} is not the coordinator", self.router_id));
+        if let Some(addr) = self.node.shared.peers.read().expect("peers lock").get(&leader_id) {
+            if let Ok(value) = addr.parse() {
+                status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
+            }
+        }
+        Err(status)
+    }
+
+    fn who<'a>(given: &'a str) -> &'a str {
+        if given.is_empty() {
+            "operator"
+        } else {
+            given
+        }
+    }
+
+    fn check_pair(&self, pair_id: u64) -> Result<(), Status> {
+        if pair_id == 0 {
+            return Err(Status::invalid_argument("pair_id: must be set"));
+        }
+        let table = self.coordinator.pool.table();
+        if table::find_pair(&table, pair_id).is_none() {
+            let known: Vec<String> = table.pairs.iter().map(|p| p.pair_id.to_string()).collect();
+            return Err(Status::not_found(format!("pair_id: no pair {pair_id} (pairs: {})", known.join(", "))));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RouterAdmin for AdminService {
+    async fn status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatus>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let node = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let table = self.coordinator.pool.table();
+        let health = self.coordinator.health();
+        let routers = node
+            .peers
+            .iter()
+            .map(|(id, addr)| RouterInfo { router_id: *id, addr: addr.clone(), leader: *id == node.leader_id })
+            .collect();
+        let now = tokio::time::Instant::now();
+        let mut replicas = Vec::new();
+        for cell in &table.cells {
+            if let Some(cell_health) = health.get(&cell.cell_id) {
+                for probe in &cell_health.replicas {
+                    replicas.push(ReplicaHealth {
+                        cell_id: cell.cell_id,
+                        addr: probe.addr.clone(),
+                        reachable: probe.reachable,
+                        serving: probe.serving,
+                        status: probe.status.clone(),
+                        last_seen_ms_ago: probe.last_seen.map(|t| now.saturating_duration_since(t).as_millis() as u64).unwrap_or(u64::MAX),
+                    });
+                }
+            }
+        }
+        let pairs = table
+            .pairs
+            .iter()
+            .map(|pair| {
+                let slices = table
+                    .slice_pair
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| **p == pair.pair_id)
+                    .map(|(s, _)| s as u32)
+                    .collect();
+                let active = health.get(&pair.active_cell_id).and_then(|h| h.leader.clone());
+                let standby = health.get(&pair.standby_cell_id).and_then(|h| h.leader.clone());
+                PairStatus {
+                    pair: Some(pair.clone()),
+                    slices,
+                    active_leader_replica: active.as_ref().map(|s| s.replica_id).unwrap_or(0),
+                    standby_leader_replica: standby.as_ref().map(|s| s.replica_id).unwrap_or(0),
+                    replication_lag_entries: active
+                        .as_ref()
+                        .filter(|_| pair.standby_cell_id != 0)
+                        .map(|s| s.applied_index.saturating_sub(s.standby_acked_index))
+                        .unwrap_or(0),
+                    replication_lag_ms: active.as_ref().map(|s| s.standby_lag_ms).unwrap_or(0),
+                }
+            })
+            .collect();
+        Ok(Response::new(ClusterStatus {
+            router_id: self.router_id,
+            leader_router_id: node.leader_id,
+            term: node.term,
+            routers,
+            table: Some(table),
+            pairs,
+            replicas,
+            applied_index: node.applied_index,
+        }))
+    }
+
+    async fn switchover(&self, request: Request<SwitchoverRequest>) -> Result<Response<AdminActionResponse>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let r = request.into_inner();
+        self.check_pair(r.pair_id)?;
+        let response = self.coordinator.switchover(r.pair_id, Self::who(&r.who), &r.why).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<AdminActionResponse>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let r = request.into_inner();
+        self.check_pair(r.pair_id)?;
+        let response = self.coordinator.failover(r.pair_id, r.force, Self::who(&r.who), &r.why).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn rebuild_standby(
+        &self,
+        request: Request<RebuildStandbyRequest>,
+    ) -> Result<Response<AdminActionResponse>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let r = request.into_inner();
+        self.check_pair(r.pair_id)?;
+        let response = self.coordinator.rebuild_standby(r.pair_id, Self::who(&r.who), &r.why).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn isolate_cells(
+        &self,
+        request: Request<IsolateCellsRequest>,
+    ) -> Result<Response<IsolateCellsResponse>, Status> {
+        self.authorize(&request)?;
+        if !self.fault_injection {
+            return Err(Status::permission_denied("fault injection is disabled in this router's config"));
+        }
+        let r = request.into_inner();
+        let table = self.coordinator.pool.table();
+        if let Some(unknown) = r.cell_ids.iter().find(|c| table.cells.iter().all(|known| known.cell_id != **c)) {
+            return Err(Status::not_found(format!("cell_ids: no cell {unknown}")));
+        }
+        if !r.cell_ids.is_empty() && (r.duration_ms == 0 || r.duration_ms > crate::cells::ISOLATION_MAX.as_millis() as u64)
+        {
+            return Err(Status::invalid_argument("duration_ms: must be 1..=600000"));
+        }
+        let isolated =
+            self.coordinator.pool.isolate(&r.cell_ids, std::time::Duration::from_millis(r.duration_ms));
+        tracing::warn!(cells = ?isolated, duration_ms = r.duration_ms, "injected fault: cells isolated from this router");
+        Ok(Response::new(IsolateCellsResponse { isolated_cell_ids: isolated }))
+    }
+
+    async fn audit_log(&self, request: Request<AuditLogRequest>) -> Result<Response<AuditLogResponse>, Status> {
+        self.authorize(&request)?;
+        let mut records = Vec::new();
+        let mut iter = self.db.raw_iterator();
+        iter.seek(table::audit_prefix());
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if !key.starts_with(table::audit_prefix()) {
+                break;
+            }
+            let record = AuditRecord::decode(iter.value().expect("value"))
+                .map_err(|e| Status::internal(format!("corrupt audit record: {e}")))?;
+            records.push(record);
+            iter.next();
+        }
+        let skip = records.len().saturating_sub(AUDIT_RECORDS_MAX);
+        Ok(Response::new(AuditLogResponse { records: records.split_off(skip) }))
+    }
+}

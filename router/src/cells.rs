@@ -1,0 +1,257 @@
+//! Long-lived connections from a router to every replica of every cell, and
+//! the retry loop that carries one request to the right cell.
+//!
+//! - One HTTP/2 channel per replica, kept for the router's lifetime; calls
+//!   from many clients are multiplexed (pipelined) on it.
+//! - A request goes to the replica believed to lead its cell, with the
+//!   slice's routing epoch in `cellbank-epoch`.
+//! - UNAVAILABLE is retried until the caller's deadline: at once at a named
+//!   leader, after the routing table moves for an epoch refusal, otherwise
+//!   with backoff (doubling from [`RETRY_DELAY_MIN`] to [`RETRY_DELAY_MAX`]).
+//!   Cells answer UNAVAILABLE only when nothing was applied, or the write is
+//!   idempotent by its transfer_id, so a retry never applies twice.
+//! - Every other status goes back to the client as it is.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
+use cellbank_proto::router::RoutingTable;
+use cellbank_proto::v1::ledger_client::LedgerClient;
+use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::table::{self, Route, TableView};
+
+pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(5);
+pub const RETRY_DELAY_MAX: Duration = Duration::from_millis(100);
+/// Connecting to a replica.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Largest message to or from a cell (a full SubmitTransfers batch fits).
+pub const CELL_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+pub struct ReplicaConn {
+    pub addr: String,
+    pub ledger: LedgerClient<Channel>,
+    pub admin: ReplicaAdminClient<Channel>,
+    pub channel: Channel,
+}
+
+pub struct CellConn {
+    pub cell_id: u64,
+    pub replicas: Vec<ReplicaConn>,
+    /// The replica believed to lead.
+    leader: AtomicUsize,
+}
+
+impl CellConn {
+    fn new(cell_id: u64, addrs: &[String]) -> CellConn {
+        let replicas = addrs
+            .iter()
+            .filter_map(|addr| {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .ok()?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_while_idle(true);
+                let channel = endpoint.connect_lazy();
+                Some(ReplicaConn {
+                    addr: addr.clone(),
+                    ledger: LedgerClient::new(channel.clone())
+                        .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
+                        .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX),
+                    admin: ReplicaAdminClient::new(channel.clone()),
+                    channel,
+                })
+            })
+            .collect();
+        CellConn { cell_id, replicas, leader: AtomicUsize::new(0) }
+    }
+
+    pub fn leader(&self) -> &ReplicaConn {
+        &self.replicas[self.leader.load(Ordering::Relaxed) % self.replicas.len()]
+    }
+
+    fn follow(&self, addr: &str) -> bool {
+        match self.replicas.iter().position(|r| r.addr == addr) {
+            Some(position) => {
+                self.leader.store(position, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn rotate(&self, from: usize) {
+        let _ = self.leader.compare_exchange(from, (from + 1) % self.replicas.len(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Connections to every cell in the routing table.
+pub struct CellPool {
+    cells: RwLock<HashMap<u64, Arc<CellConn>>>,
+    table: TableView,
+    /// Injected fault: cells this router treats as unreachable, until when.
+    isolated: RwLock<HashMap<u64, Instant>>,
+}
+
+/// Longest an injected isolation lasts.
+pub const ISOLATION_MAX: Duration = Duration::from_secs(600);
+
+/// True for a failure of the connection itself (refused, reset, broken):
+/// the request may or may not have reached the cell. Retrying is safe
+/// because every write carries its idempotency key.
+pub fn is_transport_failure(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        || (status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some())
+}
+
+impl CellPool {
+    pub fn new(table: TableView) -> Arc<CellPool> {
+        Arc::new(CellPool { cells: RwLock::new(HashMap::new()), table, isolated: RwLock::new(HashMap::new()) })
+    }
+
+    /// Treats `cell_ids` as unreachable for `duration` (empty: heal all).
+    pub fn isolate(&self, cell_ids: &[u64], duration: Duration) -> Vec<u64> {
+        let until = Instant::now() + duration.min(ISOLATION_MAX);
+        let mut isolated = self.isolated.write().expect("isolated lock");
+        isolated.clear();
+        for cell in cell_ids {
+            isolated.insert(*cell, until);
+        }
+        let mut ids: Vec<u64> = isolated.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// True while an injected fault isolates the cell from this router.
+    pub fn is_isolated(&self, cell_id: u64) -> bool {
+        self.isolated.read().expect("isolated lock").get(&cell_id).is_some_and(|until| Instant::now() < *until)
+    }
+
+    pub fn table(&self) -> RoutingTable {
+        self.table.borrow().clone()
+    }
+
+    pub fn table_view(&self) -> &TableView {
+        &self.table
+    }
+
+    /// The connections to a cell, made on first use.
+    pub fn cell(&self, cell_id: u64) -> Option<Arc<CellConn>> {
+        if let Some(conn) = self.cells.read().expect("cells lock").get(&cell_id) {
+            return Some(conn.clone());
+        }
+        let addrs = table::cell_addrs(&self.table.borrow(), cell_id);
+        if addrs.is_empty() {
+            return None;
+        }
+        let conn = Arc::new(CellConn::new(cell_id, &addrs));
+        Some(self.cells.write().expect("cells lock").entry(cell_id).or_insert(conn).clone())
+    }
+
+    /// Waits (up to `limit`) for the table to show a pair epoch of at least
+    /// `epoch` for `pair_id`. True when it does.
+    async fn await_epoch(&self, pair_id: u64, epoch: u64, limit: Duration) -> bool {
+        let mut rx = self.table.subscribe();
+        let reached = |t: &RoutingTable| table::find_pair(t, pair_id).is_some_and(|p| p.epoch >= epoch);
+        tokio::time::timeout(limit, async {
+            loop {
+                if reached(&rx.borrow_and_update()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Runs `call` against the cell that owns `pick`'s route, retrying
+    /// retryable failures until `deadline`.
+    pub async fn call<Req, Resp, F, Fut>(
+        &self,
+        pick: impl Fn(&RoutingTable) -> Option<Route>,
+        deadline: Instant,
+        message: Req,
+        call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let mut delay = RETRY_DELAY_MIN;
+        let mut last_error: Option<Status> = None;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(last_error.unwrap_or_else(|| Status::deadline_exceeded("no cell answered in time")));
+            }
+            let remaining = deadline - now;
+            let Some(route) = pick(&self.table.borrow()) else {
+                last_error = Some(Status::unavailable("the routing table is not ready yet"));
+                tokio::time::sleep(delay.min(remaining)).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+                continue;
+            };
+            let Some(cell) = self.cell(route.cell_id) else {
+                return Err(Status::internal(format!("the routing table names cell {} without replicas", route.cell_id)));
+            };
+            if self.is_isolated(route.cell_id) {
+                last_error = Some(Status::unavailable(format!("cell {} is isolated from this router (injected fault)", route.cell_id)));
+                tokio::time::sleep(delay.min(remaining)).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+                continue;
+            }
+            let position = cell.leader.load(Ordering::Relaxed) % cell.replicas.len();
+            let replica = &cell.replicas[position];
+            let mut request = Request::new(message.clone());
+            request.set_timeout(remaining);
+            if let Ok(value) = route.epoch.to_string().parse() {
+                request.metadata_mut().insert(EPOCH_METADATA_KEY, value);
+            }
+            let status = match tokio::time::timeout(remaining, call(replica.ledger.clone(), request)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "the cell did not answer in time; the outcome is unknown: retry with the same transfer_id",
+                    ))
+                }
+            };
+            if !is_transport_failure(&status) {
+                return Err(status);
+            }
+            let leader_hint = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok());
+            let cell_epoch = status
+                .metadata()
+                .get(EPOCH_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let mut retry_now = false;
+            if let Some(hint) = leader_hint {
+                retry_now = hint != replica.addr && cell.follow(hint);
+            } else if let Some(epoch) = cell_epoch.filter(|e| *e > route.epoch) {
+                // This router's table is behind: wait for it to catch up.
+                retry_now = self.await_epoch(route.pair_id, epoch, remaining.min(RETRY_DELAY_MAX * 5)).await;
+            } else if cell_epoch.is_none() {
+                // Not a cell's refusal: the replica is unreachable or has no
+                // leader. Try the next one.
+                cell.rotate(position);
+            }
+            last_error = Some(status);
+            if !retry_now {
+                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! The failover coordinator: runs on every router, acts only on the leader
+//! of the routers' Raft group.
+//!
+//! Every probe interval it asks every replica of every cell for its health
+//! (gRPC health) and its status (role, term, indexes, pair state), then
+//! brings each pair toward what the routing table says:
+//! - The table is the truth and changes first: a failover, a degradation or
+//!   a return to sync is committed in the table's log before any cell hears
+//!   of it, except the one step that must come first for safety: an active
+//!   cell switches to sync before the table records the pair as sync.
+//! - A sync pair whose active cell has had no reachable leader for the
+//!   failover window, and whose standby holds a complete copy, is failed
+//!   over: new epoch in the table, then the standby is promoted by a command
+//!   in its own log. Not again within the cool-down.
+//! - A degraded pair is never failed over automatically.
+//! - A sync pair whose standby has had no reachable leader for the window, or
+//!   whose active has waited on the standby for longer than the window,
+//!   becomes degraded; the active is then told to stop waiting.
+//! - A returning old active (or any cell whose pair state is not what the
+//!   table says) is configured again: as a standby it is rebuilt from the
+//!   active's snapshot.
+//! - Admin actions and the periodic pass take one lock, so they never
+//!   interleave.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellbank_cell::ledger::pair;
+use cellbank_cell::raft::driver::DriverHandle;
+use cellbank_proto::cell::{
+    ConfigureRequest, ConfigureResponse, PairRole, PairState, ReplicaStatus, ReplicationMode, StatusRequest,
+};
+use cellbank_proto::router::{
+    table_command, AdminActionResponse, AuditRecord, ChangeActive, Pair, PairMode, RoutingTable, SetPairMode,
+    TableCommand,
+};
+use cellbank_proto::LEADER_ADDR_METADATA_KEY;
+use tokio::time::Instant;
+use tonic::Status;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::cells::CellPool;
+use crate::config::CoordinatorConfig;
+use crate::table::{self, TableMachine};
+
+/// Time limit of one configure call to a cell.
+const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time limit of one routing-table proposal.
+const TABLE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A switchover waits this long for the standby to catch up after fencing.
+const SWITCHOVER_CATCH_UP_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaProbe {
+    pub addr: String,
+    pub reachable: bool,
+    pub serving: bool,
+    pub status: Option<ReplicaStatus>,
+    pub last_seen: Option<Instant>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CellHealth {
+    pub replicas: Vec<ReplicaProbe>,
+    /// Last time a probe found a serving leader.
+    pub leader_seen: Option<Instant>,
+    /// The leader found by the last probe, if any.
+    pub leader: Option<ReplicaStatus>,
+}
+
+impl CellHealth {
+    fn leader_pair(&self) -> Option<PairState> {
+        self.leader.as_ref().and_then(|s| s.pair.clone())
+    }
+}
+
+pub struct Coordinator {
+    pub node: DriverHandle<TableMachine>,
+    pub pool: Arc<CellPool>,
+    pub config: CoordinatorConfig,
+    /// The table to bootstrap when the group has none.
+    pub seed: RoutingTable,
+    health: Mutex<HashMap<u64, CellHealth>>,
+    actions: tokio::sync::Mutex<()>,
+}
+
+fn is_leader_role(status: &ReplicaStatus) -> bool {
+    status.role == "leader"
+}
+
+/// True when a standby's pair state shows a complete copy of `source`'s
+/// ledger at `epoch`.
+fn usable_standby(state: &PairState, source_cell_id: u64, epoch: u64) -> bool {
+    pair::role(state) == PairRole::Standby
+        && state.epoch == epoch
+        && state.source_cell_id == source_cell_id
+        && state.source_index > 0
+        && state.rebuild_snapshot_index == 0
+}
+
+fn audit(who: &str, what: String, why: &str) -> AuditRecord {
+    AuditRecord { who: who.to_string(), what, why: why.to_string(), ..Default::default() }
+}
+
+impl Coordinator {
+    pub fn new(
+        node: DriverHandle<TableMachine>,
+        pool: Arc<CellPool>,
+        config: CoordinatorConfig,
+        seed: RoutingTable,
+    ) -> Arc<Coordinator> {
+        Arc::new(Coordinator {
+            node,
+            pool,
+            config,
+            seed,
+            health: Mutex::new(HashMap::new()),
+            actions: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.shared.is_leader.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.config.failover_window_ms)
+    }
+
+    pub fn health(&self) -> HashMap<u64, CellHealth> {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    fn cell_health(&self, cell_id: u64) -> CellHealth {
+        self.health.lock().expect("health lock").get(&cell_id).cloned().unwrap_or_default()
+    }
+
+    /// Runs for the router's lifetime.
+    pub async fn run(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.config.probe_interval_ms);
+        let mut was_leader = false;
+        loop {
+            tokio::time::sleep(interval).await;
+            if !self.is_leader() {
+                was_leader = false;
+                continue;
+            }
+            if !was_leader {
+                // A new coordinator gives every cell a full window before
+                // judging it: it has not watched them yet.
+                was_leader = true;
+                let now = Instant::now();
+                let mut health = self.health.lock().expect("health lock");
+                for cell in health.values_mut() {
+                    cell.leader_seen = Some(now);
+                }
+                drop(health);
+                tracing::info!("this router now coordinates failover");
+            }
+            self.probe_all().await;
+            let _guard = self.actions.lock().await;
+            if let Err(e) = self.pass().await {
+                tracing::warn!("coordinator pass: {e}");
+            }
+        }
+    }
+
+    /// Probes every replica of every cell in the table, at once.
+    pub async fn probe_all(&self) {
+        let table = self.pool.table();
+        let cells: Vec<u64> = table.cells.iter().map(|c| c.cell_id).collect();
+        futures::future::join_all(cells.into_iter().map(|cell_id| self.probe_cell(cell_id))).await;
+    }
+
+    async fn probe_cell(&self, cell_id: u64) {
+        let Some(conn) = self.pool.cell(cell_id) else { return };
+        let timeout = Duration::from_millis(self.config.probe_timeout_ms);
+        let isolated = self.pool.is_isolated(cell_id);
+        let probes = conn.replicas.iter().map(|replica| async move {
+            if isolated {
+                return ReplicaProbe { addr: replica.addr.clone(), ..Default::default() };
+            }
+            let mut health = HealthClient::new(replica.channel.clone());
+            let mut admin = replica.admin.clone();
+            let check = tokio::time::timeout(timeout, health.check(HealthCheckRequest { service: String::new() }));
+            let status = tokio::time::timeout(timeout, admin.status(StatusRequest {}));
+            let (check, status) = tokio::join!(check, status);
+            let serving = matches!(&check, Ok(Ok(r)) if r.get_ref().status == 1);
+            let status = match status {
+                Ok(Ok(r)) => Some(r.into_inner()),
+                _ => None,
+            };
+            ReplicaProbe {
+                addr: replica.addr.clone(),
+                reachable: status.is_some(),
+                serving,
+                status,
+                last_seen: None,
+            }
+        });
+        let results = futures::future::join_all(probes).await;
+        let now = Instant::now();
+        let mut health = self.health.lock().expect("health lock");
+        let entry = health.entry(cell_id).or_insert_with(|| CellHealth { leader_seen: Some(now), ..Default::default() });
+        let previous: HashMap<String, Option<Instant>> =
+            entry.replicas.iter().map(|r| (r.addr.clone(), r.last_seen)).collect();
+        entry.replicas = results
+            .into_iter()
+            .map(|mut probe| {
+                probe.last_seen = if probe.reachable { Some(now) } else { previous.get(&probe.addr).copied().flatten() };
+                probe
+            })
+            .collect();
+        let leader = entry
+            .replicas
+            .iter()
+            .filter(|r| r.serving)
+            .filter_map(|r| r.status.as_ref())
+            .filter(|s| is_leader_role(s))
+            .max_by_key(|s| s.term)
+            .cloned();
+        if leader.is_some() {
+            entry.leader_seen = Some(now);
+        }
+        entry.leader = leader;
+    }
+
+    async fn propose(&self, command: TableCommand) -> Result<String, Status> {
+        let outcome = tokio::time::timeout(TABLE_PROPOSE_TIMEOUT, self.node.propose(vec![command]))
+            .await
+            .map_err(|_| Status::unavailable("the routing table did not commit in time"))?
+            .map_err(|e| Status::unavailable(format!("routing table: {e}")))?;
+        let result = outcome.into_iter().next().expect("one result per command");
+        if result.ok {
+            Ok(result.detail)
+        } else {
+            Err(Status::failed_precondition(result.detail))
+        }
+    }
+
+    /// Sends a configure command to a cell's leader (following hints).
+    async fn configure(
+        &self,
+        cell_id: u64,
+        state: PairState,
+        source_state: Option<PairState>,
+    ) -> Result<ConfigureResponse, Status> {
+        let conn = self.pool.cell(cell_id).ok_or_else(|| Status::not_found(format!("unknown cell {cell_id}")))?;
+        if self.pool.is_isolated(cell_id) {
+            return Err(Status::unavailable(format!("cell {cell_id} is isolated from this router (injected fault)")));
+        }
+        let request = ConfigureRequest { cell_id, state: Some(state), source_state };
+        let deadline = Instant::now() + CONFIGURE_TIMEOUT;
+        let mut order: Vec<usize> = (0..conn.replicas.len()).collect();
+        let leader_addr = conn.leader().addr.clone();
+        order.sort_by_key(|i| conn.replicas[*i].addr != leader_addr);
+        let mut last = Status::unavailable(format!("cell {cell_id} has no reachable leader"));
+        let mut attempts = 0;
+        let mut queue = std::collections::VecDeque::from(order);
+        while let Some(i) = queue.pop_front() {
+            attempts += 1;
+            if attempts > conn.replicas.len() * 2 || Instant::now() >= deadline {
+                break;
+            }
+            let mut admin = conn.replicas[i].admin.clone();
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            match admin.configure(call).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    if let Some(hint) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+                        if let Some(j) = conn.replicas.iter().position(|r| r.addr == hint) {
+                            queue.push_front(j);
+                        }
+                    }
+                    last = status;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last)
+    }
+
+    /// The pair state the table asks of a pair's active cell.
+    fn desired_active(&self, table: &RoutingTable, pair: &Pair, mode: ReplicationMode) -> PairState {
+        PairState {
+            epoch: pair.epoch,
+            role: PairRole::Active as i32,
+            mode: mode as i32,
+            standby_cell_id: pair.standby_cell_id,
+            standby_addrs: table::cell_addrs(table, pair.standby_cell_id),
+            ..Default::default()
+        }
+    }
+
+    fn desired_standby(pair: &Pair, source_index: u64) -> PairState {
+        PairState {
+            epoch: pair.epoch,
+            role: PairRole::Standby as i32,
+            mode: ReplicationMode::Sync as i32,
+            source_cell_id: pair.active_cell_id,
+            source_index,
+            ..Default::default()
+        }
+    }
+
+    /// One pass over every pair.
+    async fn pass(&self) -> Result<(), Status> {
+        let table = self.pool.table();
+        if table.slice_count == 0 {
+            if self.seed.slice_count == 0 {
+                return Ok(());
+            }
+            let command = TableCommand {
+                kind: Some(table_command::Kind::Bootstrap(self.seed.clone())),
+                audit: Some(audit("coordinator", "bootstrap the routing table".into(), "first start")),
+            };
+            self.propose(command).await?;
+            tracing::info!("bootstrapped the routing table");
+            return Ok(());
+        }
+        for pair in &table.pairs {
+            if let Err(e) = self.reconcile(pair.pair_id).await {
+                tracing::debug!(pair = pair.pair_id, "reconcile: {}", e.message());
+            }
+        }
+        Ok(())
+    }
+
+    fn pair_now(&self, pair_id: u64) -> Result<(RoutingTable, Pair), Status> {
+        let table = self.pool.table();
+        let pair = table::find_pair(&table, pair_id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("unknown pair {pair_id}")))?;
+        Ok((table, pair))
+    }
+
+    fn down_for(&self, health: &CellHealth, now: Instant) -> Option<Duration> {
+        match (health.leader.is_some(), health.leader_seen) {
+            (true, _) => None,
+            (false, Some(seen)) => Some(now.saturating_duration_since(seen)),
+            (false, None) => Some(Duration::MAX),
+        }
+    }
+
+    async fn reconcile(&self, pair_id: u64) -> Result<(), Status> {
+        let (table, pair) = self.pair_now(pair_id)?;
+        let now = Instant::now();
+        let window = self.window();
+        let active = self.cell_health(pair.active_cell_id);
+        let standby = self.cell_health(pair.standby_cell_id);
+        let active_down = self.down_for(&active, now).is_some_and(|d| d > window);
+        let standby_down = pair.standby_cell_id != 0 && self.down_for(&standby, now).is_some_and(|d| d > window);
+        let standby_usable = standby
+            .leader_pair()
+            .is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch))
+            && standby.leader.is_some();
+
+        // 1. Automatic failover of a sync pair.
+        if table::mode(&pair) == PairMode::Sync && active_down && standby_usable {
+            let cooled = table.pairs.iter().find(|p| p.pair_id == pair_id).is_some_and(|p| {
+                p.last_failover_ms == 0 || now_ms().saturating_sub(p.last_failover_ms) >= self.config.cooldown_ms
+            });
+            if cooled {
+                let why = format!(
+                    "cell {} had no reachable leader for more than {} ms",
+                    pair.active_cell_id, self.config.failover_window_ms
+                );
+                tracing::warn!(pair = pair_id, "failing over: {why}");
+                self.change_active(&table, &pair, PairMode::Degraded, audit("coordinator", "automatic failover".into(), &why))
+                    .await?;
+                return Ok(());
+            }
+        }
+
+        // 2. A sync pair with a sick standby becomes degraded.
+        let waited_ms = active.leader.as_ref().map(|s| s.standby_lag_ms).unwrap_or(0);
+        if table::mode(&pair) == PairMode::Sync && !active_down {
+            let reason = if standby_down {
+                Some(format!("standby cell {} had no reachable leader for the window", pair.standby_cell_id))
+            } else if standby.leader.is_some() && !standby_usable {
+                Some(format!("standby cell {} holds no usable copy", pair.standby_cell_id))
+            } else if waited_ms > self.config.failover_window_ms {
+                Some(format!("the active waited {waited_ms} ms for the standby"))
+            } else {
+                None
+            };
+            if let Some(why) = reason {
+                tracing::warn!(pair = pair_id, "degrading: {why}");
+                let command = TableCommand {
+                    kind: Some(table_command::Kind::SetMode(SetPairMode {
+                        pair_id,
+                        epoch: pair.epoch,
+                        mode: PairMode::Degraded as i32,
+                    })),
+                    audit: Some(audit("coordinator", "degrade the pair".into(), &why)),
+                };
+                self.propose(command).await?;
+                return Box::pin(self.reconcile(pair_id)).await;
+            }
+        }
+
+        // 3. The active cell's configuration.
+        if let Some(current) = active.leader_pair() {
+            let caught_up = active.leader.as_ref().is_some_and(|s| {
+                s.applied_index.saturating_sub(s.standby_acked_index) <= self.config.resync_lag_entries_max
+                    && s.standby_lag_ms < self.config.failover_window_ms / 2
+            });
+            let mode = match table::mode(&pair) {
+                PairMode::Sync => ReplicationMode::Sync,
+                PairMode::Degraded if standby_usable && !standby_down && caught_up => ReplicationMode::Sync,
+                _ => ReplicationMode::Async,
+            };
+            let desired = self.desired_active(&table, &pair, mode);
+            let differs = current.epoch != desired.epoch
+                || current.role != desired.role
+                || current.mode != desired.mode
+                || current.standby_cell_id != desired.standby_cell_id
+                || current.standby_addrs != desired.standby_addrs;
+            // A cell already at a later epoch is never pushed back.
+            if differs && current.epoch <= desired.epoch {
+                self.configure(pair.active_cell_id, desired, None).await?;
+            }
+        }
+
+        // 4. The standby cell's configuration: a cell that is not this
+        //    pair's standby at this epoch is rebuilt as one.
+        if pair.standby_cell_id != 0 {
+            if let Some(current) = standby.leader_pair() {
+                let fits = pair::role(&current) == PairRole::Standby
+                    && current.epoch == pair.epoch
+                    && current.source_cell_id == pair.active_cell_id;
+                if !fits && current.epoch <= pair.epoch {
+                    tracing::info!(pair = pair_id, cell = pair.standby_cell_id, "configuring the standby (rebuild)");
+                    self.configure(pair.standby_cell_id, Coordinator::desired_standby(&pair, 0), None).await?;
+                }
+            }
+        }
+
+        // 5. A degraded pair returns to sync once the active waits for the
+        //    standby and the standby holds everything since it started to.
+        if table::mode(&pair) == PairMode::Degraded && !standby_down && standby_usable {
+            let synced = active.leader.as_ref().is_some_and(|s| {
+                s.pair.as_ref().is_some_and(|p| {
+                    p.epoch == pair.epoch && pair::waits_for_standby(p) && s.standby_acked_index >= p.sync_since_index
+                })
+            });
+            if synced {
+                let command = TableCommand {
+                    kind: Some(table_command::Kind::SetMode(SetPairMode {
+                        pair_id,
+                        epoch: pair.epoch,
+                        mode: PairMode::Sync as i32,
+                    })),
+                    audit: Some(audit("coordinator", "return the pair to sync".into(), "the standby caught up")),
+                };
+                self.propose(command).await?;
+                tracing::info!(pair = pair_id, "the pair is in sync again");
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits a change of active cell in the table, then promotes the new
+    /// active (the old standby). Returns the promotion's configure answer.
+    async fn change_active(
+        &self,
+        table: &RoutingTable,
+        pair: &Pair,
+        mode: PairMode,
+        record: AuditRecord,
+    ) -> Result<ConfigureResponse, Status> {
+        let new_epoch = pair.epoch + 1;
+        let command = TableCommand {
+            kind: Some(table_command::Kind::ChangeActive(ChangeActive { pair_id: pair.pair_id, new_epoch, mode: mode as i32 })),
+            audit: Some(record),
+        };
+        self.propose(command).await?;
+        let promoted = Pair {
+            active_cell_id: pair.standby_cell_id,
+            standby_cell_id: pair.active_cell_id,
+            epoch: new_epoch,
+            mode: mode as i32,
+            ..pair.clone()
+        };
+        let cell_mode = if mode == PairMode::Sync { ReplicationMode::Sync } else { ReplicationMode::Async };
+        let desired = self.desired_active(table, &promoted, cell_mode);
+        self.configure(promoted.active_cell_id, desired, None).await
+    }
+
+    /// A fresh look at one cell.
+    async fn look(&self, cell_id: u64) -> CellHealth {
+        self.probe_cell(cell_id).await;
+        self.cell_health(cell_id)
+    }
+
+    /// Planned switchover of a healthy sync pair.
+    pub async fn switchover(&self, pair_id: u64, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
+        self.require_leader()?;
+        let _guard = self.actions.lock().await;
+        let (table, pair) = self.pair_now(pair_id)?;
+        if pair.standby_cell_id == 0 {
+            return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+        }
+        if table::mode(&pair) != PairMode::Sync {
+            return Err(Status::failed_precondition(format!(
+                "pair {pair_id} is {}: its standby may be behind, so a switchover could lose writes; wait for SYNC, \
+                 or use `admin failover --force`",
+                table::mode(&pair).as_str_name()
+            )));
+        }
+        let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
+        let active_state = active
+            .leader_pair()
+            .ok_or_else(|| Status::failed_precondition(format!("active cell {} has no reachable leader", pair.active_cell_id)))?;
+        if !standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch)) {
+            return Err(Status::failed_precondition(format!(
+                "standby cell {} has no reachable leader holding a complete copy",
+                pair.standby_cell_id
+            )));
+        }
+        let started = Instant::now();
+        // 1. The active stops taking writes.
+        let fenced = PairState { role: PairRole::Fenced as i32, ..active_state.clone() };
+        let fence = self.configure(pair.active_cell_id, fenced, None).await?;
+        // 2. The standby catches up with everything before the fence.
+        if let Err(e) = self.await_acked(pair.active_cell_id, fence.applied_index).await {
+            let _ = self.configure(pair.active_cell_id, active_state, None).await;
+            return Err(e);
+        }
+        // 3. The table flips; 4. the standby is promoted; 5. the old active
+        //    becomes its standby, holding exactly the promoted ledger.
+        let record = audit(who, format!("switchover of pair {pair_id}"), why);
+        let promoted = match self.change_active(&table, &pair, PairMode::Sync, record).await {
+            Ok(promoted) => promoted,
+            Err(e) => {
+                if self.pair_now(pair_id)?.1.epoch == pair.epoch {
+                    let _ = self.configure(pair.active_cell_id, active_state, None).await;
+                }
+                return Err(e);
+            }
+        };
+        let write_pause_ms = started.elapsed().as_millis() as u64;
+        let new_pair = self.pair_now(pair_id)?.1;
+        let demoted = Coordinator::desired_standby(&new_pair, promoted.applied_index);
+        self.configure(pair.active_cell_id, demoted, promoted.state.clone()).await?;
+        tracing::info!(pair = pair_id, write_pause_ms, "switchover done");
+        Ok(AdminActionResponse {
+            new_epoch: new_pair.epoch,
+            active_cell_id: new_pair.active_cell_id,
+            standby_cell_id: new_pair.standby_cell_id,
+            may_be_lost: String::new(),
+            write_pause_ms,
+            detail: format!(
+                "cell {} is active at epoch {}; cell {} is its standby from index {}",
+                new_pair.active_cell_id, new_pair.epoch, new_pair.standby_cell_id, promoted.applied_index
+            ),
+        })
+    }
+
+    /// Waits until the active's leader reports the standby holds `index`.
+    async fn await_acked(&self, cell_id: u64, index: u64) -> Result<(), Status> {
+        let conn = self.pool.cell(cell_id).ok_or_else(|| Status::not_found(format!("unknown cell {cell_id}")))?;
+        if self.pool.is_isolated(cell_id) {
+            return Err(Status::unavailable(format!("cell {cell_id} is isolated from this router (injected fault)")));
+        }
+        let deadline = Instant::now() + SWITCHOVER_CATCH_UP_MAX;
+        while Instant::now() < deadline {
+            for replica in &conn.replicas {
+                let mut admin = replica.admin.clone();
+                if let Ok(Ok(status)) =
+                    tokio::time::timeout(Duration::from_millis(200), admin.status(StatusRequest {})).await
+                {
+                    let status = status.into_inner();
+                    if is_leader_role(&status) && status.standby_acked_index >= index {
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Err(Status::unavailable(format!(
+            "the standby did not acknowledge index {index} of cell {cell_id} within {} ms; the switchover was undone",
+            SWITCHOVER_CATCH_UP_MAX.as_millis()
+        )))
+    }
+
+    /// Failover on an operator's command.
+    pub async fn failover(&self, pair_id: u64, force: bool, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
+        self.require_leader()?;
+        let _guard = self.actions.lock().await;
+        let (table, pair) = self.pair_now(pair_id)?;
+        if pair.standby_cell_id == 0 {
+            return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+        }
+        let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
+        let standby_state = standby.leader_pair();
+        if !standby_state.as_ref().is_some_and(|s| usable_standby(s, pair.active_cell_id, pair.epoch)) {
+            return Err(Status::failed_precondition(format!(
+                "standby cell {} has no reachable leader holding a complete copy; nothing to fail over to",
+                pair.standby_cell_id
+            )));
+        }
+        let standby_holds = standby_state.map(|s| s.source_index).unwrap_or(0);
+        let mode = table::mode(&pair);
+        if !force {
+            if mode != PairMode::Sync {
+                return Err(Status::failed_precondition(format!(
+                    "pair {pair_id} is {}: the standby may be behind and writes may be lost; repeat with --force to \
+                     accept that",
+                    mode.as_str_name()
+                )));
+            }
+            if active.leader.is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "pair {pair_id} is healthy (cell {} has a leader); use `admin switchover`, or --force",
+                    pair.active_cell_id
+                )));
+            }
+        }
+        let mut may_be_lost = String::new();
+        if let Some(active_state) = active.leader_pair() {
+            // Still reachable: stop it first, and give the standby a moment
+            // to take what it can.
+            let fenced = PairState { role: PairRole::Fenced as i32, ..active_state };
+            let fence = self.configure(pair.active_cell_id, fenced, None).await?;
+            if self.await_acked(pair.active_cell_id, fence.applied_index).await.is_err() && mode != PairMode::Sync {
+                let acked = self.cell_health(pair.active_cell_id).leader.map(|s| s.standby_acked_index).unwrap_or(0);
+                may_be_lost = format!(
+                    "entries {}..={} of cell {} are not on the standby",
+                    acked.max(standby_holds) + 1,
+                    fence.applied_index,
+                    pair.active_cell_id
+                );
+            }
+        } else if mode != PairMode::Sync {
+            let last_known = active
+                .replicas
+                .iter()
+                .filter_map(|r| r.status.as_ref())
+                .map(|s| s.applied_index)
+                .max();
+            may_be_lost = match last_known {
+                Some(applied) if applied > standby_holds => format!(
+                    "cell {} is unreachable; the standby holds its log up to index {standby_holds}; entries \
+                     {}..={applied} (last seen applied) and anything after may be lost",
+                    pair.active_cell_id,
+                    standby_holds + 1
+                ),
+                _ => format!(
+                    "cell {} is unreachable; the standby holds its log up to index {standby_holds}; anything after \
+                     it may be lost",
+                    pair.active_cell_id
+                ),
+            };
+        }
+        let what = format!("{} failover of pair {pair_id}", if force { "forced" } else { "manual" });
+        let why_text = if may_be_lost.is_empty() { why.to_string() } else { format!("{why}; may be lost: {may_be_lost}") };
+        let promoted = self.change_active(&table, &pair, PairMode::Degraded, audit(who, what, &why_text)).await?;
+        let new_pair = self.pair_now(pair_id)?.1;
+        Ok(AdminActionResponse {
+            new_epoch: new_pair.epoch,
+            active_cell_id: new_pair.active_cell_id,
+            standby_cell_id: new_pair.standby_cell_id,
+            may_be_lost,
+            write_pause_ms: 0,
+            detail: format!(
+                "cell {} is active at epoch {} (promoted at its index {}); the pair is DEGRADED until cell {} is rebuilt",
+                new_pair.active_cell_id, new_pair.epoch, promoted.applied_index, new_pair.standby_cell_id
+            ),
+        })
+    }
+
+    /// Makes the standby drop its copy and rebuild it from a snapshot.
+    pub async fn rebuild_standby(&self, pair_id: u64, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
+        self.require_leader()?;
+        let _guard = self.actions.lock().await;
+        let (table, pair) = self.pair_now(pair_id)?;
+        if pair.standby_cell_id == 0 {
+            return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+        }
+        let command = TableCommand {
+            kind: Some(table_command::Kind::SetMode(SetPairMode {
+                pair_id,
+                epoch: pair.epoch,
+                mode: PairMode::Degraded as i32,
+            })),
+            audit: Some(audit(who, format!("rebuild the standby of pair {pair_id}"), why)),
+        };
+        self.propose(command).await?;
+        let degraded = Pair { mode: PairMode::Degraded as i32, ..pair.clone() };
+        self.configure(pair.active_cell_id, self.desired_active(&table, &degraded, ReplicationMode::Async), None)
+            .await?;
+        self.configure(pair.standby_cell_id, Coordinator::desired_standby(&pair, 0), None).await?;
+        Ok(AdminActionResponse {
+            new_epoch: pair.epoch,
+            active_cell_id: pair.active_cell_id,
+            standby_cell_id: pair.standby_cell_id,
+            detail: format!(
+                "cell {} is rebuilding from cell {}; the pair is DEGRADED until it catches up",
+                pair.standby_cell_id, pair.active_cell_id
+            ),
+            ..Default::default()
+        })
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(Status::unavailable("this router is not the coordinator"))
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,22 @@
+//! A cellbank router: the front door clients call, and one member of the
+//! routers' Raft group that replicates the routing table.
+//!
+//! - [`table`]: the routing table state machine (slices, pairs, epochs,
+//!   audit log) and the user-to-slice hash.
+//! - [`cells`]: connections to every cell replica and the retry loop.
+//! - [`front`]: `cellbank.v1.Ledger` for clients.
+//! - [`coordinator`]: health probes, failover, degraded mode, switchover
+//!   (active on the group's leader only).
+//! - [`admin`]: the operators' API.
+//! - [`server`]: assembles a router.
+
+// tonic::Status is the error type of every gRPC handler and helper here.
+#![allow(clippy::result_large_err)]
+
+pub mod admin;
+pub mod cells;
+pub mod config;
+pub mod coordinator;
+pub mod front;
+pub mod server;
+pub mod table;

@@ -1,0 +1,139 @@
+//! Assembles one router: RocksDB for the table's log, the table group's
+//! Raft node, the connections to the cells, the coordinator, and one gRPC
+//! server for the client front door (`cellbank.v1.Ledger`), the admin API,
+//! the table group's Raft transport, health and reflection.
+
+use std::sync::Arc;
+
+use cellbank_cell::metrics::{self, Metrics};
+use cellbank_cell::raft::driver::DriverHandle;
+use cellbank_cell::raft::group::{self, Group, GroupMember};
+use cellbank_cell::raft::storage::open_db;
+use cellbank_cell::raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
+use cellbank_cell::service::TransportService;
+use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
+use cellbank_proto::router::router_admin_server::RouterAdminServer;
+use cellbank_proto::router::RoutingTable;
+use cellbank_proto::v1::ledger_server::LedgerServer;
+use tokio::sync::oneshot;
+
+use crate::admin::AdminService;
+use crate::cells::{CellPool, CELL_MESSAGE_BYTES_MAX};
+use crate::config::RouterConfig;
+use crate::coordinator::Coordinator;
+use crate::front::Front;
+use crate::table::{TableMachine, TableView};
+
+/// The routers' Raft group id on the transport (cells start at 1).
+pub const ROUTER_GROUP_ID: u64 = 0;
+
+pub struct Router {
+    pub node: DriverHandle<TableMachine>,
+    pub addr: std::net::SocketAddr,
+    pub table: TableView,
+    server_stop: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _transport: Arc<GrpcTransport>,
+}
+
+pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
+    config.check()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let metrics = Metrics::new(ROUTER_GROUP_ID, config.router_id);
+    let db = open_db(&config.data_dir.join("rocksdb"));
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let table: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
+    let machine = TableMachine::new(Some(db.clone()), table.clone());
+    let member = GroupMember {
+        group_id: ROUTER_GROUP_ID,
+        replica_id: config.router_id,
+        addr: addr.to_string(),
+        tuning: &config.raft,
+        peers: &config.peers,
+    };
+    let Group { handle, thread, transport } = group::start(member, db.clone(), machine, metrics.clone());
+    let pool = CellPool::new(table.clone());
+    let coordinator = Coordinator::new(handle.clone(), pool.clone(), config.coordinator.clone(), config.seed_table());
+    let mut tasks = vec![tokio::spawn(coordinator.clone().run())];
+
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<LedgerServer<Front>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let front = LedgerServer::new(Front { pool: pool.clone() })
+        .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX);
+    let admin = RouterAdminServer::new(AdminService {
+        router_id: config.router_id,
+        node: handle.clone(),
+        coordinator,
+        db,
+        admin_token: config.admin_token.clone(),
+        fault_injection: config.fault_injection,
+    });
+    let transport_service = RaftTransportServer::new(TransportService {
+        group_id: ROUTER_GROUP_ID,
+        replica_id: config.router_id,
+        node: handle.clone(),
+        transport: transport.clone(),
+        metrics: metrics.clone(),
+        snapshot_receives: Arc::new(tokio::sync::Semaphore::new(1)),
+    })
+    .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(front)
+            .add_service(admin)
+            .add_service(transport_service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    if let Some(metrics_addr) = config.metrics_listen {
+        let listener = metrics::bind(metrics_addr).await?;
+        tasks.push(tokio::spawn(metrics::serve(listener, metrics.clone())));
+    }
+    tracing::info!(router = config.router_id, %addr, data = %config.data_dir.display(), "router started");
+    Ok(Router {
+        node: handle,
+        addr,
+        table,
+        server_stop: Some(stop_tx),
+        tasks,
+        server_task,
+        thread: Some(thread),
+        _transport: transport,
+    })
+}
+
+impl Router {
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.server_stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.server_task).await;
+        self.server_task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.node.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The routing table: a state machine replicated by the routers' Raft group
+//! (the same Raft layer as the cells'). It holds the cells, the
+//! active/standby pairs with their modes and epochs, the slice-to-pair map
+//! and the audit log.
+//!
+//! Invariants, checked on apply:
+//! - The table is bootstrapped once; afterwards the slice count and the set
+//!   of cells never change through this log.
+//! - A pair's epoch only grows, by exactly one per change of active cell,
+//!   and every slice of the pair carries the pair's epoch.
+//! - A pair with no standby is never failed over and has mode NO_STANDBY.
+//! - Every admin action that applies leaves an audit record (who, what,
+//!   when, why); the record's time is the proposer's clock, in the entry.
+
+use std::sync::Arc;
+
+use cellbank_cell::raft::{Kv, StateMachine};
+use cellbank_proto::router::{
+    table_command, AuditRecord, Pair, PairMode, RoutingTable, TableBatch, TableCommand, TableCommandResult,
+};
+use prost::Message;
+
+const TABLE_KEY: &[u8] = &[cellbank_cell::raft::storage::STATE_PREFIX, b'T'];
+const AUDIT_PREFIX: &[u8] = &[cellbank_cell::raft::storage::STATE_PREFIX, b'A'];
+
+/// Most slices a table may have.
+pub const SLICES_MAX: u32 = 65_536;
+
+/// The table as last applied, for the front door and the coordinator.
+pub type TableView = Arc<tokio::sync::watch::Sender<RoutingTable>>;
+
+/// The slice of a user: a fixed mix of the id, so that consecutive ids
+/// spread over slices. Stable forever: changing it moves every user.
+pub fn slice_of(user_id: u64, slice_count: u32) -> u32 {
+    let mut x = user_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    (x % u64::from(slice_count.max(1))) as u32
+}
+
+pub fn audit_key(seq: u64) -> Vec<u8> {
+    let mut key = AUDIT_PREFIX.to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn audit_prefix() -> &'static [u8] {
+    AUDIT_PREFIX
+}
+
+/// Where a user's requests go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub slice: u32,
+    pub pair_id: u64,
+    pub cell_id: u64,
+    pub epoch: u64,
+}
+
+pub fn route(table: &RoutingTable, user_id: u64) -> Option<Route> {
+    if table.slice_count == 0 {
+        return None;
+    }
+    let slice = slice_of(user_id, table.slice_count);
+    let pair_id = *table.slice_pair.get(slice as usize)?;
+    let pair = find_pair(table, pair_id)?;
+    Some(Route { slice, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
+}
+
+pub fn find_pair(table: &RoutingTable, pair_id: u64) -> Option<&Pair> {
+    table.pairs.iter().find(|p| p.pair_id == pair_id)
+}
+
+pub fn mode(pair: &Pair) -> PairMode {
+    PairMode::try_from(pair.mode).unwrap_or(PairMode::Unspecified)
+}
+
+pub fn cell_addrs(table: &RoutingTable, cell_id: u64) -> Vec<String> {
+    table.cells.iter().find(|c| c.cell_id == cell_id).map(|c| c.replicas.clone()).unwrap_or_default()
+}
+
+/// Checks a table offered for bootstrap.
+pub fn check_bootstrap(table: &RoutingTable) -> Result<(), String> {
+    if table.slice_count == 0 || table.slice_count > SLICES_MAX {
+        return Err(format!("slice_count: {} is not in 1..={SLICES_MAX}", table.slice_count));
+    }
+    if table.slice_pair.len() != table.slice_count as usize {
+        return Err("slice_pair: one pair per slice".into());
+    }
+    let mut cells = std::collections::BTreeSet::new();
+    for cell in &table.cells {
+        if cell.cell_id == 0 || !cells.insert(cell.cell_id) {
+            return Err(format!("cells: id {} is zero or repeated", cell.cell_id));
+        }
+        if cell.replicas.is_empty() {
+            return Err(format!("cells: cell {} has no replicas", cell.cell_id));
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for pair in &table.pairs {
+        for cell in [pair.active_cell_id, pair.standby_cell_id].into_iter().filter(|c| *c != 0) {
+            if !cells.contains(&cell) {
+                return Err(format!("pairs: pair {} names unknown cell {cell}", pair.pair_id));
+            }
+            if !used.insert(cell) {
+                return Err(format!("pairs: cell {cell} is in two pairs"));
+            }
+        }
+        if pair.active_cell_id == 0 {
+            return Err(format!("pairs: pair {} has no active cell", pair.pair_id));
+        }
+    }
+    for pair_id in &table.slice_pair {
+        if find_pair(table, *pair_id).is_none() {
+            return Err(format!("slice_pair: unknown pair {pair_id}"));
+        }
+    }
+    Ok(())
+}
+
+/// The routing table state machine.
+pub struct TableMachine {
+    table: RoutingTable,
+    view: TableView,
+    db: Option<Arc<rocksdb::DB>>,
+}
+
+impl TableMachine {
+    pub fn new(db: Option<Arc<rocksdb::DB>>, view: TableView) -> TableMachine {
+        let mut machine = TableMachine { table: RoutingTable::default(), view, db };
+        machine.reload();
+        machine
+    }
+
+    fn reload(&mut self) {
+        if let Some(db) = &self.db {
+            self.table = read_table(&cellbank_cell::raft::ReadOnlyDb(db));
+            self.view.send_replace(self.table.clone());
+        }
+    }
+
+    fn apply_command(
+        &mut self,
+        kv: &mut dyn Kv,
+        timestamp_ms: u64,
+        command: &TableCommand,
+    ) -> Result<Option<String>, String> {
+        match &command.kind {
+            Some(table_command::Kind::Bootstrap(table)) => {
+                if self.table.slice_count != 0 {
+                    return Err("the table is already bootstrapped".into());
+                }
+                check_bootstrap(table)?;
+                let mut table = table.clone();
+                table.slice_epoch = table
+                    .slice_pair
+                    .iter()
+                    .map(|p| find_pair(&table, *p).map(|pair| pair.epoch).unwrap_or(1))
+                    .collect();
+                table.audit_count = 0;
+                self.table = table;
+                Ok(None)
+            }
+            Some(table_command::Kind::SetMode(set)) => {
+                let pair = self.pair_mut(set.pair_id)?;
+                if pair.epoch != set.epoch {
+                    return Err(format!("pair {} is at epoch {}, not {}", set.pair_id, pair.epoch, set.epoch));
+                }
+                let requested = PairMode::try_from(set.mode).map_err(|_| "mode: unknown".to_string())?;
+                if pair.standby_cell_id == 0 || requested == PairMode::NoStandby || requested == PairMode::Unspecified {
+                    return Err(format!("pair {}: mode {} cannot be set", set.pair_id, requested.as_str_name()));
+                }
+                let before = mode(pair);
+                pair.mode = requested as i32;
+                Ok(Some(format!("{} -> {}", before.as_str_name(), requested.as_str_name())))
+            }
+            Some(table_command::Kind::ChangeActive(change)) => {
+                let pair = self.pair_mut(change.pair_id)?;
+                if pair.standby_cell_id == 0 {
+                    return Err(format!("pair {} has no standby", change.pair_id));
+                }
+                if change.new_epoch != pair.epoch + 1 {
+                    return Err(format!(
+                        "pair {} is at epoch {}; the change must name epoch {}, not {}",
+                        change.pair_id,
+                        pair.epoch,
+                        pair.epoch + 1,
+                        change.new_epoch
+                    ));
+                }
+                let requested = PairMode::try_from(change.mode).map_err(|_| "mode: unknown".to_string())?;
+                std::mem::swap(&mut pair.active_cell_id, &mut pair.standby_cell_id);
+                pair.epoch = change.new_epoch;
+                pair.mode = requested as i32;
+                pair.last_failover_ms = timestamp_ms;
+                let (pair_id, epoch) = (pair.pair_id, pair.epoch);
+                let active = pair.active_cell_id;
+                for (slice, owner) in self.table.slice_pair.iter().enumerate() {
+                    if *owner == pair_id {
+                        self.table.slice_epoch[slice] = epoch;
+                    }
+                }
+                Ok(Some(format!("cell {active} is active at epoch {epoch}")))
+            }
+            None => Err("empty command".into()),
+        }
+        .inspect(|_| write_table(kv, &self.table))
+    }
+
+    fn pair_mut(&mut self, pair_id: u64) -> Result<&mut Pair, String> {
+        if self.table.slice_count == 0 {
+            return Err("the table is not bootstrapped yet".into());
+        }
+        self.table.pairs.iter_mut().find(|p| p.pair_id == pair_id).ok_or_else(|| format!("unknown pair {pair_id}"))
+    }
+
+    fn audit(&mut self, kv: &mut dyn Kv, timestamp_ms: u64, record: &AuditRecord, outcome: &str) {
+        self.table.audit_count += 1;
+        let record = AuditRecord {
+            seq: self.table.audit_count,
+            time_ms: timestamp_ms,
+            who: record.who.clone(),
+            what: format!("{} ({outcome})", record.what),
+            why: record.why.clone(),
+        };
+        kv.put(&audit_key(record.seq), &record.encode_to_vec());
+        write_table(kv, &self.table);
+    }
+}
+
+fn read_table(kv: &dyn Kv) -> RoutingTable {
+    match kv.get(TABLE_KEY) {
+        Some(bytes) => RoutingTable::decode(bytes.as_slice()).unwrap_or_else(|e| panic!("corrupt routing table: {e}")),
+        None => RoutingTable::default(),
+    }
+}
+
+fn write_table(kv: &mut dyn Kv, table: &RoutingTable) {
+    for pair in &table.pairs {
+        assert!(pair.epoch >= 1, "pair {} has epoch 0", pair.pair_id);
+    }
+    kv.put(TABLE_KEY, &table.encode_to_vec());
+}
+
+impl StateMachine for TableMachine {
+    type Command = TableCommand;
+    type Output = TableCommandResult;
+
+    fn encode_batch(&self, commands: Vec<TableCommand>, timestamp_ms: u64) -> Vec<u8> {
+        TableBatch { timestamp_ms, commands }.encode_to_vec()
+    }
+
+    fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TableCommandResult> {
+        let batch = TableBatch::decode(data)
+            .unwrap_or_else(|e| panic!("entry {index} is not a table batch ({e}); the log is corrupt"));
+        let mut results = Vec::with_capacity(batch.commands.len());
+        for command in &batch.commands {
+            let outcome = self.apply_command(kv, batch.timestamp_ms, command);
+            if let Some(audit) = command.audit.as_ref().filter(|a| !a.what.is_empty()) {
+                let text = match &outcome {
+                    Ok(Some(change)) => change.clone(),
+                    Ok(None) => "done".to_string(),
+                    Err(refusal) => format!("refused: {refusal}"),
+                };
+                self.audit(kv, batch.timestamp_ms, audit, &text);
+            }
+            results.push(match outcome {
+                Ok(change) => TableCommandResult { ok: true, detail: change.unwrap_or_default() },
+                Err(refusal) => TableCommandResult { ok: false, detail: refusal },
+            });
+        }
+        self.view.send_replace(self.table.clone());
+        results
+    }
+
+    fn restored(&mut self) {
+        self.reload();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use cellbank_proto::router::{CellReplicas, ChangeActive, SetPairMode};
+
+    use super::*;
+
+    fn bootstrap_table() -> RoutingTable {
+        let cells = (1..=4).map(|id| CellReplicas { cell_id: id, replicas: vec![format!("127.0.0.1:{id}")] }).collect();
+        let pairs = vec![
+            Pair { pair_id: 1, active_cell_id: 1, standby_cell_id: 3, mode: PairMode::Degraded as i32, epoch: 1, last_failover_ms: 0 },
+            Pair { pair_id: 2, active_cell_id: 2, standby_cell_id: 4, mode: PairMode::Degraded as i32, epoch: 1, last_failover_ms: 0 },
+        ];
+        RoutingTable { slice_count: 4, cells, pairs, slice_pair: vec![1, 2, 1, 2], ..Default::default() }
+    }
+
+    fn apply(machine: &mut TableMachine, kv: &mut BTreeMap<Vec<u8>, Vec<u8>>, command: table_command::Kind) -> TableCommandResult {
+        let audit = AuditRecord { who: "tester".into(), what: "act".into(), why: "test".into(), ..Default::default() };
+        let data = machine.encode_batch(vec![TableCommand { kind: Some(command), audit: Some(audit) }], 1_000);
+        machine.apply(kv, 6, &data).pop().unwrap()
+    }
+
+    #[test]
+    fn slices_are_stable_and_spread() {
+        assert_eq!(slice_of(1, 64), slice_of(1, 64));
+        let mut counts = [0u32; 8];
+        for user in 0..8_000u64 {
+            counts[slice_of(user, 8) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "uneven spread: {counts:?}");
+    }
+
+    #[test]
+    fn change_active_swaps_the_pair_and_bumps_every_slice_epoch_once() {
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
+        let mut machine = TableMachine::new(None, view.clone());
+        let mut kv = BTreeMap::new();
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
+        let change = ChangeActive { pair_id: 1, new_epoch: 2, mode: PairMode::Degraded as i32 };
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::ChangeActive(change.clone())).ok);
+        let table = view.borrow().clone();
+        assert_eq!(find_pair(&table, 1).unwrap().active_cell_id, 3);
+        assert_eq!(table.slice_epoch, vec![2, 1, 2, 1]);
+        assert_eq!(route(&table, 0).map(|r| r.epoch), Some(table.slice_epoch[slice_of(0, 4) as usize]));
+        // The same change again names a stale epoch and changes nothing.
+        let again = apply(&mut machine, &mut kv, table_command::Kind::ChangeActive(change));
+        assert!(!again.ok, "{}", again.detail);
+        assert_eq!(find_pair(&view.borrow(), 1).unwrap().active_cell_id, 3);
+        assert_eq!(view.borrow().audit_count, 3, "every action is audited, refusals too");
+    }
+
+    #[test]
+    fn bad_commands_are_refused_and_change_nothing() {
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
+        let mut machine = TableMachine::new(None, view.clone());
+        let mut kv = BTreeMap::new();
+        let early = apply(&mut machine, &mut kv, table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 1, mode: 1 }));
+        assert!(!early.ok && early.detail.contains("not bootstrapped"));
+        let mut broken = bootstrap_table();
+        broken.slice_pair = vec![1, 2, 1, 9];
+        assert!(!apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(broken)).ok);
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
+        let before = view.borrow().pairs.clone();
+        for command in [
+            table_command::Kind::SetMode(SetPairMode { pair_id: 9, epoch: 1, mode: 1 }),
+            table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 7, mode: 1 }),
+            table_command::Kind::ChangeActive(ChangeActive { pair_id: 1, new_epoch: 5, mode: 1 }),
+            table_command::Kind::Bootstrap(bootstrap_table()),
+        ] {
+            assert!(!apply(&mut machine, &mut kv, command).ok);
+        }
+        assert_eq!(view.borrow().pairs, before);
+    }
+}

@@ -1,0 +1,218 @@
+//! CLI commands that talk to routers: cluster status and the operator
+//! actions on pairs (switchover, failover, standby rebuild, audit log).
+
+use std::time::Duration;
+
+use cellbank_proto::router::router_admin_client::RouterAdminClient;
+use cellbank_proto::router::*;
+use cellbank_proto::LEADER_ADDR_METADATA_KEY;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Endpoints;
+
+/// How long an admin action may take (a switchover waits for the standby).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Clone)]
+pub struct AdminAuth {
+    /// The routers' admin token, when they have one.
+    #[arg(long, env = "CELLBANK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Who is acting, for the audit log.
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub who: String,
+    /// Why, for the audit log.
+    #[arg(long, default_value = "")]
+    pub why: String,
+}
+
+async fn connect(addr: &str) -> anyhow::Result<RouterAdminClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach router {addr}: {e}"))?;
+    Ok(RouterAdminClient::new(channel))
+}
+
+/// Calls `call` on the coordinator, following leader hints from the other routers.
+pub async fn on_coordinator<T, F, Fut>(endpoints: &[String], token: Option<&str>, call: F) -> Result<T, tonic::Status>
+where
+    F: Fn(RouterAdminClient<Channel>, tonic::metadata::MetadataMap) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut queue: std::collections::VecDeque<String> = endpoints.iter().cloned().collect();
+    let mut last = tonic::Status::unavailable("no router reachable");
+    let mut attempts = 0;
+    while let Some(addr) = queue.pop_front() {
+        attempts += 1;
+        if attempts > endpoints.len() * 3 + 3 {
+            break;
+        }
+        let client = match connect(&addr).await {
+            Ok(client) => client,
+            Err(e) => {
+                last = tonic::Status::unavailable(e.to_string());
+                continue;
+            }
+        };
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(token) = token {
+            if let Ok(value) = format!("Bearer {token}").parse() {
+                metadata.insert("authorization", value);
+            }
+        }
+        match call(client, metadata).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                if let Some(hint) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+                    queue.push_front(hint.to_string());
+                } else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    queue.push_back(addr);
+                }
+                last = status;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+    Err(last)
+}
+
+fn request<T>(message: T, metadata: tonic::metadata::MetadataMap) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    *request.metadata_mut() = metadata;
+    request.set_timeout(ADMIN_TIMEOUT);
+    request
+}
+
+pub async fn cluster_status(endpoints: &[String], token: Option<&str>) -> Result<ClusterStatus, tonic::Status> {
+    on_coordinator(endpoints, token, |mut c, m| async move { c.status(request(ClusterStatusRequest {}, m)).await }).await
+}
+
+fn mode_name(mode: i32) -> &'static str {
+    match PairMode::try_from(mode).unwrap_or(PairMode::Unspecified) {
+        PairMode::Sync => "SYNC",
+        PairMode::Degraded => "DEGRADED",
+        PairMode::NoStandby => "NO_STANDBY",
+        PairMode::Unspecified => "?",
+    }
+}
+
+pub fn print_status(status: &ClusterStatus) {
+    println!("routers (term {}):", status.term);
+    for router in &status.routers {
+        let role = if router.leader { "leader (coordinator)" } else { "follower" };
+        println!("  router {:<3} {:<22} {role}", router.router_id, router.addr);
+    }
+    println!("pairs:");
+    println!(
+        "  {:<5} {:<8} {:<8} {:<11} {:>6} {:>12} {:>9} {:>7}",
+        "pair", "active", "standby", "mode", "epoch", "lag-entries", "lag-ms", "slices"
+    );
+    for pair_status in &status.pairs {
+        let Some(pair) = &pair_status.pair else { continue };
+        let standby = if pair.standby_cell_id == 0 { "-".to_string() } else { pair.standby_cell_id.to_string() };
+        println!(
+            "  {:<5} {:<8} {:<8} {:<11} {:>6} {:>12} {:>9} {:>7}",
+            pair.pair_id,
+            pair.active_cell_id,
+            standby,
+            mode_name(pair.mode),
+            pair.epoch,
+            pair_status.replication_lag_entries,
+            pair_status.replication_lag_ms,
+            pair_status.slices.len()
+        );
+    }
+    println!("replicas:");
+    println!(
+        "  {:<5} {:<22} {:<10} {:<9} {:>5} {:>9} {:>9} {:<10} {:>6}",
+        "cell", "addr", "health", "role", "term", "commit", "applied", "pair-role", "epoch"
+    );
+    for replica in &status.replicas {
+        let health = match (replica.reachable, replica.serving) {
+            (true, true) => "serving",
+            (true, false) => "reachable",
+            _ => "DOWN",
+        };
+        match &replica.status {
+            Some(s) if replica.reachable => {
+                let pair = s.pair.clone().unwrap_or_default();
+                let role = cellbank_proto::cell::PairRole::try_from(pair.role)
+                    .map(|r| r.as_str_name().trim_start_matches("PAIR_ROLE_").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "  {:<5} {:<22} {:<10} {:<9} {:>5} {:>9} {:>9} {:<10} {:>6}",
+                    replica.cell_id, replica.addr, health, s.role, s.term, s.commit_index, s.applied_index, role, pair.epoch
+                );
+            }
+            _ => println!("  {:<5} {:<22} {:<10}", replica.cell_id, replica.addr, health),
+        }
+    }
+}
+
+pub async fn status(endpoints: &Endpoints, token: Option<&str>) -> anyhow::Result<bool> {
+    match cluster_status(&endpoints.endpoints, token).await {
+        Ok(status) => {
+            print_status(&status);
+            Ok(true)
+        }
+        Err(status) if status.code() == tonic::Code::Unimplemented => Ok(false),
+        Err(status) => Err(status.into()),
+    }
+}
+
+fn print_action(what: &str, response: &AdminActionResponse) {
+    println!("{what}: {}", response.detail);
+    if response.write_pause_ms > 0 {
+        println!("write pause: {} ms", response.write_pause_ms);
+    }
+    if !response.may_be_lost.is_empty() {
+        println!("MAY BE LOST: {}", response.may_be_lost);
+    }
+}
+
+pub async fn switchover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64) -> anyhow::Result<()> {
+    let message = SwitchoverRequest { pair_id, who: auth.who.clone(), why: auth.why.clone() };
+    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
+        let message = message.clone();
+        async move { c.switchover(request(message, m)).await }
+    })
+    .await?;
+    print_action("switchover", &response);
+    Ok(())
+}
+
+pub async fn failover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64, force: bool) -> anyhow::Result<()> {
+    let message = FailoverRequest { pair_id, force, who: auth.who.clone(), why: auth.why.clone() };
+    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
+        let message = message.clone();
+        async move { c.failover(request(message, m)).await }
+    })
+    .await?;
+    print_action("failover", &response);
+    Ok(())
+}
+
+pub async fn rebuild_standby(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64) -> anyhow::Result<()> {
+    let message = RebuildStandbyRequest { pair_id, who: auth.who.clone(), why: auth.why.clone() };
+    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
+        let message = message.clone();
+        async move { c.rebuild_standby(request(message, m)).await }
+    })
+    .await?;
+    print_action("rebuild", &response);
+    Ok(())
+}
+
+pub async fn audit(endpoints: &Endpoints, auth: &AdminAuth) -> anyhow::Result<()> {
+    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| async move {
+        c.audit_log(request(AuditLogRequest {}, m)).await
+    })
+    .await?;
+    for record in response.records {
+        println!("#{:<4} {}  {:<12} {}  why: {}", record.seq, record.time_ms, record.who, record.what, record.why);
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! The `cellbank` binary's library half: what the CLI, the benchmarks and
+//! the end-to-end tests share.
+//!
+//! - [`supervisor`]: runs a local cluster's processes (routers, cell
+//!   replicas) and kills and restarts them with real signals.
+
+pub mod supervisor;

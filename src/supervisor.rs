@@ -1,0 +1,382 @@
+//! The local process supervisor: it owns every process of a local cluster
+//! (routers and cell replicas, each a real `cellbank` process on loopback),
+//! writes their configs, starts them, kills them with real signals and
+//! restarts them on their data. `cellbank up`, the failover timing bench
+//! and the end-to-end tests all run clusters through it.
+//!
+//! Invariants: a process it started is either running or reaped (never a
+//! zombie); dropping the supervisor kills and reaps every process.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellbank_cell::config::{RaftTuning, ReplicaConfig};
+use cellbank_router::config::{CellConfig, CoordinatorConfig, PairConfig, RouterConfig};
+use serde::{Deserialize, Serialize};
+
+/// A cluster's shape: routers, cells (each a Raft group of replicas) and
+/// the active/standby pairs that the routers' table starts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub data_dir: PathBuf,
+    #[serde(default = "default_slice_count")]
+    pub slice_count: u32,
+    #[serde(default)]
+    pub routers: Vec<ProcessTopology>,
+    pub cells: Vec<CellTopology>,
+    /// When empty (and routers exist), every cell serves its own slices with no standby.
+    #[serde(default)]
+    pub pairs: Vec<PairConfig>,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Lets routers take injected faults (drills and tests).
+    #[serde(default)]
+    pub fault_injection: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellTopology {
+    pub id: u64,
+    pub replicas: Vec<ProcessTopology>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessTopology {
+    pub id: u64,
+    pub listen: String,
+    #[serde(default)]
+    pub metrics: Option<String>,
+}
+
+fn default_slice_count() -> u32 {
+    64
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl Topology {
+    pub fn from_toml(text: &str) -> anyhow::Result<Topology> {
+        let topology: Topology = toml::from_str(text)?;
+        anyhow::ensure!(!topology.cells.is_empty(), "a topology needs at least one cell");
+        Ok(topology)
+    }
+
+    /// `routers` routers and `pairs` active cells of `replicas` replicas each
+    /// (plus as many standbys when `standby`), on free loopback ports.
+    pub fn on_free_ports(data_dir: &Path, routers: u64, pairs: u64, replicas: u64, standby: bool) -> Topology {
+        let process = |id| ProcessTopology { id, listen: format!("127.0.0.1:{}", free_port()), metrics: None };
+        let cell_count = if standby { pairs * 2 } else { pairs };
+        let cells = (1..=cell_count)
+            .map(|id| CellTopology { id, replicas: (1..=replicas).map(process).collect(), raft: RaftTuning::default() })
+            .collect();
+        let pairs = (1..=pairs)
+            .map(|id| PairConfig { id, active: id, standby: standby.then_some(id + pairs) })
+            .collect();
+        Topology {
+            data_dir: data_dir.to_path_buf(),
+            slice_count: default_slice_count(),
+            routers: (1..=routers).map(process).collect(),
+            cells,
+            pairs,
+            coordinator: CoordinatorConfig::default(),
+            admin_token: None,
+            fault_injection: true,
+        }
+    }
+
+    fn pairs_or_default(&self) -> Vec<PairConfig> {
+        if !self.pairs.is_empty() {
+            return self.pairs.clone();
+        }
+        self.cells.iter().map(|c| PairConfig { id: c.id, active: c.id, standby: None }).collect()
+    }
+
+    pub fn replica_configs(&self) -> anyhow::Result<Vec<ReplicaConfig>> {
+        let mut configs = Vec::new();
+        for cell in &self.cells {
+            let peers: BTreeMap<u64, String> = cell.replicas.iter().map(|r| (r.id, r.listen.clone())).collect();
+            for replica in &cell.replicas {
+                configs.push(ReplicaConfig {
+                    cell_id: cell.id,
+                    replica_id: replica.id,
+                    listen: replica.listen.parse().with_context(|| format!("cell {} replica {}", cell.id, replica.id))?,
+                    metrics_listen: replica.metrics.as_deref().map(str::parse).transpose()?,
+                    data_dir: self.data_dir.join(format!("cell-{}", cell.id)).join(format!("replica-{}", replica.id)),
+                    peers: peers.clone(),
+                    raft: cell.raft.clone(),
+                });
+            }
+        }
+        Ok(configs)
+    }
+
+    pub fn router_configs(&self) -> anyhow::Result<Vec<RouterConfig>> {
+        let peers: BTreeMap<u64, String> = self.routers.iter().map(|r| (r.id, r.listen.clone())).collect();
+        let cells: Vec<CellConfig> = self
+            .cells
+            .iter()
+            .map(|c| CellConfig { id: c.id, replicas: c.replicas.iter().map(|r| r.listen.clone()).collect() })
+            .collect();
+        let mut configs = Vec::new();
+        for router in &self.routers {
+            let config = RouterConfig {
+                router_id: router.id,
+                listen: router.listen.parse().with_context(|| format!("router {}", router.id))?,
+                metrics_listen: router.metrics.as_deref().map(str::parse).transpose()?,
+                data_dir: self.data_dir.join(format!("router-{}", router.id)),
+                peers: peers.clone(),
+                slice_count: self.slice_count,
+                coordinator: self.coordinator.clone(),
+                admin_token: self.admin_token.clone(),
+                fault_injection: self.fault_injection,
+                raft: RaftTuning::default(),
+                cells: cells.clone(),
+                pairs: self.pairs_or_default(),
+            };
+            config.check()?;
+            configs.push(config);
+        }
+        Ok(configs)
+    }
+}
+
+/// One process of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProcessId {
+    Router(u64),
+    Replica { cell: u64, replica: u64 },
+}
+
+impl std::fmt::Display for ProcessId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcessId::Router(id) => write!(f, "router {id}"),
+            ProcessId::Replica { cell, replica } => write!(f, "cell {cell} replica {replica}"),
+        }
+    }
+}
+
+struct Managed {
+    args: Vec<String>,
+    dir: PathBuf,
+    addr: String,
+    metrics: Option<String>,
+    child: Option<Child>,
+}
+
+pub struct Supervisor {
+    exe: PathBuf,
+    pub topology: Topology,
+    processes: BTreeMap<ProcessId, Managed>,
+    /// Extra environment for every process (e.g. RUST_LOG).
+    env: Vec<(String, String)>,
+}
+
+impl Supervisor {
+    /// Writes every process's config under the topology's data dir.
+    pub fn new(exe: PathBuf, topology: Topology) -> anyhow::Result<Supervisor> {
+        let mut processes = BTreeMap::new();
+        for config in topology.replica_configs()? {
+            std::fs::create_dir_all(&config.data_dir)?;
+            let path = config.data_dir.join("replica.toml");
+            std::fs::write(&path, toml::to_string(&config)?)?;
+            let id = ProcessId::Replica { cell: config.cell_id, replica: config.replica_id };
+            let managed = Managed {
+                args: vec!["cell".into(), "--config".into(), path.display().to_string()],
+                dir: config.data_dir.clone(),
+                addr: config.listen.to_string(),
+                metrics: config.metrics_listen.map(|m| m.to_string()),
+                child: None,
+            };
+            processes.insert(id, managed);
+        }
+        for config in topology.router_configs()? {
+            std::fs::create_dir_all(&config.data_dir)?;
+            let path = config.data_dir.join("router.toml");
+            std::fs::write(&path, toml::to_string(&config)?)?;
+            let managed = Managed {
+                args: vec!["router".into(), "--config".into(), path.display().to_string()],
+                dir: config.data_dir.clone(),
+                addr: config.listen.to_string(),
+                metrics: config.metrics_listen.map(|m| m.to_string()),
+                child: None,
+            };
+            processes.insert(ProcessId::Router(config.router_id), managed);
+        }
+        Ok(Supervisor { exe, topology, processes, env: Vec::new() })
+    }
+
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    pub fn ids(&self) -> Vec<ProcessId> {
+        self.processes.keys().copied().collect()
+    }
+
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        for id in self.ids() {
+            if !self.is_running(id) {
+                self.start(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts, on its data) one process.
+    pub fn start(&mut self, id: ProcessId) -> anyhow::Result<()> {
+        let managed = self.processes.get_mut(&id).with_context(|| format!("no {id} in this cluster"))?;
+        anyhow::ensure!(managed.child.is_none(), "{id} is already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(managed.dir.join("process.log"))?;
+        let mut command = Command::new(&self.exe);
+        command.args(&managed.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        managed.child = Some(command.spawn().with_context(|| format!("starting {id}"))?);
+        Ok(())
+    }
+
+    fn signal(child: &Child, signal: i32) {
+        // SAFETY: kill(2) on a pid this supervisor spawned and has not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+    }
+
+    /// SIGKILL and reap: no shutdown path runs.
+    pub fn kill(&mut self, id: ProcessId) {
+        if let Some(mut child) = self.processes.get_mut(&id).and_then(|m| m.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGSTOP or SIGCONT (a paused process keeps its sockets open).
+    pub fn pause(&mut self, id: ProcessId, paused: bool) {
+        if let Some(child) = self.processes.get(&id).and_then(|m| m.child.as_ref()) {
+            Supervisor::signal(child, if paused { libc::SIGSTOP } else { libc::SIGCONT });
+        }
+    }
+
+    pub fn cell_replicas(&self, cell: u64) -> Vec<ProcessId> {
+        self.ids().into_iter().filter(|id| matches!(id, ProcessId::Replica { cell: c, .. } if *c == cell)).collect()
+    }
+
+    pub fn kill_cell(&mut self, cell: u64) {
+        for id in self.cell_replicas(cell) {
+            self.kill(id);
+        }
+    }
+
+    pub fn start_cell(&mut self, cell: u64) -> anyhow::Result<()> {
+        for id in self.cell_replicas(cell) {
+            if !self.is_running(id) {
+                self.start(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self, id: ProcessId) -> bool {
+        self.processes.get(&id).is_some_and(|m| m.child.is_some())
+    }
+
+    /// Processes that exited on their own since the last call (reaped).
+    pub fn exited(&mut self) -> Vec<(ProcessId, ExitStatus)> {
+        let mut out = Vec::new();
+        for (id, managed) in &mut self.processes {
+            if let Some(child) = &mut managed.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    managed.child = None;
+                    out.push((*id, status));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn addr(&self, id: ProcessId) -> Option<String> {
+        self.processes.get(&id).map(|m| m.addr.clone())
+    }
+
+    pub fn metrics_addr(&self, id: ProcessId) -> Option<String> {
+        self.processes.get(&id).and_then(|m| m.metrics.clone())
+    }
+
+    pub fn router_endpoints(&self) -> Vec<String> {
+        self.processes.iter().filter(|(id, _)| matches!(id, ProcessId::Router(_))).map(|(_, m)| m.addr.clone()).collect()
+    }
+
+    pub fn cell_endpoints(&self, cell: u64) -> Vec<String> {
+        self.cell_replicas(cell).into_iter().filter_map(|id| self.addr(id)).collect()
+    }
+
+    pub fn log_path(&self, id: ProcessId) -> Option<PathBuf> {
+        self.processes.get(&id).map(|m| m.dir.join("process.log"))
+    }
+
+    /// The last lines of every process's log, for a failing test.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for (id, managed) in &self.processes {
+            let log = std::fs::read_to_string(managed.dir.join("process.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            out.push_str(&format!("--- {id} ---\n"));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// SIGTERM to everything, SIGKILL after `grace`.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for managed in self.processes.values() {
+            if let Some(child) = &managed.child {
+                Supervisor::signal(child, libc::SIGCONT);
+                Supervisor::signal(child, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for managed in self.processes.values_mut() {
+            let Some(mut child) = managed.child.take() else { continue };
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        for managed in self.processes.values_mut() {
+            if let Some(mut child) = managed.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
