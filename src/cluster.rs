@@ -1,17 +1,11 @@
 //! CLI commands that talk to routers: cluster status and the operator
 //! actions on pairs (switchover, failover, standby rebuild, audit log).
 
-use std::time::Duration;
-
-use cellbank_proto::router::router_admin_client::RouterAdminClient;
+use cellbank::routers::{on_coordinator, request};
+pub use cellbank::routers::cluster_status;
 use cellbank_proto::router::*;
-use cellbank_proto::LEADER_ADDR_METADATA_KEY;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::Endpoints;
-
-/// How long an admin action may take (a switchover waits for the standby).
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args, Clone)]
 pub struct AdminAuth {
@@ -24,70 +18,6 @@ pub struct AdminAuth {
     /// Why, for the audit log.
     #[arg(long, default_value = "")]
     pub why: String,
-}
-
-async fn connect(addr: &str) -> anyhow::Result<RouterAdminClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach router {addr}: {e}"))?;
-    Ok(RouterAdminClient::new(channel))
-}
-
-/// Calls `call` on the coordinator, following leader hints from the other routers.
-pub async fn on_coordinator<T, F, Fut>(endpoints: &[String], token: Option<&str>, call: F) -> Result<T, tonic::Status>
-where
-    F: Fn(RouterAdminClient<Channel>, tonic::metadata::MetadataMap) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let mut queue: std::collections::VecDeque<String> = endpoints.iter().cloned().collect();
-    let mut last = tonic::Status::unavailable("no router reachable");
-    let mut attempts = 0;
-    while let Some(addr) = queue.pop_front() {
-        attempts += 1;
-        if attempts > endpoints.len() * 3 + 3 {
-            break;
-        }
-        let client = match connect(&addr).await {
-            Ok(client) => client,
-            Err(e) => {
-                last = tonic::Status::unavailable(e.to_string());
-                continue;
-            }
-        };
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        if let Some(token) = token {
-            if let Ok(value) = format!("Bearer {token}").parse() {
-                metadata.insert("authorization", value);
-            }
-        }
-        match call(client, metadata).await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                if let Some(hint) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
-                    queue.push_front(hint.to_string());
-                } else {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    queue.push_back(addr);
-                }
-                last = status;
-            }
-            Err(status) => return Err(status),
-        }
-    }
-    Err(last)
-}
-
-fn request<T>(message: T, metadata: tonic::metadata::MetadataMap) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    *request.metadata_mut() = metadata;
-    request.set_timeout(ADMIN_TIMEOUT);
-    request
-}
-
-pub async fn cluster_status(endpoints: &[String], token: Option<&str>) -> Result<ClusterStatus, tonic::Status> {
-    on_coordinator(endpoints, token, |mut c, m| async move { c.status(request(ClusterStatusRequest {}, m)).await }).await
 }
 
 fn mode_name(mode: i32) -> &'static str {
@@ -175,22 +105,14 @@ fn print_action(what: &str, response: &AdminActionResponse) {
 
 pub async fn switchover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64) -> anyhow::Result<()> {
     let message = SwitchoverRequest { pair_id, who: auth.who.clone(), why: auth.why.clone() };
-    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
-        let message = message.clone();
-        async move { c.switchover(request(message, m)).await }
-    })
-    .await?;
+    let response = cellbank::routers::switchover(&endpoints.endpoints, auth.admin_token.as_deref(), message).await?;
     print_action("switchover", &response);
     Ok(())
 }
 
 pub async fn failover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64, force: bool) -> anyhow::Result<()> {
     let message = FailoverRequest { pair_id, force, who: auth.who.clone(), why: auth.why.clone() };
-    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
-        let message = message.clone();
-        async move { c.failover(request(message, m)).await }
-    })
-    .await?;
+    let response = cellbank::routers::failover(&endpoints.endpoints, auth.admin_token.as_deref(), message).await?;
     print_action("failover", &response);
     Ok(())
 }

@@ -3,5 +3,7 @@
 //!
 //! - [`supervisor`]: runs a local cluster's processes (routers, cell
 //!   replicas) and kills and restarts them with real signals.
+//! - [`routers`]: admin calls that find the coordinator among the routers.
 
+pub mod routers;
 pub mod supervisor;

@@ -5,7 +5,7 @@
 //! the standby holds its entry.
 //!
 //! Invariants:
-//! - Only the leader of an ACTIVE cell ships, and only entries it has
+//! - Only the leader of an ACTIVE (or FENCED) cell ships, and only entries it has
 //!   applied (so committed); it reads them from its own log.
 //! - The stream starts with a hello; the standby answers with the source
 //!   index it holds after a read barrier, so the shipper resumes right after
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use cellbank_proto::cell::standby_client::StandbyClient;
 use cellbank_proto::cell::{
-    ship_batch, PairRole, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
+    ship_batch, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
 };
 use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
 use protobuf::Message as _;
@@ -186,7 +186,7 @@ impl Shipper {
         loop {
             let pair_state = pair_rx.borrow_and_update().clone();
             let leading = self.node.shared.is_leader.load(Ordering::Relaxed);
-            if !leading || pair::role(&pair_state) != PairRole::Active || pair_state.standby_cell_id == 0 {
+            if !leading || !pair::ships(&pair_state) || pair_state.standby_cell_id == 0 {
                 self.node.shared.retain_floor.store(0, Ordering::Relaxed);
                 tokio::select! {
                     _ = pair_rx.changed() => {}
@@ -205,11 +205,11 @@ impl Shipper {
         }
     }
 
-    /// True while this replica still leads the same ACTIVE configuration.
+    /// True while this replica still leads the same shipping configuration.
     fn still_current(&self, started: &PairState) -> bool {
         let now = self.pair.borrow();
         self.node.shared.is_leader.load(Ordering::Relaxed)
-            && pair::role(&now) == PairRole::Active
+            && pair::ships(&now)
             && now.epoch == started.epoch
             && now.standby_cell_id == started.standby_cell_id
             && now.standby_addrs == started.standby_addrs

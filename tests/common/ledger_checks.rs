@@ -159,7 +159,25 @@ async fn list_all(client: &CellClient, user: u64) -> Vec<TransferRecord> {
 /// is negative; balances (settlement included) sum to zero; every running
 /// replica has the same digest at the same applied index.
 pub async fn verify(cell: &Cell, users: &[u64], history: &History) {
-    let client = cell.client();
+    let (count, ok) = verify_ledger(&cell.client(), users, history).await;
+    let digests = cell.converged_digests(Duration::from_secs(30)).await;
+    let first = digests.values().next().expect("a digest");
+    for (id, digest) in &digests {
+        assert_eq!(
+            digest.digest, first.digest,
+            "replica {id} holds a different ledger at index {}",
+            digest.applied_index
+        );
+        for (currency, sum) in &digest.balance_sum_by_currency {
+            assert_eq!(sum, "0", "replica {id}: balances in {currency} sum to {sum}");
+        }
+    }
+    println!("verified {count} transfers ({ok} OK) on {} replicas at index {}", digests.len(), first.applied_index);
+}
+
+/// The ledger checks of [`verify`] through any client (a cell's replicas or
+/// the routers). Returns (transfers checked, of which OK).
+pub async fn verify_ledger(client: &CellClient, users: &[u64], history: &History) -> (usize, usize) {
     let mut outcomes: HashMap<Vec<u8>, (TransferRequest, i32)> = HashMap::new();
     for ack in history.acked.lock().unwrap().iter() {
         let previous = outcomes.insert(ack.request.transfer_id.clone(), (ack.request.clone(), ack.code));
@@ -229,23 +247,6 @@ pub async fn verify(cell: &Cell, users: &[u64], history: &History) {
         );
         assert!(expected_balance[&user] >= 0);
     }
-    let digests = cell.converged_digests(Duration::from_secs(30)).await;
-    let first = digests.values().next().expect("a digest");
-    for (id, digest) in &digests {
-        assert_eq!(
-            digest.digest, first.digest,
-            "replica {id} holds a different ledger at index {}",
-            digest.applied_index
-        );
-        for (currency, sum) in &digest.balance_sum_by_currency {
-            assert_eq!(sum, "0", "replica {id}: balances in {currency} sum to {sum}");
-        }
-    }
-    println!(
-        "verified {} transfers ({} OK) on {} replicas at index {}",
-        outcomes.len(),
-        outcomes.values().filter(|(_, c)| *c == ResultCode::Ok as i32).count(),
-        digests.len(),
-        first.applied_index
-    );
+    let ok = outcomes.values().filter(|(_, c)| *c == ResultCode::Ok as i32).count();
+    (outcomes.len(), ok)
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod ledger_checks;
 
 use std::collections::BTreeMap;

@@ -75,6 +75,13 @@ pub fn writable(state: &PairState) -> bool {
     matches!(role(state), PairRole::Unpaired | PairRole::Active)
 }
 
+/// True for a cell whose leader ships its log to a standby: an active, or
+/// an active fenced for a switchover (its last entries must still reach the
+/// standby).
+pub fn ships(state: &PairState) -> bool {
+    matches!(role(state), PairRole::Active | PairRole::Fenced)
+}
+
 /// True when a client must not hear of a write until the standby holds it.
 pub fn waits_for_standby(state: &PairState) -> bool {
     role(state) == PairRole::Active && mode(state) == ReplicationMode::Sync && state.standby_cell_id != 0
@@ -110,7 +117,7 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
         next.source_cell_id = 0;
         next.source_index = 0;
     }
-    if requested_role != PairRole::Active {
+    if !ships(&next) {
         next.standby_cell_id = 0;
         next.standby_addrs.clear();
     }
