@@ -45,6 +45,16 @@ const CONNECTIONS: usize = 4;
 pub struct BenchArgs {
     #[command(flatten)]
     endpoints: Endpoints,
+    /// `load` drives a running cluster; `failover` starts its own local
+    /// cluster and measures failover, leader-kill and switchover times.
+    #[arg(long, default_value = "load")]
+    scenario: String,
+    /// Failover scenario: runs of each measurement.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Failover scenario: data directory of its cluster (a temporary one when absent).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
     /// `unary` (Transfer) or `batch` (SubmitTransfers).
     #[arg(long, default_value = "unary")]
     api: String,
@@ -296,6 +306,11 @@ impl Recorder {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.scenario.as_str() {
+        "load" => {}
+        "failover" => return crate::failover_bench::run(args.runs, args.json, args.data_dir.clone()).await,
+        other => anyhow::bail!("--scenario: {other:?} is not load or failover"),
+    }
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     anyhow::ensure!(args.api == "unary" || args.api == "batch", "--api is unary or batch");
     anyhow::ensure!(

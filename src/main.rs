@@ -17,6 +17,7 @@
 mod bench;
 mod cluster;
 mod commands;
+mod failover_bench;
 mod up;
 
 use std::collections::BTreeMap;

@@ -68,40 +68,53 @@ pub struct ShipState {
     pub deposed_by_epoch: u64,
 }
 
+/// Applied indexes remembered for the lag in milliseconds; past this the
+/// oldest stays and newer ones are not recorded (the lag only grows).
+const LAG_SAMPLES_MAX: usize = 65_536;
+
 /// Shared between the shipper task and the request path.
 pub struct Replication {
     pub state: watch::Sender<ShipState>,
-    /// When the oldest entry the standby does not hold yet was first seen.
-    behind_since: Mutex<Option<Instant>>,
+    /// (applied index, when it was first seen applied) of entries the
+    /// standby has not acknowledged, oldest first.
+    unacked: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 impl Default for Replication {
     fn default() -> Self {
-        Replication { state: watch::Sender::new(ShipState::default()), behind_since: Mutex::new(None) }
+        Replication { state: watch::Sender::new(ShipState::default()), unacked: Mutex::new(VecDeque::new()) }
     }
 }
 
 impl Replication {
-    /// Replication lag: (entries, milliseconds the oldest one has waited).
+    /// Replication lag: (entries, milliseconds the oldest unacknowledged
+    /// entry has waited).
     pub fn lag(&self, applied_index: u64) -> (u64, u64) {
         let acked = self.state.borrow().acked_index;
         let entries = applied_index.saturating_sub(acked);
-        let since = *self.behind_since.lock().expect("lag lock");
-        let ms = match (entries, since) {
-            (0, _) | (_, None) => 0,
-            (_, Some(since)) => since.elapsed().as_millis() as u64,
+        let unacked = self.unacked.lock().expect("lag lock");
+        let ms = match unacked.iter().find(|(index, _)| *index > acked) {
+            Some((_, since)) if entries > 0 => since.elapsed().as_millis() as u64,
+            _ => 0,
         };
         (entries, ms)
     }
 
     fn note_progress(&self, applied_index: u64) {
         let acked = self.state.borrow().acked_index;
-        let mut since = self.behind_since.lock().expect("lag lock");
-        if acked >= applied_index {
-            *since = None;
-        } else if since.is_none() {
-            *since = Some(Instant::now());
+        let mut unacked = self.unacked.lock().expect("lag lock");
+        while unacked.front().is_some_and(|(index, _)| *index <= acked) {
+            unacked.pop_front();
         }
+        let newest = unacked.back().map(|(index, _)| *index).unwrap_or(acked);
+        if applied_index > newest && unacked.len() < LAG_SAMPLES_MAX {
+            unacked.push_back((applied_index, Instant::now()));
+        }
+    }
+
+    /// Forgets the lag samples (a new leader, or a new configuration).
+    fn reset_lag(&self) {
+        self.unacked.lock().expect("lag lock").clear();
     }
 
     /// True when the standby refused this cell at its current epoch.
@@ -181,6 +194,7 @@ impl Shipper {
     /// ACTIVE cell that has a standby.
     pub async fn run(self: Arc<Self>) {
         let mut preferred = 0usize;
+        let mut last_reason = String::new();
         let mut applied_rx = self.node.shared.applied.subscribe();
         let mut pair_rx = self.pair.subscribe();
         loop {
@@ -197,7 +211,14 @@ impl Shipper {
             match self.session(&pair_state, &mut preferred, &mut applied_rx).await {
                 SessionEnd::Changed => {}
                 SessionEnd::Failed(reason) => {
-                    tracing::debug!(cell = self.cell_id, "standby stream ended: {reason}");
+                    // Said once per distinct reason: a dead standby is retried
+                    // every SHIP_RETRY_DELAY.
+                    if reason != last_reason {
+                        tracing::info!(cell = self.cell_id, "standby stream ended: {reason}");
+                    } else {
+                        tracing::debug!(cell = self.cell_id, "standby stream ended: {reason}");
+                    }
+                    last_reason = reason;
                     preferred = preferred.wrapping_add(1);
                     tokio::time::sleep(SHIP_RETRY_DELAY).await;
                 }
@@ -283,6 +304,7 @@ impl Shipper {
             Err(_) => return SessionEnd::Failed("the hello was not answered in time".into()),
         };
         let mut held = first.source_index;
+        self.replication.reset_lag();
         self.set_ship_state(|s| {
             if s.epoch != pair_state.epoch {
                 *s = ShipState { epoch: pair_state.epoch, acked_index: 0, deposed_by_epoch: s.deposed_by_epoch };

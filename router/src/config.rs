@@ -46,9 +46,14 @@ pub struct CoordinatorConfig {
     pub probe_interval_ms: u64,
     /// One probe's time limit.
     pub probe_timeout_ms: u64,
-    /// A cell with no reachable leader for this long is failed (sync pairs)
-    /// or, as a standby, makes its pair degraded.
+    /// A cell with no reachable leader for this long, and too few reachable
+    /// replicas to elect one, is failed (sync pairs) or, as a standby, makes
+    /// its pair degraded.
     pub failover_window_ms: u64,
+    /// A cell with no leader whose replicas are reachable in a majority is
+    /// electing one: it is given this long instead, so that a leader kill
+    /// inside a cell never moves the pair.
+    pub election_grace_ms: u64,
     /// A pair is not failed over automatically again within this time.
     pub cooldown_ms: u64,
     /// A degraded pair returns to sync once the standby is this close.
@@ -61,6 +66,7 @@ impl Default for CoordinatorConfig {
             probe_interval_ms: 150,
             probe_timeout_ms: 300,
             failover_window_ms: 1_000,
+            election_grace_ms: 3_000,
             cooldown_ms: 60_000,
             resync_lag_entries_max: 2_000,
         }

@@ -9,8 +9,9 @@
 //!   of it, except the one step that must come first for safety: an active
 //!   cell switches to sync before the table records the pair as sync.
 //! - A sync pair whose active cell has had no reachable leader for the
-//!   failover window, and whose standby holds a complete copy, is failed
-//!   over: new epoch in the table, then the standby is promoted by a command
+//!   failover window (or, while a majority of its replicas answers and so is
+//!   electing a leader, for the longer election grace), and whose standby
+//!   holds a complete copy, is failed over: new epoch in the table, then the standby is promoted by a command
 //!   in its own log. Not again within the cool-down.
 //! - A degraded pair is never failed over automatically.
 //! - A sync pair whose standby has had no reachable leader for the window, or
@@ -159,8 +160,10 @@ impl Coordinator {
                 drop(health);
                 tracing::info!("this router now coordinates failover");
             }
-            self.probe_all().await;
+            // Probed under the lock, so a pass never acts on a view taken
+            // while an admin action was changing the cells.
             let _guard = self.actions.lock().await;
+            self.probe_all().await;
             if let Err(e) = self.pass().await {
                 tracing::warn!("coordinator pass: {e}");
             }
@@ -337,6 +340,22 @@ impl Coordinator {
         Ok((table, pair))
     }
 
+    /// True when a cell has been without a reachable leader for longer than
+    /// it may be: the failover window when a majority of its replicas is
+    /// unreachable, the (longer) election grace while a majority answers and
+    /// is presumably electing a leader.
+    fn is_down(&self, health: &CellHealth, now: Instant) -> bool {
+        let Some(down) = self.down_for(health, now) else { return false };
+        let reachable = health.replicas.iter().filter(|r| r.reachable).count();
+        let quorum = health.replicas.len() / 2 + 1;
+        let limit = if reachable >= quorum && !health.replicas.is_empty() {
+            Duration::from_millis(self.config.election_grace_ms)
+        } else {
+            self.window()
+        };
+        down > limit
+    }
+
     fn down_for(&self, health: &CellHealth, now: Instant) -> Option<Duration> {
         match (health.leader.is_some(), health.leader_seen) {
             (true, _) => None,
@@ -348,11 +367,10 @@ impl Coordinator {
     async fn reconcile(&self, pair_id: u64) -> Result<(), Status> {
         let (table, pair) = self.pair_now(pair_id)?;
         let now = Instant::now();
-        let window = self.window();
         let active = self.cell_health(pair.active_cell_id);
         let standby = self.cell_health(pair.standby_cell_id);
-        let active_down = self.down_for(&active, now).is_some_and(|d| d > window);
-        let standby_down = pair.standby_cell_id != 0 && self.down_for(&standby, now).is_some_and(|d| d > window);
+        let active_down = self.is_down(&active, now);
+        let standby_down = pair.standby_cell_id != 0 && self.is_down(&standby, now);
         let standby_usable = standby
             .leader_pair()
             .is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch))
@@ -398,7 +416,12 @@ impl Coordinator {
                     audit: Some(audit("coordinator", "degrade the pair".into(), &why)),
                 };
                 self.propose(command).await?;
-                return Box::pin(self.reconcile(pair_id)).await;
+                // The active stops waiting for the standby at once.
+                if let Some(current) = active.leader_pair().filter(|p| p.epoch == pair.epoch) {
+                    let desired = PairState { mode: ReplicationMode::Async as i32, ..current };
+                    self.configure(pair.active_cell_id, desired, None).await?;
+                }
+                return Ok(());
             }
         }
 
@@ -443,9 +466,12 @@ impl Coordinator {
         //    standby and the standby holds everything since it started to.
         if table::mode(&pair) == PairMode::Degraded && !standby_down && standby_usable {
             let synced = active.leader.as_ref().is_some_and(|s| {
-                s.pair.as_ref().is_some_and(|p| {
-                    p.epoch == pair.epoch && pair::waits_for_standby(p) && s.standby_acked_index >= p.sync_since_index
-                })
+                s.standby_lag_ms < self.config.failover_window_ms / 2
+                    && s.pair.as_ref().is_some_and(|p| {
+                        p.epoch == pair.epoch
+                            && pair::waits_for_standby(p)
+                            && s.standby_acked_index >= p.sync_since_index
+                    })
             });
             if synced {
                 let command = TableCommand {
