@@ -1,8 +1,8 @@
 //! CLI commands that talk to routers: cluster status and the operator
 //! actions on pairs (switchover, failover, standby rebuild, audit log).
 
-use cellbank::routers::{on_coordinator, request};
 pub use cellbank::routers::cluster_status;
+use cellbank::routers::{on_coordinator, request};
 use cellbank_proto::router::*;
 
 use crate::Endpoints;
@@ -74,7 +74,15 @@ pub fn print_status(status: &ClusterStatus) {
                     .unwrap_or_default();
                 println!(
                     "  {:<5} {:<22} {:<10} {:<9} {:>5} {:>9} {:>9} {:<10} {:>6}",
-                    replica.cell_id, replica.addr, health, s.role, s.term, s.commit_index, s.applied_index, role, pair.epoch
+                    replica.cell_id,
+                    replica.addr,
+                    health,
+                    s.role,
+                    s.term,
+                    s.commit_index,
+                    s.applied_index,
+                    role,
+                    pair.epoch
                 );
             }
             _ => println!("  {:<5} {:<22} {:<10}", replica.cell_id, replica.addr, health),

@@ -145,7 +145,10 @@ async fn seed(router: &str) -> anyhow::Result<LedgerClient<tonic::transport::Cha
     Ok(client)
 }
 
-fn start_writer(client: LedgerClient<tonic::transport::Channel>, writes: Arc<Mutex<Writes>>) -> tokio::task::JoinHandle<()> {
+fn start_writer(
+    client: LedgerClient<tonic::transport::Channel>,
+    writes: Arc<Mutex<Writes>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(WRITE_INTERVAL);
         let mut seq: u64 = 0;
@@ -169,7 +172,9 @@ fn start_writer(client: LedgerClient<tonic::transport::Channel>, writes: Arc<Mut
                 let outcome = client.transfer(request).await;
                 let mut writes = writes.lock().expect("writes");
                 match outcome {
-                    Ok(response) if response.get_ref().result.as_ref().is_some_and(|r| r.code == ResultCode::Ok as i32) => {
+                    Ok(response)
+                        if response.get_ref().result.as_ref().is_some_and(|r| r.code == ResultCode::Ok as i32) =>
+                    {
                         writes.acked.push((sent, Instant::now()))
                     }
                     _ => writes.failed += 1,

@@ -66,13 +66,18 @@ pub fn request<T>(message: T, metadata: tonic::metadata::MetadataMap) -> tonic::
 }
 
 pub async fn cluster_status(endpoints: &[String], token: Option<&str>) -> Result<ClusterStatus, tonic::Status> {
-    on_coordinator(endpoints, token, |mut c, m| async move { c.status(request(ClusterStatusRequest {}, m)).await }).await
+    on_coordinator(endpoints, token, |mut c, m| async move { c.status(request(ClusterStatusRequest {}, m)).await })
+        .await
 }
-
 
 /// Makes the routers treat `cell_ids` as unreachable for `duration` (an
 /// injected fault; the routers' config must allow it). Every router is told.
-pub async fn isolate_cells(endpoints: &[String], token: Option<&str>, cell_ids: &[u64], duration: Duration) -> anyhow::Result<()> {
+pub async fn isolate_cells(
+    endpoints: &[String],
+    token: Option<&str>,
+    cell_ids: &[u64],
+    duration: Duration,
+) -> anyhow::Result<()> {
     for addr in endpoints {
         let mut client = connect(addr).await?;
         let metadata = with_token(token);

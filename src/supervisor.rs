@@ -82,9 +82,8 @@ impl Topology {
         let cells = (1..=cell_count)
             .map(|id| CellTopology { id, replicas: (1..=replicas).map(process).collect(), raft: RaftTuning::default() })
             .collect();
-        let pairs = (1..=pairs)
-            .map(|id| PairConfig { id, active: id, standby: standby.then_some(id + pairs) })
-            .collect();
+        let pairs =
+            (1..=pairs).map(|id| PairConfig { id, active: id, standby: standby.then_some(id + pairs) }).collect();
         Topology {
             data_dir: data_dir.to_path_buf(),
             slice_count: default_slice_count(),
@@ -112,7 +111,10 @@ impl Topology {
                 configs.push(ReplicaConfig {
                     cell_id: cell.id,
                     replica_id: replica.id,
-                    listen: replica.listen.parse().with_context(|| format!("cell {} replica {}", cell.id, replica.id))?,
+                    listen: replica
+                        .listen
+                        .parse()
+                        .with_context(|| format!("cell {} replica {}", cell.id, replica.id))?,
                     metrics_listen: replica.metrics.as_deref().map(str::parse).transpose()?,
                     data_dir: self.data_dir.join(format!("cell-{}", cell.id)).join(format!("replica-{}", replica.id)),
                     peers: peers.clone(),
@@ -318,7 +320,11 @@ impl Supervisor {
     }
 
     pub fn router_endpoints(&self) -> Vec<String> {
-        self.processes.iter().filter(|(id, _)| matches!(id, ProcessId::Router(_))).map(|(_, m)| m.addr.clone()).collect()
+        self.processes
+            .iter()
+            .filter(|(id, _)| matches!(id, ProcessId::Router(_)))
+            .map(|(_, m)| m.addr.clone())
+            .collect()
     }
 
     pub fn cell_endpoints(&self, cell: u64) -> Vec<String> {

@@ -39,7 +39,8 @@ pub fn load_topology(path: Option<&PathBuf>) -> anyhow::Result<Topology> {
 }
 
 async fn status_line(supervisor: &mut Supervisor, token: Option<&str>) -> String {
-    let exited: Vec<String> = supervisor.exited().into_iter().map(|(id, status)| format!("{id} exited ({status})")).collect();
+    let exited: Vec<String> =
+        supervisor.exited().into_iter().map(|(id, status)| format!("{id} exited ({status})")).collect();
     if !exited.is_empty() {
         return exited.join(" | ");
     }
@@ -93,7 +94,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     for pair in &topology.pairs {
         match pair.standby {
-            Some(standby) => println!("pair {}: cell {} active, cell {standby} its synchronous standby", pair.id, pair.active),
+            Some(standby) => {
+                println!("pair {}: cell {} active, cell {standby} its synchronous standby", pair.id, pair.active)
+            }
             None => println!("pair {}: cell {} active, no standby", pair.id, pair.active),
         }
     }

@@ -25,7 +25,9 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     let started = std::time::Instant::now();
     let status = loop {
         match cellbank::routers::cluster_status(&routers, token).await {
-            Ok(status) if status.table.as_ref().is_some_and(|t| t.pairs.iter().all(|p| p.mode == PairMode::Sync as i32)) => {
+            Ok(status)
+                if status.table.as_ref().is_some_and(|t| t.pairs.iter().all(|p| p.mode == PairMode::Sync as i32)) =>
+            {
                 break status
             }
             _ => {
@@ -64,10 +66,12 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut cell = ReplicaAdminClient::new(channel);
     let zero = PairState { epoch: 0, role: PairRole::Active as i32, ..Default::default() };
-    let error = cell.configure(ConfigureRequest { cell_id: 1, state: Some(zero), source_state: None }).await.unwrap_err();
+    let error =
+        cell.configure(ConfigureRequest { cell_id: 1, state: Some(zero), source_state: None }).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
     let wrong_cell = PairState { epoch: 5, role: PairRole::Fenced as i32, ..Default::default() };
-    let error = cell.configure(ConfigureRequest { cell_id: 9, state: Some(wrong_cell), source_state: None }).await.unwrap_err();
+    let error =
+        cell.configure(ConfigureRequest { cell_id: 9, state: Some(wrong_cell), source_state: None }).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
 
     // A switchover of a degraded pair is refused.

@@ -48,7 +48,10 @@ async fn whole_cell_failover_loses_no_acknowledged_transfer_and_fails_back() {
     assert_eq!(pair.epoch, 2, "one failover, one new epoch");
     assert_eq!(pair.mode, PairMode::Degraded as i32, "no standby until cell 1 is rebuilt");
     acks_grow(&history, acked_at_kill, 50, Duration::from_secs(15)).await;
-    println!("routing switched {switched:?} after the kill; 50 more writes acknowledged {:?} after it", killed.elapsed());
+    println!(
+        "routing switched {switched:?} after the kill; 50 more writes acknowledged {:?} after it",
+        killed.elapsed()
+    );
 
     // The old active comes back as the standby, is rebuilt and catches up.
     cluster.sup.start_cell(1).expect("restart cell 1");

@@ -8,9 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use cellbank_proto::v1::{GetTransferRequest, TransferRequest};
-use cellbank_proto::router::PairMode;
 use cellbank_proto::EPOCH_METADATA_KEY;
 use common::cluster::Cluster;
 use common::ledger_checks::{seed, start_load, stop_load, users, verify_ledger, History, CURRENCY};

@@ -24,12 +24,14 @@ async fn acks_grow(history: &History, more: usize, timeout: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_leader_router_keeps_clients_and_failover_working() {
     let mut cluster = Cluster::start(3, 1, |t| t.coordinator.cooldown_ms = 5_000);
-    let status = cluster.wait_until("a coordinator and a sync pair", Duration::from_secs(30), |s| {
-        s.leader_router_id != 0 && Cluster::pair_of(s, 1).mode == PairMode::Sync as i32
-    })
-    .await;
+    let status = cluster
+        .wait_until("a coordinator and a sync pair", Duration::from_secs(30), |s| {
+            s.leader_router_id != 0 && Cluster::pair_of(s, 1).mode == PairMode::Sync as i32
+        })
+        .await;
     let old_leader = status.leader_router_id;
-    let survivors: Vec<String> = status.routers.iter().filter(|r| r.router_id != old_leader).map(|r| r.addr.clone()).collect();
+    let survivors: Vec<String> =
+        status.routers.iter().filter(|r| r.router_id != old_leader).map(|r| r.addr.clone()).collect();
     assert_eq!(survivors.len(), 2);
     let mut client = cellbank_cell::client::CellClient::new(survivors.clone());
     client.deadline = Duration::from_secs(10);

@@ -25,9 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellbank_proto::cell::standby_client::StandbyClient;
-use cellbank_proto::cell::{
-    ship_batch, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
-};
+use cellbank_proto::cell::{ship_batch, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk};
 use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType};
@@ -259,11 +257,8 @@ impl Shipper {
     /// Handles a refusal of the stream: a later epoch deposes this cell; a
     /// leader hint moves the next attempt there.
     fn refused(&self, status: &Status, pair_state: &PairState, preferred: &mut usize) -> SessionEnd {
-        if let Some(epoch) = status
-            .metadata()
-            .get(EPOCH_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
+        if let Some(epoch) =
+            status.metadata().get(EPOCH_METADATA_KEY).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         {
             if epoch > pair_state.epoch && status.code() == tonic::Code::FailedPrecondition {
                 tracing::warn!(cell = self.cell_id, epoch, "the standby was promoted; this cell is deposed");
@@ -423,7 +418,12 @@ impl Shipper {
     ) -> Result<u64, SessionEnd> {
         let chunks = self.build_snapshot_chunks(pair_state);
         let snapshot_index = chunks.last().expect("at least one chunk").snapshot_index;
-        tracing::info!(cell = self.cell_id, snapshot_index, chunks = chunks.len(), "rebuilding the standby from a snapshot");
+        tracing::info!(
+            cell = self.cell_id,
+            snapshot_index,
+            chunks = chunks.len(),
+            "rebuilding the standby from a snapshot"
+        );
         let total = chunks.len();
         let mut sent = 0;
         let mut acked = 0;

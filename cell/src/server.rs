@@ -66,13 +66,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         pair: pair_view.clone(),
         replication: replication.clone(),
     };
-    let shipper = Arc::new(Shipper {
-        cell_id: config.cell_id,
-        node: handle.clone(),
-        db,
-        pair: pair_view,
-        replication,
-    });
+    let shipper = Arc::new(Shipper { cell_id: config.cell_id, node: handle.clone(), db, pair: pair_view, replication });
     let shipper_task = tokio::spawn(shipper.run());
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;

@@ -32,13 +32,13 @@ use rocksdb::DB;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ledger::{self, pair, validate, AccountId, Ledger, PairView};
-use crate::replication::{epoch_status, Replication};
 use crate::metrics::Metrics;
 use crate::raft::driver::{DriverHandle, Input, NodeError};
-use crate::raft::StateMachine;
 use crate::raft::node::{role_str, ProposeError};
 use crate::raft::storage::{read_u64, APPLIED_INDEX_KEY, STATE_PREFIX};
 use crate::raft::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
+use crate::raft::StateMachine;
+use crate::replication::{epoch_status, Replication};
 
 /// How long a request waits for its command to apply when the client set no deadline.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);

@@ -56,7 +56,7 @@ impl AdminService {
         Err(status)
     }
 
-    fn who<'a>(given: &'a str) -> &'a str {
+    fn who(given: &str) -> &str {
         if given.is_empty() {
             "operator"
         } else {
@@ -101,7 +101,10 @@ impl RouterAdmin for AdminService {
                         reachable: probe.reachable,
                         serving: probe.serving,
                         status: probe.status.clone(),
-                        last_seen_ms_ago: probe.last_seen.map(|t| now.saturating_duration_since(t).as_millis() as u64).unwrap_or(u64::MAX),
+                        last_seen_ms_ago: probe
+                            .last_seen
+                            .map(|t| now.saturating_duration_since(t).as_millis() as u64)
+                            .unwrap_or(u64::MAX),
                     });
                 }
             }
@@ -120,7 +123,7 @@ impl RouterAdmin for AdminService {
                 let active = health.get(&pair.active_cell_id).and_then(|h| h.leader.clone());
                 let standby = health.get(&pair.standby_cell_id).and_then(|h| h.leader.clone());
                 PairStatus {
-                    pair: Some(pair.clone()),
+                    pair: Some(*pair),
                     slices,
                     active_leader_replica: active.as_ref().map(|s| s.replica_id).unwrap_or(0),
                     standby_leader_replica: standby.as_ref().map(|s| s.replica_id).unwrap_or(0),
@@ -188,12 +191,12 @@ impl RouterAdmin for AdminService {
         if let Some(unknown) = r.cell_ids.iter().find(|c| table.cells.iter().all(|known| known.cell_id != **c)) {
             return Err(Status::not_found(format!("cell_ids: no cell {unknown}")));
         }
-        if !r.cell_ids.is_empty() && (r.duration_ms == 0 || r.duration_ms > crate::cells::ISOLATION_MAX.as_millis() as u64)
+        if !r.cell_ids.is_empty()
+            && (r.duration_ms == 0 || r.duration_ms > crate::cells::ISOLATION_MAX.as_millis() as u64)
         {
             return Err(Status::invalid_argument("duration_ms: must be 1..=600000"));
         }
-        let isolated =
-            self.coordinator.pool.isolate(&r.cell_ids, std::time::Duration::from_millis(r.duration_ms));
+        let isolated = self.coordinator.pool.isolate(&r.cell_ids, std::time::Duration::from_millis(r.duration_ms));
         tracing::warn!(cells = ?isolated, duration_ms = r.duration_ms, "injected fault: cells isolated from this router");
         Ok(Response::new(IsolateCellsResponse { isolated_cell_ids: isolated }))
     }

@@ -88,7 +88,8 @@ impl CellConn {
     }
 
     fn rotate(&self, from: usize) {
-        let _ = self.leader.compare_exchange(from, (from + 1) % self.replicas.len(), Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.leader.compare_exchange(from, (from + 1) % self.replicas.len(), Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
@@ -203,10 +204,16 @@ impl CellPool {
                 continue;
             };
             let Some(cell) = self.cell(route.cell_id) else {
-                return Err(Status::internal(format!("the routing table names cell {} without replicas", route.cell_id)));
+                return Err(Status::internal(format!(
+                    "the routing table names cell {} without replicas",
+                    route.cell_id
+                )));
             };
             if self.is_isolated(route.cell_id) {
-                last_error = Some(Status::unavailable(format!("cell {} is isolated from this router (injected fault)", route.cell_id)));
+                last_error = Some(Status::unavailable(format!(
+                    "cell {} is isolated from this router (injected fault)",
+                    route.cell_id
+                )));
                 tokio::time::sleep(delay.min(remaining)).await;
                 delay = (delay * 2).min(RETRY_DELAY_MAX);
                 continue;
@@ -253,5 +260,140 @@ impl CellPool {
                 delay = (delay * 2).min(RETRY_DELAY_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The retry loop against a fake cell (a unit test; the end-to-end
+    //! tests use real cells): a router whose table is behind is refused
+    //! with the cell's newer epoch, waits for its table, and is served.
+
+    use std::sync::Mutex;
+
+    use cellbank_proto::router::{CellReplicas, Pair, PairMode};
+    use cellbank_proto::v1::ledger_server::{Ledger, LedgerServer};
+    use cellbank_proto::v1::*;
+    use tonic::Response;
+
+    use super::*;
+
+    /// Serves only Transfer; refuses any epoch but `epoch`, naming it.
+    struct FakeCell {
+        epoch: u64,
+        seen: Arc<Mutex<Vec<u64>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Ledger for FakeCell {
+        async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
+            let epoch: u64 = request.metadata().get(EPOCH_METADATA_KEY).unwrap().to_str().unwrap().parse().unwrap();
+            self.seen.lock().unwrap().push(epoch);
+            if epoch != self.epoch {
+                let mut status = Status::unavailable("stale epoch");
+                status.metadata_mut().insert(EPOCH_METADATA_KEY, self.epoch.to_string().parse().unwrap());
+                return Err(status);
+            }
+            let result = TransferResult { code: ResultCode::Ok as i32, ..Default::default() };
+            Ok(Response::new(TransferResponse { result: Some(result) }))
+        }
+        async fn open_account(&self, _: Request<OpenAccountRequest>) -> Result<Response<OpenAccountResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn deposit(&self, _: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn withdraw(&self, _: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn submit_transfers(
+            &self,
+            _: Request<SubmitTransfersRequest>,
+        ) -> Result<Response<SubmitTransfersResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn get_account(&self, _: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn get_transfer(&self, _: Request<GetTransferRequest>) -> Result<Response<GetTransferResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn list_transfers(
+            &self,
+            _: Request<ListTransfersRequest>,
+        ) -> Result<Response<ListTransfersResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    fn table(addr: &str, epoch: u64) -> RoutingTable {
+        RoutingTable {
+            slice_count: 1,
+            cells: vec![CellReplicas { cell_id: 1, replicas: vec![addr.to_string()] }],
+            pairs: vec![Pair {
+                pair_id: 1,
+                active_cell_id: 1,
+                standby_cell_id: 0,
+                mode: PairMode::NoStandby as i32,
+                epoch,
+                last_failover_ms: 0,
+            }],
+            slice_pair: vec![1],
+            slice_epoch: vec![epoch],
+            audit_count: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_router_is_refused_then_catches_up_with_its_table() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let cell = FakeCell { epoch: 2, seen: seen.clone() };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LedgerServer::new(cell))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(table(&addr, 1)));
+        let pool = CellPool::new(view.clone());
+        // The table catches up a little later, as a lagging router's would.
+        let catch_up = view.clone();
+        let addr_later = addr.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            catch_up.send_replace(table(&addr_later, 2));
+        });
+        let message = TransferRequest { transfer_id: b"t".to_vec(), ..Default::default() };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = pool
+            .call(|t| table::route(t, 7), deadline, message, |mut c, r| async move { c.transfer(r).await })
+            .await
+            .expect("served once the table caught up");
+        assert_eq!(answer.result.unwrap().code, ResultCode::Ok as i32);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.first(), Some(&1), "the first attempt carried the stale epoch");
+        assert_eq!(seen.last(), Some(&2), "the last carried the new one");
+        assert!(seen.iter().filter(|e| **e == 1).count() <= 2, "it waited for the table instead of spinning: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn without_a_newer_table_the_router_gives_up_at_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cell = FakeCell { epoch: 3, seen: Arc::new(Mutex::new(Vec::new())) };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LedgerServer::new(cell))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let pool = CellPool::new(Arc::new(tokio::sync::watch::Sender::new(table(&addr, 1))));
+        let message = TransferRequest { transfer_id: b"t".to_vec(), ..Default::default() };
+        let deadline = Instant::now() + Duration::from_millis(600);
+        let error = pool
+            .call(|t| table::route(t, 7), deadline, message, |mut c, r| async move { c.transfer(r).await })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::Unavailable, "the cell's refusal, not a success: {error:?}");
     }
 }

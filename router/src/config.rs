@@ -103,7 +103,11 @@ impl RouterConfig {
 
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.router_id > 0, "router_id must be at least 1");
-        anyhow::ensure!(self.peers.contains_key(&self.router_id), "peers must include this router ({})", self.router_id);
+        anyhow::ensure!(
+            self.peers.contains_key(&self.router_id),
+            "peers must include this router ({})",
+            self.router_id
+        );
         for (id, addr) in &self.peers {
             addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
         }

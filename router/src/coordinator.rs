@@ -195,24 +195,20 @@ impl Coordinator {
                 Ok(Ok(r)) => Some(r.into_inner()),
                 _ => None,
             };
-            ReplicaProbe {
-                addr: replica.addr.clone(),
-                reachable: status.is_some(),
-                serving,
-                status,
-                last_seen: None,
-            }
+            ReplicaProbe { addr: replica.addr.clone(), reachable: status.is_some(), serving, status, last_seen: None }
         });
         let results = futures::future::join_all(probes).await;
         let now = Instant::now();
         let mut health = self.health.lock().expect("health lock");
-        let entry = health.entry(cell_id).or_insert_with(|| CellHealth { leader_seen: Some(now), ..Default::default() });
+        let entry =
+            health.entry(cell_id).or_insert_with(|| CellHealth { leader_seen: Some(now), ..Default::default() });
         let previous: HashMap<String, Option<Instant>> =
             entry.replicas.iter().map(|r| (r.addr.clone(), r.last_seen)).collect();
         entry.replicas = results
             .into_iter()
             .map(|mut probe| {
-                probe.last_seen = if probe.reachable { Some(now) } else { previous.get(&probe.addr).copied().flatten() };
+                probe.last_seen =
+                    if probe.reachable { Some(now) } else { previous.get(&probe.addr).copied().flatten() };
                 probe
             })
             .collect();
@@ -371,9 +367,7 @@ impl Coordinator {
         let standby = self.cell_health(pair.standby_cell_id);
         let active_down = self.is_down(&active, now);
         let standby_down = pair.standby_cell_id != 0 && self.is_down(&standby, now);
-        let standby_usable = standby
-            .leader_pair()
-            .is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch))
+        let standby_usable = standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch))
             && standby.leader.is_some();
 
         // 1. Automatic failover of a sync pair.
@@ -387,8 +381,13 @@ impl Coordinator {
                     pair.active_cell_id, self.config.failover_window_ms
                 );
                 tracing::warn!(pair = pair_id, "failing over: {why}");
-                self.change_active(&table, &pair, PairMode::Degraded, audit("coordinator", "automatic failover".into(), &why))
-                    .await?;
+                self.change_active(
+                    &table,
+                    &pair,
+                    PairMode::Degraded,
+                    audit("coordinator", "automatic failover".into(), &why),
+                )
+                .await?;
                 return Ok(());
             }
         }
@@ -500,7 +499,11 @@ impl Coordinator {
     ) -> Result<ConfigureResponse, Status> {
         let new_epoch = pair.epoch + 1;
         let command = TableCommand {
-            kind: Some(table_command::Kind::ChangeActive(ChangeActive { pair_id: pair.pair_id, new_epoch, mode: mode as i32 })),
+            kind: Some(table_command::Kind::ChangeActive(ChangeActive {
+                pair_id: pair.pair_id,
+                new_epoch,
+                mode: mode as i32,
+            })),
             audit: Some(record),
         };
         self.propose(command).await?;
@@ -509,7 +512,7 @@ impl Coordinator {
             standby_cell_id: pair.active_cell_id,
             epoch: new_epoch,
             mode: mode as i32,
-            ..pair.clone()
+            ..*pair
         };
         let cell_mode = if mode == PairMode::Sync { ReplicationMode::Sync } else { ReplicationMode::Async };
         let desired = self.desired_active(table, &promoted, cell_mode);
@@ -538,9 +541,9 @@ impl Coordinator {
             )));
         }
         let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
-        let active_state = active
-            .leader_pair()
-            .ok_or_else(|| Status::failed_precondition(format!("active cell {} has no reachable leader", pair.active_cell_id)))?;
+        let active_state = active.leader_pair().ok_or_else(|| {
+            Status::failed_precondition(format!("active cell {} has no reachable leader", pair.active_cell_id))
+        })?;
         if !standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch)) {
             return Err(Status::failed_precondition(format!(
                 "standby cell {} has no reachable leader holding a complete copy",
@@ -614,7 +617,13 @@ impl Coordinator {
     }
 
     /// Failover on an operator's command.
-    pub async fn failover(&self, pair_id: u64, force: bool, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
+    pub async fn failover(
+        &self,
+        pair_id: u64,
+        force: bool,
+        who: &str,
+        why: &str,
+    ) -> Result<AdminActionResponse, Status> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
         let (table, pair) = self.pair_now(pair_id)?;
@@ -662,12 +671,7 @@ impl Coordinator {
                 );
             }
         } else if mode != PairMode::Sync {
-            let last_known = active
-                .replicas
-                .iter()
-                .filter_map(|r| r.status.as_ref())
-                .map(|s| s.applied_index)
-                .max();
+            let last_known = active.replicas.iter().filter_map(|r| r.status.as_ref()).map(|s| s.applied_index).max();
             may_be_lost = match last_known {
                 Some(applied) if applied > standby_holds => format!(
                     "cell {} is unreachable; the standby holds its log up to index {standby_holds}; entries \
@@ -683,7 +687,8 @@ impl Coordinator {
             };
         }
         let what = format!("{} failover of pair {pair_id}", if force { "forced" } else { "manual" });
-        let why_text = if may_be_lost.is_empty() { why.to_string() } else { format!("{why}; may be lost: {may_be_lost}") };
+        let why_text =
+            if may_be_lost.is_empty() { why.to_string() } else { format!("{why}; may be lost: {may_be_lost}") };
         let promoted = self.change_active(&table, &pair, PairMode::Degraded, audit(who, what, &why_text)).await?;
         let new_pair = self.pair_now(pair_id)?.1;
         Ok(AdminActionResponse {
@@ -716,7 +721,7 @@ impl Coordinator {
             audit: Some(audit(who, format!("rebuild the standby of pair {pair_id}"), why)),
         };
         self.propose(command).await?;
-        let degraded = Pair { mode: PairMode::Degraded as i32, ..pair.clone() };
+        let degraded = Pair { mode: PairMode::Degraded as i32, ..pair };
         self.configure(pair.active_cell_id, self.desired_active(&table, &degraded, ReplicationMode::Async), None)
             .await?;
         self.configure(pair.standby_cell_id, Coordinator::desired_standby(&pair, 0), None).await?;

@@ -290,13 +290,31 @@ mod tests {
     fn bootstrap_table() -> RoutingTable {
         let cells = (1..=4).map(|id| CellReplicas { cell_id: id, replicas: vec![format!("127.0.0.1:{id}")] }).collect();
         let pairs = vec![
-            Pair { pair_id: 1, active_cell_id: 1, standby_cell_id: 3, mode: PairMode::Degraded as i32, epoch: 1, last_failover_ms: 0 },
-            Pair { pair_id: 2, active_cell_id: 2, standby_cell_id: 4, mode: PairMode::Degraded as i32, epoch: 1, last_failover_ms: 0 },
+            Pair {
+                pair_id: 1,
+                active_cell_id: 1,
+                standby_cell_id: 3,
+                mode: PairMode::Degraded as i32,
+                epoch: 1,
+                last_failover_ms: 0,
+            },
+            Pair {
+                pair_id: 2,
+                active_cell_id: 2,
+                standby_cell_id: 4,
+                mode: PairMode::Degraded as i32,
+                epoch: 1,
+                last_failover_ms: 0,
+            },
         ];
         RoutingTable { slice_count: 4, cells, pairs, slice_pair: vec![1, 2, 1, 2], ..Default::default() }
     }
 
-    fn apply(machine: &mut TableMachine, kv: &mut BTreeMap<Vec<u8>, Vec<u8>>, command: table_command::Kind) -> TableCommandResult {
+    fn apply(
+        machine: &mut TableMachine,
+        kv: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+        command: table_command::Kind,
+    ) -> TableCommandResult {
         let audit = AuditRecord { who: "tester".into(), what: "act".into(), why: "test".into(), ..Default::default() };
         let data = machine.encode_batch(vec![TableCommand { kind: Some(command), audit: Some(audit) }], 1_000);
         machine.apply(kv, 6, &data).pop().unwrap()
@@ -319,7 +337,7 @@ mod tests {
         let mut kv = BTreeMap::new();
         assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
         let change = ChangeActive { pair_id: 1, new_epoch: 2, mode: PairMode::Degraded as i32 };
-        assert!(apply(&mut machine, &mut kv, table_command::Kind::ChangeActive(change.clone())).ok);
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::ChangeActive(change)).ok);
         let table = view.borrow().clone();
         assert_eq!(find_pair(&table, 1).unwrap().active_cell_id, 3);
         assert_eq!(table.slice_epoch, vec![2, 1, 2, 1]);
@@ -336,7 +354,8 @@ mod tests {
         let view: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
         let mut machine = TableMachine::new(None, view.clone());
         let mut kv = BTreeMap::new();
-        let early = apply(&mut machine, &mut kv, table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 1, mode: 1 }));
+        let early =
+            apply(&mut machine, &mut kv, table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 1, mode: 1 }));
         assert!(!early.ok && early.detail.contains("not bootstrapped"));
         let mut broken = bootstrap_table();
         broken.slice_pair = vec![1, 2, 1, 9];

@@ -47,7 +47,12 @@ impl Cluster {
     }
 
     /// Waits until `check` holds for the coordinator's view.
-    pub async fn wait_until(&self, what: &str, timeout: Duration, check: impl Fn(&ClusterStatus) -> bool) -> ClusterStatus {
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&ClusterStatus) -> bool,
+    ) -> ClusterStatus {
         let started = Instant::now();
         loop {
             if let Some(status) = self.status().await {

@@ -217,7 +217,7 @@ pub async fn verify_ledger(client: &CellClient, users: &[u64], history: &History
         }
     }
     for &user in users {
-        let records = list_all(&client, user).await;
+        let records = list_all(client, user).await;
         let mut seen = BTreeSet::new();
         let mut from_history: i128 = 0;
         for record in &records {

@@ -318,7 +318,13 @@ impl Ledger {
         }
     }
 
-    fn configure(&mut self, kv: &mut dyn Kv, index: u64, command: &ConfigureCommand, slot: pair::Slot) -> TransferResult {
+    fn configure(
+        &mut self,
+        kv: &mut dyn Kv,
+        index: u64,
+        command: &ConfigureCommand,
+        slot: pair::Slot,
+    ) -> TransferResult {
         let current = self.pair(kv, slot);
         let requested = command.state.clone().unwrap_or_default();
         match pair::configure(&current, &requested, index) {
@@ -397,7 +403,8 @@ impl Ledger {
             );
             return rejection(ResultCode::CellNotWritable, "chunk", detail, index);
         }
-        if let Some(key) = chunk.keys.iter().find(|k| k.as_slice() < pair::LEDGER_START || k.as_slice() >= pair::LEDGER_END)
+        if let Some(key) =
+            chunk.keys.iter().find(|k| k.as_slice() < pair::LEDGER_START || k.as_slice() >= pair::LEDGER_END)
         {
             return rejection(ResultCode::InvalidItem, "keys", format!("key {key:02x?} is outside the ledger"), index);
         }

@@ -96,6 +96,9 @@ impl Default for Shared {
     }
 }
 
+/// Where the outputs of queued commands arrive.
+pub type OutputsReceiver<SM> = tokio::sync::oneshot::Receiver<Result<Vec<<SM as StateMachine>::Output>, ProposeError>>;
+
 pub struct DriverHandle<SM: StateMachine> {
     tx: Sender<Input<SM>>,
     /// Messages from peers, on their own queue (see [`Queues`]).
@@ -146,10 +149,7 @@ impl<SM: StateMachine> DriverHandle<SM> {
 
     /// Queues commands for proposal now (so that calls made in order are
     /// proposed in order) and returns the receiver of their outputs.
-    pub fn propose_queued(
-        &self,
-        commands: Vec<SM::Command>,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<SM::Output>, ProposeError>>, NodeError> {
+    pub fn propose_queued(&self, commands: Vec<SM::Command>) -> Result<OutputsReceiver<SM>, NodeError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Input::Propose(
             commands,

@@ -46,13 +46,8 @@ pub fn node_config(replica_id: u64, tuning: &RaftTuning) -> NodeConfig {
 /// Must run inside a tokio runtime (the transport's tasks live there).
 pub fn start<SM: StateMachine>(member: GroupMember<'_>, db: Arc<DB>, sm: SM, metrics: Arc<Metrics>) -> Group<SM> {
     let node = RaftNode::open(node_config(member.replica_id, member.tuning), db, sm, member.peers, metrics.clone());
-    let transport = GrpcTransport::new(
-        member.group_id,
-        member.replica_id,
-        member.addr,
-        tokio::runtime::Handle::current(),
-        metrics,
-    );
+    let transport =
+        GrpcTransport::new(member.group_id, member.replica_id, member.addr, tokio::runtime::Handle::current(), metrics);
     let sink: Arc<dyn MessageSink> = transport.clone();
     // The reporter is bound before the node thread starts so that every peer
     // task can report back; it reaches the node through a late-set handle.
