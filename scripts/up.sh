@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs a local cellbank cluster (one cell of three replicas on loopback) in
+# Runs a local cellbank cluster (a router, two active cells and their standby
+# cells, three replicas each, on loopback) in
 # the foreground. Installs prerequisites and builds first. Ctrl-C stops it;
 # running it again resumes the same data. Extra arguments go to `cellbank up`.
 set -euo pipefail

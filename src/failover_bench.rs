@@ -34,6 +34,8 @@ struct Writes {
     /// (sent, acknowledged) of every write answered OK.
     acked: Vec<(Instant, Instant)>,
     failed: u64,
+    /// The first few failures, as `code: message`.
+    failure_samples: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +67,7 @@ struct Report {
     switchover_longest_client_wait: Figures,
     writes_acknowledged: usize,
     writes_failed: u64,
+    failure_samples: Vec<String>,
 }
 
 struct Bench {
@@ -177,7 +180,16 @@ fn start_writer(
                     {
                         writes.acked.push((sent, Instant::now()))
                     }
-                    _ => writes.failed += 1,
+                    other => {
+                        writes.failed += 1;
+                        if writes.failure_samples.len() < 5 {
+                            let sample = match other {
+                                Ok(response) => format!("result {:?}", response.into_inner().result),
+                                Err(status) => format!("{:?}: {}", status.code(), status.message()),
+                            };
+                            writes.failure_samples.push(sample);
+                        }
+                    }
                 }
             });
         }
@@ -254,9 +266,12 @@ pub async fn run(runs: usize, json: bool, data_dir: Option<PathBuf>) -> anyhow::
         client_waits.push(longest);
     }
     writer.abort();
-    let (acked, failed) = {
+    // Writes still in flight finish before the tally (and before the
+    // cluster stops, which would cancel them).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, failed, failure_samples) = {
         let writes = bench.writes.lock().expect("writes");
-        (writes.acked.len(), writes.failed)
+        (writes.acked.len(), writes.failed, writes.failure_samples.clone())
     };
     let report = Report {
         whole_cell_kill_to_first_ack: figures(cell_kills),
@@ -265,6 +280,7 @@ pub async fn run(runs: usize, json: bool, data_dir: Option<PathBuf>) -> anyhow::
         switchover_longest_client_wait: figures(client_waits),
         writes_acknowledged: acked,
         writes_failed: failed,
+        failure_samples,
     };
     tokio::task::block_in_place(|| bench.sup.stop_all(Duration::from_secs(5)));
     if json {
@@ -279,6 +295,9 @@ pub async fn run(runs: usize, json: bool, data_dir: Option<PathBuf>) -> anyhow::
         line("switchover write pause (coordinator)", &report.switchover_write_pause_reported);
         line("switchover longest client wait", &report.switchover_longest_client_wait);
         println!("  writes acknowledged {acked}, failed {failed}");
+        for sample in &report.failure_samples {
+            println!("  failure: {sample}");
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::ledger_client::LedgerClient;
-use cellbank_proto::v1::{GetTransferRequest, TransferRequest};
+use cellbank_proto::v1::{GetAccountRequest, GetTransferRequest, TransferRequest};
 use cellbank_proto::EPOCH_METADATA_KEY;
 use common::cluster::Cluster;
 use common::ledger_checks::{seed, start_load, stop_load, users, verify_ledger, History, CURRENCY};
@@ -80,6 +80,14 @@ async fn a_deposed_active_acknowledges_nothing_and_stale_epochs_are_refused() {
         }
     }
     println!("cell 1 refused all {} writes sent to it after the failover", stale_ids.len());
+    // Nor does it serve reads: they could miss writes cell 2 has taken.
+    for id in cluster.sup.cell_replicas(1) {
+        let mut cell1 = ledger(&cluster.sup.addr(id).unwrap()).await;
+        let mut read = tonic::Request::new(GetAccountRequest { user_id: a, currency: CURRENCY.into() });
+        read.set_timeout(Duration::from_secs(3));
+        let refused = cell1.get_account(read).await.expect_err("a deposed cell serves no read");
+        assert!(matches!(refused.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded), "{refused:?}");
+    }
 
     // The promoted cell refuses the old epoch and names the new one; a
     // caller that has caught up with epoch 2 is served.
@@ -90,7 +98,18 @@ async fn a_deposed_active_acknowledges_nothing_and_stale_epochs_are_refused() {
     assert_eq!(refused.metadata().get(EPOCH_METADATA_KEY).and_then(|v| v.to_str().ok()), Some("2"));
     let future = cell2.transfer(stale_transfer("future-epoch", a, b, Some(7))).await.unwrap_err();
     assert_eq!(future.code(), tonic::Code::Unavailable, "an epoch from the future is refused too");
-    let served = cell2.transfer(stale_transfer("new-epoch", a, b, Some(2))).await.expect("epoch 2");
+    // (Right after a failover the promoted cell waits out the old active's
+    // read lease, answering UNAVAILABLE; a router retries, and so does this.)
+    let started = std::time::Instant::now();
+    let served = loop {
+        match cell2.transfer(stale_transfer("new-epoch", a, b, Some(2))).await {
+            Ok(served) => break served,
+            Err(status) if status.code() == tonic::Code::Unavailable && started.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(status) => panic!("epoch 2 was not served: {status:?}"),
+        }
+    };
     assert_eq!(served.into_inner().result.unwrap().code, cellbank_proto::v1::ResultCode::Ok as i32);
 
     // None of the refused writes exists in the ledger the routers serve.

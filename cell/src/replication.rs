@@ -53,6 +53,14 @@ const SHIP_RETRY_DELAY: Duration = Duration::from_millis(50);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// No ack for this long ends the stream (the standby lost its leader).
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// An idle stream sends a keepalive this often.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
+/// In sync mode a read is served only if the standby confirmed, within this
+/// long before, that it still is this cell's standby (it was not promoted).
+pub const READ_LEASE: Duration = Duration::from_millis(300);
+/// A standby promoted by failover serves nothing for this long, so that
+/// the old active's read lease has surely run out.
+pub const PROMOTION_SETTLE: Duration = Duration::from_millis(400);
 
 /// What the active cell's leader knows about its standby.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,6 +72,9 @@ pub struct ShipState {
     /// Set when the standby refused the stream because it moved to a later
     /// epoch (promoted): this cell must acknowledge nothing more.
     pub deposed_by_epoch: u64,
+    /// When the newest message the standby has acknowledged was sent: the
+    /// standby was this cell's standby then (the read lease starts there).
+    pub confirmed_at: Option<Instant>,
 }
 
 /// Applied indexes remembered for the lag in milliseconds; past this the
@@ -125,6 +136,17 @@ impl Replication {
     /// for it (degraded, unpaired). Fails when the cell was deposed or the
     /// deadline passes: the outcome is then unknown to the client.
     pub async fn wait_for(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
+        self.wait(pair_view, index, timeout, false).await
+    }
+
+    /// [`Replication::wait_for`] for a read: also waits for a standby
+    /// confirmation within [`READ_LEASE`], so that a deposed active that has
+    /// not heard of its deposition yet serves no stale read.
+    pub async fn wait_for_read(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
+        self.wait(pair_view, index, timeout, true).await
+    }
+
+    async fn wait(&self, pair_view: &PairView, index: u64, timeout: Duration, lease: bool) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut ship_rx = self.state.subscribe();
         let mut pair_rx = pair_view.subscribe();
@@ -145,13 +167,16 @@ impl Replication {
                         ship.deposed_by_epoch,
                     ));
                 }
-                if ship.epoch == pair_state.epoch && ship.acked_index >= index {
+                let leased = !lease || ship.confirmed_at.is_some_and(|at| at.elapsed() < READ_LEASE);
+                if ship.epoch == pair_state.epoch && ship.acked_index >= index && leased {
                     return Ok(());
                 }
             }
             tokio::select! {
                 _ = ship_rx.changed() => {}
                 _ = pair_rx.changed() => {}
+                // A lease is renewed by keepalives; look again soon.
+                _ = tokio::time::sleep(KEEPALIVE_INTERVAL), if lease => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Status::deadline_exceeded(format!(
                         "the standby did not acknowledge entry {index} in time; the outcome is unknown: retry with the \
@@ -286,6 +311,7 @@ impl Shipper {
         };
         let (tx, rx) = mpsc::channel::<ShipBatch>(SHIP_IN_FLIGHT_MAX + 2);
         let hello = ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch };
+        let hello_sent = Instant::now();
         tx.try_send(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }).expect("fresh channel has room");
         let response = match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
             Ok(response) => response,
@@ -300,11 +326,12 @@ impl Shipper {
         };
         let mut held = first.source_index;
         self.replication.reset_lag();
+        // The hello's answer is the truth (read after a barrier on the
+        // standby): the watermark may go down, e.g. after a rebuild began.
         self.set_ship_state(|s| {
-            if s.epoch != pair_state.epoch {
-                *s = ShipState { epoch: pair_state.epoch, acked_index: 0, deposed_by_epoch: s.deposed_by_epoch };
-            }
-            s.acked_index = s.acked_index.max(held);
+            s.epoch = pair_state.epoch;
+            s.acked_index = held;
+            s.confirmed_at = Some(hello_sent);
         });
         let first_log_index = self.first_log_index();
         if first.needs_snapshot || held == 0 || held + 1 < first_log_index {
@@ -359,7 +386,9 @@ impl Shipper {
         preferred: &mut usize,
     ) -> SessionEnd {
         let mut next = held + 1;
-        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        // (last source index of the message, when it was sent)
+        let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut last_sent = Instant::now();
         loop {
             if !self.still_current(pair_state) {
                 return SessionEnd::Changed;
@@ -382,15 +411,27 @@ impl Shipper {
                     return SessionEnd::Failed("the stream closed".into());
                 }
                 next += count;
-                in_flight.push_back(next - 1);
+                last_sent = Instant::now();
+                in_flight.push_back((next - 1, last_sent));
+            }
+            if in_flight.is_empty() && last_sent.elapsed() >= KEEPALIVE_INTERVAL {
+                let hello = ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch };
+                if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }).await.is_err() {
+                    return SessionEnd::Failed("the stream closed".into());
+                }
+                last_sent = Instant::now();
+                in_flight.push_back((next - 1, last_sent));
             }
             let wait_for_ack = !in_flight.is_empty();
             tokio::select! {
                 ack = tokio::time::timeout(ACK_TIMEOUT, acks.message()), if wait_for_ack => {
                     match ack {
                         Ok(Ok(Some(ack))) => {
-                            in_flight.pop_front();
-                            self.set_ship_state(|s| s.acked_index = s.acked_index.max(ack.source_index));
+                            let (_, sent) = in_flight.pop_front().expect("an ack answers a message in flight");
+                            self.set_ship_state(|s| {
+                                s.acked_index = s.acked_index.max(ack.source_index);
+                                s.confirmed_at = Some(sent);
+                            });
                             self.replication.note_progress(*applied_rx.borrow());
                         }
                         Ok(Ok(None)) => return SessionEnd::Failed("the standby closed the stream".into()),
@@ -403,7 +444,7 @@ impl Shipper {
                         return SessionEnd::Failed("the replica is stopping".into());
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep(KEEPALIVE_INTERVAL), if !wait_for_ack => {}
             }
         }
     }

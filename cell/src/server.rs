@@ -31,6 +31,7 @@ pub struct Replica {
     server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     shipper_task: tokio::task::JoinHandle<()>,
+    settle_task: tokio::task::JoinHandle<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
 }
@@ -54,6 +55,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.clone());
 
     let replication = Arc::new(Replication::default());
+    let settling_until = Arc::new(std::sync::Mutex::new(None));
+    let settle_task = tokio::spawn(watch_promotions(pair_view.clone(), settling_until.clone()));
     let context = ReplicaContext {
         cell_id: config.cell_id,
         replica_id: config.replica_id,
@@ -65,6 +68,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         snapshot_receives: Arc::new(tokio::sync::Semaphore::new(1)),
         pair: pair_view.clone(),
         replication: replication.clone(),
+        settling_until,
     };
     let shipper = Arc::new(Shipper { cell_id: config.cell_id, node: handle.clone(), db, pair: pair_view, replication });
     let shipper_task = tokio::spawn(shipper.run());
@@ -126,9 +130,31 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         server_task,
         metrics_task,
         shipper_task,
+        settle_task,
         thread: Some(thread),
         _transport: transport,
     })
+}
+
+/// Notes when this replica sees its cell promoted from standby to active
+/// with a settle time (a failover), so that the service serves nothing
+/// until the old active's read lease has run out.
+async fn watch_promotions(
+    pair_view: crate::ledger::PairView,
+    settling_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+) {
+    use cellbank_proto::cell::PairRole;
+    let mut rx = pair_view.subscribe();
+    let mut last_role = crate::ledger::pair::role(&rx.borrow_and_update());
+    while rx.changed().await.is_ok() {
+        let state = rx.borrow_and_update().clone();
+        let role = crate::ledger::pair::role(&state);
+        if last_role == PairRole::Standby && role == PairRole::Active && state.promotion_settle_ms > 0 {
+            let settle = std::time::Duration::from_millis(state.promotion_settle_ms);
+            *settling_until.lock().expect("settle lock") = Some(std::time::Instant::now() + settle);
+        }
+        last_role = role;
+    }
 }
 
 impl Replica {
@@ -143,6 +169,7 @@ impl Replica {
             task.abort();
         }
         self.shipper_task.abort();
+        self.settle_task.abort();
         self.node.shutdown();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

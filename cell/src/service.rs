@@ -61,6 +61,8 @@ pub struct ReplicaContext {
     /// The cell's pair state as applied here.
     pub pair: PairView,
     pub replication: Arc<Replication>,
+    /// Until when this replica, just promoted by a failover, serves nothing.
+    pub settling_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl ReplicaContext {
@@ -139,6 +141,17 @@ impl ReplicaContext {
                 state.epoch,
             ));
         }
+        if let Some(until) = *self.settling_until.lock().expect("settle lock") {
+            if std::time::Instant::now() < until {
+                return Err(epoch_status(
+                    Status::unavailable(format!(
+                        "cell {} was just promoted and serves nothing until the old active's read lease has run out",
+                        self.cell_id
+                    )),
+                    state.epoch,
+                ));
+            }
+        }
         if self.replication.deposed(&state) {
             return Err(epoch_status(
                 Status::unavailable(format!("cell {} was deposed by its promoted standby", self.cell_id)),
@@ -175,12 +188,18 @@ impl ReplicaContext {
         Ok(results)
     }
 
-    async fn read_barrier(&self, timeout: Duration) -> Result<u64, Status> {
+    /// A consistent view of the ledger for a read: a ReadIndex barrier, then
+    /// a RocksDB snapshot, served once the standby holds everything in it
+    /// (sync mode) and has recently confirmed it is still the standby.
+    /// Returns the view and the index it reflects.
+    async fn read_view(&self, timeout: Duration) -> Result<(rocksdb::SnapshotWithThreadMode<'_, DB>, u64), Status> {
         let started = tokio::time::Instant::now();
-        let read_index = self.within(timeout, self.node.read_index()).await?;
+        self.within(timeout, self.node.read_index()).await?;
+        let view = self.db.snapshot();
+        let index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
         let remaining = timeout.saturating_sub(started.elapsed());
-        self.replication.wait_for(&self.pair, read_index, remaining).await?;
-        Ok(read_index)
+        self.replication.wait_for_read(&self.pair, index, remaining).await?;
+        Ok((view, index))
     }
 }
 
@@ -349,9 +368,8 @@ impl LedgerApi for LedgerService {
         self.context.gate(request.metadata())?;
         let r = request.into_inner();
         let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
-        let read_index = self.context.read_barrier(timeout).await?;
-        let db: &DB = &self.context.db;
-        let kv = crate::raft::ReadOnlyDb(db);
+        let (view, read_index) = self.context.read_view(timeout).await?;
+        let kv = SnapshotKv(&view);
         let account = ledger::get_user_account(&kv, r.user_id, currency)
             .ok_or_else(|| Status::not_found(format!("no account for user {} in {}", r.user_id, r.currency)))?;
         Ok(Response::new(GetAccountResponse {
@@ -371,8 +389,8 @@ impl LedgerApi for LedgerService {
         self.context.gate(request.metadata())?;
         let r = request.into_inner();
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
-        self.context.read_barrier(timeout).await?;
-        let kv = crate::raft::ReadOnlyDb(&self.context.db);
+        let (view, _) = self.context.read_view(timeout).await?;
+        let kv = SnapshotKv(&view);
         let record = ledger::read_transfer(&kv, &r.transfer_id)
             .ok_or_else(|| Status::not_found("no transfer with this transfer_id"))?;
         Ok(Response::new(GetTransferResponse { transfer: Some(record) }))
@@ -398,8 +416,7 @@ impl LedgerApi for LedgerService {
             8 => u64::from_be_bytes(r.page_token[..].try_into().expect("8 bytes")),
             _ => return Err(Status::invalid_argument("page_token: not a token this server issued")),
         };
-        self.context.read_barrier(timeout).await?;
-        let view = self.context.db.snapshot();
+        let (view, _) = self.context.read_view(timeout).await?;
         let id = AccountId::user(r.user_id, currency);
         let account_exists = view.get(id.key()).map_err(|e| Status::internal(e.to_string()))?.is_some();
         if !account_exists {
@@ -434,6 +451,25 @@ impl LedgerApi for LedgerService {
 
 /// Peer messages and snapshots for one Raft group (a cell, or the routers'
 /// table group).
+/// Read-only [`crate::raft::Kv`] over one RocksDB snapshot.
+struct SnapshotKv<'a, 'b>(&'a rocksdb::SnapshotWithThreadMode<'b, DB>);
+
+impl crate::raft::Kv for SnapshotKv<'_, '_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key).unwrap_or_else(|e| panic!("storage failure (read): {e}"))
+    }
+    fn put(&mut self, _key: &[u8], _value: &[u8]) {
+        unreachable!("a read never writes")
+    }
+    fn delete(&mut self, _key: &[u8]) {
+        unreachable!("a read never writes")
+    }
+    fn clear_range(&mut self, _start: &[u8], _end: &[u8]) {
+        unreachable!("a read never writes")
+    }
+}
+
+/// Peer messages and snapshots for one Raft group (a cell, or the routers'
 pub struct TransportService<SM: StateMachine> {
     pub group_id: u64,
     pub replica_id: u64,
@@ -596,7 +632,7 @@ impl ReplicaAdmin for AdminService {
             snapshots_installed: status.snapshots_installed,
             addr: self.context.addr.clone(),
             pair: Some(pair_state.clone()),
-            standby_acked_index: ship.acked_index,
+            standby_acked_index: if ship.epoch == pair_state.epoch { ship.acked_index } else { 0 },
             standby_lag_ms: if is_leader { lag_ms } else { 0 },
             deposed: self.context.replication.deposed(&pair_state),
         }))
@@ -729,6 +765,16 @@ fn ship_ack(state: &PairState) -> ShipAck {
 
 type AckStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<ShipAck, Status>> + Send>>;
 
+/// One shipped message's outcome, in stream order: a proposal's outputs, or
+/// (empty) a keepalive's.
+type PendingAck = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<Result<Vec<TransferResult>, ProposeError>, tokio::sync::oneshot::error::RecvError>,
+            > + Send,
+    >,
+>;
+
 #[tonic::async_trait]
 impl StandbyApi for StandbyService {
     type ReplicateStream = AckStream;
@@ -751,8 +797,9 @@ impl StandbyApi for StandbyService {
         let state = self.check_hello(&hello)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ShipAck, Status>>(STANDBY_IN_FLIGHT_MAX + 1);
         tx.try_send(Ok(ship_ack(&state))).expect("fresh channel has room");
+        let service = StandbyService { context: context.clone() };
         tokio::spawn(async move {
-            let mut pending = futures::stream::FuturesOrdered::new();
+            let mut pending: futures::stream::FuturesOrdered<PendingAck> = futures::stream::FuturesOrdered::new();
             let mut inbound_open = true;
             loop {
                 tokio::select! {
@@ -764,8 +811,20 @@ impl StandbyApi for StandbyService {
                             Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Snapshot(chunk)) })) => {
                                 command::Kind::SourceSnapshot(chunk)
                             }
+                            Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(keepalive)) })) => {
+                                // A keepalive: answered in order, if this
+                                // cell still is the source's standby.
+                                match service.check_hello(&keepalive) {
+                                    Ok(_) => pending.push_back(Box::pin(async { Ok(Ok(Vec::new())) })),
+                                    Err(status) => {
+                                        let _ = tx.send(Err(status)).await;
+                                        return;
+                                    }
+                                }
+                                continue;
+                            }
                             Ok(Some(_)) => {
-                                let _ = tx.send(Err(Status::invalid_argument("only one hello per stream"))).await;
+                                let _ = tx.send(Err(Status::invalid_argument("a message with nothing in it"))).await;
                                 return;
                             }
                             Ok(None) | Err(_) => {
@@ -776,7 +835,7 @@ impl StandbyApi for StandbyService {
                         // Queued now, in stream order, so the log holds the
                         // batches in the order they were shipped.
                         match context.node.propose_queued(vec![Command { kind: Some(command) }]) {
-                            Ok(receiver) => pending.push_back(receiver),
+                            Ok(receiver) => pending.push_back(Box::pin(receiver)),
                             Err(e) => {
                                 let _ = tx.send(Err(context.node_error(e))).await;
                                 return;
@@ -785,6 +844,8 @@ impl StandbyApi for StandbyService {
                     }
                     done = futures::StreamExt::next(&mut pending), if !pending.is_empty() => {
                         let outcome = match done.expect("pending is not empty") {
+                            // A keepalive's answer.
+                            Ok(Ok(results)) if results.is_empty() => Ok(ship_ack(&context.pair.borrow())),
                             Ok(Ok(mut results)) => {
                                 let result = results.pop().expect("one result per command");
                                 if result.code == ResultCode::Ok as i32 {

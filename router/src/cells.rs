@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
+use crate::metrics::RouterMetrics;
 use crate::table::{self, Route, TableView};
 
 pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(5);
@@ -99,6 +100,7 @@ pub struct CellPool {
     table: TableView,
     /// Injected fault: cells this router treats as unreachable, until when.
     isolated: RwLock<HashMap<u64, Instant>>,
+    metrics: Option<Arc<RouterMetrics>>,
 }
 
 /// Longest an injected isolation lasts.
@@ -108,13 +110,40 @@ pub const ISOLATION_MAX: Duration = Duration::from_secs(600);
 /// the request may or may not have reached the cell. Retrying is safe
 /// because every write carries its idempotency key.
 pub fn is_transport_failure(status: &Status) -> bool {
-    status.code() == tonic::Code::Unavailable
-        || (status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some())
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        // A connection that broke with the request on it (the cell died),
+        // or the cell's deadline for it: the outcome is unknown, and the
+        // retry (same idempotency key) finds it out.
+        tonic::Code::Cancelled => true,
+        tonic::Code::Unknown => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
 }
 
 impl CellPool {
     pub fn new(table: TableView) -> Arc<CellPool> {
-        Arc::new(CellPool { cells: RwLock::new(HashMap::new()), table, isolated: RwLock::new(HashMap::new()) })
+        CellPool::with_metrics(table, None)
+    }
+
+    pub fn with_metrics(table: TableView, metrics: Option<Arc<RouterMetrics>>) -> Arc<CellPool> {
+        Arc::new(CellPool { cells: RwLock::new(HashMap::new()), table, isolated: RwLock::new(HashMap::new()), metrics })
+    }
+
+    fn count_retry(&self, reason: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.retries_total.with_label_values(&[reason]).inc();
+        }
+    }
+
+    fn count_outcome<T>(&self, outcome: &Result<T, Status>) {
+        if let Some(metrics) = &self.metrics {
+            let label = match outcome {
+                Ok(_) => "ok".to_string(),
+                Err(status) => format!("{:?}", status.code()),
+            };
+            metrics.requests_total.with_label_values(&[&label]).inc();
+        }
     }
 
     /// Treats `cell_ids` as unreachable for `duration` (empty: heal all).
@@ -189,6 +218,23 @@ impl CellPool {
         F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
+        let outcome = self.call_with_retries(pick, deadline, message, call).await;
+        self.count_outcome(&outcome);
+        outcome
+    }
+
+    async fn call_with_retries<Req, Resp, F, Fut>(
+        &self,
+        pick: impl Fn(&RoutingTable) -> Option<Route>,
+        deadline: Instant,
+        message: Req,
+        call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
         let mut delay = RETRY_DELAY_MIN;
         let mut last_error: Option<Status> = None;
         loop {
@@ -245,14 +291,19 @@ impl CellPool {
                 .and_then(|v| v.parse::<u64>().ok());
             let mut retry_now = false;
             if let Some(hint) = leader_hint {
+                self.count_retry("leader_hint");
                 retry_now = hint != replica.addr && cell.follow(hint);
             } else if let Some(epoch) = cell_epoch.filter(|e| *e > route.epoch) {
                 // This router's table is behind: wait for it to catch up.
+                self.count_retry("stale_table");
                 retry_now = self.await_epoch(route.pair_id, epoch, remaining.min(RETRY_DELAY_MAX * 5)).await;
             } else if cell_epoch.is_none() {
                 // Not a cell's refusal: the replica is unreachable or has no
                 // leader. Try the next one.
+                self.count_retry("unreachable");
                 cell.rotate(position);
+            } else {
+                self.count_retry("cell_not_serving");
             }
             last_error = Some(status);
             if !retry_now {

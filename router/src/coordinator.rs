@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use cellbank_cell::ledger::pair;
 use cellbank_cell::raft::driver::DriverHandle;
+use cellbank_cell::replication::PROMOTION_SETTLE;
 use cellbank_proto::cell::{
     ConfigureRequest, ConfigureResponse, PairRole, PairState, ReplicaStatus, ReplicationMode, StatusRequest,
 };
@@ -44,6 +45,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::cells::CellPool;
 use crate::config::CoordinatorConfig;
+use crate::metrics::RouterMetrics;
 use crate::table::{self, TableMachine};
 
 /// Time limit of one configure call to a cell.
@@ -85,6 +87,7 @@ pub struct Coordinator {
     pub seed: RoutingTable,
     health: Mutex<HashMap<u64, CellHealth>>,
     actions: tokio::sync::Mutex<()>,
+    metrics: Arc<RouterMetrics>,
 }
 
 fn is_leader_role(status: &ReplicaStatus) -> bool {
@@ -111,6 +114,7 @@ impl Coordinator {
         pool: Arc<CellPool>,
         config: CoordinatorConfig,
         seed: RoutingTable,
+        metrics: Arc<RouterMetrics>,
     ) -> Arc<Coordinator> {
         Arc::new(Coordinator {
             node,
@@ -119,7 +123,33 @@ impl Coordinator {
             seed,
             health: Mutex::new(HashMap::new()),
             actions: tokio::sync::Mutex::new(()),
+            metrics,
         })
+    }
+
+    fn count(&self, action: &str) {
+        self.metrics.actions_total.with_label_values(&[action]).inc();
+    }
+
+    /// Publishes the pairs and cells as the last probe saw them.
+    fn export_gauges(&self) {
+        let table = self.pool.table();
+        let health = self.health();
+        for pair in &table.pairs {
+            let label = pair.pair_id.to_string();
+            self.metrics.pair_mode.with_label_values(&[&label]).set(i64::from(pair.mode));
+            self.metrics.pair_epoch.with_label_values(&[&label]).set(pair.epoch as i64);
+            let leader = health.get(&pair.active_cell_id).and_then(|h| h.leader.clone());
+            let (entries, ms) = leader
+                .map(|s| (s.applied_index.saturating_sub(s.standby_acked_index), s.standby_lag_ms))
+                .unwrap_or((0, 0));
+            self.metrics.replication_lag_entries.with_label_values(&[&label]).set(entries as i64);
+            self.metrics.replication_lag_ms.with_label_values(&[&label]).set(ms as i64);
+        }
+        for (cell, cell_health) in &health {
+            let reachable = cell_health.replicas.iter().filter(|r| r.reachable).count();
+            self.metrics.replicas_reachable.with_label_values(&[&cell.to_string()]).set(reachable as i64);
+        }
     }
 
     fn is_leader(&self) -> bool {
@@ -167,6 +197,7 @@ impl Coordinator {
             if let Err(e) = self.pass().await {
                 tracing::warn!("coordinator pass: {e}");
             }
+            self.export_gauges();
         }
     }
 
@@ -282,7 +313,8 @@ impl Coordinator {
         Err(last)
     }
 
-    /// The pair state the table asks of a pair's active cell.
+    /// The pair state the table asks of a pair's active cell. Should it be a
+    /// promotion, the new active first waits out the old one's read lease.
     fn desired_active(&self, table: &RoutingTable, pair: &Pair, mode: ReplicationMode) -> PairState {
         PairState {
             epoch: pair.epoch,
@@ -290,7 +322,18 @@ impl Coordinator {
             mode: mode as i32,
             standby_cell_id: pair.standby_cell_id,
             standby_addrs: table::cell_addrs(table, pair.standby_cell_id),
+            promotion_settle_ms: PROMOTION_SETTLE.as_millis() as u64,
             ..Default::default()
+        }
+    }
+
+    /// Makes sure this router's table holds everything the group committed
+    /// before it acts on it (a new coordinator's table may be behind).
+    async fn table_barrier(&self) -> Result<(), Status> {
+        match tokio::time::timeout(TABLE_PROPOSE_TIMEOUT, self.node.read_index()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Status::unavailable(format!("routing table: {e}"))),
+            Err(_) => Err(Status::unavailable("the routing table did not answer a read barrier in time")),
         }
     }
 
@@ -307,6 +350,7 @@ impl Coordinator {
 
     /// One pass over every pair.
     async fn pass(&self) -> Result<(), Status> {
+        self.table_barrier().await?;
         let table = self.pool.table();
         if table.slice_count == 0 {
             if self.seed.slice_count == 0 {
@@ -386,6 +430,7 @@ impl Coordinator {
                     &pair,
                     PairMode::Degraded,
                     audit("coordinator", "automatic failover".into(), &why),
+                    false,
                 )
                 .await?;
                 return Ok(());
@@ -406,6 +451,7 @@ impl Coordinator {
             };
             if let Some(why) = reason {
                 tracing::warn!(pair = pair_id, "degrading: {why}");
+                self.count("degrade");
                 let command = TableCommand {
                     kind: Some(table_command::Kind::SetMode(SetPairMode {
                         pair_id,
@@ -482,6 +528,7 @@ impl Coordinator {
                     audit: Some(audit("coordinator", "return the pair to sync".into(), "the standby caught up")),
                 };
                 self.propose(command).await?;
+                self.count("resync");
                 tracing::info!(pair = pair_id, "the pair is in sync again");
             }
         }
@@ -496,6 +543,7 @@ impl Coordinator {
         pair: &Pair,
         mode: PairMode,
         record: AuditRecord,
+        old_active_fenced: bool,
     ) -> Result<ConfigureResponse, Status> {
         let new_epoch = pair.epoch + 1;
         let command = TableCommand {
@@ -507,6 +555,7 @@ impl Coordinator {
             audit: Some(record),
         };
         self.propose(command).await?;
+        self.metrics.failovers_total.inc();
         let promoted = Pair {
             active_cell_id: pair.standby_cell_id,
             standby_cell_id: pair.active_cell_id,
@@ -515,7 +564,11 @@ impl Coordinator {
             ..*pair
         };
         let cell_mode = if mode == PairMode::Sync { ReplicationMode::Sync } else { ReplicationMode::Async };
-        let desired = self.desired_active(table, &promoted, cell_mode);
+        let mut desired = self.desired_active(table, &promoted, cell_mode);
+        if old_active_fenced {
+            // The old active serves nothing any more: no lease to wait out.
+            desired.promotion_settle_ms = 0;
+        }
         self.configure(promoted.active_cell_id, desired, None).await
     }
 
@@ -529,6 +582,7 @@ impl Coordinator {
     pub async fn switchover(&self, pair_id: u64, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
+        self.table_barrier().await?;
         let (table, pair) = self.pair_now(pair_id)?;
         if pair.standby_cell_id == 0 {
             return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
@@ -562,7 +616,7 @@ impl Coordinator {
         // 3. The table flips; 4. the standby is promoted; 5. the old active
         //    becomes its standby, holding exactly the promoted ledger.
         let record = audit(who, format!("switchover of pair {pair_id}"), why);
-        let promoted = match self.change_active(&table, &pair, PairMode::Sync, record).await {
+        let promoted = match self.change_active(&table, &pair, PairMode::Sync, record, true).await {
             Ok(promoted) => promoted,
             Err(e) => {
                 if self.pair_now(pair_id)?.1.epoch == pair.epoch {
@@ -576,6 +630,7 @@ impl Coordinator {
         let demoted = Coordinator::desired_standby(&new_pair, promoted.applied_index);
         self.configure(pair.active_cell_id, demoted, promoted.state.clone()).await?;
         tracing::info!(pair = pair_id, write_pause_ms, "switchover done");
+        self.count("switchover");
         Ok(AdminActionResponse {
             new_epoch: new_pair.epoch,
             active_cell_id: new_pair.active_cell_id,
@@ -626,6 +681,7 @@ impl Coordinator {
     ) -> Result<AdminActionResponse, Status> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
+        self.table_barrier().await?;
         let (table, pair) = self.pair_now(pair_id)?;
         if pair.standby_cell_id == 0 {
             return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
@@ -661,10 +717,15 @@ impl Coordinator {
             // to take what it can.
             let fenced = PairState { role: PairRole::Fenced as i32, ..active_state };
             let fence = self.configure(pair.active_cell_id, fenced, None).await?;
-            if self.await_acked(pair.active_cell_id, fence.applied_index).await.is_err() && mode != PairMode::Sync {
-                let acked = self.cell_health(pair.active_cell_id).leader.map(|s| s.standby_acked_index).unwrap_or(0);
+            if self.await_acked(pair.active_cell_id, fence.applied_index).await.is_err() {
+                let acked = self.look(pair.active_cell_id).await.leader.map(|s| s.standby_acked_index).unwrap_or(0);
+                let acknowledged = if mode == PairMode::Sync {
+                    "none of them was acknowledged to a client (the pair was SYNC)"
+                } else {
+                    "clients may have been told of them (the pair was DEGRADED)"
+                };
                 may_be_lost = format!(
-                    "entries {}..={} of cell {} are not on the standby",
+                    "entries {}..={} of cell {} are not on the standby; {acknowledged}",
                     acked.max(standby_holds) + 1,
                     fence.applied_index,
                     pair.active_cell_id
@@ -689,7 +750,9 @@ impl Coordinator {
         let what = format!("{} failover of pair {pair_id}", if force { "forced" } else { "manual" });
         let why_text =
             if may_be_lost.is_empty() { why.to_string() } else { format!("{why}; may be lost: {may_be_lost}") };
-        let promoted = self.change_active(&table, &pair, PairMode::Degraded, audit(who, what, &why_text)).await?;
+        let fenced = active.leader.is_some();
+        let promoted =
+            self.change_active(&table, &pair, PairMode::Degraded, audit(who, what, &why_text), fenced).await?;
         let new_pair = self.pair_now(pair_id)?.1;
         Ok(AdminActionResponse {
             new_epoch: new_pair.epoch,
@@ -708,6 +771,7 @@ impl Coordinator {
     pub async fn rebuild_standby(&self, pair_id: u64, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
+        self.table_barrier().await?;
         let (table, pair) = self.pair_now(pair_id)?;
         if pair.standby_cell_id == 0 {
             return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));

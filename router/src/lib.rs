@@ -8,6 +8,7 @@
 //! - [`coordinator`]: health probes, failover, degraded mode, switchover
 //!   (active on the group's leader only).
 //! - [`admin`]: the operators' API.
+//! - [`metrics`]: the router's Prometheus metrics.
 //! - [`server`]: assembles a router.
 
 // tonic::Status is the error type of every gRPC handler and helper here.
@@ -18,5 +19,6 @@ pub mod cells;
 pub mod config;
 pub mod coordinator;
 pub mod front;
+pub mod metrics;
 pub mod server;
 pub mod table;

@@ -22,6 +22,7 @@ use crate::cells::{CellPool, CELL_MESSAGE_BYTES_MAX};
 use crate::config::RouterConfig;
 use crate::coordinator::Coordinator;
 use crate::front::Front;
+use crate::metrics::RouterMetrics;
 use crate::table::{TableMachine, TableView};
 
 /// The routers' Raft group id on the transport (cells start at 1).
@@ -55,8 +56,10 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         peers: &config.peers,
     };
     let Group { handle, thread, transport } = group::start(member, db.clone(), machine, metrics.clone());
-    let pool = CellPool::new(table.clone());
-    let coordinator = Coordinator::new(handle.clone(), pool.clone(), config.coordinator.clone(), config.seed_table());
+    let router_metrics = RouterMetrics::register(&metrics.registry);
+    let pool = CellPool::with_metrics(table.clone(), Some(router_metrics.clone()));
+    let coordinator =
+        Coordinator::new(handle.clone(), pool.clone(), config.coordinator.clone(), config.seed_table(), router_metrics);
     let mut tasks = vec![tokio::spawn(coordinator.clone().run())];
 
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();

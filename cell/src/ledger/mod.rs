@@ -408,6 +408,13 @@ impl Ledger {
         {
             return rejection(ResultCode::InvalidItem, "keys", format!("key {key:02x?} is outside the ledger"), index);
         }
+        if chunk.chunk == 0 && own.source_index > 0 && chunk.snapshot_index < own.source_index {
+            let detail = format!(
+                "snapshot at {} is older than the {} entries this standby holds",
+                chunk.snapshot_index, own.source_index
+            );
+            return rejection(ResultCode::CellNotWritable, "snapshot_index", detail, index);
+        }
         if chunk.chunk == 0 {
             kv.clear_range(pair::LEDGER_START, pair::LEDGER_END);
             own.source_index = 0;

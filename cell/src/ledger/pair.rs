@@ -83,8 +83,11 @@ pub fn ships(state: &PairState) -> bool {
 }
 
 /// True when a client must not hear of a write until the standby holds it.
+///
+/// A FENCED cell (a switchover draining it) still waits: its writes below
+/// the fence are answered only once the standby holds them.
 pub fn waits_for_standby(state: &PairState) -> bool {
-    role(state) == PairRole::Active && mode(state) == ReplicationMode::Sync && state.standby_cell_id != 0
+    ships(state) && mode(state) == ReplicationMode::Sync && state.standby_cell_id != 0
 }
 
 /// The state after a configure command at `index`, or why it is refused.
@@ -98,6 +101,17 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
     }
     if requested_role == PairRole::Standby && requested.source_cell_id == 0 {
         return Err("a standby needs a source cell".into());
+    }
+    // A standby is promoted only with a complete copy: never while it is
+    // being rebuilt, never when it holds nothing.
+    if role(current) == PairRole::Standby
+        && requested_role == PairRole::Active
+        && (current.source_index == 0 || current.rebuild_snapshot_index != 0)
+    {
+        return Err(format!(
+            "this standby holds no complete copy of cell {} (source index {}, rebuilding from {}); it cannot become active",
+            current.source_cell_id, current.source_index, current.rebuild_snapshot_index
+        ));
     }
     let mut next = requested.clone();
     next.rebuild_snapshot_index = 0;
@@ -176,6 +190,27 @@ mod tests {
         other_source.source_cell_id = 3;
         other_source.source_index = 77;
         assert_eq!(configure(&standby, &other_source, 9).unwrap().source_index, 77);
+    }
+
+    #[test]
+    fn a_standby_without_a_complete_copy_is_never_promoted() {
+        let mut standby = state(1, PairRole::Standby, ReplicationMode::Sync);
+        standby.source_cell_id = 1;
+        let promote = state(2, PairRole::Active, ReplicationMode::Async);
+        assert!(configure(&standby, &promote, 9).unwrap_err().contains("no complete copy"));
+        standby.source_index = 40;
+        standby.rebuild_snapshot_index = 90;
+        assert!(configure(&standby, &promote, 9).is_err(), "mid-rebuild");
+        standby.rebuild_snapshot_index = 0;
+        assert_eq!(role(&configure(&standby, &promote, 9).unwrap()), PairRole::Active);
+    }
+
+    #[test]
+    fn a_fenced_active_still_waits_for_its_standby() {
+        let mut fenced = state(1, PairRole::Fenced, ReplicationMode::Sync);
+        fenced.standby_cell_id = 2;
+        assert!(waits_for_standby(&fenced));
+        assert!(!writable(&fenced));
     }
 
     #[test]

@@ -1,0 +1,64 @@
+//! A router's own Prometheus metrics, registered next to its Raft group's
+//! (one registry per process, served on `metrics_listen`).
+
+use std::sync::Arc;
+
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+pub struct RouterMetrics {
+    /// Client requests carried to a cell, by outcome (`ok` or the gRPC code).
+    pub requests_total: IntCounterVec,
+    /// Retries inside one request, by reason.
+    pub retries_total: IntCounterVec,
+    /// Coordinator actions: failovers, degradations, returns to sync, switchovers.
+    pub actions_total: IntCounterVec,
+    pub failovers_total: IntCounter,
+    /// Per pair: 1 SYNC, 2 DEGRADED, 3 NO_STANDBY (set by the coordinator).
+    pub pair_mode: IntGaugeVec,
+    pub pair_epoch: IntGaugeVec,
+    pub replication_lag_entries: IntGaugeVec,
+    pub replication_lag_ms: IntGaugeVec,
+    /// Per cell: replicas that answered the last probe.
+    pub replicas_reachable: IntGaugeVec,
+}
+
+impl RouterMetrics {
+    pub fn register(registry: &Registry) -> Arc<RouterMetrics> {
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("counter vec");
+            registry.register(Box::new(vec.clone())).expect("register");
+            vec
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let vec = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("gauge vec");
+            registry.register(Box::new(vec.clone())).expect("register");
+            vec
+        };
+        let failovers_total =
+            IntCounter::new("router_failovers_total", "Changes of active cell this router made.").expect("counter");
+        registry.register(Box::new(failovers_total.clone())).expect("register");
+        Arc::new(RouterMetrics {
+            requests_total: counter_vec("router_requests_total", "Requests carried to cells, by outcome.", "outcome"),
+            retries_total: counter_vec("router_retries_total", "Retries within a request, by reason.", "reason"),
+            actions_total: counter_vec("router_coordinator_actions_total", "Coordinator actions, by kind.", "action"),
+            failovers_total,
+            pair_mode: gauge_vec("router_pair_mode", "1 SYNC, 2 DEGRADED, 3 NO_STANDBY.", "pair"),
+            pair_epoch: gauge_vec("router_pair_epoch", "The pair's routing epoch.", "pair"),
+            replication_lag_entries: gauge_vec(
+                "router_replication_lag_entries",
+                "Entries the standby does not hold yet.",
+                "pair",
+            ),
+            replication_lag_ms: gauge_vec(
+                "router_replication_lag_ms",
+                "Age of the oldest entry the standby does not hold yet.",
+                "pair",
+            ),
+            replicas_reachable: gauge_vec(
+                "router_cell_replicas_reachable",
+                "Replicas that answered the last probe.",
+                "cell",
+            ),
+        })
+    }
+}
