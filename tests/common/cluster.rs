@@ -65,8 +65,10 @@ impl Cluster {
         }
     }
 
+    /// The pair as the status shows it; an empty pair (epoch 0, no cells)
+    /// while the table is not bootstrapped yet.
     pub fn pair_of(status: &ClusterStatus, pair_id: u64) -> Pair {
-        status.table.as_ref().and_then(|t| t.pairs.iter().find(|p| p.pair_id == pair_id)).cloned().expect("pair")
+        status.table.as_ref().and_then(|t| t.pairs.iter().find(|p| p.pair_id == pair_id)).cloned().unwrap_or_default()
     }
 
     pub async fn wait_for_mode(&self, pair_id: u64, mode: PairMode, timeout: Duration) -> Pair {
