@@ -152,6 +152,11 @@ async fn watch_promotions(
         if last_role == PairRole::Standby && role == PairRole::Active && state.promotion_settle_ms > 0 {
             let settle = std::time::Duration::from_millis(state.promotion_settle_ms);
             *settling_until.lock().expect("settle lock") = Some(std::time::Instant::now() + settle);
+            tracing::info!(
+                epoch = state.epoch,
+                settle_ms = state.promotion_settle_ms,
+                "promoted: serving nothing until the old active's read lease has run out"
+            );
         }
         last_role = role;
     }

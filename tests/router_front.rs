@@ -1,0 +1,114 @@
+//! The router's front door over two pairs: requests reach the user's cell,
+//! SubmitTransfers batches that span cells are split and merged back in
+//! request order, transfers between cells are refused with their own code,
+//! GetTransfer finds a transfer whichever cell holds it.
+
+mod common;
+
+use std::time::Duration;
+
+use cellbank_proto::router::PairMode;
+use cellbank_proto::v1::*;
+use common::cluster::Cluster;
+use common::ledger_checks::{seed, CURRENCY};
+
+/// The pair a user's slice belongs to, from the routing table.
+async fn pair_of_user(cluster: &Cluster, user: u64) -> u64 {
+    let status = cluster.status().await.expect("status");
+    cellbank_router::table::route(status.table.as_ref().unwrap(), user).unwrap().pair_id
+}
+
+fn transfer(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
+    TransferRequest {
+        transfer_id: id.as_bytes().to_vec(),
+        from_user_id: from,
+        to_user_id: to,
+        currency: CURRENCY.into(),
+        amount,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_split_by_cell_merge_in_order_and_cross_cell_is_refused() {
+    let cluster = Cluster::start(1, 2, |_| {});
+    for pair in [1, 2] {
+        cluster.wait_for_mode(pair, PairMode::Sync, Duration::from_secs(30)).await;
+    }
+    // Two users in each pair.
+    let mut by_pair: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for user in 1..=40 {
+        by_pair.entry(pair_of_user(&cluster, user).await).or_default().push(user);
+    }
+    let (a1, a2) = (by_pair[&1][0], by_pair[&1][1]);
+    let (b1, b2) = (by_pair[&2][0], by_pair[&2][1]);
+    let client = cluster.client();
+    seed(&client, &[a1, a2, b1, b2]).await;
+
+    // One batch: pair 1, pair 2, cross-cell, malformed, pair 1 again.
+    let items = vec![
+        transfer("mix-1", a1, a2, 10),
+        transfer("mix-2", b1, b2, 20),
+        transfer("mix-3", a1, b1, 30),
+        transfer("", a2, a1, 40),
+        transfer("mix-5", a2, a1, 50),
+    ];
+    let response = client
+        .ledger(|mut c| {
+            let transfers = items.clone();
+            async move { c.submit_transfers(SubmitTransfersRequest { transfers }).await }
+        })
+        .await
+        .expect("submit");
+    let codes: Vec<ResultCode> = response.results.iter().map(|r| ResultCode::try_from(r.code).unwrap()).collect();
+    assert_eq!(
+        codes,
+        vec![ResultCode::Ok, ResultCode::Ok, ResultCode::CrossCellUnsupported, ResultCode::InvalidItem, ResultCode::Ok]
+    );
+    assert_eq!(response.results[3].field, "transfer_id");
+
+    // A unary transfer between cells is refused the same way; nothing moves.
+    let cross =
+        client.ledger(|mut c| async move { c.transfer(transfer("cross", b2, a2, 5)).await }).await.expect("transfer");
+    assert_eq!(cross.result.unwrap().code, ResultCode::CrossCellUnsupported as i32);
+
+    // GetTransfer finds each transfer in its own cell, and nothing else.
+    for (id, from) in [("mix-1", a1), ("mix-2", b1), ("mix-5", a2)] {
+        let found = client
+            .ledger(
+                |mut c| async move { c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() }).await },
+            )
+            .await
+            .expect("get transfer")
+            .transfer
+            .unwrap();
+        assert_eq!(found.from_user_id, from);
+    }
+    for id in ["mix-3", "cross"] {
+        let missing = client
+            .ledger(
+                |mut c| async move { c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() }).await },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{id} was refused and must not exist");
+    }
+
+    // Balances show exactly the applied items.
+    let balance = |user: u64| {
+        let client = &client;
+        async move {
+            client
+                .ledger(|mut c| async move {
+                    c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+                })
+                .await
+                .expect("balance")
+                .balance
+        }
+    };
+    let seed_amount = common::ledger_checks::SEED_AMOUNT;
+    assert_eq!(balance(a1).await, seed_amount - 10 + 50);
+    assert_eq!(balance(a2).await, seed_amount + 10 - 50);
+    assert_eq!(balance(b1).await, seed_amount - 20);
+    assert_eq!(balance(b2).await, seed_amount + 20);
+}
