@@ -221,6 +221,20 @@ impl Supervisor {
         Ok(Supervisor { exe, topology, processes, env: Vec::new() })
     }
 
+    /// Fails when another process already listens on one of the cluster's
+    /// addresses (a cluster left running, say), naming it.
+    pub fn check_ports_free(&self) -> anyhow::Result<()> {
+        for (id, managed) in &self.processes {
+            let addrs = std::iter::once(&managed.addr).chain(managed.metrics.iter());
+            for addr in addrs {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    anyhow::bail!("{id}: {addr} is taken ({e}); is another cluster still running?");
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_string(), value.to_string()));
     }

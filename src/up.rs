@@ -87,6 +87,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         supervisor.ids().len()
     );
     println!("data:      {} (kept between runs; delete it to start afresh)", topology.data_dir.display());
+    supervisor.check_ports_free()?;
     supervisor.start_all()?;
     for id in supervisor.ids() {
         let metrics = supervisor.metrics_addr(id).map(|m| format!("  metrics http://{m}/metrics")).unwrap_or_default();

@@ -36,6 +36,21 @@ pub struct Replica {
     _transport: Arc<GrpcTransport>,
 }
 
+/// Server reflection (v1 and v1alpha) over every cellbank proto and the
+/// health service's, for every gRPC server of the project.
+#[allow(clippy::type_complexity)]
+pub fn reflection_services() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
 pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     config.check()?;
     std::fs::create_dir_all(&config.data_dir)?;
@@ -74,14 +89,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let shipper_task = tokio::spawn(shipper.run());
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection, reflection_alpha) = reflection_services()?;
     let ledger = LedgerServer::new(LedgerService { context: context.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);

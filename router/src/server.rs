@@ -64,14 +64,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
 
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<Front>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection, reflection_alpha) = cellbank_cell::server::reflection_services()?;
     let front = LedgerServer::new(Front { pool: pool.clone() })
         .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX);
