@@ -31,7 +31,6 @@ pub struct Replica {
     server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     shipper_task: tokio::task::JoinHandle<()>,
-    settle_task: tokio::task::JoinHandle<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
 }
@@ -59,7 +58,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let pair_view: crate::ledger::PairView = Arc::new(tokio::sync::watch::Sender::new(crate::ledger::pair::unpaired()));
-    let ledger = Ledger::with_view(db.clone(), pair_view.clone());
+    let settling_until: crate::ledger::SettleUntil = Arc::new(std::sync::Mutex::new(None));
+    let ledger = Ledger::with_view(db.clone(), pair_view.clone(), settling_until.clone());
     let member = GroupMember {
         group_id: config.cell_id,
         replica_id: config.replica_id,
@@ -70,8 +70,6 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.clone());
 
     let replication = Arc::new(Replication::default());
-    let settling_until = Arc::new(std::sync::Mutex::new(None));
-    let settle_task = tokio::spawn(watch_promotions(pair_view.clone(), settling_until.clone()));
     let context = ReplicaContext {
         cell_id: config.cell_id,
         replica_id: config.replica_id,
@@ -138,36 +136,9 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         server_task,
         metrics_task,
         shipper_task,
-        settle_task,
         thread: Some(thread),
         _transport: transport,
     })
-}
-
-/// Notes when this replica sees its cell promoted from standby to active
-/// with a settle time (a failover), so that the service serves nothing
-/// until the old active's read lease has run out.
-async fn watch_promotions(
-    pair_view: crate::ledger::PairView,
-    settling_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
-) {
-    use cellbank_proto::cell::PairRole;
-    let mut rx = pair_view.subscribe();
-    let mut last_role = crate::ledger::pair::role(&rx.borrow_and_update());
-    while rx.changed().await.is_ok() {
-        let state = rx.borrow_and_update().clone();
-        let role = crate::ledger::pair::role(&state);
-        if last_role == PairRole::Standby && role == PairRole::Active && state.promotion_settle_ms > 0 {
-            let settle = std::time::Duration::from_millis(state.promotion_settle_ms);
-            *settling_until.lock().expect("settle lock") = Some(std::time::Instant::now() + settle);
-            tracing::info!(
-                epoch = state.epoch,
-                settle_ms = state.promotion_settle_ms,
-                "promoted: serving nothing until the old active's read lease has run out"
-            );
-        }
-        last_role = role;
-    }
 }
 
 impl Replica {
@@ -182,7 +153,6 @@ impl Replica {
             task.abort();
         }
         self.shipper_task.abort();
-        self.settle_task.abort();
         self.node.shutdown();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

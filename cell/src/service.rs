@@ -62,7 +62,7 @@ pub struct ReplicaContext {
     pub pair: PairView,
     pub replication: Arc<Replication>,
     /// Until when this replica, just promoted by a failover, serves nothing.
-    pub settling_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    pub settling_until: crate::ledger::SettleUntil,
 }
 
 impl ReplicaContext {

@@ -203,6 +203,11 @@ pub const ACCOUNT_CACHE_ENTRIES_MAX: usize = 1_000_000;
 /// write waits for the standby). Published after every change.
 pub type PairView = Arc<tokio::sync::watch::Sender<PairState>>;
 
+/// Until when a replica just promoted by a failover serves nothing (see
+/// `PairState.promotion_settle_ms`). Set before the promotion is published,
+/// so no request sees the new role without the wait. In memory only.
+pub type SettleUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
 #[derive(Default)]
 pub struct Ledger {
     accounts: FxHashMap<AccountId, Account>,
@@ -210,6 +215,7 @@ pub struct Ledger {
     pair_own: Option<PairState>,
     pair_source: Option<PairState>,
     view: Option<PairView>,
+    settle: Option<SettleUntil>,
     db: Option<Arc<rocksdb::DB>>,
 }
 
@@ -220,8 +226,8 @@ impl Ledger {
 
     /// A ledger that publishes its pair state to `view`, reading it from
     /// `db` at start and after a snapshot replaces the state.
-    pub fn with_view(db: Arc<rocksdb::DB>, view: PairView) -> Ledger {
-        let mut ledger = Ledger { view: Some(view), db: Some(db), ..Ledger::default() };
+    pub fn with_view(db: Arc<rocksdb::DB>, view: PairView, settle: SettleUntil) -> Ledger {
+        let mut ledger = Ledger { view: Some(view), settle: Some(settle), db: Some(db), ..Ledger::default() };
         ledger.reload_pair_view();
         ledger
     }
@@ -333,6 +339,20 @@ impl Ledger {
                 if becomes_standby && next.source_index != current.source_index {
                     let source_state = command.source_state.clone().unwrap_or_default();
                     self.set_pair(kv, pair::Slot::Source, source_state);
+                }
+                let promoted = slot == pair::Slot::Own
+                    && pair::role(&current) == PairRole::Standby
+                    && pair::role(&next) == PairRole::Active;
+                if let (true, Some(settle)) = (promoted && next.promotion_settle_ms > 0, &self.settle) {
+                    // Wall time, not state: it only delays this replica's
+                    // service, and must be in place before the new role shows.
+                    let until = std::time::Instant::now() + std::time::Duration::from_millis(next.promotion_settle_ms);
+                    *settle.lock().expect("settle lock") = Some(until);
+                    tracing::info!(
+                        epoch = next.epoch,
+                        settle_ms = next.promotion_settle_ms,
+                        "promoted: serving nothing until the old active's read lease has run out"
+                    );
                 }
                 self.set_pair(kv, slot, next);
                 result(ResultCode::Ok, index)
