@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellbank::supervisor::ProcessId;
-use cellbank_proto::router::PairMode;
+use cellbank_proto::router::{PairMode, SwitchoverRequest};
+use cellbank_proto::v1::TransferRequest;
 use common::cluster::Cluster;
 use common::ledger_checks::{seed, start_load, stop_load, users, verify_ledger, History};
 
@@ -65,4 +66,74 @@ async fn killing_the_leader_router_keeps_clients_and_failover_working() {
     stop_load(&history, load).await;
     let (checked, ok) = verify_ledger(&client, &users, &history).await;
     println!("verified {checked} transfers ({ok} OK) through the surviving routers");
+}
+
+/// Reads one counter of a router's Prometheus endpoint (summed over labels
+/// that contain `label`).
+async fn metric(addr: &str, name: &str, label: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        socket.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), read).await.expect("the metrics endpoint answers");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
+    let mut cluster = Cluster::start(3, 1, |t| {
+        for router in &mut t.routers {
+            router.metrics = Some(format!("127.0.0.1:{}", common::free_port()));
+        }
+    });
+    let status = cluster
+        .wait_until("a coordinator and a sync pair", Duration::from_secs(30), |s| {
+            s.leader_router_id != 0 && Cluster::pair_of(s, 1).mode == PairMode::Sync as i32
+        })
+        .await;
+    let stale = status.routers.iter().find(|r| r.router_id != status.leader_router_id).unwrap().router_id;
+    let stale_id = ProcessId::Router(stale);
+    let stale_addr = cluster.sup.addr(stale_id).unwrap();
+    let stale_metrics = cluster.sup.metrics_addr(stale_id).unwrap();
+    let users = users(4);
+    let mut through_stale = cellbank_cell::client::CellClient::new(vec![stale_addr.clone()]);
+    through_stale.deadline = Duration::from_secs(10);
+    seed(&through_stale, &users).await;
+
+    // The stale router sleeps through a switchover: cell 2 becomes active
+    // at epoch 2 and cell 1, still running, its standby.
+    let before = metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await;
+    cluster.sup.pause(stale_id, true);
+    let request = SwitchoverRequest { pair_id: 1, who: "test".into(), why: "stale router".into() };
+    let others: Vec<String> = cluster.routers().into_iter().filter(|a| *a != stale_addr).collect();
+    let response = cellbank::routers::switchover(&others, None, request).await.expect("switchover");
+    assert_eq!((response.active_cell_id, response.new_epoch), (2, 2));
+
+    // Woken, it still routes with epoch 1 to cell 1, which refuses and
+    // names epoch 2; it waits for its table and is served by cell 2.
+    cluster.sup.pause(stale_id, false);
+    let response = through_stale
+        .ledger(|mut c| async move {
+            c.transfer(TransferRequest {
+                transfer_id: b"through-a-stale-router".to_vec(),
+                from_user_id: 1,
+                to_user_id: 2,
+                currency: common::ledger_checks::CURRENCY.into(),
+                amount: 7,
+            })
+            .await
+        })
+        .await
+        .expect("served after catching up");
+    assert_eq!(response.result.unwrap().code, cellbank_proto::v1::ResultCode::Ok as i32);
+    let after = metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await;
+    println!("stale-table retries on router {stale}: {before} before, {after} after");
+    assert!(after > before, "the router was refused for its stale epoch and waited for its table");
 }
