@@ -281,6 +281,10 @@ impl Coordinator {
         if self.pool.is_isolated(cell_id) {
             return Err(Status::unavailable(format!("cell {cell_id} is isolated from this router (injected fault)")));
         }
+        // Stamped with this coordinator's term: once a cell has heard from a
+        // newer coordinator, this one's commands are refused.
+        let term = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?.term;
+        let state = PairState { coordinator_term: term, ..state };
         let request = ConfigureRequest { cell_id, state: Some(state), source_state };
         let deadline = Instant::now() + CONFIGURE_TIMEOUT;
         let mut order: Vec<usize> = (0..conn.replicas.len()).collect();
@@ -407,6 +411,7 @@ impl Coordinator {
     async fn reconcile(&self, pair_id: u64) -> Result<(), Status> {
         let (table, pair) = self.pair_now(pair_id)?;
         let now = Instant::now();
+        let term = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?.term;
         let active = self.cell_health(pair.active_cell_id);
         let standby = self.cell_health(pair.standby_cell_id);
         let active_down = self.is_down(&active, now);
@@ -486,7 +491,8 @@ impl Coordinator {
                 || current.role != desired.role
                 || current.mode != desired.mode
                 || current.standby_cell_id != desired.standby_cell_id
-                || current.standby_addrs != desired.standby_addrs;
+                || current.standby_addrs != desired.standby_addrs
+                || current.coordinator_term < term;
             // A cell already at a later epoch is never pushed back.
             if differs && current.epoch <= desired.epoch {
                 self.configure(pair.active_cell_id, desired, None).await?;
@@ -503,6 +509,11 @@ impl Coordinator {
                 if !fits && current.epoch <= pair.epoch {
                     tracing::info!(pair = pair_id, cell = pair.standby_cell_id, "configuring the standby (rebuild)");
                     self.configure(pair.standby_cell_id, Coordinator::desired_standby(&pair, 0), None).await?;
+                } else if fits && current.coordinator_term < term && current.source_index > 0 {
+                    // A new coordinator makes itself known (no rebuild: the
+                    // standby keeps what it holds).
+                    let keep = Coordinator::desired_standby(&pair, current.source_index);
+                    self.configure(pair.standby_cell_id, keep, None).await?;
                 }
             }
         }

@@ -95,6 +95,12 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
     if requested.epoch < current.epoch {
         return Err(format!("epoch {} is older than the cell's epoch {}", requested.epoch, current.epoch));
     }
+    if requested.coordinator_term < current.coordinator_term {
+        return Err(format!(
+            "a coordinator of term {} was superseded (the cell follows term {})",
+            requested.coordinator_term, current.coordinator_term
+        ));
+    }
     let requested_role = role(requested);
     if requested_role == PairRole::Unpaired && current.epoch > 0 {
         return Err("a paired cell cannot become unpaired".into());
@@ -157,6 +163,18 @@ mod tests {
         let current = state(3, PairRole::Active, ReplicationMode::Sync);
         let older = state(2, PairRole::Standby, ReplicationMode::Sync);
         assert!(configure(&current, &older, 10).unwrap_err().contains("older"));
+    }
+
+    #[test]
+    fn a_superseded_coordinator_is_refused() {
+        let mut current = state(2, PairRole::Active, ReplicationMode::Sync);
+        current.coordinator_term = 9;
+        let mut stale = current.clone();
+        stale.coordinator_term = 8;
+        stale.mode = ReplicationMode::Async as i32;
+        assert!(configure(&current, &stale, 10).unwrap_err().contains("superseded"));
+        stale.coordinator_term = 10;
+        assert_eq!(configure(&current, &stale, 10).unwrap().coordinator_term, 10);
     }
 
     #[test]
