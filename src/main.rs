@@ -229,6 +229,15 @@ fn main() {
         _ => "warn",
     };
     init_logging(&cli.log_format, default_level);
+    if !matches!(cli.command, Command::Cell(_) | Command::Router(_) | Command::Up(_)) {
+        // A client command piped into `head` ends quietly when the pipe
+        // closes, as command-line tools do. (Servers, and `up` with its
+        // children, keep ignoring SIGPIPE and see the error instead.)
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let outcome = runtime.block_on(async move {
         match cli.command {
