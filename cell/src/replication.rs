@@ -127,9 +127,8 @@ impl Replication {
     }
 
     /// True when the standby refused this cell at its current epoch.
-    pub fn deposed(&self, pair_state: &PairState) -> bool {
-        let state = self.state.borrow();
-        state.deposed_by_epoch > pair_state.epoch
+    pub fn deposed(&self, pair_epoch: u64) -> bool {
+        self.state.borrow().deposed_by_epoch > pair_epoch
     }
 
     /// Waits until the standby holds `index`, or the cell no longer waits
@@ -151,13 +150,17 @@ impl Replication {
         let mut ship_rx = self.state.subscribe();
         let mut pair_rx = pair_view.subscribe();
         loop {
-            let pair_state = pair_rx.borrow_and_update().clone();
-            if !pair::waits_for_standby(&pair_state) {
+            // Two fields copied out: no clone of the pair state per request.
+            let (waits, pair_epoch) = {
+                let pair_state = pair_rx.borrow_and_update();
+                (pair::waits_for_standby(&pair_state), pair_state.epoch)
+            };
+            if !waits {
                 return Ok(());
             }
             {
                 let ship = ship_rx.borrow_and_update();
-                if ship.deposed_by_epoch > pair_state.epoch {
+                if ship.deposed_by_epoch > pair_epoch {
                     return Err(epoch_status(
                         Status::unavailable(format!(
                             "this cell was deposed: its standby was promoted at epoch {}; the outcome is unknown, retry \
@@ -168,7 +171,7 @@ impl Replication {
                     ));
                 }
                 let leased = !lease || ship.confirmed_at.is_some_and(|at| at.elapsed() < READ_LEASE);
-                if ship.epoch == pair_state.epoch && ship.acked_index >= index && leased {
+                if ship.epoch == pair_epoch && ship.acked_index >= index && leased {
                     return Ok(());
                 }
             }
@@ -356,7 +359,7 @@ impl Shipper {
 
     /// Reads entries `from..` of this replica's log, up to `to`, within the
     /// batch bounds. `None` when an entry is gone (compacted).
-    fn read_entries(&self, from: u64, to: u64) -> Option<Vec<bytes::Bytes>> {
+    fn read_entries(&self, from: u64, to: u64) -> Option<Vec<Vec<u8>>> {
         let mut entries = Vec::new();
         let mut bytes = 0;
         for index in from..=to {
@@ -367,8 +370,8 @@ impl Shipper {
             let entry = Entry::parse_from_bytes(&raw).unwrap_or_else(|e| panic!("log entry {index} is corrupt: {e}"));
             assert_eq!(entry.index, index, "log key and entry index disagree");
             let data = match entry.get_entry_type() {
-                EntryType::EntryNormal => bytes::Bytes::from(entry.data.to_vec()),
-                _ => bytes::Bytes::new(),
+                EntryType::EntryNormal => entry.data.to_vec(),
+                _ => Vec::new(),
             };
             bytes += data.len();
             entries.push(data);
@@ -401,12 +404,8 @@ impl Shipper {
                     return SessionEnd::Failed(format!("entry {next} was compacted; the standby needs a snapshot"));
                 };
                 let count = entries.len() as u64;
-                let batch = SourceEntries {
-                    source_cell_id: self.cell_id,
-                    epoch: pair_state.epoch,
-                    first_index: next,
-                    entries: entries.into_iter().map(|b| b.to_vec()).collect(),
-                };
+                let batch =
+                    SourceEntries { source_cell_id: self.cell_id, epoch: pair_state.epoch, first_index: next, entries };
                 if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Entries(batch)) }).await.is_err() {
                     return SessionEnd::Failed("the stream closed".into());
                 }

@@ -111,7 +111,11 @@ impl ReplicaContext {
     /// other than the cell's, a standby or fenced cell, a deposed active.
     /// Each refusal is UNAVAILABLE (retryable) with the cell's epoch.
     fn gate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        let state = self.pair.borrow().clone();
+        // Copied out of the view (no clone of the whole state per request).
+        let (cell_epoch, role) = {
+            let state = self.pair.borrow();
+            (state.epoch, pair::role(&state))
+        };
         let requested = metadata.get(cellbank_proto::EPOCH_METADATA_KEY);
         if let Some(requested) = requested {
             let epoch = requested
@@ -119,26 +123,26 @@ impl ReplicaContext {
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok())
                 .ok_or_else(|| Status::invalid_argument("cellbank-epoch: not a number"))?;
-            if epoch != state.epoch {
-                let why = if epoch < state.epoch { "stale" } else { "newer than this cell's" };
+            if epoch != cell_epoch {
+                let why = if epoch < cell_epoch { "stale" } else { "newer than this cell's" };
                 return Err(epoch_status(
                     Status::unavailable(format!(
                         "routing epoch {epoch} is {why}: cell {} is at epoch {}",
-                        self.cell_id, state.epoch
+                        self.cell_id, cell_epoch
                     )),
-                    state.epoch,
+                    cell_epoch,
                 ));
             }
         }
-        if !pair::writable(&state) {
+        if !pair::role_writable(role) {
             return Err(epoch_status(
                 Status::unavailable(format!(
                     "cell {} is {} at epoch {} and serves no client requests",
                     self.cell_id,
-                    pair::role(&state).as_str_name(),
-                    state.epoch
+                    role.as_str_name(),
+                    cell_epoch
                 )),
-                state.epoch,
+                cell_epoch,
             ));
         }
         if let Some(until) = *self.settling_until.lock().expect("settle lock") {
@@ -148,11 +152,11 @@ impl ReplicaContext {
                         "cell {} was just promoted and serves nothing until the old active's read lease has run out",
                         self.cell_id
                     )),
-                    state.epoch,
+                    cell_epoch,
                 ));
             }
         }
-        if self.replication.deposed(&state) {
+        if self.replication.deposed(cell_epoch) {
             return Err(epoch_status(
                 Status::unavailable(format!("cell {} was deposed by its promoted standby", self.cell_id)),
                 self.replication.state.borrow().deposed_by_epoch,
@@ -634,7 +638,7 @@ impl ReplicaAdmin for AdminService {
             pair: Some(pair_state.clone()),
             standby_acked_index: if ship.epoch == pair_state.epoch { ship.acked_index } else { 0 },
             standby_lag_ms: if is_leader { lag_ms } else { 0 },
-            deposed: self.context.replication.deposed(&pair_state),
+            deposed: self.context.replication.deposed(pair_state.epoch),
         }))
     }
 

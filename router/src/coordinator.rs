@@ -621,7 +621,7 @@ impl Coordinator {
         let fence = self.configure(pair.active_cell_id, fenced, None).await?;
         // 2. The standby catches up with everything before the fence.
         if let Err(e) = self.await_acked(pair.active_cell_id, fence.applied_index).await {
-            let _ = self.configure(pair.active_cell_id, active_state, None).await;
+            self.undo_fence(pair.active_cell_id, active_state).await;
             return Err(e);
         }
         // 3. The table flips; 4. the standby is promoted; 5. the old active
@@ -631,7 +631,7 @@ impl Coordinator {
             Ok(promoted) => promoted,
             Err(e) => {
                 if self.pair_now(pair_id)?.1.epoch == pair.epoch {
-                    let _ = self.configure(pair.active_cell_id, active_state, None).await;
+                    self.undo_fence(pair.active_cell_id, active_state).await;
                 }
                 return Err(e);
             }
@@ -653,6 +653,18 @@ impl Coordinator {
                 new_pair.active_cell_id, new_pair.epoch, new_pair.standby_cell_id, promoted.applied_index
             ),
         })
+    }
+
+    /// Takes a switchover's fence off again. If that fails too, the cell
+    /// stays fenced (it takes no writes) until the next pass configures it.
+    async fn undo_fence(&self, cell_id: u64, active_state: PairState) {
+        if let Err(e) = self.configure(cell_id, active_state, None).await {
+            tracing::warn!(
+                cell = cell_id,
+                "could not undo the switchover's fence; the next pass retries: {}",
+                e.message()
+            );
+        }
     }
 
     /// Waits until the active's leader reports the standby holds `index`.

@@ -72,7 +72,9 @@ impl Front {
         }
     }
 
-    fn check_move(kind: TransferKind, r: &TransferRequest) -> Result<(), Status> {
+    /// The cell's own validation of a movement (so a malformed request never
+    /// leaves the router); the error names the field.
+    fn check_move(kind: TransferKind, r: &TransferRequest) -> Result<(), validate::Invalid> {
         let command = cellbank_proto::cell::MoveCommand {
             transfer_id: r.transfer_id.clone(),
             kind: kind as i32,
@@ -81,7 +83,7 @@ impl Front {
             currency: r.currency.clone(),
             amount: r.amount,
         };
-        validate::move_command(&command).map(|_| ()).map_err(invalid)
+        validate::move_command(&command).map(|_| ())
     }
 }
 
@@ -111,7 +113,7 @@ impl LedgerApi for Front {
             currency: r.currency.clone(),
             amount: r.amount,
         };
-        Front::check_move(TransferKind::Deposit, &check)?;
+        Front::check_move(TransferKind::Deposit, &check).map_err(invalid)?;
         let response =
             self.pool.call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.deposit(req).await }).await?;
         Ok(Response::new(response))
@@ -127,7 +129,7 @@ impl LedgerApi for Front {
             currency: r.currency.clone(),
             amount: r.amount,
         };
-        Front::check_move(TransferKind::Withdraw, &check)?;
+        Front::check_move(TransferKind::Withdraw, &check).map_err(invalid)?;
         let response =
             self.pool.call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.withdraw(req).await }).await?;
         Ok(Response::new(response))
@@ -136,7 +138,7 @@ impl LedgerApi for Front {
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
         let r = request.into_inner();
-        Front::check_move(TransferKind::Transfer, &r)?;
+        Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
         if !self.same_cell(r.from_user_id, r.to_user_id) {
             return Ok(Response::new(TransferResponse { result: Some(cross_cell(r.from_user_id, r.to_user_id)) }));
         }
@@ -171,12 +173,11 @@ impl LedgerApi for Front {
                 return Err(Status::unavailable("the routing table is not ready yet"));
             }
             for (position, item) in items.into_iter().enumerate() {
-                if let Err(status) = Front::check_move(TransferKind::Transfer, &item) {
-                    let (field, detail) = status.message().split_once(": ").unwrap_or(("", status.message()));
+                if let Err(error) = Front::check_move(TransferKind::Transfer, &item) {
                     results[position] = Some(TransferResult {
                         code: ResultCode::InvalidItem as i32,
-                        field: field.to_string(),
-                        detail: detail.to_string(),
+                        field: error.field.to_string(),
+                        detail: error.detail,
                         ..Default::default()
                     });
                     continue;

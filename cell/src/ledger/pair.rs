@@ -72,7 +72,11 @@ pub fn mode(state: &PairState) -> ReplicationMode {
 
 /// True when client writes may apply.
 pub fn writable(state: &PairState) -> bool {
-    matches!(role(state), PairRole::Unpaired | PairRole::Active)
+    role_writable(role(state))
+}
+
+pub fn role_writable(role: PairRole) -> bool {
+    matches!(role, PairRole::Unpaired | PairRole::Active)
 }
 
 /// True for a cell whose leader ships its log to a standby: an active, or
