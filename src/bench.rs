@@ -2,9 +2,16 @@
 //! single cell and reports throughput and latency (HDR histogram: p50, p99,
 //! p99.9, max).
 //!
-//! Through routers, every transfer pairs two users of the same cell (the
-//! bench reads the routing table), since transfers between cells are not
-//! supported yet.
+//! Workloads (`--workload`):
+//! - `same-cell` (default): every transfer pairs two users of one cell (the
+//!   bench reads the routing table);
+//! - `cross-cell`: a fraction (`--cross-fraction`) of transfers go between
+//!   users of different cells. Besides the client's latency (the sender's
+//!   cell has debited and recorded the outbox entry), it reports how long
+//!   cross-cell money took to reach the recipient: after the run it reads
+//!   the transfers back and takes `credited_at_ms` (the destination's clock)
+//!   minus the send time (same host clock);
+//! - `envelopes`: see `envelope_bench.rs`.
 //!
 //! - closed loop (`--concurrency N`): N workers, each sends its next request
 //!   when the previous one answers;
@@ -32,6 +39,13 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::Endpoints;
+
+/// Cross-cell transfers whose arrival is read back after a run.
+const CROSS_SAMPLES_MAX: usize = 200_000;
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 
 /// Most requests in flight in open-loop mode before the generator counts
 /// the rest as missed.
@@ -74,7 +88,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     first_user: u64,
     #[arg(long, default_value = "CNY")]
-    currency: String,
+    pub currency: String,
     /// Measured seconds.
     #[arg(long, default_value_t = 30)]
     duration: u64,
@@ -86,7 +100,22 @@ pub struct BenchArgs {
     seed: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+    /// `same-cell`, `cross-cell` or `envelopes`.
+    #[arg(long, default_value = "same-cell")]
+    pub workload: String,
+    /// cross-cell: the fraction of transfers between cells.
+    #[arg(long, default_value_t = 1.0)]
+    cross_fraction: f64,
+    /// envelopes: distinct grabbers of the hot envelope (and its shares).
+    #[arg(long, default_value_t = 10_000)]
+    pub hot_shares: u32,
+    /// envelopes: ordinary envelopes sent by users of every cell before the hot one.
+    #[arg(long, default_value_t = 50)]
+    pub envelopes: u32,
+    /// envelopes: shares of each ordinary envelope.
+    #[arg(long, default_value_t = 200)]
+    pub shares: u32,
 }
 
 #[derive(Default)]
@@ -100,6 +129,7 @@ struct Tally {
 
 #[derive(Serialize)]
 struct Report {
+    workload: String,
     api: String,
     mode: String,
     concurrency: usize,
@@ -117,6 +147,12 @@ struct Report {
     missed_schedule: u64,
     latency_ms: BTreeMap<String, f64>,
     error_samples: Vec<String>,
+    /// cross-cell: transfers between cells that were OK, and how long their
+    /// money took to reach the recipient (send to credit, ms).
+    cross_cell_ok: u64,
+    reach_checked: u64,
+    reach_not_yet_credited: u64,
+    reach_ms: BTreeMap<String, f64>,
 }
 
 /// Where the load goes: the routers (with the routing table), or one cell's leader.
@@ -214,6 +250,10 @@ async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyho
 }
 
 struct Workload {
+    cross_fraction: f64,
+    /// Cross-cell transfers sent while measuring: (id, send time in Unix ms).
+    cross_sent: Mutex<Vec<(Vec<u8>, u64)>>,
+    measuring: Arc<std::sync::atomic::AtomicBool>,
     args_api_batch: bool,
     batch_size: usize,
     /// Users that may move money between each other (one group per cell).
@@ -238,16 +278,34 @@ fn user_groups(first_user: u64, accounts: u64, table: Option<&cellbank_proto::ro
 
 impl Workload {
     fn transfer(&self, rng: &mut rand::rngs::StdRng) -> TransferRequest {
-        let group = &self.groups[rng.gen_range(0..self.groups.len())];
-        let from_index = rng.gen_range(0..group.len());
-        let mut to_index = rng.gen_range(0..group.len() - 1);
-        if to_index >= from_index {
-            to_index += 1;
-        }
-        let (from, to) = (group[from_index], group[to_index]);
+        let group_index = rng.gen_range(0..self.groups.len());
+        let group = &self.groups[group_index];
+        let cross = self.groups.len() > 1 && rng.gen_bool(self.cross_fraction.clamp(0.0, 1.0));
+        let (from, to) = if cross {
+            let mut other = rng.gen_range(0..self.groups.len() - 1);
+            if other >= group_index {
+                other += 1;
+            }
+            let other = &self.groups[other];
+            (group[rng.gen_range(0..group.len())], other[rng.gen_range(0..other.len())])
+        } else {
+            let from_index = rng.gen_range(0..group.len());
+            let mut to_index = rng.gen_range(0..group.len() - 1);
+            if to_index >= from_index {
+                to_index += 1;
+            }
+            (group[from_index], group[to_index])
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let transfer_id = format!("b{:x}-{id}", self.run).into_bytes();
+        if cross && self.measuring.load(Ordering::Relaxed) {
+            let mut sent = self.cross_sent.lock().expect("cross sent");
+            if sent.len() < CROSS_SAMPLES_MAX {
+                sent.push((transfer_id.clone(), unix_ms()));
+            }
+        }
         TransferRequest {
-            transfer_id: format!("b{:x}-{id}", self.run).into_bytes(),
+            transfer_id,
             from_user_id: from,
             to_user_id: to,
             currency: self.currency.clone(),
@@ -277,7 +335,7 @@ impl Workload {
 struct Recorder {
     histogram: Mutex<Histogram<u64>>,
     tally: Tally,
-    measuring: std::sync::atomic::AtomicBool,
+    measuring: Arc<std::sync::atomic::AtomicBool>,
     error_samples: Mutex<Vec<String>>,
 }
 
@@ -311,6 +369,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "failover" => return crate::failover_bench::run(args.runs, args.json, args.data_dir.clone()).await,
         other => anyhow::bail!("--scenario: {other:?} is not load or failover"),
     }
+    match args.workload.as_str() {
+        "same-cell" | "cross-cell" => {}
+        "envelopes" => return crate::envelope_bench::run(&args.endpoints.endpoints, &args).await,
+        other => anyhow::bail!("--workload: {other:?} is not same-cell, cross-cell or envelopes"),
+    }
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     anyhow::ensure!(args.api == "unary" || args.api == "batch", "--api is unary or batch");
     anyhow::ensure!(
@@ -327,13 +390,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Target::Cell { leader } => (vec![leader.clone()], user_groups(args.first_user, args.accounts, None)),
     };
     anyhow::ensure!(!groups.is_empty(), "too few accounts to pair users of one cell; raise --accounts");
+    let cross_fraction = if args.workload == "cross-cell" { args.cross_fraction } else { 0.0 };
+    anyhow::ensure!(
+        cross_fraction == 0.0 || groups.len() > 1,
+        "--workload cross-cell needs a cluster with at least two active cells"
+    );
     let setup_client = CellClient::new(servers.clone());
     seed_accounts(&setup_client, &args, run_id).await?;
     let mut channels = Vec::new();
     for index in 0..CONNECTIONS.max(servers.len()) {
         channels.push(cellbank_cell::raft::transport::connect(&servers[index % servers.len()]).await?);
     }
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workload = Arc::new(Workload {
+        cross_fraction,
+        cross_sent: Mutex::new(Vec::new()),
+        measuring: measuring.clone(),
         args_api_batch: args.api == "batch",
         batch_size: args.batch_size,
         groups,
@@ -344,7 +416,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let recorder = Arc::new(Recorder {
         histogram: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram")),
         tally: Tally::default(),
-        measuring: false.into(),
+        measuring,
         error_samples: Mutex::new(Vec::new()),
     });
     let total = Duration::from_secs(args.warmup + args.duration);
@@ -382,7 +454,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
-    let report = make_report(&args, seed, measured, &recorder);
+    let mut report = make_report(&args, seed, measured, &recorder);
+    let sent = std::mem::take(&mut *workload.cross_sent.lock().expect("cross sent"));
+    if !sent.is_empty() {
+        reach_times(&setup_client, sent, &mut report, args.json).await;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -478,6 +554,11 @@ fn make_report(args: &BenchArgs, seed: u64, measured: Duration, recorder: &Recor
     let transfers_ok = tally.transfers_ok.load(Ordering::Relaxed);
     let requests = tally.requests.load(Ordering::Relaxed);
     Report {
+        workload: args.workload.clone(),
+        cross_cell_ok: 0,
+        reach_checked: 0,
+        reach_not_yet_credited: 0,
+        reach_ms: BTreeMap::new(),
         api: args.api.clone(),
         mode: if args.rate.is_some() { "open".into() } else { "closed".into() },
         concurrency: args.concurrency,
@@ -520,5 +601,83 @@ fn print_report(r: &Report) {
     );
     for sample in &r.error_samples {
         println!("  error: {sample}");
+    }
+    if r.reach_checked > 0 {
+        let get = |k: &str| r.reach_ms.get(k).copied().unwrap_or(f64::NAN);
+        println!(
+            "  cross-cell    {} OK; money reached the recipient (send -> credit, ms): p50 {:.0}  p99 {:.0}  max {:.0}  \
+             ({} read back, {} not yet credited)",
+            r.cross_cell_ok,
+            get("p50"),
+            get("p99"),
+            get("max"),
+            r.reach_checked,
+            r.reach_not_yet_credited
+        );
+    }
+}
+
+/// Reads cross-cell transfers back (waiting up to 30 s for stragglers) and
+/// records how long their money took to reach the recipient.
+async fn reach_times(client: &CellClient, sent: Vec<(Vec<u8>, u64)>, report: &mut Report, quiet: bool) {
+    use futures::StreamExt;
+    if !quiet {
+        eprintln!("reading back {} cross-cell transfers...", sent.len());
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("histogram");
+    let mut pending = sent;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ok = 0u64;
+    let mut checked = 0u64;
+    loop {
+        let answers: Vec<_> = futures::stream::iter(pending.into_iter().map(|(id, at)| async move {
+            let record = client
+                .ledger(|mut c| {
+                    let request = GetTransferRequest { transfer_id: id.clone() };
+                    async move { c.get_transfer(request).await }
+                })
+                .await
+                .map(|r| r.transfer);
+            (id, at, record)
+        }))
+        .buffer_unordered(256)
+        .collect()
+        .await;
+        let mut again = Vec::new();
+        for (id, at, record) in answers {
+            let record = match record {
+                // Never applied (its request failed): nothing to follow.
+                Err(status) if status.code() == tonic::Code::NotFound => continue,
+                Err(_) => None,
+                Ok(record) => record,
+            };
+            match record {
+                Some(r) if r.result != ResultCode::Ok as i32 => {}
+                Some(r) if r.settlement == Settlement::Credited as i32 => {
+                    ok += 1;
+                    checked += 1;
+                    let _ = histogram.record(r.credited_at_ms.saturating_sub(at).max(1));
+                }
+                Some(r) if r.settlement == Settlement::Refunded as i32 => {
+                    ok += 1;
+                    checked += 1;
+                }
+                // Not sent (an error) or still in transit: look again.
+                _ => again.push((id, at)),
+            }
+        }
+        if again.is_empty() || Instant::now() >= deadline {
+            report.reach_not_yet_credited = again.len() as u64;
+            break;
+        }
+        pending = again;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.cross_cell_ok = ok;
+    report.reach_checked = checked;
+    if !histogram.is_empty() {
+        report.reach_ms.insert("p50".into(), histogram.value_at_quantile(0.50) as f64);
+        report.reach_ms.insert("p99".into(), histogram.value_at_quantile(0.99) as f64);
+        report.reach_ms.insert("max".into(), histogram.max() as f64);
     }
 }

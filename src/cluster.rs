@@ -37,14 +37,14 @@ pub fn print_status(status: &ClusterStatus) {
     }
     println!("pairs:");
     println!(
-        "  {:<5} {:<8} {:<8} {:<11} {:>6} {:>12} {:>9} {:>7}",
-        "pair", "active", "standby", "mode", "epoch", "lag-entries", "lag-ms", "slices"
+        "  {:<5} {:<8} {:<8} {:<11} {:>6} {:>12} {:>9} {:>7} {:>8} {:>11}",
+        "pair", "active", "standby", "mode", "epoch", "lag-entries", "lag-ms", "slices", "outbox", "oldest-ms"
     );
     for pair_status in &status.pairs {
         let Some(pair) = &pair_status.pair else { continue };
         let standby = if pair.standby_cell_id == 0 { "-".to_string() } else { pair.standby_cell_id.to_string() };
         println!(
-            "  {:<5} {:<8} {:<8} {:<11} {:>6} {:>12} {:>9} {:>7}",
+            "  {:<5} {:<8} {:<8} {:<11} {:>6} {:>12} {:>9} {:>7} {:>8} {:>11}",
             pair.pair_id,
             pair.active_cell_id,
             standby,
@@ -52,7 +52,9 @@ pub fn print_status(status: &ClusterStatus) {
             pair.epoch,
             pair_status.replication_lag_entries,
             pair_status.replication_lag_ms,
-            pair_status.slices.len()
+            pair_status.slices.len(),
+            pair_status.outbox_pending,
+            pair_status.outbox_oldest_age_ms
         );
     }
     println!("replicas:");

@@ -142,6 +142,85 @@ pub enum AdminAction {
     },
     /// Print each replica's ledger digest at its applied index.
     Digest(Endpoints),
+    /// Check the whole cluster: balances net to zero per currency, clearing
+    /// accounts match the outboxes between every two cells, replicas and
+    /// standbys hold the same ledger, no outbox entry is stuck. Exits
+    /// non-zero on any discrepancy.
+    Reconcile {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        /// Also write the report as JSON to this file (`-` for stdout).
+        #[arg(long)]
+        json: Option<String>,
+        /// An outbox entry older than this (ms) is a discrepancy.
+        #[arg(long, default_value_t = 60_000)]
+        outbox_age_max_ms: u64,
+        /// How long to wait for each pair's replicas to line up (ms).
+        #[arg(long, default_value_t = 15_000)]
+        settle_timeout_ms: u64,
+    },
+    /// Settlement figures: per ordered pair of pairs and currency, what was
+    /// credited across in a period (the clearing positions to pay).
+    Settlement {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        /// Period start, ms since the Unix epoch (default: the beginning).
+        #[arg(long, default_value_t = 0)]
+        from_ms: u64,
+        /// Period end, exclusive (default: now).
+        #[arg(long, default_value_t = 0)]
+        to_ms: u64,
+        /// Instead of --from-ms: the last this many minutes.
+        #[arg(long)]
+        last_minutes: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EnvelopeAction {
+    /// Send a red envelope: the total leaves the sender at once.
+    Send {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        from: u64,
+        /// Minor units.
+        #[arg(long)]
+        total: u64,
+        #[arg(long)]
+        shares: u32,
+        #[arg(long, default_value = "CNY")]
+        currency: String,
+        /// Equal shares instead of random ones.
+        #[arg(long)]
+        even: bool,
+        /// Expires this many seconds from now (default 24 hours).
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
+        /// Idempotency key; a fresh one is generated (and printed) when absent.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Grab the next share.
+    Grab {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        envelope: String,
+        #[arg(long)]
+        user: u64,
+    },
+    /// Show an envelope and who grabbed what.
+    Show {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[arg(long)]
+        envelope: String,
+    },
 }
 
 fn client(endpoints: &Endpoints) -> CellClient {
@@ -150,6 +229,10 @@ fn client(endpoints: &Endpoints) -> CellClient {
 
 fn fresh_id() -> String {
     format!("cli-{:016x}", rand::random::<u64>())
+}
+
+fn settlement_name(settlement: i32) -> &'static str {
+    Settlement::try_from(settlement).map(|s| s.as_str_name()).unwrap_or("UNKNOWN")
 }
 
 fn code_name(code: i32) -> &'static str {
@@ -167,6 +250,9 @@ fn print_result(transfer_id: &str, result: Option<TransferResult>) -> anyhow::Re
     }
     if !result.detail.is_empty() {
         line.push_str(&format!("  {}", result.detail));
+    }
+    if result.settlement != 0 {
+        line.push_str(&format!("  settlement={}", settlement_name(result.settlement)));
     }
     println!("{line}");
     anyhow::ensure!(result.code == ResultCode::Ok as i32, "not applied: {}", code_name(result.code));
@@ -299,8 +385,12 @@ pub async fn get_transfer(args: GetTransferArgs) -> anyhow::Result<()> {
         })
         .await?;
     let t = response.transfer.unwrap_or_default();
+    let mut settlement = settlement_name(t.settlement).to_string();
+    if t.settlement == Settlement::Refunded as i32 {
+        settlement.push_str(&format!(" ({})", code_name(t.refund_reason)));
+    }
     println!(
-        "{}  {}  from={} to={} amount={} {}  result={}  applied_index={} timestamp_ms={}",
+        "{}  {}  from={} to={} amount={} {}  result={}  settlement={settlement}  applied_index={} timestamp_ms={}",
         String::from_utf8_lossy(&t.transfer_id),
         kind_name(t.kind),
         t.from_user_id,
@@ -361,6 +451,59 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             crate::cluster::rebuild_standby(&endpoints, &auth, pair).await
         }
         AdminAction::Audit { endpoints, auth } => crate::cluster::audit(&endpoints, &auth).await,
+        AdminAction::Reconcile { endpoints, auth, json, outbox_age_max_ms, settle_timeout_ms } => {
+            let status = cellbank::routers::cluster_status(&endpoints.endpoints, auth.admin_token.as_deref()).await?;
+            let options = cellbank::reconcile::Options {
+                outbox_age_max: std::time::Duration::from_millis(outbox_age_max_ms),
+                settle_timeout: std::time::Duration::from_millis(settle_timeout_ms),
+            };
+            let report = cellbank::reconcile::reconcile(&status, &options).await;
+            match json.as_deref() {
+                Some("-") => println!("{}", serde_json::to_string_pretty(&report)?),
+                Some(path) => {
+                    std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+                    cellbank::reconcile::print(&report);
+                }
+                None => cellbank::reconcile::print(&report),
+            }
+            anyhow::ensure!(report.ok(), "reconcile found {} discrepancies", report.discrepancies.len());
+            Ok(())
+        }
+        AdminAction::Settlement { endpoints, auth, from_ms, to_ms, last_minutes } => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let from_ms = last_minutes.map(|m| now.saturating_sub(m * 60_000)).unwrap_or(from_ms);
+            let request = cellbank_proto::cell::SettlementRequest { from_ms, to_ms };
+            let figures =
+                cellbank::routers::on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
+                    let request = cellbank::routers::request(request, m);
+                    async move { c.settlement(request).await }
+                })
+                .await?;
+            println!("credited across pairs, from {} to {} (ms; 0 = open):", figures.from_ms, figures.to_ms);
+            println!("  {:<6} {:<6} {:<4} {:>20} {:>10}", "from", "to", "ccy", "amount", "credits");
+            for line in &figures.lines {
+                println!(
+                    "  {:<6} {:<6} {:<4} {:>20} {:>10}",
+                    line.from_pair_id, line.to_pair_id, line.currency, line.amount, line.credits
+                );
+            }
+            // Net positions: what each side of a pair of pairs owes the other.
+            let mut net: std::collections::BTreeMap<(u64, u64, String), i128> = Default::default();
+            for line in &figures.lines {
+                let amount: i128 = line.amount.parse().unwrap_or(0);
+                let (a, b, sign) = if line.from_pair_id < line.to_pair_id {
+                    (line.from_pair_id, line.to_pair_id, 1)
+                } else {
+                    (line.to_pair_id, line.from_pair_id, -1)
+                };
+                *net.entry((a, b, line.currency.clone())).or_default() += sign * amount;
+            }
+            println!("net (positive: the first pair's users paid the second's):");
+            for ((a, b, currency), amount) in net {
+                println!("  {a} -> {b} {currency}: {amount}");
+            }
+            Ok(())
+        }
         AdminAction::AddReplica { endpoints, id, addr } => change(&endpoints, Action::AddVoter, id, addr).await,
         AdminAction::RemoveReplica { endpoints, id } => change(&endpoints, Action::Remove, id, String::new()).await,
         AdminAction::TransferLeader { endpoints, to } => {
@@ -413,4 +556,102 @@ async fn change(endpoints: &Endpoints, action: Action, id: u64, addr: String) ->
         println!("  replica {} at {}{}", peer.replica_id, peer.addr, if peer.voter { "" } else { " (not a voter)" });
     }
     Ok(())
+}
+
+pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
+    match action {
+        EnvelopeAction::Send { endpoints, from, total, shares, currency, even, expires_in_secs, id } => {
+            let id = id.unwrap_or_else(fresh_id);
+            let expires_at_ms = match expires_in_secs {
+                Some(secs) => {
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + secs * 1000
+                }
+                None => 0,
+            };
+            let response = client(&endpoints)
+                .ledger(|mut c| {
+                    let request = SendEnvelopeRequest {
+                        transfer_id: id.clone().into_bytes(),
+                        sender_user_id: from,
+                        currency: currency.clone(),
+                        total,
+                        shares,
+                        split: if even { EnvelopeSplit::Even } else { EnvelopeSplit::Random } as i32,
+                        expires_at_ms,
+                    };
+                    async move { c.send_envelope(request).await }
+                })
+                .await?;
+            print_result(&id, response.result)?;
+            println!("envelope_id={}  expires_at_ms={}", response.envelope_id, response.expires_at_ms);
+            Ok(())
+        }
+        EnvelopeAction::Grab { endpoints, envelope, user } => {
+            let response = client(&endpoints)
+                .ledger(|mut c| {
+                    let request = GrabEnvelopeRequest { envelope_id: envelope.clone(), user_id: user };
+                    async move { c.grab_envelope(request).await }
+                })
+                .await?;
+            let result = response.result.clone().unwrap_or_default();
+            println!(
+                "{}  envelope={envelope} user={user} amount={} {} share={} settlement={} {}",
+                code_name(result.code),
+                response.amount,
+                response.currency,
+                response.share_index,
+                settlement_name(result.settlement),
+                result.detail
+            );
+            anyhow::ensure!(result.code == ResultCode::Ok as i32, "no share: {}", code_name(result.code));
+            Ok(())
+        }
+        EnvelopeAction::Show { endpoints, envelope } => {
+            let client = client(&endpoints);
+            let mut token = Vec::new();
+            loop {
+                let response = client
+                    .ledger(|mut c| {
+                        let request = GetEnvelopeRequest {
+                            envelope_id: envelope.clone(),
+                            page_size: 1000,
+                            page_token: token.clone(),
+                        };
+                        async move { c.get_envelope(request).await }
+                    })
+                    .await?;
+                if token.is_empty() {
+                    let e = response.envelope.clone().unwrap_or_default();
+                    println!(
+                        "envelope {}  from user {}  {} {} in {} shares ({})  state={}  grabbed={}  remaining={}  refunded={}  expires_at_ms={}",
+                        e.envelope_id,
+                        e.sender_user_id,
+                        e.total,
+                        e.currency,
+                        e.shares,
+                        EnvelopeSplit::try_from(e.split).map(|s| s.as_str_name()).unwrap_or("?"),
+                        EnvelopeState::try_from(e.state).map(|s| s.as_str_name()).unwrap_or("?"),
+                        e.shares_grabbed,
+                        e.remaining,
+                        e.refunded,
+                        e.expires_at_ms
+                    );
+                    println!("  {:>6} {:>12} {:>12} {:<11}", "share", "user", "amount", "settlement");
+                }
+                for g in &response.grabs {
+                    println!(
+                        "  {:>6} {:>12} {:>12} {:<11}",
+                        g.share_index,
+                        g.user_id,
+                        g.amount,
+                        settlement_name(g.settlement)
+                    );
+                }
+                if response.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                token = response.next_page_token;
+            }
+        }
+    }
 }

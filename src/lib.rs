@@ -4,6 +4,8 @@
 //! - [`supervisor`]: runs a local cluster's processes (routers, cell
 //!   replicas) and kills and restarts them with real signals.
 //! - [`routers`]: admin calls that find the coordinator among the routers.
+//! - [`reconcile`]: the cluster-wide reconciliation behind `admin reconcile`.
 
+pub mod reconcile;
 pub mod routers;
 pub mod supervisor;

@@ -6,9 +6,10 @@
 //! - `status`: routers, pairs, slices and every replica's health (through a
 //!   router), or one cell's replicas (given cell endpoints).
 //! - `account`, `deposit`, `withdraw`, `transfer`, `balance`, `history`,
-//!   `get-transfer`: human-friendly client commands.
-//! - `admin`: switchover, failover, standby rebuild, audit log (routers);
-//!   membership changes, leader transfer, ledger digests (cells).
+//!   `get-transfer`, `envelope`: human-friendly client commands.
+//! - `admin`: switchover, failover, standby rebuild, audit log,
+//!   reconciliation, settlement figures (routers); membership changes,
+//!   leader transfer, ledger digests (cells).
 //! - `bench`: drive a running cluster and report throughput and latency.
 
 // tonic::Status is the error type of every client call here.
@@ -17,6 +18,7 @@
 mod bench;
 mod cluster;
 mod commands;
+mod envelope_bench;
 mod failover_bench;
 mod up;
 
@@ -82,8 +84,13 @@ enum Command {
     Balance(commands::AccountArgs),
     /// Show an account's movements, oldest first.
     History(commands::HistoryArgs),
-    /// Show one transfer by its id.
+    /// Show one transfer by its id (cross-cell: whether it reached the recipient).
     GetTransfer(commands::GetTransferArgs),
+    /// Red envelopes: send, grab, show.
+    Envelope {
+        #[command(subcommand)]
+        action: commands::EnvelopeAction,
+    },
     /// Operator actions on a cell.
     Admin {
         #[command(subcommand)]
@@ -136,6 +143,10 @@ struct CellArgs {
     /// Applied entries kept after compaction.
     #[arg(long)]
     log_retain_entries: Option<u64>,
+    /// A router's client address, through which cross-cell credits leave
+    /// (repeat, or comma-separate).
+    #[arg(long = "router", value_delimiter = ',')]
+    routers: Vec<String>,
 }
 
 fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -162,6 +173,7 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
             data_dir: args.data_dir,
             peers: parse_peers(&args.peers)?,
             raft: Default::default(),
+            routers: args.routers,
         },
     };
     if let Some(threshold) = args.log_compact_threshold_entries {
@@ -258,6 +270,7 @@ fn main() {
             Command::Balance(args) => commands::balance(args).await,
             Command::History(args) => commands::history(args).await,
             Command::GetTransfer(args) => commands::get_transfer(args).await,
+            Command::Envelope { action } => commands::envelope(action).await,
             Command::Admin { action } => commands::admin(action).await,
             Command::Bench(args) => bench::run(args).await,
         }

@@ -38,6 +38,9 @@ pub struct Topology {
     /// Lets routers take injected faults (drills and tests).
     #[serde(default)]
     pub fault_injection: bool,
+    /// Senders may not grab their own envelopes.
+    #[serde(default)]
+    pub forbid_own_grab: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +96,7 @@ impl Topology {
             coordinator: CoordinatorConfig::default(),
             admin_token: None,
             fault_injection: true,
+            forbid_own_grab: false,
         }
     }
 
@@ -105,6 +109,7 @@ impl Topology {
 
     pub fn replica_configs(&self) -> anyhow::Result<Vec<ReplicaConfig>> {
         let mut configs = Vec::new();
+        let routers: Vec<String> = self.routers.iter().map(|r| r.listen.clone()).collect();
         for cell in &self.cells {
             let peers: BTreeMap<u64, String> = cell.replicas.iter().map(|r| (r.id, r.listen.clone())).collect();
             for replica in &cell.replicas {
@@ -119,6 +124,7 @@ impl Topology {
                     data_dir: self.data_dir.join(format!("cell-{}", cell.id)).join(format!("replica-{}", replica.id)),
                     peers: peers.clone(),
                     raft: cell.raft.clone(),
+                    routers: routers.clone(),
                 });
             }
         }
@@ -144,6 +150,7 @@ impl Topology {
                 coordinator: self.coordinator.clone(),
                 admin_token: self.admin_token.clone(),
                 fault_injection: self.fault_injection,
+                forbid_own_grab: self.forbid_own_grab,
                 raft: RaftTuning::default(),
                 cells: cells.clone(),
                 pairs: self.pairs_or_default(),

@@ -48,6 +48,7 @@ fn setup() -> (tempfile::TempDir, Arc<DB>, Ledger, u64) {
                 to_user_id: user,
                 currency: "CNY".into(),
                 amount: 1_000_000_000,
+                ..Default::default()
             })),
         })
         .collect();
@@ -70,6 +71,7 @@ fn transfers(rng: &mut rand::rngs::StdRng, next_id: &mut u64) -> Vec<Command> {
                     to_user_id: to,
                     currency: "CNY".into(),
                     amount: rng.gen_range(1..=100),
+                    ..Default::default()
                 })),
             }
         })

@@ -25,6 +25,10 @@ pub struct ReplicaConfig {
     pub peers: BTreeMap<u64, String>,
     #[serde(default)]
     pub raft: RaftTuning,
+    /// Routers' client addresses, through which the courier delivers this
+    /// cell's cross-cell credits (each routed by its recipient).
+    #[serde(default)]
+    pub routers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,6 +75,9 @@ impl ReplicaConfig {
             addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
         }
         anyhow::ensure!(self.raft.election_tick > self.raft.heartbeat_tick, "election_tick must exceed heartbeat_tick");
+        for addr in &self.routers {
+            addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("routers: {addr:?} is not host:port"))?;
+        }
         anyhow::ensure!(self.raft.log_compact_threshold_entries > 0, "log_compact_threshold_entries must be positive");
         Ok(())
     }
@@ -114,6 +121,7 @@ mod tests {
             data_dir: "data/x".into(),
             peers: [(1, "127.0.0.1:7101".to_string()), (2, "127.0.0.1:7102".to_string())].into_iter().collect(),
             raft: RaftTuning::default(),
+            routers: vec!["127.0.0.1:7000".into()],
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);

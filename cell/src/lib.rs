@@ -7,6 +7,8 @@
 //! - [`replication`]: the standby stream (shipper on the active's leader,
 //!   acknowledged watermark, waits of sync mode).
 //! - [`service`]: the gRPC services; [`server`] assembles a replica.
+//! - [`clearing`]: money between cells (the `Clearing` service, the courier
+//!   that delivers the outbox, the envelope expiry sweeper).
 //! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
 
 // tonic::Status is the error type of every gRPC handler and helper here.
@@ -14,6 +16,7 @@
 // raft-rs's protobuf types are built field by field, as raft-rs itself does.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod clearing;
 pub mod client;
 pub mod config;
 pub mod ledger;

@@ -24,6 +24,12 @@ pub struct Metrics {
     pub snapshots_installed_total: IntCounter,
     pub snapshots_sent_total: IntCounter,
     pub raft_messages_dropped_total: IntCounter,
+    pub outbox_pending: IntGauge,
+    pub outbox_oldest_age_ms: IntGauge,
+    pub credits_delivered_total: IntCounter,
+    pub credits_refused_total: IntCounter,
+    pub credit_delivery_failures_total: IntCounter,
+    pub envelopes_expired_total: IntCounter,
 }
 
 impl Metrics {
@@ -74,6 +80,18 @@ impl Metrics {
                 "raft_messages_dropped_total",
                 "Raft messages dropped (queue full or peer down).",
             ),
+            outbox_pending: gauge(
+                "outbox_pending",
+                "Leader: cross-cell credits not yet answered by their destination.",
+            ),
+            outbox_oldest_age_ms: gauge("outbox_oldest_age_ms", "Leader: age of the oldest pending cross-cell credit."),
+            credits_delivered_total: counter("credits_delivered_total", "Cross-cell credits the destination applied."),
+            credits_refused_total: counter("credits_refused_total", "Cross-cell credits refused and refunded."),
+            credit_delivery_failures_total: counter(
+                "credit_delivery_failures_total",
+                "Delivery attempts of cross-cell credits that got no final answer (retried with backoff).",
+            ),
+            envelopes_expired_total: counter("envelopes_expired_total", "Envelopes expired by this leader."),
             registry,
         })
     }

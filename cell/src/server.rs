@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
+use cellbank_proto::cell::clearing_server::ClearingServer;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::cell::replica_admin_server::ReplicaAdminServer;
 use cellbank_proto::cell::standby_server::StandbyServer;
 use cellbank_proto::v1::ledger_server::LedgerServer;
 use tokio::sync::oneshot;
 
+use crate::clearing::ClearingService;
 use crate::config::ReplicaConfig;
 use crate::ledger::Ledger;
 use crate::metrics::{self, Metrics};
@@ -31,6 +33,8 @@ pub struct Replica {
     server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     shipper_task: tokio::task::JoinHandle<()>,
+    courier_task: tokio::task::JoinHandle<()>,
+    expiry_task: tokio::task::JoinHandle<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
 }
@@ -103,6 +107,11 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let standby = StandbyServer::new(StandbyService { context: context.clone() })
         .max_decoding_message_size(SHIP_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(SHIP_MESSAGE_BYTES_MAX);
+    let clearing = ClearingServer::new(ClearingService { context: context.clone() })
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+    let courier_task = tokio::spawn(crate::clearing::run_courier(context.clone(), config.routers.clone()));
+    let expiry_task = tokio::spawn(crate::clearing::run_expiry(context.clone()));
     let admin = ReplicaAdminServer::new(AdminService { context });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -115,6 +124,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
             .add_service(ledger)
             .add_service(transport_service)
             .add_service(standby)
+            .add_service(clearing)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
@@ -136,6 +146,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         server_task,
         metrics_task,
         shipper_task,
+        courier_task,
+        expiry_task,
         thread: Some(thread),
         _transport: transport,
     })
@@ -153,6 +165,8 @@ impl Replica {
             task.abort();
         }
         self.shipper_task.abort();
+        self.courier_task.abort();
+        self.expiry_task.abort();
         self.node.shutdown();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -17,10 +17,11 @@ use cellbank_proto::cell::raft_transport_server::RaftTransport;
 use cellbank_proto::cell::replica_admin_server::ReplicaAdmin;
 use cellbank_proto::cell::standby_server::Standby as StandbyApi;
 use cellbank_proto::cell::{
-    command, ship_batch, ChangeMembershipRequest, ChangeMembershipResponse, Command, ConfigureCommand,
-    ConfigureRequest, ConfigureResponse, DigestRequest, DigestResponse, MoveCommand, OpenAccountCommand, PairRole,
-    PairState, PeerAddress, PeerInfo, RaftBatch, ReplicaStatus, ReplicationMode, ShipAck, ShipBatch, ShipHello,
-    SnapshotChunk, StatusRequest, TransferLeaderRequest, TransferLeaderResponse, TransportAck,
+    command, ship_batch, AuditRequest, AuditResponse, ChangeMembershipRequest, ChangeMembershipResponse, Command,
+    ConfigureCommand, ConfigureRequest, ConfigureResponse, DigestRequest, DigestResponse, InboxRequest, InboxResponse,
+    MoveCommand, OpenAccountCommand, PairRole, PairState, PeerAddress, PeerInfo, RaftBatch, ReplicaStatus,
+    ReplicationMode, SendEnvelopeCommand, SettlementFigure, SettlementRequest, SettlementResponse, ShipAck, ShipBatch,
+    ShipHello, SnapshotChunk, StatusRequest, TransferLeaderRequest, TransferLeaderResponse, TransportAck,
 };
 use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
 use cellbank_proto::v1::*;
@@ -93,7 +94,7 @@ impl ReplicaContext {
     }
 
     /// Waits for `future` up to the request's deadline.
-    async fn within<T>(
+    pub(crate) async fn within<T>(
         &self,
         timeout: Duration,
         future: impl std::future::Future<Output = Result<T, NodeError>>,
@@ -110,7 +111,7 @@ impl ReplicaContext {
     /// Refuses a client request this cell must not serve: a routing epoch
     /// other than the cell's, a standby or fenced cell, a deposed active.
     /// Each refusal is UNAVAILABLE (retryable) with the cell's epoch.
-    fn gate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    pub(crate) fn gate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
         // Copied out of the view (no clone of the whole state per request).
         let (cell_epoch, role) = {
             let state = self.pair.borrow();
@@ -165,7 +166,11 @@ impl ReplicaContext {
         Ok(())
     }
 
-    async fn propose(&self, timeout: Duration, commands: Vec<Command>) -> Result<Vec<TransferResult>, Status> {
+    pub(crate) async fn propose(
+        &self,
+        timeout: Duration,
+        commands: Vec<Command>,
+    ) -> Result<Vec<TransferResult>, Status> {
         let started = tokio::time::Instant::now();
         let results = self.within(timeout, self.node.propose(commands)).await?;
         if let Some(refused) = results.iter().find(|r| r.code == ResultCode::CellNotWritable as i32) {
@@ -196,7 +201,10 @@ impl ReplicaContext {
     /// a RocksDB snapshot, served once the standby holds everything in it
     /// (sync mode) and has recently confirmed it is still the standby.
     /// Returns the view and the index it reflects.
-    async fn read_view(&self, timeout: Duration) -> Result<(rocksdb::SnapshotWithThreadMode<'_, DB>, u64), Status> {
+    pub(crate) async fn read_view(
+        &self,
+        timeout: Duration,
+    ) -> Result<(rocksdb::SnapshotWithThreadMode<'_, DB>, u64), Status> {
         let started = tokio::time::Instant::now();
         self.within(timeout, self.node.read_index()).await?;
         let view = self.db.snapshot();
@@ -207,7 +215,11 @@ impl ReplicaContext {
     }
 }
 
-fn timeout_of<T>(request: &Request<T>) -> Duration {
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(crate) fn timeout_of<T>(request: &Request<T>) -> Duration {
     request
         .metadata()
         .get("grpc-timeout")
@@ -231,7 +243,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-fn invalid(error: validate::Invalid) -> Status {
+pub(crate) fn invalid(error: validate::Invalid) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
@@ -243,7 +255,15 @@ fn move_command(
     currency: String,
     amount: u64,
 ) -> MoveCommand {
-    MoveCommand { transfer_id, kind: kind as i32, from_user_id: from, to_user_id: to, currency, amount }
+    MoveCommand {
+        transfer_id,
+        kind: kind as i32,
+        from_user_id: from,
+        to_user_id: to,
+        currency,
+        amount,
+        ..Default::default()
+    }
 }
 
 fn wrap(movement: MoveCommand) -> Command {
@@ -441,22 +461,131 @@ impl LedgerApi for LedgerService {
                 next_page_token = seq.to_be_bytes().to_vec();
                 break;
             }
-            let transfer_id = iter.value().expect("value").to_vec();
+            let value = iter.value().expect("value");
+            let (_, record_key) =
+                ledger::parse_history(value).ok_or_else(|| Status::internal("a history entry is malformed"))?;
             let record = view
-                .get(ledger::transfer_key(&transfer_id))
+                .get(record_key)
                 .map_err(|e| Status::internal(e.to_string()))?
-                .ok_or_else(|| Status::internal("history names a transfer that is not recorded"))?;
+                .ok_or_else(|| Status::internal("history names a record that does not exist"))?;
             transfers.push(TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?);
             iter.next();
         }
         Ok(Response::new(ListTransfersResponse { transfers, next_page_token }))
+    }
+
+    async fn send_envelope(
+        &self,
+        request: Request<SendEnvelopeRequest>,
+    ) -> Result<Response<SendEnvelopeResponse>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let r = request.into_inner();
+        let now = now_ms();
+        let command = SendEnvelopeCommand {
+            transfer_id: r.transfer_id,
+            sender_user_id: r.sender_user_id,
+            currency: r.currency,
+            total: r.total,
+            shares: r.shares,
+            split: r.split,
+            expires_at_ms: match r.expires_at_ms {
+                0 => now + validate::ENVELOPE_EXPIRY_DEFAULT_MS,
+                at => at,
+            },
+        };
+        validate::send_envelope(&command, now).map_err(invalid)?;
+        let envelope_id = ledger::envelope::envelope_id(command.sender_user_id, &command.transfer_id);
+        let expires_at_ms = command.expires_at_ms;
+        let mut results =
+            self.context.propose(timeout, vec![Command { kind: Some(command::Kind::SendEnvelope(command)) }]).await?;
+        let result = results.pop().expect("one result per command");
+        // A retry answers with the envelope as first sent.
+        let expires_at_ms = if result.duplicate {
+            ledger::envelope::read_envelope(&crate::raft::ReadOnlyDb(&self.context.db), &envelope_id)
+                .map(|e| e.expires_at_ms)
+                .unwrap_or(expires_at_ms)
+        } else {
+            expires_at_ms
+        };
+        Ok(Response::new(SendEnvelopeResponse { result: Some(result), envelope_id, expires_at_ms }))
+    }
+
+    async fn grab_envelope(
+        &self,
+        request: Request<GrabEnvelopeRequest>,
+    ) -> Result<Response<GrabEnvelopeResponse>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let r = request.into_inner();
+        let grab = crate::clearing::local_grab(r.envelope_id, r.user_id);
+        validate::grab(&grab).map_err(invalid)?;
+        let envelope_id = grab.envelope_id.clone();
+        let mut results =
+            self.context.propose(timeout, vec![Command { kind: Some(command::Kind::Grab(grab)) }]).await?;
+        let result = results.pop().expect("one result per command");
+        let currency = crate::clearing::envelope_currency(&self.context, &envelope_id);
+        Ok(Response::new(crate::clearing::grab_response(result, currency)))
+    }
+
+    async fn get_envelope(
+        &self,
+        request: Request<GetEnvelopeRequest>,
+    ) -> Result<Response<GetEnvelopeResponse>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let r = request.into_inner();
+        validate::envelope_id(&r.envelope_id).map_err(invalid)?;
+        let page_size = match r.page_size {
+            0 => PAGE_SIZE_DEFAULT,
+            n if n > PAGE_SIZE_MAX => {
+                return Err(Status::invalid_argument(format!("page_size: {n} exceeds {PAGE_SIZE_MAX}")))
+            }
+            n => n,
+        };
+        let start = match r.page_token.len() {
+            0 => 1,
+            4 => u32::from_be_bytes(r.page_token[..].try_into().expect("4 bytes")),
+            _ => return Err(Status::invalid_argument("page_token: not a token this server issued")),
+        };
+        let (view, _) = self.context.read_view(timeout).await?;
+        let kv = SnapshotKv(&view);
+        let envelope = ledger::envelope::read_envelope(&kv, &r.envelope_id)
+            .ok_or_else(|| Status::not_found(format!("no envelope {}", r.envelope_id)))?;
+        let prefix = ledger::keys::grabs_prefix(&r.envelope_id);
+        let mut iter = view.raw_iterator();
+        iter.seek(ledger::keys::grab(&r.envelope_id, start));
+        let mut grabs = Vec::new();
+        let mut next_page_token = Vec::new();
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let share_index = u32::from_be_bytes(key[prefix.len()..].try_into().expect("grab key ends in u32"));
+            if grabs.len() as u32 == page_size {
+                next_page_token = share_index.to_be_bytes().to_vec();
+                break;
+            }
+            let record =
+                TransferRecord::decode(iter.value().expect("value")).map_err(|e| Status::internal(e.to_string()))?;
+            grabs.push(EnvelopeGrab {
+                user_id: record.to_user_id,
+                amount: record.amount,
+                share_index,
+                settlement: record.settlement,
+                timestamp_ms: record.timestamp_ms,
+            });
+            iter.next();
+        }
+        Ok(Response::new(GetEnvelopeResponse { envelope: Some(envelope), grabs, next_page_token }))
     }
 }
 
 /// Peer messages and snapshots for one Raft group (a cell, or the routers'
 /// table group).
 /// Read-only [`crate::raft::Kv`] over one RocksDB snapshot.
-struct SnapshotKv<'a, 'b>(&'a rocksdb::SnapshotWithThreadMode<'b, DB>);
+pub(crate) struct SnapshotKv<'a, 'b>(pub &'a rocksdb::SnapshotWithThreadMode<'b, DB>);
 
 impl crate::raft::Kv for SnapshotKv<'_, '_> {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
@@ -589,7 +718,9 @@ fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -
 
 /// Digest of the state region at the replica's applied index, from one
 /// consistent view of the database.
-pub fn digest_of(db: &DB) -> DigestResponse {
+
+/// The state region of one snapshot, in key order, with the applied index.
+fn state_of(db: &DB) -> (u64, Vec<(Vec<u8>, Vec<u8>)>) {
     let view = db.snapshot();
     let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
     let mut pairs = Vec::new();
@@ -603,6 +734,109 @@ pub fn digest_of(db: &DB) -> DigestResponse {
         pairs.push((key.to_vec(), iter.value().expect("value").to_vec()));
         iter.next();
     }
+    (applied_index, pairs)
+}
+
+/// Reconciliation figures of this replica (see `ledger::audit`).
+pub fn audit_of(db: &DB, outbox_limit: usize) -> AuditResponse {
+    let (applied_index, pairs) = state_of(db);
+    let mut response = ledger::audit::audit(|| pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), outbox_limit);
+    response.applied_index = applied_index;
+    let own = pair::read(&crate::raft::ReadOnlyDb(db), pair::Slot::Own);
+    if pair::role(&own) == PairRole::Standby {
+        response.source_index = own.source_index;
+    }
+    response.pair = Some(own);
+    response
+}
+
+/// What this cell credited from one source pair (seq <= cutoff), and which
+/// of the asked seqs it credited.
+pub fn inbox_of(db: &DB, request: &InboxRequest) -> InboxResponse {
+    let view = db.snapshot();
+    let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
+    let kv = SnapshotKv(&view);
+    let credited_ok = |record: &TransferRecord| record.result == ResultCode::Ok as i32;
+    let mut received: std::collections::BTreeMap<String, i128> = Default::default();
+    // Totals first, then subtract what came after the cutoff.
+    let mut iter = view.raw_iterator();
+    iter.seek(ledger::keys::POSITION_PREFIX);
+    let mut peer_prefix = ledger::keys::POSITION_PREFIX.to_vec();
+    peer_prefix.extend_from_slice(&request.source_pair_id.to_be_bytes());
+    iter.seek(&peer_prefix);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if !key.starts_with(&peer_prefix) {
+            break;
+        }
+        let currency = String::from_utf8_lossy(&key[peer_prefix.len()..]).to_string();
+        let position = ledger::clearing::Position::decode(iter.value().expect("value"));
+        *received.entry(currency).or_default() += position.received as i128;
+        iter.next();
+    }
+    let inbox_prefix = ledger::keys::inbox_prefix(request.source_pair_id);
+    iter.seek(ledger::keys::inbox(request.source_pair_id, request.seq_cutoff.saturating_add(1)));
+    while iter.valid() && request.seq_cutoff < u64::MAX {
+        let key = iter.key().expect("key");
+        if !key.starts_with(&inbox_prefix) {
+            break;
+        }
+        let record = TransferRecord::decode(iter.value().expect("value")).expect("inbox records decode");
+        if credited_ok(&record) {
+            *received.entry(record.currency.clone()).or_default() -= i128::from(record.amount);
+        }
+        iter.next();
+    }
+    let credited = request
+        .seqs
+        .iter()
+        .copied()
+        .filter(|seq| {
+            ledger::read_record(&kv, &ledger::keys::inbox(request.source_pair_id, *seq))
+                .is_some_and(|r| credited_ok(&r))
+        })
+        .collect();
+    InboxResponse { applied_index, received: received.into_iter().map(|(c, v)| (c, v.to_string())).collect(), credited }
+}
+
+/// Credits received per source pair and currency in `[from_ms, to_ms)`.
+pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse {
+    let from_minute = request.from_ms / 60_000;
+    let to_minute = if request.to_ms == 0 { u64::MAX } else { request.to_ms.div_ceil(60_000) };
+    let mut totals: std::collections::BTreeMap<(u64, String), (u128, u128)> = Default::default();
+    let mut iter = db.raw_iterator();
+    iter.seek(ledger::keys::BUCKET_PREFIX);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if !key.starts_with(ledger::keys::BUCKET_PREFIX) || key.len() != 21 {
+            break;
+        }
+        let peer = u64::from_be_bytes(key[2..10].try_into().expect("8 bytes"));
+        let currency = String::from_utf8_lossy(&key[10..13]).to_string();
+        let minute = u64::from_be_bytes(key[13..21].try_into().expect("8 bytes"));
+        if minute >= from_minute && minute < to_minute {
+            let [amount, count] = ledger::keys::u128s::<2>(iter.value().expect("value")).expect("bucket is 32 bytes");
+            let total = totals.entry((peer, currency)).or_default();
+            total.0 += amount;
+            total.1 += count;
+        }
+        iter.next();
+    }
+    SettlementResponse {
+        received: totals
+            .into_iter()
+            .map(|((peer, currency), (amount, count))| SettlementFigure {
+                from_pair_id: peer,
+                currency,
+                amount: amount.to_string(),
+                credits: count as u64,
+            })
+            .collect(),
+    }
+}
+
+pub fn digest_of(db: &DB) -> DigestResponse {
+    let (applied_index, pairs) = state_of(db);
     let digest = ledger::digest(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
     DigestResponse {
         applied_index,
@@ -639,6 +873,13 @@ impl ReplicaAdmin for AdminService {
             standby_acked_index: if ship.epoch == pair_state.epoch { ship.acked_index } else { 0 },
             standby_lag_ms: if is_leader { lag_ms } else { 0 },
             deposed: self.context.replication.deposed(pair_state.epoch),
+            outbox_pending: if is_leader { self.context.metrics.outbox_pending.get().max(0) as u64 } else { 0 },
+            outbox_oldest_age_ms: if is_leader {
+                self.context.metrics.outbox_oldest_age_ms.get().max(0) as u64
+            } else {
+                0
+            },
+            outbox_delivery_failures: self.context.metrics.credit_delivery_failures_total.get(),
         }))
     }
 
@@ -671,6 +912,45 @@ impl ReplicaAdmin for AdminService {
             applied_index: result.applied_index,
             state: Some(self.context.pair.borrow().clone()),
         }))
+    }
+
+    async fn audit(&self, request: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        let limit = match request.into_inner().outbox_limit {
+            0 => 1000,
+            n => n.min(1_000_000) as usize,
+        };
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || audit_of(&db, limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn inbox(&self, request: Request<InboxRequest>) -> Result<Response<InboxResponse>, Status> {
+        let timeout = timeout_of(&request);
+        // Everything this cell answered before the call is applied here.
+        self.context.within(timeout, self.context.node.read_index()).await?;
+        let r = request.into_inner();
+        if r.source_pair_id == 0 {
+            return Err(Status::invalid_argument("source_pair_id: must be set"));
+        }
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || inbox_of(&db, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn settlement(&self, request: Request<SettlementRequest>) -> Result<Response<SettlementResponse>, Status> {
+        let r = request.into_inner();
+        if r.to_ms != 0 && r.to_ms <= r.from_ms {
+            return Err(Status::invalid_argument("to_ms: must be after from_ms"));
+        }
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || settlement_of(&db, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
     }
 
     async fn digest(&self, _request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {

@@ -133,6 +133,8 @@ impl RouterAdmin for AdminService {
                         .map(|s| s.applied_index.saturating_sub(s.standby_acked_index))
                         .unwrap_or(0),
                     replication_lag_ms: active.as_ref().map(|s| s.standby_lag_ms).unwrap_or(0),
+                    outbox_pending: active.as_ref().map(|s| s.outbox_pending).unwrap_or(0),
+                    outbox_oldest_age_ms: active.as_ref().map(|s| s.outbox_oldest_age_ms).unwrap_or(0),
                 }
             })
             .collect();
@@ -199,6 +201,45 @@ impl RouterAdmin for AdminService {
         let isolated = self.coordinator.pool.isolate(&r.cell_ids, std::time::Duration::from_millis(r.duration_ms));
         tracing::warn!(cells = ?isolated, duration_ms = r.duration_ms, "injected fault: cells isolated from this router");
         Ok(Response::new(IsolateCellsResponse { isolated_cell_ids: isolated }))
+    }
+
+    async fn settlement(
+        &self,
+        request: Request<cellbank_proto::cell::SettlementRequest>,
+    ) -> Result<Response<ClusterSettlement>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        if r.to_ms != 0 && r.to_ms <= r.from_ms {
+            return Err(Status::invalid_argument("to_ms: must be after from_ms"));
+        }
+        let table = self.coordinator.pool.table();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut lines = Vec::new();
+        for pair in &table.pairs {
+            let pair_id = pair.pair_id;
+            let pick = move |t: &RoutingTable| {
+                let pair = table::find_pair(t, pair_id)?;
+                Some(table::Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
+            };
+            let figures = self
+                .coordinator
+                .pool
+                .call_admin(pick, deadline, r, |mut c, req| async move { c.settlement(req).await })
+                .await?;
+            for figure in figures.received {
+                lines.push(SettlementLine {
+                    from_pair_id: figure.from_pair_id,
+                    to_pair_id: pair_id,
+                    currency: figure.currency,
+                    amount: figure.amount,
+                    credits: figure.credits,
+                });
+            }
+        }
+        lines.sort_by(|a, b| {
+            (a.from_pair_id, a.to_pair_id, &a.currency).cmp(&(b.from_pair_id, b.to_pair_id, &b.currency))
+        });
+        Ok(Response::new(ClusterSettlement { from_ms: r.from_ms, to_ms: r.to_ms, lines }))
     }
 
     async fn audit_log(&self, request: Request<AuditLogRequest>) -> Result<Response<AuditLogResponse>, Status> {

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use cellbank_proto::cell::clearing_client::ClearingClient;
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::router::RoutingTable;
 use cellbank_proto::v1::ledger_client::LedgerClient;
@@ -38,6 +39,7 @@ pub const CELL_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub struct ReplicaConn {
     pub addr: String,
     pub ledger: LedgerClient<Channel>,
+    pub clearing: ClearingClient<Channel>,
     pub admin: ReplicaAdminClient<Channel>,
     pub channel: Channel,
 }
@@ -64,6 +66,9 @@ impl CellConn {
                 Some(ReplicaConn {
                     addr: addr.clone(),
                     ledger: LedgerClient::new(channel.clone())
+                        .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
+                        .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX),
+                    clearing: ClearingClient::new(channel.clone())
                         .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
                         .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX),
                     admin: ReplicaAdminClient::new(channel.clone()),
@@ -218,12 +223,13 @@ impl CellPool {
         F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, deadline, message, call).await;
+        let outcome = self.call_with_retries(pick, deadline, message, |r| r.ledger.clone(), call).await;
         self.count_outcome(&outcome);
         outcome
     }
 
-    async fn call_with_retries<Req, Resp, F, Fut>(
+    /// [`CellPool::call`] on a cell's `ReplicaAdmin` (its leader's figures).
+    pub async fn call_admin<Req, Resp, F, Fut>(
         &self,
         pick: impl Fn(&RoutingTable) -> Option<Route>,
         deadline: Instant,
@@ -232,7 +238,41 @@ impl CellPool {
     ) -> Result<Resp, Status>
     where
         Req: Clone,
-        F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
+        F: Fn(ReplicaAdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.call_with_retries(pick, deadline, message, |r| r.admin.clone(), call).await
+    }
+
+    /// [`CellPool::call`] on a cell's internal `Clearing` service.
+    pub async fn call_clearing<Req, Resp, F, Fut>(
+        &self,
+        pick: impl Fn(&RoutingTable) -> Option<Route>,
+        deadline: Instant,
+        message: Req,
+        call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(ClearingClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let outcome = self.call_with_retries(pick, deadline, message, |r| r.clearing.clone(), call).await;
+        self.count_outcome(&outcome);
+        outcome
+    }
+
+    async fn call_with_retries<Req, Resp, C, F, Fut>(
+        &self,
+        pick: impl Fn(&RoutingTable) -> Option<Route>,
+        deadline: Instant,
+        message: Req,
+        client: impl Fn(&ReplicaConn) -> C,
+        call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(C, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let mut delay = RETRY_DELAY_MIN;
@@ -271,7 +311,7 @@ impl CellPool {
             if let Ok(value) = route.epoch.to_string().parse() {
                 request.metadata_mut().insert(EPOCH_METADATA_KEY, value);
             }
-            let status = match tokio::time::timeout(remaining, call(replica.ledger.clone(), request)).await {
+            let status = match tokio::time::timeout(remaining, call(client(replica), request)).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => status,
                 Err(_) => {

@@ -31,6 +31,9 @@ pub struct RouterConfig {
     /// Allows the IsolateCells fault-injection call (drills and tests only).
     #[serde(default)]
     pub fault_injection: bool,
+    /// Senders may not grab their own red envelopes (OWN_ENVELOPE).
+    #[serde(default)]
+    pub forbid_own_grab: bool,
     #[serde(default)]
     pub raft: RaftTuning,
     #[serde(default)]

@@ -5,10 +5,18 @@
 //!
 //! - Deposit, Withdraw, OpenAccount, GetAccount and ListTransfers go to the
 //!   user's cell; Transfer to the sender's.
-//! - A transfer whose recipient lives in another cell is answered
-//!   CROSS_CELL_UNSUPPORTED and reaches no cell.
-//! - SubmitTransfers is split by the senders' cells, the parts are sent at
-//!   once, and the results are merged back into request order.
+//! - A transfer whose recipient lives in another cell goes to the sender's
+//!   cell as a cross-cell send (`Clearing.Send`): debit and outbox entry in
+//!   one command; the sender cell's courier delivers the credit later.
+//! - SubmitTransfers is split by the senders' cells (and, within a cell, into
+//!   local and cross-cell items); the parts are sent at once and the results
+//!   merged back into request order.
+//! - Envelopes live in their sender's cell, named by the envelope id. Grabs
+//!   of one cell's envelopes are coalesced into batches (`Clearing.Grab`),
+//!   so a hot envelope costs few calls and few Raft entries. A grabber from
+//!   another cell must hold an account in the envelope's currency; that is
+//!   checked before the grab (accounts are never closed, so a positive
+//!   answer is remembered).
 //! - GetTransfer does not know the cell of a transfer_id: it asks every
 //!   active cell and answers with the one that has it.
 
@@ -32,6 +40,24 @@ pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(60);
 
 pub struct Front {
     pub pool: Arc<CellPool>,
+    /// Senders may not grab their own envelopes (router config).
+    pub forbid_own_grab: bool,
+    /// Accounts known to exist (user, currency): they are never closed.
+    accounts: std::sync::Mutex<std::collections::HashSet<(u64, String)>>,
+    /// Envelope currencies, fixed at send.
+    envelope_currencies: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    grabs: crate::grabs::GrabBatcher,
+}
+
+/// Most entries in each of the front's caches; past this a cache is emptied.
+const CACHE_ENTRIES_MAX: usize = 1_000_000;
+
+fn remember<T: std::hash::Hash + Eq>(set: &std::sync::Mutex<std::collections::HashSet<T>>, value: T) {
+    let mut set = set.lock().expect("cache lock");
+    if set.len() >= CACHE_ENTRIES_MAX {
+        set.clear();
+    }
+    set.insert(value);
 }
 
 fn deadline_of<T>(request: &Request<T>) -> Instant {
@@ -53,23 +79,95 @@ fn by_user(user_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Op
     move |t| table::route(t, user_id)
 }
 
-fn cross_cell(from: u64, to: u64) -> TransferResult {
-    TransferResult {
-        code: ResultCode::CrossCellUnsupported as i32,
-        field: "to_user_id".into(),
-        detail: format!("users {from} and {to} live in different cells; transfers between cells are not supported yet"),
+/// A route to a pair's active cell.
+fn to_pair(pair_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> + Clone {
+    move |t| {
+        let pair = table::find_pair(t, pair_id)?;
+        Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
+    }
+}
+
+fn refused(code: ResultCode, field: &str, detail: String) -> GrabEnvelopeResponse {
+    GrabEnvelopeResponse {
+        result: Some(TransferResult { code: code as i32, field: field.into(), detail, ..Default::default() }),
         ..Default::default()
     }
 }
 
 impl Front {
-    /// True when both users are served by the same pair.
-    fn same_cell(&self, from: u64, to: u64) -> bool {
-        let table = self.pool.table_view().borrow();
-        match (table::route(&table, from), table::route(&table, to)) {
-            (Some(a), Some(b)) => a.pair_id == b.pair_id,
-            _ => true,
+    pub fn new(pool: Arc<CellPool>, forbid_own_grab: bool) -> Front {
+        Front {
+            grabs: crate::grabs::GrabBatcher::new(pool.clone()),
+            pool,
+            forbid_own_grab,
+            accounts: Default::default(),
+            envelope_currencies: Default::default(),
         }
+    }
+
+    /// The pairs of two users (None before the table is bootstrapped).
+    fn pairs_of(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        let table = self.pool.table_view().borrow();
+        Some((table::route(&table, from)?.pair_id, table::route(&table, to)?.pair_id))
+    }
+
+    /// The currency of an envelope (read once from its cell, then remembered).
+    async fn envelope_currency(&self, envelope_id: &str, sender: u64, deadline: Instant) -> Result<String, Status> {
+        if let Some(currency) = self.envelope_currencies.lock().expect("cache lock").get(envelope_id) {
+            return Ok(currency.clone());
+        }
+        let request = GetEnvelopeRequest { envelope_id: envelope_id.to_string(), page_size: 1, page_token: vec![] };
+        let found = self
+            .pool
+            .call(by_user(sender), deadline, request, |mut c, req| async move { c.get_envelope(req).await })
+            .await?;
+        let currency = found.envelope.map(|e| e.currency).unwrap_or_default();
+        let mut cache = self.envelope_currencies.lock().expect("cache lock");
+        if cache.len() >= CACHE_ENTRIES_MAX {
+            cache.clear();
+        }
+        cache.insert(envelope_id.to_string(), currency.clone());
+        Ok(currency)
+    }
+
+    /// Whether the user holds an account in the currency (a linearizable
+    /// read at the user's cell; a positive answer is remembered).
+    async fn account_exists(&self, user_id: u64, currency: &str, deadline: Instant) -> Result<bool, Status> {
+        let key = (user_id, currency.to_string());
+        if self.accounts.lock().expect("cache lock").contains(&key) {
+            return Ok(true);
+        }
+        let request = GetAccountRequest { user_id, currency: currency.to_string() };
+        match self
+            .pool
+            .call(by_user(user_id), deadline, request, |mut c, req| async move { c.get_account(req).await })
+            .await
+        {
+            Ok(_) => {
+                remember(&self.accounts, key);
+                Ok(true)
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// Cross-cell transfers of one sender pair.
+    async fn send_cross_cell(
+        pool: &CellPool,
+        source_pair_id: u64,
+        deadline: Instant,
+        items: Vec<cellbank_proto::cell::CrossCellItem>,
+    ) -> Result<Vec<TransferResult>, Status> {
+        let expected = items.len();
+        let batch = cellbank_proto::cell::CrossCellBatch { items };
+        let response = pool
+            .call_clearing(to_pair(source_pair_id), deadline, batch, |mut c, req| async move { c.send(req).await })
+            .await?;
+        if response.results.len() != expected {
+            return Err(Status::internal("a cell answered with the wrong number of results"));
+        }
+        Ok(response.results)
     }
 
     /// The cell's own validation of a movement (so a malformed request never
@@ -82,6 +180,7 @@ impl Front {
             to_user_id: r.to_user_id,
             currency: r.currency.clone(),
             amount: r.amount,
+            ..Default::default()
         };
         validate::move_command(&command).map(|_| ())
     }
@@ -98,8 +197,11 @@ impl LedgerApi for Front {
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let response = self
             .pool
-            .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.open_account(req).await })
+            .call(by_user(r.user_id), deadline, r.clone(), |mut c, req| async move { c.open_account(req).await })
             .await?;
+        if response.code == ResultCode::Ok as i32 || response.code == ResultCode::AccountAlreadyExists as i32 {
+            remember(&self.accounts, (r.user_id, r.currency));
+        }
         Ok(Response::new(response))
     }
 
@@ -139,8 +241,11 @@ impl LedgerApi for Front {
         let deadline = deadline_of(&request);
         let r = request.into_inner();
         Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
-        if !self.same_cell(r.from_user_id, r.to_user_id) {
-            return Ok(Response::new(TransferResponse { result: Some(cross_cell(r.from_user_id, r.to_user_id)) }));
+        if let Some((source, dest)) = self.pairs_of(r.from_user_id, r.to_user_id).filter(|(a, b)| a != b) {
+            let item =
+                cellbank_proto::cell::CrossCellItem { transfer: Some(r), source_pair_id: source, dest_pair_id: dest };
+            let mut results = Front::send_cross_cell(&self.pool, source, deadline, vec![item]).await?;
+            return Ok(Response::new(TransferResponse { result: results.pop() }));
         }
         let response = self
             .pool
@@ -167,6 +272,9 @@ impl LedgerApi for Front {
         let mut results: Vec<Option<TransferResult>> = vec![None; items.len()];
         // pair id -> (positions, items)
         let mut parts: std::collections::BTreeMap<u64, (Vec<usize>, Vec<TransferRequest>)> = Default::default();
+        // sender pair id -> (positions, cross-cell items)
+        let mut cross: std::collections::BTreeMap<u64, (Vec<usize>, Vec<cellbank_proto::cell::CrossCellItem>)> =
+            Default::default();
         {
             let table = self.pool.table_view().borrow();
             if table.slice_count == 0 {
@@ -185,7 +293,13 @@ impl LedgerApi for Front {
                 let from = table::route(&table, item.from_user_id).expect("bootstrapped table routes every user");
                 let to = table::route(&table, item.to_user_id).expect("bootstrapped table routes every user");
                 if from.pair_id != to.pair_id {
-                    results[position] = Some(cross_cell(item.from_user_id, item.to_user_id));
+                    let part = cross.entry(from.pair_id).or_default();
+                    part.0.push(position);
+                    part.1.push(cellbank_proto::cell::CrossCellItem {
+                        transfer: Some(item),
+                        source_pair_id: from.pair_id,
+                        dest_pair_id: to.pair_id,
+                    });
                     continue;
                 }
                 let part = parts.entry(from.pair_id).or_default();
@@ -193,16 +307,14 @@ impl LedgerApi for Front {
                 part.1.push(item);
             }
         }
-        let calls = parts.into_iter().map(|(pair_id, (positions, transfers))| {
+        let local_calls = parts.into_iter().map(|(pair_id, (positions, transfers))| {
             let pool = self.pool.clone();
             async move {
-                let pick = move |t: &cellbank_proto::router::RoutingTable| {
-                    let pair = table::find_pair(t, pair_id)?;
-                    Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
-                };
                 let message = SubmitTransfersRequest { transfers };
-                let response = pool
-                    .call(pick, deadline, message, |mut c, req| async move { c.submit_transfers(req).await })
+                let response =
+                    pool.call(to_pair(pair_id), deadline, message, |mut c, req| async move {
+                        c.submit_transfers(req).await
+                    })
                     .await?;
                 if response.results.len() != positions.len() {
                     return Err(Status::internal("a cell answered with the wrong number of results"));
@@ -210,7 +322,16 @@ impl LedgerApi for Front {
                 Ok::<_, Status>((positions, response.results))
             }
         });
-        for part in futures::future::join_all(calls).await {
+        let cross_calls = cross.into_iter().map(|(pair_id, (positions, items))| {
+            let pool = self.pool.clone();
+            async move {
+                let results = Front::send_cross_cell(&pool, pair_id, deadline, items).await?;
+                Ok::<_, Status>((positions, results))
+            }
+        });
+        let (local, remote) =
+            futures::future::join(futures::future::join_all(local_calls), futures::future::join_all(cross_calls)).await;
+        for part in local.into_iter().chain(remote) {
             let (positions, part_results) = part?;
             for (position, result) in positions.into_iter().zip(part_results) {
                 results[position] = Some(result);
@@ -246,11 +367,8 @@ impl LedgerApi for Front {
             let pool = self.pool.clone();
             let message = r.clone();
             async move {
-                let pick = move |t: &cellbank_proto::router::RoutingTable| {
-                    let pair = table::find_pair(t, pair_id)?;
-                    Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
-                };
-                pool.call(pick, deadline, message, |mut c, req| async move { c.get_transfer(req).await }).await
+                pool.call(to_pair(pair_id), deadline, message, |mut c, req| async move { c.get_transfer(req).await })
+                    .await
             }
         });
         let mut failure = None;
@@ -275,6 +393,87 @@ impl LedgerApi for Front {
             .pool
             .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.list_transfers(req).await })
             .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn send_envelope(
+        &self,
+        request: Request<SendEnvelopeRequest>,
+    ) -> Result<Response<SendEnvelopeResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        validate::transfer_id(&r.transfer_id).map_err(invalid)?;
+        validate::user_id("sender_user_id", r.sender_user_id).map_err(invalid)?;
+        let response = self
+            .pool
+            .call(by_user(r.sender_user_id), deadline, r, |mut c, req| async move { c.send_envelope(req).await })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn grab_envelope(
+        &self,
+        request: Request<GrabEnvelopeRequest>,
+    ) -> Result<Response<GrabEnvelopeResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
+        validate::user_id("user_id", r.user_id).map_err(invalid)?;
+        if self.forbid_own_grab && r.user_id == sender {
+            return Ok(Response::new(refused(
+                ResultCode::OwnEnvelope,
+                "user_id",
+                "senders may not grab their own envelope".into(),
+            )));
+        }
+        let Some((envelope_pair_id, grabber_pair_id)) = self.pairs_of(sender, r.user_id) else {
+            return Err(Status::unavailable("the routing table is not ready yet"));
+        };
+        if envelope_pair_id != grabber_pair_id {
+            // The credit would be refused in the grabber's cell: refuse the
+            // grab now, before a share is taken.
+            let currency = self.envelope_currency(&r.envelope_id, sender, deadline).await.or_else(|status| {
+                if status.code() == tonic::Code::NotFound {
+                    Ok(String::new())
+                } else {
+                    Err(status)
+                }
+            })?;
+            if currency.is_empty() {
+                return Ok(Response::new(refused(
+                    ResultCode::EnvelopeNotFound,
+                    "envelope_id",
+                    "no such envelope".into(),
+                )));
+            }
+            if !self.account_exists(r.user_id, &currency, deadline).await? {
+                return Ok(Response::new(refused(
+                    ResultCode::AccountNotFound,
+                    "user_id",
+                    format!("user {} has no {currency} account", r.user_id),
+                )));
+            }
+        }
+        let item = cellbank_proto::cell::GrabItem {
+            envelope_id: r.envelope_id,
+            user_id: r.user_id,
+            envelope_pair_id,
+            grabber_pair_id,
+            forbid_own: self.forbid_own_grab,
+        };
+        let response = self.grabs.grab(item, deadline).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_envelope(
+        &self,
+        request: Request<GetEnvelopeRequest>,
+    ) -> Result<Response<GetEnvelopeResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
+        let response =
+            self.pool.call(by_user(sender), deadline, r, |mut c, req| async move { c.get_envelope(req).await }).await?;
         Ok(Response::new(response))
     }
 }

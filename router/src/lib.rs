@@ -4,7 +4,9 @@
 //! - [`table`]: the routing table state machine (slices, pairs, epochs,
 //!   audit log) and the user-to-slice hash.
 //! - [`cells`]: connections to every cell replica and the retry loop.
-//! - [`front`]: `cellbank.v1.Ledger` for clients.
+//! - [`front`]: `cellbank.v1.Ledger` for clients; [`grabs`] coalesces
+//!   envelope grabs per cell.
+//! - [`courier`]: carries cross-cell credits to their destination cells.
 //! - [`coordinator`]: health probes, failover, degraded mode, switchover
 //!   (active on the group's leader only).
 //! - [`admin`]: the operators' API.
@@ -18,7 +20,9 @@ pub mod admin;
 pub mod cells;
 pub mod config;
 pub mod coordinator;
+pub mod courier;
 pub mod front;
+pub mod grabs;
 pub mod metrics;
 pub mod server;
 pub mod table;

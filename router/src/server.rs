@@ -65,7 +65,12 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<Front>>().await;
     let (reflection, reflection_alpha) = cellbank_cell::server::reflection_services()?;
-    let front = LedgerServer::new(Front { pool: pool.clone() })
+    let courier = cellbank_proto::router::courier_server::CourierServer::new(crate::courier::CourierService {
+        pool: pool.clone(),
+    })
+    .max_decoding_message_size(16 * 1024 * 1024)
+    .max_encoding_message_size(16 * 1024 * 1024);
+    let front = LedgerServer::new(Front::new(pool.clone(), config.forbid_own_grab))
         .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX);
     let admin = RouterAdminServer::new(AdminService {
@@ -94,6 +99,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(front)
+            .add_service(courier)
             .add_service(admin)
             .add_service(transport_service)
             .serve_with_incoming_shutdown(incoming, async {

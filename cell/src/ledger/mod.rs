@@ -17,7 +17,11 @@
 //!   the state; the proposer chose the timestamp. Business failures are
 //!   result codes; undecodable state is corruption and panics.
 
+pub mod audit;
+pub mod clearing;
 pub mod currency;
+pub mod envelope;
+pub mod keys;
 pub mod pair;
 pub mod validate;
 
@@ -26,10 +30,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cellbank_proto::cell::{
-    command, Command, CommandBatch, ConfigureCommand, MoveCommand, OpenAccountCommand, PairRole, PairState,
-    SourceEntries, SourceSnapshotChunk,
+    command, Command, CommandBatch, ConfigureCommand, CreditCommand, MoveCommand, OpenAccountCommand, PairRole,
+    PairState, SourceEntries, SourceSnapshotChunk,
 };
-use cellbank_proto::v1::{ResultCode, TransferKind, TransferRecord, TransferResult};
+use cellbank_proto::v1::{ResultCode, Settlement, TransferKind, TransferRecord, TransferResult};
 use prost::Message;
 use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
@@ -38,13 +42,18 @@ use crate::raft::storage::STATE_PREFIX;
 use crate::raft::{Kv, StateMachine};
 pub use currency::Currency;
 
-/// Account kinds; the byte is part of the key. Later kinds (clearing per
-/// peer cell, escrow) take the next values.
+/// Account kinds; the byte is part of the key. Only user accounts are held
+/// to `0..=u64::MAX`; the system accounts may go negative.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum AccountKind {
+    /// Money entering and leaving the system (owner 0).
     Settlement = 1,
     User = 2,
+    /// Money in transit to or from a peer pair (owner: the peer's pair id).
+    Clearing = 3,
+    /// Money held for open envelopes (owner 0).
+    Escrow = 4,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,6 +70,25 @@ impl AccountId {
 
     pub fn settlement(currency: Currency) -> AccountId {
         AccountId { kind: AccountKind::Settlement, owner: 0, currency }
+    }
+
+    pub fn clearing(peer_pair_id: u64, currency: Currency) -> AccountId {
+        AccountId { kind: AccountKind::Clearing, owner: peer_pair_id, currency }
+    }
+
+    pub fn escrow(currency: Currency) -> AccountId {
+        AccountId { kind: AccountKind::Escrow, owner: 0, currency }
+    }
+
+    /// "user 42 CNY", "clearing for pair 2 CNY", ...
+    pub fn describe(&self) -> String {
+        let currency = self.currency.as_str();
+        match self.kind {
+            AccountKind::Settlement => format!("settlement {currency}"),
+            AccountKind::User => format!("user {} {currency}", self.owner),
+            AccountKind::Clearing => format!("clearing for pair {} {currency}", self.owner),
+            AccountKind::Escrow => format!("escrow {currency}"),
+        }
     }
 
     /// `0x04 'a' kind owner(be) currency`.
@@ -81,6 +109,8 @@ impl AccountId {
         let kind = match key[2] {
             1 => AccountKind::Settlement,
             2 => AccountKind::User,
+            3 => AccountKind::Clearing,
+            4 => AccountKind::Escrow,
             _ => return None,
         };
         let owner = u64::from_be_bytes(key[3..11].try_into().ok()?);
@@ -129,6 +159,31 @@ impl Account {
     }
 }
 
+/// A history entry: the signed change of the balance (8 bytes, big-endian
+/// i64; every movement is at most `i64::MAX`) and the key of the record
+/// (a `TransferRecord`) that explains it.
+pub fn history_value(delta: i64, record_key: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + record_key.len());
+    value.extend_from_slice(&delta.to_be_bytes());
+    value.extend_from_slice(record_key);
+    value
+}
+
+/// The (delta, record key) of a history entry; `None` if malformed.
+pub fn parse_history(value: &[u8]) -> Option<(i64, &[u8])> {
+    if value.len() < 9 {
+        return None;
+    }
+    Some((i64::from_be_bytes(value[..8].try_into().ok()?), &value[8..]))
+}
+
+/// Reads the record a history entry names.
+pub fn read_record(kv: &dyn Kv, key: &[u8]) -> Option<TransferRecord> {
+    kv.get(key).map(|bytes| {
+        TransferRecord::decode(bytes.as_slice()).unwrap_or_else(|e| panic!("corrupt record {key:02x?}: {e}"))
+    })
+}
+
 pub fn transfer_key(transfer_id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + transfer_id.len());
     key.push(STATE_PREFIX);
@@ -166,7 +221,14 @@ fn result(code: ResultCode, applied_index: u64) -> TransferResult {
 }
 
 fn rejection(code: ResultCode, field: &str, detail: String, applied_index: u64) -> TransferResult {
-    TransferResult { code: code as i32, field: field.into(), detail, applied_index, duplicate: false }
+    TransferResult {
+        code: code as i32,
+        field: field.into(),
+        detail,
+        applied_index,
+        duplicate: false,
+        ..Default::default()
+    }
 }
 
 /// The first field in which a retry differs from the recorded transfer.
@@ -302,7 +364,13 @@ impl Ledger {
         slot: pair::Slot,
     ) -> TransferResult {
         match &command.kind {
-            Some(command::Kind::OpenAccount(_)) | Some(command::Kind::Move(_))
+            Some(command::Kind::OpenAccount(_))
+            | Some(command::Kind::Move(_))
+            | Some(command::Kind::Credit(_))
+            | Some(command::Kind::Settle(_))
+            | Some(command::Kind::SendEnvelope(_))
+            | Some(command::Kind::Grab(_))
+            | Some(command::Kind::Expire(_))
                 if !pair::writable(&self.pair(kv, slot)) =>
             {
                 let state = self.pair(kv, slot);
@@ -311,6 +379,11 @@ impl Ledger {
             }
             Some(command::Kind::OpenAccount(open)) => self.open_account(kv, index, open),
             Some(command::Kind::Move(movement)) => self.apply_move(kv, index, timestamp_ms, movement),
+            Some(command::Kind::Credit(credit)) => self.apply_credit(kv, index, timestamp_ms, credit),
+            Some(command::Kind::Settle(settle)) => self.apply_settle(kv, index, timestamp_ms, settle),
+            Some(command::Kind::SendEnvelope(send)) => self.send_envelope(kv, index, timestamp_ms, send),
+            Some(command::Kind::Grab(grab)) => self.grab(kv, index, timestamp_ms, grab),
+            Some(command::Kind::Expire(expire)) => self.expire(kv, index, timestamp_ms, expire),
             Some(command::Kind::Configure(configure)) => self.configure(kv, index, configure, slot),
             // A source's own replication commands mean nothing to its standby.
             Some(command::Kind::SourceEntries(_)) | Some(command::Kind::SourceSnapshot(_))
@@ -485,10 +558,12 @@ impl Ledger {
                     code: recorded.result,
                     applied_index: recorded.applied_index,
                     duplicate: true,
+                    settlement: recorded.settlement,
                     ..Default::default()
                 },
             };
         }
+        let cross_cell = command.dest_pair_id != 0;
         let (debit, credit) = match valid.kind {
             TransferKind::Deposit => {
                 (AccountId::settlement(valid.currency), AccountId::user(command.to_user_id, valid.currency))
@@ -496,12 +571,36 @@ impl Ledger {
             TransferKind::Withdraw => {
                 (AccountId::user(command.from_user_id, valid.currency), AccountId::settlement(valid.currency))
             }
+            _ if cross_cell => (
+                AccountId::user(command.from_user_id, valid.currency),
+                AccountId::clearing(command.dest_pair_id, valid.currency),
+            ),
             _ => (
                 AccountId::user(command.from_user_id, valid.currency),
                 AccountId::user(command.to_user_id, valid.currency),
             ),
         };
-        let outcome = self.post(kv, &debit, &credit, command.amount, &command.transfer_id);
+        let record_key = transfer_key(&command.transfer_id);
+        let outcome = self.post(kv, &debit, &credit, command.amount, &record_key);
+        let settlement = match (outcome.0, cross_cell) {
+            (ResultCode::Ok, true) => Settlement::InTransit,
+            (ResultCode::Ok, false) => Settlement::Local,
+            _ => Settlement::Unspecified,
+        };
+        if settlement == Settlement::InTransit {
+            let credit = CreditCommand {
+                source_pair_id: command.source_pair_id,
+                seq: 0,
+                transfer_id: command.transfer_id.clone(),
+                kind: TransferKind::Transfer as i32,
+                from_user_id: command.from_user_id,
+                to_user_id: command.to_user_id,
+                currency: command.currency.clone(),
+                amount: command.amount,
+                dest_pair_id: command.dest_pair_id,
+            };
+            self.enqueue_credit(kv, timestamp_ms, credit, record_key.clone(), command.from_user_id);
+        }
         let record = TransferRecord {
             transfer_id: command.transfer_id.clone(),
             kind: command.kind,
@@ -512,9 +611,13 @@ impl Ledger {
             result: outcome.0 as i32,
             applied_index: index,
             timestamp_ms,
+            settlement: settlement as i32,
+            ..Default::default()
         };
-        kv.put(&transfer_key(&command.transfer_id), &record.encode_to_vec());
-        rejection(outcome.0, "", outcome.1, index)
+        kv.put(&record_key, &record.encode_to_vec());
+        let mut answer = rejection(outcome.0, "", outcome.1, index);
+        answer.settlement = settlement as i32;
+        answer
     }
 
     /// Moves `amount` from `debit` to `credit` if both exist and the balances
@@ -525,7 +628,7 @@ impl Ledger {
         debit: &AccountId,
         credit: &AccountId,
         amount: u64,
-        transfer_id: &[u8],
+        record_key: &[u8],
     ) -> (ResultCode, String) {
         let mut debit_account = match self.existing_or_system(kv, debit) {
             Some(account) => account,
@@ -564,9 +667,10 @@ impl Ledger {
         debit_account.balance = debited;
         credit_account.balance = credited;
         assert_eq!(before, debit_account.balance + credit_account.balance, "a movement must conserve money");
-        for (id, account) in [(debit, &mut debit_account), (credit, &mut credit_account)] {
+        let delta = i64::try_from(amount).expect("movements are at most i64::MAX");
+        for (id, account, delta) in [(debit, &mut debit_account, -delta), (credit, &mut credit_account, delta)] {
             if id.kind == AccountKind::User {
-                kv.put(&id.history_key(account.version), transfer_id);
+                kv.put(&id.history_key(account.version), &history_value(delta, record_key));
             }
             account.version += 1;
             self.store_account(kv, id, account);
@@ -577,8 +681,8 @@ impl Ledger {
     fn existing_or_system(&mut self, kv: &dyn Kv, id: &AccountId) -> Option<Account> {
         match (self.account(kv, id), id.kind) {
             (Some(account), _) => Some(account),
-            (None, AccountKind::Settlement) => Some(Account::default()),
             (None, AccountKind::User) => None,
+            (None, _) => Some(Account::default()),
         }
     }
 }

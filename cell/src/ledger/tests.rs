@@ -23,6 +23,7 @@ fn movement(id: &str, kind: TransferKind, from: u64, to: u64, currency: &str, am
             to_user_id: to,
             currency: currency.into(),
             amount,
+            ..Default::default()
         })),
     }
 }
@@ -220,9 +221,12 @@ fn history_lists_movements_in_order() {
     let ids: Vec<_> =
         h.kv.iter()
             .filter(|(k, _)| k.starts_with(&prefix))
-            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .map(|(_, v)| {
+                let (delta, key) = parse_history(v).unwrap();
+                (String::from_utf8(read_record(&h.kv, key).unwrap().transfer_id).unwrap(), delta)
+            })
             .collect();
-    assert_eq!(ids, vec!["d", "t1", "t2"]);
+    assert_eq!(ids, vec![("d".to_string(), 100), ("t1".to_string(), -10), ("t2".to_string(), 5)]);
     let account = get_user_account(&h.kv, 1, Currency::parse("CNY").unwrap()).unwrap();
     assert_eq!(account.version, 3);
 }
@@ -327,4 +331,313 @@ proptest! {
         }
         prop_assert_eq!(replay.kv, h.kv);
     }
+}
+
+// ---- Money between cells and red envelopes ----
+
+const CELL_A: u64 = 1;
+const CELL_B: u64 = 2;
+
+fn cross(id: &str, from: u64, to: u64, amount: u64) -> Command {
+    Command {
+        kind: Some(command::Kind::Move(MoveCommand {
+            transfer_id: id.as_bytes().to_vec(),
+            kind: TransferKind::Transfer as i32,
+            from_user_id: from,
+            to_user_id: to,
+            currency: "CNY".into(),
+            amount,
+            source_pair_id: CELL_A,
+            dest_pair_id: CELL_B,
+        })),
+    }
+}
+
+fn pending(h: &Harness) -> Vec<cellbank_proto::cell::OutboxEntry> {
+    h.kv.iter()
+        .filter(|(k, _)| k.starts_with(keys::OUTBOX_PREFIX))
+        .map(|(_, v)| prost::Message::decode(v.as_slice()).unwrap())
+        .collect()
+}
+
+fn credit_of(entry: &cellbank_proto::cell::OutboxEntry) -> Command {
+    Command { kind: Some(command::Kind::Credit(entry.credit.clone().unwrap())) }
+}
+
+fn settle(seq: u64, code: ResultCode, at: u64) -> Command {
+    Command {
+        kind: Some(command::Kind::Settle(cellbank_proto::cell::SettleCommand {
+            seq,
+            code: code as i32,
+            credited_at_ms: at,
+        })),
+    }
+}
+
+fn audit_of(h: &Harness) -> cellbank_proto::cell::AuditResponse {
+    audit::audit(|| h.kv.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), 100)
+}
+
+#[test]
+fn a_cross_cell_transfer_is_debited_delivered_once_and_settled() {
+    let (mut a, mut b) = (Harness::new(), Harness::new());
+    a.apply(open(1, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    b.apply(open(2, "CNY"));
+    let sent = a.apply(cross("x1", 1, 2, 300));
+    assert_eq!(sent.code, ResultCode::Ok as i32);
+    assert_eq!(sent.settlement, Settlement::InTransit as i32);
+    assert_eq!(a.balance(1), Some(700));
+    a.assert_conserved();
+    let outbox = pending(&a);
+    assert_eq!(outbox.len(), 1);
+    // Delivered twice (a courier's retry): applied once.
+    let first = b.apply(credit_of(&outbox[0]));
+    let again = b.apply(credit_of(&outbox[0]));
+    assert_eq!((first.code, first.duplicate), (ResultCode::Ok as i32, false));
+    assert_eq!((again.code, again.duplicate), (ResultCode::Ok as i32, true));
+    assert_eq!(b.balance(2), Some(300));
+    b.assert_conserved();
+    // Settled twice (a new leader's retry): once.
+    assert_eq!(a.code(settle(outbox[0].seq, ResultCode::Ok, 42)), ResultCode::Ok);
+    assert!(a.apply(settle(outbox[0].seq, ResultCode::Ok, 42)).duplicate);
+    assert!(pending(&a).is_empty());
+    let record = read_transfer(&a.kv, b"x1").unwrap();
+    assert_eq!(record.settlement, Settlement::Credited as i32);
+    assert_eq!(record.credited_at_ms, 42);
+    // The clearing accounts mirror each other and match the totals.
+    let (audit_a, audit_b) = (audit_of(&a), audit_of(&b));
+    assert!(audit_a.mismatches.is_empty() && audit_b.mismatches.is_empty(), "{audit_a:?} {audit_b:?}");
+    assert_eq!(audit_a.positions[0].balance, "300");
+    assert_eq!(audit_b.positions[0].balance, "-300");
+    // A retry of the send answers the original, now credited.
+    let retry = a.apply(cross("x1", 1, 2, 300));
+    assert!(retry.duplicate);
+    assert_eq!(retry.settlement, Settlement::Credited as i32);
+}
+
+#[test]
+fn a_refused_credit_is_refunded_once_and_shows_in_the_history() {
+    let (mut a, mut b) = (Harness::new(), Harness::new());
+    a.apply(open(1, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    a.apply(cross("x1", 1, 99, 250));
+    let entry = pending(&a).pop().unwrap();
+    let refused = b.apply(credit_of(&entry));
+    assert_eq!(refused.code, ResultCode::AccountNotFound as i32);
+    // The refusal is recorded: redelivery gets the same answer.
+    let again = b.apply(credit_of(&entry));
+    assert_eq!((again.code, again.duplicate), (ResultCode::AccountNotFound as i32, true));
+    // A transient answer settles nothing.
+    assert_eq!(a.code(settle(entry.seq, ResultCode::CellNotWritable, 0)), ResultCode::InvalidItem);
+    assert_eq!(pending(&a).len(), 1);
+    assert_eq!(a.code(settle(entry.seq, ResultCode::AccountNotFound, 0)), ResultCode::Ok);
+    assert!(a.apply(settle(entry.seq, ResultCode::AccountNotFound, 0)).duplicate);
+    assert_eq!(a.balance(1), Some(1_000));
+    let record = read_transfer(&a.kv, b"x1").unwrap();
+    assert_eq!(record.settlement, Settlement::Refunded as i32);
+    assert_eq!(record.refund_reason, ResultCode::AccountNotFound as i32);
+    // The sender's history: deposit, debit, refund.
+    let user = AccountId::user(1, Currency::parse("CNY").unwrap());
+    let history: Vec<(i64, TransferRecord)> =
+        a.kv.iter()
+            .filter(|(k, _)| k.starts_with(&user.history_prefix()))
+            .map(|(_, v)| {
+                let (delta, key) = parse_history(v).unwrap();
+                (delta, read_record(&a.kv, key).unwrap())
+            })
+            .collect();
+    let kinds: Vec<(i64, i32)> = history.iter().map(|(d, r)| (*d, r.kind)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1_000, TransferKind::Deposit as i32),
+            (-250, TransferKind::Transfer as i32),
+            (250, TransferKind::Refund as i32)
+        ]
+    );
+    assert!(audit_of(&a).mismatches.is_empty());
+    assert_eq!(audit_of(&a).positions[0].balance, "0");
+    a.assert_conserved();
+}
+
+fn send_envelope(id: &str, sender: u64, total: u64, shares: u32, split: EnvelopeSplit, expires_at: u64) -> Command {
+    Command {
+        kind: Some(command::Kind::SendEnvelope(cellbank_proto::cell::SendEnvelopeCommand {
+            transfer_id: id.as_bytes().to_vec(),
+            sender_user_id: sender,
+            currency: "CNY".into(),
+            total,
+            shares,
+            split: split as i32,
+            expires_at_ms: expires_at,
+        })),
+    }
+}
+
+fn grab_cmd(envelope: &str, user: u64, grabber_pair: u64) -> Command {
+    Command {
+        kind: Some(command::Kind::Grab(cellbank_proto::cell::GrabCommand {
+            envelope_id: envelope.into(),
+            user_id: user,
+            envelope_pair_id: CELL_A,
+            grabber_pair_id: grabber_pair,
+            forbid_own: true,
+        })),
+    }
+}
+
+const NOW: u64 = 1_700_000_000_000;
+
+impl Harness {
+    fn apply_at(&mut self, command: Command, timestamp_ms: u64) -> TransferResult {
+        self.index += 1;
+        self.ledger.apply_command(&mut self.kv, self.index, timestamp_ms, &command)
+    }
+}
+
+use cellbank_proto::v1::{EnvelopeSplit, Settlement, TransferRecord};
+
+#[test]
+fn envelope_shares_are_deterministic_at_least_one_unit_and_sum_to_the_total() {
+    for (total, shares, split) in [
+        (10_000u64, 10_000u32, EnvelopeSplit::Random),
+        (1_000_003, 7, EnvelopeSplit::Even),
+        (88_888, 100, EnvelopeSplit::Random),
+    ] {
+        let mut envelope = cellbank_proto::v1::Envelope {
+            envelope_id: format!("7.e-{total}"),
+            total,
+            shares,
+            split: split as i32,
+            remaining: total,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        while envelope.shares_grabbed < envelope.shares {
+            let share = envelope::next_share(&envelope);
+            assert!(share >= 1 && share <= envelope.remaining);
+            envelope.remaining -= share;
+            envelope.shares_grabbed += 1;
+            seen.push(share);
+        }
+        assert_eq!(seen.iter().sum::<u64>(), total);
+        assert_eq!(envelope.remaining, 0);
+        if split == EnvelopeSplit::Even {
+            assert!(seen.iter().max().unwrap() - seen.iter().min().unwrap() <= 1);
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn random_splits_always_conserve(total in 1u64..=1_000_000_000_000, shares in 1u32..=500, seed in any::<u64>()) {
+        let shares = shares.min(total as u32).max(1);
+        let mut envelope = cellbank_proto::v1::Envelope {
+            envelope_id: format!("{}.s{seed}", seed % 1000 + 1),
+            total,
+            shares,
+            split: EnvelopeSplit::Random as i32,
+            remaining: total,
+            ..Default::default()
+        };
+        let mut sum = 0u64;
+        while envelope.shares_grabbed < envelope.shares {
+            let share = envelope::next_share(&envelope);
+            prop_assert!(share >= 1);
+            sum += share;
+            envelope.remaining -= share;
+            envelope.shares_grabbed += 1;
+        }
+        prop_assert_eq!(sum, total);
+    }
+}
+
+#[test]
+fn grabs_give_one_share_per_user_and_expiry_returns_the_rest_once() {
+    let mut a = Harness::new();
+    for user in 1..=4 {
+        a.apply(open(user, "CNY"));
+    }
+    a.apply_at(deposit("d1", 1, 1_000), NOW);
+    let expires = NOW + 60_000;
+    assert_eq!(
+        a.apply_at(send_envelope("e1", 1, 900, 3, EnvelopeSplit::Random, expires), NOW).code,
+        ResultCode::Ok as i32
+    );
+    let id = envelope::envelope_id(1, b"e1");
+    assert_eq!(a.balance(1), Some(100));
+    let first = a.apply_at(grab_cmd(&id, 2, CELL_A), NOW + 1);
+    assert_eq!(first.code, ResultCode::Ok as i32);
+    let twice = a.apply_at(grab_cmd(&id, 2, CELL_A), NOW + 2);
+    assert_eq!((twice.code, twice.amount), (ResultCode::AlreadyGrabbed as i32, first.amount));
+    assert_eq!(a.apply_at(grab_cmd(&id, 1, CELL_A), NOW + 2).code, ResultCode::OwnEnvelope as i32);
+    assert_eq!(a.apply_at(grab_cmd(&id, 77, CELL_A), NOW + 2).code, ResultCode::AccountNotFound as i32);
+    assert_eq!(a.apply_at(grab_cmd("1.nope", 3, CELL_A), NOW + 2).code, ResultCode::EnvelopeNotFound as i32);
+    // A cross-cell grabber: the share goes to the clearing account and the outbox.
+    let remote = a.apply_at(grab_cmd(&id, 500, CELL_B), NOW + 3);
+    assert_eq!((remote.code, remote.settlement), (ResultCode::Ok as i32, Settlement::InTransit as i32));
+    assert_eq!(pending(&a).len(), 1);
+    // Expiry: refused before its time, then the rest goes back once.
+    let early = a.apply_at(
+        Command { kind: Some(command::Kind::Expire(cellbank_proto::cell::ExpireCommand { envelope_id: id.clone() })) },
+        expires - 1,
+    );
+    assert_eq!(early.code, ResultCode::InvalidItem as i32);
+    assert_eq!(a.apply_at(grab_cmd(&id, 3, CELL_A), expires).code, ResultCode::EnvelopeExpired as i32);
+    let expire =
+        Command { kind: Some(command::Kind::Expire(cellbank_proto::cell::ExpireCommand { envelope_id: id.clone() })) };
+    let refund = a.apply_at(expire.clone(), expires + 5);
+    assert_eq!(refund.code, ResultCode::Ok as i32);
+    assert_eq!(refund.amount, 900 - first.amount - remote.amount);
+    assert_eq!(a.apply_at(expire, expires + 6).code, ResultCode::EnvelopeExpired as i32);
+    assert_eq!(a.balance(1), Some(100 + i128::from(refund.amount)));
+    let state = envelope::read_envelope(&a.kv, &id).unwrap();
+    assert_eq!(state.state, cellbank_proto::v1::EnvelopeState::Expired as i32);
+    assert_eq!(first.amount + remote.amount + state.refunded, state.total);
+    assert!(audit_of(&a).mismatches.is_empty(), "{:?}", audit_of(&a).mismatches);
+    a.assert_conserved();
+}
+
+#[test]
+fn envelope_bad_input_moves_no_money() {
+    let mut a = Harness::new();
+    a.apply(open(1, "CNY"));
+    a.apply_at(deposit("d1", 1, 1_000), NOW);
+    let before = a.kv.clone();
+    let cases = [
+        (send_envelope("b1", 1, 10, 0, EnvelopeSplit::Random, NOW + 1000), "shares"),
+        (send_envelope("b2", 1, 10, 11, EnvelopeSplit::Random, NOW + 1000), "shares"),
+        (send_envelope("b3", 1, 0, 1, EnvelopeSplit::Random, NOW + 1000), "total"),
+        (send_envelope("b4", 1, 10, 2, EnvelopeSplit::Random, NOW - 1), "expires_at_ms"),
+        (send_envelope("b5", 1, 10, 2, EnvelopeSplit::Random, NOW + 8 * 24 * 3600 * 1000), "expires_at_ms"),
+    ];
+    for (command, field) in cases {
+        let result = a.apply_at(command, NOW);
+        assert_eq!((result.code, result.field.as_str()), (ResultCode::InvalidItem as i32, field));
+    }
+    assert_eq!(a.kv, before, "refused sends change nothing");
+    assert_eq!(
+        a.apply_at(send_envelope("b6", 1, 5_000, 2, EnvelopeSplit::Random, NOW + 1000), NOW).code,
+        ResultCode::InsufficientFunds as i32
+    );
+}
+
+#[test]
+fn audit_names_an_account_changed_behind_the_state_machine() {
+    let mut a = Harness::new();
+    a.apply(open(1, "CNY"));
+    a.apply(open(2, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    a.apply(transfer("t1", 1, 2, 400));
+    assert!(audit_of(&a).mismatches.is_empty());
+    let id = AccountId::user(2, Currency::parse("CNY").unwrap());
+    let mut account = Account::decode(&a.kv[&id.key()]).unwrap();
+    account.balance += 5;
+    a.kv.insert(id.key(), account.encode().to_vec());
+    let audit = audit_of(&a);
+    assert_eq!(audit.mismatches.len(), 1);
+    assert_eq!(audit.mismatches[0].account, "user 2 CNY");
+    assert_eq!((audit.mismatches[0].balance.as_str(), audit.mismatches[0].expected.as_str()), ("405", "400"));
+    assert_eq!(audit.balance_sum_by_currency["CNY"], "5");
 }

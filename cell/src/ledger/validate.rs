@@ -2,7 +2,7 @@
 //! INVALID_ARGUMENT before proposing) and the state machine (which re-checks
 //! every command it applies, so a bad command can never change a balance).
 
-use cellbank_proto::cell::MoveCommand;
+use cellbank_proto::cell::{GrabCommand, MoveCommand, SendEnvelopeCommand};
 use cellbank_proto::v1::TransferKind;
 
 use super::Currency;
@@ -96,9 +96,82 @@ pub fn move_command(command: &MoveCommand) -> Result<ValidMove, Invalid> {
                 return Err(invalid("to_user_id", "a withdrawal has no receiving user"));
             }
         }
-        TransferKind::Unspecified => return Err(invalid("kind", "must be TRANSFER, DEPOSIT or WITHDRAW")),
+        _ => return Err(invalid("kind", "must be TRANSFER, DEPOSIT or WITHDRAW")),
+    }
+    if command.source_pair_id != 0 || command.dest_pair_id != 0 {
+        if kind != TransferKind::Transfer {
+            return Err(invalid("kind", "only a TRANSFER crosses cells"));
+        }
+        if command.source_pair_id == 0 || command.dest_pair_id == 0 {
+            return Err(invalid("dest_pair_id", "a cross-cell transfer names both pairs"));
+        }
+        if command.source_pair_id == command.dest_pair_id {
+            return Err(invalid("dest_pair_id", "must differ from source_pair_id"));
+        }
     }
     let currency = currency(&command.currency)?;
     amount(command.amount)?;
     Ok(ValidMove { kind, currency })
+}
+
+/// Most shares in one envelope.
+pub const ENVELOPE_SHARES_MAX: u32 = 100_000;
+/// How long an envelope stays open when the sender does not say.
+pub const ENVELOPE_EXPIRY_DEFAULT_MS: u64 = 24 * 3600 * 1000;
+/// Furthest expiry a sender may choose.
+pub const ENVELOPE_EXPIRY_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Longest envelope id: a user id, a dot and a transfer id.
+pub const ENVELOPE_ID_BYTES_MAX: usize = 20 + 1 + TRANSFER_ID_BYTES_MAX;
+
+/// Checks a send; `now_ms` is the proposer's clock (in apply, the entry's
+/// timestamp), against which the expiry must lie in (now, now + 7 days].
+pub fn send_envelope(command: &SendEnvelopeCommand, now_ms: u64) -> Result<Currency, Invalid> {
+    transfer_id(&command.transfer_id)?;
+    user_id("sender_user_id", command.sender_user_id)?;
+    let currency = currency(&command.currency)?;
+    if command.total == 0 {
+        return Err(invalid("total", "must be at least 1 minor unit"));
+    }
+    if command.total > AMOUNT_MAX {
+        return Err(invalid("total", format!("{} exceeds {AMOUNT_MAX}", command.total)));
+    }
+    if command.shares == 0 || command.shares > ENVELOPE_SHARES_MAX {
+        return Err(invalid("shares", format!("must be 1 to {ENVELOPE_SHARES_MAX}, got {}", command.shares)));
+    }
+    if u64::from(command.shares) > command.total {
+        return Err(invalid(
+            "shares",
+            format!("{} shares of {} minor units: every share needs at least one unit", command.shares, command.total),
+        ));
+    }
+    if !(0..=2).contains(&command.split) {
+        return Err(invalid("split", "must be RANDOM or EVEN"));
+    }
+    if command.expires_at_ms <= now_ms {
+        return Err(invalid("expires_at_ms", format!("{} is not in the future", command.expires_at_ms)));
+    }
+    if command.expires_at_ms - now_ms > ENVELOPE_EXPIRY_MAX_MS {
+        return Err(invalid("expires_at_ms", "is more than 7 days away"));
+    }
+    Ok(currency)
+}
+
+/// The sender encoded in an envelope id `<sender_user_id>.<transfer_id>`.
+pub fn envelope_id(id: &str) -> Result<u64, Invalid> {
+    if id.is_empty() || id.len() > ENVELOPE_ID_BYTES_MAX {
+        return Err(invalid("envelope_id", format!("must be 1 to {ENVELOPE_ID_BYTES_MAX} bytes")));
+    }
+    let (sender, send_id) =
+        id.split_once('.').ok_or_else(|| invalid("envelope_id", "is not an id SendEnvelope returned"))?;
+    let sender: u64 = sender.parse().map_err(|_| invalid("envelope_id", "is not an id SendEnvelope returned"))?;
+    if sender == 0 || send_id.is_empty() {
+        return Err(invalid("envelope_id", "is not an id SendEnvelope returned"));
+    }
+    Ok(sender)
+}
+
+pub fn grab(command: &GrabCommand) -> Result<u64, Invalid> {
+    let sender = envelope_id(&command.envelope_id)?;
+    user_id("user_id", command.user_id)?;
+    Ok(sender)
 }

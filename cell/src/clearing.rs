@@ -1,0 +1,458 @@
+//! Money between cells, on the replica's side: the `Clearing` service that
+//! routers call, the courier that delivers this cell's outbox, and the
+//! sweeper that expires envelopes.
+//!
+//! - The courier runs on the leader of a cell that takes writes. It reads
+//!   pending outbox entries from a snapshot at applied index `i`, waits until
+//!   the standby holds `i` (so a failover can never lose an entry whose
+//!   credit was delivered), and sends the credits through a router, which
+//!   routes each by its recipient. A final answer (credited, or refused for
+//!   good) is settled by a command in this cell's log; anything else is
+//!   retried with backoff, forever: an entry is never dropped. Redelivery is
+//!   safe because the destination applies each (source pair, seq) once.
+//! - The sweeper proposes the expiry of envelopes whose expiry has passed on
+//!   the leader's clock; the apply decides by the entry's timestamp.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellbank_proto::cell::clearing_server::Clearing;
+use cellbank_proto::cell::{
+    command, Command, CreditBatch, CreditResults, CrossCellBatch, CrossCellResults, ExpireCommand, GrabBatch,
+    GrabCommand, GrabResults, MoveCommand, OutboxEntry, SettleCommand,
+};
+use cellbank_proto::router::courier_client::CourierClient;
+use cellbank_proto::v1::{GrabEnvelopeResponse, ResultCode, TransferKind, TransferResult};
+use cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
+use prost::Message as _;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::ledger::clearing::{settles, validate_credit};
+use crate::ledger::{envelope, keys, pair, validate};
+use crate::service::{timeout_of, ReplicaContext};
+
+/// Credits per delivery call.
+pub const DELIVERY_BATCH_MAX: usize = 1024;
+/// Delivery calls in flight at once.
+pub const DELIVERIES_IN_FLIGHT_MAX: usize = 4;
+/// Pending entries looked at per pass.
+pub const OUTBOX_SCAN_MAX: usize = 8192;
+/// How long one delivery may take before it counts as failed.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Backoff after failed deliveries of an entry: doubling, capped.
+pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(50);
+pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+/// How often the sweeper looks for expired envelopes.
+pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+pub const EXPIRIES_PER_SWEEP_MAX: usize = 256;
+
+fn item_error(error: validate::Invalid) -> TransferResult {
+    TransferResult {
+        code: ResultCode::InvalidItem as i32,
+        field: error.field.into(),
+        detail: error.detail,
+        ..Default::default()
+    }
+}
+
+/// Proposes the valid commands and puts every result back in request
+/// order; `checked` holds a command or the validation error of each item.
+async fn propose_items(
+    context: &ReplicaContext,
+    timeout: Duration,
+    checked: Vec<Result<Command, validate::Invalid>>,
+) -> Result<Vec<TransferResult>, Status> {
+    if checked.is_empty() {
+        return Err(Status::invalid_argument("items: must hold at least one item"));
+    }
+    if checked.len() > SUBMIT_TRANSFERS_ITEMS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "items: {} items, at most {SUBMIT_TRANSFERS_ITEMS_MAX} per call",
+            checked.len()
+        )));
+    }
+    let mut results: Vec<Option<TransferResult>> = vec![None; checked.len()];
+    let mut commands = Vec::with_capacity(checked.len());
+    let mut positions = Vec::with_capacity(checked.len());
+    for (position, item) in checked.into_iter().enumerate() {
+        match item {
+            Ok(command) => {
+                commands.push(command);
+                positions.push(position);
+            }
+            Err(error) => results[position] = Some(item_error(error)),
+        }
+    }
+    if !commands.is_empty() {
+        let applied = context.propose(timeout, commands).await?;
+        for (position, result) in positions.into_iter().zip(applied) {
+            results[position] = Some(result);
+        }
+    }
+    Ok(results.into_iter().map(|r| r.expect("every item has a result")).collect())
+}
+
+pub struct ClearingService {
+    pub context: ReplicaContext,
+}
+
+#[tonic::async_trait]
+impl Clearing for ClearingService {
+    async fn send(&self, request: Request<CrossCellBatch>) -> Result<Response<CrossCellResults>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let checked = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| {
+                let t = item.transfer.unwrap_or_default();
+                let movement = MoveCommand {
+                    transfer_id: t.transfer_id,
+                    kind: TransferKind::Transfer as i32,
+                    from_user_id: t.from_user_id,
+                    to_user_id: t.to_user_id,
+                    currency: t.currency,
+                    amount: t.amount,
+                    source_pair_id: item.source_pair_id,
+                    dest_pair_id: item.dest_pair_id,
+                };
+                if movement.dest_pair_id == 0 {
+                    return Err(validate::Invalid { field: "dest_pair_id", detail: "must be set".into() });
+                }
+                validate::move_command(&movement)?;
+                Ok(Command { kind: Some(command::Kind::Move(movement)) })
+            })
+            .collect();
+        let results = propose_items(&self.context, timeout, checked).await?;
+        Ok(Response::new(CrossCellResults { results }))
+    }
+
+    async fn grab(&self, request: Request<GrabBatch>) -> Result<Response<GrabResults>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let items = request.into_inner().items;
+        let mut currencies: HashMap<String, String> = HashMap::new();
+        let checked = items
+            .iter()
+            .map(|item| {
+                let grab = GrabCommand {
+                    envelope_id: item.envelope_id.clone(),
+                    user_id: item.user_id,
+                    envelope_pair_id: item.envelope_pair_id,
+                    grabber_pair_id: item.grabber_pair_id,
+                    forbid_own: item.forbid_own,
+                };
+                validate::grab(&grab)?;
+                Ok(Command { kind: Some(command::Kind::Grab(grab)) })
+            })
+            .collect();
+        let results = propose_items(&self.context, timeout, checked).await?;
+        let results = items
+            .into_iter()
+            .zip(results)
+            .map(|(item, result)| {
+                let currency = currencies
+                    .entry(item.envelope_id.clone())
+                    .or_insert_with(|| envelope_currency(&self.context, &item.envelope_id))
+                    .clone();
+                grab_response(result, currency)
+            })
+            .collect();
+        Ok(Response::new(GrabResults { results }))
+    }
+
+    async fn apply_credits(&self, request: Request<CreditBatch>) -> Result<Response<CreditResults>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let checked = request
+            .into_inner()
+            .credits
+            .into_iter()
+            .map(|credit| {
+                validate_credit(&credit)?;
+                Ok(Command { kind: Some(command::Kind::Credit(credit)) })
+            })
+            .collect();
+        let results = propose_items(&self.context, timeout, checked).await?;
+        Ok(Response::new(CreditResults { results }))
+    }
+}
+
+/// The currency of an envelope as applied here ("" when unknown).
+pub fn envelope_currency(context: &ReplicaContext, envelope_id: &str) -> String {
+    if validate::envelope_id(envelope_id).is_err() {
+        return String::new();
+    }
+    envelope::read_envelope(&crate::raft::ReadOnlyDb(&context.db), envelope_id).map(|e| e.currency).unwrap_or_default()
+}
+
+pub fn grab_response(result: TransferResult, currency: String) -> GrabEnvelopeResponse {
+    GrabEnvelopeResponse { amount: result.amount, share_index: result.share_index, currency, result: Some(result) }
+}
+
+/// True when this replica should run the cell's background work: it leads a
+/// cell that takes writes.
+fn serving(context: &ReplicaContext) -> bool {
+    if !context.node.shared.is_leader.load(Ordering::Relaxed) {
+        return false;
+    }
+    let epoch = {
+        let state = context.pair.borrow();
+        if !pair::role_writable(pair::role(&state)) {
+            return false;
+        }
+        state.epoch
+    };
+    !context.replication.deposed(epoch)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Pending entries, oldest first (at most `limit`), how many are pending
+/// (counted up to 10 × limit), and the applied index they reflect.
+fn scan_outbox(db: &rocksdb::DB, limit: usize) -> (Vec<OutboxEntry>, u64, u64) {
+    let view = db.snapshot();
+    let index = crate::raft::storage::read_u64(&view, crate::raft::storage::APPLIED_INDEX_KEY).unwrap_or(0);
+    let mut iter = view.raw_iterator();
+    iter.seek(keys::OUTBOX_PREFIX);
+    let mut entries = Vec::new();
+    let mut pending = 0u64;
+    while iter.valid() && pending < 10 * limit as u64 {
+        let key = iter.key().expect("key");
+        if !key.starts_with(keys::OUTBOX_PREFIX) {
+            break;
+        }
+        pending += 1;
+        if entries.len() < limit {
+            let value = iter.value().expect("value");
+            entries.push(OutboxEntry::decode(value).unwrap_or_else(|e| panic!("corrupt outbox entry {key:02x?}: {e}")));
+        }
+        iter.next();
+    }
+    (entries, pending, index)
+}
+
+#[derive(Clone, Copy)]
+struct Attempt {
+    in_flight: bool,
+    failures: u32,
+    next_at: Instant,
+}
+
+/// Delivers this cell's outbox through the routers, for as long as the
+/// replica runs.
+pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
+    if routers.is_empty() {
+        tracing::info!("no routers configured: this replica delivers no cross-cell credits");
+        return;
+    }
+    let clients: Vec<CourierClient<Channel>> = routers
+        .iter()
+        .filter_map(|addr| {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}")).ok()?;
+            let channel = endpoint.connect_timeout(Duration::from_millis(300)).tcp_nodelay(true).connect_lazy();
+            Some(CourierClient::new(channel).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20))
+        })
+        .collect();
+    let attempts: Arc<Mutex<HashMap<u64, Attempt>>> = Arc::default();
+    let permits = Arc::new(tokio::sync::Semaphore::new(DELIVERIES_IN_FLIGHT_MAX));
+    let mut applied = context.node.shared.applied.subscribe();
+    let mut next_router = 0usize;
+    loop {
+        tokio::select! {
+            _ = applied.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        if !serving(&context) {
+            attempts.lock().expect("attempts lock").clear();
+            context.metrics.outbox_pending.set(0);
+            context.metrics.outbox_oldest_age_ms.set(0);
+            continue;
+        }
+        let db = context.db.clone();
+        let Ok((entries, pending, index)) =
+            tokio::task::spawn_blocking(move || scan_outbox(&db, OUTBOX_SCAN_MAX)).await
+        else {
+            continue;
+        };
+        context.metrics.outbox_pending.set(pending as i64);
+        let oldest = entries.first().map(|e| now_ms().saturating_sub(e.created_at_ms)).unwrap_or(0);
+        context.metrics.outbox_oldest_age_ms.set(oldest as i64);
+        let now = Instant::now();
+        let due: Vec<OutboxEntry> = {
+            let mut attempts = attempts.lock().expect("attempts lock");
+            let live: std::collections::HashSet<u64> = entries.iter().map(|e| e.seq).collect();
+            attempts.retain(|seq, a| a.in_flight || live.contains(seq));
+            entries
+                .into_iter()
+                .filter(|e| attempts.get(&e.seq).is_none_or(|a| !a.in_flight && a.next_at <= now))
+                .collect()
+        };
+        if due.is_empty() {
+            continue;
+        }
+        // No credit leaves before the standby holds its outbox entry.
+        if context.replication.wait_for(&context.pair, index, Duration::from_secs(1)).await.is_err() {
+            continue;
+        }
+        {
+            let mut attempts = attempts.lock().expect("attempts lock");
+            for entry in &due {
+                let attempt =
+                    attempts.entry(entry.seq).or_insert(Attempt { in_flight: false, failures: 0, next_at: now });
+                attempt.in_flight = true;
+            }
+        }
+        for chunk in due.chunks(DELIVERY_BATCH_MAX) {
+            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let chunk = chunk.to_vec();
+            let context = context.clone();
+            let attempts = attempts.clone();
+            let clients = clients.clone();
+            let first = next_router;
+            next_router = (next_router + 1) % clients.len();
+            tokio::spawn(async move {
+                let settled = deliver(&context, &clients, first, &chunk).await;
+                let mut attempts = attempts.lock().expect("attempts lock");
+                for entry in &chunk {
+                    if settled.contains(&entry.seq) {
+                        attempts.remove(&entry.seq);
+                    } else if let Some(attempt) = attempts.get_mut(&entry.seq) {
+                        attempt.in_flight = false;
+                        attempt.failures += 1;
+                        let delay = RETRY_DELAY_MIN.saturating_mul(1 << attempt.failures.min(10)).min(RETRY_DELAY_MAX);
+                        attempt.next_at = Instant::now() + delay;
+                        context.metrics.credit_delivery_failures_total.inc();
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Delivers one batch and settles what got a final answer; returns the
+/// settled seqs.
+async fn deliver(
+    context: &ReplicaContext,
+    clients: &[CourierClient<Channel>],
+    first: usize,
+    entries: &[OutboxEntry],
+) -> std::collections::HashSet<u64> {
+    let batch = CreditBatch { credits: entries.iter().map(|e| e.credit.clone().unwrap_or_default()).collect() };
+    let mut deliveries = None;
+    for attempt in 0..clients.len() {
+        let mut client = clients[(first + attempt) % clients.len()].clone();
+        let mut request = Request::new(batch.clone());
+        request.set_timeout(DELIVERY_TIMEOUT);
+        match tokio::time::timeout(DELIVERY_TIMEOUT, client.deliver_credits(request)).await {
+            Ok(Ok(response)) => {
+                deliveries = Some(response.into_inner().deliveries);
+                break;
+            }
+            Ok(Err(status)) => tracing::debug!(%status, "a router did not take the credits"),
+            Err(_) => tracing::debug!("a router did not answer the credits in time"),
+        }
+    }
+    let mut settled = std::collections::HashSet::new();
+    let Some(deliveries) = deliveries.filter(|d| d.len() == entries.len()) else { return settled };
+    let mut commands = Vec::new();
+    let mut answers = Vec::new();
+    for (entry, delivery) in entries.iter().zip(deliveries) {
+        let result = delivery.result.unwrap_or_default();
+        let code = ResultCode::try_from(result.code).unwrap_or(ResultCode::Unspecified);
+        if !delivery.answered || !settles(code) {
+            if delivery.answered {
+                tracing::warn!(seq = entry.seq, code = code.as_str_name(), detail = %result.detail, "a credit got no final answer");
+            }
+            continue;
+        }
+        let settle = SettleCommand { seq: entry.seq, code: result.code, credited_at_ms: result.timestamp_ms };
+        commands.push(Command { kind: Some(command::Kind::Settle(settle)) });
+        answers.push((entry.seq, code));
+    }
+    if commands.is_empty() {
+        return settled;
+    }
+    match context.within(DELIVERY_TIMEOUT, context.node.propose(commands)).await {
+        Ok(results) => {
+            for ((seq, code), result) in answers.into_iter().zip(results) {
+                if result.code != ResultCode::Ok as i32 {
+                    tracing::warn!(seq, detail = %result.detail, "a settle did not apply; the credit is asked again");
+                    continue;
+                }
+                settled.insert(seq);
+                if code == ResultCode::Ok {
+                    context.metrics.credits_delivered_total.inc();
+                } else {
+                    context.metrics.credits_refused_total.inc();
+                }
+            }
+        }
+        Err(status) => tracing::debug!(%status, "settling delivered credits failed; they are delivered again"),
+    }
+    settled
+}
+
+/// Expired envelopes with money left, by expiry (at most `limit`).
+fn due_expiries(db: &rocksdb::DB, now_ms: u64, limit: usize) -> Vec<String> {
+    let mut iter = db.raw_iterator();
+    iter.seek(keys::EXPIRY_PREFIX);
+    let mut due = Vec::new();
+    while iter.valid() && due.len() < limit {
+        let key = iter.key().expect("key");
+        match keys::expiry_time(key) {
+            Some(at) if at <= now_ms => {}
+            _ => break,
+        }
+        if let Some(id) = keys::expiry_envelope(key) {
+            due.push(id);
+        }
+        iter.next();
+    }
+    due
+}
+
+/// Proposes the expiry of envelopes whose time has come, on the leader.
+pub async fn run_expiry(context: ReplicaContext) {
+    loop {
+        tokio::time::sleep(EXPIRY_SWEEP_INTERVAL).await;
+        if !serving(&context) {
+            continue;
+        }
+        let db = context.db.clone();
+        let Ok(due) = tokio::task::spawn_blocking(move || due_expiries(&db, now_ms(), EXPIRIES_PER_SWEEP_MAX)).await
+        else {
+            continue;
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let commands = due
+            .into_iter()
+            .map(|envelope_id| Command { kind: Some(command::Kind::Expire(ExpireCommand { envelope_id })) })
+            .collect();
+        match context.within(Duration::from_secs(5), context.node.propose(commands)).await {
+            Ok(results) => {
+                let expired = results.iter().filter(|r| r.code == ResultCode::Ok as i32).count();
+                context.metrics.envelopes_expired_total.inc_by(expired as u64);
+                if expired > 0 {
+                    tracing::info!(expired, "envelopes expired; unclaimed money returned to their senders");
+                }
+            }
+            Err(status) => tracing::debug!(%status, "proposing expiries failed; the next sweep retries"),
+        }
+    }
+}
+
+/// A grab of an envelope held here, from a user of this cell (no router).
+pub fn local_grab(envelope_id: String, user_id: u64) -> GrabCommand {
+    GrabCommand { envelope_id, user_id, envelope_pair_id: 0, grabber_pair_id: 0, forbid_own: false }
+}

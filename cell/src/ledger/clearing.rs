@@ -1,0 +1,249 @@
+//! Money between cells: the outbox of the sending cell and the inbox of the
+//! receiving one (DESIGN.md section 3).
+//!
+//! - Sending debits the sender into the clearing account for the
+//!   destination pair and records an outbox entry, in one command
+//!   ([`Ledger::enqueue_credit`] runs inside that command's apply).
+//! - The destination applies a credit once per (source pair, seq): from its
+//!   clearing account for the source to the recipient. A refused credit is
+//!   recorded as refused, so a redelivery gets the same answer.
+//! - The source settles the entry with the destination's answer: credited,
+//!   or refunded to the sender by a compensating movement.
+//!
+//! Invariants: per peer and currency, the clearing account's balance equals
+//! sent − refunded − received (the position totals); an outbox entry is
+//! settled at most once; every command moves money between two accounts of
+//! this cell, so each cell's balances sum to zero on their own.
+
+use cellbank_proto::cell::{CreditCommand, OutboxEntry, SettleCommand};
+use cellbank_proto::v1::{ResultCode, Settlement, TransferKind, TransferRecord, TransferResult};
+use prost::Message;
+
+use super::{keys, read_record, rejection, result, validate, AccountId, Currency, Ledger};
+use crate::raft::Kv;
+
+/// Clearing totals with one peer in one currency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub sent: u128,
+    pub refunded: u128,
+    pub received: u128,
+}
+
+impl Position {
+    pub fn decode(value: &[u8]) -> Position {
+        let [sent, refunded, received] =
+            keys::u128s::<3>(value).unwrap_or_else(|| panic!("corrupt clearing position {value:02x?}"));
+        Position { sent, refunded, received }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        keys::encode_u128s(&[self.sent, self.refunded, self.received])
+    }
+
+    /// What the clearing account must hold.
+    pub fn expected_balance(&self) -> i128 {
+        self.sent as i128 - self.refunded as i128 - self.received as i128
+    }
+}
+
+fn read_position(kv: &dyn Kv, peer: u64, currency: Currency) -> Position {
+    kv.get(&keys::position(peer, currency)).map(|v| Position::decode(&v)).unwrap_or_default()
+}
+
+fn update_position(kv: &mut dyn Kv, peer: u64, currency: Currency, change: impl FnOnce(&mut Position)) {
+    let mut position = read_position(kv, peer, currency);
+    change(&mut position);
+    kv.put(&keys::position(peer, currency), &position.encode());
+}
+
+pub fn read_outbox_seq(kv: &dyn Kv) -> u64 {
+    kv.get(keys::OUTBOX_SEQ)
+        .map(|v| u64::from_be_bytes(v.as_slice().try_into().expect("outbox seq is 8 bytes")))
+        .unwrap_or(0)
+}
+
+pub fn read_outbox(kv: &dyn Kv, seq: u64) -> Option<OutboxEntry> {
+    kv.get(&keys::outbox(seq))
+        .map(|v| OutboxEntry::decode(v.as_slice()).unwrap_or_else(|e| panic!("corrupt outbox entry {seq}: {e}")))
+}
+
+/// Checks the fields of a credit (the courier's and the destination's).
+pub fn validate_credit(credit: &CreditCommand) -> Result<Currency, validate::Invalid> {
+    let invalid = |field: &'static str, detail: &str| validate::Invalid { field, detail: detail.into() };
+    if credit.source_pair_id == 0 || credit.dest_pair_id == 0 || credit.source_pair_id == credit.dest_pair_id {
+        return Err(invalid("source_pair_id", "a credit goes between two different pairs"));
+    }
+    if credit.seq == 0 {
+        return Err(invalid("seq", "must be set"));
+    }
+    let kind = TransferKind::try_from(credit.kind).unwrap_or(TransferKind::Unspecified);
+    if kind != TransferKind::Transfer && kind != TransferKind::EnvelopeGrab {
+        return Err(invalid("kind", "a credit comes from a TRANSFER or an ENVELOPE_GRAB"));
+    }
+    validate::user_id("to_user_id", credit.to_user_id)?;
+    validate::amount(credit.amount)?;
+    validate::currency(&credit.currency)
+}
+
+/// The destination answers that settle an outbox entry: credited, or
+/// refused for good (which refunds the sender). Anything else (a refusal
+/// to serve, a malformed credit) leaves the entry pending.
+pub fn settles(code: ResultCode) -> bool {
+    matches!(code, ResultCode::Ok | ResultCode::AccountNotFound | ResultCode::BalanceOverflow)
+}
+
+impl Ledger {
+    /// Records an outbox entry for a credit whose money the caller has just
+    /// moved into the clearing account for `credit.dest_pair_id`.
+    pub(super) fn enqueue_credit(
+        &mut self,
+        kv: &mut dyn Kv,
+        timestamp_ms: u64,
+        mut credit: CreditCommand,
+        record_key: Vec<u8>,
+        refund_user_id: u64,
+    ) {
+        let seq = read_outbox_seq(kv) + 1;
+        kv.put(keys::OUTBOX_SEQ, &seq.to_be_bytes());
+        credit.seq = seq;
+        let currency = Currency::parse(&credit.currency).expect("validated before the debit");
+        let amount = u128::from(credit.amount);
+        update_position(kv, credit.dest_pair_id, currency, |p| p.sent += amount);
+        let entry = OutboxEntry { seq, credit: Some(credit), created_at_ms: timestamp_ms, record_key, refund_user_id };
+        kv.put(&keys::outbox(seq), &entry.encode_to_vec());
+    }
+
+    /// The destination's side: applies a delivered credit exactly once.
+    pub(super) fn apply_credit(
+        &mut self,
+        kv: &mut dyn Kv,
+        index: u64,
+        timestamp_ms: u64,
+        credit: &CreditCommand,
+    ) -> TransferResult {
+        let currency = match validate_credit(credit) {
+            Ok(currency) => currency,
+            Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
+        };
+        let key = keys::inbox(credit.source_pair_id, credit.seq);
+        if let Some(recorded) = read_record(kv, &key) {
+            if recorded.transfer_id != credit.transfer_id
+                || recorded.amount != credit.amount
+                || recorded.to_user_id != credit.to_user_id
+                || recorded.currency != credit.currency
+            {
+                let detail = format!(
+                    "credit {} from pair {} was first delivered with other fields",
+                    credit.seq, credit.source_pair_id
+                );
+                return rejection(ResultCode::IdReusedWithDifferentFields, "seq", detail, index);
+            }
+            return TransferResult {
+                code: recorded.result,
+                applied_index: recorded.applied_index,
+                duplicate: true,
+                settlement: recorded.settlement,
+                timestamp_ms: recorded.credited_at_ms,
+                ..Default::default()
+            };
+        }
+        let debit = AccountId::clearing(credit.source_pair_id, currency);
+        let recipient = AccountId::user(credit.to_user_id, currency);
+        let (code, detail) = self.post(kv, &debit, &recipient, credit.amount, &key);
+        let settlement = if code == ResultCode::Ok {
+            let amount = u128::from(credit.amount);
+            update_position(kv, credit.source_pair_id, currency, |p| p.received += amount);
+            let bucket = keys::bucket(credit.source_pair_id, currency, timestamp_ms / 60_000);
+            let [sum, count] = kv.get(&bucket).and_then(|v| keys::u128s::<2>(&v)).unwrap_or_default();
+            kv.put(&bucket, &keys::encode_u128s(&[sum + amount, count + 1]));
+            Settlement::Credited
+        } else {
+            Settlement::Unspecified
+        };
+        let record = TransferRecord {
+            transfer_id: credit.transfer_id.clone(),
+            kind: credit.kind,
+            from_user_id: credit.from_user_id,
+            to_user_id: credit.to_user_id,
+            currency: credit.currency.clone(),
+            amount: credit.amount,
+            result: code as i32,
+            applied_index: index,
+            timestamp_ms,
+            settlement: settlement as i32,
+            credited_at_ms: timestamp_ms,
+            refund_reason: 0,
+        };
+        kv.put(&key, &record.encode_to_vec());
+        let mut answer = rejection(code, "", detail, index);
+        answer.settlement = settlement as i32;
+        answer.timestamp_ms = timestamp_ms;
+        answer
+    }
+
+    /// The source's side: the destination answered outbox entry `seq`.
+    pub(super) fn apply_settle(
+        &mut self,
+        kv: &mut dyn Kv,
+        index: u64,
+        timestamp_ms: u64,
+        settle: &SettleCommand,
+    ) -> TransferResult {
+        let Some(entry) = read_outbox(kv, settle.seq) else {
+            // Settled before (a courier's retry after a leader change).
+            return TransferResult {
+                code: ResultCode::Ok as i32,
+                applied_index: index,
+                duplicate: true,
+                ..Default::default()
+            };
+        };
+        let credit = entry.credit.clone().expect("an outbox entry holds its credit");
+        let currency = Currency::parse(&credit.currency).expect("outbox currencies were validated");
+        let mut record = read_record(kv, &entry.record_key)
+            .unwrap_or_else(|| panic!("outbox entry {} names a missing record", settle.seq));
+        let code = ResultCode::try_from(settle.code).unwrap_or(ResultCode::Unspecified);
+        if !settles(code) {
+            let detail = format!("{} is not a final answer to a credit", code.as_str_name());
+            return rejection(ResultCode::InvalidItem, "code", detail, index);
+        }
+        if code == ResultCode::Ok {
+            record.settlement = Settlement::Credited as i32;
+            record.credited_at_ms = settle.credited_at_ms;
+        } else {
+            let refund_key = keys::refund(settle.seq);
+            let clearing = AccountId::clearing(credit.dest_pair_id, currency);
+            let sender = AccountId::user(entry.refund_user_id, currency);
+            let (refunded, detail) = self.post(kv, &clearing, &sender, credit.amount, &refund_key);
+            if refunded != ResultCode::Ok {
+                // The entry stays pending; the courier asks again later.
+                return rejection(refunded, "refund_user_id", format!("the refund could not apply: {detail}"), index);
+            }
+            let amount = u128::from(credit.amount);
+            update_position(kv, credit.dest_pair_id, currency, |p| p.refunded += amount);
+            let refund = TransferRecord {
+                transfer_id: credit.transfer_id.clone(),
+                kind: TransferKind::Refund as i32,
+                from_user_id: credit.to_user_id,
+                to_user_id: entry.refund_user_id,
+                currency: credit.currency.clone(),
+                amount: credit.amount,
+                result: ResultCode::Ok as i32,
+                applied_index: index,
+                timestamp_ms,
+                settlement: Settlement::Local as i32,
+                credited_at_ms: 0,
+                refund_reason: code as i32,
+            };
+            kv.put(&refund_key, &refund.encode_to_vec());
+            record.settlement = Settlement::Refunded as i32;
+            record.refund_reason = code as i32;
+        }
+        kv.put(&entry.record_key, &record.encode_to_vec());
+        kv.delete(&keys::outbox(settle.seq));
+        let mut answer = result(ResultCode::Ok, index);
+        answer.settlement = record.settlement;
+        answer
+    }
+}

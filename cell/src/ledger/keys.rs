@@ -1,0 +1,125 @@
+//! Keys of the ledger's records besides accounts (`'a'`), histories (`'h'`)
+//! and transfers (`'t'`). Every key lies in the ledger region
+//! `[0x04, 0x04 'z')`, so digests, snapshots and standby copies carry it.
+//!
+//! - `'n'` the last outbox sequence number assigned.
+//! - `'o' seq` a pending outbox entry (`OutboxEntry`), deleted once settled.
+//! - `'f' seq` the refund record of a refused credit (`TransferRecord`).
+//! - `'i' source_pair seq` a credit received (`TransferRecord`), applied or
+//!   refused, exactly once per key.
+//! - `'c' peer currency` clearing totals with a peer: sent, refunded,
+//!   received (three big-endian u128).
+//! - `'s' peer currency minute` credits received from a peer in one minute
+//!   of the receiving cell's clock: amount (u128) and count (u64).
+//! - `'e' len id` an envelope (`cellbank.v1.Envelope`).
+//! - `'g' len id share` a grab, by share position (`TransferRecord`).
+//! - `'G' len id user` the share position a user holds (u32).
+//! - `'r' len id` the refund record of an expired envelope.
+//! - `'x' expires_at len id` an open envelope, by expiry.
+
+use super::Currency;
+use crate::raft::storage::STATE_PREFIX;
+
+pub const OUTBOX_SEQ: &[u8] = &[STATE_PREFIX, b'n'];
+pub const OUTBOX_PREFIX: &[u8] = &[STATE_PREFIX, b'o'];
+pub const INBOX_PREFIX: &[u8] = &[STATE_PREFIX, b'i'];
+pub const POSITION_PREFIX: &[u8] = &[STATE_PREFIX, b'c'];
+pub const BUCKET_PREFIX: &[u8] = &[STATE_PREFIX, b's'];
+pub const ENVELOPE_PREFIX: &[u8] = &[STATE_PREFIX, b'e'];
+pub const EXPIRY_PREFIX: &[u8] = &[STATE_PREFIX, b'x'];
+pub const ACCOUNT_PREFIX: &[u8] = &[STATE_PREFIX, b'a'];
+pub const HISTORY_PREFIX: &[u8] = &[STATE_PREFIX, b'h'];
+
+fn with(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+    key.extend_from_slice(prefix);
+    for part in parts {
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+/// An envelope id with its length first, so that one id is never a prefix
+/// of another's keys.
+fn id_part(envelope_id: &str) -> Vec<u8> {
+    let bytes = envelope_id.as_bytes();
+    let mut part = Vec::with_capacity(1 + bytes.len());
+    part.push(u8::try_from(bytes.len()).expect("envelope ids are validated to fit"));
+    part.extend_from_slice(bytes);
+    part
+}
+
+pub fn outbox(seq: u64) -> Vec<u8> {
+    with(OUTBOX_PREFIX, &[&seq.to_be_bytes()])
+}
+
+pub fn refund(seq: u64) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'f'], &[&seq.to_be_bytes()])
+}
+
+pub fn inbox(source_pair_id: u64, seq: u64) -> Vec<u8> {
+    with(INBOX_PREFIX, &[&source_pair_id.to_be_bytes(), &seq.to_be_bytes()])
+}
+
+pub fn inbox_prefix(source_pair_id: u64) -> Vec<u8> {
+    with(INBOX_PREFIX, &[&source_pair_id.to_be_bytes()])
+}
+
+pub fn position(peer_pair_id: u64, currency: Currency) -> Vec<u8> {
+    with(POSITION_PREFIX, &[&peer_pair_id.to_be_bytes(), &currency.bytes()])
+}
+
+pub fn bucket(peer_pair_id: u64, currency: Currency, minute: u64) -> Vec<u8> {
+    with(BUCKET_PREFIX, &[&peer_pair_id.to_be_bytes(), &currency.bytes(), &minute.to_be_bytes()])
+}
+
+pub fn envelope(envelope_id: &str) -> Vec<u8> {
+    with(ENVELOPE_PREFIX, &[&id_part(envelope_id)])
+}
+
+pub fn grab(envelope_id: &str, share_index: u32) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'g'], &[&id_part(envelope_id), &share_index.to_be_bytes()])
+}
+
+pub fn grabs_prefix(envelope_id: &str) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'g'], &[&id_part(envelope_id)])
+}
+
+pub fn grabber(envelope_id: &str, user_id: u64) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'G'], &[&id_part(envelope_id), &user_id.to_be_bytes()])
+}
+
+pub fn envelope_refund(envelope_id: &str) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'r'], &[&id_part(envelope_id)])
+}
+
+pub fn expiry(expires_at_ms: u64, envelope_id: &str) -> Vec<u8> {
+    with(EXPIRY_PREFIX, &[&expires_at_ms.to_be_bytes(), &id_part(envelope_id)])
+}
+
+/// The envelope id of an expiry key.
+pub fn expiry_envelope(key: &[u8]) -> Option<String> {
+    let rest = key.strip_prefix(EXPIRY_PREFIX)?.get(8..)?;
+    let len = *rest.first()? as usize;
+    String::from_utf8(rest.get(1..1 + len)?.to_vec()).ok()
+}
+
+pub fn expiry_time(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(EXPIRY_PREFIX)?;
+    Some(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?))
+}
+
+pub fn u128s<const N: usize>(value: &[u8]) -> Option<[u128; N]> {
+    if value.len() != 16 * N {
+        return None;
+    }
+    let mut out = [0u128; N];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u128::from_be_bytes(value[16 * i..16 * (i + 1)].try_into().ok()?);
+    }
+    Some(out)
+}
+
+pub fn encode_u128s(values: &[u128]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_be_bytes()).collect()
+}
