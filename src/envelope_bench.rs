@@ -243,7 +243,7 @@ pub async fn run(endpoints: &[String], args: &BenchArgs) -> anyhow::Result<()> {
         let print = |name: &str, p: &Phase| {
             let get = |k: &str| p.latency_ms.get(k).copied().unwrap_or(f64::NAN);
             println!(
-                "  {name:<9} {} envelopes: {} grabs OK ({} across cells) in {:.2} s = {:.0} grabs/s; latency ms p50 {:.1} \\
+                "  {name:<9} {} envelopes: {} grabs OK ({} across cells) in {:.2} s = {:.0} grabs/s; latency ms p50 {:.1} \
                  p99 {:.1} max {:.1}; other {} errors {}",
                 p.envelopes,
                 p.grabs_ok,

@@ -716,11 +716,11 @@ fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -
         .collect()
 }
 
-/// Digest of the state region at the replica's applied index, from one
-/// consistent view of the database.
+/// Keys and values of the state region, in key order.
+type StatePairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// The state region of one snapshot, in key order, with the applied index.
-fn state_of(db: &DB) -> (u64, Vec<(Vec<u8>, Vec<u8>)>) {
+/// The state region of one snapshot, with the applied index it reflects.
+fn state_of(db: &DB) -> (u64, StatePairs) {
     let view = db.snapshot();
     let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
     let mut pairs = Vec::new();
@@ -835,6 +835,8 @@ pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse
     }
 }
 
+/// Digest of the state region at the replica's applied index, from one
+/// consistent view of the database.
 pub fn digest_of(db: &DB) -> DigestResponse {
     let (applied_index, pairs) = state_of(db);
     let digest = ledger::digest(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));

@@ -415,6 +415,21 @@ mod tests {
         ) -> Result<Response<ListTransfersResponse>, Status> {
             Err(Status::unimplemented(""))
         }
+        async fn send_envelope(
+            &self,
+            _: Request<SendEnvelopeRequest>,
+        ) -> Result<Response<SendEnvelopeResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn grab_envelope(
+            &self,
+            _: Request<GrabEnvelopeRequest>,
+        ) -> Result<Response<GrabEnvelopeResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn get_envelope(&self, _: Request<GetEnvelopeRequest>) -> Result<Response<GetEnvelopeResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
     }
 
     fn table(addr: &str, epoch: u64) -> RoutingTable {

@@ -200,6 +200,7 @@ impl Ledger {
             );
             answer.amount = record.amount;
             answer.share_index = share_index;
+            answer.duplicate = true;
             answer.settlement = record.settlement;
             return answer;
         }

@@ -1,0 +1,646 @@
+//! Money across cells end to end: real routers and cells on loopback,
+//! transfers within and between cells and red-envelope grabs under load,
+//! while leaders die and a whole cell fails over. Afterwards every outcome a
+//! client heard is in the ledger exactly once, every cross-cell transfer
+//! reached its recipient, every envelope's shares and refund add up to its
+//! total with one share per user, and `reconcile` passes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellbank::supervisor::ProcessId;
+use cellbank_cell::client::CellClient;
+use cellbank_proto::router::PairMode;
+use cellbank_proto::v1::*;
+use common::cluster::Cluster;
+use rand::{Rng, SeedableRng};
+
+const CURRENCY: &str = "CNY";
+const SEED_AMOUNT: u64 = 1_000_000;
+const ENVELOPE_SHARES: u32 = 30;
+const ENVELOPE_TOTAL: u64 = 30_000;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// What clients were told.
+#[derive(Default)]
+struct Heard {
+    /// transfer id -> (request, code)
+    transfers: Mutex<HashMap<Vec<u8>, (TransferRequest, i32)>>,
+    unknown_transfers: Mutex<Vec<TransferRequest>>,
+    /// (envelope, user) -> amount of an OK grab
+    grabs: Mutex<HashMap<(String, u64), u64>>,
+    unknown_grabs: Mutex<Vec<(String, u64)>>,
+    stop: AtomicBool,
+}
+
+impl Heard {
+    fn acked(&self) -> usize {
+        self.transfers.lock().unwrap().len() + self.grabs.lock().unwrap().len()
+    }
+}
+
+async fn call<T, F, Fut>(client: &CellClient, f: F) -> T
+where
+    F: Fn(cellbank_proto::v1::ledger_client::LedgerClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    client.ledger(f).await.expect("a call through the routers")
+}
+
+async fn open_and_seed(client: &CellClient, users: &[u64]) {
+    for &user in users {
+        let opened = call(client, |mut c| async move {
+            c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+        })
+        .await;
+        assert!(opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32);
+        let seeded = call(client, |mut c| async move {
+            c.deposit(DepositRequest {
+                transfer_id: format!("seed-{user}").into_bytes(),
+                user_id: user,
+                currency: CURRENCY.into(),
+                amount: SEED_AMOUNT,
+            })
+            .await
+        })
+        .await;
+        assert_eq!(seeded.result.unwrap().code, ResultCode::Ok as i32);
+    }
+}
+
+async fn send_envelope(client: &CellClient, sender: u64, id: &str, expires_at_ms: u64) -> String {
+    let response = call(client, |mut c| async move {
+        c.send_envelope(SendEnvelopeRequest {
+            transfer_id: id.as_bytes().to_vec(),
+            sender_user_id: sender,
+            currency: CURRENCY.into(),
+            total: ENVELOPE_TOTAL,
+            shares: ENVELOPE_SHARES,
+            split: EnvelopeSplit::Random as i32,
+            expires_at_ms,
+        })
+        .await
+    })
+    .await;
+    assert_eq!(response.result.unwrap().code, ResultCode::Ok as i32);
+    response.envelope_id
+}
+
+/// Transfer workers (a mix of same-cell and cross-cell transfers) and grab
+/// workers (each grabber tries every envelope once, in its own order).
+fn start_load(
+    routers: Vec<String>,
+    users: Vec<u64>,
+    envelopes: Vec<String>,
+    heard: Arc<Heard>,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for worker in 0..6u64 {
+        let (heard, users) = (heard.clone(), users.clone());
+        let mut client = CellClient::new(routers.clone());
+        client.deadline = Duration::from_secs(6);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ worker);
+            let mut n = 0u64;
+            while !heard.stop.load(Ordering::Relaxed) {
+                n += 1;
+                let from = users[rng.gen_range(0..users.len())];
+                let mut to = users[rng.gen_range(0..users.len())];
+                if to == from {
+                    to = users[(users.iter().position(|u| *u == from).unwrap() + 1) % users.len()];
+                }
+                let request = TransferRequest {
+                    transfer_id: format!("w{worker}-{n}").into_bytes(),
+                    from_user_id: from,
+                    to_user_id: to,
+                    currency: CURRENCY.into(),
+                    amount: if rng.gen_ratio(1, 50) { SEED_AMOUNT * 100 } else { rng.gen_range(1..=500) },
+                };
+                let sent = request.clone();
+                let outcome = client
+                    .ledger(|mut c| {
+                        let request = sent.clone();
+                        async move { c.transfer(request).await }
+                    })
+                    .await;
+                match outcome {
+                    Ok(r) => {
+                        let code = r.result.unwrap().code;
+                        heard.transfers.lock().unwrap().insert(request.transfer_id.clone(), (request, code));
+                    }
+                    Err(_) => heard.unknown_transfers.lock().unwrap().push(request),
+                }
+            }
+        }));
+    }
+    for (index, &user) in users.iter().enumerate() {
+        let (heard, envelopes) = (heard.clone(), envelopes.clone());
+        let mut client = CellClient::new(routers.clone());
+        client.deadline = Duration::from_secs(6);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (1000 + index as u64));
+            let mut order = envelopes.clone();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.gen_range(0..=i));
+            }
+            for envelope in order {
+                // Spread the grabs over the load's whole run.
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(100..1500))).await;
+                if heard.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = envelope.clone();
+                let outcome = client
+                    .ledger(|mut c| {
+                        let request = GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user };
+                        async move { c.grab_envelope(request).await }
+                    })
+                    .await;
+                match outcome {
+                    Ok(r) => {
+                        let code = r.result.as_ref().unwrap().code;
+                        // ALREADY_GRABBED on a first grab: the router retried
+                        // a batch that had applied (a leader died meanwhile);
+                        // it carries the share this user holds.
+                        if code == ResultCode::Ok as i32 || code == ResultCode::AlreadyGrabbed as i32 {
+                            let previous = heard.grabs.lock().unwrap().insert((envelope, user), r.amount);
+                            assert!(previous.is_none(), "user {user} was given two shares");
+                        } else {
+                            assert!(
+                                code == ResultCode::EnvelopeEmpty as i32 || code == ResultCode::OwnEnvelope as i32,
+                                "grab answered {code}"
+                            );
+                        }
+                    }
+                    Err(_) => heard.unknown_grabs.lock().unwrap().push((envelope, user)),
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+async fn stop_load(heard: &Heard, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    heard.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("a load task");
+    }
+}
+
+async fn wait_for_acks(heard: &Heard, more: usize, timeout: Duration) {
+    let from = heard.acked();
+    let started = Instant::now();
+    while heard.acked() < from + more {
+        assert!(started.elapsed() < timeout, "the load stalled: fewer than {more} acks in {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn list_all(client: &CellClient, user: u64) -> Vec<TransferRecord> {
+    let mut token = Vec::new();
+    let mut all = Vec::new();
+    loop {
+        let page = call(client, |mut c| {
+            let request = ListTransfersRequest {
+                user_id: user,
+                currency: CURRENCY.into(),
+                page_size: 1000,
+                page_token: token.clone(),
+            };
+            async move { c.list_transfers(request).await }
+        })
+        .await;
+        all.extend(page.transfers);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Resolves unknown outcomes, waits for every credit to arrive, and checks
+/// the ledger against what clients heard.
+async fn verify(cluster: &Cluster, users: &[u64], senders: &[(u64, String)], heard: &Heard) {
+    let client = cluster.client();
+    let mut transfers = heard.transfers.lock().unwrap().clone();
+    let unknown = heard.unknown_transfers.lock().unwrap().clone();
+    for request in unknown {
+        let retry = request.clone();
+        let response = call(&client, |mut c| {
+            let request = retry.clone();
+            async move { c.transfer(request).await }
+        })
+        .await;
+        transfers.insert(request.transfer_id.clone(), (request, response.result.unwrap().code));
+    }
+    let mut grabs = heard.grabs.lock().unwrap().clone();
+    let unknown = heard.unknown_grabs.lock().unwrap().clone();
+    for (envelope, user) in unknown {
+        let id = envelope.clone();
+        let response = call(&client, |mut c| {
+            let request = GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user };
+            async move { c.grab_envelope(request).await }
+        })
+        .await;
+        let code = response.result.as_ref().unwrap().code;
+        // A grab that applied before its answer was lost answers ALREADY_GRABBED with the share.
+        if code == ResultCode::Ok as i32 || code == ResultCode::AlreadyGrabbed as i32 {
+            grabs.insert((envelope, user), response.amount);
+        }
+    }
+    // Every cross-cell transfer reaches its recipient (all recipients exist).
+    let started = Instant::now();
+    let mut cross = 0;
+    for (id, (_, code)) in &transfers {
+        let record = loop {
+            let record = call(&client, |mut c| {
+                let transfer_id = id.clone();
+                async move { c.get_transfer(GetTransferRequest { transfer_id }).await }
+            })
+            .await
+            .transfer
+            .unwrap();
+            if record.settlement != Settlement::InTransit as i32 {
+                break record;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "a cross-cell transfer never arrived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(record.result, *code, "transfer {} recorded another result", String::from_utf8_lossy(id));
+        if *code == ResultCode::Ok as i32 {
+            assert!(
+                record.settlement == Settlement::Local as i32 || record.settlement == Settlement::Credited as i32,
+                "transfer {} ended {}",
+                String::from_utf8_lossy(id),
+                record.settlement
+            );
+            cross += usize::from(record.settlement == Settlement::Credited as i32);
+        }
+    }
+    // Envelopes: shares + refund = total, one share per user, and every
+    // share a client heard of is the one recorded.
+    let mut grabbed_by: BTreeMap<u64, i128> = BTreeMap::new();
+    for (_, envelope_id) in senders {
+        let found = call(&client, |mut c| {
+            let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 1000, page_token: vec![] };
+            async move { c.get_envelope(request).await }
+        })
+        .await;
+        let envelope = found.envelope.unwrap();
+        let sum: u64 = found.grabs.iter().map(|g| g.amount).sum();
+        assert_eq!(sum + envelope.remaining + envelope.refunded, envelope.total, "envelope {envelope_id} leaks");
+        let distinct: BTreeSet<u64> = found.grabs.iter().map(|g| g.user_id).collect();
+        assert_eq!(distinct.len(), found.grabs.len(), "a user holds two shares of {envelope_id}");
+        for grab in &found.grabs {
+            *grabbed_by.entry(grab.user_id).or_default() += grab.amount as i128;
+            if let Some(amount) = grabs.get(&(envelope_id.clone(), grab.user_id)) {
+                assert_eq!(*amount, grab.amount, "user {} was told another share", grab.user_id);
+            }
+        }
+        for ((e, user), _) in grabs.iter().filter(|((e, _), _)| e == envelope_id) {
+            assert!(distinct.contains(user), "an acknowledged grab of {e} by {user} is missing");
+        }
+    }
+    // Balances: what clients were told, and each account's own history.
+    let mut expected: BTreeMap<u64, i128> = users.iter().map(|u| (*u, SEED_AMOUNT as i128)).collect();
+    for (request, code) in transfers.values() {
+        if *code == ResultCode::Ok as i32 {
+            *expected.get_mut(&request.from_user_id).unwrap() -= request.amount as i128;
+            *expected.get_mut(&request.to_user_id).unwrap() += request.amount as i128;
+        }
+    }
+    for (user, amount) in &grabbed_by {
+        *expected.get_mut(user).unwrap() += amount;
+    }
+    for (sender, _) in senders {
+        *expected.get_mut(sender).unwrap() -= ENVELOPE_TOTAL as i128;
+    }
+    for &user in users {
+        let records = list_all(&client, user).await;
+        let mut seen = BTreeSet::new();
+        let mut from_history: i128 = 0;
+        for record in &records {
+            assert!(
+                seen.insert((record.transfer_id.clone(), record.kind)),
+                "{} applied twice to user {user}",
+                String::from_utf8_lossy(&record.transfer_id)
+            );
+            if record.kind == TransferKind::EnvelopeGrab as i32 {
+                // In the grabber's history only (a sender may grab their own).
+                from_history += record.amount as i128;
+            } else if record.to_user_id == user {
+                from_history += record.amount as i128;
+            } else if record.from_user_id == user {
+                from_history -= record.amount as i128;
+            }
+            if record.kind == TransferKind::EnvelopeRefund as i32 {
+                // Refunds of expired envelopes are not part of this workload.
+                panic!("unexpected envelope refund for user {user}");
+            }
+        }
+        let account = call(&client, |mut c| async move {
+            c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+        })
+        .await;
+        assert_eq!(account.balance as i128, from_history, "user {user}: balance differs from its history");
+        assert_eq!(account.balance as i128, expected[&user], "user {user}: balance differs from what clients heard");
+    }
+    println!(
+        "verified {} transfers ({cross} across cells) and {} grabs of {} envelopes",
+        transfers.len(),
+        grabs.len(),
+        senders.len()
+    );
+    assert!(cross > 50, "the load crossed cells ({cross})");
+}
+
+async fn reconcile(cluster: &Cluster) -> cellbank::reconcile::Report {
+    let status = cluster.status().await.expect("status");
+    cellbank::reconcile::reconcile(&status, &cellbank::reconcile::Options::default()).await
+}
+
+async fn assert_reconciles(cluster: &Cluster) {
+    let started = Instant::now();
+    loop {
+        let report = reconcile(cluster).await;
+        if report.ok() {
+            cellbank::reconcile::print(&report);
+            assert!(!report.clearing.is_empty(), "clearing between the pairs was checked");
+            return;
+        }
+        // Credits still travelling after a failover make the replicas busy.
+        assert!(started.elapsed() < Duration::from_secs(60), "reconcile failed: {:#?}", report.discrepancies);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+struct Setup {
+    cluster: Cluster,
+    users: Vec<u64>,
+    senders: Vec<(u64, String)>,
+    heard: Arc<Heard>,
+    load: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Two pairs, 40 users spread over them, four envelopes, load running.
+async fn setup(seed: u64) -> Setup {
+    let cluster = Cluster::start(1, 2, |t| t.coordinator.cooldown_ms = 5_000);
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let users: Vec<u64> = (1..=40).collect();
+    open_and_seed(&client, &users).await;
+    let mut senders = Vec::new();
+    for (i, sender) in [1u64, 2, 3, 4].into_iter().enumerate() {
+        let id = send_envelope(&client, sender, &format!("red-{seed}-{i}"), 0).await;
+        senders.push((sender, id));
+    }
+    let heard = Arc::new(Heard::default());
+    let envelope_ids = senders.iter().map(|(_, id)| id.clone()).collect();
+    let load = start_load(cluster.routers(), users.clone(), envelope_ids, heard.clone(), seed);
+    wait_for_acks(&heard, 200, Duration::from_secs(30)).await;
+    Setup { cluster, users, senders, heard, load }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn money_crosses_cells_exactly_once_while_leaders_die() {
+    let Setup { mut cluster, users, senders, heard, load } = setup(21).await;
+    // Kill the leader of each active cell in turn (each is both a source
+    // and a destination of cross-cell transfers), under load.
+    for cell in [1u64, 2] {
+        let leader = cluster.cell_leader(cell).await.expect("a leader");
+        cluster.sup.kill(leader);
+        println!("killed {leader}");
+        wait_for_acks(&heard, 100, Duration::from_secs(20)).await;
+        cluster.sup.start(leader).expect("restart");
+    }
+    wait_for_acks(&heard, 100, Duration::from_secs(20)).await;
+    stop_load(&heard, load).await;
+    verify(&cluster, &users, &senders, &heard).await;
+    assert_reconciles(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn money_crosses_cells_exactly_once_through_a_whole_cell_failover() {
+    let Setup { mut cluster, users, senders, heard, load } = setup(22).await;
+    cluster.sup.kill_cell(1);
+    let killed = Instant::now();
+    cluster
+        .wait_until("pair 1 failed over to cell 3", Duration::from_secs(15), |s| {
+            Cluster::pair_of(s, 1).active_cell_id == 3
+        })
+        .await;
+    println!("pair 1 failed over {:?} after the kill", killed.elapsed());
+    wait_for_acks(&heard, 200, Duration::from_secs(20)).await;
+    // The old active returns as the standby.
+    cluster.sup.start_cell(1).expect("restart cell 1");
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(40)).await;
+    wait_for_acks(&heard, 100, Duration::from_secs(20)).await;
+    stop_load(&heard, load).await;
+    verify(&cluster, &users, &senders, &heard).await;
+    assert_reconciles(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
+    let cluster = Cluster::start(1, 2, |_| {});
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let pair = |user| cellbank_router::table::route(&table, user).unwrap().pair_id;
+    let sender = 1u64;
+    let missing = (1000..).find(|u| pair(*u) != pair(sender)).unwrap();
+    open_and_seed(&client, &[sender]).await;
+    let request = TransferRequest {
+        transfer_id: b"to-nobody".to_vec(),
+        from_user_id: sender,
+        to_user_id: missing,
+        currency: CURRENCY.into(),
+        amount: 700,
+    };
+    let sent = call(&client, |mut c| {
+        let request = request.clone();
+        async move { c.transfer(request).await }
+    })
+    .await
+    .result
+    .unwrap();
+    assert_eq!((sent.code, sent.settlement), (ResultCode::Ok as i32, Settlement::InTransit as i32));
+    let started = Instant::now();
+    let record = loop {
+        let record = call(&client, |mut c| async move {
+            c.get_transfer(GetTransferRequest { transfer_id: b"to-nobody".to_vec() }).await
+        })
+        .await
+        .transfer
+        .unwrap();
+        if record.settlement != Settlement::InTransit as i32 {
+            break record;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record.settlement, Settlement::Refunded as i32);
+    assert_eq!(record.refund_reason, ResultCode::AccountNotFound as i32);
+    let history = list_all(&client, sender).await;
+    let kinds: Vec<(i32, u64)> = history.iter().map(|r| (r.kind, r.amount)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (TransferKind::Deposit as i32, SEED_AMOUNT),
+            (TransferKind::Transfer as i32, 700),
+            (TransferKind::Refund as i32, 700)
+        ]
+    );
+    assert!(history.iter().skip(1).all(|r| r.transfer_id == b"to-nobody"), "both entries name the transfer");
+    let account = call(&client, |mut c| async move {
+        c.get_account(GetAccountRequest { user_id: sender, currency: CURRENCY.into() }).await
+    })
+    .await;
+    assert_eq!(account.balance, SEED_AMOUNT, "the refund restored the sender's balance");
+    assert_reconciles(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expiring_envelope_returns_the_rest_once_across_a_leader_change() {
+    let mut cluster = Cluster::start(1, 2, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let users: Vec<u64> = (1..=6).collect();
+    open_and_seed(&client, &users).await;
+    let sender = 1u64;
+    let expires_at = unix_ms() + 4_000;
+    let envelope_id = send_envelope(&client, sender, "expiring", expires_at).await;
+    let mut grabbed = 0;
+    for user in 2..=4u64 {
+        let id = envelope_id.clone();
+        let r = call(&client, |mut c| {
+            let request = GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user };
+            async move { c.grab_envelope(request).await }
+        })
+        .await;
+        assert_eq!(r.result.unwrap().code, ResultCode::Ok as i32);
+        grabbed += r.amount;
+    }
+    // The sender's cell loses its leader just before the expiry.
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let cell = cellbank_router::table::route(&table, sender).unwrap().cell_id;
+    tokio::time::sleep(Duration::from_millis(expires_at.saturating_sub(unix_ms()).saturating_sub(300))).await;
+    let leader: ProcessId = cluster.cell_leader(cell).await.expect("a leader");
+    cluster.sup.kill(leader);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.sup.start(leader).expect("restart");
+    let started = Instant::now();
+    let envelope = loop {
+        let found = call(&client, |mut c| {
+            let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
+            async move { c.get_envelope(request).await }
+        })
+        .await;
+        let envelope = found.envelope.unwrap();
+        if envelope.state == EnvelopeState::Expired as i32 {
+            break envelope;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the envelope never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(envelope.refunded, ENVELOPE_TOTAL - grabbed);
+    assert_eq!(envelope.shares_grabbed, 3);
+    // Grabbing now is refused and moves nothing.
+    let late = call(&client, |mut c| {
+        let request = GrabEnvelopeRequest { envelope_id: envelope_id.clone(), user_id: 5 };
+        async move { c.grab_envelope(request).await }
+    })
+    .await;
+    assert_eq!(late.result.unwrap().code, ResultCode::EnvelopeExpired as i32);
+    // Give a second expiry every chance to happen, then count refunds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let history = list_all(&client, sender).await;
+    let refunds: Vec<&TransferRecord> =
+        history.iter().filter(|r| r.kind == TransferKind::EnvelopeRefund as i32).collect();
+    assert_eq!(refunds.len(), 1, "the unclaimed money went back once");
+    assert_eq!(refunds[0].amount, ENVELOPE_TOTAL - grabbed);
+    let account = call(&client, |mut c| async move {
+        c.get_account(GetAccountRequest { user_id: sender, currency: CURRENCY.into() }).await
+    })
+    .await;
+    assert_eq!(account.balance, SEED_AMOUNT - grabbed);
+    assert_reconciles(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_names_a_balance_changed_behind_the_ledger() {
+    let mut cluster = Cluster::start(1, 2, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let users: Vec<u64> = (1..=8).collect();
+    open_and_seed(&client, &users).await;
+    for (n, (from, to)) in [(1u64, 2u64), (3, 4), (5, 6), (7, 8), (2, 7)].into_iter().enumerate() {
+        let request = TransferRequest {
+            transfer_id: format!("r{n}").into_bytes(),
+            from_user_id: from,
+            to_user_id: to,
+            currency: CURRENCY.into(),
+            amount: 1234,
+        };
+        call(&client, |mut c| {
+            let request = request.clone();
+            async move { c.transfer(request).await }
+        })
+        .await;
+    }
+    assert_reconciles(&cluster).await;
+    let routers = cluster.routers().join(",");
+    let run_cli = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cellbank"))
+            .args(["admin", "reconcile", "--endpoints", &routers, "--settle-timeout-ms", "5000"])
+            .output()
+            .expect("run cellbank admin reconcile")
+    };
+    let clean = run_cli();
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stdout));
+
+    // Behind the state machine's back: a follower of user 6's cell, stopped,
+    // gets 1 fen more in its RocksDB.
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let cell = cellbank_router::table::route(&table, 6).unwrap().cell_id;
+    let leader = cluster.cell_leader(cell).await.expect("a leader");
+    let victim = cluster.sup.cell_replicas(cell).into_iter().find(|r| *r != leader).unwrap();
+    let ProcessId::Replica { replica, .. } = victim else { unreachable!() };
+    cluster.sup.kill(victim);
+    let path =
+        cluster.sup.topology.data_dir.join(format!("cell-{cell}")).join(format!("replica-{replica}")).join("rocksdb");
+    {
+        let db = cellbank_cell::raft::storage::open_db(&path);
+        let id = cellbank_cell::ledger::AccountId::user(6, cellbank_cell::ledger::Currency::parse(CURRENCY).unwrap());
+        let mut account = cellbank_cell::ledger::Account::decode(&db.get(id.key()).unwrap().unwrap()).unwrap();
+        account.balance += 1;
+        db.put(id.key(), account.encode()).unwrap();
+        db.flush().unwrap();
+    }
+    cluster.sup.start(victim).expect("restart the replica");
+    let report = reconcile(&cluster).await;
+    assert!(!report.ok(), "reconcile must fail");
+    let named: Vec<&String> = report.discrepancies.iter().filter(|d| d.contains("account user 6 CNY")).collect();
+    assert!(!named.is_empty(), "the account is named: {:#?}", report.discrepancies);
+    assert!(
+        report.discrepancies.iter().any(|d| d.contains("digest")),
+        "the replica's digest differs: {:#?}",
+        report.discrepancies
+    );
+    let failed = run_cli();
+    let out = String::from_utf8_lossy(&failed.stdout);
+    println!("{out}");
+    assert!(!failed.status.success(), "the CLI exits non-zero");
+    assert!(out.contains("account user 6 CNY"), "the CLI names the account");
+}
