@@ -103,12 +103,13 @@ fn replicas_of(table: &RoutingTable, cell_id: u64) -> Vec<String> {
 
 /// The audits of a pair's replicas once they line up: every active replica
 /// at one applied index, every standby replica at that source index.
-/// Returns (active audits, standby audits) or why they never lined up.
+/// Returns (active audits, standby audits), or why they never lined up
+/// with the active's last audits (still good for the money checks).
 async fn lined_up(
     active: &[String],
     standby: &[String],
     timeout: Duration,
-) -> Result<(Vec<(String, AuditResponse)>, Vec<(String, AuditResponse)>), String> {
+) -> Result<(Audits, Audits), (String, Audits)> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut last_problem = String::new();
@@ -140,11 +141,14 @@ async fn lined_up(
             );
         }
         if Instant::now() >= deadline {
-            return Err(last_problem);
+            return Err((last_problem, active_audits));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// (replica address, its audit)
+type Audits = Vec<(String, AuditResponse)>;
 
 fn parse_i128(text: &str) -> i128 {
     text.parse().unwrap_or(0)
@@ -161,9 +165,13 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
         let standby = if pair.standby_cell_id == 0 { Vec::new() } else { replicas_of(&table, pair.standby_cell_id) };
         let (active_audits, standby_audits) = match lined_up(&active, &standby, options.settle_timeout).await {
             Ok(audits) => audits,
-            Err(problem) => {
-                report.discrepancies.push(format!("pair {}: digests not comparable: {problem}", pair.pair_id));
-                continue;
+            Err((problem, active_audits)) => {
+                report.discrepancies.push(format!("pair {}: digests not compared: {problem}", pair.pair_id));
+                // The money checks still run on one replica's consistent view.
+                match active_audits.into_iter().next() {
+                    Some(first) => (vec![first], Vec::new()),
+                    None => continue,
+                }
             }
         };
         let reference = active_audits[0].1.clone();

@@ -644,3 +644,84 @@ async fn reconcile_names_a_balance_changed_behind_the_ledger() {
     assert!(!failed.status.success(), "the CLI exits non-zero");
     assert!(out.contains("account user 6 CNY"), "the CLI names the account");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_wait_in_the_outbox_while_their_cell_is_down_and_arrive_once() {
+    let mut cluster = Cluster::start(1, 2, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let pair = |user| cellbank_router::table::route(&table, user).unwrap().pair_id;
+    let senders: Vec<u64> = (1..=40).filter(|u| pair(*u) == 1).take(3).collect();
+    let recipients: Vec<u64> = (1..=40).filter(|u| pair(*u) == 2).take(3).collect();
+    let mut users = senders.clone();
+    users.extend(&recipients);
+    open_and_seed(&client, &users).await;
+    // Pair 2 loses both of its cells: no failover is possible.
+    cluster.sup.kill_cell(2);
+    cluster.sup.kill_cell(4);
+    let mut sent = 0u64;
+    for (n, from) in senders.iter().enumerate() {
+        let request = TransferRequest {
+            transfer_id: format!("stuck-{n}").into_bytes(),
+            from_user_id: *from,
+            to_user_id: recipients[n],
+            currency: CURRENCY.into(),
+            amount: 100 + n as u64,
+        };
+        let result = call(&client, |mut c| {
+            let request = request.clone();
+            async move { c.transfer(request).await }
+        })
+        .await
+        .result
+        .unwrap();
+        assert_eq!((result.code, result.settlement), (ResultCode::Ok as i32, Settlement::InTransit as i32));
+        sent += 100 + n as u64;
+    }
+    // The entries wait, show in the status, and age.
+    let status = cluster
+        .wait_until("pair 1's outbox holds the credits", Duration::from_secs(10), |s| {
+            s.pairs.iter().any(|p| {
+                p.pair.is_some_and(|p| p.pair_id == 1) && p.outbox_pending == 3 && p.outbox_oldest_age_ms > 1_000
+            })
+        })
+        .await;
+    println!(
+        "outbox while pair 2 is down: {:?}",
+        status.pairs.iter().map(|p| (p.outbox_pending, p.outbox_oldest_age_ms)).collect::<Vec<_>>()
+    );
+    let stuck = reconcile(&cluster).await;
+    assert!(!stuck.ok(), "reconcile reports pair 2 unreachable");
+    cluster.sup.start_cell(2).expect("restart cell 2");
+    cluster.sup.start_cell(4).expect("restart cell 4");
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(40)).await;
+    let started = Instant::now();
+    for n in 0..senders.len() {
+        loop {
+            let record = call(&client, |mut c| async move {
+                c.get_transfer(GetTransferRequest { transfer_id: format!("stuck-{n}").into_bytes() }).await
+            })
+            .await
+            .transfer
+            .unwrap();
+            if record.settlement == Settlement::Credited as i32 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "credit {n} never arrived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut received = 0;
+    for (n, user) in recipients.iter().enumerate() {
+        let account = call(&client, |mut c| async move {
+            c.get_account(GetAccountRequest { user_id: *user, currency: CURRENCY.into() }).await
+        })
+        .await;
+        assert_eq!(account.balance, SEED_AMOUNT + 100 + n as u64, "credited exactly once");
+        received += account.balance - SEED_AMOUNT;
+    }
+    assert_eq!(received, sent);
+    assert_reconciles(&cluster).await;
+}

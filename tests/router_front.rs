@@ -1,7 +1,8 @@
 //! The router's front door over two pairs: requests reach the user's cell,
-//! SubmitTransfers batches that span cells are split and merged back in
-//! request order, transfers between cells are refused with their own code,
-//! GetTransfer finds a transfer whichever cell holds it.
+//! SubmitTransfers batches that span cells (and mix same-cell and
+//! cross-cell items) are split and merged back in request order, GetTransfer
+//! finds a transfer whichever cell holds it and follows a cross-cell one
+//! until it reaches its recipient.
 
 mod common;
 
@@ -29,7 +30,7 @@ fn transfer(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn batches_split_by_cell_merge_in_order_and_cross_cell_is_refused() {
+async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     let cluster = Cluster::start(1, 2, |_| {});
     for pair in [1, 2] {
         cluster.wait_for_mode(pair, PairMode::Sync, Duration::from_secs(30)).await;
@@ -60,16 +61,24 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_is_refused() {
         .await
         .expect("submit");
     let codes: Vec<ResultCode> = response.results.iter().map(|r| ResultCode::try_from(r.code).unwrap()).collect();
-    assert_eq!(
-        codes,
-        vec![ResultCode::Ok, ResultCode::Ok, ResultCode::CrossCellUnsupported, ResultCode::InvalidItem, ResultCode::Ok]
-    );
+    assert_eq!(codes, vec![ResultCode::Ok, ResultCode::Ok, ResultCode::Ok, ResultCode::InvalidItem, ResultCode::Ok]);
     assert_eq!(response.results[3].field, "transfer_id");
+    let settlements: Vec<i32> = response.results.iter().map(|r| r.settlement).collect();
+    assert_eq!(
+        settlements,
+        vec![
+            Settlement::Local as i32,
+            Settlement::Local as i32,
+            Settlement::InTransit as i32,
+            0,
+            Settlement::Local as i32
+        ]
+    );
 
-    // A unary transfer between cells is refused the same way; nothing moves.
+    // A unary transfer between cells, the other way.
     let cross =
         client.ledger(|mut c| async move { c.transfer(transfer("cross", b2, a2, 5)).await }).await.expect("transfer");
-    assert_eq!(cross.result.unwrap().code, ResultCode::CrossCellUnsupported as i32);
+    assert_eq!(cross.result.unwrap().code, ResultCode::Ok as i32);
 
     // GetTransfer finds each transfer in its own cell, and nothing else.
     for (id, from) in [("mix-1", a1), ("mix-2", b1), ("mix-5", a2)] {
@@ -83,15 +92,32 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_is_refused() {
             .unwrap();
         assert_eq!(found.from_user_id, from);
     }
-    for id in ["mix-3", "cross"] {
-        let missing = client
-            .ledger(
-                |mut c| async move { c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() }).await },
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(missing.code(), tonic::Code::NotFound, "{id} was refused and must not exist");
+    // Cross-cell transfers live in their sender's cell and end CREDITED.
+    for (id, from) in [("mix-3", a1), ("cross", b2)] {
+        let started = std::time::Instant::now();
+        loop {
+            let found = client
+                .ledger(|mut c| async move {
+                    c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() }).await
+                })
+                .await
+                .expect("get transfer")
+                .transfer
+                .unwrap();
+            assert_eq!(found.from_user_id, from);
+            if found.settlement == Settlement::Credited as i32 {
+                assert!(found.credited_at_ms >= found.timestamp_ms);
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{id} never reached its recipient");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+    let missing = client
+        .ledger(|mut c| async move { c.get_transfer(GetTransferRequest { transfer_id: b"never-sent".to_vec() }).await })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
 
     // Balances show exactly the applied items.
     let balance = |user: u64| {
@@ -107,8 +133,8 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_is_refused() {
         }
     };
     let seed_amount = common::ledger_checks::SEED_AMOUNT;
-    assert_eq!(balance(a1).await, seed_amount - 10 + 50);
-    assert_eq!(balance(a2).await, seed_amount + 10 - 50);
-    assert_eq!(balance(b1).await, seed_amount - 20);
-    assert_eq!(balance(b2).await, seed_amount + 20);
+    assert_eq!(balance(a1).await, seed_amount - 10 + 50 - 30);
+    assert_eq!(balance(a2).await, seed_amount + 10 - 50 + 5);
+    assert_eq!(balance(b1).await, seed_amount - 20 + 30);
+    assert_eq!(balance(b2).await, seed_amount + 20 - 5);
 }
