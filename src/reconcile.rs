@@ -162,6 +162,12 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
     let mut sources: BTreeMap<u64, AuditResponse> = BTreeMap::new();
     for pair in &table.pairs {
         let active = replicas_of(&table, pair.active_cell_id);
+        if active.is_empty() {
+            report
+                .discrepancies
+                .push(format!("pair {}: the table names no replicas for cell {}", pair.pair_id, pair.active_cell_id));
+            continue;
+        }
         let standby = if pair.standby_cell_id == 0 { Vec::new() } else { replicas_of(&table, pair.standby_cell_id) };
         let (active_audits, standby_audits) = match lined_up(&active, &standby, options.settle_timeout).await {
             Ok(audits) => audits,
@@ -247,11 +253,18 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
         }
         sources.insert(pair.pair_id, reference);
     }
-    // Clearing between every ordered pair of pairs, source read first.
+    // Clearing between every ordered pair of pairs, source read first. A
+    // pair is checked when either side has ever recorded the other, so a
+    // source that lost every entry to a peer is still checked.
     for (from, source) in &sources {
         let mut peers: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for position in &source.positions {
             peers.entry(position.peer_pair_id).or_default();
+        }
+        for (to, audit) in &sources {
+            if audit.positions.iter().any(|p| p.peer_pair_id == *from) {
+                peers.entry(*to).or_default();
+            }
         }
         for item in &source.outbox {
             peers.entry(item.dest_pair_id).or_default().push(item.seq);

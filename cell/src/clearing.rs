@@ -4,12 +4,15 @@
 //!
 //! - The courier runs on the leader of a cell that takes writes. It reads
 //!   pending outbox entries from a snapshot at applied index `i`, waits until
-//!   the standby holds `i` (so a failover can never lose an entry whose
-//!   credit was delivered), and sends the credits through a router, which
-//!   routes each by its recipient. A final answer (credited, or refused for
-//!   good) is settled by a command in this cell's log; anything else is
-//!   retried with backoff, forever: an entry is never dropped. Redelivery is
-//!   safe because the destination applies each (source pair, seq) once.
+//!   the standby holds `i` (in any mode, so a failover can never lose an
+//!   entry whose credit was delivered), and sends the credits, one call per
+//!   destination pair, through a router to that pair's active cell. A final
+//!   answer (credited, or refused for good) is settled by a command in this
+//!   cell's log; anything else is retried with backoff per destination,
+//!   forever: an entry is never dropped, and a destination that is down
+//!   delays no other. Redelivery is safe because the destination applies
+//!   each (source pair, seq) once, and answers only once its own standby
+//!   holds the credit.
 //! - The sweeper proposes the expiry of envelopes whose expiry has passed on
 //!   the leader's clock; the apply decides by the entry's timestamp.
 
@@ -39,7 +42,7 @@ use crate::service::{timeout_of, ReplicaContext};
 pub const DELIVERY_BATCH_MAX: usize = 1024;
 /// Delivery calls in flight at once.
 pub const DELIVERIES_IN_FLIGHT_MAX: usize = 4;
-/// Pending entries looked at per pass.
+/// Entries due for delivery taken per pass.
 pub const OUTBOX_SCAN_MAX: usize = 8192;
 /// How long one delivery may take before it counts as failed.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -178,7 +181,13 @@ impl Clearing for ClearingService {
                 Ok(Command { kind: Some(command::Kind::Credit(credit)) })
             })
             .collect();
+        let started = Instant::now();
         let results = propose_items(&self.context, timeout, checked).await?;
+        // The source settles on this answer: it must not rest on this cell
+        // alone, even while the pair is degraded.
+        let revealed = results.iter().map(|r| r.applied_index).max().unwrap_or(0);
+        let remaining = timeout.saturating_sub(started.elapsed());
+        self.context.replication.wait_until_held(&self.context.pair, revealed, remaining).await?;
         Ok(Response::new(CreditResults { results }))
     }
 }
@@ -215,39 +224,75 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Pending entries, oldest first (at most `limit`), how many are pending
-/// (counted up to 10 × limit), and the applied index they reflect.
-fn scan_outbox(db: &rocksdb::DB, limit: usize) -> (Vec<OutboxEntry>, u64, u64) {
+/// What the courier knows of the pending entries it has seen.
+#[derive(Default)]
+struct CourierState {
+    /// seq -> destination pair, for entries seen (decoded once).
+    dest_of: HashMap<u64, u64>,
+    /// Entries in a delivery call right now.
+    in_flight: std::collections::HashSet<u64>,
+    /// Destination pair -> (failed calls in a row, not before).
+    backoff: HashMap<u64, (u32, Instant)>,
+}
+
+/// One pass over the outbox: up to `limit` entries due for delivery (oldest
+/// first, skipping entries in flight and destinations backing off without
+/// decoding them), how many entries are pending, the oldest one's creation
+/// time, and the applied index the pass reflects.
+struct Pass {
+    due: Vec<OutboxEntry>,
+    pending: u64,
+    oldest_created_at_ms: Option<u64>,
+    index: u64,
+}
+
+/// Most outbox keys one pass walks (a long backlog is walked in part).
+const OUTBOX_KEYS_PER_PASS_MAX: u64 = 1_000_000;
+
+fn scan_outbox(db: &rocksdb::DB, state: &Mutex<CourierState>, limit: usize) -> Pass {
     let view = db.snapshot();
     let index = crate::raft::storage::read_u64(&view, crate::raft::storage::APPLIED_INDEX_KEY).unwrap_or(0);
     let mut iter = view.raw_iterator();
     iter.seek(keys::OUTBOX_PREFIX);
-    let mut entries = Vec::new();
-    let mut pending = 0u64;
-    while iter.valid() && pending < 10 * limit as u64 {
+    let now = Instant::now();
+    let mut state = state.lock().expect("courier lock");
+    let blocked: std::collections::HashSet<u64> =
+        state.backoff.iter().filter(|(_, (_, at))| *at > now).map(|(dest, _)| *dest).collect();
+    let mut pass = Pass { due: Vec::new(), pending: 0, oldest_created_at_ms: None, index };
+    let mut seen = std::collections::HashSet::new();
+    while iter.valid() && pass.pending < OUTBOX_KEYS_PER_PASS_MAX {
         let key = iter.key().expect("key");
         if !key.starts_with(keys::OUTBOX_PREFIX) {
             break;
         }
-        pending += 1;
-        if entries.len() < limit {
+        pass.pending += 1;
+        let seq = u64::from_be_bytes(key[keys::OUTBOX_PREFIX.len()..].try_into().expect("outbox keys end in a u64"));
+        seen.insert(seq);
+        let known = state.dest_of.get(&seq).copied();
+        let skip = state.in_flight.contains(&seq) || known.is_some_and(|dest| blocked.contains(&dest));
+        if (!skip && pass.due.len() < limit) || pass.oldest_created_at_ms.is_none() {
             let value = iter.value().expect("value");
-            entries.push(OutboxEntry::decode(value).unwrap_or_else(|e| panic!("corrupt outbox entry {key:02x?}: {e}")));
+            let entry = OutboxEntry::decode(value).unwrap_or_else(|e| panic!("corrupt outbox entry {key:02x?}: {e}"));
+            pass.oldest_created_at_ms.get_or_insert(entry.created_at_ms);
+            let dest = entry.credit.as_ref().map(|c| c.dest_pair_id).unwrap_or(0);
+            state.dest_of.insert(seq, dest);
+            if !skip && !blocked.contains(&dest) && pass.due.len() < limit {
+                pass.due.push(entry);
+            }
         }
         iter.next();
     }
-    (entries, pending, index)
-}
-
-#[derive(Clone, Copy)]
-struct Attempt {
-    in_flight: bool,
-    failures: u32,
-    next_at: Instant,
+    if !iter.valid() || !iter.key().is_some_and(|k| k.starts_with(keys::OUTBOX_PREFIX)) {
+        // The whole outbox was walked: forget what is no longer pending.
+        state.dest_of.retain(|seq, _| seen.contains(seq));
+    }
+    pass
 }
 
 /// Delivers this cell's outbox through the routers, for as long as the
-/// replica runs.
+/// replica runs. Each delivery call carries the credits of one destination
+/// pair; a destination that failed is left alone for a while (50 ms doubling
+/// to 5 s), so one cell that is down delays no other cell's credits.
 pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
     if routers.is_empty() {
         tracing::info!("no routers configured: this replica delivers no cross-cell credits");
@@ -261,7 +306,7 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
             Some(CourierClient::new(channel).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20))
         })
         .collect();
-    let attempts: Arc<Mutex<HashMap<u64, Attempt>>> = Arc::default();
+    let state: Arc<Mutex<CourierState>> = Arc::default();
     let permits = Arc::new(tokio::sync::Semaphore::new(DELIVERIES_IN_FLIGHT_MAX));
     let mut applied = context.node.shared.applied.subscribe();
     let mut next_router = 0usize;
@@ -271,69 +316,61 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
         if !serving(&context) {
-            attempts.lock().expect("attempts lock").clear();
+            *state.lock().expect("courier lock") = CourierState::default();
             context.metrics.outbox_pending.set(0);
             context.metrics.outbox_oldest_age_ms.set(0);
             continue;
         }
-        let db = context.db.clone();
-        let Ok((entries, pending, index)) =
-            tokio::task::spawn_blocking(move || scan_outbox(&db, OUTBOX_SCAN_MAX)).await
-        else {
+        let (db, scan_state) = (context.db.clone(), state.clone());
+        let Ok(pass) = tokio::task::spawn_blocking(move || scan_outbox(&db, &scan_state, OUTBOX_SCAN_MAX)).await else {
             continue;
         };
-        context.metrics.outbox_pending.set(pending as i64);
-        let oldest = entries.first().map(|e| now_ms().saturating_sub(e.created_at_ms)).unwrap_or(0);
+        context.metrics.outbox_pending.set(pass.pending as i64);
+        let oldest = pass.oldest_created_at_ms.map(|at| now_ms().saturating_sub(at)).unwrap_or(0);
         context.metrics.outbox_oldest_age_ms.set(oldest as i64);
-        let now = Instant::now();
-        let due: Vec<OutboxEntry> = {
-            let mut attempts = attempts.lock().expect("attempts lock");
-            let live: std::collections::HashSet<u64> = entries.iter().map(|e| e.seq).collect();
-            attempts.retain(|seq, a| a.in_flight || live.contains(seq));
-            entries
-                .into_iter()
-                .filter(|e| attempts.get(&e.seq).is_none_or(|a| !a.in_flight && a.next_at <= now))
-                .collect()
-        };
-        if due.is_empty() {
+        if pass.due.is_empty() {
             continue;
         }
-        // No credit leaves before the standby holds its outbox entry.
-        if context.replication.wait_for(&context.pair, index, Duration::from_secs(1)).await.is_err() {
+        // No credit leaves before the standby holds its outbox entry, in
+        // any mode: a failover must never lose a debit whose credit left.
+        if context.replication.wait_until_held(&context.pair, pass.index, Duration::from_secs(1)).await.is_err() {
             continue;
         }
+        let mut by_dest: std::collections::BTreeMap<u64, Vec<OutboxEntry>> = Default::default();
         {
-            let mut attempts = attempts.lock().expect("attempts lock");
-            for entry in &due {
-                let attempt =
-                    attempts.entry(entry.seq).or_insert(Attempt { in_flight: false, failures: 0, next_at: now });
-                attempt.in_flight = true;
+            let mut state = state.lock().expect("courier lock");
+            for entry in pass.due {
+                state.in_flight.insert(entry.seq);
+                by_dest.entry(entry.credit.as_ref().map(|c| c.dest_pair_id).unwrap_or(0)).or_default().push(entry);
             }
         }
-        for chunk in due.chunks(DELIVERY_BATCH_MAX) {
-            let Ok(permit) = permits.clone().acquire_owned().await else { return };
-            let chunk = chunk.to_vec();
-            let context = context.clone();
-            let attempts = attempts.clone();
-            let clients = clients.clone();
-            let first = next_router;
-            next_router = (next_router + 1) % clients.len();
-            tokio::spawn(async move {
-                let settled = deliver(&context, &clients, first, &chunk).await;
-                let mut attempts = attempts.lock().expect("attempts lock");
-                for entry in &chunk {
-                    if settled.contains(&entry.seq) {
-                        attempts.remove(&entry.seq);
-                    } else if let Some(attempt) = attempts.get_mut(&entry.seq) {
-                        attempt.in_flight = false;
-                        attempt.failures += 1;
-                        let delay = RETRY_DELAY_MIN.saturating_mul(1 << attempt.failures.min(10)).min(RETRY_DELAY_MAX);
-                        attempt.next_at = Instant::now() + delay;
-                        context.metrics.credit_delivery_failures_total.inc();
+        for (dest, entries) in by_dest {
+            for chunk in entries.chunks(DELIVERY_BATCH_MAX) {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let chunk = chunk.to_vec();
+                let (context, state, clients) = (context.clone(), state.clone(), clients.clone());
+                let first = next_router;
+                next_router = (next_router + 1) % clients.len();
+                tokio::spawn(async move {
+                    let settled = deliver(&context, &clients, first, &chunk).await;
+                    let mut state = state.lock().expect("courier lock");
+                    for entry in &chunk {
+                        state.in_flight.remove(&entry.seq);
+                        if settled.contains(&entry.seq) {
+                            state.dest_of.remove(&entry.seq);
+                        }
                     }
-                }
-                drop(permit);
-            });
+                    if settled.len() == chunk.len() {
+                        state.backoff.remove(&dest);
+                    } else {
+                        context.metrics.credit_delivery_failures_total.inc();
+                        let failures = state.backoff.get(&dest).map(|(f, _)| f + 1).unwrap_or(1);
+                        let delay = RETRY_DELAY_MIN.saturating_mul(1 << failures.min(10)).min(RETRY_DELAY_MAX);
+                        state.backoff.insert(dest, (failures, Instant::now() + delay));
+                    }
+                    drop(permit);
+                });
+            }
         }
     }
 }

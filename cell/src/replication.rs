@@ -135,17 +135,32 @@ impl Replication {
     /// for it (degraded, unpaired). Fails when the cell was deposed or the
     /// deadline passes: the outcome is then unknown to the client.
     pub async fn wait_for(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
-        self.wait(pair_view, index, timeout, false).await
+        self.wait(pair_view, index, timeout, false, false).await
+    }
+
+    /// Waits until the standby holds `index` whatever the mode: in a
+    /// degraded pair too, as long as the cell has a standby. For what must
+    /// never rest on this cell alone: a cross-cell credit leaving it (the
+    /// courier) or a credit it answers for (ApplyCredits).
+    pub async fn wait_until_held(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
+        self.wait(pair_view, index, timeout, false, true).await
     }
 
     /// [`Replication::wait_for`] for a read: also waits for a standby
     /// confirmation within [`READ_LEASE`], so that a deposed active that has
     /// not heard of its deposition yet serves no stale read.
     pub async fn wait_for_read(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
-        self.wait(pair_view, index, timeout, true).await
+        self.wait(pair_view, index, timeout, true, false).await
     }
 
-    async fn wait(&self, pair_view: &PairView, index: u64, timeout: Duration, lease: bool) -> Result<(), Status> {
+    async fn wait(
+        &self,
+        pair_view: &PairView,
+        index: u64,
+        timeout: Duration,
+        lease: bool,
+        any_mode: bool,
+    ) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut ship_rx = self.state.subscribe();
         let mut pair_rx = pair_view.subscribe();
@@ -153,7 +168,12 @@ impl Replication {
             // Two fields copied out: no clone of the pair state per request.
             let (waits, pair_epoch) = {
                 let pair_state = pair_rx.borrow_and_update();
-                (pair::waits_for_standby(&pair_state), pair_state.epoch)
+                let waits = if any_mode {
+                    pair::ships(&pair_state) && pair_state.standby_cell_id != 0
+                } else {
+                    pair::waits_for_standby(&pair_state)
+                };
+                (waits, pair_state.epoch)
             };
             if !waits {
                 return Ok(());

@@ -112,7 +112,10 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
     let courier_task = tokio::spawn(crate::clearing::run_courier(context.clone(), config.routers.clone()));
     let expiry_task = tokio::spawn(crate::clearing::run_expiry(context.clone()));
-    let admin = ReplicaAdminServer::new(AdminService { context });
+    // Reconciliation asks about many outbox entries at once.
+    let admin = ReplicaAdminServer::new(AdminService { context })
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(256 * 1024 * 1024);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server_task = tokio::spawn(

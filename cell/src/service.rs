@@ -494,7 +494,14 @@ impl LedgerApi for LedgerService {
                 at => at,
             },
         };
-        validate::send_envelope(&command, now).map_err(invalid)?;
+        validate::send_envelope_fields(&command).map_err(invalid)?;
+        // A retry of a recorded send is answered by the log whatever the
+        // clock says now; only a new send must expire in the future.
+        let recorded =
+            ledger::read_transfer(&crate::raft::ReadOnlyDb(&self.context.db), &command.transfer_id).is_some();
+        if !recorded {
+            validate::expiry(command.expires_at_ms, now).map_err(invalid)?;
+        }
         let envelope_id = ledger::envelope::envelope_id(command.sender_user_id, &command.transfer_id);
         let expires_at_ms = command.expires_at_ms;
         let mut results =

@@ -1,6 +1,7 @@
 //! The routers' side of cross-cell credits: a source cell's courier hands
-//! its credits to any router, which routes each by its recipient's slice
-//! (so credits follow failovers) and delivers them to the destination's
+//! its credits to any router, which delivers each to the active cell of the
+//! pair it names (the pair whose clearing account the source debited; the
+//! table says which cell that is now, so credits follow failovers) through
 //! `Clearing.ApplyCredits`, retrying within the call's deadline. The answer
 //! per credit says whether the destination answered and what it said; the
 //! courier settles only final answers.
@@ -46,13 +47,19 @@ impl Courier for CourierService {
                 return Err(Status::unavailable("the routing table is not ready yet"));
             }
             for (position, credit) in credits.into_iter().enumerate() {
-                match table::route(&table, credit.to_user_id) {
-                    Some(route) => {
-                        let part = parts.entry(route.pair_id).or_default();
-                        part.0.push(position);
-                        part.1.credits.push(credit);
-                    }
-                    None => deliveries[position].error = "no route for the recipient".into(),
+                let serves_recipient =
+                    table::route(&table, credit.to_user_id).is_some_and(|r| r.pair_id == credit.dest_pair_id);
+                if table::find_pair(&table, credit.dest_pair_id).is_none() {
+                    deliveries[position].error = format!("unknown destination pair {}", credit.dest_pair_id);
+                } else if !serves_recipient {
+                    // Slices do not move yet; when they do, such a credit
+                    // needs the pair that serves the recipient now.
+                    deliveries[position].error =
+                        format!("pair {} does not serve user {}", credit.dest_pair_id, credit.to_user_id);
+                } else {
+                    let part = parts.entry(credit.dest_pair_id).or_default();
+                    part.0.push(position);
+                    part.1.credits.push(credit);
                 }
             }
         }

@@ -86,11 +86,13 @@ impl Ledger {
         timestamp_ms: u64,
         send: &SendEnvelopeCommand,
     ) -> TransferResult {
-        let currency = match validate::send_envelope(send, timestamp_ms) {
+        let currency = match validate::send_envelope_fields(send) {
             Ok(currency) => currency,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
         let id = envelope_id(send.sender_user_id, &send.transfer_id);
+        // A retry is answered before the clock is looked at: the expiry it
+        // names may have passed since the send.
         if let Some(recorded) = read_transfer(kv, &send.transfer_id) {
             let envelope = read_envelope(kv, &id);
             let field = if recorded.kind != TransferKind::EnvelopeSend as i32 {
@@ -123,6 +125,9 @@ impl Ledger {
                     ..Default::default()
                 },
             };
+        }
+        if let Err(invalid) = validate::expiry(send.expires_at_ms, timestamp_ms) {
+            return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index);
         }
         let record_key = transfer_key(&send.transfer_id);
         let sender = AccountId::user(send.sender_user_id, currency);

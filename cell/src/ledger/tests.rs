@@ -641,3 +641,36 @@ fn audit_names_an_account_changed_behind_the_state_machine() {
     assert_eq!((audit.mismatches[0].balance.as_str(), audit.mismatches[0].expected.as_str()), ("405", "400"));
     assert_eq!(audit.balance_sum_by_currency["CNY"], "5");
 }
+
+#[test]
+fn a_send_retried_after_its_expiry_gets_the_recorded_answer() {
+    let mut a = Harness::new();
+    a.apply(open(1, "CNY"));
+    a.apply_at(deposit("d1", 1, 1_000), NOW);
+    let send = send_envelope("late", 1, 500, 5, EnvelopeSplit::Even, NOW + 1_000);
+    assert_eq!(a.apply_at(send.clone(), NOW).code, ResultCode::Ok as i32);
+    let retry = a.apply_at(send, NOW + 5_000);
+    assert_eq!((retry.code, retry.duplicate), (ResultCode::Ok as i32, true));
+    assert_eq!(a.balance(1), Some(500), "debited once");
+}
+
+#[test]
+fn a_grab_naming_one_pair_only_is_refused() {
+    let mut a = Harness::new();
+    a.apply(open(1, "CNY"));
+    a.apply_at(deposit("d1", 1, 1_000), NOW);
+    a.apply_at(send_envelope("e", 1, 500, 5, EnvelopeSplit::Even, NOW + 60_000), NOW);
+    let half = Command {
+        kind: Some(command::Kind::Grab(cellbank_proto::cell::GrabCommand {
+            envelope_id: envelope::envelope_id(1, b"e"),
+            user_id: 2,
+            envelope_pair_id: 0,
+            grabber_pair_id: CELL_B,
+            forbid_own: false,
+        })),
+    };
+    let before = a.kv.clone();
+    let result = a.apply_at(half, NOW + 1);
+    assert_eq!((result.code, result.field.as_str()), (ResultCode::InvalidItem as i32, "grabber_pair_id"));
+    assert_eq!(a.kv, before);
+}

@@ -126,6 +126,14 @@ pub const ENVELOPE_ID_BYTES_MAX: usize = 20 + 1 + TRANSFER_ID_BYTES_MAX;
 /// Checks a send; `now_ms` is the proposer's clock (in apply, the entry's
 /// timestamp), against which the expiry must lie in (now, now + 7 days].
 pub fn send_envelope(command: &SendEnvelopeCommand, now_ms: u64) -> Result<Currency, Invalid> {
+    let currency = send_envelope_fields(command)?;
+    expiry(command.expires_at_ms, now_ms)?;
+    Ok(currency)
+}
+
+/// The checks of a send that do not depend on time (a retry of a recorded
+/// send is answered after these, whatever the clock says now).
+pub fn send_envelope_fields(command: &SendEnvelopeCommand) -> Result<Currency, Invalid> {
     transfer_id(&command.transfer_id)?;
     user_id("sender_user_id", command.sender_user_id)?;
     let currency = currency(&command.currency)?;
@@ -147,13 +155,17 @@ pub fn send_envelope(command: &SendEnvelopeCommand, now_ms: u64) -> Result<Curre
     if !(0..=2).contains(&command.split) {
         return Err(invalid("split", "must be RANDOM or EVEN"));
     }
-    if command.expires_at_ms <= now_ms {
-        return Err(invalid("expires_at_ms", format!("{} is not in the future", command.expires_at_ms)));
+    Ok(currency)
+}
+
+pub fn expiry(expires_at_ms: u64, now_ms: u64) -> Result<(), Invalid> {
+    if expires_at_ms <= now_ms {
+        return Err(invalid("expires_at_ms", format!("{expires_at_ms} is not in the future")));
     }
-    if command.expires_at_ms - now_ms > ENVELOPE_EXPIRY_MAX_MS {
+    if expires_at_ms - now_ms > ENVELOPE_EXPIRY_MAX_MS {
         return Err(invalid("expires_at_ms", "is more than 7 days away"));
     }
-    Ok(currency)
+    Ok(())
 }
 
 /// The sender encoded in an envelope id `<sender_user_id>.<transfer_id>`.
@@ -173,5 +185,8 @@ pub fn envelope_id(id: &str) -> Result<u64, Invalid> {
 pub fn grab(command: &GrabCommand) -> Result<u64, Invalid> {
     let sender = envelope_id(&command.envelope_id)?;
     user_id("user_id", command.user_id)?;
+    if (command.envelope_pair_id == 0) != (command.grabber_pair_id == 0) {
+        return Err(invalid("grabber_pair_id", "both pairs are set (through a router) or neither (a local grab)"));
+    }
     Ok(sender)
 }
