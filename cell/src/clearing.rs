@@ -44,6 +44,10 @@ pub const DELIVERY_BATCH_MAX: usize = 1024;
 pub const DELIVERIES_IN_FLIGHT_MAX: usize = 4;
 /// Entries due for delivery taken per pass.
 pub const OUTBOX_SCAN_MAX: usize = 8192;
+/// Shortest time between two passes over the outbox.
+pub const PASS_INTERVAL: Duration = Duration::from_millis(2);
+/// How often a pass walks the whole outbox to count it (for the gauge).
+pub const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one delivery may take before it counts as failed.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Backoff after failed deliveries of an entry: doubling, capped.
@@ -241,7 +245,9 @@ struct CourierState {
 /// time, and the applied index the pass reflects.
 struct Pass {
     due: Vec<OutboxEntry>,
+    /// Entries walked (all pending ones when `complete`).
     pending: u64,
+    complete: bool,
     oldest_created_at_ms: Option<u64>,
     index: u64,
 }
@@ -249,7 +255,9 @@ struct Pass {
 /// Most outbox keys one pass walks (a long backlog is walked in part).
 const OUTBOX_KEYS_PER_PASS_MAX: u64 = 1_000_000;
 
-fn scan_outbox(db: &rocksdb::DB, state: &Mutex<CourierState>, limit: usize) -> Pass {
+/// `count_all`: walk the whole outbox to count it (else stop once `limit`
+/// entries are due, and `pending` counts only what was walked).
+fn scan_outbox(db: &rocksdb::DB, state: &Mutex<CourierState>, limit: usize, count_all: bool) -> Pass {
     let view = db.snapshot();
     let index = crate::raft::storage::read_u64(&view, crate::raft::storage::APPLIED_INDEX_KEY).unwrap_or(0);
     let mut iter = view.raw_iterator();
@@ -258,11 +266,11 @@ fn scan_outbox(db: &rocksdb::DB, state: &Mutex<CourierState>, limit: usize) -> P
     let mut state = state.lock().expect("courier lock");
     let blocked: std::collections::HashSet<u64> =
         state.backoff.iter().filter(|(_, (_, at))| *at > now).map(|(dest, _)| *dest).collect();
-    let mut pass = Pass { due: Vec::new(), pending: 0, oldest_created_at_ms: None, index };
+    let mut pass = Pass { due: Vec::new(), pending: 0, complete: false, oldest_created_at_ms: None, index };
     let mut seen = std::collections::HashSet::new();
     while iter.valid() && pass.pending < OUTBOX_KEYS_PER_PASS_MAX {
         let key = iter.key().expect("key");
-        if !key.starts_with(keys::OUTBOX_PREFIX) {
+        if !key.starts_with(keys::OUTBOX_PREFIX) || (!count_all && pass.due.len() >= limit) {
             break;
         }
         pass.pending += 1;
@@ -282,7 +290,9 @@ fn scan_outbox(db: &rocksdb::DB, state: &Mutex<CourierState>, limit: usize) -> P
         }
         iter.next();
     }
-    if !iter.valid() || !iter.key().is_some_and(|k| k.starts_with(keys::OUTBOX_PREFIX)) {
+    let walked_all = !iter.valid() || !iter.key().is_some_and(|k| k.starts_with(keys::OUTBOX_PREFIX));
+    pass.complete = walked_all;
+    if walked_all {
         // The whole outbox was walked: forget what is no longer pending.
         state.dest_of.retain(|seq, _| seen.contains(seq));
     }
@@ -310,11 +320,14 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(DELIVERIES_IN_FLIGHT_MAX));
     let mut applied = context.node.shared.applied.subscribe();
     let mut next_router = 0usize;
+    let mut last_count = Instant::now() - COUNT_INTERVAL;
     loop {
         tokio::select! {
             _ = applied.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+        // At most one pass per PASS_INTERVAL, however fast entries apply.
+        tokio::time::sleep(PASS_INTERVAL).await;
         if !serving(&context) {
             *state.lock().expect("courier lock") = CourierState::default();
             context.metrics.outbox_pending.set(0);
@@ -322,10 +335,16 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
             continue;
         }
         let (db, scan_state) = (context.db.clone(), state.clone());
-        let Ok(pass) = tokio::task::spawn_blocking(move || scan_outbox(&db, &scan_state, OUTBOX_SCAN_MAX)).await else {
+        let count_all = last_count.elapsed() >= COUNT_INTERVAL;
+        let Ok(pass) =
+            tokio::task::spawn_blocking(move || scan_outbox(&db, &scan_state, OUTBOX_SCAN_MAX, count_all)).await
+        else {
             continue;
         };
-        context.metrics.outbox_pending.set(pass.pending as i64);
+        if pass.complete {
+            context.metrics.outbox_pending.set(pass.pending as i64);
+            last_count = Instant::now();
+        }
         let oldest = pass.oldest_created_at_ms.map(|at| now_ms().saturating_sub(at)).unwrap_or(0);
         context.metrics.outbox_oldest_age_ms.set(oldest as i64);
         if pass.due.is_empty() {

@@ -74,7 +74,7 @@ pub trait StateMachine: Send + 'static {
 
 /// A batch of writes on top of a RocksDB instance, with an overlay so that
 /// later commands in the batch read earlier commands' writes.
-/// Keys an apply batch is sized for up front (a full entry of transfers).
+/// Most keys an apply batch is sized for up front (a full entry of transfers).
 const APPLY_BATCH_KEYS_EXPECTED: usize = 16_384;
 
 /// Each key is written once, with its last value, however often the batch
@@ -88,11 +88,15 @@ pub struct ApplyBatch<'a> {
 
 impl<'a> ApplyBatch<'a> {
     pub fn new(db: &'a DB) -> ApplyBatch<'a> {
-        ApplyBatch {
-            db,
-            overlay: FxHashMap::with_capacity_and_hasher(APPLY_BATCH_KEYS_EXPECTED, Default::default()),
-            cleared: Vec::new(),
-        }
+        ApplyBatch::for_bytes(db, usize::MAX)
+    }
+
+    /// A batch sized for entries holding `data_bytes` of commands (about one
+    /// key written per 8 bytes of command), so that small entries do not pay
+    /// for a table sized for the largest.
+    pub fn for_bytes(db: &'a DB, data_bytes: usize) -> ApplyBatch<'a> {
+        let keys = (data_bytes / 8).clamp(16, APPLY_BATCH_KEYS_EXPECTED);
+        ApplyBatch { db, overlay: FxHashMap::with_capacity_and_hasher(keys, Default::default()), cleared: Vec::new() }
     }
 
     /// The batch, in ascending key order: RocksDB's memtable inserts a

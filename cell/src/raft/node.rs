@@ -605,7 +605,8 @@ impl<SM: StateMachine> RaftNode<SM> {
         let Some(last) = entries.last() else { return };
         let last_index = last.index;
         let db = self.db.clone();
-        let mut batch = ApplyBatch::new(&db);
+        let bytes = entries.iter().map(|e| e.data.len()).sum();
+        let mut batch = ApplyBatch::for_bytes(&db, bytes);
         let mut applied: Vec<(u64, u64, Applied<SM::Output>)> = Vec::new();
         let mut conf_state = None;
         for entry in entries {
