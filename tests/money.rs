@@ -506,6 +506,58 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     })
     .await;
     assert_eq!(account.balance, SEED_AMOUNT, "the refund restored the sender's balance");
+
+    // Envelopes: bad input through the router is refused naming the field,
+    // and a grabber in the other cell with no account gets its own code;
+    // none of it moves money.
+    for (total, shares, expires_at_ms, field) in [
+        (10, 0, 0, "shares"),
+        (10, 11, 0, "shares"),
+        (0, 1, 0, "total"),
+        (10, 2, 1, "expires_at_ms"),
+        (10, 2, unix_ms() + 30 * 24 * 3600 * 1000, "expires_at_ms"),
+    ] {
+        let refused = client
+            .ledger(|mut c| async move {
+                c.send_envelope(SendEnvelopeRequest {
+                    transfer_id: b"bad-envelope".to_vec(),
+                    sender_user_id: sender,
+                    currency: CURRENCY.into(),
+                    total,
+                    shares,
+                    split: EnvelopeSplit::Random as i32,
+                    expires_at_ms,
+                })
+                .await
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().starts_with(field), "{field}: {}", refused.message());
+    }
+    let envelope_id = send_envelope(&client, sender, "for-nobody", 0).await;
+    let grab = |user: u64, id: String| {
+        let client = &client;
+        async move {
+            call(client, |mut c| {
+                let request = GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user };
+                async move { c.grab_envelope(request).await }
+            })
+            .await
+            .result
+            .unwrap()
+            .code
+        }
+    };
+    assert_eq!(grab(missing, envelope_id.clone()).await, ResultCode::AccountNotFound as i32);
+    assert_eq!(grab(missing, format!("{sender}.no-such-envelope")).await, ResultCode::EnvelopeNotFound as i32);
+    let found = call(&client, |mut c| {
+        let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
+        async move { c.get_envelope(request).await }
+    })
+    .await;
+    let envelope = found.envelope.unwrap();
+    assert_eq!((envelope.shares_grabbed, envelope.remaining), (0, ENVELOPE_TOTAL), "the refused grab took nothing");
     assert_reconciles(&cluster).await;
 }
 

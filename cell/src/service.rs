@@ -243,6 +243,15 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// A page size asked for: 0 means the default.
+fn page_size(asked: u32) -> Result<u32, Status> {
+    match asked {
+        0 => Ok(PAGE_SIZE_DEFAULT),
+        n if n > PAGE_SIZE_MAX => Err(Status::invalid_argument(format!("page_size: {n} exceeds {PAGE_SIZE_MAX}"))),
+        n => Ok(n),
+    }
+}
+
 pub(crate) fn invalid(error: validate::Invalid) -> Status {
     Status::invalid_argument(error.to_string())
 }
@@ -428,13 +437,7 @@ impl LedgerApi for LedgerService {
         self.context.gate(request.metadata())?;
         let r = request.into_inner();
         let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
-        let page_size = match r.page_size {
-            0 => PAGE_SIZE_DEFAULT,
-            n if n > PAGE_SIZE_MAX => {
-                return Err(Status::invalid_argument(format!("page_size: {n} exceeds {PAGE_SIZE_MAX}")))
-            }
-            n => n,
-        };
+        let page_size = page_size(r.page_size)?;
         let start = match r.page_token.len() {
             0 => 0,
             8 => u64::from_be_bytes(r.page_token[..].try_into().expect("8 bytes")),
@@ -543,13 +546,7 @@ impl LedgerApi for LedgerService {
         self.context.gate(request.metadata())?;
         let r = request.into_inner();
         validate::envelope_id(&r.envelope_id).map_err(invalid)?;
-        let page_size = match r.page_size {
-            0 => PAGE_SIZE_DEFAULT,
-            n if n > PAGE_SIZE_MAX => {
-                return Err(Status::invalid_argument(format!("page_size: {n} exceeds {PAGE_SIZE_MAX}")))
-            }
-            n => n,
-        };
+        let page_size = page_size(r.page_size)?;
         let start = match r.page_token.len() {
             0 => 1,
             4 => u32::from_be_bytes(r.page_token[..].try_into().expect("4 bytes")),

@@ -217,14 +217,10 @@ impl RouterAdmin for AdminService {
         let mut lines = Vec::new();
         for pair in &table.pairs {
             let pair_id = pair.pair_id;
-            let pick = move |t: &RoutingTable| {
-                let pair = table::find_pair(t, pair_id)?;
-                Some(table::Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
-            };
             let figures = self
                 .coordinator
                 .pool
-                .call_admin(pick, deadline, r, |mut c, req| async move { c.settlement(req).await })
+                .call_admin(table::to_pair(pair_id), deadline, r, |mut c, req| async move { c.settlement(req).await })
                 .await?;
             for figure in figures.received {
                 lines.push(SettlementLine {

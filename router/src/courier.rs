@@ -66,12 +66,10 @@ impl Courier for CourierService {
         let calls = parts.into_iter().map(|(pair_id, (positions, batch))| {
             let pool = self.pool.clone();
             async move {
-                let pick = move |t: &cellbank_proto::router::RoutingTable| {
-                    let pair = table::find_pair(t, pair_id)?;
-                    Some(table::Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
-                };
                 let outcome = pool
-                    .call_clearing(pick, deadline, batch, |mut c, req| async move { c.apply_credits(req).await })
+                    .call_clearing(table::to_pair(pair_id), deadline, batch, |mut c, req| async move {
+                        c.apply_credits(req).await
+                    })
                     .await;
                 (positions, outcome)
             }

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::cells::CellPool;
-use crate::table::{self, Route};
+use crate::table::{self, to_pair, Route};
 
 /// Deadline of a request that carries none.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -77,14 +77,6 @@ fn invalid(error: validate::Invalid) -> Status {
 
 fn by_user(user_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> {
     move |t| table::route(t, user_id)
-}
-
-/// A route to a pair's active cell.
-fn to_pair(pair_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> + Clone {
-    move |t| {
-        let pair = table::find_pair(t, pair_id)?;
-        Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
-    }
 }
 
 fn refused(code: ResultCode, field: &str, detail: String) -> GrabEnvelopeResponse {

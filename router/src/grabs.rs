@@ -13,14 +13,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cellbank_proto::cell::{GrabBatch, GrabItem};
-use cellbank_proto::router::RoutingTable;
 use cellbank_proto::v1::GrabEnvelopeResponse;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
 
 use crate::cells::CellPool;
-use crate::table::{self, Route};
+use crate::table;
 
 pub const GRAB_BATCH_MAX: usize = 4096;
 pub const GRAB_CALLS_IN_FLIGHT_MAX: usize = 4;
@@ -91,12 +90,11 @@ async fn run(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waitin
         tokio::spawn(async move {
             let deadline = batch.iter().map(|w| w.deadline).min().expect("a batch is never empty");
             let message = GrabBatch { items: batch.iter().map(|w| w.item.clone()).collect() };
-            let pick = move |t: &RoutingTable| {
-                let pair = table::find_pair(t, pair_id)?;
-                Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
-            };
             let outcome =
-                pool.call_clearing(pick, deadline, message, |mut c, req| async move { c.grab(req).await }).await;
+                pool.call_clearing(table::to_pair(pair_id), deadline, message, |mut c, req| async move {
+                    c.grab(req).await
+                })
+                .await;
             match outcome {
                 Ok(response) if response.results.len() == batch.len() => {
                     for (waiting, result) in batch.into_iter().zip(response.results) {

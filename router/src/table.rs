@@ -68,6 +68,14 @@ pub fn route(table: &RoutingTable, user_id: u64) -> Option<Route> {
     Some(Route { slice, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
 }
 
+/// A route to a pair's active cell (for what names a pair, not a user).
+pub fn to_pair(pair_id: u64) -> impl Fn(&RoutingTable) -> Option<Route> + Clone {
+    move |t| {
+        let pair = find_pair(t, pair_id)?;
+        Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
+    }
+}
+
 pub fn find_pair(table: &RoutingTable, pair_id: u64) -> Option<&Pair> {
     table.pairs.iter().find(|p| p.pair_id == pair_id)
 }

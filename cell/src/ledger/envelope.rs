@@ -20,7 +20,10 @@ use cellbank_proto::v1::{
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use super::{keys, read_record, read_transfer, rejection, result, transfer_key, validate, AccountId, Currency, Ledger};
+use super::{
+    keys, read_record, read_transfer, recorded_answer, rejection, result, transfer_key, validate, AccountId, Currency,
+    Ledger,
+};
 use crate::raft::Kv;
 
 /// The id of the envelope a send creates: `<sender_user_id>.<transfer_id>`.
@@ -110,21 +113,7 @@ impl Ledger {
             } else {
                 None
             };
-            return match field {
-                Some(field) => rejection(
-                    ResultCode::IdReusedWithDifferentFields,
-                    field,
-                    format!("transfer_id was first used at index {} with a different {field}", recorded.applied_index),
-                    index,
-                ),
-                None => TransferResult {
-                    code: recorded.result,
-                    applied_index: recorded.applied_index,
-                    duplicate: true,
-                    settlement: recorded.settlement,
-                    ..Default::default()
-                },
-            };
+            return recorded_answer(&recorded, field, index);
         }
         if let Err(invalid) = validate::expiry(send.expires_at_ms, timestamp_ms) {
             return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index);

@@ -231,6 +231,26 @@ fn rejection(code: ResultCode, field: &str, detail: String, applied_index: u64) 
     }
 }
 
+/// The answer to a transfer_id seen before: the recorded outcome
+/// (`duplicate`), or ID_REUSED_WITH_DIFFERENT_FIELDS naming the field.
+fn recorded_answer(recorded: &TransferRecord, differing: Option<&'static str>, index: u64) -> TransferResult {
+    match differing {
+        Some(field) => rejection(
+            ResultCode::IdReusedWithDifferentFields,
+            field,
+            format!("transfer_id was first used at index {} with a different {field}", recorded.applied_index),
+            index,
+        ),
+        None => TransferResult {
+            code: recorded.result,
+            applied_index: recorded.applied_index,
+            duplicate: true,
+            settlement: recorded.settlement,
+            ..Default::default()
+        },
+    }
+}
+
 /// The first field in which a retry differs from the recorded transfer.
 fn first_differing_field(recorded: &TransferRecord, command: &MoveCommand) -> Option<&'static str> {
     if recorded.kind != command.kind {
@@ -547,21 +567,7 @@ impl Ledger {
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
         if let Some(recorded) = read_transfer(kv, &command.transfer_id) {
-            return match first_differing_field(&recorded, command) {
-                Some(field) => rejection(
-                    ResultCode::IdReusedWithDifferentFields,
-                    field,
-                    format!("transfer_id was first used at index {} with a different {field}", recorded.applied_index),
-                    index,
-                ),
-                None => TransferResult {
-                    code: recorded.result,
-                    applied_index: recorded.applied_index,
-                    duplicate: true,
-                    settlement: recorded.settlement,
-                    ..Default::default()
-                },
-            };
+            return recorded_answer(&recorded, first_differing_field(&recorded, command), index);
         }
         let cross_cell = command.dest_pair_id != 0;
         let (debit, credit) = match valid.kind {

@@ -674,3 +674,22 @@ fn a_grab_naming_one_pair_only_is_refused() {
     assert_eq!((result.code, result.field.as_str()), (ResultCode::InvalidItem as i32, "grabber_pair_id"));
     assert_eq!(a.kv, before);
 }
+
+#[test]
+fn an_emptied_envelope_refuses_further_grabs_and_moves_nothing() {
+    let mut a = Harness::new();
+    for user in 1..=4 {
+        a.apply(open(user, "CNY"));
+    }
+    a.apply_at(deposit("d1", 1, 1_000), NOW);
+    a.apply_at(send_envelope("e", 1, 7, 2, EnvelopeSplit::Even, NOW + 60_000), NOW);
+    let id = envelope::envelope_id(1, b"e");
+    assert_eq!(a.apply_at(grab_cmd(&id, 2, CELL_A), NOW + 1).amount, 4);
+    assert_eq!(a.apply_at(grab_cmd(&id, 3, CELL_A), NOW + 2).amount, 3);
+    let before = a.kv.clone();
+    assert_eq!(a.apply_at(grab_cmd(&id, 4, CELL_A), NOW + 3).code, ResultCode::EnvelopeEmpty as i32);
+    assert_eq!(a.kv, before);
+    let state = envelope::read_envelope(&a.kv, &id).unwrap();
+    assert_eq!(state.state, cellbank_proto::v1::EnvelopeState::Emptied as i32);
+    assert!(audit_of(&a).mismatches.is_empty());
+}
