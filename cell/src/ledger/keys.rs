@@ -2,6 +2,7 @@
 //! and transfers (`'t'`). Every key lies in the ledger region
 //! `[0x04, 0x04 'z')`, so digests, snapshots and standby copies carry it.
 //!
+//! - `'k'` the ledger's clock (largest entry timestamp seen, ms).
 //! - `'n'` the last outbox sequence number assigned.
 //! - `'o' seq` a pending outbox entry (`OutboxEntry`), deleted once settled.
 //! - `'f' seq` the refund record of a refused credit (`TransferRecord`).
@@ -20,6 +21,7 @@
 use super::Currency;
 use crate::raft::storage::STATE_PREFIX;
 
+pub const CLOCK: &[u8] = &[STATE_PREFIX, b'k'];
 pub const OUTBOX_SEQ: &[u8] = &[STATE_PREFIX, b'n'];
 pub const OUTBOX_PREFIX: &[u8] = &[STATE_PREFIX, b'o'];
 pub const INBOX_PREFIX: &[u8] = &[STATE_PREFIX, b'i'];

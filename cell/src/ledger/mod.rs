@@ -184,6 +184,26 @@ pub fn read_record(kv: &dyn Kv, key: &[u8]) -> Option<TransferRecord> {
     })
 }
 
+/// The ledger's clock: the largest entry timestamp any ledger command has
+/// seen, kept in the ledger region (so the standby and a rebuilt copy hold
+/// it too). A command runs at `max(its entry's timestamp, the clock)`, so
+/// time never goes back across leaders whose clocks differ: an envelope
+/// that one leader saw expire stays expired under the next.
+/// A command that changes nothing (refused, or a retry) leaves the clock.
+fn ledger_clock(kv: &dyn Kv, entry_timestamp_ms: u64) -> u64 {
+    let clock = kv
+        .get(keys::CLOCK)
+        .map(|v| u64::from_be_bytes(v.as_slice().try_into().expect("the ledger clock is 8 bytes")))
+        .unwrap_or(0);
+    entry_timestamp_ms.max(clock)
+}
+
+fn advance_clock(kv: &mut dyn Kv, now: u64, result: &TransferResult) {
+    if result.code == ResultCode::Ok as i32 && !result.duplicate && ledger_clock(kv, 0) < now {
+        kv.put(keys::CLOCK, &now.to_be_bytes());
+    }
+}
+
 pub fn transfer_key(transfer_id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + transfer_id.len());
     key.push(STATE_PREFIX);
@@ -398,12 +418,42 @@ impl Ledger {
                 rejection(ResultCode::CellNotWritable, "", detail, index)
             }
             Some(command::Kind::OpenAccount(open)) => self.open_account(kv, index, open),
-            Some(command::Kind::Move(movement)) => self.apply_move(kv, index, timestamp_ms, movement),
-            Some(command::Kind::Credit(credit)) => self.apply_credit(kv, index, timestamp_ms, credit),
-            Some(command::Kind::Settle(settle)) => self.apply_settle(kv, index, timestamp_ms, settle),
-            Some(command::Kind::SendEnvelope(send)) => self.send_envelope(kv, index, timestamp_ms, send),
-            Some(command::Kind::Grab(grab)) => self.grab(kv, index, timestamp_ms, grab),
-            Some(command::Kind::Expire(expire)) => self.expire(kv, index, timestamp_ms, expire),
+            Some(command::Kind::Move(movement)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.apply_move(kv, index, now, movement);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::Credit(credit)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.apply_credit(kv, index, now, credit);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::Settle(settle)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.apply_settle(kv, index, now, settle);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::SendEnvelope(send)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.send_envelope(kv, index, now, send);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::Grab(grab)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.grab(kv, index, now, grab);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::Expire(expire)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.expire(kv, index, now, expire);
+                advance_clock(kv, now, &result);
+                result
+            }
             Some(command::Kind::Configure(configure)) => self.configure(kv, index, configure, slot),
             // A source's own replication commands mean nothing to its standby.
             Some(command::Kind::SourceEntries(_)) | Some(command::Kind::SourceSnapshot(_))

@@ -693,3 +693,22 @@ fn an_emptied_envelope_refuses_further_grabs_and_moves_nothing() {
     assert_eq!(state.state, cellbank_proto::v1::EnvelopeState::Emptied as i32);
     assert!(audit_of(&a).mismatches.is_empty());
 }
+
+#[test]
+fn time_never_goes_back_across_leaders_whose_clocks_differ() {
+    let mut a = Harness::new();
+    for user in 1..=3 {
+        a.apply(open(user, "CNY"));
+    }
+    a.apply_at(deposit("d1", 1, 1_000), NOW);
+    a.apply_at(send_envelope("e", 1, 100, 5, EnvelopeSplit::Even, NOW + 1_000), NOW);
+    let id = envelope::envelope_id(1, b"e");
+    // A leader whose clock is ahead applies something after the expiry...
+    a.apply_at(deposit("d2", 2, 1), NOW + 2_000);
+    // ...and the next leader's clock is behind: the envelope stays expired.
+    assert_eq!(a.apply_at(grab_cmd(&id, 3, CELL_A), NOW + 10).code, ResultCode::EnvelopeExpired as i32);
+    let expire =
+        Command { kind: Some(command::Kind::Expire(cellbank_proto::cell::ExpireCommand { envelope_id: id.clone() })) };
+    assert_eq!(a.apply_at(expire, NOW + 20).code, ResultCode::Ok as i32);
+    assert_eq!(a.balance(1), Some(1_000));
+}
