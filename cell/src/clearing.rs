@@ -50,7 +50,7 @@ pub const PASS_INTERVAL: Duration = Duration::from_millis(2);
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one delivery may take before it counts as failed.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
-/// Backoff after failed deliveries of an entry: doubling, capped.
+/// Backoff of a destination after a failed delivery call: doubling, capped.
 pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(50);
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How often the sweeper looks for expired envelopes.
