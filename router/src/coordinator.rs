@@ -710,14 +710,8 @@ impl Coordinator {
             return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
         }
         let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
-        let standby_state = standby.leader_pair();
-        if !standby_state.as_ref().is_some_and(|s| usable_standby(s, pair.active_cell_id, pair.epoch)) {
-            return Err(Status::failed_precondition(format!(
-                "standby cell {} has no reachable leader holding a complete copy; nothing to fail over to",
-                pair.standby_cell_id
-            )));
-        }
-        let standby_holds = standby_state.map(|s| s.source_index).unwrap_or(0);
+        // Without --force, a pair that needs no failover says so first,
+        // whatever its standby looks like at this instant.
         let mode = table::mode(&pair);
         if !force {
             if mode != PairMode::Sync {
@@ -734,6 +728,14 @@ impl Coordinator {
                 )));
             }
         }
+        let standby_state = standby.leader_pair();
+        if !standby_state.as_ref().is_some_and(|s| usable_standby(s, pair.active_cell_id, pair.epoch)) {
+            return Err(Status::failed_precondition(format!(
+                "standby cell {} has no reachable leader holding a complete copy; nothing to fail over to",
+                pair.standby_cell_id
+            )));
+        }
+        let standby_holds = standby_state.map(|s| s.source_index).unwrap_or(0);
         let mut may_be_lost = String::new();
         if let Some(active_state) = active.leader_pair() {
             // Still reachable: stop it first, and give the standby a moment
