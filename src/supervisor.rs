@@ -65,9 +65,23 @@ fn default_slice_count() -> u32 {
     64
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+/// A loopback port nobody listens on, for a process about to start.
+/// Chosen below the kernel's ephemeral range (32768 and up on Linux): a
+/// port from that range can be taken by any outgoing connection between
+/// being chosen and being bound, and the process then fails to start.
+/// Never the same port twice in one process.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().expect("ports lock");
+    for _ in 0..10_000 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000")
 }
 
 impl Topology {

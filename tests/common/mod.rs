@@ -17,8 +17,7 @@ use cellbank_proto::cell::{DigestRequest, DigestResponse, ReplicaStatus, StatusR
 use tonic::transport::Channel;
 
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    cellbank::supervisor::free_port()
 }
 
 pub struct Replica {
