@@ -36,7 +36,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ledger::clearing::{settles, validate_credit};
 use crate::ledger::{envelope, keys, pair, validate};
-use crate::service::{timeout_of, ReplicaContext};
+use crate::service::{now_ms, timeout_of, ReplicaContext};
 
 /// Credits per delivery call.
 pub const DELIVERY_BATCH_MAX: usize = 1024;
@@ -222,10 +222,6 @@ fn serving(context: &ReplicaContext) -> bool {
         state.epoch
     };
     !context.replication.deposed(epoch)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What the courier knows of the pending entries it has seen.
