@@ -3,9 +3,9 @@
 //!
 //! - [`supervisor`]: runs a local cluster's processes (routers, cell
 //!   replicas) and kills and restarts them with real signals.
-//! - [`routers`]: admin calls that find the coordinator among the routers.
-//! - [`reconcile`]: the cluster-wide reconciliation behind `admin reconcile`.
+//! - [`routers`] and [`reconcile`]: re-exported from the router crate (admin
+//!   calls that find the coordinator; cluster-wide reconciliation).
 
-pub mod reconcile;
-pub mod routers;
+pub use cellbank_router::admin_client as routers;
+pub use cellbank_router::reconcile;
 pub mod supervisor;

@@ -11,11 +11,13 @@
 //!   reconciliation, settlement figures (routers); membership changes,
 //!   leader transfer, ledger digests (cells).
 //! - `bench`: drive a running cluster and report throughput and latency.
+//! - `chaos`: run, check and halt chaos drills (deploy/drills/).
 
 // tonic::Status is the error type of every client call here.
 #![allow(clippy::result_large_err)]
 
 mod bench;
+mod chaos;
 mod cluster;
 mod commands;
 mod envelope_bench;
@@ -98,6 +100,11 @@ enum Command {
     },
     /// Drive a running cluster and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Chaos drills: run one (local or attached cluster), check files, halt.
+    Chaos {
+        #[command(subcommand)]
+        action: chaos::ChaosAction,
+    },
 }
 
 #[derive(clap::Args)]
@@ -174,6 +181,7 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
             peers: parse_peers(&args.peers)?,
             raft: Default::default(),
             routers: args.routers,
+            admin_token: None,
         },
     };
     if let Some(threshold) = args.log_compact_threshold_entries {
@@ -273,6 +281,7 @@ fn main() {
             Command::Envelope { action } => commands::envelope(action).await,
             Command::Admin { action } => commands::admin(action).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Chaos { action } => chaos::run(action).await,
         }
     });
     if let Err(error) = outcome {

@@ -139,6 +139,7 @@ impl Topology {
                     peers: peers.clone(),
                     raft: cell.raft.clone(),
                     routers: routers.clone(),
+                    admin_token: self.admin_token.clone(),
                 });
             }
         }

@@ -29,6 +29,10 @@ pub struct ReplicaConfig {
     /// cell's cross-cell credits (each routed by its recipient).
     #[serde(default)]
     pub routers: Vec<String>,
+    /// Token for the `FaultPoints` service (`authorization: Bearer <token>`);
+    /// without one, faults cannot be injected.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -122,6 +126,7 @@ mod tests {
             peers: [(1, "127.0.0.1:7101".to_string()), (2, "127.0.0.1:7102".to_string())].into_iter().collect(),
             raft: RaftTuning::default(),
             routers: vec!["127.0.0.1:7000".into()],
+            admin_token: Some("t".into()),
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);

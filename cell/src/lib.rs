@@ -9,6 +9,7 @@
 //! - [`service`]: the gRPC services; [`server`] assembles a replica.
 //! - [`clearing`]: money between cells (the `Clearing` service, the courier
 //!   that delivers the outbox, the envelope expiry sweeper).
+//! - [`faults`]: fault points for chaos drills (cargo feature `fault-points`).
 //! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
 
 // tonic::Status is the error type of every gRPC handler and helper here.
@@ -19,6 +20,7 @@
 pub mod clearing;
 pub mod client;
 pub mod config;
+pub mod faults;
 pub mod ledger;
 pub mod metrics;
 pub mod raft;

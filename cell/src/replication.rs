@@ -175,7 +175,8 @@ impl Replication {
                 };
                 (waits, pair_state.epoch)
             };
-            if !waits {
+            // A drill's `standby.ack` fault turns synchronous replication off.
+            if !waits || (!lease && !any_mode && crate::faults::skip_standby_ack()) {
                 return Ok(());
             }
             {
@@ -328,6 +329,9 @@ impl Shipper {
         preferred: &mut usize,
         applied_rx: &mut watch::Receiver<u64>,
     ) -> SessionEnd {
+        if crate::faults::message("standby.ship", 0) == Some(crate::faults::Hit::Drop) {
+            return SessionEnd::Failed("injected fault: the standby stream is cut".into());
+        }
         let mut client = match self.connect(pair_state, preferred).await {
             Ok(client) => client,
             Err(e) => return SessionEnd::Failed(e),
@@ -419,6 +423,13 @@ impl Shipper {
             let applied = *applied_rx.borrow_and_update();
             self.replication.note_progress(applied);
             self.node.shared.retain_floor.store(self.replication.state.borrow().acked_index + 1, Ordering::Relaxed);
+            match crate::faults::message("standby.ship", 0) {
+                Some(crate::faults::Hit::Drop) => {
+                    return SessionEnd::Failed("injected fault: the standby stream is cut".into())
+                }
+                Some(crate::faults::Hit::Delay(delay)) if next <= applied => tokio::time::sleep(delay).await,
+                _ => {}
+            }
             while in_flight.len() < SHIP_IN_FLIGHT_MAX && next <= applied {
                 let Some(entries) = self.read_entries(next, applied) else {
                     return SessionEnd::Failed(format!("entry {next} was compacted; the standby needs a snapshot"));

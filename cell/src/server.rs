@@ -116,6 +116,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let admin = ReplicaAdminServer::new(AdminService { context })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(256 * 1024 * 1024);
+    let faults = crate::faults::FaultService { admin_token: config.admin_token.clone() };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server_task = tokio::spawn(
@@ -129,6 +130,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
             .add_service(standby)
             .add_service(clearing)
             .add_service(admin)
+            .add_service(cellbank_proto::cell::fault_points_server::FaultPointsServer::new(faults))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             }),

@@ -216,7 +216,7 @@ impl ReplicaContext {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::faults::wall_ms()
 }
 
 pub(crate) fn timeout_of<T>(request: &Request<T>) -> Duration {
@@ -650,6 +650,11 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
             self.check_cell(batch.cell_id)?;
             for bytes in &batch.messages {
                 let Some(message) = self.decode(bytes)? else { continue };
+                match crate::faults::message("raft.recv", message.from) {
+                    Some(crate::faults::Hit::Drop) => continue,
+                    Some(crate::faults::Hit::Delay(delay)) => tokio::time::sleep(delay).await,
+                    None => {}
+                }
                 if message.from == batch.from_replica_id {
                     self.transport.learn(batch.from_replica_id, &batch.from_addr);
                 }

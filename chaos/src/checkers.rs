@@ -63,6 +63,15 @@ impl Verdict {
     }
 }
 
+impl Verdict {
+    /// A verdict from findings that belong to no one operation (a
+    /// reconciliation's discrepancies, say).
+    pub fn from_findings(checker: &'static str, findings: Vec<String>) -> Verdict {
+        let offenses = findings.into_iter().map(|what| Offense { seq: 0, amount: 0, what }).collect();
+        Verdict::from_offenses(checker, offenses, None)
+    }
+}
+
 fn offense(op: &Op, what: String) -> Offense {
     Offense { seq: op.seq, amount: op.amount(), what }
 }

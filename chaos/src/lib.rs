@@ -1,7 +1,22 @@
-//! cellbank's chaos drills (DESIGN.md section 7). So far: the history a
-//! drill's workload records ([`history`]) and the checkers that judge it
-//! against the ledger's final state ([`checkers`]). The drill runner, the
-//! fault injectors and the reports build on these.
+//! cellbank's chaos drills (DESIGN.md section 7), run as `cellbank chaos`.
+//!
+//! - [`drill`]: drill files (TOML): cluster, workload, steady state,
+//!   method, stop conditions, expectations, rollbacks; the seeded plan.
+//! - [`faults`]: how faults reach the cluster (processes of a local
+//!   cluster, the replicas' authenticated fault points, the routers).
+//! - [`workload`]: clients that record every operation and what they heard;
+//!   resolution of unknown outcomes; the final read of the ledger.
+//! - [`history`] and [`checkers`]: what happened, and the verdicts.
+//! - [`runner`]: one drill from preflight to journal.
+//! - [`report`]: the JSON journal, the HTML page, the terminal summary.
+
+// tonic::Status is the error type of the gRPC helpers here.
+#![allow(clippy::result_large_err)]
 
 pub mod checkers;
+pub mod drill;
+pub mod faults;
 pub mod history;
+pub mod report;
+pub mod runner;
+pub mod workload;

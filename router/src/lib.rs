@@ -9,7 +9,9 @@
 //! - [`courier`]: carries cross-cell credits to their destination cells.
 //! - [`coordinator`]: health probes, failover, degraded mode, switchover
 //!   (active on the group's leader only).
-//! - [`admin`]: the operators' API.
+//! - [`admin`]: the operators' API; [`admin_client`]: calls to it that
+//!   follow the coordinator (CLI, drills, tests).
+//! - [`reconcile`]: the cluster-wide reconciliation behind `admin reconcile`.
 //! - [`metrics`]: the router's Prometheus metrics.
 //! - [`server`]: assembles a router.
 
@@ -17,6 +19,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod admin_client;
 pub mod cells;
 pub mod config;
 pub mod coordinator;
@@ -24,5 +27,6 @@ pub mod courier;
 pub mod front;
 pub mod grabs;
 pub mod metrics;
+pub mod reconcile;
 pub mod server;
 pub mod table;

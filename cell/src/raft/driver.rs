@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
 use raft::eraftpb::{ConfChange, Message};
@@ -188,8 +188,9 @@ impl<SM: StateMachine> DriverHandle<SM> {
     }
 }
 
+/// Entry timestamps: the wall clock, as moved by a drill's `clock` fault.
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::faults::wall_ms()
 }
 
 /// Starts the node thread. Returns the handle and the thread's join handle.

@@ -317,6 +317,9 @@ impl RaftStorage {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
+        if sync {
+            crate::faults::disk_sync().unwrap_or_else(|e| fatal("append", e));
+        }
         self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("append", e));
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();

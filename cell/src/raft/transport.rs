@@ -120,6 +120,10 @@ impl MessageSink for GrpcTransport {
         for message in messages {
             let to = message.to;
             let snapshot = is_snapshot(&message);
+            if !snapshot && crate::faults::message("raft.send", to) == Some(crate::faults::Hit::Drop) {
+                self.metrics.raft_messages_dropped_total.inc();
+                continue;
+            }
             let delivered = peers.get(&to).map(|peer| peer.tx.try_send(message).is_ok()).unwrap_or(false);
             if !delivered {
                 self.metrics.raft_messages_dropped_total.inc();
@@ -258,6 +262,9 @@ async fn run_peer(
             }
             if encoded.is_empty() {
                 continue;
+            }
+            if let Some(crate::faults::Hit::Delay(delay)) = crate::faults::message("raft.send", peer_id) {
+                tokio::time::sleep(delay).await;
             }
             let batch = RaftBatch {
                 cell_id: identity.cell_id,

@@ -1,0 +1,195 @@
+//! How a drill reaches the cluster: the processes of a local cluster
+//! (through [`Processes`], which the `cellbank` binary implements with its
+//! supervisor), the replicas' authenticated `FaultPoints` service, and the
+//! routers' admin API (isolation, switchover, status, audit log).
+
+use std::time::Duration;
+
+use cellbank_proto::cell::fault_points_client::FaultPointsClient;
+use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
+use cellbank_proto::cell::{FaultList, HealFaultsRequest, InjectFaultRequest, ListFaultsRequest, StatusRequest};
+use cellbank_proto::router::{AuditRecord, ClusterStatus, PairMode, RoutingTable};
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+/// One process of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Proc {
+    Router(u64),
+    Replica { cell: u64, replica: u64 },
+}
+
+impl std::fmt::Display for Proc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Proc::Router(id) => write!(f, "router {id}"),
+            Proc::Replica { cell, replica } => write!(f, "cell {cell} replica {replica}"),
+        }
+    }
+}
+
+/// The processes of a local cluster, owned by whoever started them.
+pub trait Processes: Send {
+    /// SIGKILL (the process is reaped).
+    fn kill(&mut self, p: Proc) -> anyhow::Result<()>;
+    /// Starts a stopped process on its data.
+    fn start(&mut self, p: Proc) -> anyhow::Result<()>;
+    /// SIGSTOP / SIGCONT.
+    fn pause(&mut self, p: Proc, paused: bool) -> anyhow::Result<()>;
+    fn all(&self) -> Vec<Proc>;
+    fn is_running(&self, p: Proc) -> bool;
+    /// Processes that exited on their own since the last call.
+    fn reap_exited(&mut self) -> Vec<Proc>;
+    /// Stops everything (end of a drill on a cluster the runner started).
+    fn stop_all(&mut self);
+}
+
+/// Admin credentials and the routers.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub routers: Vec<String>,
+    pub token: Option<String>,
+}
+
+fn metadata(token: Option<&str>) -> tonic::metadata::MetadataMap {
+    let mut map = tonic::metadata::MetadataMap::new();
+    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        map.insert("authorization", value);
+    }
+    map
+}
+
+fn request<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    *request.metadata_mut() = metadata(token);
+    request.set_timeout(Duration::from_secs(3));
+    request
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(800))
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await?)
+}
+
+impl Access {
+    pub async fn status(&self) -> anyhow::Result<ClusterStatus> {
+        let status = tokio::time::timeout(
+            Duration::from_secs(4),
+            cellbank_router::admin_client::cluster_status(&self.routers, self.token.as_deref()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the routers did not answer a status request in 4 s"))??;
+        Ok(status)
+    }
+
+    pub async fn table(&self) -> anyhow::Result<RoutingTable> {
+        let table = self.status().await?.table.unwrap_or_default();
+        anyhow::ensure!(!table.pairs.is_empty(), "the routing table has no pairs yet");
+        Ok(table)
+    }
+
+    pub async fn audit_log(&self) -> anyhow::Result<Vec<AuditRecord>> {
+        let records = cellbank_router::admin_client::on_coordinator(
+            &self.routers,
+            self.token.as_deref(),
+            |mut c, m| async move { c.audit_log(cellbank_router::admin_client::request(Default::default(), m)).await },
+        )
+        .await?;
+        Ok(records.records)
+    }
+
+    pub async fn all_pairs_sync(&self) -> bool {
+        match self.status().await {
+            Ok(status) => {
+                let table = status.table.unwrap_or_default();
+                !table.pairs.is_empty() && table.pairs.iter().all(|p| p.mode == PairMode::Sync as i32)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until every pair is SYNC (at most `timeout`).
+    pub async fn wait_sync(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.all_pairs_sync().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    pub async fn isolate(&self, cells: &[u64], duration: Duration) -> anyhow::Result<()> {
+        cellbank_router::admin_client::isolate_cells(&self.routers, self.token.as_deref(), cells, duration).await
+    }
+
+    /// Clears every isolation on every router; the cells still isolated
+    /// afterwards (none when it worked).
+    pub async fn clear_isolation(&self) -> anyhow::Result<()> {
+        self.isolate(&[], Duration::ZERO).await
+    }
+
+    pub async fn switchover(&self, pair_id: u64, why: &str) -> anyhow::Result<u64> {
+        let message =
+            cellbank_proto::router::SwitchoverRequest { pair_id, who: "chaos drill".into(), why: why.to_string() };
+        let response = cellbank_router::admin_client::switchover(&self.routers, self.token.as_deref(), message).await?;
+        Ok(response.write_pause_ms)
+    }
+
+    pub async fn inject(&self, addr: &str, fault: InjectFaultRequest) -> anyhow::Result<FaultList> {
+        let mut client = FaultPointsClient::new(channel(addr).await?);
+        Ok(client.inject(request(fault, self.token.as_deref())).await?.into_inner())
+    }
+
+    pub async fn heal(&self, addr: &str) -> anyhow::Result<FaultList> {
+        let mut client = FaultPointsClient::new(channel(addr).await?);
+        Ok(client.heal(request(HealFaultsRequest { point: String::new() }, self.token.as_deref())).await?.into_inner())
+    }
+
+    pub async fn list(&self, addr: &str) -> anyhow::Result<FaultList> {
+        let mut client = FaultPointsClient::new(channel(addr).await?);
+        Ok(client.list(request(ListFaultsRequest {}, self.token.as_deref())).await?.into_inner())
+    }
+
+    /// Checks, before anything is injected, that the replica takes faults
+    /// with these credentials.
+    pub async fn check_credentials(&self, addr: &str) -> anyhow::Result<()> {
+        let list = self.list(addr).await.map_err(|e| anyhow::anyhow!("fault points of replica {addr}: {e}"))?;
+        anyhow::ensure!(list.compiled_in, "replica {addr} was built without fault points");
+        Ok(())
+    }
+}
+
+/// A cell's replicas as (replica id, address), by asking each for its id.
+pub async fn replicas(table: &RoutingTable, cell: u64) -> Vec<(u64, String)> {
+    let addrs = table.cells.iter().find(|c| c.cell_id == cell).map(|c| c.replicas.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = replica_status(addr).await.map(|s| s.replica_id).unwrap_or(i as u64 + 1);
+        out.push((id, addr.clone()));
+    }
+    out.sort();
+    out
+}
+
+pub async fn replica_status(addr: &str) -> anyhow::Result<cellbank_proto::cell::ReplicaStatus> {
+    let mut client = ReplicaAdminClient::new(channel(addr).await?);
+    Ok(client.status(request(StatusRequest {}, None)).await?.into_inner())
+}
+
+/// The cell's leader (replica id), as its replicas report it.
+pub async fn leader(table: &RoutingTable, cell: u64) -> Option<u64> {
+    let addrs = table.cells.iter().find(|c| c.cell_id == cell).map(|c| c.replicas.clone()).unwrap_or_default();
+    for addr in addrs {
+        if let Ok(status) = replica_status(&addr).await {
+            if status.role == "leader" {
+                return Some(status.replica_id);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,1041 @@
+//! Runs one drill: steady state, method, rollbacks, resolution, checkers,
+//! expectations; returns the journal the report is made from.
+//!
+//! Order of a run (times in ms since the workload started):
+//! 1. Before anything: the cluster answers, every targeted cell is inside
+//!    the blast radius, the credentials work on every replica.
+//! 2. Accounts are opened and seeded; the workload starts.
+//! 3. After the warm-up, the steady-state probes are measured over one
+//!    window. If they fail, no fault is injected and the drill fails.
+//! 4. The method: each step starts at its time (parallel) or after the
+//!    previous step ended (serial); its targets are resolved by role at that
+//!    moment; it is healed after its duration. Stop conditions are watched
+//!    every 250 ms and abort the method (healing everything).
+//! 5. Everything is healed and the heal verified; the rollbacks run.
+//! 6. Recovery: the workload runs on until throughput is back (or the
+//!    bound passes), then one more steady-state window.
+//! 7. The workload stops; unknown outcomes are resolved; the credits
+//!    settle; the final state is read; the checkers and expectations judge.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellbank_proto::cell::InjectFaultRequest;
+use cellbank_proto::cell::PairRole;
+use cellbank_proto::router::RoutingTable;
+use serde::{Deserialize, Serialize};
+
+use crate::checkers::{self, Status, Verdict};
+use crate::drill::{ClusterMode, Drill, FaultKind, PlannedStep, Probe, Role, Rollback, Side};
+use crate::faults::{Access, Proc, Processes};
+use crate::history::History;
+use crate::workload::{self, Population, Recorder};
+
+/// Width of one point of the throughput/latency series.
+pub const BUCKET_MS: u64 = 500;
+
+pub struct Cluster {
+    pub access: Access,
+    /// Present for a local cluster the runner owns.
+    pub processes: Option<Box<dyn Processes>>,
+    /// Where the processes' logs are (local), for the report.
+    pub logs: Option<String>,
+}
+
+/// What the terminal shows while a drill runs.
+pub trait Progress: Send + Sync {
+    fn line(&self, text: &str);
+}
+
+pub struct Stdout;
+
+impl Progress for Stdout {
+    fn line(&self, text: &str) {
+        eprintln!("{text}");
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultRecord {
+    pub step: usize,
+    pub fault: FaultKind,
+    pub pair: u64,
+    /// The processes or cells it acted on, as resolved when it started.
+    pub targets: Vec<String>,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// Time to the first acknowledged operation sent at or after the start,
+    /// on the pairs the fault touched.
+    pub rto_ms: Option<u64>,
+    pub failover: Option<FailoverTimeline>,
+    pub detail: String,
+}
+
+/// A pair's change of active cell during a fault, each time since the
+/// fault started (ms). Observed by polling every 100 ms.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct FailoverTimeline {
+    /// The coordinator decided (its audit record's time).
+    pub detection_ms: Option<u64>,
+    /// The new active cell reported itself ACTIVE at the new epoch.
+    pub promotion_ms: Option<u64>,
+    /// The routing table sent the pair's slices to the new active cell.
+    pub route_switch_ms: Option<u64>,
+    /// The first acknowledged operation on the pair.
+    pub first_success_ms: Option<u64>,
+    pub from_cell: u64,
+    pub to_cell: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    pub t_ms: u64,
+    pub ok: u64,
+    pub refused: u64,
+    pub unknown: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub probe: String,
+    pub measured: f64,
+    pub bound: String,
+    pub pass: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Expectation {
+    pub name: String,
+    pub pass: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub t_ms: u64,
+    pub what: String,
+}
+
+/// The drill's journal: everything the report shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Journal {
+    pub drill: Drill,
+    pub seed: u64,
+    pub replay: String,
+    pub started_at_unix_ms: u64,
+    pub plan: Vec<PlannedStep>,
+    pub blast_radius: Vec<u64>,
+    pub events: Vec<Event>,
+    pub faults: Vec<FaultRecord>,
+    pub series: Vec<Point>,
+    pub method_window_ms: (u64, u64),
+    pub steady_before: Vec<ProbeResult>,
+    pub steady_after: Vec<ProbeResult>,
+    pub steady_throughput: f64,
+    pub recovery_ms: Option<u64>,
+    pub verdicts: Vec<Verdict>,
+    pub expectations: Vec<Expectation>,
+    pub operations: usize,
+    pub acknowledged: usize,
+    pub unknown: usize,
+    pub resolved: usize,
+    /// Acknowledged operations missing from the ledger.
+    pub rpo_lost: usize,
+    pub heal_verified: bool,
+    pub aborted: Option<String>,
+    pub reconcile_discrepancies: Vec<String>,
+    pub logs: Option<String>,
+    pub history: History,
+}
+
+impl Journal {
+    pub fn passed(&self) -> bool {
+        self.aborted.is_none()
+            && self.verdicts.iter().all(|v| v.status == Status::Pass)
+            && self.expectations.iter().all(|e| e.pass)
+            && self.steady_before.iter().all(|p| p.pass)
+    }
+}
+
+pub struct RunOptions {
+    pub seed: u64,
+    /// The command that replays this drill (shown in the report).
+    pub replay: String,
+    /// Set by a signal or `cellbank chaos halt`: abort, heal, report.
+    pub halt: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The cells a step may touch: its pair's active and standby cell.
+fn cells_of(table: &RoutingTable, pair: u64) -> (u64, u64) {
+    table.pairs.iter().find(|p| p.pair_id == pair).map(|p| (p.active_cell_id, p.standby_cell_id)).unwrap_or((0, 0))
+}
+
+/// An injected fault still to be healed.
+struct Live {
+    record: usize,
+    kind: FaultKind,
+    procs: Vec<Proc>,
+    addrs: Vec<String>,
+    cells: Vec<u64>,
+    heal_at_ms: Option<u64>,
+}
+
+struct Run<'a> {
+    drill: &'a Drill,
+    cluster: Cluster,
+    recorder: Arc<Recorder>,
+    progress: &'a dyn Progress,
+    events: Vec<Event>,
+    faults: Vec<FaultRecord>,
+    live: Vec<Live>,
+    /// (t_ms, pair, epoch, active cell, promoted: new active reports ACTIVE)
+    observations: Vec<(u64, u64, u64, u64, bool)>,
+}
+
+impl<'a> Run<'a> {
+    fn event(&mut self, what: String) {
+        let t_ms = self.recorder.now_ms();
+        self.progress.line(&format!("[{:>6.1}s] {what}", t_ms as f64 / 1000.0));
+        self.events.push(Event { t_ms, what });
+    }
+
+    fn procs(&mut self) -> anyhow::Result<&mut Box<dyn Processes>> {
+        self.cluster.processes.as_mut().ok_or_else(|| anyhow::anyhow!("process faults need a local cluster"))
+    }
+
+    /// Resolves a step's targets by role now (the seed's pick among sorted
+    /// candidates) and injects it.
+    async fn inject(&mut self, step: &PlannedStep) -> anyhow::Result<()> {
+        let table = self.cluster.access.table().await?;
+        let (active, standby) = cells_of(&table, step.pair);
+        let cell = if step.side == Side::Active { active } else { standby };
+        anyhow::ensure!(cell != 0, "pair {} has no {:?} cell now", step.pair, step.side);
+        let members = crate::faults::replicas(&table, cell).await;
+        let leader = crate::faults::leader(&table, cell).await;
+        let chosen: Vec<(u64, String)> = match step.role {
+            Role::Leader => {
+                let id = leader.ok_or_else(|| anyhow::anyhow!("cell {cell} has no leader to target"))?;
+                members.iter().filter(|(r, _)| *r == id).cloned().collect()
+            }
+            Role::Follower => {
+                let followers: Vec<_> = members.iter().filter(|(r, _)| Some(*r) != leader).cloned().collect();
+                anyhow::ensure!(!followers.is_empty(), "cell {cell} has no follower");
+                vec![followers[(step.pick % followers.len() as u64) as usize].clone()]
+            }
+            Role::Replica => vec![members[(step.pick % members.len().max(1) as u64) as usize].clone()],
+            Role::Cell => members.clone(),
+            Role::RouterLeader | Role::All => Vec::new(),
+        };
+        let procs: Vec<Proc> = chosen.iter().map(|(r, _)| Proc::Replica { cell, replica: *r }).collect();
+        let addrs: Vec<String> = chosen.iter().map(|(_, a)| a.clone()).collect();
+        let duration = Duration::from_millis(step.duration_ms);
+        // Fault points outlive the planned heal by a margin, so the runner
+        // heals them; they heal themselves if the runner is gone.
+        let expiry_ms = step.duration_ms + 5_000;
+        let now = self.recorder.now_ms();
+        let mut record = FaultRecord {
+            step: step.index,
+            fault: step.fault,
+            pair: step.pair,
+            targets: Vec::new(),
+            start_ms: now,
+            end_ms: now,
+            rto_ms: None,
+            failover: None,
+            detail: String::new(),
+        };
+        let mut live = Live {
+            record: self.faults.len(),
+            kind: step.fault,
+            procs: Vec::new(),
+            addrs: Vec::new(),
+            cells: Vec::new(),
+            heal_at_ms: None,
+        };
+        let point = |point: &str, action: &str| InjectFaultRequest {
+            point: point.into(),
+            action: action.into(),
+            duration_ms: expiry_ms,
+            ..Default::default()
+        };
+        let d = &self.drill.method[step.index];
+        match step.fault {
+            FaultKind::Kill | FaultKind::Pause | FaultKind::Restart => {
+                let targets = if step.role == Role::RouterLeader {
+                    let status = self.cluster.access.status().await?;
+                    vec![Proc::Router(status.leader_router_id)]
+                } else if step.role == Role::All {
+                    let mut all = self.procs()?.all();
+                    all.sort();
+                    all
+                } else {
+                    procs.clone()
+                };
+                if step.fault == FaultKind::Restart && step.role == Role::All {
+                    return self.rolling_restart(step, targets, record).await;
+                }
+                for p in &targets {
+                    match step.fault {
+                        FaultKind::Pause => self.procs()?.pause(*p, true)?,
+                        _ => self.procs()?.kill(*p)?,
+                    }
+                }
+                if step.fault == FaultKind::Restart {
+                    for p in &targets {
+                        self.procs()?.start(*p)?;
+                    }
+                } else {
+                    live.procs = targets.clone();
+                }
+                record.targets = targets.iter().map(|p| p.to_string()).collect();
+            }
+            FaultKind::DiskError => {
+                for addr in &addrs {
+                    self.cluster.access.inject(addr, point("disk.sync", "error")).await?;
+                }
+                live.procs = procs.clone();
+                live.addrs = addrs.clone();
+                record.targets = procs.iter().map(|p| p.to_string()).collect();
+            }
+            FaultKind::Partition | FaultKind::Delay | FaultKind::Loss | FaultKind::SlowDisk | FaultKind::ClockJump => {
+                let requests: Vec<InjectFaultRequest> = match step.fault {
+                    FaultKind::Partition => vec![point("raft.send", "drop"), point("raft.recv", "drop")],
+                    FaultKind::Delay => {
+                        vec![InjectFaultRequest { delay_ms: d.delay_ms, ..point("raft.send", "delay") }]
+                    }
+                    FaultKind::Loss => {
+                        vec![InjectFaultRequest { probability: d.probability, ..point("raft.send", "drop") }]
+                    }
+                    FaultKind::SlowDisk => {
+                        vec![InjectFaultRequest { delay_ms: d.delay_ms, ..point("disk.sync", "delay") }]
+                    }
+                    _ => vec![InjectFaultRequest { offset_ms: d.offset_ms, ..point("clock", "offset") }],
+                };
+                for addr in &addrs {
+                    for request in &requests {
+                        self.cluster.access.inject(addr, request.clone()).await?;
+                    }
+                }
+                live.addrs = addrs.clone();
+                record.targets = procs.iter().map(|p| p.to_string()).collect();
+            }
+            FaultKind::CutStandby | FaultKind::UnsafeAsyncStandby => {
+                let requests = if step.fault == FaultKind::CutStandby {
+                    vec![point("standby.ship", "drop")]
+                } else {
+                    vec![
+                        point("standby.ack", "skip"),
+                        InjectFaultRequest { delay_ms: d.delay_ms, ..point("standby.ship", "delay") },
+                    ]
+                };
+                for addr in &addrs {
+                    for request in &requests {
+                        self.cluster.access.inject(addr, request.clone()).await?;
+                    }
+                }
+                live.addrs = addrs.clone();
+                record.targets = vec![format!("cell {cell} (all replicas)")];
+            }
+            FaultKind::IsolateCell => {
+                self.cluster.access.isolate(&[cell], duration + Duration::from_secs(5)).await?;
+                live.cells = vec![cell];
+                record.targets = vec![format!("cell {cell} from every router")];
+            }
+            FaultKind::Switchover => {
+                let pause = self.cluster.access.switchover(step.pair, "planned switchover drill").await?;
+                record.targets = vec![format!("pair {} (cell {cell} active)", step.pair)];
+                record.detail = format!("write pause reported by the coordinator: {pause} ms");
+            }
+        }
+        if !live.procs.is_empty() || !live.addrs.is_empty() || !live.cells.is_empty() {
+            live.heal_at_ms = (step.duration_ms > 0).then(|| now + step.duration_ms);
+            self.live.push(live);
+        }
+        self.event(format!(
+            "inject {:?} on {} (step {}, pair {})",
+            step.fault,
+            record.targets.join(", "),
+            step.index,
+            step.pair
+        ));
+        self.faults.push(record);
+        Ok(())
+    }
+
+    async fn rolling_restart(
+        &mut self,
+        step: &PlannedStep,
+        targets: Vec<Proc>,
+        mut record: FaultRecord,
+    ) -> anyhow::Result<()> {
+        let interval = Duration::from_secs_f64(self.drill.method[step.index].interval_s.max(0.5));
+        self.event(format!("rolling restart of {} processes", targets.len()));
+        for p in &targets {
+            if self.halted() {
+                break;
+            }
+            self.procs()?.kill(*p)?;
+            self.procs()?.start(*p)?;
+            self.event(format!("restarted {p}"));
+            tokio::time::sleep(interval).await;
+            // Wait for the cluster to be whole before the next one.
+            self.cluster.access.wait_sync(Duration::from_secs(20)).await;
+        }
+        record.targets = targets.iter().map(|p| p.to_string()).collect();
+        record.end_ms = self.recorder.now_ms();
+        self.faults.push(record);
+        Ok(())
+    }
+
+    fn halted(&self) -> bool {
+        self.recorder.stop.load(Ordering::Relaxed)
+    }
+
+    async fn heal(&mut self, index: usize) {
+        let live = self.live.remove(index);
+        for p in &live.procs {
+            if let Some(procs) = self.cluster.processes.as_mut() {
+                let result = match live.kind {
+                    FaultKind::Pause => procs.pause(*p, false),
+                    _ if procs.is_running(*p) => Ok(()),
+                    _ => procs.start(*p),
+                };
+                if let Err(e) = result {
+                    self.event(format!("heal {p}: {e}"));
+                }
+            }
+        }
+        for addr in &live.addrs {
+            if let Err(e) = self.cluster.access.heal(addr).await {
+                // A replica the fault stopped (disk error) lost its faults with it.
+                if live.kind != FaultKind::DiskError {
+                    self.event(format!("heal {addr}: {e}"));
+                }
+            }
+        }
+        if !live.cells.is_empty() {
+            if let Err(e) = self.cluster.access.clear_isolation().await {
+                self.event(format!("clearing isolation: {e}"));
+            }
+        }
+        let now = self.recorder.now_ms();
+        self.faults[live.record].end_ms = now;
+        let what = self.faults[live.record].targets.join(", ");
+        self.event(format!("healed {:?} on {what}", live.kind));
+    }
+
+    /// Heals everything the runner may have touched and checks that nothing
+    /// is left: no fault point on any replica, no isolation, every process
+    /// running.
+    async fn heal_all(&mut self) -> bool {
+        while !self.live.is_empty() {
+            self.heal(0).await;
+        }
+        let mut ok = true;
+        if let Some(procs) = self.cluster.processes.as_mut() {
+            procs.reap_exited();
+            for p in procs.all() {
+                let _ = procs.pause(p, false);
+                if !procs.is_running(p) {
+                    if let Err(e) = procs.start(p) {
+                        ok = false;
+                        self.progress.line(&format!("could not restart {p}: {e}"));
+                    }
+                }
+            }
+        }
+        if self.cluster.access.clear_isolation().await.is_err() {
+            ok = false;
+        }
+        // Give restarted replicas a moment to listen before asking them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let addrs: Vec<String> = match self.cluster.access.table().await {
+            Ok(table) => table.cells.iter().flat_map(|c| c.replicas.clone()).collect(),
+            Err(_) => Vec::new(),
+        };
+        if addrs.is_empty() {
+            ok = false;
+        }
+        for addr in addrs {
+            loop {
+                let _ = self.cluster.access.heal(&addr).await;
+                match self.cluster.access.list(&addr).await {
+                    Ok(list) if list.faults.is_empty() => break,
+                    Ok(list) => {
+                        self.progress.line(&format!("replica {addr} still has {} fault(s)", list.faults.len()));
+                    }
+                    Err(_) => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    self.progress.line(&format!("could not verify that replica {addr} is healed"));
+                    ok = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        self.event(format!("healed everything; verified: {ok}"));
+        ok
+    }
+
+    /// Polls the routing table and the cells' pair state (100 ms).
+    async fn observe(&mut self) {
+        let Ok(status) = self.cluster.access.status().await else { return };
+        let t = self.recorder.now_ms();
+        let table = status.table.clone().unwrap_or_default();
+        for pair in &table.pairs {
+            let promoted = status.replicas.iter().any(|r| {
+                r.cell_id == pair.active_cell_id
+                    && r.status
+                        .as_ref()
+                        .and_then(|s| s.pair.as_ref())
+                        .is_some_and(|p| p.epoch == pair.epoch && p.role == PairRole::Active as i32)
+            });
+            let last = self.observations.iter().rev().find(|o| o.1 == pair.pair_id).copied();
+            if last.map(|o| (o.2, o.4)) != Some((pair.epoch, promoted)) {
+                self.observations.push((t, pair.pair_id, pair.epoch, pair.active_cell_id, promoted));
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+/// Throughput and latency per bucket, by answer time.
+pub fn series(timeline: &[(u64, u64, bool, u64)], history: &History) -> Vec<Point> {
+    let end = timeline.iter().map(|t| t.1).max().unwrap_or(0);
+    let mut points: Vec<(Point, Vec<u64>)> = (0..=end / BUCKET_MS)
+        .map(|i| (Point { t_ms: i * BUCKET_MS, ok: 0, refused: 0, unknown: 0, p50_ms: 0.0, p99_ms: 0.0 }, Vec::new()))
+        .collect();
+    for op in &history.ops {
+        let (point, latencies) = &mut points[(op.answered_ms / BUCKET_MS) as usize];
+        match op.outcome {
+            crate::history::Outcome::Ok => {
+                point.ok += 1;
+                latencies.push(op.answered_ms - op.sent_ms);
+            }
+            crate::history::Outcome::Refused(_) => point.refused += 1,
+            crate::history::Outcome::Unknown => point.unknown += 1,
+        }
+    }
+    points
+        .into_iter()
+        .map(|(mut p, mut l)| {
+            l.sort_unstable();
+            p.p50_ms = percentile(&l, 0.5);
+            p.p99_ms = percentile(&l, 0.99);
+            p
+        })
+        .collect()
+}
+
+/// Measures the probes over [from, to) (ms).
+fn probe(drill: &Drill, history: &History, from: u64, to: u64, pairs_sync: bool) -> (Vec<ProbeResult>, f64) {
+    let span = ((to - from) as f64 / 1000.0).max(0.001);
+    let ops: Vec<_> = history.ops.iter().filter(|op| op.answered_ms >= from && op.answered_ms < to).collect();
+    let ok: Vec<u64> = ops
+        .iter()
+        .filter(|op| op.outcome == crate::history::Outcome::Ok)
+        .map(|op| op.answered_ms - op.sent_ms)
+        .collect();
+    let mut sorted = ok.clone();
+    sorted.sort_unstable();
+    let throughput = ok.len() as f64 / span;
+    let unknown = ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count();
+    let error_rate = if ops.is_empty() { 1.0 } else { unknown as f64 / ops.len() as f64 };
+    let results = drill
+        .steady_state
+        .probes
+        .iter()
+        .map(|p| match p {
+            Probe::Throughput { min, fraction_of_rate } => {
+                let bound = min.max(fraction_of_rate * drill.workload.rate as f64);
+                ProbeResult {
+                    probe: "throughput (ops/s)".into(),
+                    measured: throughput,
+                    bound: format!(">= {bound:.0}"),
+                    pass: throughput >= bound,
+                }
+            }
+            Probe::P99 { max_ms } => {
+                let p99 = percentile(&sorted, 0.99);
+                ProbeResult {
+                    probe: "p99 latency (ms)".into(),
+                    measured: p99,
+                    bound: format!("<= {max_ms}"),
+                    pass: p99 <= *max_ms,
+                }
+            }
+            Probe::ErrorRate { max } => ProbeResult {
+                probe: "error rate".into(),
+                measured: error_rate,
+                bound: format!("<= {max}"),
+                pass: error_rate <= *max,
+            },
+            Probe::PairsSync => ProbeResult {
+                probe: "every pair SYNC".into(),
+                measured: if pairs_sync { 1.0 } else { 0.0 },
+                bound: "= 1".into(),
+                pass: pairs_sync,
+            },
+        })
+        .collect();
+    (results, throughput)
+}
+
+/// Checks, before any fault: the blast radius and the credentials.
+pub async fn preflight(drill: &Drill, access: &Access, plan: &[PlannedStep]) -> anyhow::Result<Vec<u64>> {
+    let table = access.table().await?;
+    let radius: Vec<u64> = match drill.cluster.mode {
+        ClusterMode::Local => table.cells.iter().map(|c| c.cell_id).collect(),
+        ClusterMode::Attach => drill.cluster.blast_radius.clone(),
+    };
+    for step in plan {
+        let (active, standby) = cells_of(&table, step.pair);
+        anyhow::ensure!(active != 0, "method[{}]: pair {} does not exist in this cluster", step.index, step.pair);
+        // A step may touch its pair's cell on its side; a failover it causes
+        // moves traffic to the other cell of the pair, so both must be inside.
+        for cell in [active, standby].into_iter().filter(|c| *c != 0) {
+            anyhow::ensure!(
+                radius.contains(&cell),
+                "method[{}] ({:?} on pair {}) may touch cell {cell}, outside the blast radius {radius:?}",
+                step.index,
+                step.fault,
+                step.pair
+            );
+        }
+    }
+    for cell in &radius {
+        let addrs = table.cells.iter().find(|c| c.cell_id == *cell).map(|c| c.replicas.clone()).unwrap_or_default();
+        anyhow::ensure!(!addrs.is_empty(), "blast radius: no cell {cell} in this cluster");
+        for addr in addrs {
+            access.check_credentials(&addr).await?;
+        }
+    }
+    Ok(radius)
+}
+
+/// Runs the drill against `cluster`.
+pub async fn run(
+    drill: &Drill,
+    options: &RunOptions,
+    cluster: Cluster,
+    progress: &dyn Progress,
+) -> anyhow::Result<Journal> {
+    let mut drill = drill.clone();
+    drill.seed = options.seed;
+    let drill = &drill;
+    let started_at_unix_ms = unix_ms();
+    let access = cluster.access.clone();
+    if !access.wait_sync(Duration::from_secs(60)).await {
+        anyhow::bail!("the cluster's pairs did not all reach SYNC within 60 s; not starting the drill");
+    }
+    let table = access.table().await?;
+    let plan = crate::drill::plan(drill, table.pairs.len() as u64);
+    let blast_radius = preflight(drill, &access, &plan).await?;
+    progress.line(&format!(
+        "drill {} (seed {}): blast radius cells {blast_radius:?}; {} step(s) planned",
+        drill.name,
+        options.seed,
+        plan.len()
+    ));
+    for step in &plan {
+        progress.line(&format!(
+            "  step {}: {:?} {:?} of pair {} ({:?}) at +{} ms{} for {} ms",
+            step.index,
+            step.fault,
+            step.role,
+            step.pair,
+            step.side,
+            step.start_ms,
+            if step.serial { " after the previous step" } else { "" },
+            step.duration_ms
+        ));
+    }
+    let slice_count = table.slice_count.max(1);
+    let slice_pair = table.slice_pair.clone();
+    let first_user = match drill.cluster.mode {
+        ClusterMode::Local => 1,
+        // Fresh users on a shared cluster: earlier runs' balances stay out.
+        ClusterMode::Attach => 1_000_000_000 + (started_at_unix_ms / 1000 % 1_000_000) * 1000,
+    };
+    let run_id = format!("{}-{:x}", drill.name, started_at_unix_ms);
+    let population = Arc::new(Population::new(run_id, first_user, drill.workload.accounts, |u| {
+        let slice = cellbank_router::table::slice_of(u, slice_count) as usize;
+        slice_pair.get(slice).copied().unwrap_or(0)
+    }));
+    let seeder = cellbank_cell::client::CellClient::new(access.routers.clone());
+    workload::seed(&seeder, &population, drill.workload.seed_amount).await?;
+    progress.line(&format!(
+        "seeded {} accounts; workload {:?} at {}/s",
+        population.users.len(),
+        drill.workload.kind,
+        drill.workload.rate
+    ));
+
+    let recorder = Recorder::new();
+    let tasks =
+        workload::start(access.routers.clone(), &drill.workload, population.clone(), recorder.clone(), options.seed);
+    let mut run = Run {
+        drill,
+        cluster,
+        recorder: recorder.clone(),
+        progress,
+        events: Vec::new(),
+        faults: Vec::new(),
+        live: Vec::new(),
+        observations: Vec::new(),
+    };
+    let steady_from = drill.steady_state.warmup_s * 1000;
+    let method_start = steady_from + drill.steady_state.window_s * 1000;
+    let mut aborted: Option<String> = None;
+    let halted = |run: &Run| options.halt.load(Ordering::Relaxed) || run.halted();
+    while recorder.now_ms() < method_start && !options.halt.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sync_before = access.all_pairs_sync().await;
+    let (steady_before, steady_throughput) = probe(drill, &recorder.history(), steady_from, method_start, sync_before);
+    for p in &steady_before {
+        run.event(format!(
+            "steady state before: {} = {:.1} ({}) {}",
+            p.probe,
+            p.measured,
+            p.bound,
+            if p.pass { "ok" } else { "FAILED" }
+        ));
+    }
+    if options.halt.load(Ordering::Relaxed) {
+        aborted = Some("halted by an operator before the method".into());
+    } else if steady_before.iter().any(|p| !p.pass) {
+        aborted = Some("the steady-state hypothesis did not hold before the method; nothing was injected".into());
+    }
+
+    // The method.
+    let mut next = 0usize;
+    // When the previous step ended (method time); None while it is live.
+    let mut previous_end: Option<u64> = Some(0);
+    let mut method_end = recorder.now_ms();
+    if aborted.is_none() {
+        run.event("method begins".into());
+        loop {
+            let now = recorder.now_ms();
+            let t = now.saturating_sub(method_start);
+            if next < plan.len() {
+                let step = &plan[next];
+                let due = match (step.serial, previous_end) {
+                    (false, _) => Some(step.start_ms),
+                    (true, Some(end)) => Some(end + step.start_ms),
+                    (true, None) => None,
+                };
+                if due.is_some_and(|due| t >= due) {
+                    if let Err(e) = run.inject(step).await {
+                        aborted = Some(format!("step {} could not be injected: {e:#}", step.index));
+                        break;
+                    }
+                    next += 1;
+                    let timed =
+                        run.live.iter().any(|l| l.heal_at_ms.is_some() && run.faults[l.record].step == step.index);
+                    previous_end = if timed { None } else { Some(recorder.now_ms().saturating_sub(method_start)) };
+                }
+            }
+            // Heal what is due.
+            let now = recorder.now_ms();
+            while let Some(i) = run.live.iter().position(|l| l.heal_at_ms.is_some_and(|h| h <= now)) {
+                run.heal(i).await;
+                let last_step = next.checked_sub(1).map(|n| plan[n].index);
+                let still =
+                    run.live.iter().any(|l| l.heal_at_ms.is_some() && Some(run.faults[l.record].step) == last_step);
+                if previous_end.is_none() && !still {
+                    previous_end = Some(recorder.now_ms().saturating_sub(method_start));
+                }
+            }
+            if let Some(procs) = run.cluster.processes.as_mut() {
+                for p in procs.reap_exited() {
+                    run.event(format!("{p} exited"));
+                }
+            }
+            run.observe().await;
+            // Stop conditions.
+            let timeline = recorder.timeline();
+            let last_ok = timeline.iter().filter(|o| o.2).map(|o| o.1).max().unwrap_or(0);
+            if now.saturating_sub(last_ok.max(method_start)) as f64 > drill.stop.max_unavailable_s * 1000.0 {
+                aborted =
+                    Some(format!("stop condition: no operation succeeded for {} s", drill.stop.max_unavailable_s));
+                break;
+            }
+            let recent: Vec<_> = timeline.iter().filter(|o| o.1 + 5000 >= now).collect();
+            let unknown = recent.iter().filter(|o| !o.2).count();
+            if recent.len() >= 20 && unknown as f64 / recent.len() as f64 > drill.stop.max_error_rate {
+                aborted = Some(format!("stop condition: error rate above {} over 5 s", drill.stop.max_error_rate));
+                break;
+            }
+            if halted(&run) {
+                aborted = Some("halted by an operator".into());
+                break;
+            }
+            // Kill faults without a duration stay until the end of the method.
+            if next >= plan.len() && run.live.iter().all(|l| l.heal_at_ms.is_none()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        method_end = recorder.now_ms();
+    }
+    let heal_verified = run.heal_all().await;
+    if !heal_verified && aborted.is_none() {
+        aborted = Some("the heal at the end of the method could not be verified".into());
+    }
+    for rollback in &drill.rollbacks {
+        match rollback {
+            Rollback::HealAll | Rollback::StartAll => {} // done by heal_all, always
+            Rollback::WaitSync => {
+                let ok = access.wait_sync(Duration::from_secs(90)).await;
+                run.event(format!(
+                    "rollback wait-sync: {}",
+                    if ok { "every pair SYNC" } else { "NOT SYNC after 90 s" }
+                ));
+            }
+        }
+    }
+
+    // Recovery: until throughput is back (bounded), then one more window.
+    let last_fault_end = run.faults.iter().map(|f| f.end_ms).max().unwrap_or(method_end).max(method_end);
+    let within = (drill.expect.recovery_within_s * 1000.0) as u64;
+    let window = drill.steady_state.window_s * 1000;
+    let target = steady_throughput * drill.expect.recovery_fraction;
+    let mut recovery_ms = None;
+    loop {
+        let now = recorder.now_ms();
+        run.observe().await;
+        if recovery_ms.is_none() {
+            recovery_ms = recovered_at(&recorder.history(), last_fault_end, target);
+        }
+        let done_recovering = recovery_ms.is_some() || now > last_fault_end + within;
+        if (done_recovering && now >= last_fault_end + window.max(recovery_ms.unwrap_or(0) + window))
+            || options.halt.load(Ordering::Relaxed)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end = recorder.now_ms();
+    let sync_after = access.all_pairs_sync().await;
+    let (steady_after, _) = probe(drill, &recorder.history(), end.saturating_sub(window), end, sync_after);
+    recorder.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    run.event("workload stopped".into());
+
+    // Resolution and the final state.
+    let mut history = recorder.history();
+    let unknown = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count();
+    let resolved = workload::resolve(access.routers.clone(), &mut history, Duration::from_secs(120)).await;
+    run.event(format!("resolved {resolved} of {unknown} unknown outcomes"));
+    access.wait_sync(Duration::from_secs(60)).await;
+    settle(&access, Duration::from_secs(60)).await;
+    let state_result =
+        workload::read_final(access.routers.clone(), &population, &history, drill.workload.seed_amount).await;
+    let status = access.status().await?;
+    let reconciled = cellbank_router::reconcile::reconcile(&status, &Default::default()).await;
+    let mut state = state_result?;
+    fill_from_reconcile(&mut state, &reconciled, &status.table.unwrap_or_default());
+    let mut verdicts = checkers::check_all(&history, &state);
+    verdicts.push(Verdict::from_findings("reconcile", reconciled.discrepancies.clone()));
+    let timeline = recorder.timeline();
+    let series = series(&timeline, &history);
+    // RTO and failover timelines.
+    let audit = access.audit_log().await.unwrap_or_default();
+    let pairs_all: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).collect();
+    let pairs_of_ops: Vec<u64> = recorder.pairs.lock().expect("pairs lock").clone();
+    let mut faults = run.faults.clone();
+    for f in &mut faults {
+        let affected: Vec<u64> = if matches!(run.drill.method[f.step].target.role, Role::RouterLeader | Role::All) {
+            pairs_all.clone()
+        } else {
+            vec![f.pair]
+        };
+        f.rto_ms = history
+            .ops
+            .iter()
+            .zip(pairs_of_ops.iter())
+            .filter(|(op, pair)| {
+                op.sent_ms >= f.start_ms && affected.contains(pair) && op.outcome == crate::history::Outcome::Ok
+            })
+            .map(|(op, _)| op.answered_ms - f.start_ms)
+            .min();
+        f.failover = failover_timeline(f, &run.observations, &audit, wall_zero(&recorder));
+    }
+    let no_lost = verdicts.iter().find(|v| v.checker == "no_lost_ack").map(|v| v.offenses).unwrap_or(0);
+    let mut expectations = Vec::new();
+    if let Some(bound) = drill.expect.rto_max_ms {
+        for f in faults.iter().filter(|f| f.fault != FaultKind::Restart || f.targets.len() == 1) {
+            let pass = f.rto_ms.is_some_and(|r| r <= bound);
+            expectations.push(Expectation {
+                name: format!("RTO of step {} ({:?})", f.step, f.fault),
+                pass,
+                detail: format!(
+                    "{} (bound {bound} ms)",
+                    f.rto_ms.map(|r| format!("{r} ms")).unwrap_or("no success after the fault".into())
+                ),
+            });
+        }
+    }
+    expectations.push(Expectation {
+        name: "RPO = 0".into(),
+        pass: (no_lost == 0) == drill.expect.rpo_zero,
+        detail: if drill.expect.rpo_zero {
+            format!("{no_lost} acknowledged operation(s) lost")
+        } else {
+            format!("{no_lost} acknowledged operation(s) lost; this drill expects loss (it proves the checker fails)")
+        },
+    });
+    expectations.push(Expectation {
+        name: format!(
+            "throughput back to {:.0}% of the steady state within {} s",
+            drill.expect.recovery_fraction * 100.0,
+            drill.expect.recovery_within_s
+        ),
+        pass: recovery_ms.is_some_and(|r| r <= within),
+        detail: match recovery_ms {
+            Some(r) => format!("back after {r} ms (target {target:.0} ops/s)"),
+            None => format!("not back to {target:.0} ops/s"),
+        },
+    });
+    // With rpo_zero = false the drill passes when the loss is seen.
+    if !drill.expect.rpo_zero {
+        for v in verdicts.iter_mut().filter(|v| v.status == Status::Fail) {
+            v.detail = format!("(expected by this drill) {}", v.detail);
+        }
+    }
+    let acknowledged = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Ok).count();
+    if let Some(procs) = run.cluster.processes.as_mut() {
+        procs.stop_all();
+    }
+    Ok(Journal {
+        drill: drill.clone(),
+        seed: options.seed,
+        replay: options.replay.clone(),
+        started_at_unix_ms,
+        plan,
+        blast_radius,
+        events: run.events,
+        faults,
+        series,
+        method_window_ms: (method_start, method_end),
+        steady_before,
+        steady_after,
+        steady_throughput,
+        recovery_ms,
+        verdicts,
+        expectations,
+        operations: history.ops.len(),
+        acknowledged,
+        unknown,
+        resolved,
+        rpo_lost: no_lost,
+        heal_verified,
+        aborted,
+        reconcile_discrepancies: reconciled.discrepancies,
+        logs: run.cluster.logs.clone(),
+        history,
+    })
+}
+
+/// The wall clock (ms) at the recorder's zero.
+fn wall_zero(recorder: &Recorder) -> u64 {
+    unix_ms().saturating_sub(recorder.now_ms())
+}
+
+/// The first moment (ms after `from`) at which the acknowledged throughput
+/// over one second reaches `target`.
+fn recovered_at(history: &History, from: u64, target: f64) -> Option<u64> {
+    let mut acks: Vec<u64> = history
+        .ops
+        .iter()
+        .filter(|op| op.outcome == crate::history::Outcome::Ok && op.answered_ms >= from)
+        .map(|op| op.answered_ms)
+        .collect();
+    acks.sort_unstable();
+    let need = target.ceil().max(1.0) as usize;
+    (0..acks.len()).find_map(|i| {
+        let j = i + need - 1;
+        (j < acks.len() && acks[j] - acks[i] < 1000).then(|| acks[j] - from)
+    })
+}
+
+/// Waits until no cross-cell credit is pending anywhere.
+async fn settle(access: &Access, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(status) = access.status().await {
+            if !status.pairs.is_empty() && status.pairs.iter().all(|p| p.outbox_pending == 0) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn fill_from_reconcile(
+    state: &mut crate::history::FinalState,
+    report: &cellbank_router::reconcile::Report,
+    table: &RoutingTable,
+) {
+    for cell in &report.cells {
+        let replicas = table.cells.iter().find(|c| c.cell_id == cell.cell_id).map(|c| c.replicas.len()).unwrap_or(0);
+        let mut digests = vec![cell.digest.clone(); cell.replicas_agreeing];
+        digests.extend((cell.replicas_agreeing..replicas).map(|_| format!("not {}", cell.digest)));
+        state.digests.entry(cell.cell_id).or_default().extend(digests);
+        for (currency, sum) in &cell.balance_sums {
+            state.sums.insert((cell.cell_id, currency.clone()), sum.parse().unwrap_or(i128::MAX));
+        }
+    }
+    // A pair's standby holds the active's digest (reconcile compared them).
+    let mut by_pair: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for cell in &report.cells {
+        by_pair.entry(cell.pair_id).or_default().push(cell.digest.clone());
+    }
+    for (pair, digests) in by_pair {
+        state.digests.entry(1_000_000 + pair).or_default().extend(digests);
+    }
+}
+
+fn failover_timeline(
+    fault: &FaultRecord,
+    observations: &[(u64, u64, u64, u64, bool)],
+    audit: &[cellbank_proto::router::AuditRecord],
+    wall_zero: u64,
+) -> Option<FailoverTimeline> {
+    let before = observations.iter().rev().find(|o| o.1 == fault.pair && o.0 <= fault.start_ms)?;
+    let switched = observations.iter().find(|o| o.1 == fault.pair && o.0 > fault.start_ms && o.2 > before.2)?;
+    let promoted = observations.iter().find(|o| o.1 == fault.pair && o.0 > fault.start_ms && o.2 == switched.2 && o.4);
+    let start_wall = wall_zero + fault.start_ms;
+    let decided = audit
+        .iter()
+        .filter(|r| r.time_ms >= start_wall && (r.what.contains("failover") || r.what.contains("switchover")))
+        .map(|r| r.time_ms - start_wall)
+        .min();
+    Some(FailoverTimeline {
+        detection_ms: decided,
+        promotion_ms: promoted.map(|o| o.0 - fault.start_ms),
+        route_switch_ms: Some(switched.0 - fault.start_ms),
+        first_success_ms: fault.rto_ms,
+        from_cell: before.3,
+        to_cell: switched.3,
+    })
+}

@@ -1,0 +1,508 @@
+//! The drill's workload: clients sending transfers (within and across
+//! cells) and red-envelope sends and grabs through the routers at a fixed
+//! rate, recording every operation with what its client heard; then the
+//! resolution of unknown outcomes and the read of the final state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellbank_cell::client::CellClient;
+use cellbank_proto::v1::*;
+use tonic::Status;
+
+use crate::drill::{Rng, Workload, WorkloadKind};
+use crate::history::{EnvelopeState, FinalState, History, Op, OpKind, Outcome, Recorded};
+
+pub const CURRENCY: &str = "CNY";
+/// Per-envelope amount per share (so every share can be at least 1).
+const ENVELOPE_UNIT: u64 = 100;
+
+/// Users, their pairs and the run's id prefix.
+#[derive(Clone, Debug)]
+pub struct Population {
+    /// Distinguishes this run's transfer ids from any earlier run's.
+    pub run_id: String,
+    pub users: Vec<u64>,
+    /// user -> pair id serving it.
+    pub pair_of: BTreeMap<u64, u64>,
+}
+
+impl Population {
+    pub fn new(run_id: String, first_user: u64, count: u64, pair_of: impl Fn(u64) -> u64) -> Population {
+        let users: Vec<u64> = (first_user..first_user + count).collect();
+        let pair_of = users.iter().map(|u| (*u, pair_of(*u))).collect();
+        Population { run_id, users, pair_of }
+    }
+
+    fn pair(&self, user: u64) -> u64 {
+        self.pair_of.get(&user).copied().unwrap_or(0)
+    }
+}
+
+/// Everything the clients heard, shared by the workers.
+pub struct Recorder {
+    pub started: Instant,
+    pub ops: Mutex<Vec<Op>>,
+    /// Operation -> the pair it was sent to (the sender's).
+    pub pairs: Mutex<Vec<u64>>,
+    next_seq: AtomicU64,
+    pub stop: AtomicBool,
+    /// Envelopes that were sent (id -> sender), for the grabbers.
+    envelopes: Mutex<Vec<(String, u64)>>,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Recorder> {
+        Arc::new(Recorder {
+            started: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+            pairs: Mutex::new(Vec::new()),
+            next_seq: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            envelopes: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn record(&self, sent_ms: u64, kind: OpKind, outcome: Outcome, pair: u64) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let op = Op { seq, sent_ms, answered_ms: self.now_ms(), kind, outcome, resolved: None };
+        let mut ops = self.ops.lock().expect("ops lock");
+        ops.push(op);
+        self.pairs.lock().expect("pairs lock").push(pair);
+    }
+
+    /// (sent_ms, answered_ms, ok, pair) of every operation so far.
+    pub fn timeline(&self) -> Vec<(u64, u64, bool, u64)> {
+        let ops = self.ops.lock().expect("ops lock");
+        let pairs = self.pairs.lock().expect("pairs lock");
+        ops.iter()
+            .zip(pairs.iter())
+            .map(|(op, pair)| (op.sent_ms, op.answered_ms, op.outcome == Outcome::Ok, *pair))
+            .collect()
+    }
+
+    pub fn history(&self) -> History {
+        let mut ops = self.ops.lock().expect("ops lock").clone();
+        ops.sort_by_key(|op| op.seq);
+        History { ops }
+    }
+}
+
+fn code_name(code: i32) -> String {
+    ResultCode::try_from(code).map(|c| c.as_str_name().to_string()).unwrap_or_else(|_| format!("CODE_{code}"))
+}
+
+fn outcome_of(result: Option<&TransferResult>) -> Outcome {
+    match result {
+        Some(r) if r.code == ResultCode::Ok as i32 => Outcome::Ok,
+        Some(r) => Outcome::Refused(code_name(r.code)),
+        None => Outcome::Unknown,
+    }
+}
+
+async fn transfer(client: &CellClient, request: &TransferRequest) -> Result<TransferResponse, Status> {
+    client
+        .ledger(|mut c| {
+            let request = request.clone();
+            async move { c.transfer(request).await }
+        })
+        .await
+}
+
+async fn send_envelope(client: &CellClient, request: &SendEnvelopeRequest) -> Result<SendEnvelopeResponse, Status> {
+    client
+        .ledger(|mut c| {
+            let request = request.clone();
+            async move { c.send_envelope(request).await }
+        })
+        .await
+}
+
+async fn grab(client: &CellClient, envelope_id: &str, user: u64) -> Result<GrabEnvelopeResponse, Status> {
+    client
+        .ledger(|mut c| {
+            let request = GrabEnvelopeRequest { envelope_id: envelope_id.to_string(), user_id: user };
+            async move { c.grab_envelope(request).await }
+        })
+        .await
+}
+
+/// A grab's outcome: ALREADY_GRABBED on a first grab means an earlier
+/// attempt (a retry inside the client or router) applied; it names the share.
+fn grab_outcome(response: &GrabEnvelopeResponse) -> (Outcome, Option<u64>) {
+    match response.result.as_ref().map(|r| r.code) {
+        Some(c) if c == ResultCode::Ok as i32 || c == ResultCode::AlreadyGrabbed as i32 => {
+            (Outcome::Ok, Some(response.amount))
+        }
+        Some(c) => (Outcome::Refused(code_name(c)), None),
+        None => (Outcome::Unknown, None),
+    }
+}
+
+/// Opens and seeds every account (before the clock of the drill starts
+/// mattering; failures here abort the drill).
+pub async fn seed(client: &CellClient, population: &Population, amount: u64) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for chunk in population.users.chunks(population.users.len().div_ceil(8).max(1)) {
+        let (client, chunk, run_id) =
+            (CellClient::new(client.endpoints().to_vec()), chunk.to_vec(), population.run_id.clone());
+        tasks.push(tokio::spawn(async move {
+            for user in chunk {
+                let opened = client
+                    .ledger(|mut c| async move {
+                        c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+                    })
+                    .await?;
+                anyhow::ensure!(
+                    opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32,
+                    "opening user {user}: {}",
+                    code_name(opened.code)
+                );
+                let request = DepositRequest {
+                    transfer_id: format!("{run_id}-seed-{user}").into_bytes(),
+                    user_id: user,
+                    currency: CURRENCY.into(),
+                    amount,
+                };
+                let seeded = client
+                    .ledger(|mut c| {
+                        let request = request.clone();
+                        async move { c.deposit(request).await }
+                    })
+                    .await?;
+                let code = seeded.result.map(|r| r.code).unwrap_or(-1);
+                anyhow::ensure!(code == ResultCode::Ok as i32, "seeding user {user}: {}", code_name(code));
+            }
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// Starts `workload.clients` workers; each sends its share of the rate.
+pub fn start(
+    routers: Vec<String>,
+    workload: &Workload,
+    population: Arc<Population>,
+    recorder: Arc<Recorder>,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let per_client = (workload.rate as f64 / workload.clients as f64).max(0.1);
+    let interval = Duration::from_secs_f64(1.0 / per_client);
+    (0..workload.clients)
+        .map(|worker| {
+            let mut client = CellClient::new(routers.clone());
+            client.deadline = Duration::from_millis(workload.deadline_ms);
+            let (workload, population, recorder) = (workload.clone(), population.clone(), recorder.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng::new(seed ^ (worker + 1).wrapping_mul(0x1000_0000_01b3));
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut n = 0u64;
+                let mut grabbed: BTreeSet<(String, u64)> = BTreeSet::new();
+                while !recorder.stop.load(Ordering::Relaxed) {
+                    ticker.tick().await;
+                    n += 1;
+                    let envelope_op = match workload.kind {
+                        WorkloadKind::Transfers => false,
+                        WorkloadKind::Envelopes => true,
+                        WorkloadKind::Mixed => rng.chance(0.5),
+                    };
+                    if envelope_op {
+                        envelope_step(&client, &workload, &population, &recorder, &mut rng, worker, n, &mut grabbed)
+                            .await;
+                    } else {
+                        transfer_step(&client, &workload, &population, &recorder, &mut rng, worker, n).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn transfer_step(
+    client: &CellClient,
+    workload: &Workload,
+    population: &Population,
+    recorder: &Recorder,
+    rng: &mut Rng,
+    worker: u64,
+    n: u64,
+) {
+    let users = &population.users;
+    let from = users[rng.below(users.len() as u64) as usize];
+    let from_pair = population.pair(from);
+    let cross = rng.chance(workload.cross_cell);
+    let candidates: Vec<u64> =
+        users.iter().copied().filter(|u| *u != from && (population.pair(*u) != from_pair) == cross).collect();
+    let to = if candidates.is_empty() {
+        users[(users.iter().position(|u| *u == from).unwrap_or(0) + 1) % users.len()]
+    } else {
+        candidates[rng.below(candidates.len() as u64) as usize]
+    };
+    // One in fifty asks for more than anyone holds: it must be refused.
+    let amount =
+        if rng.chance(0.02) { workload.seed_amount.saturating_mul(1000) } else { 1 + rng.below(workload.amount_max) };
+    let transfer_id = format!("{}-t{worker}-{n}", population.run_id);
+    let request = TransferRequest {
+        transfer_id: transfer_id.clone().into_bytes(),
+        from_user_id: from,
+        to_user_id: to,
+        currency: CURRENCY.into(),
+        amount,
+    };
+    let sent_ms = recorder.now_ms();
+    let outcome = match transfer(client, &request).await {
+        Ok(response) => outcome_of(response.result.as_ref()),
+        Err(_) => Outcome::Unknown,
+    };
+    let kind = OpKind::Transfer { transfer_id, from, to, currency: CURRENCY.into(), amount };
+    recorder.record(sent_ms, kind, outcome, from_pair);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn envelope_step(
+    client: &CellClient,
+    workload: &Workload,
+    population: &Population,
+    recorder: &Recorder,
+    rng: &mut Rng,
+    worker: u64,
+    n: u64,
+    grabbed: &mut BTreeSet<(String, u64)>,
+) {
+    let users = &population.users;
+    let sent_count = recorder.envelopes.lock().expect("envelopes lock").len() as u64;
+    // Send while fewer than `envelopes` exist (one worker's turn at a time
+    // is enough; a few extra are harmless), else grab.
+    let send = sent_count < workload.envelopes && (n % 4 == 1 || sent_count == 0);
+    if send {
+        let sender = users[rng.below(users.len() as u64) as usize];
+        let transfer_id = format!("{}-e{worker}-{n}", population.run_id);
+        let total = workload.shares as u64 * ENVELOPE_UNIT;
+        let request = SendEnvelopeRequest {
+            transfer_id: transfer_id.clone().into_bytes(),
+            sender_user_id: sender,
+            currency: CURRENCY.into(),
+            total,
+            shares: workload.shares,
+            split: EnvelopeSplit::Random as i32,
+            expires_at_ms: 0,
+        };
+        let sent_ms = recorder.now_ms();
+        let (outcome, envelope_id) = match send_envelope(client, &request).await {
+            Ok(response) => (outcome_of(response.result.as_ref()), response.envelope_id),
+            Err(_) => (Outcome::Unknown, format!("{sender}.{transfer_id}")),
+        };
+        if outcome != Outcome::Refused("INSUFFICIENT_FUNDS".into()) {
+            recorder.envelopes.lock().expect("envelopes lock").push((envelope_id.clone(), sender));
+        }
+        let kind = OpKind::SendEnvelope { transfer_id, envelope_id, sender, currency: CURRENCY.into(), total };
+        recorder.record(sent_ms, kind, outcome, population.pair(sender));
+        return;
+    }
+    let envelopes = recorder.envelopes.lock().expect("envelopes lock").clone();
+    if envelopes.is_empty() {
+        return;
+    }
+    // A (envelope, user) this worker has not tried; every user grabs each
+    // envelope at most once in the whole run (workers own disjoint users).
+    for _ in 0..8 {
+        let (envelope_id, sender) = envelopes[rng.below(envelopes.len() as u64) as usize].clone();
+        let mine: Vec<u64> = users.iter().copied().filter(|u| u % workload.clients == worker).collect();
+        if mine.is_empty() {
+            return;
+        }
+        let user = mine[rng.below(mine.len() as u64) as usize];
+        if !grabbed.insert((envelope_id.clone(), user)) {
+            continue;
+        }
+        let sent_ms = recorder.now_ms();
+        let (outcome, amount) = match grab(client, &envelope_id, user).await {
+            Ok(response) => grab_outcome(&response),
+            Err(_) => (Outcome::Unknown, None),
+        };
+        recorder.record(sent_ms, OpKind::Grab { envelope_id, user, amount }, outcome, population.pair(sender));
+        return;
+    }
+}
+
+/// Retries every unknown operation with the same idempotency key until it
+/// gets a final answer (or `deadline` passes), and records it.
+pub async fn resolve(routers: Vec<String>, history: &mut History, deadline: Duration) -> usize {
+    let mut client = CellClient::new(routers);
+    client.deadline = Duration::from_secs(10);
+    let started = Instant::now();
+    let mut resolved = 0;
+    for op in history.ops.iter_mut().filter(|op| op.outcome == Outcome::Unknown) {
+        while op.resolved.is_none() && started.elapsed() < deadline {
+            let outcome = match &mut op.kind {
+                OpKind::Transfer { transfer_id, from, to, currency, amount } => {
+                    let request = TransferRequest {
+                        transfer_id: transfer_id.clone().into_bytes(),
+                        from_user_id: *from,
+                        to_user_id: *to,
+                        currency: currency.clone(),
+                        amount: *amount,
+                    };
+                    transfer(&client, &request).await.ok().map(|r| outcome_of(r.result.as_ref()))
+                }
+                OpKind::SendEnvelope { transfer_id, sender, currency, total, .. } => {
+                    let shares = (*total / ENVELOPE_UNIT) as u32;
+                    let request = SendEnvelopeRequest {
+                        transfer_id: transfer_id.clone().into_bytes(),
+                        sender_user_id: *sender,
+                        currency: currency.clone(),
+                        total: *total,
+                        shares,
+                        split: EnvelopeSplit::Random as i32,
+                        expires_at_ms: 0,
+                    };
+                    send_envelope(&client, &request).await.ok().map(|r| outcome_of(r.result.as_ref()))
+                }
+                OpKind::Grab { envelope_id, user, amount } => match grab(&client, envelope_id, *user).await {
+                    Ok(response) => {
+                        let (outcome, share) = grab_outcome(&response);
+                        *amount = share;
+                        Some(outcome)
+                    }
+                    Err(_) => None,
+                },
+            };
+            match outcome {
+                Some(Outcome::Unknown) | None => tokio::time::sleep(Duration::from_millis(200)).await,
+                Some(outcome) => {
+                    op.resolved = Some(outcome);
+                    resolved += 1;
+                }
+            }
+        }
+    }
+    resolved
+}
+
+async fn list_all(client: &CellClient, user: u64) -> Result<Vec<TransferRecord>, Status> {
+    let mut token = Vec::new();
+    let mut all = Vec::new();
+    loop {
+        let request =
+            ListTransfersRequest { user_id: user, currency: CURRENCY.into(), page_size: 1000, page_token: token };
+        let page = client
+            .ledger(|mut c| {
+                let request = request.clone();
+                async move { c.list_transfers(request).await }
+            })
+            .await?;
+        all.extend(page.transfers);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Reads every user's balance and history and every envelope. Call once
+/// the cross-cell credits have settled.
+pub async fn read_final(
+    routers: Vec<String>,
+    population: &Population,
+    history: &History,
+    seed_amount: u64,
+) -> anyhow::Result<FinalState> {
+    let mut client = CellClient::new(routers);
+    client.deadline = Duration::from_secs(20);
+    let mut state = FinalState::default();
+    let debit_kinds = [TransferKind::Transfer as i32, TransferKind::EnvelopeSend as i32];
+    for &user in &population.users {
+        state.seeded.insert((user, CURRENCY.into()), seed_amount as i128);
+        let account = client
+            .ledger(|mut c| async move {
+                c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+            })
+            .await?;
+        state.balances.insert((user, CURRENCY.into()), account.balance as i128);
+        for record in list_all(&client, user).await? {
+            let id = String::from_utf8_lossy(&record.transfer_id).to_string();
+            if record.from_user_id == user && debit_kinds.contains(&record.kind) {
+                let entry = state.recorded.entry(id).or_default();
+                entry.code = "OK".into();
+                entry.debits += 1;
+            } else if record.kind == TransferKind::Refund as i32 {
+                state.recorded.entry(id).or_default().refunded = true;
+            }
+        }
+    }
+    // Transfers and sends the ledger does not show as applied.
+    for op in &history.ops {
+        if let OpKind::Transfer { transfer_id, .. } | OpKind::SendEnvelope { transfer_id, .. } = &op.kind {
+            let entry = state.recorded.entry(transfer_id.clone()).or_insert_with(|| Recorded {
+                code: "NOT_APPLIED".into(),
+                debits: 0,
+                refunded: false,
+            });
+            if entry.code.is_empty() {
+                entry.code = "NOT_APPLIED".into();
+            }
+        }
+    }
+    let envelope_ids: BTreeSet<String> = history
+        .ops
+        .iter()
+        .filter_map(|op| match &op.kind {
+            OpKind::SendEnvelope { envelope_id, .. } => Some(envelope_id.clone()),
+            _ => None,
+        })
+        .collect();
+    for envelope_id in envelope_ids {
+        let mut grabs = Vec::new();
+        let mut token = Vec::new();
+        let mut info = None;
+        loop {
+            let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 1000, page_token: token };
+            let page = client
+                .ledger(|mut c| {
+                    let request = request.clone();
+                    async move { c.get_envelope(request).await }
+                })
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                // An envelope whose send was refused or never applied.
+                Err(status) if status.code() == tonic::Code::NotFound => break,
+                Err(status) => return Err(status.into()),
+            };
+            if page.envelope.is_none() {
+                break;
+            }
+            info = page.envelope.clone();
+            grabs.extend(page.grabs.iter().map(|g| (g.user_id, g.amount)));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        if let Some(e) = info {
+            state.envelopes.insert(
+                envelope_id,
+                EnvelopeState {
+                    sender: e.sender_user_id,
+                    currency: e.currency,
+                    total: e.total,
+                    remaining: e.remaining,
+                    refunded: e.refunded,
+                    grabs,
+                },
+            );
+        }
+    }
+    Ok(state)
+}

@@ -1,0 +1,295 @@
+//! `cellbank chaos`: run, check and halt drills (crate `cellbank-chaos`).
+//! A local drill's cluster is started here, through the supervisor, on free
+//! loopback ports with a fresh admin token; its data and logs stay in the
+//! report directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellbank::supervisor::{ProcessId, Supervisor, Topology};
+use cellbank_chaos::drill::{ClusterMode, Drill};
+use cellbank_chaos::faults::{Access, Proc, Processes};
+use cellbank_chaos::runner::{self, Cluster, RunOptions};
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Subcommand)]
+pub enum ChaosAction {
+    /// Run a drill; exits non-zero when any checker or expectation fails.
+    Run {
+        /// The drill file (see deploy/drills/).
+        file: PathBuf,
+        /// Replaces the file's seed (replay a report's run with its seed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where the journal, the HTML report and a local cluster's data go
+        /// (default: chaos-reports/<drill>-<unix ms>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Attached drills: the admin token (else the variable the drill
+        /// names, CELLBANK_ADMIN_TOKEN by default).
+        #[arg(long, hide_env_values = true)]
+        admin_token: Option<String>,
+    },
+    /// Parse and check drill files without running them.
+    Check { files: Vec<PathBuf> },
+    /// Stop every drill running on this machine: each heals everything
+    /// it injected, writes its report and exits.
+    Halt {
+        /// How long to wait for the drills to finish healing.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+}
+
+/// What `halt` needs to find a running drill.
+#[derive(Serialize, Deserialize)]
+struct Registration {
+    pid: u32,
+    drill: String,
+    routers: Vec<String>,
+    /// The throwaway token of a local drill's own cluster (attached drills
+    /// store none: `halt` then reads the drill's variable).
+    local_token: Option<String>,
+    token_env: String,
+}
+
+fn registry_dir() -> PathBuf {
+    std::env::temp_dir().join("cellbank-chaos")
+}
+
+struct Local {
+    supervisor: Supervisor,
+}
+
+fn to_id(p: Proc) -> ProcessId {
+    match p {
+        Proc::Router(id) => ProcessId::Router(id),
+        Proc::Replica { cell, replica } => ProcessId::Replica { cell, replica },
+    }
+}
+
+fn to_proc(id: ProcessId) -> Proc {
+    match id {
+        ProcessId::Router(id) => Proc::Router(id),
+        ProcessId::Replica { cell, replica } => Proc::Replica { cell, replica },
+    }
+}
+
+impl Processes for Local {
+    fn kill(&mut self, p: Proc) -> anyhow::Result<()> {
+        anyhow::ensure!(self.supervisor.ids().contains(&to_id(p)), "no {p} in this cluster");
+        self.supervisor.kill(to_id(p));
+        Ok(())
+    }
+
+    fn start(&mut self, p: Proc) -> anyhow::Result<()> {
+        self.supervisor.start(to_id(p))
+    }
+
+    fn pause(&mut self, p: Proc, paused: bool) -> anyhow::Result<()> {
+        anyhow::ensure!(self.supervisor.ids().contains(&to_id(p)), "no {p} in this cluster");
+        self.supervisor.pause(to_id(p), paused);
+        Ok(())
+    }
+
+    fn all(&self) -> Vec<Proc> {
+        self.supervisor.ids().into_iter().map(to_proc).collect()
+    }
+
+    fn is_running(&self, p: Proc) -> bool {
+        self.supervisor.is_running(to_id(p))
+    }
+
+    fn reap_exited(&mut self) -> Vec<Proc> {
+        self.supervisor.exited().into_iter().map(|(id, _)| to_proc(id)).collect()
+    }
+
+    fn stop_all(&mut self) {
+        self.supervisor.stop_all(Duration::from_secs(5));
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Drill> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Drill::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub async fn run(action: ChaosAction) -> anyhow::Result<()> {
+    match action {
+        ChaosAction::Check { files } => {
+            anyhow::ensure!(!files.is_empty(), "name at least one drill file");
+            let mut failed = 0;
+            for file in &files {
+                match load(file) {
+                    Ok(drill) => println!("{}: ok ({}, {} step(s))", file.display(), drill.name, drill.method.len()),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            anyhow::ensure!(failed == 0, "{failed} drill file(s) have errors");
+            Ok(())
+        }
+        ChaosAction::Halt { wait_secs } => halt(Duration::from_secs(wait_secs)).await,
+        ChaosAction::Run { file, seed, out, admin_token } => {
+            let drill = load(&file)?;
+            let seed = seed.unwrap_or(drill.seed);
+            let out =
+                out.unwrap_or_else(|| PathBuf::from("chaos-reports").join(format!("{}-{}", drill.name, unix_ms())));
+            let passed = run_drill(&file, drill, seed, &out, admin_token).await?;
+            if !passed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run_drill(
+    file: &Path,
+    drill: Drill,
+    seed: u64,
+    out: &Path,
+    admin_token: Option<String>,
+) -> anyhow::Result<bool> {
+    let (cluster, local_token) = match drill.cluster.mode {
+        ClusterMode::Attach => {
+            let token =
+                admin_token.or_else(|| std::env::var(&drill.cluster.admin_token_env).ok()).filter(|t| !t.is_empty());
+            let Some(token) = token else {
+                anyhow::bail!(
+                    "an attached drill needs admin credentials: set {} or pass --admin-token; nothing was injected",
+                    drill.cluster.admin_token_env
+                );
+            };
+            let access = Access { routers: drill.cluster.router_addrs.clone(), token: Some(token) };
+            (Cluster { access, processes: None, logs: None }, None)
+        }
+        ClusterMode::Local => {
+            let data = out.join("cluster");
+            std::fs::create_dir_all(&data)?;
+            let data = data.canonicalize()?;
+            let c = &drill.cluster;
+            let mut topology = Topology::on_free_ports(&data, c.routers, c.pairs, c.replicas, c.standby);
+            let token = format!("drill-{:016x}", rand::random::<u64>());
+            topology.admin_token = Some(token.clone());
+            topology.fault_injection = true;
+            let mut supervisor = Supervisor::new(std::env::current_exe()?, topology)?;
+            supervisor.check_ports_free()?;
+            supervisor.start_all()?;
+            eprintln!("local cluster: {} processes, data and logs in {}", supervisor.ids().len(), data.display());
+            let access = Access { routers: supervisor.router_endpoints(), token: Some(token.clone()) };
+            let logs = Some(data.display().to_string());
+            (Cluster { access, processes: Some(Box::new(Local { supervisor })), logs }, Some(token))
+        }
+    };
+    std::fs::create_dir_all(registry_dir())?;
+    let registration_path = registry_dir().join(format!("{}.json", std::process::id()));
+    let registration = Registration {
+        pid: std::process::id(),
+        drill: drill.name.clone(),
+        routers: cluster.access.routers.clone(),
+        local_token,
+        token_env: drill.cluster.admin_token_env.clone(),
+    };
+    write_private(&registration_path, &serde_json::to_vec(&registration)?)?;
+    let halt = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let halt = halt.clone();
+        tokio::spawn(async move {
+            crate::wait_for_signal().await;
+            eprintln!("halting: healing everything, then writing the report");
+            halt.store(true, Ordering::Relaxed);
+        })
+    };
+    let options = RunOptions { seed, replay: format!("cellbank chaos run {} --seed {seed}", file.display()), halt };
+    let outcome = runner::run(&drill, &options, cluster, &runner::Stdout).await;
+    watcher.abort();
+    let _ = std::fs::remove_file(&registration_path);
+    let journal = outcome?;
+    let (json, html) = cellbank_chaos::report::write(&journal, out)?;
+    print!("{}", cellbank_chaos::report::summary(&journal));
+    println!("  journal: {}\n  report:  {}", json.display(), html.display());
+    Ok(journal.passed())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(bytes)?;
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+async fn halt(wait: Duration) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(registry_dir()) {
+        Ok(entries) => entries.filter_map(Result::ok).map(|e| e.path()).collect::<Vec<_>>(),
+        Err(_) => Vec::new(),
+    };
+    let mut found = 0;
+    for path in entries {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let Ok(registration) = serde_json::from_slice::<Registration>(&bytes) else { continue };
+        found += 1;
+        if alive(registration.pid) {
+            println!("halting drill {} (pid {})", registration.drill, registration.pid);
+            // SAFETY: SIGTERM to the drill runner that registered itself.
+            unsafe {
+                libc::kill(registration.pid as i32, libc::SIGTERM);
+            }
+            let started = Instant::now();
+            while alive(registration.pid) && started.elapsed() < wait {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if !alive(registration.pid) {
+                println!("drill {} healed and stopped", registration.drill);
+                continue;
+            }
+            eprintln!("drill {} did not stop in {wait:?}; healing its cluster from here", registration.drill);
+        }
+        // The runner is gone: heal what it may have left behind.
+        let token = registration.local_token.clone().or_else(|| std::env::var(&registration.token_env).ok());
+        let access = Access { routers: registration.routers.clone(), token };
+        let healed = heal_cluster(&access).await;
+        println!("drill {}: {healed}", registration.drill);
+        let _ = std::fs::remove_file(&path);
+    }
+    if found == 0 {
+        println!("no drill is running on this machine");
+    }
+    Ok(())
+}
+
+async fn heal_cluster(access: &Access) -> String {
+    let table = match access.table().await {
+        Ok(table) => table,
+        Err(e) => return format!("cluster unreachable ({e}); its fault points expire on their own"),
+    };
+    let _ = access.clear_isolation().await;
+    let mut healed = 0;
+    let mut failed = Vec::new();
+    for addr in table.cells.iter().flat_map(|c| c.replicas.clone()) {
+        match access.heal(&addr).await {
+            Ok(_) => healed += 1,
+            Err(e) => failed.push(format!("{addr}: {e}")),
+        }
+    }
+    if failed.is_empty() {
+        format!("healed {healed} replica(s) and cleared router isolation")
+    } else {
+        format!("healed {healed} replica(s); could not reach {}", failed.join("; "))
+    }
+}
