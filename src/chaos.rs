@@ -54,6 +54,9 @@ struct Registration {
     /// store none: `halt` then reads the drill's variable).
     local_token: Option<String>,
     token_env: String,
+    /// The cells the drill may touch (an attached drill's blast radius;
+    /// empty: the whole local cluster).
+    radius: Vec<u64>,
 }
 
 fn registry_dir() -> PathBuf {
@@ -199,6 +202,7 @@ async fn run_drill(
         routers: cluster.access.routers.clone(),
         local_token,
         token_env: drill.cluster.admin_token_env.clone(),
+        radius: if drill.cluster.mode == ClusterMode::Attach { drill.cluster.blast_radius.clone() } else { Vec::new() },
     };
     write_private(&registration_path, &serde_json::to_vec(&registration)?)?;
     let halt = Arc::new(AtomicBool::new(false));
@@ -229,9 +233,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// True while `pid` is a `cellbank chaos run` (a pid left in a stale
+/// registration may have been reused by another program).
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2).any(|w| w[0] == b"chaos" && w[1] == b"run")
 }
 
 async fn halt(wait: Duration) -> anyhow::Result<()> {
@@ -263,7 +270,7 @@ async fn halt(wait: Duration) -> anyhow::Result<()> {
         // The runner is gone: heal what it may have left behind.
         let token = registration.local_token.clone().or_else(|| std::env::var(&registration.token_env).ok());
         let access = Access { routers: registration.routers.clone(), token };
-        let healed = heal_cluster(&access).await;
+        let healed = heal_cluster(&access, &registration.radius).await;
         println!("drill {}: {healed}", registration.drill);
         let _ = std::fs::remove_file(&path);
     }
@@ -273,15 +280,21 @@ async fn halt(wait: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn heal_cluster(access: &Access) -> String {
+/// Heals the fault points of every replica in `radius` (every replica when
+/// empty: a local cluster, whose router isolation is cleared too; on an
+/// attached cluster an isolation expires on its own).
+async fn heal_cluster(access: &Access, radius: &[u64]) -> String {
     let table = match access.table().await {
         Ok(table) => table,
         Err(e) => return format!("cluster unreachable ({e}); its fault points expire on their own"),
     };
-    let _ = access.clear_isolation().await;
+    if radius.is_empty() {
+        let _ = access.clear_isolation().await;
+    }
     let mut healed = 0;
     let mut failed = Vec::new();
-    for addr in table.cells.iter().flat_map(|c| c.replicas.clone()) {
+    let inside = table.cells.iter().filter(|c| radius.is_empty() || radius.contains(&c.cell_id));
+    for addr in inside.flat_map(|c| c.replicas.clone()) {
         match access.heal(&addr).await {
             Ok(_) => healed += 1,
             Err(e) => failed.push(format!("{addr}: {e}")),

@@ -648,12 +648,14 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
             self.check_cell(batch.cell_id)?;
+            // A drill's delay holds the whole batch once.
+            if let Some(crate::faults::Hit::Delay(delay)) = crate::faults::message("raft.recv", batch.from_replica_id) {
+                tokio::time::sleep(delay).await;
+            }
             for bytes in &batch.messages {
                 let Some(message) = self.decode(bytes)? else { continue };
-                match crate::faults::message("raft.recv", message.from) {
-                    Some(crate::faults::Hit::Drop) => continue,
-                    Some(crate::faults::Hit::Delay(delay)) => tokio::time::sleep(delay).await,
-                    None => {}
+                if crate::faults::message("raft.recv", message.from) == Some(crate::faults::Hit::Drop) {
+                    continue;
                 }
                 if message.from == batch.from_replica_id {
                     self.transport.learn(batch.from_replica_id, &batch.from_addr);

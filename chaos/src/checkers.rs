@@ -70,6 +70,11 @@ impl Verdict {
         let offenses = findings.into_iter().map(|what| Offense { seq: 0, amount: 0, what }).collect();
         Verdict::from_offenses(checker, offenses, None)
     }
+
+    /// A verdict that could not be reached, and why.
+    pub fn unknown(checker: &'static str, why: String) -> Verdict {
+        Verdict::from_offenses(checker, Vec::new(), Some(why))
+    }
 }
 
 fn offense(op: &Op, what: String) -> Offense {

@@ -201,7 +201,7 @@ pub enum Probe {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
-    /// SIGKILL; restarted on its data after `duration_s` (0: at the end).
+    /// SIGKILL; restarted on its data after `duration_s`.
     Kill,
     /// SIGKILL and restart at once (with `role = "all"`: every process in
     /// turn, `interval_s` apart, waiting for the cluster to be whole).
@@ -228,8 +228,8 @@ pub enum FaultKind {
     /// A planned switchover of the pair (no fault: an operator action).
     Switchover,
     /// Writes are acknowledged without waiting for the standby, whose
-    /// stream is slowed by `delay_ms`. Breaks RPO = 0 on purpose: it exists
-    /// to prove that the lost-write checker fails.
+    /// stream is cut: synchronous replication off. Breaks RPO = 0 on
+    /// purpose: it exists to prove that the lost-write checker fails.
     UnsafeAsyncStandby,
 }
 
@@ -492,6 +492,7 @@ impl Drill {
         if self.steady_state.window_s == 0 {
             return err("window_s", "steady_state.window_s: at least 1".into());
         }
+        let mut last_at = 0.0;
         for (i, step) in self.method.iter().enumerate() {
             let at = |m: String| format!("method[{i}] ({:?}): {m}", step.fault);
             match (step.at_s, step.after_s) {
@@ -503,10 +504,21 @@ impl Drill {
                 }
                 _ => {}
             }
-            if !(0.0..=600.0).contains(&step.duration_s) {
-                return err("duration_s", at("duration_s: 0..=600".into()));
+            // Fault points live at most 600 s and the runner gives each its
+            // duration plus 5 s.
+            if !(0.0..=595.0).contains(&step.duration_s) {
+                return err("duration_s", at("duration_s: 0..=595".into()));
             }
-            let needs_duration = !matches!(step.fault, FaultKind::Restart | FaultKind::Switchover | FaultKind::Kill);
+            if let Some(t) = step.at_s {
+                if t < last_at {
+                    return err(
+                        "at_s",
+                        at(format!("at_s {t} is earlier than an earlier step's {last_at}: steps run in file order")),
+                    );
+                }
+                last_at = t;
+            }
+            let needs_duration = !matches!(step.fault, FaultKind::Restart | FaultKind::Switchover);
             if needs_duration && step.duration_s <= 0.0 {
                 return err(
                     "duration_s",
@@ -531,9 +543,7 @@ impl Drill {
                 return err("role", at(format!("target.role {role:?} does not fit; allowed: {allowed:?}")));
             }
             match step.fault {
-                FaultKind::Delay | FaultKind::SlowDisk | FaultKind::UnsafeAsyncStandby
-                    if step.delay_ms == 0 || step.delay_ms > 60_000 =>
-                {
+                FaultKind::Delay | FaultKind::SlowDisk if step.delay_ms == 0 || step.delay_ms > 60_000 => {
                     return err("delay_ms", at("delay_ms: 1..=60000".into()))
                 }
                 FaultKind::Loss if !(step.probability > 0.0 && step.probability <= 1.0) => {

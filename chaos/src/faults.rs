@@ -111,6 +111,38 @@ impl Access {
         }
     }
 
+    /// Waits until the routers answer and every pair is SYNC. Fails at
+    /// once when the routers refuse the credentials.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        while tokio::time::Instant::now() < deadline {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(4),
+                cellbank_router::admin_client::cluster_status(&self.routers, self.token.as_deref()),
+            )
+            .await;
+            match asked {
+                Ok(Ok(status)) => {
+                    let table = status.table.unwrap_or_default();
+                    if !table.pairs.is_empty() && table.pairs.iter().all(|p| p.mode == PairMode::Sync as i32) {
+                        return Ok(());
+                    }
+                    last = "not every pair is SYNC".into();
+                }
+                Ok(Err(status))
+                    if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
+                {
+                    anyhow::bail!("the routers refused the admin credentials: {}", status.message());
+                }
+                Ok(Err(status)) => last = format!("{:?}: {}", status.code(), status.message()),
+                Err(_) => last = "the routers did not answer in 4 s".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("the cluster was not ready within {timeout:?} ({last}); not starting the drill")
+    }
+
     /// Waits until every pair is SYNC (at most `timeout`).
     pub async fn wait_sync(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -145,6 +177,14 @@ impl Access {
         Ok(client.inject(request(fault, self.token.as_deref())).await?.into_inner())
     }
 
+    /// Heals the faults at one point of one replica.
+    pub async fn heal_point(&self, addr: &str, point: &str) -> anyhow::Result<FaultList> {
+        let mut client = FaultPointsClient::new(channel(addr).await?);
+        let message = HealFaultsRequest { point: point.to_string() };
+        Ok(client.heal(request(message, self.token.as_deref())).await?.into_inner())
+    }
+
+    /// Heals every fault of one replica.
     pub async fn heal(&self, addr: &str) -> anyhow::Result<FaultList> {
         let mut client = FaultPointsClient::new(channel(addr).await?);
         Ok(client.heal(request(HealFaultsRequest { point: String::new() }, self.token.as_deref())).await?.into_inner())

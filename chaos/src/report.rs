@@ -26,8 +26,11 @@ pub fn write(journal: &Journal, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)
     Ok((json, html))
 }
 
+/// One line of a chart: (name, colour, (t_ms, value) points).
+type Line<'a> = (&'a str, &'a str, Vec<(u64, f64)>);
+
 /// One chart: a line per series over the drill's time, fault windows shaded.
-fn chart(journal: &Journal, title: &str, unit: &str, lines: &[(&str, &str, Vec<(u64, f64)>)]) -> String {
+fn chart(journal: &Journal, title: &str, unit: &str, lines: &[Line<'_>]) -> String {
     let (w, h, left, bottom) = (900.0, 220.0, 60.0, 30.0);
     let end = journal.series.last().map(|p| p.t_ms + crate::runner::BUCKET_MS).unwrap_or(1).max(1) as f64;
     let top = lines.iter().flat_map(|(_, _, pts)| pts.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1.0) * 1.1;

@@ -158,6 +158,7 @@ impl Journal {
             && self.verdicts.iter().all(|v| v.status == Status::Pass)
             && self.expectations.iter().all(|e| e.pass)
             && self.steady_before.iter().all(|p| p.pass)
+            && self.steady_after.iter().all(|p| p.pass)
     }
 }
 
@@ -184,6 +185,9 @@ struct Live {
     kind: FaultKind,
     procs: Vec<Proc>,
     addrs: Vec<String>,
+    /// The fault points set on `addrs` (healed one by one, so that another
+    /// live step's faults on the same replica stay).
+    points: Vec<String>,
     cells: Vec<u64>,
     heal_at_ms: Option<u64>,
 }
@@ -198,6 +202,9 @@ struct Run<'a> {
     live: Vec<Live>,
     /// (t_ms, pair, epoch, active cell, promoted: new active reports ACTIVE)
     observations: Vec<(u64, u64, u64, u64, bool)>,
+    /// The only cells this drill may touch.
+    radius: Vec<u64>,
+    halt: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<'a> Run<'a> {
@@ -218,7 +225,9 @@ impl<'a> Run<'a> {
         let (active, standby) = cells_of(&table, step.pair);
         let cell = if step.side == Side::Active { active } else { standby };
         anyhow::ensure!(cell != 0, "pair {} has no {:?} cell now", step.pair, step.side);
+        anyhow::ensure!(self.radius.contains(&cell), "cell {cell} is outside the blast radius {:?}", self.radius);
         let members = crate::faults::replicas(&table, cell).await;
+        anyhow::ensure!(!members.is_empty(), "cell {cell} has no replicas in the routing table");
         let leader = crate::faults::leader(&table, cell).await;
         let chosen: Vec<(u64, String)> = match step.role {
             Role::Leader => {
@@ -230,7 +239,7 @@ impl<'a> Run<'a> {
                 anyhow::ensure!(!followers.is_empty(), "cell {cell} has no follower");
                 vec![followers[(step.pick % followers.len() as u64) as usize].clone()]
             }
-            Role::Replica => vec![members[(step.pick % members.len().max(1) as u64) as usize].clone()],
+            Role::Replica => vec![members[(step.pick % members.len() as u64) as usize].clone()],
             Role::Cell => members.clone(),
             Role::RouterLeader | Role::All => Vec::new(),
         };
@@ -257,6 +266,7 @@ impl<'a> Run<'a> {
             kind: step.fault,
             procs: Vec::new(),
             addrs: Vec::new(),
+            points: Vec::new(),
             cells: Vec::new(),
             heal_at_ms: None,
         };
@@ -301,6 +311,7 @@ impl<'a> Run<'a> {
                 for addr in &addrs {
                     self.cluster.access.inject(addr, point("disk.sync", "error")).await?;
                 }
+                live.points = vec!["disk.sync".into()];
                 live.procs = procs.clone();
                 live.addrs = addrs.clone();
                 record.targets = procs.iter().map(|p| p.to_string()).collect();
@@ -324,6 +335,7 @@ impl<'a> Run<'a> {
                         self.cluster.access.inject(addr, request.clone()).await?;
                     }
                 }
+                live.points = requests.iter().map(|r| r.point.clone()).collect();
                 live.addrs = addrs.clone();
                 record.targets = procs.iter().map(|p| p.to_string()).collect();
             }
@@ -331,21 +343,32 @@ impl<'a> Run<'a> {
                 let requests = if step.fault == FaultKind::CutStandby {
                     vec![point("standby.ship", "drop")]
                 } else {
-                    vec![
-                        point("standby.ack", "skip"),
-                        InjectFaultRequest { delay_ms: d.delay_ms, ..point("standby.ship", "delay") },
-                    ]
+                    vec![point("standby.ack", "skip"), point("standby.ship", "drop")]
                 };
                 for addr in &addrs {
                     for request in &requests {
                         self.cluster.access.inject(addr, request.clone()).await?;
                     }
                 }
+                live.points = requests.iter().map(|r| r.point.clone()).collect();
                 live.addrs = addrs.clone();
                 record.targets = vec![format!("cell {cell} (all replicas)")];
             }
             FaultKind::IsolateCell => {
-                self.cluster.access.isolate(&[cell], duration + Duration::from_secs(5)).await?;
+                // A router's isolation call sets the whole set: send the
+                // cells of every live isolation step, this one included.
+                let mut cells: Vec<u64> = self.live.iter().flat_map(|l| l.cells.clone()).collect();
+                cells.push(cell);
+                cells.sort_unstable();
+                cells.dedup();
+                let longest = self
+                    .live
+                    .iter()
+                    .filter(|l| !l.cells.is_empty())
+                    .filter_map(|l| l.heal_at_ms)
+                    .map(|h| Duration::from_millis(h.saturating_sub(self.recorder.now_ms())))
+                    .fold(duration, Duration::max);
+                self.cluster.access.isolate(&cells, longest + Duration::from_secs(5)).await?;
                 live.cells = vec![cell];
                 record.targets = vec![format!("cell {cell} from every router")];
             }
@@ -355,6 +378,13 @@ impl<'a> Run<'a> {
                 record.detail = format!("write pause reported by the coordinator: {pause} ms");
             }
         }
+        // The fault is in place now: its window (and RTO) starts here. A
+        // switchover's starts with the call (its write pause is inside it).
+        let now = self.recorder.now_ms();
+        if step.fault != FaultKind::Switchover {
+            record.start_ms = now;
+        }
+        record.end_ms = now;
         if !live.procs.is_empty() || !live.addrs.is_empty() || !live.cells.is_empty() {
             live.heal_at_ms = (step.duration_ms > 0).then(|| now + step.duration_ms);
             self.live.push(live);
@@ -396,11 +426,16 @@ impl<'a> Run<'a> {
     }
 
     fn halted(&self) -> bool {
-        self.recorder.stop.load(Ordering::Relaxed)
+        self.halt.load(Ordering::Relaxed)
     }
 
     async fn heal(&mut self, index: usize) {
         let live = self.live.remove(index);
+        // A replica a disk fault stopped must be seen stopped to be restarted.
+        let exited = self.cluster.processes.as_mut().map(|p| p.reap_exited()).unwrap_or_default();
+        for p in exited {
+            self.event(format!("{p} exited"));
+        }
         for p in &live.procs {
             if let Some(procs) = self.cluster.processes.as_mut() {
                 let result = match live.kind {
@@ -413,8 +448,8 @@ impl<'a> Run<'a> {
                 }
             }
         }
-        for addr in &live.addrs {
-            if let Err(e) = self.cluster.access.heal(addr).await {
+        for (addr, point) in live.addrs.iter().flat_map(|a| live.points.iter().map(move |p| (a, p))) {
+            if let Err(e) = self.cluster.access.heal_point(addr, point).await {
                 // A replica the fault stopped (disk error) lost its faults with it.
                 if live.kind != FaultKind::DiskError {
                     self.event(format!("heal {addr}: {e}"));
@@ -422,8 +457,19 @@ impl<'a> Run<'a> {
             }
         }
         if !live.cells.is_empty() {
-            if let Err(e) = self.cluster.access.clear_isolation().await {
-                self.event(format!("clearing isolation: {e}"));
+            // Keep the other live isolations (the call sets the whole set).
+            let now = self.recorder.now_ms();
+            let rest: Vec<(u64, u64)> =
+                self.live.iter().flat_map(|l| l.cells.iter().map(move |c| (*c, l.heal_at_ms.unwrap_or(now)))).collect();
+            let cells: Vec<u64> = rest.iter().map(|r| r.0).collect();
+            let until = rest.iter().map(|r| r.1).max().unwrap_or(now);
+            let result = if cells.is_empty() {
+                self.cluster.access.clear_isolation().await
+            } else {
+                self.cluster.access.isolate(&cells, Duration::from_millis(until - now) + Duration::from_secs(5)).await
+            };
+            if let Err(e) = result {
+                self.event(format!("isolation: {e}"));
             }
         }
         let now = self.recorder.now_ms();
@@ -452,13 +498,36 @@ impl<'a> Run<'a> {
                 }
             }
         }
-        if self.cluster.access.clear_isolation().await.is_err() {
-            ok = false;
+        // Isolation is cleared on a cluster the drill owns, or when the drill
+        // isolated a cell (an operator's own isolation of an attached
+        // cluster is left alone otherwise).
+        let isolated = self.faults.iter().any(|f| f.fault == FaultKind::IsolateCell);
+        if self.drill.cluster.mode == ClusterMode::Local || isolated {
+            // Every router must hear it; a router just restarted may take
+            // a few seconds to listen.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match self.cluster.access.clear_isolation().await {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        self.progress.line(&format!("could not clear the routers' isolation: {e:#}"));
+                        ok = false;
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            }
         }
-        // Give restarted replicas a moment to listen before asking them.
+        // Every replica inside the blast radius (give restarted replicas a
+        // moment to listen before asking them).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let addrs: Vec<String> = match self.cluster.access.table().await {
-            Ok(table) => table.cells.iter().flat_map(|c| c.replicas.clone()).collect(),
+            Ok(table) => table
+                .cells
+                .iter()
+                .filter(|c| self.radius.contains(&c.cell_id))
+                .flat_map(|c| c.replicas.clone())
+                .collect(),
             Err(_) => Vec::new(),
         };
         if addrs.is_empty() {
@@ -516,8 +585,8 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
 }
 
 /// Throughput and latency per bucket, by answer time.
-pub fn series(timeline: &[(u64, u64, bool, u64)], history: &History) -> Vec<Point> {
-    let end = timeline.iter().map(|t| t.1).max().unwrap_or(0);
+pub fn series(history: &History) -> Vec<Point> {
+    let end = history.ops.iter().map(|op| op.answered_ms).max().unwrap_or(0);
     let mut points: Vec<(Point, Vec<u64>)> = (0..=end / BUCKET_MS)
         .map(|i| (Point { t_ms: i * BUCKET_MS, ok: 0, refused: 0, unknown: 0, p50_ms: 0.0, p99_ms: 0.0 }, Vec::new()))
         .collect();
@@ -641,9 +710,7 @@ pub async fn run(
     let drill = &drill;
     let started_at_unix_ms = unix_ms();
     let access = cluster.access.clone();
-    if !access.wait_sync(Duration::from_secs(60)).await {
-        anyhow::bail!("the cluster's pairs did not all reach SYNC within 60 s; not starting the drill");
-    }
+    access.wait_ready(Duration::from_secs(60)).await?;
     let table = access.table().await?;
     let plan = crate::drill::plan(drill, table.pairs.len() as u64);
     let blast_radius = preflight(drill, &access, &plan).await?;
@@ -671,15 +738,34 @@ pub async fn run(
     let first_user = match drill.cluster.mode {
         ClusterMode::Local => 1,
         // Fresh users on a shared cluster: earlier runs' balances stay out.
-        ClusterMode::Attach => 1_000_000_000 + (started_at_unix_ms / 1000 % 1_000_000) * 1000,
+        // A range of a million ids per millisecond of the start time.
+        ClusterMode::Attach => (started_at_unix_ms % (1 << 40)) << 20,
     };
     let run_id = format!("{}-{:x}", drill.name, started_at_unix_ms);
-    let population = Arc::new(Population::new(run_id, first_user, drill.workload.accounts, |u| {
-        let slice = cellbank_router::table::slice_of(u, slice_count) as usize;
-        slice_pair.get(slice).copied().unwrap_or(0)
-    }));
+    // Users live only in pairs whose cells are all inside the blast radius.
+    let allowed: Vec<u64> = table
+        .pairs
+        .iter()
+        .filter(|p| {
+            blast_radius.contains(&p.active_cell_id)
+                && (p.standby_cell_id == 0 || blast_radius.contains(&p.standby_cell_id))
+        })
+        .map(|p| p.pair_id)
+        .collect();
+    anyhow::ensure!(!allowed.is_empty(), "no pair lies wholly inside the blast radius {blast_radius:?}");
+    let population = Arc::new(Population::new(
+        run_id,
+        first_user,
+        drill.workload.accounts,
+        |u| {
+            let slice = cellbank_router::table::slice_of(u, slice_count) as usize;
+            slice_pair.get(slice).copied().unwrap_or(0)
+        },
+        |pair| allowed.contains(&pair),
+    ));
     let seeder = cellbank_cell::client::CellClient::new(access.routers.clone());
-    workload::seed(&seeder, &population, drill.workload.seed_amount).await?;
+    let fresh = drill.cluster.mode == ClusterMode::Attach;
+    workload::seed(&seeder, &population, drill.workload.seed_amount, fresh).await?;
     progress.line(&format!(
         "seeded {} accounts; workload {:?} at {}/s",
         population.users.len(),
@@ -699,6 +785,8 @@ pub async fn run(
         faults: Vec::new(),
         live: Vec::new(),
         observations: Vec::new(),
+        radius: blast_radius.clone(),
+        halt: options.halt.clone(),
     };
     let steady_from = drill.steady_state.warmup_s * 1000;
     let method_start = steady_from + drill.steady_state.window_s * 1000;
@@ -730,6 +818,7 @@ pub async fn run(
     let mut previous_end: Option<u64> = Some(0);
     let mut method_end = recorder.now_ms();
     if aborted.is_none() {
+        run.observe().await;
         run.event("method begins".into());
         loop {
             let now = recorder.now_ms();
@@ -770,16 +859,16 @@ pub async fn run(
             }
             run.observe().await;
             // Stop conditions.
-            let timeline = recorder.timeline();
-            let last_ok = timeline.iter().filter(|o| o.2).map(|o| o.1).max().unwrap_or(0);
+            let last_ok = recorder.last_ok_ms.load(Ordering::Relaxed);
             if now.saturating_sub(last_ok.max(method_start)) as f64 > drill.stop.max_unavailable_s * 1000.0 {
                 aborted =
                     Some(format!("stop condition: no operation succeeded for {} s", drill.stop.max_unavailable_s));
                 break;
             }
-            let recent: Vec<_> = timeline.iter().filter(|o| o.1 + 5000 >= now).collect();
-            let unknown = recent.iter().filter(|o| !o.2).count();
-            if recent.len() >= 20 && unknown as f64 / recent.len() as f64 > drill.stop.max_error_rate {
+            // Errors are unknown outcomes (refusals such as the workload's
+            // deliberate overdrafts are answers, not errors).
+            let (recent, unknown) = recorder.recent(5000);
+            if recent >= 20 && unknown as f64 / recent as f64 > drill.stop.max_error_rate {
                 aborted = Some(format!("stop condition: error rate above {} over 5 s", drill.stop.max_error_rate));
                 break;
             }
@@ -822,7 +911,7 @@ pub async fn run(
         let now = recorder.now_ms();
         run.observe().await;
         if recovery_ms.is_none() {
-            recovery_ms = recovered_at(&recorder.history(), last_fault_end, target);
+            recovery_ms = recorder.with_ops(|ops| recovered_at(ops, last_fault_end, target));
         }
         let done_recovering = recovery_ms.is_some() || now > last_fault_end + within;
         if (done_recovering && now >= last_fault_end + window.max(recovery_ms.unwrap_or(0) + window))
@@ -848,21 +937,39 @@ pub async fn run(
     run.event(format!("resolved {resolved} of {unknown} unknown outcomes"));
     access.wait_sync(Duration::from_secs(60)).await;
     settle(&access, Duration::from_secs(60)).await;
+    // A read that fails here leaves the verdicts unknown; the report is
+    // still written.
     let state_result =
         workload::read_final(access.routers.clone(), &population, &history, drill.workload.seed_amount).await;
-    let status = access.status().await?;
-    let reconciled = cellbank_router::reconcile::reconcile(&status, &Default::default()).await;
-    let mut state = state_result?;
-    fill_from_reconcile(&mut state, &reconciled, &status.table.unwrap_or_default());
-    let mut verdicts = checkers::check_all(&history, &state);
-    verdicts.push(Verdict::from_findings("reconcile", reconciled.discrepancies.clone()));
-    let timeline = recorder.timeline();
-    let series = series(&timeline, &history);
+    let reconciled = match access.status().await {
+        Ok(status) => {
+            let report = cellbank_router::reconcile::reconcile(&status, &Default::default()).await;
+            Ok((report, status.table.unwrap_or_default()))
+        }
+        Err(e) => Err(e),
+    };
+    let mut verdicts = match (&state_result, &reconciled) {
+        (Ok(state), Ok((report, table))) => {
+            let mut state = state.clone();
+            fill_from_reconcile(&mut state, report, table);
+            let mut verdicts = checkers::check_all(&history, &state);
+            verdicts.push(Verdict::from_findings("reconcile", report.discrepancies.clone()));
+            verdicts
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            let why = format!("the final state could not be read: {e:#}");
+            run.event(why.clone());
+            vec![Verdict::unknown("final_state", why)]
+        }
+    };
+    let discrepancies = reconciled.as_ref().map(|r| r.0.discrepancies.clone()).unwrap_or_default();
+    let series = series(&history);
     // RTO and failover timelines.
     let audit = access.audit_log().await.unwrap_or_default();
     let pairs_all: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).collect();
-    let pairs_of_ops: Vec<u64> = recorder.pairs.lock().expect("pairs lock").clone();
+    let pairs_of_ops: Vec<u64> = recorder.op_pairs();
     let mut faults = run.faults.clone();
+    let starts: Vec<(u64, u64)> = faults.iter().map(|f| (f.pair, f.start_ms)).collect();
     for f in &mut faults {
         let affected: Vec<u64> = if matches!(run.drill.method[f.step].target.role, Role::RouterLeader | Role::All) {
             pairs_all.clone()
@@ -878,7 +985,10 @@ pub async fn run(
             })
             .map(|(op, _)| op.answered_ms - f.start_ms)
             .min();
-        f.failover = failover_timeline(f, &run.observations, &audit, wall_zero(&recorder));
+        // A pair change belongs to this fault if it came before the pair's
+        // next fault.
+        let until = starts.iter().filter(|(p, s)| *p == f.pair && *s > f.start_ms).map(|(_, s)| *s).min();
+        f.failover = failover_timeline(f, until.unwrap_or(u64::MAX), &run.observations, &audit, wall_zero(&recorder));
     }
     let no_lost = verdicts.iter().find(|v| v.checker == "no_lost_ack").map(|v| v.offenses).unwrap_or(0);
     let mut expectations = Vec::new();
@@ -896,7 +1006,7 @@ pub async fn run(
         }
     }
     expectations.push(Expectation {
-        name: "RPO = 0".into(),
+        name: if drill.expect.rpo_zero { "RPO = 0".into() } else { "RPO > 0 (negative control)".into() },
         pass: (no_lost == 0) == drill.expect.rpo_zero,
         detail: if drill.expect.rpo_zero {
             format!("{no_lost} acknowledged operation(s) lost")
@@ -916,7 +1026,8 @@ pub async fn run(
             None => format!("not back to {target:.0} ops/s"),
         },
     });
-    // With rpo_zero = false the drill passes when the loss is seen.
+    // A negative control: its failing checkers are what it exists to show
+    // (the drill still exits non-zero: a checker failed).
     if !drill.expect.rpo_zero {
         for v in verdicts.iter_mut().filter(|v| v.status == Status::Fail) {
             v.detail = format!("(expected by this drill) {}", v.detail);
@@ -950,7 +1061,7 @@ pub async fn run(
         rpo_lost: no_lost,
         heal_verified,
         aborted,
-        reconcile_discrepancies: reconciled.discrepancies,
+        reconcile_discrepancies: discrepancies,
         logs: run.cluster.logs.clone(),
         history,
     })
@@ -963,9 +1074,8 @@ fn wall_zero(recorder: &Recorder) -> u64 {
 
 /// The first moment (ms after `from`) at which the acknowledged throughput
 /// over one second reaches `target`.
-fn recovered_at(history: &History, from: u64, target: f64) -> Option<u64> {
-    let mut acks: Vec<u64> = history
-        .ops
+fn recovered_at(ops: &[crate::history::Op], from: u64, target: f64) -> Option<u64> {
+    let mut acks: Vec<u64> = ops
         .iter()
         .filter(|op| op.outcome == crate::history::Outcome::Ok && op.answered_ms >= from)
         .map(|op| op.answered_ms)
@@ -1017,17 +1127,25 @@ fn fill_from_reconcile(
 
 fn failover_timeline(
     fault: &FaultRecord,
+    until_ms: u64,
     observations: &[(u64, u64, u64, u64, bool)],
     audit: &[cellbank_proto::router::AuditRecord],
     wall_zero: u64,
 ) -> Option<FailoverTimeline> {
     let before = observations.iter().rev().find(|o| o.1 == fault.pair && o.0 <= fault.start_ms)?;
-    let switched = observations.iter().find(|o| o.1 == fault.pair && o.0 > fault.start_ms && o.2 > before.2)?;
+    let switched =
+        observations.iter().find(|o| o.1 == fault.pair && o.0 > fault.start_ms && o.0 < until_ms && o.2 > before.2)?;
     let promoted = observations.iter().find(|o| o.1 == fault.pair && o.0 > fault.start_ms && o.2 == switched.2 && o.4);
     let start_wall = wall_zero + fault.start_ms;
+    // The coordinator's record of this pair's change: a switchover names
+    // the pair, an automatic failover the cell that went down.
+    let names_it = |r: &cellbank_proto::router::AuditRecord| {
+        r.what.contains(&format!("pair {}", fault.pair))
+            || (r.what.contains("failover") && r.why.contains(&format!("cell {} ", before.3)))
+    };
     let decided = audit
         .iter()
-        .filter(|r| r.time_ms >= start_wall && (r.what.contains("failover") || r.what.contains("switchover")))
+        .filter(|r| r.time_ms >= start_wall && r.time_ms < wall_zero.saturating_add(until_ms) && names_it(r))
         .map(|r| r.time_ms - start_wall)
         .min();
     Some(FailoverTimeline {

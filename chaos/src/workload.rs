@@ -30,8 +30,16 @@ pub struct Population {
 }
 
 impl Population {
-    pub fn new(run_id: String, first_user: u64, count: u64, pair_of: impl Fn(u64) -> u64) -> Population {
-        let users: Vec<u64> = (first_user..first_user + count).collect();
+    /// `count` users from `first_user` on, skipping users whose pair is not
+    /// `allowed` (an attached drill's users live inside its blast radius).
+    pub fn new(
+        run_id: String,
+        first_user: u64,
+        count: u64,
+        pair_of: impl Fn(u64) -> u64,
+        allowed: impl Fn(u64) -> bool,
+    ) -> Population {
+        let users: Vec<u64> = (first_user..).filter(|u| allowed(pair_of(*u))).take(count as usize).collect();
         let pair_of = users.iter().map(|u| (*u, pair_of(*u))).collect();
         Population { run_id, users, pair_of }
     }
@@ -49,8 +57,11 @@ pub struct Recorder {
     pub pairs: Mutex<Vec<u64>>,
     next_seq: AtomicU64,
     pub stop: AtomicBool,
-    /// Envelopes that were sent (id -> sender), for the grabbers.
-    envelopes: Mutex<Vec<(String, u64)>>,
+    /// Envelopes that were sent: (id, sender, still has shares as far as
+    /// the grabbers know).
+    envelopes: Mutex<Vec<(String, u64, bool)>>,
+    /// Answer time of the latest acknowledged operation (ms).
+    pub last_ok_ms: AtomicU64,
 }
 
 impl Recorder {
@@ -62,6 +73,7 @@ impl Recorder {
             next_seq: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             envelopes: Mutex::new(Vec::new()),
+            last_ok_ms: AtomicU64::new(0),
         })
     }
 
@@ -70,21 +82,35 @@ impl Recorder {
     }
 
     fn record(&self, sent_ms: u64, kind: OpKind, outcome: Outcome, pair: u64) {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let op = Op { seq, sent_ms, answered_ms: self.now_ms(), kind, outcome, resolved: None };
+        let answered_ms = self.now_ms();
+        if outcome == Outcome::Ok {
+            self.last_ok_ms.fetch_max(answered_ms, Ordering::Relaxed);
+        }
+        // The sequence number is taken under the lock: ops and pairs stay
+        // in step, in sequence order.
         let mut ops = self.ops.lock().expect("ops lock");
-        ops.push(op);
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        ops.push(Op { seq, sent_ms, answered_ms, kind, outcome, resolved: None });
         self.pairs.lock().expect("pairs lock").push(pair);
     }
 
-    /// (sent_ms, answered_ms, ok, pair) of every operation so far.
-    pub fn timeline(&self) -> Vec<(u64, u64, bool, u64)> {
+    /// (operations, unknown outcomes) answered in the last `window_ms`.
+    /// Operations are stored in answer order.
+    pub fn recent(&self, window_ms: u64) -> (usize, usize) {
+        let since = self.now_ms().saturating_sub(window_ms);
         let ops = self.ops.lock().expect("ops lock");
-        let pairs = self.pairs.lock().expect("pairs lock");
-        ops.iter()
-            .zip(pairs.iter())
-            .map(|(op, pair)| (op.sent_ms, op.answered_ms, op.outcome == Outcome::Ok, *pair))
-            .collect()
+        let recent = ops.iter().rev().take_while(|op| op.answered_ms >= since);
+        recent.fold((0, 0), |(n, u), op| (n + 1, u + usize::from(op.outcome == Outcome::Unknown)))
+    }
+
+    /// Runs `f` over the operations so far without copying them.
+    pub fn with_ops<T>(&self, f: impl FnOnce(&[Op]) -> T) -> T {
+        f(&self.ops.lock().expect("ops lock"))
+    }
+
+    /// The pair of each operation, in sequence order.
+    pub fn op_pairs(&self) -> Vec<u64> {
+        self.pairs.lock().expect("pairs lock").clone()
     }
 
     pub fn history(&self) -> History {
@@ -146,8 +172,9 @@ fn grab_outcome(response: &GrabEnvelopeResponse) -> (Outcome, Option<u64>) {
 }
 
 /// Opens and seeds every account (before the clock of the drill starts
-/// mattering; failures here abort the drill).
-pub async fn seed(client: &CellClient, population: &Population, amount: u64) -> anyhow::Result<()> {
+/// mattering; failures here abort the drill). `fresh`: every account must
+/// be new (on a shared cluster an existing one would carry another balance).
+pub async fn seed(client: &CellClient, population: &Population, amount: u64, fresh: bool) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for chunk in population.users.chunks(population.users.len().div_ceil(8).max(1)) {
         let (client, chunk, run_id) =
@@ -160,7 +187,8 @@ pub async fn seed(client: &CellClient, population: &Population, amount: u64) -> 
                     })
                     .await?;
                 anyhow::ensure!(
-                    opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32,
+                    opened.code == ResultCode::Ok as i32
+                        || (!fresh && opened.code == ResultCode::AccountAlreadyExists as i32),
                     "opening user {user}: {}",
                     code_name(opened.code)
                 );
@@ -281,10 +309,10 @@ async fn envelope_step(
     grabbed: &mut BTreeSet<(String, u64)>,
 ) {
     let users = &population.users;
-    let sent_count = recorder.envelopes.lock().expect("envelopes lock").len() as u64;
-    // Send while fewer than `envelopes` exist (one worker's turn at a time
-    // is enough; a few extra are harmless), else grab.
-    let send = sent_count < workload.envelopes && (n % 4 == 1 || sent_count == 0);
+    let open = recorder.envelopes.lock().expect("envelopes lock").iter().filter(|e| e.2).count() as u64;
+    // Keep `envelopes` open: send when fewer have shares left (a few extra
+    // from workers racing are harmless), else grab.
+    let send = open < workload.envelopes && (n % 4 == 1 || open == 0);
     if send {
         let sender = users[rng.below(users.len() as u64) as usize];
         let transfer_id = format!("{}-e{worker}-{n}", population.run_id);
@@ -303,14 +331,15 @@ async fn envelope_step(
             Ok(response) => (outcome_of(response.result.as_ref()), response.envelope_id),
             Err(_) => (Outcome::Unknown, format!("{sender}.{transfer_id}")),
         };
-        if outcome != Outcome::Refused("INSUFFICIENT_FUNDS".into()) {
-            recorder.envelopes.lock().expect("envelopes lock").push((envelope_id.clone(), sender));
+        if !matches!(outcome, Outcome::Refused(_)) {
+            recorder.envelopes.lock().expect("envelopes lock").push((envelope_id.clone(), sender, true));
         }
         let kind = OpKind::SendEnvelope { transfer_id, envelope_id, sender, currency: CURRENCY.into(), total };
         recorder.record(sent_ms, kind, outcome, population.pair(sender));
         return;
     }
-    let envelopes = recorder.envelopes.lock().expect("envelopes lock").clone();
+    let envelopes: Vec<(String, u64)> =
+        recorder.envelopes.lock().expect("envelopes lock").iter().filter(|e| e.2).map(|e| (e.0.clone(), e.1)).collect();
     if envelopes.is_empty() {
         return;
     }
@@ -331,20 +360,33 @@ async fn envelope_step(
             Ok(response) => grab_outcome(&response),
             Err(_) => (Outcome::Unknown, None),
         };
+        if outcome == Outcome::Refused("ENVELOPE_EMPTY".into()) {
+            let mut all = recorder.envelopes.lock().expect("envelopes lock");
+            if let Some(e) = all.iter_mut().find(|e| e.0 == envelope_id) {
+                e.2 = false;
+            }
+        }
         recorder.record(sent_ms, OpKind::Grab { envelope_id, user, amount }, outcome, population.pair(sender));
         return;
     }
 }
 
+/// An error that retrying cannot change: the request itself was refused.
+fn final_error(status: &Status) -> Option<Outcome> {
+    use tonic::Code::*;
+    matches!(status.code(), InvalidArgument | NotFound | FailedPrecondition | PermissionDenied | Unauthenticated)
+        .then(|| Outcome::Refused(format!("{:?}", status.code())))
+}
+
 /// Retries every unknown operation with the same idempotency key until it
-/// gets a final answer (or `deadline` passes), and records it.
-pub async fn resolve(routers: Vec<String>, history: &mut History, deadline: Duration) -> usize {
+/// gets a final answer (each for at most `per_op`), and records it.
+pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Duration) -> usize {
     let mut client = CellClient::new(routers);
     client.deadline = Duration::from_secs(10);
-    let started = Instant::now();
     let mut resolved = 0;
     for op in history.ops.iter_mut().filter(|op| op.outcome == Outcome::Unknown) {
-        while op.resolved.is_none() && started.elapsed() < deadline {
+        let started = Instant::now();
+        while op.resolved.is_none() && started.elapsed() < per_op {
             let outcome = match &mut op.kind {
                 OpKind::Transfer { transfer_id, from, to, currency, amount } => {
                     let request = TransferRequest {
@@ -354,7 +396,10 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, deadline: Dura
                         currency: currency.clone(),
                         amount: *amount,
                     };
-                    transfer(&client, &request).await.ok().map(|r| outcome_of(r.result.as_ref()))
+                    match transfer(&client, &request).await {
+                        Ok(r) => Some(outcome_of(r.result.as_ref())),
+                        Err(status) => final_error(&status),
+                    }
                 }
                 OpKind::SendEnvelope { transfer_id, sender, currency, total, .. } => {
                     let shares = (*total / ENVELOPE_UNIT) as u32;
@@ -367,7 +412,10 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, deadline: Dura
                         split: EnvelopeSplit::Random as i32,
                         expires_at_ms: 0,
                     };
-                    send_envelope(&client, &request).await.ok().map(|r| outcome_of(r.result.as_ref()))
+                    match send_envelope(&client, &request).await {
+                        Ok(r) => Some(outcome_of(r.result.as_ref())),
+                        Err(status) => final_error(&status),
+                    }
                 }
                 OpKind::Grab { envelope_id, user, amount } => match grab(&client, envelope_id, *user).await {
                     Ok(response) => {
@@ -375,7 +423,7 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, deadline: Dura
                         *amount = share;
                         Some(outcome)
                     }
-                    Err(_) => None,
+                    Err(status) => final_error(&status),
                 },
             };
             match outcome {

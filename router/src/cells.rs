@@ -83,7 +83,7 @@ impl CellConn {
         &self.replicas[self.leader.load(Ordering::Relaxed) % self.replicas.len()]
     }
 
-    fn follow(&self, addr: &str) -> bool {
+    pub(crate) fn follow(&self, addr: &str) -> bool {
         match self.replicas.iter().position(|r| r.addr == addr) {
             Some(position) => {
                 self.leader.store(position, Ordering::Relaxed);

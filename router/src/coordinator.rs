@@ -251,8 +251,12 @@ impl Coordinator {
             .filter(|s| is_leader_role(s))
             .max_by_key(|s| s.term)
             .cloned();
-        if leader.is_some() {
+        if let Some(found) = &leader {
             entry.leader_seen = Some(now);
+            // Requests go to the leader the probes found: a leader that
+            // hangs (paused, partitioned) stops taking new requests once
+            // its peers have elected another.
+            conn.follow(&found.addr);
         }
         entry.leader = leader;
     }

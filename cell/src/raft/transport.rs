@@ -120,11 +120,9 @@ impl MessageSink for GrpcTransport {
         for message in messages {
             let to = message.to;
             let snapshot = is_snapshot(&message);
-            if !snapshot && crate::faults::message("raft.send", to) == Some(crate::faults::Hit::Drop) {
-                self.metrics.raft_messages_dropped_total.inc();
-                continue;
-            }
-            let delivered = peers.get(&to).map(|peer| peer.tx.try_send(message).is_ok()).unwrap_or(false);
+            // A drill's partition or loss: undelivered, as on a real network.
+            let dropped = crate::faults::message("raft.send", to) == Some(crate::faults::Hit::Drop);
+            let delivered = !dropped && peers.get(&to).map(|peer| peer.tx.try_send(message).is_ok()).unwrap_or(false);
             if !delivered {
                 self.metrics.raft_messages_dropped_total.inc();
                 // Raft waits for the outcome of every snapshot it sends.
