@@ -50,6 +50,17 @@ impl Population {
 }
 
 /// Everything the clients heard, shared by the workers.
+/// An envelope of the workload, as its grabbers know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Being sent.
+    Pending,
+    /// Sent (or maybe sent); grabbable.
+    Open,
+    /// Emptied, refused or unknown to the ledger.
+    Closed,
+}
+
 pub struct Recorder {
     pub started: Instant,
     pub ops: Mutex<Vec<Op>>,
@@ -57,9 +68,9 @@ pub struct Recorder {
     pub pairs: Mutex<Vec<u64>>,
     next_seq: AtomicU64,
     pub stop: AtomicBool,
-    /// Envelopes that were sent: (id, sender, still has shares as far as
-    /// the grabbers know).
-    envelopes: Mutex<Vec<(String, u64, bool)>>,
+    /// Envelopes that were sent: (id, sender, state as far as the
+    /// grabbers know).
+    envelopes: Mutex<Vec<(String, u64, Slot)>>,
     /// Answer time of the latest acknowledged operation (ms).
     pub last_ok_ms: AtomicU64,
 }
@@ -216,7 +227,13 @@ pub async fn seed(client: &CellClient, population: &Population, amount: u64, fre
     Ok(())
 }
 
-/// Starts `workload.clients` workers; each sends its share of the rate.
+/// Most operations in flight at once (all clients together).
+const IN_FLIGHT_MAX: usize = 4096;
+
+/// Starts `workload.clients` workers; each sends its share of the rate on
+/// its own clock (open loop: an operation that hangs on a dead leader does
+/// not hold back the next one, so an outage of one pair shows as that
+/// pair's failures, not as every client waiting).
 pub fn start(
     routers: Vec<String>,
     workload: &Workload,
@@ -226,46 +243,69 @@ pub fn start(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let per_client = (workload.rate as f64 / workload.clients as f64).max(0.1);
     let interval = Duration::from_secs_f64(1.0 / per_client);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
     (0..workload.clients)
         .map(|worker| {
             let mut client = CellClient::new(routers.clone());
             client.deadline = Duration::from_millis(workload.deadline_ms);
+            let client = Arc::new(client);
             let (workload, population, recorder) = (workload.clone(), population.clone(), recorder.clone());
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 let mut rng = Rng::new(seed ^ (worker + 1).wrapping_mul(0x1000_0000_01b3));
                 let mut ticker = tokio::time::interval(interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 let mut n = 0u64;
                 let mut grabbed: BTreeSet<(String, u64)> = BTreeSet::new();
+                let mut sent = tokio::task::JoinSet::new();
                 while !recorder.stop.load(Ordering::Relaxed) {
                     ticker.tick().await;
+                    while sent.try_join_next().is_some() {}
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
                     n += 1;
                     let envelope_op = match workload.kind {
                         WorkloadKind::Transfers => false,
                         WorkloadKind::Envelopes => true,
                         WorkloadKind::Mixed => rng.chance(0.5),
                     };
+                    let ctx = Ctx { client: client.clone(), recorder: recorder.clone(), worker, n };
                     if envelope_op {
-                        envelope_step(&client, &workload, &population, &recorder, &mut rng, worker, n, &mut grabbed)
-                            .await;
+                        if let Some(op) = envelope_step(ctx, &workload, &population, &mut rng, &mut grabbed) {
+                            sent.spawn(async move {
+                                op.await;
+                                drop(permit);
+                            });
+                        }
                     } else {
-                        transfer_step(&client, &workload, &population, &recorder, &mut rng, worker, n).await;
+                        let op = transfer_step(ctx, &workload, &population, &mut rng);
+                        sent.spawn(async move {
+                            op.await;
+                            drop(permit);
+                        });
                     }
                 }
+                // Every operation sent is answered (or times out) and recorded.
+                while sent.join_next().await.is_some() {}
             })
         })
         .collect()
 }
 
-async fn transfer_step(
-    client: &CellClient,
-    workload: &Workload,
-    population: &Population,
-    recorder: &Recorder,
-    rng: &mut Rng,
+/// What one operation needs once its parameters are chosen.
+struct Ctx {
+    client: Arc<CellClient>,
+    recorder: Arc<Recorder>,
     worker: u64,
     n: u64,
-) {
+}
+
+/// Chooses a transfer (seeded) and returns the call that sends and records it.
+fn transfer_step(
+    ctx: Ctx,
+    workload: &Workload,
+    population: &Population,
+    rng: &mut Rng,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let users = &population.users;
     let from = users[rng.below(users.len() as u64) as usize];
     let from_pair = population.pair(from);
@@ -280,7 +320,7 @@ async fn transfer_step(
     // One in fifty asks for more than anyone holds: it must be refused.
     let amount =
         if rng.chance(0.02) { workload.seed_amount.saturating_mul(1000) } else { 1 + rng.below(workload.amount_max) };
-    let transfer_id = format!("{}-t{worker}-{n}", population.run_id);
+    let transfer_id = format!("{}-t{}-{}", population.run_id, ctx.worker, ctx.n);
     let request = TransferRequest {
         transfer_id: transfer_id.clone().into_bytes(),
         from_user_id: from,
@@ -288,34 +328,37 @@ async fn transfer_step(
         currency: CURRENCY.into(),
         amount,
     };
-    let sent_ms = recorder.now_ms();
-    let outcome = match transfer(client, &request).await {
-        Ok(response) => outcome_of(response.result.as_ref()),
-        Err(_) => Outcome::Unknown,
-    };
-    let kind = OpKind::Transfer { transfer_id, from, to, currency: CURRENCY.into(), amount };
-    recorder.record(sent_ms, kind, outcome, from_pair);
+    async move {
+        let sent_ms = ctx.recorder.now_ms();
+        let outcome = match transfer(&ctx.client, &request).await {
+            Ok(response) => outcome_of(response.result.as_ref()),
+            Err(_) => Outcome::Unknown,
+        };
+        let kind = OpKind::Transfer { transfer_id, from, to, currency: CURRENCY.into(), amount };
+        ctx.recorder.record(sent_ms, kind, outcome, from_pair);
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn envelope_step(
-    client: &CellClient,
+type Call = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Chooses an envelope send or a grab (seeded) and returns the call, or
+/// nothing when there is nothing left to grab.
+fn envelope_step(
+    ctx: Ctx,
     workload: &Workload,
     population: &Population,
-    recorder: &Recorder,
     rng: &mut Rng,
-    worker: u64,
-    n: u64,
     grabbed: &mut BTreeSet<(String, u64)>,
-) {
+) -> Option<Call> {
     let users = &population.users;
-    let open = recorder.envelopes.lock().expect("envelopes lock").iter().filter(|e| e.2).count() as u64;
+    let open =
+        ctx.recorder.envelopes.lock().expect("envelopes lock").iter().filter(|e| e.2 != Slot::Closed).count() as u64;
     // Keep `envelopes` open: send when fewer have shares left (a few extra
     // from workers racing are harmless), else grab.
-    let send = open < workload.envelopes && (n % 4 == 1 || open == 0);
+    let send = open < workload.envelopes && (ctx.n % 4 == 1 || open == 0);
     if send {
         let sender = users[rng.below(users.len() as u64) as usize];
-        let transfer_id = format!("{}-e{worker}-{n}", population.run_id);
+        let transfer_id = format!("{}-e{}-{}", population.run_id, ctx.worker, ctx.n);
         let total = workload.shares as u64 * ENVELOPE_UNIT;
         let request = SendEnvelopeRequest {
             transfer_id: transfer_id.clone().into_bytes(),
@@ -326,49 +369,72 @@ async fn envelope_step(
             split: EnvelopeSplit::Random as i32,
             expires_at_ms: 0,
         };
-        let sent_ms = recorder.now_ms();
-        let (outcome, envelope_id) = match send_envelope(client, &request).await {
-            Ok(response) => (outcome_of(response.result.as_ref()), response.envelope_id),
-            Err(_) => (Outcome::Unknown, format!("{sender}.{transfer_id}")),
-        };
-        if !matches!(outcome, Outcome::Refused(_)) {
-            recorder.envelopes.lock().expect("envelopes lock").push((envelope_id.clone(), sender, true));
-        }
-        let kind = OpKind::SendEnvelope { transfer_id, envelope_id, sender, currency: CURRENCY.into(), total };
-        recorder.record(sent_ms, kind, outcome, population.pair(sender));
-        return;
+        let pair = population.pair(sender);
+        // Counted at once, so that other workers do not all send.
+        let provisional = format!("{sender}.{transfer_id}");
+        ctx.recorder.envelopes.lock().expect("envelopes lock").push((provisional.clone(), sender, Slot::Pending));
+        return Some(Box::pin(async move {
+            let sent_ms = ctx.recorder.now_ms();
+            let (outcome, envelope_id) = match send_envelope(&ctx.client, &request).await {
+                Ok(response) if !response.envelope_id.is_empty() => {
+                    (outcome_of(response.result.as_ref()), response.envelope_id)
+                }
+                Ok(response) => (outcome_of(response.result.as_ref()), provisional.clone()),
+                Err(_) => (Outcome::Unknown, provisional.clone()),
+            };
+            {
+                let state = if matches!(outcome, Outcome::Refused(_)) { Slot::Closed } else { Slot::Open };
+                let mut all = ctx.recorder.envelopes.lock().expect("envelopes lock");
+                if let Some(e) = all.iter_mut().find(|e| e.0 == provisional) {
+                    *e = (envelope_id.clone(), sender, state);
+                }
+            }
+            let kind = OpKind::SendEnvelope { transfer_id, envelope_id, sender, currency: CURRENCY.into(), total };
+            ctx.recorder.record(sent_ms, kind, outcome, pair);
+        }));
     }
-    let envelopes: Vec<(String, u64)> =
-        recorder.envelopes.lock().expect("envelopes lock").iter().filter(|e| e.2).map(|e| (e.0.clone(), e.1)).collect();
+    let envelopes: Vec<(String, u64)> = ctx
+        .recorder
+        .envelopes
+        .lock()
+        .expect("envelopes lock")
+        .iter()
+        .filter(|e| e.2 == Slot::Open)
+        .map(|e| (e.0.clone(), e.1))
+        .collect();
     if envelopes.is_empty() {
-        return;
+        return None;
     }
     // A (envelope, user) this worker has not tried; every user grabs each
     // envelope at most once in the whole run (workers own disjoint users).
+    let mine: Vec<u64> = users.iter().copied().filter(|u| u % workload.clients == ctx.worker).collect();
+    if mine.is_empty() {
+        return None;
+    }
     for _ in 0..8 {
         let (envelope_id, sender) = envelopes[rng.below(envelopes.len() as u64) as usize].clone();
-        let mine: Vec<u64> = users.iter().copied().filter(|u| u % workload.clients == worker).collect();
-        if mine.is_empty() {
-            return;
-        }
         let user = mine[rng.below(mine.len() as u64) as usize];
         if !grabbed.insert((envelope_id.clone(), user)) {
             continue;
         }
-        let sent_ms = recorder.now_ms();
-        let (outcome, amount) = match grab(client, &envelope_id, user).await {
-            Ok(response) => grab_outcome(&response),
-            Err(_) => (Outcome::Unknown, None),
-        };
-        if outcome == Outcome::Refused("ENVELOPE_EMPTY".into()) {
-            let mut all = recorder.envelopes.lock().expect("envelopes lock");
-            if let Some(e) = all.iter_mut().find(|e| e.0 == envelope_id) {
-                e.2 = false;
+        let pair = population.pair(sender);
+        return Some(Box::pin(async move {
+            let sent_ms = ctx.recorder.now_ms();
+            let (outcome, amount) = match grab(&ctx.client, &envelope_id, user).await {
+                Ok(response) => grab_outcome(&response),
+                Err(_) => (Outcome::Unknown, None),
+            };
+            let gone = ["ENVELOPE_EMPTY", "ENVELOPE_NOT_FOUND", "ENVELOPE_EXPIRED"];
+            if matches!(&outcome, Outcome::Refused(code) if gone.contains(&code.as_str())) {
+                let mut all = ctx.recorder.envelopes.lock().expect("envelopes lock");
+                if let Some(e) = all.iter_mut().find(|e| e.0 == envelope_id) {
+                    e.2 = Slot::Closed;
+                }
             }
-        }
-        recorder.record(sent_ms, OpKind::Grab { envelope_id, user, amount }, outcome, population.pair(sender));
-        return;
+            ctx.recorder.record(sent_ms, OpKind::Grab { envelope_id, user, amount }, outcome, pair);
+        }));
     }
+    None
 }
 
 /// An error that retrying cannot change: the request itself was refused.
