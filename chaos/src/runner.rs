@@ -66,8 +66,9 @@ pub struct FaultRecord {
     pub targets: Vec<String>,
     pub start_ms: u64,
     pub end_ms: u64,
-    /// Time to the first acknowledged operation sent at or after the start,
-    /// on the pairs the fault touched.
+    /// Time to the first acknowledged operation sent once the fault was in
+    /// place, on the pairs the fault touched; for a switchover, the longest
+    /// wait of any operation sent on the pair during the call.
     pub rto_ms: Option<u64>,
     pub failover: Option<FailoverTimeline>,
     pub detail: String,
@@ -976,15 +977,23 @@ pub async fn run(
         } else {
             vec![f.pair]
         };
-        f.rto_ms = history
-            .ops
-            .iter()
-            .zip(pairs_of_ops.iter())
-            .filter(|(op, pair)| {
-                op.sent_ms >= f.start_ms && affected.contains(pair) && op.outcome == crate::history::Outcome::Ok
-            })
-            .map(|(op, _)| op.answered_ms - f.start_ms)
-            .min();
+        let on_pair = || history.ops.iter().zip(pairs_of_ops.iter()).filter(|(_, pair)| affected.contains(pair));
+        f.rto_ms = if f.fault == FaultKind::Switchover {
+            // The pair stops taking writes inside the call: its RTO is the
+            // longest any operation sent during the call waited for its
+            // answer.
+            on_pair()
+                .filter(|(op, _)| op.sent_ms >= f.start_ms && op.sent_ms <= f.end_ms)
+                .map(|(op, _)| op.answered_ms - op.sent_ms)
+                .max()
+        } else {
+            // The first acknowledgement of an operation sent once the fault
+            // was in place.
+            on_pair()
+                .filter(|(op, _)| op.sent_ms >= f.start_ms && op.outcome == crate::history::Outcome::Ok)
+                .map(|(op, _)| op.answered_ms - f.start_ms)
+                .min()
+        };
         // A pair change belongs to this fault if it came before the pair's
         // next fault.
         let until = starts.iter().filter(|(p, s)| *p == f.pair && *s > f.start_ms).map(|(_, s)| *s).min();
@@ -1072,8 +1081,8 @@ fn wall_zero(recorder: &Recorder) -> u64 {
     unix_ms().saturating_sub(recorder.now_ms())
 }
 
-/// The first moment (ms after `from`) at which the acknowledged throughput
-/// over one second reaches `target`.
+/// When (ms after `from`) the first one-second window begins in which the
+/// acknowledged throughput reaches `target`.
 fn recovered_at(ops: &[crate::history::Op], from: u64, target: f64) -> Option<u64> {
     let mut acks: Vec<u64> = ops
         .iter()
@@ -1084,7 +1093,7 @@ fn recovered_at(ops: &[crate::history::Op], from: u64, target: f64) -> Option<u6
     let need = target.ceil().max(1.0) as usize;
     (0..acks.len()).find_map(|i| {
         let j = i + need - 1;
-        (j < acks.len() && acks[j] - acks[i] < 1000).then(|| acks[j] - from)
+        (j < acks.len() && acks[j] - acks[i] < 1000).then(|| acks[i] - from)
     })
 }
 
