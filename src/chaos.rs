@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellbank::supervisor::{ProcessId, Supervisor, Topology};
+use cellbank::supervisor::{Supervisor, Topology};
 use cellbank_chaos::drill::{ClusterMode, Drill};
 use cellbank_chaos::faults::{Access, Proc, Processes};
 use cellbank_chaos::runner::{self, Cluster, RunOptions};
@@ -67,47 +67,33 @@ struct Local {
     supervisor: Supervisor,
 }
 
-fn to_id(p: Proc) -> ProcessId {
-    match p {
-        Proc::Router(id) => ProcessId::Router(id),
-        Proc::Replica { cell, replica } => ProcessId::Replica { cell, replica },
-    }
-}
-
-fn to_proc(id: ProcessId) -> Proc {
-    match id {
-        ProcessId::Router(id) => Proc::Router(id),
-        ProcessId::Replica { cell, replica } => Proc::Replica { cell, replica },
-    }
-}
-
 impl Processes for Local {
     fn kill(&mut self, p: Proc) -> anyhow::Result<()> {
-        anyhow::ensure!(self.supervisor.ids().contains(&to_id(p)), "no {p} in this cluster");
-        self.supervisor.kill(to_id(p));
+        anyhow::ensure!(self.supervisor.ids().contains(&p), "no {p} in this cluster");
+        self.supervisor.kill(p);
         Ok(())
     }
 
     fn start(&mut self, p: Proc) -> anyhow::Result<()> {
-        self.supervisor.start(to_id(p))
+        self.supervisor.start(p)
     }
 
     fn pause(&mut self, p: Proc, paused: bool) -> anyhow::Result<()> {
-        anyhow::ensure!(self.supervisor.ids().contains(&to_id(p)), "no {p} in this cluster");
-        self.supervisor.pause(to_id(p), paused);
+        anyhow::ensure!(self.supervisor.ids().contains(&p), "no {p} in this cluster");
+        self.supervisor.pause(p, paused);
         Ok(())
     }
 
     fn all(&self) -> Vec<Proc> {
-        self.supervisor.ids().into_iter().map(to_proc).collect()
+        self.supervisor.ids()
     }
 
     fn is_running(&self, p: Proc) -> bool {
-        self.supervisor.is_running(to_id(p))
+        self.supervisor.is_running(p)
     }
 
     fn reap_exited(&mut self) -> Vec<Proc> {
-        self.supervisor.exited().into_iter().map(|(id, _)| to_proc(id)).collect()
+        self.supervisor.exited().into_iter().map(|(id, _)| id).collect()
     }
 
     fn stop_all(&mut self) {

@@ -177,21 +177,8 @@ impl Topology {
     }
 }
 
-/// One process of the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ProcessId {
-    Router(u64),
-    Replica { cell: u64, replica: u64 },
-}
-
-impl std::fmt::Display for ProcessId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ProcessId::Router(id) => write!(f, "router {id}"),
-            ProcessId::Replica { cell, replica } => write!(f, "cell {cell} replica {replica}"),
-        }
-    }
-}
+/// One process of the cluster (the type the chaos drills name processes by).
+pub use cellbank_chaos::faults::Proc as ProcessId;
 
 struct Managed {
     args: Vec<String>,

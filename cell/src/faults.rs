@@ -224,11 +224,6 @@ pub fn wall_ms() -> u64 {
     now.saturating_add_signed(clock_offset_ms())
 }
 
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The `FaultPoints` gRPC service of a replica.
 pub struct FaultService {
     pub admin_token: Option<String>,
@@ -244,12 +239,7 @@ impl FaultService {
                 "fault injection needs `admin_token` in the replica's config",
             ));
         };
-        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match presented.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(given) if same_secret(given.as_bytes(), token.as_bytes()) => Ok(()),
-            Some(_) => Err(tonic::Status::permission_denied("authorization: the admin token is wrong")),
-            None => Err(tonic::Status::unauthenticated("authorization: fault calls need `Bearer <admin token>`")),
-        }
+        cellbank_proto::check_admin_token(request, token)
     }
 }
 

@@ -51,17 +51,9 @@ pub struct Access {
     pub token: Option<String>,
 }
 
-fn metadata(token: Option<&str>) -> tonic::metadata::MetadataMap {
-    let mut map = tonic::metadata::MetadataMap::new();
-    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
-        map.insert("authorization", value);
-    }
-    map
-}
-
 fn request<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    *request.metadata_mut() = metadata(token);
+    *request.metadata_mut() = cellbank_router::admin_client::with_token(token);
     request.set_timeout(Duration::from_secs(3));
     request
 }
@@ -204,32 +196,25 @@ impl Access {
     }
 }
 
-/// A cell's replicas as (replica id, address), by asking each for its id.
-pub async fn replicas(table: &RoutingTable, cell: u64) -> Vec<(u64, String)> {
+/// A cell's replicas as (replica id, address), by asking each for its id,
+/// and the cell's leader (replica id) as those replicas report it, from one
+/// status call per replica.
+pub async fn replicas(table: &RoutingTable, cell: u64) -> (Vec<(u64, String)>, Option<u64>) {
     let addrs = table.cells.iter().find(|c| c.cell_id == cell).map(|c| c.replicas.clone()).unwrap_or_default();
     let mut out = Vec::new();
+    let mut leader = None;
     for (i, addr) in addrs.iter().enumerate() {
-        let id = replica_status(addr).await.map(|s| s.replica_id).unwrap_or(i as u64 + 1);
-        out.push((id, addr.clone()));
+        let status = replica_status(addr).await.ok();
+        if let Some(s) = status.as_ref().filter(|s| s.role == "leader") {
+            leader = Some(s.replica_id);
+        }
+        out.push((status.map(|s| s.replica_id).unwrap_or(i as u64 + 1), addr.clone()));
     }
     out.sort();
-    out
+    (out, leader)
 }
 
 pub async fn replica_status(addr: &str) -> anyhow::Result<cellbank_proto::cell::ReplicaStatus> {
     let mut client = ReplicaAdminClient::new(channel(addr).await?);
     Ok(client.status(request(StatusRequest {}, None)).await?.into_inner())
-}
-
-/// The cell's leader (replica id), as its replicas report it.
-pub async fn leader(table: &RoutingTable, cell: u64) -> Option<u64> {
-    let addrs = table.cells.iter().find(|c| c.cell_id == cell).map(|c| c.replicas.clone()).unwrap_or_default();
-    for addr in addrs {
-        if let Ok(status) = replica_status(&addr).await {
-            if status.role == "leader" {
-                return Some(status.replica_id);
-            }
-        }
-    }
-    None
 }

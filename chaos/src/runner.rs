@@ -17,7 +17,6 @@
 //! 7. The workload stops; unknown outcomes are resolved; the credits
 //!    settle; the final state is read; the checkers and expectations judge.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,9 +226,8 @@ impl<'a> Run<'a> {
         let cell = if step.side == Side::Active { active } else { standby };
         anyhow::ensure!(cell != 0, "pair {} has no {:?} cell now", step.pair, step.side);
         anyhow::ensure!(self.radius.contains(&cell), "cell {cell} is outside the blast radius {:?}", self.radius);
-        let members = crate::faults::replicas(&table, cell).await;
+        let (members, leader) = crate::faults::replicas(&table, cell).await;
         anyhow::ensure!(!members.is_empty(), "cell {cell} has no replicas in the routing table");
-        let leader = crate::faults::leader(&table, cell).await;
         let chosen: Vec<(u64, String)> = match step.role {
             Role::Leader => {
                 let id = leader.ok_or_else(|| anyhow::anyhow!("cell {cell} has no leader to target"))?;
@@ -246,7 +244,6 @@ impl<'a> Run<'a> {
         };
         let procs: Vec<Proc> = chosen.iter().map(|(r, _)| Proc::Replica { cell, replica: *r }).collect();
         let addrs: Vec<String> = chosen.iter().map(|(_, a)| a.clone()).collect();
-        let duration = Duration::from_millis(step.duration_ms);
         // Fault points outlive the planned heal by a margin, so the runner
         // heals them; they heal themselves if the runner is gone.
         let expiry_ms = step.duration_ms + 5_000;
@@ -356,20 +353,7 @@ impl<'a> Run<'a> {
                 record.targets = vec![format!("cell {cell} (all replicas)")];
             }
             FaultKind::IsolateCell => {
-                // A router's isolation call sets the whole set: send the
-                // cells of every live isolation step, this one included.
-                let mut cells: Vec<u64> = self.live.iter().flat_map(|l| l.cells.clone()).collect();
-                cells.push(cell);
-                cells.sort_unstable();
-                cells.dedup();
-                let longest = self
-                    .live
-                    .iter()
-                    .filter(|l| !l.cells.is_empty())
-                    .filter_map(|l| l.heal_at_ms)
-                    .map(|h| Duration::from_millis(h.saturating_sub(self.recorder.now_ms())))
-                    .fold(duration, Duration::max);
-                self.cluster.access.isolate(&cells, longest + Duration::from_secs(5)).await?;
+                self.set_isolation(Some((cell, self.recorder.now_ms() + step.duration_ms))).await?;
                 live.cells = vec![cell];
                 record.targets = vec![format!("cell {cell} from every router")];
             }
@@ -426,6 +410,30 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Sets the routers' isolation to the cells of every live isolation
+    /// step plus `adding` (cell, heal time), until the latest heal time and
+    /// 5 s more (a router's isolation call replaces its whole set).
+    async fn set_isolation(&self, adding: Option<(u64, u64)>) -> anyhow::Result<()> {
+        let now = self.recorder.now_ms();
+        let isolated: Vec<(u64, u64)> = self
+            .live
+            .iter()
+            .flat_map(|l| l.cells.iter().map(move |c| (*c, l.heal_at_ms.unwrap_or(now))))
+            .chain(adding)
+            .collect();
+        if isolated.is_empty() {
+            return self.cluster.access.clear_isolation().await;
+        }
+        let until = isolated.iter().map(|i| i.1).max().unwrap_or(now);
+        let mut cells: Vec<u64> = isolated.iter().map(|i| i.0).collect();
+        cells.sort_unstable();
+        cells.dedup();
+        self.cluster
+            .access
+            .isolate(&cells, Duration::from_millis(until.saturating_sub(now)) + Duration::from_secs(5))
+            .await
+    }
+
     fn halted(&self) -> bool {
         self.halt.load(Ordering::Relaxed)
     }
@@ -458,18 +466,8 @@ impl<'a> Run<'a> {
             }
         }
         if !live.cells.is_empty() {
-            // Keep the other live isolations (the call sets the whole set).
-            let now = self.recorder.now_ms();
-            let rest: Vec<(u64, u64)> =
-                self.live.iter().flat_map(|l| l.cells.iter().map(move |c| (*c, l.heal_at_ms.unwrap_or(now)))).collect();
-            let cells: Vec<u64> = rest.iter().map(|r| r.0).collect();
-            let until = rest.iter().map(|r| r.1).max().unwrap_or(now);
-            let result = if cells.is_empty() {
-                self.cluster.access.clear_isolation().await
-            } else {
-                self.cluster.access.isolate(&cells, Duration::from_millis(until - now) + Duration::from_secs(5)).await
-            };
-            if let Err(e) = result {
+            // The other live isolations stay.
+            if let Err(e) = self.set_isolation(None).await {
                 self.event(format!("isolation: {e}"));
             }
         }
@@ -617,14 +615,13 @@ pub fn series(history: &History) -> Vec<Point> {
 fn probe(drill: &Drill, history: &History, from: u64, to: u64, pairs_sync: bool) -> (Vec<ProbeResult>, f64) {
     let span = ((to - from) as f64 / 1000.0).max(0.001);
     let ops: Vec<_> = history.ops.iter().filter(|op| op.answered_ms >= from && op.answered_ms < to).collect();
-    let ok: Vec<u64> = ops
+    let mut sorted: Vec<u64> = ops
         .iter()
         .filter(|op| op.outcome == crate::history::Outcome::Ok)
         .map(|op| op.answered_ms - op.sent_ms)
         .collect();
-    let mut sorted = ok.clone();
     sorted.sort_unstable();
-    let throughput = ok.len() as f64 / span;
+    let throughput = sorted.len() as f64 / span;
     let unknown = ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count();
     let error_rate = if ops.is_empty() { 1.0 } else { unknown as f64 / ops.len() as f64 };
     let results = drill
@@ -934,7 +931,9 @@ pub async fn run(
     // Resolution and the final state.
     let mut history = recorder.history();
     let unknown = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count();
-    let resolved = workload::resolve(access.routers.clone(), &mut history, Duration::from_secs(120)).await;
+    let resolved =
+        workload::resolve(access.routers.clone(), &mut history, Duration::from_secs(60), Duration::from_secs(600))
+            .await;
     run.event(format!("resolved {resolved} of {unknown} unknown outcomes"));
     access.wait_sync(Duration::from_secs(60)).await;
     settle(&access, Duration::from_secs(60)).await;
@@ -1110,27 +1109,29 @@ async fn settle(access: &Access, timeout: Duration) {
     }
 }
 
+/// The digests and sums of the final state, from a reconciliation: every
+/// cell's replicas (the standby's included) were compared with the digest of
+/// their pair's active cell, so each cell lists that reference, then one
+/// entry per replica: the reference when it agreed, a mismatch when not.
 fn fill_from_reconcile(
     state: &mut crate::history::FinalState,
     report: &cellbank_router::reconcile::Report,
     table: &RoutingTable,
 ) {
     for cell in &report.cells {
+        let reference = report
+            .cells
+            .iter()
+            .find(|c| c.pair_id == cell.pair_id && c.role == "active")
+            .map(|c| c.digest.clone())
+            .unwrap_or_default();
         let replicas = table.cells.iter().find(|c| c.cell_id == cell.cell_id).map(|c| c.replicas.len()).unwrap_or(0);
-        let mut digests = vec![cell.digest.clone(); cell.replicas_agreeing];
-        digests.extend((cell.replicas_agreeing..replicas).map(|_| format!("not {}", cell.digest)));
-        state.digests.entry(cell.cell_id).or_default().extend(digests);
+        let mut digests = vec![reference.clone(); 1 + cell.replicas_agreeing];
+        digests.extend((cell.replicas_agreeing..replicas).map(|_| format!("a replica differs from {reference}")));
+        state.digests.insert(cell.cell_id, digests);
         for (currency, sum) in &cell.balance_sums {
             state.sums.insert((cell.cell_id, currency.clone()), sum.parse().unwrap_or(i128::MAX));
         }
-    }
-    // A pair's standby holds the active's digest (reconcile compared them).
-    let mut by_pair: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    for cell in &report.cells {
-        by_pair.entry(cell.pair_id).or_default().push(cell.digest.clone());
-    }
-    for (pair, digests) in by_pair {
-        state.digests.entry(1_000_000 + pair).or_default().extend(digests);
     }
 }
 

@@ -445,14 +445,17 @@ fn final_error(status: &Status) -> Option<Outcome> {
 }
 
 /// Retries every unknown operation with the same idempotency key until it
-/// gets a final answer (each for at most `per_op`), and records it.
-pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Duration) -> usize {
+/// gets a final answer (each for at most `per_op`, all of them for at most
+/// `total`), and records it. What stays unresolved keeps the checkers that
+/// need it at "unknown".
+pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Duration, total: Duration) -> usize {
     let mut client = CellClient::new(routers);
     client.deadline = Duration::from_secs(10);
     let mut resolved = 0;
+    let phase = Instant::now();
     for op in history.ops.iter_mut().filter(|op| op.outcome == Outcome::Unknown) {
         let started = Instant::now();
-        while op.resolved.is_none() && started.elapsed() < per_op {
+        while op.resolved.is_none() && started.elapsed() < per_op && phase.elapsed() < total {
             let outcome = match &mut op.kind {
                 OpKind::Transfer { transfer_id, from, to, currency, amount } => {
                     let request = TransferRequest {

@@ -42,3 +42,20 @@ pub const LEADER_ADDR_METADATA_KEY: &str = "cellbank-leader-addr";
 /// gRPC metadata key carrying a slice's routing epoch: set by routers on every
 /// request to a cell, and by a cell on a refusal (its own epoch).
 pub const EPOCH_METADATA_KEY: &str = "cellbank-epoch";
+
+/// Checks `authorization: Bearer <token>` on an admin request against the
+/// configured token (compared in time that depends only on the lengths).
+/// Shared by the routers' admin API and the replicas' fault points.
+#[allow(clippy::result_large_err)]
+pub fn check_admin_token<T>(request: &tonic::Request<T>, token: &str) -> Result<(), tonic::Status> {
+    let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+    match presented.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(given) if same_secret(given.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(tonic::Status::permission_denied("authorization: the admin token is wrong")),
+        None => Err(tonic::Status::unauthenticated("authorization: admin calls need `Bearer <admin token>`")),
+    }
+}
+
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

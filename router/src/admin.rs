@@ -32,12 +32,9 @@ pub const AUDIT_RECORDS_MAX: usize = 1000;
 
 impl AdminService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.admin_token else { return Ok(()) };
-        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match presented.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(given) if given == token => Ok(()),
-            Some(_) => Err(Status::permission_denied("authorization: the admin token is wrong")),
-            None => Err(Status::unauthenticated("authorization: admin calls need `Bearer <admin token>`")),
+        match &self.admin_token {
+            Some(token) => cellbank_proto::check_admin_token(request, token),
+            None => Ok(()),
         }
     }
 

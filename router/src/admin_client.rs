@@ -87,7 +87,8 @@ pub async fn isolate_cells(
     Ok(())
 }
 
-fn with_token(token: Option<&str>) -> tonic::metadata::MetadataMap {
+/// `authorization: Bearer <token>` metadata (empty without a token).
+pub fn with_token(token: Option<&str>) -> tonic::metadata::MetadataMap {
     let mut metadata = tonic::metadata::MetadataMap::new();
     if let Some(token) = token {
         if let Ok(value) = format!("Bearer {token}").parse() {
