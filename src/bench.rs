@@ -43,10 +43,6 @@ use crate::Endpoints;
 /// Cross-cell transfers whose arrival is read back after a run.
 const CROSS_SAMPLES_MAX: usize = 200_000;
 
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Most requests in flight in open-loop mode before the generator counts
 /// the rest as missed.
 const OPEN_LOOP_IN_FLIGHT_MAX: u64 = 20_000;
@@ -301,7 +297,7 @@ impl Workload {
         if cross && self.measuring.load(Ordering::Relaxed) {
             let mut sent = self.cross_sent.lock().expect("cross sent");
             if sent.len() < CROSS_SAMPLES_MAX {
-                sent.push((transfer_id.clone(), unix_ms()));
+                sent.push((transfer_id.clone(), cellbank_router::coordinator::now_ms()));
             }
         }
         TransferRequest {

@@ -106,10 +106,6 @@ fn load(path: &Path) -> anyhow::Result<Drill> {
     Drill::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 pub async fn run(action: ChaosAction) -> anyhow::Result<()> {
     match action {
         ChaosAction::Check { files } => {
@@ -131,8 +127,13 @@ pub async fn run(action: ChaosAction) -> anyhow::Result<()> {
         ChaosAction::Run { file, seed, out, admin_token } => {
             let drill = load(&file)?;
             let seed = seed.unwrap_or(drill.seed);
-            let out =
-                out.unwrap_or_else(|| PathBuf::from("chaos-reports").join(format!("{}-{}", drill.name, unix_ms())));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("chaos-reports").join(format!(
+                    "{}-{}",
+                    drill.name,
+                    cellbank_router::coordinator::now_ms()
+                ))
+            });
             let passed = run_drill(&file, drill, seed, &out, admin_token).await?;
             if !passed {
                 std::process::exit(1);

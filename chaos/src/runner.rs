@@ -170,10 +170,6 @@ pub struct RunOptions {
     pub halt: Arc<std::sync::atomic::AtomicBool>,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// The cells a step may touch: its pair's active and standby cell.
 fn cells_of(table: &RoutingTable, pair: u64) -> (u64, u64) {
     table.pairs.iter().find(|p| p.pair_id == pair).map(|p| (p.active_cell_id, p.standby_cell_id)).unwrap_or((0, 0))
@@ -706,7 +702,7 @@ pub async fn run(
     let mut drill = drill.clone();
     drill.seed = options.seed;
     let drill = &drill;
-    let started_at_unix_ms = unix_ms();
+    let started_at_unix_ms = cellbank_router::coordinator::now_ms();
     let access = cluster.access.clone();
     access.wait_ready(Duration::from_secs(60)).await?;
     let table = access.table().await?;
@@ -1077,7 +1073,7 @@ pub async fn run(
 
 /// The wall clock (ms) at the recorder's zero.
 fn wall_zero(recorder: &Recorder) -> u64 {
-    unix_ms().saturating_sub(recorder.now_ms())
+    cellbank_router::coordinator::now_ms().saturating_sub(recorder.now_ms())
 }
 
 /// When (ms after `from`) the first one-second window begins in which the

@@ -79,10 +79,6 @@ impl Report {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 async fn admin_client(addr: &str) -> anyhow::Result<ReplicaAdminClient<Channel>> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
@@ -216,7 +212,8 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
                 }
             }
             let first = &audits[0].1;
-            let oldest = first.outbox.first().map(|o| now_ms().saturating_sub(o.created_at_ms)).unwrap_or(0);
+            let oldest =
+                first.outbox.first().map(|o| crate::coordinator::now_ms().saturating_sub(o.created_at_ms)).unwrap_or(0);
             report.cells.push(CellFigures {
                 pair_id: pair.pair_id,
                 cell_id,
@@ -232,7 +229,7 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
             });
         }
         if let Some(oldest) = reference.outbox.first() {
-            let age = now_ms().saturating_sub(oldest.created_at_ms);
+            let age = crate::coordinator::now_ms().saturating_sub(oldest.created_at_ms);
             if age > options.outbox_age_max.as_millis() as u64 {
                 report.discrepancies.push(format!(
                     "pair {}: outbox entry {} ({} {} to pair {}) has waited {age} ms (bound {} ms)",
