@@ -263,12 +263,22 @@ impl Supervisor {
 
     /// Starts (or restarts, on its data) one process.
     pub fn start(&mut self, id: ProcessId) -> anyhow::Result<()> {
+        self.start_with_env(id, &[])
+    }
+
+    /// [`Supervisor::start`] with extra environment for this start only: for
+    /// example `CELLBANK_FAULTS`, a fault in place from the process's first
+    /// instant.
+    pub fn start_with_env(&mut self, id: ProcessId, extra: &[(&str, &str)]) -> anyhow::Result<()> {
         let managed = self.processes.get_mut(&id).with_context(|| format!("no {id} in this cluster"))?;
         anyhow::ensure!(managed.child.is_none(), "{id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(managed.dir.join("process.log"))?;
         let mut command = Command::new(&self.exe);
         command.args(&managed.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        for (key, value) in extra {
             command.env(key, value);
         }
         managed.child = Some(command.spawn().with_context(|| format!("starting {id}"))?);
@@ -308,9 +318,14 @@ impl Supervisor {
     }
 
     pub fn start_cell(&mut self, cell: u64) -> anyhow::Result<()> {
+        self.start_cell_with_env(cell, &[])
+    }
+
+    /// Starts every stopped replica of a cell with extra environment.
+    pub fn start_cell_with_env(&mut self, cell: u64, extra: &[(&str, &str)]) -> anyhow::Result<()> {
         for id in self.cell_replicas(cell) {
             if !self.is_running(id) {
-                self.start(id)?;
+                self.start_with_env(id, extra)?;
             }
         }
         Ok(())

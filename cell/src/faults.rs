@@ -17,6 +17,11 @@
 //! - `disk.sync`: synced log writes are slowed (`delay`) or fail (`error`:
 //!   the replica stops, as it does on a real failed fsync).
 //! - `clock`: the replica's wall clock is moved by `offset_ms`.
+//!
+//! A fault can also be in place from the first instant of a process, before
+//! its gRPC server answers (an old active restarted cut off from its
+//! standby, say): [`STARTUP_ENV`] lists them, and [`inject_from_env`] reads it
+//! at start.
 
 use std::time::Duration;
 
@@ -29,6 +34,63 @@ pub const DURATION_MAX: Duration = Duration::from_secs(600);
 pub const DELAY_MAX_MS: u64 = 60_000;
 /// Largest clock jump (either way).
 pub const OFFSET_MAX_MS: i64 = 24 * 3600 * 1000;
+
+/// Faults a replica injects into itself at start: `;`-separated
+/// `point=action:duration_ms[:value]`, the value being `delay_ms` for a
+/// delay and `offset_ms` for a clock offset. Example:
+/// `standby.ship=drop:60000;disk.sync=delay:30000:50`.
+pub const STARTUP_ENV: &str = "CELLBANK_FAULTS";
+
+/// Parses the [`STARTUP_ENV`] value into checked requests.
+pub fn parse_startup(value: &str) -> Result<Vec<InjectFaultRequest>, String> {
+    let mut requests = Vec::new();
+    for item in value.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let (point, rest) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected point=action:duration_ms"))?;
+        let mut parts = rest.split(':');
+        let action = parts.next().unwrap_or_default();
+        let number = |part: Option<&str>, what: &str| -> Result<i64, String> {
+            part.ok_or_else(|| format!("{item:?}: {what} is missing"))?
+                .parse::<i64>()
+                .map_err(|e| format!("{item:?}: {what}: {e}"))
+        };
+        let duration_ms = number(parts.next(), "duration_ms")?;
+        let mut request = InjectFaultRequest {
+            point: point.to_string(),
+            action: action.to_string(),
+            duration_ms: u64::try_from(duration_ms).map_err(|_| format!("{item:?}: duration_ms is negative"))?,
+            ..Default::default()
+        };
+        match action {
+            "delay" => {
+                request.delay_ms =
+                    u64::try_from(number(parts.next(), "delay_ms")?).map_err(|_| format!("{item:?}: negative delay"))?
+            }
+            "offset" => request.offset_ms = number(parts.next(), "offset_ms")?,
+            _ => {}
+        }
+        if parts.next().is_some() {
+            return Err(format!("{item:?}: too many fields"));
+        }
+        validate(&request).map_err(|e| format!("{item:?}: {e}"))?;
+        requests.push(request);
+    }
+    Ok(requests)
+}
+
+/// Injects the faults [`STARTUP_ENV`] names. An unparsable value is an error
+/// (the replica refuses to start rather than run without the fault asked
+/// for); a build without fault points refuses any.
+pub fn inject_from_env() -> Result<(), String> {
+    let Ok(value) = std::env::var(STARTUP_ENV) else { return Ok(()) };
+    let requests = parse_startup(&value)?;
+    if !requests.is_empty() && !COMPILED_IN {
+        return Err(format!("{STARTUP_ENV} is set but this build has no fault points"));
+    }
+    for request in requests {
+        inject(request);
+    }
+    Ok(())
+}
 
 /// Checks a request against what each point accepts; the error names the field.
 pub fn validate(request: &InjectFaultRequest) -> Result<(), String> {
@@ -284,6 +346,21 @@ mod tests {
 
     fn request(point: &str, action: &str) -> InjectFaultRequest {
         InjectFaultRequest { point: point.into(), action: action.into(), duration_ms: 1000, ..Default::default() }
+    }
+
+    #[test]
+    fn startup_faults_parse_and_are_checked() {
+        let parsed = parse_startup("standby.ship=drop:60000; disk.sync=delay:30000:50;clock=offset:1000:-5000").unwrap();
+        assert_eq!(parsed.len(), 3);
+        assert_eq!((parsed[0].point.as_str(), parsed[0].action.as_str(), parsed[0].duration_ms), ("standby.ship", "drop", 60_000));
+        assert_eq!(parsed[1].delay_ms, 50);
+        assert_eq!(parsed[2].offset_ms, -5000);
+        assert!(parse_startup("").unwrap().is_empty());
+        assert!(parse_startup("standby.ship").unwrap_err().contains("expected point=action"));
+        assert!(parse_startup("standby.ship=drop").unwrap_err().contains("duration_ms is missing"));
+        assert!(parse_startup("standby.ship=skip:10").unwrap_err().contains("action"));
+        assert!(parse_startup("nowhere=drop:10").unwrap_err().contains("unknown fault point"));
+        assert!(parse_startup("standby.ship=drop:10:5").unwrap_err().contains("too many"));
     }
 
     #[test]
