@@ -42,7 +42,8 @@ impl Cluster {
 
     pub async fn status(&self) -> Option<ClusterStatus> {
         let routers = self.routers();
-        let asked = tokio::time::timeout(Duration::from_secs(3), cellbank::routers::cluster_status(&routers, None));
+        let token = self.sup.topology.admin_token.as_deref();
+        let asked = tokio::time::timeout(Duration::from_secs(3), cellbank::routers::cluster_status(&routers, token));
         asked.await.ok()?.ok()
     }
 
