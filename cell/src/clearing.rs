@@ -2,17 +2,22 @@
 //! routers call, the courier that delivers this cell's outbox, and the
 //! sweeper that expires envelopes.
 //!
-//! - The courier runs on the leader of a cell that takes writes. It reads
-//!   pending outbox entries from a snapshot at applied index `i`, waits until
-//!   the standby holds `i` (in any mode, so a failover can never lose an
-//!   entry whose credit was delivered), and sends the credits, one call per
-//!   destination pair, through a router to that pair's active cell. A final
-//!   answer (credited, or refused for good) is settled by a command in this
-//!   cell's log; anything else is retried with backoff per destination,
-//!   forever: an entry is never dropped, and a destination that is down
-//!   delays no other. Redelivery is safe because the destination applies
-//!   each (source pair, seq) once, and answers only once its own standby
-//!   holds the credit.
+//! - The courier runs on the leader of a cell that takes writes and has
+//!   earned its authority at its epoch (see `replication.rs`). It reads
+//!   pending outbox entries from a snapshot at applied index `i`, waits
+//!   until `i` may be acknowledged under the same rule as a client write
+//!   (SYNC: the standby holds `i` at the epoch and standby `i` applied
+//!   under; any demotion, epoch change or deposition meanwhile fails the
+//!   wait), and sends the credits, one call per destination pair, through a
+//!   router to that pair's active cell. Every call names its sender (source
+//!   pair, cell, epoch); a router refuses a sender the routing table does
+//!   not name as the pair's active at that epoch, and the cell then records
+//!   its deposition. A final answer (credited, or refused for good) is
+//!   settled by a command in this cell's log; anything else is retried with
+//!   backoff per destination, forever: an entry is never dropped, and a
+//!   destination that is down delays no other. Redelivery is safe because
+//!   the destination applies each (source pair, seq) and each business key
+//!   once, and answers only under the same acknowledgement rule.
 //! - The sweeper proposes the expiry of envelopes whose expiry has passed on
 //!   the leader's clock; the apply decides by the entry's timestamp.
 
@@ -23,8 +28,8 @@ use std::time::Duration;
 
 use cellbank_proto::cell::clearing_server::Clearing;
 use cellbank_proto::cell::{
-    command, Command, CreditBatch, CreditResults, CrossCellBatch, CrossCellResults, ExpireCommand, GrabBatch,
-    GrabCommand, GrabResults, MoveCommand, OutboxEntry, SettleCommand,
+    command, Command, CreditBatch, CreditResults, CreditSender, CrossCellBatch, CrossCellResults, ExpireCommand,
+    GrabBatch, GrabCommand, GrabResults, MoveCommand, OutboxEntry, SettleCommand,
 };
 use cellbank_proto::router::courier_client::CourierClient;
 use cellbank_proto::v1::{GrabEnvelopeResponse, ResultCode, TransferKind, TransferResult};
@@ -176,22 +181,38 @@ impl Clearing for ClearingService {
     async fn apply_credits(&self, request: Request<CreditBatch>) -> Result<Response<CreditResults>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
-        let checked = request
-            .into_inner()
+        let batch = request.into_inner();
+        let sender = batch.sender.ok_or_else(|| Status::invalid_argument("sender: must be set"))?;
+        if sender.source_pair_id == 0 || sender.cell_id == 0 || sender.epoch == 0 {
+            return Err(Status::invalid_argument("sender: source_pair_id, cell_id and epoch must be set"));
+        }
+        let checked = batch
             .credits
             .into_iter()
-            .map(|credit| {
+            .map(|mut credit| {
                 validate_credit(&credit)?;
+                if credit.source_pair_id != sender.source_pair_id {
+                    return Err(validate::Invalid {
+                        field: "source_pair_id",
+                        detail: format!("the batch's sender is pair {}", sender.source_pair_id),
+                    });
+                }
+                // The apply refuses an epoch older than the newest it took
+                // credits from for this source pair (a deposed sender).
+                credit.sender_epoch = sender.epoch;
                 Ok(Command { kind: Some(command::Kind::Credit(credit)) })
             })
             .collect();
-        let started = Instant::now();
+        // `propose_items` answers only once every result may be acknowledged
+        // (the same rule as a client write: the source settles on it).
         let results = propose_items(&self.context, timeout, checked).await?;
-        // The source settles on this answer: it must not rest on this cell
-        // alone, even while the pair is degraded.
-        let revealed = results.iter().map(|r| r.applied_index).max().unwrap_or(0);
-        let remaining = timeout.saturating_sub(started.elapsed());
-        self.context.replication.wait_until_held(&self.context.pair, revealed, remaining).await?;
+        if let Some(stale) = results.iter().find(|r| r.code == ResultCode::StaleSender as i32) {
+            let newest = crate::ledger::clearing::read_sender_epoch(
+                &crate::raft::ReadOnlyDb(&self.context.db),
+                sender.source_pair_id,
+            );
+            return Err(crate::replication::epoch_status(Status::failed_precondition(stale.detail.clone()), newest));
+        }
         Ok(Response::new(CreditResults { results }))
     }
 }
@@ -209,19 +230,19 @@ pub fn grab_response(result: TransferResult, currency: String) -> GrabEnvelopeRe
 }
 
 /// True when this replica should run the cell's background work: it leads a
-/// cell that takes writes.
+/// cell that takes writes, is not deposed, and has earned its authority.
 fn serving(context: &ReplicaContext) -> bool {
     if !context.node.shared.is_leader.load(Ordering::Relaxed) {
         return false;
     }
     let epoch = {
         let state = context.pair.borrow();
-        if !pair::role_writable(pair::role(&state)) {
+        if !pair::writable(&state) {
             return false;
         }
         state.epoch
     };
-    !context.replication.deposed(epoch)
+    !context.replication.deposed(epoch) && context.has_authority()
 }
 
 /// What the courier knows of the pending entries it has seen.
@@ -346,11 +367,15 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
         if pass.due.is_empty() {
             continue;
         }
-        // No credit leaves before the standby holds its outbox entry, in
-        // any mode: a failover must never lose a debit whose credit left.
-        if context.replication.wait_until_held(&context.pair, pass.index, Duration::from_secs(1)).await.is_err() {
+        // No credit leaves before its outbox entry may be acknowledged
+        // (the client-write rule): in SYNC mode the standby holds it at the
+        // epoch it applied under, so no failover loses a debit whose credit
+        // left.
+        if let Err(status) = context.replication.wait_for(&context.pair, pass.index, Duration::from_secs(1)).await {
+            tracing::debug!(%status, "the courier waits: its outbox entries may not leave yet");
             continue;
         }
+        let Some(sender) = sender_of(&context, &pass.due) else { continue };
         let mut by_dest: std::collections::BTreeMap<u64, Vec<OutboxEntry>> = Default::default();
         {
             let mut state = state.lock().expect("courier lock");
@@ -367,7 +392,7 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
                 let first = next_router;
                 next_router = (next_router + 1) % clients.len();
                 tokio::spawn(async move {
-                    let settled = deliver(&context, &clients, first, &chunk).await;
+                    let settled = deliver(&context, &clients, first, &sender, &chunk).await;
                     let mut state = state.lock().expect("courier lock");
                     for entry in &chunk {
                         state.in_flight.remove(&entry.seq);
@@ -390,16 +415,35 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
     }
 }
 
+/// The sender a delivery names: this cell, its pair (the source pair its
+/// credits name; one per cell) and its epoch. `None` when the pass holds
+/// credits of another source pair (never written by this cell's apply).
+fn sender_of(context: &ReplicaContext, due: &[OutboxEntry]) -> Option<CreditSender> {
+    let source_pair_id = due.first()?.credit.as_ref()?.source_pair_id;
+    if due.iter().any(|e| e.credit.as_ref().map(|c| c.source_pair_id) != Some(source_pair_id)) {
+        tracing::error!("outbox entries name more than one source pair; none is delivered");
+        return None;
+    }
+    let epoch = context.pair.borrow().epoch;
+    Some(CreditSender { source_pair_id, cell_id: context.cell_id, epoch })
+}
+
 /// Delivers one batch and settles what got a final answer; returns the
-/// settled seqs.
+/// settled seqs. A router that says this cell is not its pair's active at
+/// its epoch makes it record its deposition.
 async fn deliver(
     context: &ReplicaContext,
     clients: &[CourierClient<Channel>],
     first: usize,
+    sender: &CreditSender,
     entries: &[OutboxEntry],
 ) -> std::collections::HashSet<u64> {
-    let batch = CreditBatch { credits: entries.iter().map(|e| e.credit.clone().unwrap_or_default()).collect() };
+    let batch = CreditBatch {
+        credits: entries.iter().map(|e| e.credit.clone().unwrap_or_default()).collect(),
+        sender: Some(*sender),
+    };
     let mut deliveries = None;
+    context.metrics.credit_delivery_calls_total.inc();
     for attempt in 0..clients.len() {
         let mut client = clients[(first + attempt) % clients.len()].clone();
         let mut request = Request::new(batch.clone());
@@ -407,6 +451,19 @@ async fn deliver(
         match tokio::time::timeout(DELIVERY_TIMEOUT, client.deliver_credits(request)).await {
             Ok(Ok(response)) => {
                 deliveries = Some(response.into_inner().deliveries);
+                break;
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                let epoch = status
+                    .metadata()
+                    .get(cellbank_proto::EPOCH_METADATA_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                tracing::warn!(%status, epoch, "a router refused this cell as the sender of its pair's credits");
+                if epoch > sender.epoch {
+                    crate::replication::record_deposition(&context.node, epoch);
+                }
                 break;
             }
             Ok(Err(status)) => tracing::debug!(%status, "a router did not take the credits"),

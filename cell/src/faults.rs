@@ -45,7 +45,8 @@ pub const STARTUP_ENV: &str = "CELLBANK_FAULTS";
 pub fn parse_startup(value: &str) -> Result<Vec<InjectFaultRequest>, String> {
     let mut requests = Vec::new();
     for item in value.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        let (point, rest) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected point=action:duration_ms"))?;
+        let (point, rest) =
+            item.split_once('=').ok_or_else(|| format!("{item:?}: expected point=action:duration_ms"))?;
         let mut parts = rest.split(':');
         let action = parts.next().unwrap_or_default();
         let number = |part: Option<&str>, what: &str| -> Result<i64, String> {
@@ -350,9 +351,13 @@ mod tests {
 
     #[test]
     fn startup_faults_parse_and_are_checked() {
-        let parsed = parse_startup("standby.ship=drop:60000; disk.sync=delay:30000:50;clock=offset:1000:-5000").unwrap();
+        let parsed =
+            parse_startup("standby.ship=drop:60000; disk.sync=delay:30000:50;clock=offset:1000:-5000").unwrap();
         assert_eq!(parsed.len(), 3);
-        assert_eq!((parsed[0].point.as_str(), parsed[0].action.as_str(), parsed[0].duration_ms), ("standby.ship", "drop", 60_000));
+        assert_eq!(
+            (parsed[0].point.as_str(), parsed[0].action.as_str(), parsed[0].duration_ms),
+            ("standby.ship", "drop", 60_000)
+        );
         assert_eq!(parsed[1].delay_ms, 50);
         assert_eq!(parsed[2].offset_ms, -5000);
         assert!(parse_startup("").unwrap().is_empty());

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub credits_delivered_total: IntCounter,
     pub credits_refused_total: IntCounter,
     pub credit_delivery_failures_total: IntCounter,
+    pub credit_delivery_calls_total: IntCounter,
     pub envelopes_expired_total: IntCounter,
 }
 
@@ -90,6 +91,10 @@ impl Metrics {
             credit_delivery_failures_total: counter(
                 "credit_delivery_failures_total",
                 "Delivery attempts of cross-cell credits that got no final answer (retried with backoff).",
+            ),
+            credit_delivery_calls_total: counter(
+                "credit_delivery_calls_total",
+                "Delivery calls of cross-cell credits this replica's courier made.",
             ),
             envelopes_expired_total: counter("envelopes_expired_total", "Envelopes expired by this leader."),
             registry,

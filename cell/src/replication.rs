@@ -16,11 +16,28 @@
 //!   ledger, shipped in chunks that are commands in the standby's log.
 //! - A standby that was promoted (or moved to a later epoch) refuses the
 //!   stream with FAILED_PRECONDITION and its epoch: the old active is then
-//!   deposed and acknowledges nothing more.
+//!   deposed and acknowledges nothing more, and records its deposition in
+//!   its own log (a `Depose` command) so that no restart forgets it.
 //! - The acknowledged watermark only grows within one pair configuration.
+//!
+//! The acknowledgement rule ([`judge`]): a client write, a read, a credit
+//! the courier sends and a credit `ApplyCredits` answers for are released
+//! only on positive evidence. The waiter for entry `i` takes the pair state
+//! `i` applied under (its ticket, from the ledger's pair history). A SYNC
+//! ticket (epoch E, standby S) is released when the standby acknowledged
+//! `i` in a session at epoch E with standby S, or when the cell was
+//! explicitly degraded to ASYNC at epoch E with standby S. Any other change
+//! (another epoch, a demotion, another or no standby, a deposition) fails
+//! the waiter: the outcome is unknown and the client retries with the same
+//! id. A demotion is never a degradation.
+//!
+//! Authority ([`Replication::has_authority`]): a replica that becomes leader
+//! (a restart, an election) serves nothing for a paired cell until its
+//! standby has answered the stream's hello at the cell's epoch in this
+//! term, or the coordinator has stamped it with a configure in this term.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +51,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-use crate::ledger::{pair, Ledger, PairView};
+use crate::ledger::{pair, Ledger, PairHistory, PairView};
 use crate::raft::driver::DriverHandle;
 use crate::raft::storage::{log_key, read_u64, APPLIED_INDEX_KEY};
 
@@ -65,8 +82,9 @@ pub const PROMOTION_SETTLE: Duration = Duration::from_millis(400);
 /// What the active cell's leader knows about its standby.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShipState {
-    /// The pair epoch this watermark belongs to.
+    /// The pair epoch and the standby cell this watermark belongs to.
     pub epoch: u64,
+    pub standby_cell_id: u64,
     /// The standby holds the source log up to here.
     pub acked_index: u64,
     /// Set when the standby refused the stream because it moved to a later
@@ -87,15 +105,157 @@ pub struct Replication {
     /// (applied index, when it was first seen applied) of entries the
     /// standby has not acknowledged, oldest first.
     unacked: Mutex<VecDeque<(u64, Instant)>>,
+    /// Which pair state each index applied under (kept by the ledger).
+    history: PairHistory,
+    /// The leader term in which this replica last earned authority (0: never).
+    authority_term: AtomicU64,
 }
 
 impl Default for Replication {
     fn default() -> Self {
-        Replication { state: watch::Sender::new(ShipState::default()), unacked: Mutex::new(VecDeque::new()) }
+        Replication::new(PairHistory::default())
     }
 }
 
+/// What the acknowledgement rule says of a waiter right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Release,
+    Wait,
+    /// The outcome is unknown to the client: retry with the same id.
+    Fail(WaitFailure),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitFailure {
+    /// The pair history does not reach back to the entry.
+    NoTicket,
+    /// The cell learnt its pair moved to this epoch.
+    Deposed(u64),
+    /// The cell is at another epoch than the entry applied under.
+    EpochChanged { from: u64, to: u64 },
+    /// The cell no longer is the pair's active (demoted, or never was).
+    NotActive,
+    /// The cell's standby changed (or was removed) at the same epoch.
+    StandbyChanged { from: u64, to: u64 },
+}
+
+impl WaitFailure {
+    /// UNAVAILABLE (retryable), with the epoch the cell now knows of.
+    pub fn status(&self, index: u64, current_epoch: u64) -> Status {
+        let why = match self {
+            WaitFailure::NoTicket => format!("no record of the pair configuration entry {index} applied under"),
+            WaitFailure::Deposed(epoch) => format!("this cell was deposed: its pair moved to epoch {epoch}"),
+            WaitFailure::EpochChanged { from, to } => {
+                format!("the pair moved from epoch {from} to epoch {to} while entry {index} waited for the standby")
+            }
+            WaitFailure::NotActive => format!("this cell stopped being the pair's active while entry {index} waited"),
+            WaitFailure::StandbyChanged { from, to } => {
+                format!("the standby changed from cell {from} to cell {to} while entry {index} waited")
+            }
+        };
+        let epoch = match self {
+            WaitFailure::Deposed(epoch) => (*epoch).max(current_epoch),
+            _ => current_epoch,
+        };
+        epoch_status(
+            Status::unavailable(format!("{why}; the outcome is unknown: retry with the same transfer_id")),
+            epoch,
+        )
+    }
+}
+
+/// The acknowledgement rule, as a pure function of what a waiter for entry
+/// `index` knows: the pair state the entry applied under (`ticket`), the
+/// pair state now, and the shipper's state. `read`: a read, which also needs
+/// `lease_fresh` (a standby confirmation within [`READ_LEASE`]) and is
+/// never released on evidence alone once the configuration changed.
+/// `skip_ack`: the drills' `standby.ack` fault (writes only).
+pub fn judge(
+    ticket: &PairState,
+    current: &PairState,
+    ship: &ShipState,
+    index: u64,
+    read: bool,
+    lease_fresh: bool,
+    skip_ack: bool,
+) -> Verdict {
+    use cellbank_proto::cell::{PairRole, ReplicationMode};
+    // A cell that never had a pair answers alone.
+    if pair::role(ticket) == PairRole::Unpaired && ticket.epoch == 0 {
+        return Verdict::Release;
+    }
+    let ticket_sync = pair::waits_for_standby(ticket);
+    // Positive evidence for a write: the standby acknowledged the entry at
+    // the ticket's epoch and standby, so it holds it whatever happened since
+    // (a standby promoted later holds everything it acknowledged).
+    let acknowledged = ticket_sync
+        && ship.epoch == ticket.epoch
+        && ship.standby_cell_id == ticket.standby_cell_id
+        && ship.acked_index >= index;
+    if acknowledged && !read {
+        return Verdict::Release;
+    }
+    let deposed_by = ship.deposed_by_epoch.max(current.deposed_by_epoch);
+    if deposed_by > ticket.epoch {
+        return Verdict::Fail(WaitFailure::Deposed(deposed_by));
+    }
+    if current.epoch != ticket.epoch {
+        return Verdict::Fail(WaitFailure::EpochChanged { from: ticket.epoch, to: current.epoch });
+    }
+    if !pair::ships(ticket) || !matches!(pair::role(current), PairRole::Active | PairRole::Fenced) {
+        return Verdict::Fail(WaitFailure::NotActive);
+    }
+    if current.standby_cell_id != ticket.standby_cell_id {
+        return Verdict::Fail(WaitFailure::StandbyChanged {
+            from: ticket.standby_cell_id,
+            to: current.standby_cell_id,
+        });
+    }
+    if !ticket_sync || (skip_ack && !read) {
+        return Verdict::Release;
+    }
+    if acknowledged && lease_fresh {
+        return Verdict::Release;
+    }
+    // An explicit degrade at the same epoch and standby (the coordinator
+    // recorded the pair DEGRADED in the routing table first).
+    if pair::mode(current) == ReplicationMode::Async {
+        return Verdict::Release;
+    }
+    Verdict::Wait
+}
+
 impl Replication {
+    pub fn new(history: PairHistory) -> Replication {
+        Replication {
+            state: watch::Sender::new(ShipState::default()),
+            unacked: Mutex::new(VecDeque::new()),
+            history,
+            authority_term: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that this replica may serve in `term` (0: ignored).
+    pub fn earn_authority(&self, term: u64) {
+        if term != 0 {
+            let before = self.authority_term.swap(term, Ordering::Relaxed);
+            if before != term {
+                tracing::info!(term, "authority earned: this leader may serve at the cell's epoch");
+            }
+        }
+    }
+
+    /// True when this replica may serve a cell in `state`: a cell that never
+    /// had a pair always may; a paired one only while this replica leads in
+    /// the term in which it earned authority.
+    pub fn has_authority(&self, leader_term: u64, state: &PairState) -> bool {
+        if pair::role(state) == cellbank_proto::cell::PairRole::Unpaired && state.epoch == 0 {
+            return true;
+        }
+        leader_term != 0 && self.authority_term.load(Ordering::Relaxed) == leader_term
+    }
+
     /// Replication lag: (entries, milliseconds the oldest unacknowledged
     /// entry has waited).
     pub fn lag(&self, applied_index: u64) -> (u64, u64) {
@@ -131,76 +291,47 @@ impl Replication {
         self.state.borrow().deposed_by_epoch > pair_epoch
     }
 
-    /// Waits until the standby holds `index`, or the cell no longer waits
-    /// for it (degraded, unpaired). Fails when the cell was deposed or the
-    /// deadline passes: the outcome is then unknown to the client.
+    /// Waits until entry `index` may be acknowledged under the rule of
+    /// [`judge`]: for a client write, a credit the courier sends and a
+    /// credit `ApplyCredits` answers for. Fails when the outcome became
+    /// unknown (see [`WaitFailure`]) or the deadline passes.
     pub async fn wait_for(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
-        self.wait(pair_view, index, timeout, false, false).await
-    }
-
-    /// Waits until the standby holds `index` whatever the mode: in a
-    /// degraded pair too, as long as the cell has a standby. For what must
-    /// never rest on this cell alone: a cross-cell credit leaving it (the
-    /// courier) or a credit it answers for (ApplyCredits).
-    pub async fn wait_until_held(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
-        self.wait(pair_view, index, timeout, false, true).await
+        self.wait(pair_view, index, timeout, false).await
     }
 
     /// [`Replication::wait_for`] for a read: also waits for a standby
     /// confirmation within [`READ_LEASE`], so that a deposed active that has
     /// not heard of its deposition yet serves no stale read.
     pub async fn wait_for_read(&self, pair_view: &PairView, index: u64, timeout: Duration) -> Result<(), Status> {
-        self.wait(pair_view, index, timeout, true, false).await
+        self.wait(pair_view, index, timeout, true).await
     }
 
-    async fn wait(
-        &self,
-        pair_view: &PairView,
-        index: u64,
-        timeout: Duration,
-        lease: bool,
-        any_mode: bool,
-    ) -> Result<(), Status> {
+    async fn wait(&self, pair_view: &PairView, index: u64, timeout: Duration, read: bool) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let ticket = self.history.lock().expect("pair history lock").at(index).cloned();
         let mut ship_rx = self.state.subscribe();
         let mut pair_rx = pair_view.subscribe();
+        let Some(ticket) = ticket else {
+            return Err(WaitFailure::NoTicket.status(index, pair_rx.borrow().epoch));
+        };
         loop {
-            // Two fields copied out: no clone of the pair state per request.
-            let (waits, pair_epoch) = {
-                let pair_state = pair_rx.borrow_and_update();
-                let waits = if any_mode {
-                    pair::ships(&pair_state) && pair_state.standby_cell_id != 0
-                } else {
-                    pair::waits_for_standby(&pair_state)
-                };
-                (waits, pair_state.epoch)
-            };
-            // A drill's `standby.ack` fault turns synchronous replication off.
-            if !waits || (!lease && !any_mode && crate::faults::skip_standby_ack()) {
-                return Ok(());
-            }
-            {
+            let (verdict, current_epoch) = {
+                let current = pair_rx.borrow_and_update();
                 let ship = ship_rx.borrow_and_update();
-                if ship.deposed_by_epoch > pair_epoch {
-                    return Err(epoch_status(
-                        Status::unavailable(format!(
-                            "this cell was deposed: its standby was promoted at epoch {}; the outcome is unknown, retry \
-                             with the same transfer_id",
-                            ship.deposed_by_epoch
-                        )),
-                        ship.deposed_by_epoch,
-                    ));
-                }
-                let leased = !lease || ship.confirmed_at.is_some_and(|at| at.elapsed() < READ_LEASE);
-                if ship.epoch == pair_epoch && ship.acked_index >= index && leased {
-                    return Ok(());
-                }
+                let lease_fresh = ship.confirmed_at.is_some_and(|at| at.elapsed() < READ_LEASE);
+                let skip_ack = crate::faults::skip_standby_ack();
+                (judge(&ticket, &current, &ship, index, read, lease_fresh, skip_ack), current.epoch)
+            };
+            match verdict {
+                Verdict::Release => return Ok(()),
+                Verdict::Fail(failure) => return Err(failure.status(index, current_epoch)),
+                Verdict::Wait => {}
             }
             tokio::select! {
                 _ = ship_rx.changed() => {}
                 _ = pair_rx.changed() => {}
                 // A lease is renewed by keepalives; look again soon.
-                _ = tokio::time::sleep(KEEPALIVE_INTERVAL), if lease => {}
+                _ = tokio::time::sleep(KEEPALIVE_INTERVAL), if read => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Status::deadline_exceeded(format!(
                         "the standby did not acknowledge entry {index} in time; the outcome is unknown: retry with the \
@@ -210,6 +341,24 @@ impl Replication {
             }
         }
     }
+}
+
+/// Writes a deposition learnt by this replica into the cell's own log, so
+/// that no restart or new leader forgets it (in the background: the caller
+/// has already stopped acknowledging). A failed proposal is retried by the
+/// next refusal.
+pub fn record_deposition(node: &DriverHandle<Ledger>, by_epoch: u64) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        let command = cellbank_proto::cell::Command {
+            kind: Some(cellbank_proto::cell::command::Kind::Depose(cellbank_proto::cell::DeposeCommand { by_epoch })),
+        };
+        match tokio::time::timeout(Duration::from_secs(5), node.propose(vec![command])).await {
+            Ok(Ok(_)) => tracing::info!(by_epoch, "recorded the deposition in the cell's log"),
+            Ok(Err(e)) => tracing::info!(by_epoch, "recording the deposition failed ({e}); the next refusal retries"),
+            Err(_) => tracing::info!(by_epoch, "recording the deposition timed out; the next refusal retries"),
+        }
+    });
 }
 
 /// Adds the epoch metadata to a refusal.
@@ -312,6 +461,7 @@ impl Shipper {
             if epoch > pair_state.epoch && status.code() == tonic::Code::FailedPrecondition {
                 tracing::warn!(cell = self.cell_id, epoch, "the standby was promoted; this cell is deposed");
                 self.set_ship_state(|s| s.deposed_by_epoch = s.deposed_by_epoch.max(epoch));
+                record_deposition(&self.node, epoch);
             }
         }
         if let Some(leader) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
@@ -336,6 +486,9 @@ impl Shipper {
             Ok(client) => client,
             Err(e) => return SessionEnd::Failed(e),
         };
+        // The term this session serves: a hello answered in it earns this
+        // leader its authority for that term only.
+        let term = self.node.shared.leader_term.load(Ordering::Relaxed);
         let (tx, rx) = mpsc::channel::<ShipBatch>(SHIP_IN_FLIGHT_MAX + 2);
         let hello = ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch };
         let hello_sent = Instant::now();
@@ -357,9 +510,14 @@ impl Shipper {
         // standby): the watermark may go down, e.g. after a rebuild began.
         self.set_ship_state(|s| {
             s.epoch = pair_state.epoch;
+            s.standby_cell_id = pair_state.standby_cell_id;
             s.acked_index = held;
             s.confirmed_at = Some(hello_sent);
         });
+        // The standby confirmed it still copies this cell at this epoch.
+        if self.still_current(pair_state) {
+            self.replication.earn_authority(term);
+        }
         let first_log_index = self.first_log_index();
         if first.needs_snapshot || held == 0 || held + 1 < first_log_index {
             match self.send_snapshot(pair_state, &tx, &mut acks).await {
@@ -559,5 +717,129 @@ impl Shipper {
         current.source_state = Some(source_state);
         chunks.push(current);
         chunks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellbank_proto::cell::{PairRole, ReplicationMode};
+
+    const INDEX: u64 = 100;
+
+    fn active(epoch: u64, mode: ReplicationMode, standby: u64) -> PairState {
+        PairState {
+            epoch,
+            role: PairRole::Active as i32,
+            mode: mode as i32,
+            standby_cell_id: standby,
+            ..Default::default()
+        }
+    }
+
+    fn sync() -> PairState {
+        active(1, ReplicationMode::Sync, 3)
+    }
+
+    fn ship(epoch: u64, standby: u64, acked: u64) -> ShipState {
+        ShipState { epoch, standby_cell_id: standby, acked_index: acked, ..Default::default() }
+    }
+
+    fn write(ticket: &PairState, current: &PairState, ship: &ShipState) -> Verdict {
+        judge(ticket, current, ship, INDEX, false, false, false)
+    }
+
+    #[test]
+    fn a_sync_write_waits_for_the_standby_of_its_own_epoch() {
+        assert_eq!(write(&sync(), &sync(), &ship(1, 3, INDEX - 1)), Verdict::Wait);
+        assert_eq!(write(&sync(), &sync(), &ship(1, 3, INDEX)), Verdict::Release);
+        // An acknowledgement from another standby or epoch is no evidence.
+        assert_eq!(write(&sync(), &sync(), &ship(1, 4, INDEX)), Verdict::Wait);
+        assert_eq!(write(&sync(), &sync(), &ship(0, 3, INDEX)), Verdict::Wait);
+        // Fenced for a switchover: still waits.
+        let fenced = PairState { role: PairRole::Fenced as i32, ..sync() };
+        assert_eq!(write(&sync(), &fenced, &ship(1, 3, 0)), Verdict::Wait);
+    }
+
+    #[test]
+    fn a_demotion_fails_the_waiter_and_never_releases_it() {
+        // The hole that acknowledged lost writes: demoted to standby at a
+        // later epoch while waiting.
+        let demoted = PairState {
+            epoch: 2,
+            role: PairRole::Standby as i32,
+            mode: ReplicationMode::Sync as i32,
+            source_cell_id: 3,
+            ..Default::default()
+        };
+        assert!(matches!(write(&sync(), &demoted, &ship(1, 3, 0)), Verdict::Fail(WaitFailure::EpochChanged { .. })));
+        // A demotion at the same epoch.
+        let same_epoch = PairState { epoch: 1, ..demoted.clone() };
+        assert_eq!(write(&sync(), &same_epoch, &ship(1, 3, 0)), Verdict::Fail(WaitFailure::NotActive));
+        // The standby removed (not a degrade).
+        let no_standby = active(1, ReplicationMode::Async, 0);
+        assert_eq!(
+            write(&sync(), &no_standby, &ship(1, 3, 0)),
+            Verdict::Fail(WaitFailure::StandbyChanged { from: 3, to: 0 })
+        );
+        // Deposed, learnt from the standby or from the log.
+        let mut deposed_ship = ship(1, 3, 0);
+        deposed_ship.deposed_by_epoch = 2;
+        assert_eq!(write(&sync(), &sync(), &deposed_ship), Verdict::Fail(WaitFailure::Deposed(2)));
+        let deposed_state = PairState { deposed_by_epoch: 2, ..sync() };
+        assert_eq!(write(&sync(), &deposed_state, &ship(1, 3, 0)), Verdict::Fail(WaitFailure::Deposed(2)));
+        // But evidence gathered before the change stands: the standby that
+        // was promoted holds what it acknowledged.
+        assert_eq!(write(&sync(), &demoted, &ship(1, 3, INDEX)), Verdict::Release);
+        assert_eq!(write(&sync(), &sync(), &ShipState { deposed_by_epoch: 2, ..ship(1, 3, INDEX) }), Verdict::Release);
+    }
+
+    #[test]
+    fn only_an_explicit_degrade_at_the_same_epoch_releases_sync_waiters() {
+        let degraded = active(1, ReplicationMode::Async, 3);
+        assert_eq!(write(&sync(), &degraded, &ship(1, 3, 0)), Verdict::Release);
+        let degraded_later = active(2, ReplicationMode::Async, 3);
+        assert!(matches!(write(&sync(), &degraded_later, &ship(1, 3, 0)), Verdict::Fail(_)));
+    }
+
+    #[test]
+    fn async_and_unpaired_entries_need_no_standby_but_not_a_later_epoch() {
+        let async_ticket = active(2, ReplicationMode::Async, 1);
+        assert_eq!(write(&async_ticket, &async_ticket, &ShipState::default()), Verdict::Release);
+        let moved_on = active(3, ReplicationMode::Async, 1);
+        assert!(matches!(write(&async_ticket, &moved_on, &ShipState::default()), Verdict::Fail(_)));
+        let unpaired = pair::unpaired();
+        assert_eq!(write(&unpaired, &unpaired, &ShipState::default()), Verdict::Release);
+        // An entry applied while the cell was a standby is never acknowledged.
+        let standby = PairState { epoch: 1, role: PairRole::Standby as i32, ..Default::default() };
+        assert_eq!(write(&standby, &sync(), &ShipState::default()), Verdict::Fail(WaitFailure::NotActive));
+    }
+
+    #[test]
+    fn a_read_needs_a_fresh_lease_and_the_same_configuration() {
+        let read = |current: &PairState, ship: &ShipState, lease: bool| {
+            judge(&sync(), current, ship, INDEX, true, lease, false)
+        };
+        assert_eq!(read(&sync(), &ship(1, 3, INDEX), false), Verdict::Wait);
+        assert_eq!(read(&sync(), &ship(1, 3, INDEX), true), Verdict::Release);
+        let demoted = PairState { epoch: 2, role: PairRole::Standby as i32, ..Default::default() };
+        assert!(matches!(read(&demoted, &ship(1, 3, INDEX), true), Verdict::Fail(_)), "no read after a change");
+    }
+
+    #[test]
+    fn the_unsafe_drill_fault_releases_writes_only() {
+        assert_eq!(judge(&sync(), &sync(), &ship(1, 3, 0), INDEX, false, false, true), Verdict::Release);
+        assert_eq!(judge(&sync(), &sync(), &ship(1, 3, 0), INDEX, true, true, true), Verdict::Wait);
+    }
+
+    #[test]
+    fn authority_is_per_term_and_unpaired_cells_need_none() {
+        let replication = Replication::default();
+        assert!(replication.has_authority(0, &pair::unpaired()));
+        assert!(!replication.has_authority(5, &sync()), "a new leader has none");
+        replication.earn_authority(5);
+        assert!(replication.has_authority(5, &sync()));
+        assert!(!replication.has_authority(6, &sync()), "a later term must earn it again");
+        assert!(!replication.has_authority(0, &sync()), "a follower has none");
     }
 }

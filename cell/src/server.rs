@@ -63,7 +63,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let addr = listener.local_addr()?;
     let pair_view: crate::ledger::PairView = Arc::new(tokio::sync::watch::Sender::new(crate::ledger::pair::unpaired()));
     let settling_until: crate::ledger::SettleUntil = Arc::new(std::sync::Mutex::new(None));
-    let ledger = Ledger::with_view(db.clone(), pair_view.clone(), settling_until.clone());
+    let pair_history: crate::ledger::PairHistory = Arc::default();
+    let ledger = Ledger::with_view(db.clone(), pair_view.clone(), pair_history.clone(), settling_until.clone());
     let member = GroupMember {
         group_id: config.cell_id,
         replica_id: config.replica_id,
@@ -73,7 +74,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     };
     let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.clone());
 
-    let replication = Arc::new(Replication::default());
+    let replication = Arc::new(Replication::new(pair_history));
     let context = ReplicaContext {
         cell_id: config.cell_id,
         replica_id: config.replica_id,

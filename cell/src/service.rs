@@ -18,10 +18,11 @@ use cellbank_proto::cell::replica_admin_server::ReplicaAdmin;
 use cellbank_proto::cell::standby_server::Standby as StandbyApi;
 use cellbank_proto::cell::{
     command, ship_batch, AuditRequest, AuditResponse, ChangeMembershipRequest, ChangeMembershipResponse, Command,
-    ConfigureCommand, ConfigureRequest, ConfigureResponse, DigestRequest, DigestResponse, InboxRequest, InboxResponse,
-    MoveCommand, OpenAccountCommand, PairRole, PairState, PeerAddress, PeerInfo, RaftBatch, ReplicaStatus,
-    ReplicationMode, SendEnvelopeCommand, SettlementFigure, SettlementRequest, SettlementResponse, ShipAck, ShipBatch,
-    ShipHello, SnapshotChunk, StatusRequest, TransferLeaderRequest, TransferLeaderResponse, TransportAck,
+    ConfigureCommand, ConfigureRequest, ConfigureResponse, DebitsRequest, DebitsResponse, DigestRequest,
+    DigestResponse, InboxCredit, InboxRequest, InboxResponse, MoveCommand, OpenAccountCommand, PairRole, PairState,
+    PeerAddress, PeerInfo, RaftBatch, ReplicaStatus, ReplicationMode, SendEnvelopeCommand, SettlementFigure,
+    SettlementRequest, SettlementResponse, ShipAck, ShipBatch, ShipHello, SnapshotChunk, StatusRequest,
+    TransferLeaderRequest, TransferLeaderResponse, TransportAck,
 };
 use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
 use cellbank_proto::v1::*;
@@ -108,14 +109,23 @@ impl ReplicaContext {
         }
     }
 
+    /// True when this replica may serve the cell now: it leads, and (for a
+    /// paired cell) it has earned authority in this term (see
+    /// `replication.rs`).
+    pub(crate) fn has_authority(&self) -> bool {
+        let term = self.node.shared.leader_term.load(Ordering::Relaxed);
+        self.replication.has_authority(term, &self.pair.borrow())
+    }
+
     /// Refuses a client request this cell must not serve: a routing epoch
-    /// other than the cell's, a standby or fenced cell, a deposed active.
-    /// Each refusal is UNAVAILABLE (retryable) with the cell's epoch.
+    /// other than the cell's, a standby or fenced cell, a deposed active, a
+    /// leader that has not earned its authority yet. Each refusal is
+    /// UNAVAILABLE (retryable) with the cell's epoch.
     pub(crate) fn gate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
         // Copied out of the view (no clone of the whole state per request).
-        let (cell_epoch, role) = {
+        let (cell_epoch, role, deposed_by) = {
             let state = self.pair.borrow();
-            (state.epoch, pair::role(&state))
+            (state.epoch, pair::role(&state), state.deposed_by_epoch)
         };
         let requested = metadata.get(cellbank_proto::EPOCH_METADATA_KEY);
         if let Some(requested) = requested {
@@ -157,10 +167,25 @@ impl ReplicaContext {
                 ));
             }
         }
-        if self.replication.deposed(cell_epoch) {
+        let deposed_by = deposed_by.max(self.replication.state.borrow().deposed_by_epoch);
+        if deposed_by > cell_epoch {
             return Err(epoch_status(
-                Status::unavailable(format!("cell {} was deposed by its promoted standby", self.cell_id)),
-                self.replication.state.borrow().deposed_by_epoch,
+                Status::unavailable(format!("cell {} was deposed: its pair moved to epoch {deposed_by}", self.cell_id)),
+                deposed_by,
+            ));
+        }
+        if !self.has_authority() {
+            let leader_id = self.node.shared.leader_id.load(Ordering::Relaxed);
+            if !self.node.shared.is_leader.load(Ordering::Relaxed) {
+                return Err(self.unavailable(format!("replica {} is not the leader", self.replica_id), leader_id));
+            }
+            return Err(epoch_status(
+                Status::unavailable(format!(
+                    "cell {} has a new leader that has not yet confirmed epoch {cell_epoch} with its standby or the \
+                     coordinator",
+                    self.cell_id
+                )),
+                cell_epoch,
             ));
         }
         Ok(())
@@ -177,9 +202,13 @@ impl ReplicaContext {
             let epoch = self.pair.borrow().epoch;
             return Err(epoch_status(Status::unavailable(format!("nothing applied: {}", refused.detail)), epoch));
         }
-        // The client hears of these results only once the standby holds
-        // every entry they reveal.
-        let revealed = results.iter().map(|r| r.applied_index).max().unwrap_or(0);
+        // The client hears of these results only once they may be
+        // acknowledged: the entry that carried them is judged by the rule
+        // of `replication.rs`. (A retry's `applied_index` is the index that
+        // first recorded it, maybe in the log of the cell this one was the
+        // standby of: not an index of this log.)
+        let revealed = results.iter().map(|r| if r.entry_index > 0 { r.entry_index } else { r.applied_index }).max();
+        let revealed = revealed.unwrap_or(0);
         let remaining = timeout.saturating_sub(started.elapsed());
         self.replication.wait_for(&self.pair, revealed, remaining).await?;
         // One metric update per code per call, not per transfer.
@@ -807,8 +836,47 @@ pub fn inbox_of(db: &DB, request: &InboxRequest) -> InboxResponse {
                 .is_some_and(|r| credited_ok(&r))
         })
         .collect();
-    InboxResponse { applied_index, received: received.into_iter().map(|(c, v)| (c, v.to_string())).collect(), credited }
+    let mut response = InboxResponse {
+        applied_index,
+        received: received.into_iter().map(|(c, v)| (c, v.to_string())).collect(),
+        credited,
+        ..Default::default()
+    };
+    if request.list_credits {
+        iter.seek(&inbox_prefix);
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if !key.starts_with(&inbox_prefix) {
+                break;
+            }
+            let record = TransferRecord::decode(iter.value().expect("value")).expect("inbox records decode");
+            if credited_ok(&record) {
+                if response.credits.len() >= INBOX_CREDITS_LISTED_MAX {
+                    response.credits_truncated = true;
+                    break;
+                }
+                let seq = u64::from_be_bytes(key[inbox_prefix.len()..].try_into().expect("inbox keys end in a seq"));
+                let (created_epoch, created_index) =
+                    ledger::clearing::read_inbox_origin(&kv, request.source_pair_id, seq).unwrap_or_default();
+                response.credits.push(InboxCredit {
+                    seq,
+                    created_epoch,
+                    created_index,
+                    kind: record.kind,
+                    transfer_id: record.transfer_id,
+                    to_user_id: record.to_user_id,
+                    currency: record.currency,
+                    amount: record.amount,
+                });
+            }
+            iter.next();
+        }
+    }
+    response
 }
+
+/// Credits one `Inbox` call lists at most.
+pub const INBOX_CREDITS_LISTED_MAX: usize = 100_000;
 
 /// Credits received per source pair and currency in `[from_ms, to_ms)`.
 pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse {
@@ -885,7 +953,12 @@ impl ReplicaAdmin for AdminService {
             pair: Some(pair_state.clone()),
             standby_acked_index: if ship.epoch == pair_state.epoch { ship.acked_index } else { 0 },
             standby_lag_ms: if is_leader { lag_ms } else { 0 },
-            deposed: self.context.replication.deposed(pair_state.epoch),
+            deposed: self.context.replication.deposed(pair_state.epoch) || pair::deposed(&pair_state),
+            authority: is_leader
+                && self
+                    .context
+                    .replication
+                    .has_authority(self.context.node.shared.leader_term.load(Ordering::Relaxed), &pair_state),
             outbox_pending: if is_leader { self.context.metrics.outbox_pending.get().max(0) as u64 } else { 0 },
             outbox_oldest_age_ms: if is_leader {
                 self.context.metrics.outbox_oldest_age_ms.get().max(0) as u64
@@ -915,11 +988,17 @@ impl ReplicaAdmin for AdminService {
         let command = Command {
             kind: Some(command::Kind::Configure(ConfigureCommand { state: Some(state), source_state: r.source_state })),
         };
+        let term = self.context.node.shared.leader_term.load(Ordering::Relaxed);
         let mut results = self.context.within(timeout, self.context.node.propose(vec![command])).await?;
         let result = results.pop().expect("one result per command");
         if result.code != ResultCode::Ok as i32 {
             let epoch = self.context.pair.borrow().epoch;
             return Err(epoch_status(Status::failed_precondition(result.detail), epoch));
+        }
+        // The coordinator's stamp, applied through this leader in this term:
+        // the routing table says what this cell is, so it may serve as that.
+        if term != 0 && self.context.node.shared.leader_term.load(Ordering::Relaxed) == term {
+            self.context.replication.earn_authority(term);
         }
         Ok(Response::new(ConfigureResponse {
             applied_index: result.applied_index,
@@ -936,6 +1015,31 @@ impl ReplicaAdmin for AdminService {
         let response = tokio::task::spawn_blocking(move || audit_of(&db, limit))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn debits(&self, request: Request<DebitsRequest>) -> Result<Response<DebitsResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let credits = request.into_inner().credits;
+        if credits.len() > INBOX_CREDITS_LISTED_MAX {
+            return Err(Status::invalid_argument(format!(
+                "credits: {} asked, at most {INBOX_CREDITS_LISTED_MAX} per call",
+                credits.len()
+            )));
+        }
+        // Everything this cell applied before the call is visible.
+        self.context.within(timeout, self.context.node.read_index()).await?;
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || {
+            let view = db.snapshot();
+            let kv = SnapshotKv(&view);
+            DebitsResponse {
+                held: credits.iter().map(|c| ledger::clearing::holds_debit(&kv, c)).collect(),
+                applied_index: read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(response))
     }
 

@@ -1,4 +1,4 @@
-//! cellbank's chaos drills (DESIGN.md section 7), run as `cellbank chaos`.
+//! cellbank's chaos drills (docs/design.md, section 7), run as `cellbank chaos`.
 //!
 //! - [`drill`]: drill files (TOML): cluster, workload, steady state,
 //!   method, stop conditions, expectations, rollbacks; the seeded plan.

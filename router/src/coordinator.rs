@@ -491,12 +491,17 @@ impl Coordinator {
                 _ => ReplicationMode::Async,
             };
             let desired = self.desired_active(&table, &pair, mode);
+            // A leader without authority (restarted, or newly elected, and
+            // unable to confirm its epoch with its standby: a degraded pair)
+            // serves nothing until stamped with the table's state.
+            let unauthorized = active.leader.as_ref().is_some_and(|s| !s.authority);
             let differs = current.epoch != desired.epoch
                 || current.role != desired.role
                 || current.mode != desired.mode
                 || current.standby_cell_id != desired.standby_cell_id
                 || current.standby_addrs != desired.standby_addrs
-                || current.coordinator_term < term;
+                || current.coordinator_term < term
+                || unauthorized;
             // A cell already at a later epoch is never pushed back.
             if differs && current.epoch <= desired.epoch {
                 self.configure(pair.active_cell_id, desired, None).await?;

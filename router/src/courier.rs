@@ -5,12 +5,18 @@
 //! `Clearing.ApplyCredits`, retrying within the call's deadline. The answer
 //! per credit says whether the destination answered and what it said; the
 //! courier settles only final answers.
+//!
+//! Sender authority: a batch names its sender (source pair, cell, epoch),
+//! and is delivered only if the routing table names that cell the pair's
+//! active at that epoch. A sender behind the table is refused with
+//! FAILED_PRECONDITION and the table's epoch (it then records its
+//! deposition); a table behind the sender answers UNAVAILABLE (retried).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellbank_proto::cell::CreditBatch;
+use cellbank_proto::cell::{CreditBatch, CreditSender};
 use cellbank_proto::router::courier_server::Courier;
 use cellbank_proto::router::{Deliveries, Delivery};
 use tokio::time::Instant;
@@ -37,7 +43,22 @@ impl Courier for CourierService {
             .unwrap_or(DELIVERY_TIMEOUT_DEFAULT)
             .min(Duration::from_secs(30));
         let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(50));
-        let credits = request.into_inner().credits;
+        let batch = request.into_inner();
+        let sender = batch.sender.ok_or_else(|| Status::invalid_argument("sender: must be set"))?;
+        let credits = batch.credits;
+        if let Some(other) = credits.iter().find(|c| c.source_pair_id != sender.source_pair_id) {
+            return Err(Status::invalid_argument(format!(
+                "credits: seq {} names source pair {}, the sender is pair {}",
+                other.seq, other.source_pair_id, sender.source_pair_id
+            )));
+        }
+        {
+            let table = self.pool.table_view().borrow();
+            if table.slice_count == 0 {
+                return Err(Status::unavailable("the routing table is not ready yet"));
+            }
+            check_sender(&table, &sender)?;
+        }
         let mut deliveries: Vec<Delivery> = vec![Delivery::default(); credits.len()];
         // destination pair -> (positions, credits)
         let mut parts: BTreeMap<u64, (Vec<usize>, CreditBatch)> = BTreeMap::new();
@@ -63,7 +84,8 @@ impl Courier for CourierService {
                 }
             }
         }
-        let calls = parts.into_iter().map(|(pair_id, (positions, batch))| {
+        let calls = parts.into_iter().map(|(pair_id, (positions, mut batch))| {
+            batch.sender = Some(sender);
             let pool = self.pool.clone();
             async move {
                 let outcome = pool
@@ -94,5 +116,58 @@ impl Courier for CourierService {
             }
         }
         Ok(Response::new(Deliveries { deliveries }))
+    }
+}
+
+/// Refuses a sender the routing table does not name as its pair's active at
+/// its epoch.
+pub fn check_sender(table: &cellbank_proto::router::RoutingTable, sender: &CreditSender) -> Result<(), Status> {
+    let pair = table::find_pair(table, sender.source_pair_id)
+        .ok_or_else(|| Status::invalid_argument(format!("sender: unknown pair {}", sender.source_pair_id)))?;
+    if sender.epoch > pair.epoch {
+        return Err(Status::unavailable(format!(
+            "this router's table is at epoch {} of pair {}, behind the sender's {}; retry",
+            pair.epoch, sender.source_pair_id, sender.epoch
+        )));
+    }
+    if sender.epoch < pair.epoch || sender.cell_id != pair.active_cell_id {
+        let mut status = Status::failed_precondition(format!(
+            "cell {} at epoch {} is not the active of pair {}: the table names cell {} at epoch {}",
+            sender.cell_id, sender.epoch, sender.source_pair_id, pair.active_cell_id, pair.epoch
+        ));
+        if let Ok(value) = pair.epoch.to_string().parse() {
+            status.metadata_mut().insert(cellbank_proto::EPOCH_METADATA_KEY, value);
+        }
+        return Err(status);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellbank_proto::router::{Pair, RoutingTable};
+
+    fn table() -> RoutingTable {
+        RoutingTable {
+            slice_count: 4,
+            pairs: vec![Pair { pair_id: 1, active_cell_id: 3, standby_cell_id: 1, epoch: 2, ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_tables_active_at_its_epoch_may_send() {
+        let sender = |cell_id, epoch| CreditSender { source_pair_id: 1, cell_id, epoch };
+        assert!(check_sender(&table(), &sender(3, 2)).is_ok());
+        let old = check_sender(&table(), &sender(1, 1)).unwrap_err();
+        assert_eq!(old.code(), tonic::Code::FailedPrecondition, "the deposed old active");
+        assert_eq!(old.metadata().get(cellbank_proto::EPOCH_METADATA_KEY).unwrap(), "2");
+        let wrong_cell = check_sender(&table(), &sender(1, 2)).unwrap_err();
+        assert_eq!(wrong_cell.code(), tonic::Code::FailedPrecondition, "the standby at the current epoch");
+        let ahead = check_sender(&table(), &sender(3, 3)).unwrap_err();
+        assert_eq!(ahead.code(), tonic::Code::Unavailable, "a table behind the sender is retried");
+        let unknown = CreditSender { source_pair_id: 9, cell_id: 3, epoch: 2 };
+        assert_eq!(check_sender(&table(), &unknown).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

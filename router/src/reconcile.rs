@@ -12,16 +12,29 @@
 //!   refund, minus what B credited from A, equals the amounts of A's pending
 //!   outbox entries that B has not credited. A is read first and B after,
 //!   so B's figures are cut off at A's last outbox sequence number;
-//! - no outbox entry is older than a bound (a stuck destination).
+//! - no outbox entry is older than a bound (a stuck destination);
+//! - every credit a destination applied has its debit at the source: the
+//!   transfer or grab it names, applied, for that recipient and amount, not
+//!   refunded (`ReplicaAdmin.Debits`). A credit without a surviving debit is
+//!   money made from nothing: a discrepancy, listed one by one;
+//! - orphaned entries: the pending outbox entries of a deposed old active
+//!   (a pair's standby cell that still believes it is active, not yet
+//!   rebuilt) whose debits the pair's active does not hold. They are listed
+//!   (their credits must never leave, and do not: the cell serves nothing),
+//!   not counted as discrepancies.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
-use cellbank_proto::cell::{AuditRequest, AuditResponse, InboxRequest};
+use cellbank_proto::cell::{
+    AuditRequest, AuditResponse, DebitsRequest, InboxCredit, InboxRequest, PairRole, StatusRequest,
+};
 use cellbank_proto::router::{ClusterStatus, RoutingTable};
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::table;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -66,10 +79,69 @@ pub struct ClearingCheck {
     pub ok: bool,
 }
 
+/// A credit or an outbox entry named one by one.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreditLine {
+    pub from_pair_id: u64,
+    pub to_pair_id: u64,
+    /// The cell that holds it (the destination for a credit, the deposed
+    /// cell for an orphaned entry).
+    pub cell_id: u64,
+    pub seq: u64,
+    pub created_epoch: u64,
+    pub created_index: u64,
+    pub transfer_id: String,
+    pub to_user_id: u64,
+    pub currency: String,
+    pub amount: u64,
+}
+
+impl CreditLine {
+    fn new(from: u64, to: u64, cell_id: u64, credit: &InboxCredit) -> CreditLine {
+        CreditLine {
+            from_pair_id: from,
+            to_pair_id: to,
+            cell_id,
+            seq: credit.seq,
+            created_epoch: credit.created_epoch,
+            created_index: credit.created_index,
+            transfer_id: String::from_utf8_lossy(&credit.transfer_id).into_owned(),
+            to_user_id: credit.to_user_id,
+            currency: credit.currency.clone(),
+            amount: credit.amount,
+        }
+    }
+}
+
+impl std::fmt::Display for CreditLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} to user {} (transfer {:?}, seq {} created at epoch {} index {}) from pair {} to pair {}",
+            self.amount,
+            self.currency,
+            self.to_user_id,
+            self.transfer_id,
+            self.seq,
+            self.created_epoch,
+            self.created_index,
+            self.from_pair_id,
+            self.to_pair_id
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
     pub cells: Vec<CellFigures>,
     pub clearing: Vec<ClearingCheck>,
+    /// Credits applied at a destination whose debit no source holds (there
+    /// must be none: each is also a discrepancy).
+    pub credits_without_debit: Vec<CreditLine>,
+    /// Pending entries of deposed old actives whose debits the active lacks.
+    pub orphaned_entries: Vec<CreditLine>,
+    /// Said for the reader, not failures (e.g. a list cut at its bound).
+    pub notes: Vec<String>,
     pub discrepancies: Vec<String>,
 }
 
@@ -91,6 +163,59 @@ async fn admin_client(addr: &str) -> anyhow::Result<ReplicaAdminClient<Channel>>
 async fn audit(addr: &str) -> anyhow::Result<AuditResponse> {
     let mut client = admin_client(addr).await?;
     Ok(client.audit(AuditRequest { outbox_limit: 1_000_000 }).await?.into_inner())
+}
+
+/// Asks a cell's replicas (the first that answers, after its read barrier)
+/// which of `credits` it holds the debits of.
+async fn debits_at(table: &RoutingTable, cell_id: u64, credits: &[InboxCredit]) -> Result<Vec<bool>, String> {
+    let mut problem = format!("cell {cell_id} has no replicas");
+    for addr in replicas_of(table, cell_id) {
+        let asked = async {
+            let mut client = admin_client(&addr).await?;
+            let request = DebitsRequest { credits: credits.to_vec() };
+            anyhow::Ok(client.debits(request).await?.into_inner())
+        };
+        match asked.await {
+            Ok(answer) if answer.held.len() == credits.len() => return Ok(answer.held),
+            Ok(_) => problem = format!("replica {addr} answered for the wrong number of credits"),
+            Err(e) => problem = format!("replica {addr}: {e}"),
+        }
+    }
+    Err(problem)
+}
+
+/// The pending outbox entries of a pair's standby cell if it still believes
+/// it is an active (a deposed old active not yet rebuilt), as credits.
+async fn deposed_outbox(table: &RoutingTable, cell_id: u64, pair_epoch: u64) -> Vec<InboxCredit> {
+    for addr in replicas_of(table, cell_id) {
+        let Ok(mut client) = admin_client(&addr).await else { continue };
+        let Ok(status) = client.status(StatusRequest {}).await.map(|r| r.into_inner()) else { continue };
+        if status.role != "leader" {
+            continue;
+        }
+        let state = status.pair.unwrap_or_default();
+        let old_active = matches!(PairRole::try_from(state.role), Ok(PairRole::Active) | Ok(PairRole::Fenced))
+            && state.epoch < pair_epoch;
+        if !old_active {
+            return Vec::new();
+        }
+        let Ok(found) = audit(&addr).await else { return Vec::new() };
+        return found
+            .outbox
+            .into_iter()
+            .map(|item| InboxCredit {
+                seq: item.seq,
+                created_epoch: item.created_epoch,
+                created_index: item.created_index,
+                kind: item.kind,
+                transfer_id: item.transfer_id,
+                to_user_id: item.to_user_id,
+                currency: item.currency,
+                amount: item.amount,
+            })
+            .collect();
+    }
+    Vec::new()
 }
 
 fn replicas_of(table: &RoutingTable, cell_id: u64) -> Vec<String> {
@@ -271,7 +396,12 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
                 report.discrepancies.push(format!("pair {from}: clearing with unknown pair {to}"));
                 continue;
             };
-            let request = InboxRequest { source_pair_id: *from, seq_cutoff: source.outbox_seq, seqs: seqs.clone() };
+            let request = InboxRequest {
+                source_pair_id: *from,
+                seq_cutoff: source.outbox_seq,
+                seqs: seqs.clone(),
+                list_credits: true,
+            };
             let mut answer = None;
             let mut problem = String::new();
             for addr in replicas_of(&table, pair.active_cell_id) {
@@ -323,6 +453,53 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
                     ok,
                 });
             }
+            if inbox.credits_truncated {
+                report.notes.push(format!(
+                    "pair {to}: only the first {} credits from pair {from} were matched to their debits",
+                    inbox.credits.len()
+                ));
+            }
+            if inbox.credits.is_empty() {
+                continue;
+            }
+            // Asked after the destination was read: every debit of a
+            // credit it applied is applied at the source by now.
+            let source_cell = table.pairs.iter().find(|p| p.pair_id == *from).map(|p| p.active_cell_id).unwrap_or(0);
+            match debits_at(&table, source_cell, &inbox.credits).await {
+                Ok(held) => {
+                    for (credit, held) in inbox.credits.iter().zip(held) {
+                        if !held {
+                            let line = CreditLine::new(*from, to, pair.active_cell_id, credit);
+                            report.discrepancies.push(format!("credit without a surviving debit: {line}"));
+                            report.credits_without_debit.push(line);
+                        }
+                    }
+                }
+                Err(problem) => report.discrepancies.push(format!(
+                    "pair {from}: could not ask whether it holds the debits of {} credits pair {to} applied: {problem}",
+                    inbox.credits.len()
+                )),
+            }
+        }
+    }
+    for pair in table.pairs.iter().filter(|p| p.standby_cell_id != 0) {
+        let entries = deposed_outbox(&table, pair.standby_cell_id, pair.epoch).await;
+        if entries.is_empty() {
+            continue;
+        }
+        match debits_at(&table, pair.active_cell_id, &entries).await {
+            Ok(held) => {
+                for (entry, held) in entries.iter().zip(held) {
+                    if !held {
+                        let to = table::route(&table, entry.to_user_id).map(|r| r.pair_id).unwrap_or(0);
+                        report.orphaned_entries.push(CreditLine::new(pair.pair_id, to, pair.standby_cell_id, entry));
+                    }
+                }
+            }
+            Err(problem) => report.notes.push(format!(
+                "pair {}: the deposed cell {}'s outbox was not matched: {problem}",
+                pair.pair_id, pair.standby_cell_id
+            )),
         }
     }
     report
@@ -361,6 +538,15 @@ pub fn print(report: &Report) {
             c.in_flight,
             if c.ok { "ok" } else { "MISMATCH" }
         );
+    }
+    if !report.orphaned_entries.is_empty() {
+        println!("orphaned entries (debited only in a deposed cell's unshipped tail; never delivered):");
+        for line in &report.orphaned_entries {
+            println!("  cell {}: {line}", line.cell_id);
+        }
+    }
+    for note in &report.notes {
+        println!("note: {note}");
     }
     if report.ok() {
         println!("reconcile: ok (balances net to zero, clearing matches the outboxes, replicas agree)");

@@ -80,6 +80,10 @@ where
                     amount: credit.amount,
                     created_at_ms: entry.created_at_ms,
                     transfer_id: credit.transfer_id,
+                    created_epoch: credit.created_epoch,
+                    created_index: credit.created_index,
+                    kind: credit.kind,
+                    to_user_id: credit.to_user_id,
                 });
             }
         } else if key == keys::OUTBOX_SEQ {

@@ -1,12 +1,22 @@
 //! Money between cells: the outbox of the sending cell and the inbox of the
-//! receiving one (DESIGN.md section 3).
+//! receiving one (docs/design.md, section 5.5).
 //!
 //! - Sending debits the sender into the clearing account for the
 //!   destination pair and records an outbox entry, in one command
 //!   ([`Ledger::enqueue_credit`] runs inside that command's apply).
-//! - The destination applies a credit once per (source pair, seq): from its
+//! - A credit's identity names its history: the epoch and the source's log
+//!   index of the command that created it travel with it and are kept next
+//!   to the destination's record.
+//! - The destination applies a credit once per (source pair, seq) and once
+//!   per business key (source pair, kind, recipient, transfer id): from its
 //!   clearing account for the source to the recipient. A refused credit is
-//!   recorded as refused, so a redelivery gets the same answer.
+//!   recorded as refused, so a redelivery gets the same answer. A seq first
+//!   delivered with other fields or from another history (epoch) is refused
+//!   as ID_REUSED_WITH_DIFFERENT_FIELDS and stays pending at its source,
+//!   where reconciliation shows it.
+//! - The destination refuses credits from a sender older than the newest
+//!   epoch it has taken credits from for that source pair (STALE_SENDER:
+//!   nothing recorded, never settles).
 //! - The source settles the entry with the destination's answer: credited,
 //!   or refunded to the sender by a compensating movement.
 //!
@@ -81,9 +91,31 @@ pub fn validate_credit(credit: &CreditCommand) -> Result<Currency, validate::Inv
     if kind != TransferKind::Transfer && kind != TransferKind::EnvelopeGrab {
         return Err(invalid("kind", "a credit comes from a TRANSFER or an ENVELOPE_GRAB"));
     }
+    if credit.transfer_id.is_empty() || credit.transfer_id.len() > CREDIT_ID_BYTES_MAX {
+        return Err(invalid("transfer_id", "must be 1 to 255 bytes (a transfer id or an envelope id)"));
+    }
     validate::user_id("to_user_id", credit.to_user_id)?;
     validate::amount(credit.amount)?;
     validate::currency(&credit.currency)
+}
+
+/// Longest id a credit carries (a transfer id, or an envelope id for a grab).
+pub const CREDIT_ID_BYTES_MAX: usize = 255;
+
+/// The newest sender epoch this cell took credits from for `source_pair_id` (0: none).
+pub fn read_sender_epoch(kv: &dyn Kv, source_pair_id: u64) -> u64 {
+    kv.get(&keys::sender_epoch(source_pair_id))
+        .map(|v| u64::from_be_bytes(v.as_slice().try_into().expect("a sender epoch is 8 bytes")))
+        .unwrap_or(0)
+}
+
+/// (created_epoch, created_index) of a credit received under (pair, seq).
+pub fn read_inbox_origin(kv: &dyn Kv, source_pair_id: u64, seq: u64) -> Option<(u64, u64)> {
+    kv.get(&keys::inbox_origin(source_pair_id, seq)).map(|v| {
+        let epoch = u64::from_be_bytes(v[..8].try_into().expect("an inbox origin is 16 bytes"));
+        let index = u64::from_be_bytes(v[8..16].try_into().expect("an inbox origin is 16 bytes"));
+        (epoch, index)
+    })
 }
 
 /// The destination answers that settle an outbox entry: credited, or
@@ -96,9 +128,14 @@ pub fn settles(code: ResultCode) -> bool {
 impl Ledger {
     /// Records an outbox entry for a credit whose money the caller has just
     /// moved into the clearing account for `credit.dest_pair_id`.
+    ///
+    /// The entry's identity names its history: this cell's epoch and the
+    /// log index `index` of the command (on a standby replaying its source:
+    /// the source's epoch and index, so both hold the same entry).
     pub(super) fn enqueue_credit(
         &mut self,
         kv: &mut dyn Kv,
+        index: u64,
         timestamp_ms: u64,
         mut credit: CreditCommand,
         record_key: Vec<u8>,
@@ -107,6 +144,10 @@ impl Ledger {
         let seq = read_outbox_seq(kv) + 1;
         kv.put(keys::OUTBOX_SEQ, &seq.to_be_bytes());
         credit.seq = seq;
+        let slot = self.applying_slot.expect("an outbox entry is created inside a command's apply");
+        credit.created_epoch = self.pair_epoch(kv, slot);
+        credit.created_index = index;
+        credit.sender_epoch = 0;
         let currency = Currency::parse(&credit.currency).expect("validated before the debit");
         let amount = u128::from(credit.amount);
         update_position(kv, credit.dest_pair_id, currency, |p| p.sent += amount);
@@ -126,12 +167,24 @@ impl Ledger {
             Ok(currency) => currency,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
+        let newest_sender = read_sender_epoch(kv, credit.source_pair_id);
+        if credit.sender_epoch < newest_sender {
+            let detail = format!(
+                "pair {} sent credits at epoch {newest_sender}; a sender at epoch {} was deposed",
+                credit.source_pair_id, credit.sender_epoch
+            );
+            return rejection(ResultCode::StaleSender, "sender_epoch", detail, index);
+        }
+        if credit.sender_epoch > newest_sender {
+            kv.put(&keys::sender_epoch(credit.source_pair_id), &credit.sender_epoch.to_be_bytes());
+        }
         let key = keys::inbox(credit.source_pair_id, credit.seq);
         if let Some(recorded) = read_record(kv, &key) {
             if recorded.transfer_id != credit.transfer_id
                 || recorded.amount != credit.amount
                 || recorded.to_user_id != credit.to_user_id
                 || recorded.currency != credit.currency
+                || recorded.kind != credit.kind
             {
                 let detail = format!(
                     "credit {} from pair {} was first delivered with other fields",
@@ -139,14 +192,35 @@ impl Ledger {
                 );
                 return rejection(ResultCode::IdReusedWithDifferentFields, "seq", detail, index);
             }
-            return TransferResult {
-                code: recorded.result,
-                applied_index: recorded.applied_index,
-                duplicate: true,
-                settlement: recorded.settlement,
-                timestamp_ms: recorded.credited_at_ms,
-                ..Default::default()
-            };
+            let origin = read_inbox_origin(kv, credit.source_pair_id, credit.seq);
+            if origin.is_some_and(|(epoch, _)| epoch != credit.created_epoch) {
+                let (epoch, created_index) = origin.expect("checked");
+                let detail = format!(
+                    "credit {} from pair {} was first delivered from another history (created at epoch {epoch}, \
+                     index {created_index}; this one at epoch {}, index {})",
+                    credit.seq, credit.source_pair_id, credit.created_epoch, credit.created_index
+                );
+                return rejection(ResultCode::IdReusedWithDifferentFields, "created_epoch", detail, index);
+            }
+            return recorded_answer(&recorded);
+        }
+        let business =
+            keys::credit_business(credit.source_pair_id, credit.kind, credit.to_user_id, &credit.transfer_id);
+        if let Some(first_seq) = kv.get(&business) {
+            // The same payment under another seq (a forked history, or a
+            // sender that recreated it): the first one's answer, no money.
+            let first_seq = u64::from_be_bytes(first_seq.as_slice().try_into().expect("a business key holds a seq"));
+            let recorded = read_record(kv, &keys::inbox(credit.source_pair_id, first_seq))
+                .unwrap_or_else(|| panic!("business key names credit {first_seq}, which is missing"));
+            if recorded.amount != credit.amount || recorded.currency != credit.currency {
+                let detail = format!(
+                    "transfer {} to user {} was first credited as seq {first_seq} with another amount or currency",
+                    String::from_utf8_lossy(&credit.transfer_id),
+                    credit.to_user_id
+                );
+                return rejection(ResultCode::IdReusedWithDifferentFields, "transfer_id", detail, index);
+            }
+            return recorded_answer(&recorded);
         }
         let debit = AccountId::clearing(credit.source_pair_id, currency);
         let recipient = AccountId::user(credit.to_user_id, currency);
@@ -176,12 +250,55 @@ impl Ledger {
             refund_reason: 0,
         };
         kv.put(&key, &record.encode_to_vec());
+        let mut origin = credit.created_epoch.to_be_bytes().to_vec();
+        origin.extend_from_slice(&credit.created_index.to_be_bytes());
+        kv.put(&keys::inbox_origin(credit.source_pair_id, credit.seq), &origin);
+        kv.put(&business, &credit.seq.to_be_bytes());
         let mut answer = rejection(code, "", detail, index);
         answer.settlement = settlement as i32;
         answer.timestamp_ms = timestamp_ms;
         answer
     }
+}
 
+/// True when this cell holds the debit of `credit` (a credit another
+/// cell received from this cell's pair): the transfer or grab it names,
+/// applied, to that recipient, of that amount and currency, and not
+/// refunded. Reconciliation asks it of every credit a destination applied:
+/// a credit without its debit is money made from nothing.
+pub fn holds_debit(kv: &dyn Kv, credit: &cellbank_proto::cell::InboxCredit) -> bool {
+    let record = match TransferKind::try_from(credit.kind) {
+        Ok(TransferKind::Transfer) => read_record(kv, &super::transfer_key(&credit.transfer_id)),
+        Ok(TransferKind::EnvelopeGrab) => {
+            let Ok(envelope_id) = std::str::from_utf8(&credit.transfer_id) else { return false };
+            kv.get(&keys::grabber(envelope_id, credit.to_user_id))
+                .and_then(|share| share.as_slice().try_into().ok().map(u32::from_be_bytes))
+                .and_then(|share| read_record(kv, &keys::grab(envelope_id, share)))
+        }
+        _ => None,
+    };
+    record.is_some_and(|r| {
+        r.result == ResultCode::Ok as i32
+            && r.to_user_id == credit.to_user_id
+            && r.amount == credit.amount
+            && r.currency == credit.currency
+            && (r.settlement == Settlement::InTransit as i32 || r.settlement == Settlement::Credited as i32)
+    })
+}
+
+/// The recorded answer to a credit delivered again.
+fn recorded_answer(recorded: &TransferRecord) -> TransferResult {
+    TransferResult {
+        code: recorded.result,
+        applied_index: recorded.applied_index,
+        duplicate: true,
+        settlement: recorded.settlement,
+        timestamp_ms: recorded.credited_at_ms,
+        ..Default::default()
+    }
+}
+
+impl Ledger {
     /// The source's side: the destination answered outbox entry `seq`.
     pub(super) fn apply_settle(
         &mut self,

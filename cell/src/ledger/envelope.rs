@@ -267,8 +267,9 @@ impl Ledger {
                 currency: envelope.currency.clone(),
                 amount,
                 dest_pair_id: grab.grabber_pair_id,
+                ..Default::default()
             };
-            self.enqueue_credit(kv, timestamp_ms, credit, record_key, envelope.sender_user_id);
+            self.enqueue_credit(kv, index, timestamp_ms, credit, record_key, envelope.sender_user_id);
         }
         let mut answer = result(ResultCode::Ok, index);
         answer.amount = amount;

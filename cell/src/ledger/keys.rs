@@ -8,6 +8,13 @@
 //! - `'f' seq` the refund record of a refused credit (`TransferRecord`).
 //! - `'i' source_pair seq` a credit received (`TransferRecord`), applied or
 //!   refused, exactly once per key.
+//! - `'j' source_pair seq` the history of that credit: the epoch and the
+//!   source's log index of the command that debited the sender (two u64).
+//! - `'b' source_pair kind to_user len transfer_id` the business key of a
+//!   credit received: the seq it came under (u64). A second credit with one
+//!   business key is the first one's duplicate, under any seq.
+//! - `'p' source_pair` the newest epoch of a sender this cell took credits
+//!   from (u64); older senders are refused.
 //! - `'c' peer currency` clearing totals with a peer: sent, refunded,
 //!   received (three big-endian u128).
 //! - `'s' peer currency minute` credits received from a peer in one minute
@@ -65,6 +72,24 @@ pub fn inbox(source_pair_id: u64, seq: u64) -> Vec<u8> {
 
 pub fn inbox_prefix(source_pair_id: u64) -> Vec<u8> {
     with(INBOX_PREFIX, &[&source_pair_id.to_be_bytes()])
+}
+
+pub fn inbox_origin(source_pair_id: u64, seq: u64) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'j'], &[&source_pair_id.to_be_bytes(), &seq.to_be_bytes()])
+}
+
+/// The business key of a credit: who sent what to whom under which id.
+pub fn credit_business(source_pair_id: u64, kind: i32, to_user_id: u64, transfer_id: &[u8]) -> Vec<u8> {
+    let kind = u8::try_from(kind).expect("credit kinds are validated");
+    let len = u8::try_from(transfer_id.len()).expect("transfer ids are validated to fit");
+    with(
+        &[STATE_PREFIX, b'b'],
+        &[&source_pair_id.to_be_bytes(), &[kind], &to_user_id.to_be_bytes(), &[len], transfer_id],
+    )
+}
+
+pub fn sender_epoch(source_pair_id: u64) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'p'], &[&source_pair_id.to_be_bytes()])
 }
 
 pub fn position(peer_pair_id: u64, currency: Currency) -> Vec<u8> {

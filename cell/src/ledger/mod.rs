@@ -310,6 +310,10 @@ pub type PairView = Arc<tokio::sync::watch::Sender<PairState>>;
 /// so no request sees the new role without the wait. In memory only.
 pub type SettleUntil = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
 
+/// Which pair state was in force at which index, shared with the waiters
+/// of `replication.rs`. Updated before the new state is published.
+pub type PairHistory = Arc<std::sync::Mutex<pair::History>>;
+
 #[derive(Default)]
 pub struct Ledger {
     accounts: FxHashMap<AccountId, Account>,
@@ -317,8 +321,12 @@ pub struct Ledger {
     pair_own: Option<PairState>,
     pair_source: Option<PairState>,
     view: Option<PairView>,
+    history: Option<PairHistory>,
     settle: Option<SettleUntil>,
     db: Option<Arc<rocksdb::DB>>,
+    /// The pair state slot of the command being applied (the epoch a new
+    /// outbox entry was created under comes from it).
+    applying_slot: Option<pair::Slot>,
 }
 
 impl Ledger {
@@ -326,17 +334,29 @@ impl Ledger {
         Ledger::default()
     }
 
-    /// A ledger that publishes its pair state to `view`, reading it from
-    /// `db` at start and after a snapshot replaces the state.
-    pub fn with_view(db: Arc<rocksdb::DB>, view: PairView, settle: SettleUntil) -> Ledger {
-        let mut ledger = Ledger { view: Some(view), settle: Some(settle), db: Some(db), ..Ledger::default() };
+    /// A ledger that publishes its pair state to `view` (and each change, with
+    /// its index, to `history`), reading it from `db` at start and after a
+    /// snapshot replaces the state.
+    pub fn with_view(db: Arc<rocksdb::DB>, view: PairView, history: PairHistory, settle: SettleUntil) -> Ledger {
+        let mut ledger = Ledger {
+            view: Some(view),
+            history: Some(history),
+            settle: Some(settle),
+            db: Some(db),
+            ..Ledger::default()
+        };
         ledger.reload_pair_view();
         ledger
     }
 
     fn reload_pair_view(&mut self) {
         if let (Some(db), Some(view)) = (&self.db, &self.view) {
-            let state = pair::read(&crate::raft::ReadOnlyDb(db), pair::Slot::Own);
+            let kv = crate::raft::ReadOnlyDb(db);
+            let state = pair::read(&kv, pair::Slot::Own);
+            let applied = crate::raft::storage::read_u64(&db.snapshot(), crate::raft::storage::APPLIED_INDEX_KEY);
+            if let Some(history) = &self.history {
+                history.lock().expect("pair history lock").reset(applied.unwrap_or(0), &state);
+            }
             view.send_replace(state);
         }
     }
@@ -349,9 +369,24 @@ impl Ledger {
         cached.get_or_insert_with(|| pair::read(kv, slot)).clone()
     }
 
-    fn set_pair(&mut self, kv: &mut dyn Kv, slot: pair::Slot, state: PairState) {
+    /// Stores a pair state applied at `index`. The cell's own state is
+    /// recorded in the history before it is published, so a waiter that sees
+    /// it finds its index too.
+    /// The epoch in `slot`, without copying the state.
+    fn pair_epoch(&mut self, kv: &dyn Kv, slot: pair::Slot) -> u64 {
+        let cached = match slot {
+            pair::Slot::Own => &mut self.pair_own,
+            pair::Slot::Source => &mut self.pair_source,
+        };
+        cached.get_or_insert_with(|| pair::read(kv, slot)).epoch
+    }
+
+    fn set_pair(&mut self, kv: &mut dyn Kv, slot: pair::Slot, state: PairState, index: u64) {
         pair::write(kv, slot, &state);
         if slot == pair::Slot::Own {
+            if let Some(history) = &self.history {
+                history.lock().expect("pair history lock").record(index, &state);
+            }
             if let Some(view) = &self.view {
                 view.send_replace(state.clone());
             }
@@ -403,6 +438,7 @@ impl Ledger {
         command: &Command,
         slot: pair::Slot,
     ) -> TransferResult {
+        self.applying_slot = Some(slot);
         match &command.kind {
             Some(command::Kind::OpenAccount(_))
             | Some(command::Kind::Move(_))
@@ -455,6 +491,20 @@ impl Ledger {
                 result
             }
             Some(command::Kind::Configure(configure)) => self.configure(kv, index, configure, slot),
+            Some(command::Kind::Depose(depose)) => {
+                let current = self.pair(kv, slot);
+                if let Some(next) = pair::depose(&current, depose.by_epoch) {
+                    if slot == pair::Slot::Own {
+                        tracing::warn!(
+                            epoch = current.epoch,
+                            by_epoch = depose.by_epoch,
+                            "deposed: the pair moved to a later epoch; this cell serves nothing until reconfigured"
+                        );
+                    }
+                    self.set_pair(kv, slot, next, index);
+                }
+                result(ResultCode::Ok, index)
+            }
             // A source's own replication commands mean nothing to its standby.
             Some(command::Kind::SourceEntries(_)) | Some(command::Kind::SourceSnapshot(_))
                 if slot == pair::Slot::Source =>
@@ -481,7 +531,7 @@ impl Ledger {
                 let becomes_standby = slot == pair::Slot::Own && pair::role(&next) == PairRole::Standby;
                 if becomes_standby && next.source_index != current.source_index {
                     let source_state = command.source_state.clone().unwrap_or_default();
-                    self.set_pair(kv, pair::Slot::Source, source_state);
+                    self.set_pair(kv, pair::Slot::Source, source_state, index);
                 }
                 let promoted = slot == pair::Slot::Own
                     && pair::role(&current) == PairRole::Standby
@@ -497,7 +547,7 @@ impl Ledger {
                         "promoted: serving nothing until the old active's read lease has run out"
                     );
                 }
-                self.set_pair(kv, slot, next);
+                self.set_pair(kv, slot, next, index);
                 result(ResultCode::Ok, index)
             }
             Err(detail) => rejection(ResultCode::CellNotWritable, "epoch", detail, index),
@@ -547,7 +597,7 @@ impl Ledger {
             }
             own.source_index = source_index;
         }
-        self.set_pair(kv, pair::Slot::Own, own);
+        self.set_pair(kv, pair::Slot::Own, own, index);
         result(ResultCode::Ok, index)
     }
 
@@ -592,9 +642,9 @@ impl Ledger {
             own.source_index = chunk.snapshot_index;
             own.rebuild_snapshot_index = 0;
             own.rebuild_next_chunk = 0;
-            self.set_pair(kv, pair::Slot::Source, chunk.source_state.clone().unwrap_or_default());
+            self.set_pair(kv, pair::Slot::Source, chunk.source_state.clone().unwrap_or_default(), index);
         }
-        self.set_pair(kv, pair::Slot::Own, own);
+        self.set_pair(kv, pair::Slot::Own, own, index);
         result(ResultCode::Ok, index)
     }
 
@@ -654,8 +704,9 @@ impl Ledger {
                 currency: command.currency.clone(),
                 amount: command.amount,
                 dest_pair_id: command.dest_pair_id,
+                ..Default::default()
             };
-            self.enqueue_credit(kv, timestamp_ms, credit, record_key.clone(), command.from_user_id);
+            self.enqueue_credit(kv, index, timestamp_ms, credit, record_key.clone(), command.from_user_id);
         }
         let record = TransferRecord {
             transfer_id: command.transfer_id.clone(),
@@ -802,7 +853,15 @@ impl StateMachine for Ledger {
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TransferResult> {
         let batch = CommandBatch::decode(data)
             .unwrap_or_else(|e| panic!("entry {index} is not a command batch ({e}); the log is corrupt"));
-        batch.commands.iter().map(|command| self.apply_command(kv, index, batch.timestamp_ms, command)).collect()
+        batch
+            .commands
+            .iter()
+            .map(|command| {
+                let mut result = self.apply_command(kv, index, batch.timestamp_ms, command);
+                result.entry_index = index;
+                result
+            })
+            .collect()
     }
 }
 

@@ -13,6 +13,15 @@
 //!   "source slot"), so a write the source refused is refused again.
 //! - The pair state lives under `0x04 'z'`, outside the ledger region that
 //!   digests compare and source snapshots copy.
+//! - Deposition is durable: a cell that learns its pair moved to a later
+//!   epoch records it with a `Depose` command ([`depose`]); from then on it
+//!   takes no writes and ships nothing, whatever leader or restart follows,
+//!   until the coordinator configures it at that epoch or later.
+//! - [`History`] remembers, in memory, which pair state was in force at
+//!   which log index, so that a waiter for an entry judges the standby's
+//!   acknowledgements against the configuration the entry applied under.
+
+use std::collections::VecDeque;
 
 use cellbank_proto::cell::{PairRole, PairState, ReplicationMode};
 use prost::Message;
@@ -70,9 +79,14 @@ pub fn mode(state: &PairState) -> ReplicationMode {
     ReplicationMode::try_from(state.mode).unwrap_or(ReplicationMode::Async)
 }
 
+/// True once the cell has learnt that its pair moved past its epoch.
+pub fn deposed(state: &PairState) -> bool {
+    state.deposed_by_epoch > state.epoch
+}
+
 /// True when client writes may apply.
 pub fn writable(state: &PairState) -> bool {
-    role_writable(role(state))
+    role_writable(role(state)) && !deposed(state)
 }
 
 pub fn role_writable(role: PairRole) -> bool {
@@ -83,7 +97,7 @@ pub fn role_writable(role: PairRole) -> bool {
 /// an active fenced for a switchover (its last entries must still reach the
 /// standby).
 pub fn ships(state: &PairState) -> bool {
-    matches!(role(state), PairRole::Active | PairRole::Fenced)
+    matches!(role(state), PairRole::Active | PairRole::Fenced) && !deposed(state)
 }
 
 /// True when a client must not hear of a write until the standby holds it.
@@ -98,6 +112,12 @@ pub fn waits_for_standby(state: &PairState) -> bool {
 pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Result<PairState, String> {
     if requested.epoch < current.epoch {
         return Err(format!("epoch {} is older than the cell's epoch {}", requested.epoch, current.epoch));
+    }
+    if requested.epoch < current.deposed_by_epoch {
+        return Err(format!(
+            "epoch {} is older than epoch {}, which deposed this cell",
+            requested.epoch, current.deposed_by_epoch
+        ));
     }
     if requested.coordinator_term < current.coordinator_term {
         return Err(format!(
@@ -124,6 +144,8 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
         ));
     }
     let mut next = requested.clone();
+    // At or past the epoch that deposed it, the cell serves again as told.
+    next.deposed_by_epoch = 0;
     next.rebuild_snapshot_index = 0;
     next.rebuild_next_chunk = 0;
     if requested_role == PairRole::Standby {
@@ -152,6 +174,70 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
         (_, false) => 0,
     };
     Ok(next)
+}
+
+/// The state after a `Depose { by_epoch }` command, or `None` when it
+/// changes nothing (not later than the cell's epoch, or already known).
+pub fn depose(current: &PairState, by_epoch: u64) -> Option<PairState> {
+    if by_epoch <= current.epoch || by_epoch <= current.deposed_by_epoch {
+        return None;
+    }
+    Some(PairState { deposed_by_epoch: by_epoch, ..current.clone() })
+}
+
+/// True when two states differ in what a waiter judges by: role, epoch,
+/// mode, standby, deposition (not the standby's source index, which moves
+/// with every shipment).
+fn differs_for_waiters(a: &PairState, b: &PairState) -> bool {
+    a.role != b.role
+        || a.epoch != b.epoch
+        || a.mode != b.mode
+        || a.standby_cell_id != b.standby_cell_id
+        || a.deposed_by_epoch != b.deposed_by_epoch
+}
+
+/// Pair states remembered by [`History`]; an entry older than all of them
+/// has no known configuration and is never acknowledged.
+pub const HISTORY_CHANGES_MAX: usize = 64;
+
+/// Which pair state was in force from which log index on (in memory; a
+/// restart starts it again at the applied index, when no waiter exists).
+#[derive(Debug, Default)]
+pub struct History {
+    /// (first index, state), oldest first.
+    changes: VecDeque<(u64, PairState)>,
+}
+
+impl History {
+    /// Starts again: `state` is in force from `index` on, nothing before it is known.
+    pub fn reset(&mut self, index: u64, state: &PairState) {
+        self.changes.clear();
+        self.changes.push_back((index, state.clone()));
+    }
+
+    /// Notes the state applied at `index` (a no-op unless it changes what
+    /// waiters judge by).
+    pub fn record(&mut self, index: u64, state: &PairState) {
+        if let Some((last_index, last)) = self.changes.back() {
+            assert!(index >= *last_index, "pair history goes back from {last_index} to {index}");
+            if !differs_for_waiters(last, state) {
+                return;
+            }
+        }
+        if self.changes.len() >= HISTORY_CHANGES_MAX {
+            self.changes.pop_front();
+        }
+        self.changes.push_back((index, state.clone()));
+    }
+
+    /// The state an entry at `index` applied under. A change at `index`
+    /// itself counts (a command before it in the same entry applied under
+    /// the older state, which can only make the waiter stricter: see the
+    /// acknowledgement rule in `replication.rs`). `None` when the history no
+    /// longer reaches back that far.
+    pub fn at(&self, index: u64) -> Option<&PairState> {
+        self.changes.iter().rev().find(|(from, _)| *from <= index).map(|(_, state)| state)
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +319,48 @@ mod tests {
         fenced.standby_cell_id = 2;
         assert!(waits_for_standby(&fenced));
         assert!(!writable(&fenced));
+    }
+
+    #[test]
+    fn a_deposition_is_kept_until_a_configure_reaches_its_epoch() {
+        let mut active = state(1, PairRole::Active, ReplicationMode::Sync);
+        active.standby_cell_id = 3;
+        assert!(depose(&active, 1).is_none(), "not later than the cell's epoch");
+        let gone = depose(&active, 2).expect("a later epoch deposes");
+        assert!(deposed(&gone) && !writable(&gone) && !ships(&gone) && !waits_for_standby(&gone));
+        assert!(depose(&gone, 2).is_none(), "already known");
+        // A stale coordinator's view (the old epoch) cannot revive it.
+        let mut stale = active.clone();
+        stale.coordinator_term = 7;
+        assert!(configure(&gone, &stale, 9).unwrap_err().contains("deposed this cell"));
+        // The coordinator's configure at the new epoch (as a standby) clears it.
+        let mut standby = state(2, PairRole::Standby, ReplicationMode::Sync);
+        standby.source_cell_id = 3;
+        let next = configure(&gone, &standby, 10).unwrap();
+        assert_eq!(next.deposed_by_epoch, 0);
+        assert_eq!(role(&next), PairRole::Standby);
+    }
+
+    #[test]
+    fn the_history_answers_the_state_an_index_applied_under() {
+        let mut history = History::default();
+        assert!(history.at(5).is_none());
+        let sync = PairState { standby_cell_id: 3, ..state(1, PairRole::Active, ReplicationMode::Sync) };
+        history.reset(10, &sync);
+        assert!(history.at(9).is_none(), "before the start nothing is known");
+        assert_eq!(history.at(10), Some(&sync));
+        // A standby's source index moving is not a change for waiters.
+        history.record(12, &PairState { source_index: 99, ..sync.clone() });
+        let degraded = PairState { mode: ReplicationMode::Async as i32, ..sync.clone() };
+        history.record(20, &degraded);
+        assert_eq!(history.at(19), Some(&sync));
+        assert_eq!(history.at(20), Some(&degraded), "a change at the index itself counts");
+        assert_eq!(history.at(1000), Some(&degraded));
+        for index in 0..HISTORY_CHANGES_MAX as u64 {
+            let epoch = PairState { epoch: 2 + index, ..degraded.clone() };
+            history.record(30 + index, &epoch);
+        }
+        assert!(history.at(20).is_none(), "the oldest changes were forgotten");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cellbank_proto::cell::{command, Command, MoveCommand, OpenAccountCommand};
+use cellbank_proto::cell::{command, Command, CreditCommand, MoveCommand, OpenAccountCommand};
 use cellbank_proto::v1::{ResultCode, TransferKind, TransferResult};
 use proptest::prelude::*;
 
@@ -459,6 +459,114 @@ fn a_refused_credit_is_refunded_once_and_shows_in_the_history() {
     assert!(audit_of(&a).mismatches.is_empty());
     assert_eq!(audit_of(&a).positions[0].balance, "0");
     a.assert_conserved();
+}
+
+fn credit_with(entry: &cellbank_proto::cell::OutboxEntry, change: impl FnOnce(&mut CreditCommand)) -> Command {
+    let mut credit = entry.credit.clone().unwrap();
+    change(&mut credit);
+    Command { kind: Some(command::Kind::Credit(credit)) }
+}
+
+#[test]
+fn an_outbox_entry_names_the_epoch_and_index_that_created_it() {
+    let mut a = Harness::new();
+    a.apply(open(1, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    let sent = a.apply(cross("x1", 1, 2, 300));
+    let credit = pending(&a).pop().unwrap().credit.unwrap();
+    assert_eq!((credit.created_epoch, credit.created_index), (0, sent.applied_index));
+    assert_eq!(audit_of(&a).outbox[0].created_index, sent.applied_index);
+}
+
+#[test]
+fn a_credit_from_a_deposed_sender_is_refused_and_records_nothing() {
+    let (mut a, mut b) = (Harness::new(), Harness::new());
+    a.apply(open(1, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    b.apply(open(2, "CNY"));
+    a.apply(cross("x1", 1, 2, 300));
+    a.apply(cross("x2", 1, 2, 200));
+    let outbox = pending(&a);
+    let current = b.apply(credit_with(&outbox[0], |c| c.sender_epoch = 2));
+    assert_eq!(current.code, ResultCode::Ok as i32);
+    let stale = b.apply(credit_with(&outbox[1], |c| c.sender_epoch = 1));
+    assert_eq!((stale.code, stale.field.as_str()), (ResultCode::StaleSender as i32, "sender_epoch"));
+    assert_eq!(b.balance(2), Some(300), "the stale sender's credit moved no money");
+    let later = b.apply(credit_with(&outbox[1], |c| c.sender_epoch = 3));
+    assert_eq!(later.code, ResultCode::Ok as i32, "a later sender is taken");
+    assert_eq!(b.balance(2), Some(500));
+    b.assert_conserved();
+}
+
+#[test]
+fn a_forked_seq_is_refused_and_one_payment_under_two_seqs_is_credited_once() {
+    let (mut a, mut b) = (Harness::new(), Harness::new());
+    a.apply(open(1, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    b.apply(open(2, "CNY"));
+    a.apply(cross("x1", 1, 2, 300));
+    let entry = pending(&a).pop().unwrap();
+    assert_eq!(b.apply(credit_of(&entry)).code, ResultCode::Ok as i32);
+    // The same seq from another history (an old active's unshipped tail).
+    let forked = b.apply(credit_with(&entry, |c| c.created_epoch += 1));
+    assert_eq!((forked.code, forked.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "created_epoch"));
+    // The same seq with another payment.
+    let other = b.apply(credit_with(&entry, |c| c.transfer_id = b"x9".to_vec()));
+    assert_eq!((other.code, other.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "seq"));
+    // The same payment under another seq (recreated after a fork): the
+    // first one's answer, no second credit.
+    let again = b.apply(credit_with(&entry, |c| {
+        c.seq += 7;
+        c.created_epoch += 1;
+    }));
+    assert_eq!((again.code, again.duplicate), (ResultCode::Ok as i32, true));
+    // ... unless its amount differs.
+    let changed = b.apply(credit_with(&entry, |c| {
+        c.seq += 8;
+        c.amount += 1;
+    }));
+    assert_eq!((changed.code, changed.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "transfer_id"));
+    assert_eq!(b.balance(2), Some(300));
+    b.assert_conserved();
+    assert!(audit_of(&b).mismatches.is_empty());
+}
+
+#[test]
+fn the_source_holds_the_debit_of_each_credit_it_sent_and_no_other() {
+    let mut a = Harness::new();
+    a.apply(open(1, "CNY"));
+    a.apply(deposit("d1", 1, 1_000));
+    a.apply(cross("x1", 1, 2, 300));
+    a.apply(cross("x2", 1, 3, 200));
+    let outbox = pending(&a);
+    let as_inbox = |entry: &cellbank_proto::cell::OutboxEntry| {
+        let c = entry.credit.clone().unwrap();
+        cellbank_proto::cell::InboxCredit {
+            seq: c.seq,
+            created_epoch: c.created_epoch,
+            created_index: c.created_index,
+            kind: c.kind,
+            transfer_id: c.transfer_id,
+            to_user_id: c.to_user_id,
+            currency: c.currency,
+            amount: c.amount,
+        }
+    };
+    let first = as_inbox(&outbox[0]);
+    assert!(clearing::holds_debit(&a.kv, &first));
+    // Made up: another amount, recipient, or an id the source never debited.
+    assert!(!clearing::holds_debit(&a.kv, &cellbank_proto::cell::InboxCredit { amount: 301, ..first.clone() }));
+    assert!(!clearing::holds_debit(&a.kv, &cellbank_proto::cell::InboxCredit { to_user_id: 9, ..first.clone() }));
+    assert!(!clearing::holds_debit(
+        &a.kv,
+        &cellbank_proto::cell::InboxCredit { transfer_id: b"never".to_vec(), ..first.clone() }
+    ));
+    // Settled as credited: still held. Refunded: no credit may exist.
+    a.apply(settle(outbox[0].seq, ResultCode::Ok, 5));
+    assert!(clearing::holds_debit(&a.kv, &first));
+    let second = as_inbox(&outbox[1]);
+    a.apply(settle(outbox[1].seq, ResultCode::AccountNotFound, 5));
+    assert!(!clearing::holds_debit(&a.kv, &second));
 }
 
 fn send_envelope(id: &str, sender: u64, total: u64, shares: u32, split: EnvelopeSplit, expires_at: u64) -> Command {

@@ -75,6 +75,9 @@ impl std::fmt::Display for NodeError {
 pub struct Shared {
     pub leader_id: AtomicU64,
     pub is_leader: AtomicBool,
+    /// The term this replica leads in; 0 while it does not lead. Authority
+    /// earned in one term (see `replication.rs`) is void in any other.
+    pub leader_term: AtomicU64,
     pub applied_index: AtomicU64,
     /// The applied index, for tasks that wait for it to move.
     pub applied: tokio::sync::watch::Sender<u64>,
@@ -88,6 +91,7 @@ impl Default for Shared {
         Shared {
             leader_id: AtomicU64::new(0),
             is_leader: AtomicBool::new(false),
+            leader_term: AtomicU64::new(0),
             applied_index: AtomicU64::new(0),
             applied: tokio::sync::watch::Sender::new(0),
             peers: RwLock::new(BTreeMap::new()),
@@ -291,6 +295,8 @@ fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<d
             node.handle_ready(&mut |messages| sink.send(messages));
         }
         shared.leader_id.store(node.leader_id(), Ordering::Relaxed);
+        // The term first: a reader that sees is_leader sees this term or a later one.
+        shared.leader_term.store(if node.is_leader() { node.term() } else { 0 }, Ordering::Relaxed);
         shared.is_leader.store(node.is_leader(), Ordering::Relaxed);
         shared.applied_index.store(node.applied_index(), Ordering::Relaxed);
         let applied = node.applied_index();

@@ -274,6 +274,11 @@ impl<SM: StateMachine> RaftNode<SM> {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// The Raft term this node is in.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
     pub fn leader_id(&self) -> u64 {
         self.raw.raft.leader_id
     }
