@@ -78,6 +78,10 @@ impl Processes for Local {
         self.supervisor.start(p)
     }
 
+    fn start_with_env(&mut self, p: Proc, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.supervisor.start_with_env(p, env)
+    }
+
     fn pause(&mut self, p: Proc, paused: bool) -> anyhow::Result<()> {
         anyhow::ensure!(self.supervisor.ids().contains(&p), "no {p} in this cluster");
         self.supervisor.pause(p, paused);

@@ -51,8 +51,9 @@ fn verdict<'a>(journal: &'a Value, checker: &str) -> &'a Value {
     journal["verdicts"].as_array().unwrap().iter().find(|v| v["checker"] == checker).unwrap()
 }
 
-/// A library drill passes: exit 0, every checker passes, RPO 0, the heal
-/// verified, every fault has an RTO, and the HTML report exists.
+/// A library drill passes: exit 0, every checker passes (reads included:
+/// no stale read), RPO 0, the heal verified, every fault has an RTO, the
+/// credit delay was measured, and the HTML report exists.
 fn library_drill_passes(name: &str) -> Value {
     let ran = run_drill(&Path::new("deploy/drills").join(format!("{name}.toml")), &[]);
     let text = ran.text();
@@ -65,6 +66,10 @@ fn library_drill_passes(name: &str) -> Value {
     assert_eq!(journal["rpo_lost"], 0);
     assert_eq!(journal["heal_verified"], true);
     assert!(journal["acknowledged"].as_u64().unwrap() > 1000, "{name}: the workload ran");
+    assert!(journal["reads"].as_u64().unwrap() > 100, "{name}: the workload read");
+    let reads = verdict(&journal, "reads_see_acknowledged_writes");
+    assert!(reads["detail"].as_str().unwrap().contains("balance and"), "{name}: {reads}");
+    assert!(journal["credit_delay"]["count"].as_u64().unwrap() > 100, "{name}: {}", journal["credit_delay"]);
     let faults = journal["faults"].as_array().unwrap();
     assert!(!faults.is_empty());
     for f in faults {
@@ -96,6 +101,27 @@ fn drill_cell_loss() {
 #[test]
 fn drill_cell_isolated_from_routers() {
     library_drill_passes("cell-isolated-from-routers");
+}
+
+#[test]
+fn drill_old_active_restarts_isolated() {
+    let journal = library_drill_passes("old-active-restarts-isolated");
+    let fault = &journal["faults"][0];
+    // The pair failed over while the cell was down...
+    for part in ["detection_ms", "promotion_ms", "route_switch_ms"] {
+        assert!(fault["failover"][part].as_u64().is_some(), "failover timeline lacks {part}: {fault}");
+    }
+    // ...and the cell came back with its standby stream already cut; the
+    // step lasted until that cut (15 s after the restart, 10 s after the
+    // kill) was healed.
+    let restarted = journal["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["what"].as_str().unwrap().contains("with CELLBANK_FAULTS=standby.ship=drop:15000"));
+    assert!(restarted, "{}", journal["events"]);
+    let lasted = fault["end_ms"].as_u64().unwrap() - fault["start_ms"].as_u64().unwrap();
+    assert!(lasted >= 24_000, "the step ended {lasted} ms after the kill: {fault}");
 }
 
 #[test]

@@ -15,7 +15,15 @@
 //! - `balances_match`: every user's balance is the seed plus what the
 //!   acknowledged (and resolved) operations moved.
 //! - `envelopes`: grabbed shares + remaining + refund = total.
-//! - `replicas_identical`: every cell's replicas (and standby) hold one digest.
+//! - `replicas_identical`: every cell's replicas (and standby) hold one
+//!   digest; a cell lost for good holds none, and must serve no pair.
+//! - `reads_see_acknowledged_writes`: a read that began after a write was
+//!   acknowledged reflects it (no stale read): a transfer read finds an
+//!   acknowledged transfer with its result; a balance lies within what the
+//!   writes acknowledged before the read, and those possibly applied, allow.
+//!
+//! Reads are not writes: the write checkers skip them, and an unanswered
+//! read needs no resolution.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -92,18 +100,19 @@ pub fn check_all(history: &History, state: &FinalState) -> Vec<Verdict> {
         balances_match(history, state),
         envelopes(state),
         replicas_identical(state),
+        reads_see_acknowledged_writes(history, state),
     ]
 }
 
 fn unresolved(history: &History) -> usize {
-    history.ops.iter().filter(|op| *op.effective() == Outcome::Unknown).count()
+    history.ops.iter().filter(|op| !op.is_read() && *op.effective() == Outcome::Unknown).count()
 }
 
 pub fn unknown_resolved(history: &History) -> Verdict {
     let offenses = history
         .ops
         .iter()
-        .filter(|op| *op.effective() == Outcome::Unknown)
+        .filter(|op| !op.is_read() && *op.effective() == Outcome::Unknown)
         .map(|op| offense(op, format!("operation {} was never resolved", op.seq)))
         .collect();
     Verdict::from_offenses("unknown_resolved", offenses, None)
@@ -135,6 +144,7 @@ pub fn no_lost_ack(history: &History, state: &FinalState) -> Verdict {
                     ));
                 }
             }
+            OpKind::ReadBalance { .. } | OpKind::ReadTransfer { .. } => {}
         }
     }
     Verdict::from_offenses("no_lost_ack", offenses, None)
@@ -144,7 +154,7 @@ pub fn no_duplicates(history: &History, state: &FinalState) -> Verdict {
     let op_of = |id: &str| {
         history.ops.iter().find(|op| match &op.kind {
             OpKind::Transfer { transfer_id, .. } | OpKind::SendEnvelope { transfer_id, .. } => transfer_id == id,
-            OpKind::Grab { .. } => false,
+            _ => false,
         })
     };
     let mut offenses = Vec::new();
@@ -221,7 +231,7 @@ pub fn balances_match(history: &History, state: &FinalState) -> Verdict {
                 moved(*to, currency, *amount as i128);
             }
             OpKind::SendEnvelope { sender, currency, total, .. } => moved(*sender, currency, -(*total as i128)),
-            OpKind::Grab { .. } => {}
+            OpKind::Grab { .. } | OpKind::ReadBalance { .. } | OpKind::ReadTransfer { .. } => {}
         }
     }
     // Shares and refunds as the ledger recorded them (their amounts are
@@ -272,15 +282,257 @@ pub fn envelopes(state: &FinalState) -> Verdict {
     Verdict::from_offenses("envelopes", offenses, None)
 }
 
+/// Every cell's replicas agree. A cell the drill lost for good has no
+/// digest to compare and is not asked for one; but it must serve no pair
+/// (its pair's other cell took over), and every other cell of the routing
+/// table must have been compared: a missing one leaves the verdict unknown.
 pub fn replicas_identical(state: &FinalState) -> Verdict {
-    let offenses = state
+    let mut offenses: Vec<Offense> = state
         .digests
         .iter()
         .filter(|(_, digests)| digests.windows(2).any(|w| w[0] != w[1]))
         .map(|(cell, digests)| Offense { seq: 0, amount: 0, what: format!("cell {cell}: digests differ: {digests:?}") })
         .collect();
-    let unknown = state.digests.is_empty().then(|| "no digests were read".to_string());
-    Verdict::from_offenses("replicas_identical", offenses, unknown)
+    for (pair, (active, _)) in &state.pairs {
+        if state.lost_cells.contains(active) {
+            offenses.push(Offense {
+                seq: 0,
+                amount: 0,
+                what: format!("pair {pair} is served by cell {active}, which was lost for good"),
+            });
+        }
+    }
+    let missing: BTreeSet<u64> = state
+        .pairs
+        .values()
+        .flat_map(|(active, standby)| [*active, *standby])
+        .filter(|c| *c != 0 && !state.lost_cells.contains(c) && !state.digests.contains_key(c))
+        .collect();
+    let unknown = if state.digests.is_empty() {
+        Some("no digests were read".to_string())
+    } else if !missing.is_empty() {
+        Some(format!("the digests of cell(s) {missing:?} were not compared"))
+    } else {
+        None
+    };
+    let mut verdict = Verdict::from_offenses("replicas_identical", offenses, unknown);
+    if verdict.status == Status::Pass && !state.lost_cells.is_empty() {
+        verdict.detail = format!(
+            "cell(s) {:?} lost for good: not compared; every other cell was",
+            state.lost_cells.iter().collect::<Vec<_>>()
+        );
+    }
+    verdict
+}
+
+/// A movement of one user's balance by one write.
+struct Move<'a> {
+    op: &'a Op,
+    delta: i128,
+    /// Applied to this balance by the write itself, so in place once it is
+    /// acknowledged; false for what arrives later (an incoming cross-pair
+    /// credit, a refund).
+    bound: bool,
+}
+
+/// No stale read. A read that began (`sent_ms`) after a write was
+/// acknowledged (`answered_ms`, outcome OK) must reflect it:
+/// - a transfer read of an acknowledged transfer (or envelope send) finds it,
+///   with result OK;
+/// - a balance read lies within [min, max] of the balances possible at that
+///   moment: the seed, plus every movement acknowledged before the read
+///   began, plus any subset of the movements that may or may not have
+///   applied: in flight or unanswered when the read began (not refused, and
+///   sent before the read was answered), an incoming cross-pair credit (it
+///   arrives after the sender's debit, acknowledged or not) and a refund.
+pub fn reads_see_acknowledged_writes(history: &History, state: &FinalState) -> Verdict {
+    const NAME: &str = "reads_see_acknowledged_writes";
+    let mut writes: BTreeMap<&str, &Op> = BTreeMap::new();
+    let mut moves: BTreeMap<(u64, String), Vec<Move>> = BTreeMap::new();
+    // Envelope totals, for a grab whose share nobody heard.
+    let totals: BTreeMap<&str, u64> = history
+        .ops
+        .iter()
+        .filter_map(|op| match &op.kind {
+            OpKind::SendEnvelope { envelope_id, total, .. } => Some((envelope_id.as_str(), *total)),
+            _ => None,
+        })
+        .collect();
+    for op in history.ops.iter().filter(|op| !op.is_read()) {
+        // Refused: known not to have applied.
+        if matches!(op.effective(), Outcome::Refused(_)) {
+            continue;
+        }
+        let mut add = |user: u64, currency: &str, delta: i128, bound: bool| {
+            moves.entry((user, currency.to_string())).or_default().push(Move { op, delta, bound });
+        };
+        match &op.kind {
+            OpKind::Transfer { transfer_id, from, to, currency, amount } => {
+                writes.insert(transfer_id, op);
+                let amount = *amount as i128;
+                add(*from, currency, -amount, true);
+                add(*to, currency, amount, !history.crosses(*from, *to));
+                if state.recorded.get(transfer_id).is_some_and(|r| r.refunded) {
+                    add(*from, currency, amount, false);
+                }
+            }
+            OpKind::SendEnvelope { transfer_id, sender, currency, total, .. } => {
+                writes.insert(transfer_id, op);
+                add(*sender, currency, -(*total as i128), true);
+            }
+            OpKind::Grab { envelope_id, user, amount } => {
+                let envelope = state.envelopes.get(envelope_id);
+                let share = amount
+                    .or_else(|| envelope.and_then(|e| e.grabs.iter().find(|(u, _)| u == user).map(|(_, a)| *a)))
+                    .or_else(|| totals.get(envelope_id.as_str()).copied())
+                    .unwrap_or(0);
+                let sender = envelope
+                    .map(|e| e.sender)
+                    .or_else(|| envelope_id.split('.').next().and_then(|s| s.parse().ok()))
+                    .unwrap_or(0);
+                let currency = envelope.map(|e| e.currency.as_str()).unwrap_or(crate::workload::CURRENCY);
+                add(*user, currency, share as i128, sender != 0 && !history.crosses(sender, *user));
+            }
+            OpKind::ReadBalance { .. } | OpKind::ReadTransfer { .. } => {}
+        }
+    }
+    let mut offenses = Vec::new();
+    let (mut balances, mut transfers, mut unanswered, mut unseeded) = (0usize, 0usize, 0usize, 0usize);
+    for read in history.ops.iter().filter(|op| op.is_read()) {
+        if read.outcome != Outcome::Ok {
+            unanswered += 1;
+            continue;
+        }
+        match &read.kind {
+            OpKind::ReadTransfer { transfer_id, found, code, .. } => {
+                transfers += 1;
+                let Some(write) = writes.get(transfer_id.as_str()) else { continue };
+                if write.outcome != Outcome::Ok || write.answered_ms >= read.sent_ms {
+                    continue;
+                }
+                let problem = if !found {
+                    "found nothing".to_string()
+                } else if code != "OK" {
+                    format!("found it recorded as {code}")
+                } else {
+                    continue;
+                };
+                offenses.push(Offense {
+                    seq: read.seq,
+                    amount: write.amount(),
+                    what: format!(
+                        "read #{} of transfer {transfer_id}, sent at {} ms, {problem}; #{} was acknowledged OK at {} ms",
+                        read.seq, read.sent_ms, write.seq, write.answered_ms
+                    ),
+                });
+            }
+            OpKind::ReadBalance { user, currency, balance: Some(balance) } => {
+                balances += 1;
+                let Some(seed) = state.seeded.get(&(*user, currency.clone())) else {
+                    unseeded += 1;
+                    continue;
+                };
+                let (mut low, mut high) = (*seed, *seed);
+                let mut acknowledged = 0;
+                let mut last_acknowledged: Option<&Op> = None;
+                for m in moves.get(&(*user, currency.clone())).into_iter().flatten() {
+                    if m.op.sent_ms > read.answered_ms {
+                        continue; // began after the read ended
+                    }
+                    if m.bound && m.op.outcome == Outcome::Ok && m.op.answered_ms < read.sent_ms {
+                        low += m.delta;
+                        high += m.delta;
+                        acknowledged += 1;
+                        if last_acknowledged.is_none_or(|l| l.answered_ms < m.op.answered_ms) {
+                            last_acknowledged = Some(m.op);
+                        }
+                    } else {
+                        low += m.delta.min(0);
+                        high += m.delta.max(0);
+                    }
+                }
+                let balance = *balance as i128;
+                if balance < low || balance > high {
+                    let distance = if balance < low { low - balance } else { balance - high };
+                    offenses.push(Offense {
+                        seq: read.seq,
+                        amount: distance.min(u64::MAX as i128) as u64,
+                        what: format!(
+                            "read #{} of user {user}'s balance, sent at {} ms, returned {balance} {currency}; possible: \
+                             {low}..={high} given {acknowledged} movement(s) acknowledged before it{}",
+                            read.seq,
+                            read.sent_ms,
+                            last_acknowledged
+                                .map(|l| format!(" (the latest #{} at {} ms)", l.seq, l.answered_ms))
+                                .unwrap_or_default()
+                        ),
+                    });
+                }
+            }
+            _ => unanswered += 1,
+        }
+    }
+    let unknown = (unseeded > 0 && unseeded == balances && transfers == 0)
+        .then(|| "no seeded balance to judge the reads against".to_string());
+    let mut verdict = Verdict::from_offenses(NAME, offenses, unknown);
+    if verdict.status == Status::Pass {
+        verdict.detail = format!("{balances} balance and {transfers} transfer reads checked ({unanswered} unanswered)");
+    }
+    verdict
+}
+
+/// The credit delays of the acknowledged cross-pair transfers: the
+/// recipient cell's clock when it credited minus the sender cell's clock when
+/// it debited, from the sender's records as the final read found them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditDelays {
+    /// Credited transfers measured.
+    pub count: usize,
+    pub p50_ms: Option<i64>,
+    pub p99_ms: Option<i64>,
+    pub max_ms: Option<i64>,
+    /// The slowest (up to 5): (operation seq, delay ms), slowest first.
+    pub slowest: Vec<(u64, i64)>,
+    /// Acknowledged cross-pair transfers still IN_TRANSIT at the end.
+    pub in_transit: usize,
+    /// ... and refunded (the recipient's cell refused the credit).
+    pub refunded: usize,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn nearest_rank(sorted: &[i64], q: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+pub fn credit_delays(history: &History, state: &FinalState) -> CreditDelays {
+    let mut delays: Vec<(i64, u64)> = Vec::new();
+    let mut out = CreditDelays::default();
+    for op in history.ops.iter().filter(|op| op.outcome == Outcome::Ok) {
+        let OpKind::Transfer { transfer_id, .. } = &op.kind else { continue };
+        let Some(recorded) = state.recorded.get(transfer_id) else { continue };
+        match recorded.settlement.as_str() {
+            "CREDITED" => {
+                if let Some(delay) = recorded.credit_delay_ms {
+                    delays.push((delay, op.seq));
+                }
+            }
+            "IN_TRANSIT" => out.in_transit += 1,
+            "REFUNDED" => out.refunded += 1,
+            _ => {}
+        }
+    }
+    delays.sort_unstable();
+    let sorted: Vec<i64> = delays.iter().map(|d| d.0).collect();
+    out.count = sorted.len();
+    out.p50_ms = nearest_rank(&sorted, 0.5);
+    out.p99_ms = nearest_rank(&sorted, 0.99);
+    out.max_ms = sorted.last().copied();
+    out.slowest = delays.iter().rev().take(5).map(|(delay, seq)| (*seq, *delay)).collect();
+    out
 }
 
 #[cfg(test)]

@@ -125,6 +125,12 @@ pub struct Workload {
     /// Client deadline per operation; past it the outcome is unknown.
     #[serde(default = "deadline_ms")]
     pub deadline_ms: u64,
+    /// Share of operations that are reads, half a user's balance
+    /// (GetAccount), half a recently answered transfer (GetTransfer); the
+    /// checker `reads_see_acknowledged_writes` judges what they returned.
+    /// 0..=0.5.
+    #[serde(default = "reads")]
+    pub reads: f64,
 }
 
 fn clients() -> u64 {
@@ -150,6 +156,9 @@ fn shares() -> u32 {
 }
 fn deadline_ms() -> u64 {
     5_000
+}
+fn reads() -> f64 {
+    0.1
 }
 
 /// Probes of the steady state, measured over a window before the method
@@ -227,6 +236,10 @@ pub enum FaultKind {
     ClockJump,
     /// A planned switchover of the pair (no fault: an operator action).
     Switchover,
+    /// A forced failover of the pair through the routers' admin API (an
+    /// operator action): the active is fenced and the standby promoted even
+    /// if it is behind or the active is healthy.
+    Failover,
     /// Writes are acknowledged without waiting for the standby, whose
     /// stream is cut: synchronous replication off. Breaks RPO = 0 on
     /// purpose: it exists to prove that the lost-write checker fails.
@@ -307,6 +320,17 @@ pub struct Step {
     /// Rolling restart: pause between two processes.
     #[serde(default)]
     pub interval_s: f64,
+    /// Kill: fault points the killed replicas have from the first instant
+    /// of their restart (the replicas' `CELLBANK_FAULTS`:
+    /// `;`-separated `point=action:duration_ms[:value]`, e.g.
+    /// `standby.ship=drop:30000`). The runner heals them after their
+    /// longest duration; the step lasts until then.
+    #[serde(default)]
+    pub restart_faults: Option<String>,
+    /// Kill of a whole cell: it is never restarted during the drill (a
+    /// cell lost for good), whatever the rollbacks say; no `duration_s`.
+    #[serde(default)]
+    pub permanent: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -349,6 +373,12 @@ pub struct Expectations {
     pub recovery_fraction: f64,
     #[serde(default = "recovery_within_s")]
     pub recovery_within_s: f64,
+    /// The 99th percentile of the credit delay of acknowledged cross-pair
+    /// transfers (the recipient cell's credit time minus the sender cell's
+    /// debit time) at most this (ms), and every one of them credited or
+    /// refunded by the end; none when absent.
+    #[serde(default)]
+    pub credit_delay_p99_max_ms: Option<u64>,
 }
 
 fn recovery_fraction() -> f64 {
@@ -365,6 +395,7 @@ impl Default for Expectations {
             rpo_zero: true,
             recovery_fraction: recovery_fraction(),
             recovery_within_s: recovery_within_s(),
+            credit_delay_p99_max_ms: None,
         }
     }
 }
@@ -483,6 +514,12 @@ impl Drill {
         if !(0.0..=1.0).contains(&w.cross_cell) {
             return err("cross_cell", "workload.cross_cell: a share in [0, 1]".into());
         }
+        if !(0.0..=0.5).contains(&w.reads) {
+            return err(
+                "reads",
+                "workload.reads: a share in [0, 0.5] (reads check the writes; most must be writes)".into(),
+            );
+        }
         if w.amount_max == 0 || w.seed_amount == 0 || w.seed_amount > 1 << 40 {
             return err("amount_max", "workload.amount_max and seed_amount: positive, seed_amount ≤ 2^40".into());
         }
@@ -518,7 +555,28 @@ impl Drill {
                 }
                 last_at = t;
             }
-            let needs_duration = !matches!(step.fault, FaultKind::Restart | FaultKind::Switchover);
+            let needs_duration =
+                !matches!(step.fault, FaultKind::Restart | FaultKind::Switchover | FaultKind::Failover)
+                    && !step.permanent;
+            if step.permanent {
+                if step.fault != FaultKind::Kill || step.target.role != Role::Cell {
+                    return err("permanent", at("permanent: only a kill of a whole cell (role = \"cell\")".into()));
+                }
+                if step.duration_s != 0.0 || step.restart_faults.is_some() {
+                    return err(
+                        "permanent",
+                        at("permanent: a cell lost for good is never restarted (no duration_s, no restart_faults)"
+                            .into()),
+                    );
+                }
+            }
+            if let Some(faults) = &step.restart_faults {
+                if step.fault != FaultKind::Kill {
+                    return err("restart_faults", at("restart_faults: only a kill restarts its targets".into()));
+                }
+                restart_fault_points(faults)
+                    .map_err(|e| (Some("restart_faults"), at(format!("restart_faults: {e}"))))?;
+            }
             if needs_duration && step.duration_s <= 0.0 {
                 return err(
                     "duration_s",
@@ -536,6 +594,7 @@ impl Drill {
                 FaultKind::IsolateCell
                 | FaultKind::CutStandby
                 | FaultKind::Switchover
+                | FaultKind::Failover
                 | FaultKind::UnsafeAsyncStandby => &[Role::Cell],
                 _ => &[Role::Leader, Role::Follower, Role::Replica, Role::Cell],
             };
@@ -552,7 +611,7 @@ impl Drill {
                 FaultKind::ClockJump if step.offset_ms == 0 || step.offset_ms.abs() > 86_400_000 => {
                     return err("offset_ms", at("offset_ms: non-zero, at most a day either way".into()))
                 }
-                FaultKind::CutStandby | FaultKind::Switchover | FaultKind::UnsafeAsyncStandby
+                FaultKind::CutStandby | FaultKind::Switchover | FaultKind::Failover | FaultKind::UnsafeAsyncStandby
                     if step.target.side != Side::Active =>
                 {
                     return err("side", at("target.side: this fault acts on the active cell".into()))
@@ -583,12 +642,36 @@ impl Drill {
         if !(0.0..=1.0).contains(&self.expect.recovery_fraction) {
             return err("recovery_fraction", "expect.recovery_fraction: a share in [0, 1]".into());
         }
+        if self.expect.credit_delay_p99_max_ms.is_some_and(|b| b == 0 || b > 3_600_000) {
+            return err("credit_delay_p99_max_ms", "expect.credit_delay_p99_max_ms: 1..=3600000 ms".into());
+        }
+        if self.expect.credit_delay_p99_max_ms.is_some() && self.workload.cross_cell == 0.0 {
+            return err(
+                "credit_delay_p99_max_ms",
+                "expect.credit_delay_p99_max_ms: the workload has no cross-cell transfers (cross_cell = 0)".into(),
+            );
+        }
         let distinct: BTreeSet<_> = self.rollbacks.iter().collect();
         if distinct.len() != self.rollbacks.len() {
             return err("rollbacks", "rollbacks: each at most once".into());
         }
         Ok(())
     }
+}
+
+/// The fault points a `restart_faults` value sets, with the longest of its
+/// durations (ms), checked as the replica checks `CELLBANK_FAULTS` at start
+/// (a value it would refuse would keep the restarted replica down).
+pub fn restart_fault_points(value: &str) -> Result<(Vec<String>, u64), String> {
+    let requests = cellbank_cell::faults::parse_startup(value)?;
+    if requests.is_empty() {
+        return Err("names no fault".into());
+    }
+    let longest = requests.iter().map(|r| r.duration_ms).max().unwrap_or(0);
+    let mut points: Vec<String> = requests.into_iter().map(|r| r.point).collect();
+    points.sort();
+    points.dedup();
+    Ok((points, longest))
 }
 
 /// A small, fixed PRNG (splitmix64): a seed means the same choices in every

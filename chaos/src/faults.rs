@@ -34,6 +34,9 @@ pub trait Processes: Send {
     fn kill(&mut self, p: Proc) -> anyhow::Result<()>;
     /// Starts a stopped process on its data.
     fn start(&mut self, p: Proc) -> anyhow::Result<()>;
+    /// Starts a stopped process on its data with extra environment for
+    /// this start only (a replica's `CELLBANK_FAULTS`, say).
+    fn start_with_env(&mut self, p: Proc, env: &[(&str, &str)]) -> anyhow::Result<()>;
     /// SIGSTOP / SIGCONT.
     fn pause(&mut self, p: Proc, paused: bool) -> anyhow::Result<()>;
     fn all(&self) -> Vec<Proc>;
@@ -94,10 +97,26 @@ impl Access {
     }
 
     pub async fn all_pairs_sync(&self) -> bool {
+        self.pairs_sync_except(&[]).await
+    }
+
+    /// Every pair is SYNC, except a pair that lost a cell for good (`lost`):
+    /// it can have no standby to be in sync with, and must be served by its
+    /// other cell.
+    pub async fn pairs_sync_except(&self, lost: &[u64]) -> bool {
         match self.status().await {
             Ok(status) => {
                 let table = status.table.unwrap_or_default();
-                !table.pairs.is_empty() && table.pairs.iter().all(|p| p.mode == PairMode::Sync as i32)
+                !table.pairs.is_empty()
+                    && table.pairs.iter().all(|p| {
+                        if lost.contains(&p.active_cell_id) {
+                            false
+                        } else if lost.contains(&p.standby_cell_id) {
+                            true
+                        } else {
+                            p.mode == PairMode::Sync as i32
+                        }
+                    })
             }
             Err(_) => false,
         }
@@ -137,9 +156,15 @@ impl Access {
 
     /// Waits until every pair is SYNC (at most `timeout`).
     pub async fn wait_sync(&self, timeout: Duration) -> bool {
+        self.wait_sync_except(&[], timeout).await
+    }
+
+    /// Waits until every pair is SYNC but those that lost a cell for good,
+    /// which must be served by their other cell (at most `timeout`).
+    pub async fn wait_sync_except(&self, lost: &[u64], timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            if self.all_pairs_sync().await {
+            if self.pairs_sync_except(lost).await {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -162,6 +187,23 @@ impl Access {
             cellbank_proto::router::SwitchoverRequest { pair_id, who: "chaos drill".into(), why: why.to_string() };
         let response = cellbank_router::admin_client::switchover(&self.routers, self.token.as_deref(), message).await?;
         Ok(response.write_pause_ms)
+    }
+
+    /// A forced failover of the pair (RouterAdmin.Failover, force = true):
+    /// the coordinator fences the active if it can, gives the standby up to
+    /// 5 s to catch up, and promotes it whatever it holds.
+    pub async fn failover(
+        &self,
+        pair_id: u64,
+        why: &str,
+    ) -> anyhow::Result<cellbank_proto::router::AdminActionResponse> {
+        let message = cellbank_proto::router::FailoverRequest {
+            pair_id,
+            force: true,
+            who: "chaos drill".into(),
+            why: why.to_string(),
+        };
+        Ok(cellbank_router::admin_client::failover(&self.routers, self.token.as_deref(), message).await?)
     }
 
     pub async fn inject(&self, addr: &str, fault: InjectFaultRequest) -> anyhow::Result<FaultList> {

@@ -134,15 +134,24 @@ pub fn html_page(journal: &Journal) -> String {
     }
     let _ = write!(
         page,
-        "<p>{} operations, {} acknowledged, {} unknown (resolved {}); acknowledged operations lost (RPO): <b>{}</b>. \
-         Heal verified: {}.</p>",
+        "<p>{} operations ({} reads), {} acknowledged, {} unknown writes (resolved {}); acknowledged operations lost \
+         (RPO): <b>{}</b>. Heal verified: {}.</p>",
         journal.operations,
+        journal.reads,
         journal.acknowledged,
         journal.unknown,
         journal.resolved,
         journal.rpo_lost,
         journal.heal_verified
     );
+    if !journal.lost_cells.is_empty() {
+        let _ = write!(
+            page,
+            "<p>Lost for good (never restarted, not compared): cells {:?}; their pairs were checked on their other \
+             cell.</p>",
+            journal.lost_cells
+        );
+    }
     page.push_str(&chart(
         journal,
         "Throughput",
@@ -174,6 +183,7 @@ pub fn html_page(journal: &Journal) -> String {
         );
     }
     page.push_str("</table><p>Failover columns are filled when the fault moved the pair to its other cell; times are from the fault's start.</p>");
+    page.push_str(&credit_delay_html(journal));
     page.push_str("<h2>Checkers</h2><table><tr><th>checker</th><th>verdict</th><th>offenses</th><th>first</th><th>worst</th><th>last</th></tr>");
     for v in &journal.verdicts {
         let class = match v.status {
@@ -241,6 +251,41 @@ pub fn html_page(journal: &Journal) -> String {
     page
 }
 
+fn delay(value: Option<i64>) -> String {
+    value.map(|v| format!("{v} ms")).unwrap_or_else(|| "—".into())
+}
+
+/// The credit delay of acknowledged cross-pair transfers, as a table.
+fn credit_delay_html(journal: &Journal) -> String {
+    let mut html = String::from("<h2>Cross-cell credit delay</h2>");
+    match &journal.credit_delay {
+        None => html.push_str("<p>Not measured: the final state could not be read.</p>"),
+        Some(d) => {
+            let _ = write!(
+                html,
+                "<table><tr><th>credited</th><th>p50</th><th>p99</th><th>max</th><th>slowest</th><th>still in \
+                 transit</th><th>refunded</th></tr><tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td></tr></table><p>For each acknowledged transfer across pairs: the recipient \
+                 cell's clock when it credited minus the sender cell's clock when it debited{}.</p>",
+                d.count,
+                delay(d.p50_ms),
+                delay(d.p99_ms),
+                delay(d.max_ms),
+                d.slowest.iter().map(|(seq, ms)| format!("#{seq} ({ms} ms)")).collect::<Vec<_>>().join(", "),
+                d.in_transit,
+                d.refunded,
+                journal
+                    .drill
+                    .expect
+                    .credit_delay_p99_max_ms
+                    .map(|b| format!("; the drill expects p99 at most {b} ms"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    html
+}
+
 /// The short summary for the terminal.
 pub fn summary(journal: &Journal) -> String {
     let mut out = String::new();
@@ -256,9 +301,24 @@ pub fn summary(journal: &Journal) -> String {
     }
     let _ = writeln!(
         out,
-        "  {} operations, {} acknowledged, {} unknown (resolved {}), RPO: {} lost",
-        journal.operations, journal.acknowledged, journal.unknown, journal.resolved, journal.rpo_lost
+        "  {} operations ({} reads), {} acknowledged, {} unknown writes (resolved {}), RPO: {} lost",
+        journal.operations, journal.reads, journal.acknowledged, journal.unknown, journal.resolved, journal.rpo_lost
     );
+    if let Some(d) = &journal.credit_delay {
+        let _ = writeln!(
+            out,
+            "  credit delay of {} cross-pair transfer(s): p50 {}, p99 {}, max {}; {} in transit, {} refunded",
+            d.count,
+            delay(d.p50_ms),
+            delay(d.p99_ms),
+            delay(d.max_ms),
+            d.in_transit,
+            d.refunded
+        );
+    }
+    if !journal.lost_cells.is_empty() {
+        let _ = writeln!(out, "  lost for good: cells {:?}", journal.lost_cells);
+    }
     for f in &journal.faults {
         let failover = f
             .failover
@@ -286,7 +346,7 @@ pub fn summary(journal: &Journal) -> String {
     for v in &journal.verdicts {
         let _ = writeln!(
             out,
-            "  checker {:<20} {:?}{}",
+            "  checker {:<29} {:?}{}",
             v.checker,
             v.status,
             if v.detail.is_empty() { String::new() } else { format!(": {}", v.detail) }

@@ -16,6 +16,11 @@
 //!    bound passes), then one more steady-state window.
 //! 7. The workload stops; unknown outcomes are resolved; the credits
 //!    settle; the final state is read; the checkers and expectations judge.
+//!
+//! A cell killed for good (`permanent`) stays down through the rollbacks and
+//! the checks: the pair it belonged to must be served by its other cell, is
+//! not expected to be SYNC (it has no standby left), and is reconciled
+//! without it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,7 +31,7 @@ use cellbank_proto::cell::PairRole;
 use cellbank_proto::router::RoutingTable;
 use serde::{Deserialize, Serialize};
 
-use crate::checkers::{self, Status, Verdict};
+use crate::checkers::{self, CreditDelays, Status, Verdict};
 use crate::drill::{ClusterMode, Drill, FaultKind, PlannedStep, Probe, Role, Rollback, Side};
 use crate::faults::{Access, Proc, Processes};
 use crate::history::History;
@@ -71,6 +76,13 @@ pub struct FaultRecord {
     pub rto_ms: Option<u64>,
     pub failover: Option<FailoverTimeline>,
     pub detail: String,
+}
+
+impl FaultKind {
+    /// An operator action on the pair whose outage is the call itself.
+    fn is_pair_action(self) -> bool {
+        matches!(self, FaultKind::Switchover | FaultKind::Failover)
+    }
 }
 
 /// A pair's change of active cell during a fault, each time since the
@@ -141,8 +153,16 @@ pub struct Journal {
     pub expectations: Vec<Expectation>,
     pub operations: usize,
     pub acknowledged: usize,
+    /// Reads among the operations (balance and transfer reads).
+    pub reads: usize,
+    /// Writes whose outcome the client never heard (reads not counted).
     pub unknown: usize,
     pub resolved: usize,
+    /// The credit delays of the acknowledged cross-pair transfers (none when
+    /// the final state could not be read).
+    pub credit_delay: Option<CreditDelays>,
+    /// Cells killed for good (never restarted during the drill).
+    pub lost_cells: Vec<u64>,
     /// Acknowledged operations missing from the ledger.
     pub rpo_lost: usize,
     pub heal_verified: bool,
@@ -186,6 +206,10 @@ struct Live {
     points: Vec<String>,
     cells: Vec<u64>,
     heal_at_ms: Option<u64>,
+    /// A kill whose targets restart with these fault points in place
+    /// (`CELLBANK_FAULTS`), and the targets' addresses to heal them on.
+    restart_faults: Option<String>,
+    restart_addrs: Vec<String>,
 }
 
 struct Run<'a> {
@@ -201,6 +225,8 @@ struct Run<'a> {
     /// The only cells this drill may touch.
     radius: Vec<u64>,
     halt: Arc<std::sync::atomic::AtomicBool>,
+    /// Cells killed for good, and their processes (never restarted).
+    lost: Vec<(u64, Vec<Proc>)>,
 }
 
 impl<'a> Run<'a> {
@@ -263,6 +289,8 @@ impl<'a> Run<'a> {
             points: Vec::new(),
             cells: Vec::new(),
             heal_at_ms: None,
+            restart_faults: None,
+            restart_addrs: Vec::new(),
         };
         let point = |point: &str, action: &str| InjectFaultRequest {
             point: point.into(),
@@ -296,8 +324,17 @@ impl<'a> Run<'a> {
                     for p in &targets {
                         self.procs()?.start(*p)?;
                     }
+                } else if d.permanent {
+                    // Lost for good: nothing heals it.
+                    self.lost.push((cell, targets.clone()));
+                    record.detail = format!("cell {cell} lost for good: never restarted during the drill");
                 } else {
                     live.procs = targets.clone();
+                    if let Some(faults) = &d.restart_faults {
+                        live.restart_faults = Some(faults.clone());
+                        live.restart_addrs = addrs.clone();
+                        record.detail = format!("restarted with CELLBANK_FAULTS={faults}");
+                    }
                 }
                 record.targets = targets.iter().map(|p| p.to_string()).collect();
             }
@@ -358,11 +395,26 @@ impl<'a> Run<'a> {
                 record.targets = vec![format!("pair {} (cell {cell} active)", step.pair)];
                 record.detail = format!("write pause reported by the coordinator: {pause} ms");
             }
+            FaultKind::Failover => {
+                let answer = self.cluster.access.failover(step.pair, "forced failover drill").await?;
+                record.targets = vec![format!("pair {} (cell {cell} active)", step.pair)];
+                record.detail = format!(
+                    "forced failover: cell {} active at epoch {}{}",
+                    answer.active_cell_id,
+                    answer.new_epoch,
+                    if answer.may_be_lost.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; the coordinator says may be lost: {}", answer.may_be_lost)
+                    }
+                );
+            }
         }
         // The fault is in place now: its window (and RTO) starts here. A
-        // switchover's starts with the call (its write pause is inside it).
+        // switchover's or failover's starts with the call (its write pause is
+        // inside it).
         let now = self.recorder.now_ms();
-        if step.fault != FaultKind::Switchover {
+        if !step.fault.is_pair_action() {
             record.start_ms = now;
         }
         record.end_ms = now;
@@ -434,8 +486,16 @@ impl<'a> Run<'a> {
         self.halt.load(Ordering::Relaxed)
     }
 
-    async fn heal(&mut self, index: usize) {
-        let live = self.live.remove(index);
+    /// Heals one live fault. A kill with `restart_faults` restarts its
+    /// targets with them in place and stays live until they are healed in
+    /// turn (unless `ending`: at the end of the method, a plain restart).
+    async fn heal(&mut self, index: usize, ending: bool) {
+        let mut live = self.live.remove(index);
+        if let (Some(faults), false) = (live.restart_faults.take(), ending) {
+            if !live.procs.is_empty() && self.cluster.processes.is_some() {
+                return self.restart_with_faults(live, faults).await;
+            }
+        }
         // A replica a disk fault stopped must be seen stopped to be restarted.
         let exited = self.cluster.processes.as_mut().map(|p| p.reap_exited()).unwrap_or_default();
         for p in exited {
@@ -473,17 +533,71 @@ impl<'a> Run<'a> {
         self.event(format!("healed {:?} on {what}", live.kind));
     }
 
+    /// The heal of a kill with `restart_faults`: its targets start with the
+    /// fault points in place from their first instant; the points are healed
+    /// after their longest duration (the step lasts until then).
+    async fn restart_with_faults(&mut self, live: Live, faults: String) {
+        let (points, longest_ms) = match crate::drill::restart_fault_points(&faults) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                // Checked when the drill was parsed; restart plainly.
+                self.event(format!("restart_faults {faults:?}: {e}"));
+                (Vec::new(), 0)
+            }
+        };
+        let env = [(cellbank_cell::faults::STARTUP_ENV, faults.as_str())];
+        let exited = self.cluster.processes.as_mut().map(|p| p.reap_exited()).unwrap_or_default();
+        for p in exited {
+            self.event(format!("{p} exited"));
+        }
+        for p in &live.procs {
+            if let Some(procs) = self.cluster.processes.as_mut() {
+                let result = if procs.is_running(*p) { Ok(()) } else { procs.start_with_env(*p, &env) };
+                if let Err(e) = result {
+                    self.event(format!("restart {p}: {e}"));
+                }
+            }
+        }
+        let what = self.faults[live.record].targets.join(", ");
+        self.event(format!("restarted {what} with {}={faults}", cellbank_cell::faults::STARTUP_ENV));
+        if points.is_empty() {
+            self.faults[live.record].end_ms = self.recorder.now_ms();
+            return;
+        }
+        let now = self.recorder.now_ms();
+        self.live.push(Live {
+            record: live.record,
+            kind: live.kind,
+            procs: Vec::new(),
+            addrs: live.restart_addrs,
+            points,
+            cells: Vec::new(),
+            heal_at_ms: Some(now + longest_ms),
+            restart_faults: None,
+            restart_addrs: Vec::new(),
+        });
+    }
+
+    fn lost_procs(&self) -> Vec<Proc> {
+        self.lost.iter().flat_map(|(_, procs)| procs.iter().copied()).collect()
+    }
+
+    fn lost_cells(&self) -> Vec<u64> {
+        self.lost.iter().map(|(cell, _)| *cell).collect()
+    }
+
     /// Heals everything the runner may have touched and checks that nothing
     /// is left: no fault point on any replica, no isolation, every process
-    /// running.
+    /// running (but those of a cell lost for good).
     async fn heal_all(&mut self) -> bool {
         while !self.live.is_empty() {
-            self.heal(0).await;
+            self.heal(0, true).await;
         }
         let mut ok = true;
+        let lost = self.lost_procs();
         if let Some(procs) = self.cluster.processes.as_mut() {
             procs.reap_exited();
-            for p in procs.all() {
+            for p in procs.all().into_iter().filter(|p| !lost.contains(p)) {
                 let _ = procs.pause(p, false);
                 if !procs.is_running(p) {
                     if let Err(e) = procs.start(p) {
@@ -516,11 +630,12 @@ impl<'a> Run<'a> {
         // Every replica inside the blast radius (give restarted replicas a
         // moment to listen before asking them).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let lost_cells = self.lost_cells();
         let addrs: Vec<String> = match self.cluster.access.table().await {
             Ok(table) => table
                 .cells
                 .iter()
-                .filter(|c| self.radius.contains(&c.cell_id))
+                .filter(|c| self.radius.contains(&c.cell_id) && !lost_cells.contains(&c.cell_id))
                 .flat_map(|c| c.replicas.clone())
                 .collect(),
             Err(_) => Vec::new(),
@@ -781,6 +896,7 @@ pub async fn run(
         observations: Vec::new(),
         radius: blast_radius.clone(),
         halt: options.halt.clone(),
+        lost: Vec::new(),
     };
     let steady_from = drill.steady_state.warmup_s * 1000;
     let method_start = steady_from + drill.steady_state.window_s * 1000;
@@ -838,7 +954,7 @@ pub async fn run(
             // Heal what is due.
             let now = recorder.now_ms();
             while let Some(i) = run.live.iter().position(|l| l.heal_at_ms.is_some_and(|h| h <= now)) {
-                run.heal(i).await;
+                run.heal(i, false).await;
                 let last_step = next.checked_sub(1).map(|n| plan[n].index);
                 let still =
                     run.live.iter().any(|l| l.heal_at_ms.is_some() && Some(run.faults[l.record].step) == last_step);
@@ -886,10 +1002,12 @@ pub async fn run(
         match rollback {
             Rollback::HealAll | Rollback::StartAll => {} // done by heal_all, always
             Rollback::WaitSync => {
-                let ok = access.wait_sync(Duration::from_secs(90)).await;
+                let lost = run.lost_cells();
+                let ok = access.wait_sync_except(&lost, Duration::from_secs(90)).await;
                 run.event(format!(
-                    "rollback wait-sync: {}",
-                    if ok { "every pair SYNC" } else { "NOT SYNC after 90 s" }
+                    "rollback wait-sync: {}{}",
+                    if ok { "every pair SYNC" } else { "NOT SYNC after 90 s" },
+                    if lost.is_empty() { String::new() } else { format!(" (but the pairs of lost cells {lost:?})") }
                 ));
             }
         }
@@ -916,7 +1034,8 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let end = recorder.now_ms();
-    let sync_after = access.all_pairs_sync().await;
+    let lost_cells = run.lost_cells();
+    let sync_after = access.pairs_sync_except(&lost_cells).await;
     let (steady_after, _) = probe(drill, &recorder.history(), end.saturating_sub(window), end, sync_after);
     recorder.stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -926,28 +1045,42 @@ pub async fn run(
 
     // Resolution and the final state.
     let mut history = recorder.history();
-    let unknown = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count();
+    history.user_pairs = population.pair_of.clone();
+    let unknown =
+        history.ops.iter().filter(|op| !op.is_read() && op.outcome == crate::history::Outcome::Unknown).count();
     let resolved =
         workload::resolve(access.routers.clone(), &mut history, Duration::from_secs(60), Duration::from_secs(600))
             .await;
     run.event(format!("resolved {resolved} of {unknown} unknown outcomes"));
-    access.wait_sync(Duration::from_secs(60)).await;
+    access.wait_sync_except(&lost_cells, Duration::from_secs(60)).await;
     settle(&access, Duration::from_secs(60)).await;
     // A read that fails here leaves the verdicts unknown; the report is
     // still written.
     let state_result =
         workload::read_final(access.routers.clone(), &population, &history, drill.workload.seed_amount).await;
     let reconciled = match access.status().await {
-        Ok(status) => {
+        Ok(mut status) => {
+            let table = status.table.clone().unwrap_or_default();
+            // A cell lost for good cannot be audited: its pair is reconciled
+            // as one without a standby (its active's replicas, money and
+            // clearing are all still checked).
+            if let Some(t) = status.table.as_mut() {
+                for pair in t.pairs.iter_mut().filter(|p| lost_cells.contains(&p.standby_cell_id)) {
+                    pair.standby_cell_id = 0;
+                }
+            }
             let report = cellbank_router::reconcile::reconcile(&status, &Default::default()).await;
-            Ok((report, status.table.unwrap_or_default()))
+            Ok((report, table))
         }
         Err(e) => Err(e),
     };
+    let mut credit_delay = None;
     let mut verdicts = match (&state_result, &reconciled) {
         (Ok(state), Ok((report, table))) => {
             let mut state = state.clone();
             fill_from_reconcile(&mut state, report, table);
+            state.lost_cells = lost_cells.iter().copied().collect();
+            credit_delay = Some(checkers::credit_delays(&history, &state));
             let mut verdicts = checkers::check_all(&history, &state);
             verdicts.push(Verdict::from_findings("reconcile", report.discrepancies.clone()));
             verdicts
@@ -972,11 +1105,13 @@ pub async fn run(
         } else {
             vec![f.pair]
         };
-        let on_pair = || history.ops.iter().zip(pairs_of_ops.iter()).filter(|(_, pair)| affected.contains(pair));
-        f.rto_ms = if f.fault == FaultKind::Switchover {
+        // Writes only: a read answered says nothing about writes.
+        let on_pair = || {
+            history.ops.iter().zip(pairs_of_ops.iter()).filter(|(op, pair)| !op.is_read() && affected.contains(pair))
+        };
+        f.rto_ms = if f.fault.is_pair_action() {
             // The pair stops taking writes inside the call: its RTO is the
-            // longest any operation sent during the call waited for its
-            // answer.
+            // longest any write sent during the call waited for its answer.
             on_pair()
                 .filter(|(op, _)| op.sent_ms >= f.start_ms && op.sent_ms <= f.end_ms)
                 .map(|(op, _)| op.answered_ms - op.sent_ms)
@@ -1030,6 +1165,26 @@ pub async fn run(
             None => format!("not back to {target:.0} ops/s"),
         },
     });
+    if let Some(bound) = drill.expect.credit_delay_p99_max_ms {
+        let (pass, detail) = match &credit_delay {
+            None => (false, "not measured: the final state could not be read".to_string()),
+            Some(d) if d.count == 0 => (false, "no acknowledged cross-pair transfer was credited".to_string()),
+            Some(d) => {
+                let p99 = d.p99_ms.unwrap_or(0);
+                let mut detail = format!(
+                    "p99 {p99} ms over {} credited transfer(s) (p50 {} ms, max {} ms; bound {bound} ms)",
+                    d.count,
+                    d.p50_ms.unwrap_or(0),
+                    d.max_ms.unwrap_or(0)
+                );
+                if d.in_transit > 0 {
+                    detail.push_str(&format!("; {} acknowledged transfer(s) never credited", d.in_transit));
+                }
+                (p99 <= bound as i64 && d.in_transit == 0, detail)
+            }
+        };
+        expectations.push(Expectation { name: "credit delay p99 of cross-pair transfers".into(), pass, detail });
+    }
     // A negative control: its failing checkers are what it exists to show
     // (the drill still exits non-zero: a checker failed).
     if !drill.expect.rpo_zero {
@@ -1038,6 +1193,7 @@ pub async fn run(
         }
     }
     let acknowledged = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Ok).count();
+    let reads = history.ops.iter().filter(|op| op.is_read()).count();
     if let Some(procs) = run.cluster.processes.as_mut() {
         procs.stop_all();
     }
@@ -1060,8 +1216,11 @@ pub async fn run(
         expectations,
         operations: history.ops.len(),
         acknowledged,
+        reads,
         unknown,
         resolved,
+        credit_delay,
+        lost_cells,
         rpo_lost: no_lost,
         heal_verified,
         aborted,
@@ -1114,6 +1273,9 @@ fn fill_from_reconcile(
     report: &cellbank_router::reconcile::Report,
     table: &RoutingTable,
 ) {
+    for pair in &table.pairs {
+        state.pairs.insert(pair.pair_id, (pair.active_cell_id, pair.standby_cell_id));
+    }
     for cell in &report.cells {
         let reference = report
             .cells

@@ -1,9 +1,10 @@
 //! The drill's workload: clients sending transfers (within and across
 //! cells) and red-envelope sends and grabs through the routers at a fixed
-//! rate, recording every operation with what its client heard; then the
-//! resolution of unknown outcomes and the read of the final state.
+//! rate, and a share of reads (a user's balance, a recent transfer), recording
+//! every operation with what its client heard; then the resolution of
+//! unknown outcomes and the read of the final state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,7 +74,13 @@ pub struct Recorder {
     envelopes: Mutex<Vec<(String, u64, Slot)>>,
     /// Answer time of the latest acknowledged operation (ms).
     pub last_ok_ms: AtomicU64,
+    /// The ids of the latest answered transfers and envelope sends (any
+    /// outcome), for the reads of a transfer to choose from.
+    recent_transfers: Mutex<VecDeque<String>>,
 }
+
+/// How many of the latest transfer ids a transfer read chooses from.
+const RECENT_TRANSFERS: usize = 64;
 
 impl Recorder {
     pub fn new() -> Arc<Recorder> {
@@ -85,6 +92,7 @@ impl Recorder {
             stop: AtomicBool::new(false),
             envelopes: Mutex::new(Vec::new()),
             last_ok_ms: AtomicU64::new(0),
+            recent_transfers: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -96,6 +104,13 @@ impl Recorder {
         let answered_ms = self.now_ms();
         if outcome == Outcome::Ok {
             self.last_ok_ms.fetch_max(answered_ms, Ordering::Relaxed);
+        }
+        if let OpKind::Transfer { transfer_id, .. } | OpKind::SendEnvelope { transfer_id, .. } = &kind {
+            let mut recent = self.recent_transfers.lock().expect("recent transfers lock");
+            if recent.len() == RECENT_TRANSFERS {
+                recent.pop_front();
+            }
+            recent.push_back(transfer_id.clone());
         }
         // The sequence number is taken under the lock: ops and pairs stay
         // in step, in sequence order.
@@ -127,7 +142,7 @@ impl Recorder {
     pub fn history(&self) -> History {
         let mut ops = self.ops.lock().expect("ops lock").clone();
         ops.sort_by_key(|op| op.seq);
-        History { ops }
+        History { ops, ..Default::default() }
     }
 }
 
@@ -263,6 +278,16 @@ pub fn start(
                     while sent.try_join_next().is_some() {}
                     let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
                     n += 1;
+                    if rng.chance(workload.reads) {
+                        let ctx = Ctx { client: client.clone(), recorder: recorder.clone(), worker, n };
+                        if let Some(op) = read_step(ctx, &population, &mut rng) {
+                            sent.spawn(async move {
+                                op.await;
+                                drop(permit);
+                            });
+                        }
+                        continue;
+                    }
                     let envelope_op = match workload.kind {
                         WorkloadKind::Transfers => false,
                         WorkloadKind::Envelopes => true,
@@ -340,6 +365,92 @@ fn transfer_step(
 }
 
 type Call = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Chooses a read (seeded): half of them a random user's balance, half a
+/// recent transfer (one of the latest answered, whatever its outcome). With
+/// no transfer answered yet, a balance.
+fn read_step(ctx: Ctx, population: &Population, rng: &mut Rng) -> Option<Call> {
+    let users = &population.users;
+    if users.is_empty() {
+        return None;
+    }
+    let balance = rng.chance(0.5);
+    let user = users[rng.below(users.len() as u64) as usize];
+    let pick = rng.next_u64();
+    let recent = {
+        let recent = ctx.recorder.recent_transfers.lock().expect("recent transfers lock");
+        (!recent.is_empty()).then(|| recent[(pick % recent.len() as u64) as usize].clone())
+    };
+    match recent {
+        Some(transfer_id) if !balance => {
+            // The pair of its sender, for the per-pair figures.
+            let pair = ctx.recorder.with_ops(|ops| {
+                ops.iter().rev().find_map(|op| match &op.kind {
+                    OpKind::Transfer { transfer_id: id, from, .. } if *id == transfer_id => {
+                        Some(population.pair(*from))
+                    }
+                    OpKind::SendEnvelope { transfer_id: id, sender, .. } if *id == transfer_id => {
+                        Some(population.pair(*sender))
+                    }
+                    _ => None,
+                })
+            });
+            Some(Box::pin(async move {
+                let sent_ms = ctx.recorder.now_ms();
+                let request = GetTransferRequest { transfer_id: transfer_id.clone().into_bytes() };
+                let answer = ctx
+                    .client
+                    .ledger(|mut c| {
+                        let request = request.clone();
+                        async move { c.get_transfer(request).await }
+                    })
+                    .await;
+                let (outcome, found, code, settlement) = match answer {
+                    Ok(response) => match response.transfer {
+                        Some(record) => {
+                            (Outcome::Ok, true, code_name(record.result), settlement_name(record.settlement))
+                        }
+                        None => (Outcome::Ok, false, String::new(), String::new()),
+                    },
+                    // Every pair answered that it holds no such transfer.
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        (Outcome::Ok, false, String::new(), String::new())
+                    }
+                    Err(_) => (Outcome::Unknown, false, String::new(), String::new()),
+                };
+                let kind = OpKind::ReadTransfer { transfer_id, found, code, settlement };
+                ctx.recorder.record(sent_ms, kind, outcome, pair.unwrap_or(0));
+            }))
+        }
+        _ => {
+            let pair = population.pair(user);
+            Some(Box::pin(async move {
+                let sent_ms = ctx.recorder.now_ms();
+                let answer = ctx
+                    .client
+                    .ledger(|mut c| async move {
+                        c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
+                    })
+                    .await;
+                let (outcome, balance) = match answer {
+                    Ok(account) => (Outcome::Ok, Some(account.balance)),
+                    Err(status) => match final_error(&status) {
+                        Some(refused) => (refused, None),
+                        None => (Outcome::Unknown, None),
+                    },
+                };
+                let kind = OpKind::ReadBalance { user, currency: CURRENCY.into(), balance };
+                ctx.recorder.record(sent_ms, kind, outcome, pair);
+            }))
+        }
+    }
+}
+
+fn settlement_name(settlement: i32) -> String {
+    Settlement::try_from(settlement)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| format!("SETTLEMENT_{settlement}"))
+}
 
 /// Chooses an envelope send or a grab (seeded) and returns the call, or
 /// nothing when there is nothing left to grab.
@@ -453,7 +564,8 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Durati
     client.deadline = Duration::from_secs(10);
     let mut resolved = 0;
     let phase = Instant::now();
-    for op in history.ops.iter_mut().filter(|op| op.outcome == Outcome::Unknown) {
+    // Reads change nothing: an unanswered read stays unknown.
+    for op in history.ops.iter_mut().filter(|op| op.outcome == Outcome::Unknown && !op.is_read()) {
         let started = Instant::now();
         while op.resolved.is_none() && started.elapsed() < per_op && phase.elapsed() < total {
             let outcome = match &mut op.kind {
@@ -494,6 +606,7 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Durati
                     }
                     Err(status) => final_error(&status),
                 },
+                OpKind::ReadBalance { .. } | OpKind::ReadTransfer { .. } => break,
             };
             match outcome {
                 Some(Outcome::Unknown) | None => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -553,6 +666,12 @@ pub async fn read_final(
                 let entry = state.recorded.entry(id).or_default();
                 entry.code = "OK".into();
                 entry.debits += 1;
+                // The sender's record, as GetTransfer returns it: where the
+                // money is, and when a cross-cell credit arrived.
+                entry.settlement = settlement_name(record.settlement);
+                if record.settlement == Settlement::Credited as i32 && record.credited_at_ms > 0 {
+                    entry.credit_delay_ms = Some(record.credited_at_ms as i64 - record.timestamp_ms as i64);
+                }
             } else if record.kind == TransferKind::Refund as i32 {
                 state.recorded.entry(id).or_default().refunded = true;
             }
@@ -561,11 +680,10 @@ pub async fn read_final(
     // Transfers and sends the ledger does not show as applied.
     for op in &history.ops {
         if let OpKind::Transfer { transfer_id, .. } | OpKind::SendEnvelope { transfer_id, .. } = &op.kind {
-            let entry = state.recorded.entry(transfer_id.clone()).or_insert_with(|| Recorded {
-                code: "NOT_APPLIED".into(),
-                debits: 0,
-                refunded: false,
-            });
+            let entry = state
+                .recorded
+                .entry(transfer_id.clone())
+                .or_insert_with(|| Recorded { code: "NOT_APPLIED".into(), ..Default::default() });
             if entry.code.is_empty() {
                 entry.code = "NOT_APPLIED".into();
             }

@@ -124,3 +124,99 @@ fn the_rng_is_fixed_for_a_seed() {
     assert_eq!(xs, (0..5).map(|_| b.next_u64()).collect::<Vec<_>>());
     assert!((0..1000).all(|_| a.below(7) < 7));
 }
+
+#[test]
+fn reads_are_a_modest_share_with_a_default() {
+    let drill = Drill::parse(GOOD).unwrap();
+    assert_eq!(drill.workload.reads, 0.1);
+    let none = Drill::parse(&GOOD.replace("rate = 100", "rate = 100\nreads = 0.0")).unwrap();
+    assert_eq!(none.workload.reads, 0.0);
+    let e = Drill::parse(&GOOD.replace("rate = 100", "rate = 100\nreads = 0.8")).unwrap_err();
+    assert!(e.message.starts_with("workload.reads"), "{e}");
+    assert_eq!(e.line, Some(11));
+}
+
+const KILL_CELL: &str = r#"
+name = "t"
+seed = 7
+
+[cluster]
+mode = "local"
+
+[workload]
+kind = "transfers"
+rate = 100
+
+[[method]]
+fault = "kill"
+target = { role = "cell", side = "active" }
+at_s = 2.0
+duration_s = 10.0
+"#;
+
+#[test]
+fn a_restart_with_faults_is_checked_as_the_replica_would() {
+    let with = |value: &str| KILL_CELL.replace("duration_s = 10.0", &format!("duration_s = 10.0\n{value}"));
+    let drill = Drill::parse(&with("restart_faults = \"standby.ship=drop:30000\"")).unwrap();
+    assert_eq!(drill.method[0].restart_faults.as_deref(), Some("standby.ship=drop:30000"));
+    assert_eq!(
+        restart_fault_points("standby.ship=drop:30000;disk.sync=delay:5000:20;standby.ship=delay:100:5").unwrap(),
+        (vec!["disk.sync".to_string(), "standby.ship".to_string()], 30_000)
+    );
+    for (bad, why) in [
+        ("restart_faults = \"standby.ship=drop\"", "duration_ms is missing"),
+        ("restart_faults = \"nowhere=drop:100\"", "unknown fault point"),
+        ("restart_faults = \"standby.ship=skip:100\"", "action"),
+        ("restart_faults = \"standby.ship=drop:900000\"", "duration_ms"),
+        ("restart_faults = \" ; \"", "names no fault"),
+    ] {
+        let e = Drill::parse(&with(bad)).unwrap_err();
+        assert!(e.message.contains("restart_faults") && e.message.contains(why), "{bad}: {e}");
+        assert_eq!(e.line, Some(17), "{e}");
+    }
+    let not_a_kill = with("restart_faults = \"standby.ship=drop:30000\"").replace("\"kill\"", "\"pause\"");
+    let e = Drill::parse(&not_a_kill).unwrap_err();
+    assert!(e.message.contains("only a kill restarts"), "{e}");
+}
+
+#[test]
+fn a_cell_lost_for_good_is_a_whole_cell_killed_without_a_duration() {
+    let lost = KILL_CELL.replace("duration_s = 10.0", "permanent = true");
+    let drill = Drill::parse(&lost).unwrap();
+    assert!(drill.method[0].permanent);
+    assert_eq!(plan(&drill, 2)[0].duration_ms, 0);
+    let with_duration = KILL_CELL.replace("duration_s = 10.0", "duration_s = 10.0\npermanent = true");
+    let e = Drill::parse(&with_duration).unwrap_err();
+    assert!(e.message.contains("never restarted"), "{e}");
+    let one_replica = lost.replace("role = \"cell\"", "role = \"leader\"");
+    let e = Drill::parse(&one_replica).unwrap_err();
+    assert!(e.message.contains("only a kill of a whole cell"), "{e}");
+    let paused = lost.replace("\"kill\"", "\"pause\"");
+    assert!(Drill::parse(&paused).unwrap_err().message.contains("permanent"));
+}
+
+#[test]
+fn a_forced_failover_acts_on_a_pair_and_needs_no_duration() {
+    let failover = GOOD.replace(
+        "fault = \"kill\"\ntarget = { role = \"follower\" }\nat_s = 2.0\njitter_ms = 5000\nduration_s = 3.0",
+        "fault = \"failover\"\ntarget = { role = \"cell\", pair = 1 }\nat_s = 2.0",
+    );
+    let drill = Drill::parse(&failover).unwrap();
+    assert_eq!(drill.method[0].fault, FaultKind::Failover);
+    let e = Drill::parse(&failover.replace("role = \"cell\", pair = 1", "role = \"leader\", pair = 1")).unwrap_err();
+    assert!(e.message.contains("target.role"), "{e}");
+    let e = Drill::parse(&failover.replace("pair = 1 }", "pair = 1, side = \"standby\" }")).unwrap_err();
+    assert!(e.message.contains("acts on the active cell"), "{e}");
+}
+
+#[test]
+fn the_credit_delay_bound_is_checked() {
+    let bound = |value: &str| format!("{KILL_CELL}\n[expect]\ncredit_delay_p99_max_ms = {value}\n");
+    assert_eq!(Drill::parse(&bound("3000")).unwrap().expect.credit_delay_p99_max_ms, Some(3000));
+    assert_eq!(Drill::parse(KILL_CELL).unwrap().expect.credit_delay_p99_max_ms, None);
+    let e = Drill::parse(&bound("0")).unwrap_err();
+    assert!(e.message.starts_with("expect.credit_delay_p99_max_ms"), "{e}");
+    let local_only = bound("3000").replace("rate = 100", "rate = 100\ncross_cell = 0.0");
+    let e = Drill::parse(&local_only).unwrap_err();
+    assert!(e.message.contains("no cross-cell transfers"), "{e}");
+}
