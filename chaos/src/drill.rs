@@ -328,7 +328,9 @@ pub struct Step {
     #[serde(default)]
     pub restart_faults: Option<String>,
     /// Kill of a whole cell: it is never restarted during the drill (a
-    /// cell lost for good), whatever the rollbacks say; no `duration_s`.
+    /// cell lost for good), whatever the rollbacks say. A `duration_s` here
+    /// is how long the method keeps running with the cell lost (it stays
+    /// lost after that too), so the drill observes a long outage.
     #[serde(default)]
     pub permanent: bool,
 }
@@ -562,11 +564,10 @@ impl Drill {
                 if step.fault != FaultKind::Kill || step.target.role != Role::Cell {
                     return err("permanent", at("permanent: only a kill of a whole cell (role = \"cell\")".into()));
                 }
-                if step.duration_s != 0.0 || step.restart_faults.is_some() {
+                if step.restart_faults.is_some() {
                     return err(
                         "permanent",
-                        at("permanent: a cell lost for good is never restarted (no duration_s, no restart_faults)"
-                            .into()),
+                        at("permanent: a cell lost for good is never restarted (no restart_faults)".into()),
                     );
                 }
             }

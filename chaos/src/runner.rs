@@ -418,7 +418,10 @@ impl<'a> Run<'a> {
             record.start_ms = now;
         }
         record.end_ms = now;
-        if !live.procs.is_empty() || !live.addrs.is_empty() || !live.cells.is_empty() {
+        // A cell lost for good with a duration keeps the method running that
+        // long (its "heal" restarts nothing).
+        let observed_loss = d.permanent && step.duration_ms > 0;
+        if !live.procs.is_empty() || !live.addrs.is_empty() || !live.cells.is_empty() || observed_loss {
             live.heal_at_ms = (step.duration_ms > 0).then(|| now + step.duration_ms);
             self.live.push(live);
         }
@@ -530,7 +533,11 @@ impl<'a> Run<'a> {
         let now = self.recorder.now_ms();
         self.faults[live.record].end_ms = now;
         let what = self.faults[live.record].targets.join(", ");
-        self.event(format!("healed {:?} on {what}", live.kind));
+        if live.procs.is_empty() && live.addrs.is_empty() && live.cells.is_empty() {
+            self.event(format!("{what}: still lost for good; the observed outage ends"));
+        } else {
+            self.event(format!("healed {:?} on {what}", live.kind));
+        }
     }
 
     /// The heal of a kill with `restart_faults`: its targets start with the

@@ -180,13 +180,16 @@ fn a_restart_with_faults_is_checked_as_the_replica_would() {
 }
 
 #[test]
-fn a_cell_lost_for_good_is_a_whole_cell_killed_without_a_duration() {
+fn a_cell_lost_for_good_is_a_whole_cell_killed_and_never_restarted() {
     let lost = KILL_CELL.replace("duration_s = 10.0", "permanent = true");
     let drill = Drill::parse(&lost).unwrap();
     assert!(drill.method[0].permanent);
     assert_eq!(plan(&drill, 2)[0].duration_ms, 0);
-    let with_duration = KILL_CELL.replace("duration_s = 10.0", "duration_s = 10.0\npermanent = true");
-    let e = Drill::parse(&with_duration).unwrap_err();
+    // A duration is how long the method observes the loss.
+    let observed = KILL_CELL.replace("duration_s = 10.0", "duration_s = 45.0\npermanent = true");
+    assert_eq!(plan(&Drill::parse(&observed).unwrap(), 2)[0].duration_ms, 45_000);
+    let restarted = format!("{lost}\nrestart_faults = \"standby.ship=drop:1000\"");
+    let e = Drill::parse(&restarted).unwrap_err();
     assert!(e.message.contains("never restarted"), "{e}");
     let one_replica = lost.replace("role = \"cell\"", "role = \"leader\"");
     let e = Drill::parse(&one_replica).unwrap_err();
