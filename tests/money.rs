@@ -16,6 +16,7 @@ use cellbank::supervisor::ProcessId;
 use cellbank_cell::client::CellClient;
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::*;
+use common::call;
 use common::cluster::Cluster;
 use rand::{Rng, SeedableRng};
 
@@ -46,33 +47,8 @@ impl Heard {
     }
 }
 
-async fn call<T, F, Fut>(client: &CellClient, f: F) -> T
-where
-    F: Fn(cellbank_proto::v1::ledger_client::LedgerClient<tonic::transport::Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    client.ledger(f).await.expect("a call through the routers")
-}
-
 async fn open_and_seed(client: &CellClient, users: &[u64]) {
-    for &user in users {
-        let opened = call(client, |mut c| async move {
-            c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-        })
-        .await;
-        assert!(opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32);
-        let seeded = call(client, |mut c| async move {
-            c.deposit(DepositRequest {
-                transfer_id: format!("seed-{user}").into_bytes(),
-                user_id: user,
-                currency: CURRENCY.into(),
-                amount: SEED_AMOUNT,
-            })
-            .await
-        })
-        .await;
-        assert_eq!(seeded.result.unwrap().code, ResultCode::Ok as i32);
-    }
+    common::open_and_seed(client, users, CURRENCY, SEED_AMOUNT).await
 }
 
 async fn send_envelope(client: &CellClient, sender: u64, id: &str, expires_at_ms: u64) -> String {

@@ -68,24 +68,6 @@ async fn killing_the_leader_router_keeps_clients_and_failover_working() {
     println!("verified {checked} transfers ({ok} OK) through the surviving routers");
 }
 
-/// Reads one counter of a router's Prometheus endpoint (summed over labels
-/// that contain `label`).
-async fn metric(addr: &str, name: &str, label: &str) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let read = async {
-        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
-        socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        socket.read_to_string(&mut body).await.unwrap();
-        body
-    };
-    let body = tokio::time::timeout(Duration::from_secs(5), read).await.expect("the metrics endpoint answers");
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
     let mut cluster = Cluster::start(3, 1, |t| {
@@ -121,7 +103,8 @@ async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
     let (before, after) = loop {
         rounds += 1;
         cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
-        let before = metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await;
+        // A labelled counter has no sample until its first increment.
+        let before = common::metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await.unwrap_or(0);
         cluster.sup.pause(stale_id, true);
         let request = SwitchoverRequest { pair_id: 1, who: "test".into(), why: "stale router".into() };
         let response = cellbank::routers::switchover(&others, None, request).await.expect("switchover");
@@ -149,7 +132,9 @@ async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
         cluster.sup.pause(stale_id, false);
         let response = sent.await.unwrap().expect("served after catching up");
         assert_eq!(response.result.unwrap().code, cellbank_proto::v1::ResultCode::Ok as i32);
-        let after = metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await;
+        let after = common::metric(&stale_metrics, "cellbank_router_retries_total", "stale_table")
+            .await
+            .expect("the retries metric");
         println!("round {rounds}: stale-table retries on router {stale}: {before} before, {after} after");
         if after > before || rounds == 5 {
             break (before, after);

@@ -23,39 +23,15 @@ use cellbank_chaos::faults::Access;
 use cellbank_proto::cell::InjectFaultRequest;
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::*;
+use common::call;
 use common::cluster::Cluster;
 
 const TOKEN: &str = "safety-test-token";
 const CURRENCY: &str = "CNY";
 const SEED_AMOUNT: u64 = 1_000_000;
 
-async fn call<T, F, Fut>(client: &CellClient, f: F) -> T
-where
-    F: Fn(cellbank_proto::v1::ledger_client::LedgerClient<tonic::transport::Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    client.ledger(f).await.expect("a call through the routers")
-}
-
 async fn open_and_seed(client: &CellClient, users: &[u64]) {
-    for &user in users {
-        let opened = call(client, |mut c| async move {
-            c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-        })
-        .await;
-        assert!(opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32);
-        let seeded = call(client, |mut c| async move {
-            c.deposit(DepositRequest {
-                transfer_id: format!("seed-{user}").into_bytes(),
-                user_id: user,
-                currency: CURRENCY.into(),
-                amount: SEED_AMOUNT,
-            })
-            .await
-        })
-        .await;
-        assert_eq!(seeded.result.unwrap().code, ResultCode::Ok as i32);
-    }
+    common::open_and_seed(client, users, CURRENCY, SEED_AMOUNT).await
 }
 
 fn transfer_request(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
@@ -102,23 +78,6 @@ async fn heal_cell(cluster: &Cluster, cell: u64) {
         let addr = cluster.sup.addr(id).unwrap();
         access(cluster).heal(&addr).await.expect("heal");
     }
-}
-
-/// One counter of a replica's Prometheus endpoint.
-async fn metric(addr: &str, name: &str) -> Option<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let read = async {
-        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
-        socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        socket.read_to_string(&mut body).await.unwrap();
-        body
-    };
-    let body = tokio::time::timeout(Duration::from_secs(5), read).await.expect("the metrics endpoint answers");
-    body.lines()
-        .find(|l| !l.starts_with('#') && l.split([' ', '{']).next().is_some_and(|n| n.ends_with(name)))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
 }
 
 /// Follows a transfer through the routers until it leaves IN_TRANSIT.
@@ -283,7 +242,7 @@ async fn an_old_active_restarted_cut_off_from_its_standby_answers_nothing_and_se
     // Its courier never sent a credit.
     for id in cluster.sup.cell_replicas(1) {
         let addr = cluster.sup.metrics_addr(id).unwrap();
-        let calls = metric(&addr, "credit_delivery_calls_total").await;
+        let calls = common::metric(&addr, "cellbank_credit_delivery_calls_total", "").await;
         assert_eq!(calls, Some(0), "{id} delivered credits");
     }
 

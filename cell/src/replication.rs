@@ -308,7 +308,7 @@ impl Replication {
 
     async fn wait(&self, pair_view: &PairView, index: u64, timeout: Duration, read: bool) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let ticket = self.history.lock().expect("pair history lock").at(index).cloned();
+        let ticket = self.history.lock().expect("pair history lock").at(index).map(|t| t.as_state());
         let mut ship_rx = self.state.subscribe();
         let mut pair_rx = pair_view.subscribe();
         let Some(ticket) = ticket else {

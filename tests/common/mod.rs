@@ -195,3 +195,56 @@ impl Drop for Cell {
         }
     }
 }
+
+/// One call through a leader-following client that must succeed.
+pub async fn call<T, F, Fut>(client: &CellClient, f: F) -> T
+where
+    F: Fn(cellbank_proto::v1::ledger_client::LedgerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    client.ledger(f).await.expect("a call through the routers")
+}
+
+/// Opens an account for each user and deposits `amount` (id `seed-<user>`).
+pub async fn open_and_seed(client: &CellClient, users: &[u64], currency: &str, amount: u64) {
+    use cellbank_proto::v1::{DepositRequest, OpenAccountRequest, ResultCode};
+    for &user in users {
+        let opened = call(client, |mut c| async move {
+            c.open_account(OpenAccountRequest { user_id: user, currency: currency.into() }).await
+        })
+        .await;
+        assert!(opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32);
+        let seeded = call(client, |mut c| async move {
+            c.deposit(DepositRequest {
+                transfer_id: format!("seed-{user}").into_bytes(),
+                user_id: user,
+                currency: currency.into(),
+                amount,
+            })
+            .await
+        })
+        .await;
+        assert_eq!(seeded.result.unwrap().code, ResultCode::Ok as i32);
+    }
+}
+
+/// The sum of a metric's samples on a Prometheus endpoint over the lines
+/// that name `name` and contain `label`; `None` when no line does (a
+/// misspelt name must not read as zero).
+pub async fn metric(addr: &str, name: &str, label: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        socket.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), read).await.expect("the metrics endpoint answers");
+    let samples: Vec<f64> = body
+        .lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum::<f64>() as u64)
+}

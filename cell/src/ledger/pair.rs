@@ -185,15 +185,40 @@ pub fn depose(current: &PairState, by_epoch: u64) -> Option<PairState> {
     Some(PairState { deposed_by_epoch: by_epoch, ..current.clone() })
 }
 
-/// True when two states differ in what a waiter judges by: role, epoch,
-/// mode, standby, deposition (not the standby's source index, which moves
-/// with every shipment).
-fn differs_for_waiters(a: &PairState, b: &PairState) -> bool {
-    a.role != b.role
-        || a.epoch != b.epoch
-        || a.mode != b.mode
-        || a.standby_cell_id != b.standby_cell_id
-        || a.deposed_by_epoch != b.deposed_by_epoch
+/// The part of a pair state a waiter judges by: role, epoch, mode, standby,
+/// deposition (not the standby's addresses or source index). Copied
+/// without allocating, once per waiter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ticket {
+    pub epoch: u64,
+    pub role: i32,
+    pub mode: i32,
+    pub standby_cell_id: u64,
+    pub deposed_by_epoch: u64,
+}
+
+impl Ticket {
+    pub fn of(state: &PairState) -> Ticket {
+        Ticket {
+            epoch: state.epoch,
+            role: state.role,
+            mode: state.mode,
+            standby_cell_id: state.standby_cell_id,
+            deposed_by_epoch: state.deposed_by_epoch,
+        }
+    }
+
+    /// As a pair state (no addresses: nothing is allocated), for the rules above.
+    pub fn as_state(&self) -> PairState {
+        PairState {
+            epoch: self.epoch,
+            role: self.role,
+            mode: self.mode,
+            standby_cell_id: self.standby_cell_id,
+            deposed_by_epoch: self.deposed_by_epoch,
+            ..Default::default()
+        }
+    }
 }
 
 /// Pair states remembered by [`History`]; an entry older than all of them
@@ -205,29 +230,30 @@ pub const HISTORY_CHANGES_MAX: usize = 64;
 #[derive(Debug, Default)]
 pub struct History {
     /// (first index, state), oldest first.
-    changes: VecDeque<(u64, PairState)>,
+    changes: VecDeque<(u64, Ticket)>,
 }
 
 impl History {
     /// Starts again: `state` is in force from `index` on, nothing before it is known.
     pub fn reset(&mut self, index: u64, state: &PairState) {
         self.changes.clear();
-        self.changes.push_back((index, state.clone()));
+        self.changes.push_back((index, Ticket::of(state)));
     }
 
     /// Notes the state applied at `index` (a no-op unless it changes what
     /// waiters judge by).
     pub fn record(&mut self, index: u64, state: &PairState) {
+        let ticket = Ticket::of(state);
         if let Some((last_index, last)) = self.changes.back() {
             assert!(index >= *last_index, "pair history goes back from {last_index} to {index}");
-            if !differs_for_waiters(last, state) {
+            if *last == ticket {
                 return;
             }
         }
         if self.changes.len() >= HISTORY_CHANGES_MAX {
             self.changes.pop_front();
         }
-        self.changes.push_back((index, state.clone()));
+        self.changes.push_back((index, ticket));
     }
 
     /// The state an entry at `index` applied under. A change at `index`
@@ -235,8 +261,8 @@ impl History {
     /// the older state, which can only make the waiter stricter: see the
     /// acknowledgement rule in `replication.rs`). `None` when the history no
     /// longer reaches back that far.
-    pub fn at(&self, index: u64) -> Option<&PairState> {
-        self.changes.iter().rev().find(|(from, _)| *from <= index).map(|(_, state)| state)
+    pub fn at(&self, index: u64) -> Option<Ticket> {
+        self.changes.iter().rev().find(|(from, _)| *from <= index).map(|(_, ticket)| *ticket)
     }
 }
 
@@ -348,14 +374,15 @@ mod tests {
         let sync = PairState { standby_cell_id: 3, ..state(1, PairRole::Active, ReplicationMode::Sync) };
         history.reset(10, &sync);
         assert!(history.at(9).is_none(), "before the start nothing is known");
-        assert_eq!(history.at(10), Some(&sync));
+        assert_eq!(history.at(10), Some(Ticket::of(&sync)));
         // A standby's source index moving is not a change for waiters.
         history.record(12, &PairState { source_index: 99, ..sync.clone() });
         let degraded = PairState { mode: ReplicationMode::Async as i32, ..sync.clone() };
         history.record(20, &degraded);
-        assert_eq!(history.at(19), Some(&sync));
-        assert_eq!(history.at(20), Some(&degraded), "a change at the index itself counts");
-        assert_eq!(history.at(1000), Some(&degraded));
+        assert_eq!(history.at(19), Some(Ticket::of(&sync)));
+        assert_eq!(history.at(20), Some(Ticket::of(&degraded)), "a change at the index itself counts");
+        assert_eq!(history.at(1000), Some(Ticket::of(&degraded)));
+        assert_eq!(history.at(20).unwrap().as_state(), degraded, "a ticket is the state without addresses");
         for index in 0..HISTORY_CHANGES_MAX as u64 {
             let epoch = PairState { epoch: 2 + index, ..degraded.clone() };
             history.record(30 + index, &epoch);
