@@ -12,6 +12,7 @@
 //!   leader transfer, ledger digests (cells).
 //! - `bench`: drive a running cluster and report throughput and latency.
 //! - `chaos`: run, check and halt chaos drills (deploy/drills/).
+//! - `sim`: the deterministic simulator of the failover and money protocol.
 
 // tonic::Status is the error type of every client call here.
 #![allow(clippy::result_large_err)]
@@ -22,6 +23,7 @@ mod cluster;
 mod commands;
 mod envelope_bench;
 mod failover_bench;
+mod sim;
 mod up;
 
 use std::collections::BTreeMap;
@@ -105,6 +107,8 @@ enum Command {
         #[command(subcommand)]
         action: chaos::ChaosAction,
     },
+    /// Run the deterministic simulator over many seeds, or replay one.
+    Sim(sim::SimArgs),
 }
 
 #[derive(clap::Args)]
@@ -247,9 +251,19 @@ fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Cell(_) | Command::Router(_) => "info,raft=warn",
+        // The simulator runs the cells' code: their logs would drown the summary.
+        Command::Sim(_) => "off",
         _ => "warn",
     };
     init_logging(&cli.log_format, default_level);
+    if let Command::Sim(args) = cli.command {
+        // Plain threads, no runtime: the simulator is single-threaded per seed.
+        if let Err(error) = sim::run(args) {
+            eprintln!("error: {}", describe_error(&error));
+            std::process::exit(1);
+        }
+        return;
+    }
     if !matches!(cli.command, Command::Cell(_) | Command::Router(_) | Command::Up(_)) {
         // A client command piped into `head` ends quietly when the pipe
         // closes, as command-line tools do. (Servers, and `up` with its
@@ -283,6 +297,7 @@ fn main() {
             Command::Admin { action } => commands::admin(action).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Chaos { action } => chaos::run(action).await,
+            Command::Sim(_) => unreachable!("run before the runtime starts"),
         }
     });
     if let Err(error) = outcome {

@@ -10,6 +10,7 @@
 //! - [`clearing`]: money between cells (the `Clearing` service, the courier
 //!   that delivers the outbox, the envelope expiry sweeper).
 //! - [`faults`]: fault points for chaos drills (cargo feature `fault-points`).
+//! - [`mutation`]: deliberate bugs the simulator's mutation checks turn on.
 //! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
 
 // tonic::Status is the error type of every gRPC handler and helper here.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod faults;
 pub mod ledger;
 pub mod metrics;
+pub mod mutation;
 pub mod raft;
 pub mod replication;
 pub mod server;

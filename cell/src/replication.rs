@@ -42,7 +42,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellbank_proto::cell::standby_client::StandbyClient;
-use cellbank_proto::cell::{ship_batch, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk};
+use cellbank_proto::cell::{
+    ship_batch, PairRole, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
+};
 use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType};
@@ -185,14 +187,18 @@ pub fn judge(
     if pair::role(ticket) == PairRole::Unpaired && ticket.epoch == 0 {
         return Verdict::Release;
     }
+    if crate::mutation::active(crate::mutation::Mutation::EarlyRelease) && !pair::waits_for_standby(current) {
+        return Verdict::Release;
+    }
     let ticket_sync = pair::waits_for_standby(ticket);
+    let needed = if crate::mutation::active(crate::mutation::Mutation::AckOffByOne) { index - 1 } else { index };
     // Positive evidence for a write: the standby acknowledged the entry at
     // the ticket's epoch and standby, so it holds it whatever happened since
     // (a standby promoted later holds everything it acknowledged).
     let acknowledged = ticket_sync
         && ship.epoch == ticket.epoch
         && ship.standby_cell_id == ticket.standby_cell_id
-        && ship.acked_index >= index;
+        && ship.acked_index >= needed;
     if acknowledged && !read {
         return Verdict::Release;
     }
@@ -348,17 +354,102 @@ impl Replication {
 /// has already stopped acknowledging). A failed proposal is retried by the
 /// next refusal.
 pub fn record_deposition(node: &DriverHandle<Ledger>, by_epoch: u64) {
+    let Some(command) = deposition_command(by_epoch) else { return };
     let node = node.clone();
     tokio::spawn(async move {
-        let command = cellbank_proto::cell::Command {
-            kind: Some(cellbank_proto::cell::command::Kind::Depose(cellbank_proto::cell::DeposeCommand { by_epoch })),
-        };
         match tokio::time::timeout(Duration::from_secs(5), node.propose(vec![command])).await {
             Ok(Ok(_)) => tracing::info!(by_epoch, "recorded the deposition in the cell's log"),
             Ok(Err(e)) => tracing::info!(by_epoch, "recording the deposition failed ({e}); the next refusal retries"),
             Err(_) => tracing::info!(by_epoch, "recording the deposition timed out; the next refusal retries"),
         }
     });
+}
+
+/// The command that records a deposition in the cell's log (`None` only
+/// under the simulator's `VolatileDeposition` mutation).
+pub fn deposition_command(by_epoch: u64) -> Option<cellbank_proto::cell::Command> {
+    if crate::mutation::active(crate::mutation::Mutation::VolatileDeposition) {
+        return None;
+    }
+    Some(cellbank_proto::cell::Command {
+        kind: Some(cellbank_proto::cell::command::Kind::Depose(cellbank_proto::cell::DeposeCommand { by_epoch })),
+    })
+}
+
+/// Why a standby refuses a shipping session's hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HelloRefusal {
+    /// The standby is at a later epoch, or at the same epoch in another
+    /// role (promoted): the source is deposed by `epoch`
+    /// (FAILED_PRECONDITION).
+    Superseded { epoch: u64, detail: String },
+    /// The standby has not been configured for this source and epoch yet
+    /// (UNAVAILABLE: try again).
+    NotYet(String),
+}
+
+/// A standby's answer to a hello (or keepalive) from `source_cell_id` at
+/// `epoch`, given its own pair state. Pure: the standby service and the
+/// simulator both use it.
+pub fn check_hello(cell_id: u64, state: &PairState, source_cell_id: u64, epoch: u64) -> Result<(), HelloRefusal> {
+    let role = pair::role(state);
+    if state.epoch > epoch || (role != PairRole::Standby && state.epoch >= epoch && state.epoch > 0) {
+        return Err(HelloRefusal::Superseded {
+            epoch: state.epoch,
+            detail: format!(
+                "cell {cell_id} is {} at epoch {}: it takes no stream from cell {source_cell_id} at epoch {epoch}",
+                role.as_str_name(),
+                state.epoch,
+            ),
+        });
+    }
+    if state.epoch < epoch || role != PairRole::Standby || state.source_cell_id != source_cell_id {
+        return Err(HelloRefusal::NotYet(format!(
+            "cell {cell_id} is not yet the standby of cell {source_cell_id} at epoch {epoch} (it is {} of cell {} at \
+             epoch {})",
+            role.as_str_name(),
+            state.source_cell_id,
+            state.epoch
+        )));
+    }
+    Ok(())
+}
+
+/// What a standby acknowledges: the source index it holds, or that it
+/// needs a snapshot (and which chunk comes next).
+pub fn ship_ack(state: &PairState) -> ShipAck {
+    ShipAck {
+        source_index: state.source_index,
+        needs_snapshot: state.source_index == 0 || state.rebuild_snapshot_index != 0,
+        next_chunk: state.rebuild_next_chunk,
+    }
+}
+
+/// The shipper's watermark after the answer to a session's hello: the
+/// answer is the truth (read after a barrier on the standby), so the
+/// watermark may go down (a rebuild began).
+pub fn on_hello_answer(ship: &mut ShipState, state: &PairState, held: u64, sent_at: Instant) {
+    ship.epoch = state.epoch;
+    ship.standby_cell_id = state.standby_cell_id;
+    ship.acked_index = held;
+    ship.confirmed_at = Some(sent_at);
+}
+
+/// The shipper's watermark after an acknowledgement, in a session whose
+/// hello was answered: it only grows.
+pub fn on_ack(ship: &mut ShipState, source_index: u64, sent_at: Instant) {
+    ship.acked_index = ship.acked_index.max(source_index);
+    ship.confirmed_at = Some(sent_at);
+}
+
+/// The shipper's state after a refusal at `epoch`: a later epoch deposes
+/// the cell (true: record the deposition in the log).
+pub fn on_refusal(ship: &mut ShipState, pair_epoch: u64, epoch: u64) -> bool {
+    if epoch > pair_epoch {
+        ship.deposed_by_epoch = ship.deposed_by_epoch.max(epoch);
+        return true;
+    }
+    false
 }
 
 /// Adds the epoch metadata to a refusal.
@@ -460,8 +551,11 @@ impl Shipper {
         {
             if epoch > pair_state.epoch && status.code() == tonic::Code::FailedPrecondition {
                 tracing::warn!(cell = self.cell_id, epoch, "the standby was promoted; this cell is deposed");
-                self.set_ship_state(|s| s.deposed_by_epoch = s.deposed_by_epoch.max(epoch));
-                record_deposition(&self.node, epoch);
+                let mut deposed = false;
+                self.set_ship_state(|s| deposed = on_refusal(s, pair_state.epoch, epoch));
+                if deposed {
+                    record_deposition(&self.node, epoch);
+                }
             }
         }
         if let Some(leader) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
@@ -508,12 +602,7 @@ impl Shipper {
         self.replication.reset_lag();
         // The hello's answer is the truth (read after a barrier on the
         // standby): the watermark may go down, e.g. after a rebuild began.
-        self.set_ship_state(|s| {
-            s.epoch = pair_state.epoch;
-            s.standby_cell_id = pair_state.standby_cell_id;
-            s.acked_index = held;
-            s.confirmed_at = Some(hello_sent);
-        });
+        self.set_ship_state(|s| on_hello_answer(s, pair_state, held, hello_sent));
         // The standby confirmed it still copies this cell at this epoch.
         if self.still_current(pair_state) {
             self.replication.earn_authority(term);
@@ -616,10 +705,7 @@ impl Shipper {
                     match ack {
                         Ok(Ok(Some(ack))) => {
                             let (_, sent) = in_flight.pop_front().expect("an ack answers a message in flight");
-                            self.set_ship_state(|s| {
-                                s.acked_index = s.acked_index.max(ack.source_index);
-                                s.confirmed_at = Some(sent);
-                            });
+                            self.set_ship_state(|s| on_ack(s, ack.source_index, sent));
                             self.replication.note_progress(*applied_rx.borrow());
                         }
                         Ok(Ok(None)) => return SessionEnd::Failed("the standby closed the stream".into()),

@@ -40,7 +40,7 @@ use crate::raft::node::{role_str, ProposeError};
 use crate::raft::storage::{read_u64, APPLIED_INDEX_KEY, STATE_PREFIX};
 use crate::raft::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
 use crate::raft::StateMachine;
-use crate::replication::{epoch_status, Replication};
+use crate::replication::{epoch_status, ship_ack, Replication};
 
 /// How long a request waits for its command to apply when the client set no deadline.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -122,73 +122,62 @@ impl ReplicaContext {
     /// leader that has not earned its authority yet. Each refusal is
     /// UNAVAILABLE (retryable) with the cell's epoch.
     pub(crate) fn gate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        // Copied out of the view (no clone of the whole state per request).
-        let (cell_epoch, role, deposed_by) = {
-            let state = self.pair.borrow();
-            (state.epoch, pair::role(&state), state.deposed_by_epoch)
+        let requested = match metadata.get(cellbank_proto::EPOCH_METADATA_KEY) {
+            Some(requested) => Some(
+                requested
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| Status::invalid_argument("cellbank-epoch: not a number"))?,
+            ),
+            None => None,
         };
-        let requested = metadata.get(cellbank_proto::EPOCH_METADATA_KEY);
-        if let Some(requested) = requested {
-            let epoch = requested
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| Status::invalid_argument("cellbank-epoch: not a number"))?;
-            if epoch != cell_epoch {
-                let why = if epoch < cell_epoch { "stale" } else { "newer than this cell's" };
-                return Err(epoch_status(
-                    Status::unavailable(format!(
-                        "routing epoch {epoch} is {why}: cell {} is at epoch {}",
-                        self.cell_id, cell_epoch
-                    )),
-                    cell_epoch,
-                ));
+        let settling =
+            self.settling_until.lock().expect("settle lock").is_some_and(|until| std::time::Instant::now() < until);
+        let refusal = {
+            let state = self.pair.borrow();
+            gate_refusal(
+                &state,
+                requested,
+                settling,
+                self.replication.state.borrow().deposed_by_epoch,
+                self.has_authority(),
+            )
+        };
+        let Some(refusal) = refusal else { return Ok(()) };
+        let cell_epoch = self.pair.borrow().epoch;
+        let cell_id = self.cell_id;
+        let (message, epoch) = match refusal {
+            GateRefusal::Epoch { requested } => {
+                let why = if requested < cell_epoch { "stale" } else { "newer than this cell's" };
+                (format!("routing epoch {requested} is {why}: cell {cell_id} is at epoch {cell_epoch}"), cell_epoch)
             }
-        }
-        if !pair::role_writable(role) {
-            return Err(epoch_status(
-                Status::unavailable(format!(
-                    "cell {} is {} at epoch {} and serves no client requests",
-                    self.cell_id,
-                    role.as_str_name(),
-                    cell_epoch
-                )),
+            GateRefusal::NotServing(role) => (
+                format!("cell {cell_id} is {} at epoch {cell_epoch} and serves no client requests", role.as_str_name()),
                 cell_epoch,
-            ));
-        }
-        if let Some(until) = *self.settling_until.lock().expect("settle lock") {
-            if std::time::Instant::now() < until {
-                return Err(epoch_status(
-                    Status::unavailable(format!(
-                        "cell {} was just promoted and serves nothing until the old active's read lease has run out",
-                        self.cell_id
-                    )),
-                    cell_epoch,
-                ));
-            }
-        }
-        let deposed_by = deposed_by.max(self.replication.state.borrow().deposed_by_epoch);
-        if deposed_by > cell_epoch {
-            return Err(epoch_status(
-                Status::unavailable(format!("cell {} was deposed: its pair moved to epoch {deposed_by}", self.cell_id)),
-                deposed_by,
-            ));
-        }
-        if !self.has_authority() {
-            let leader_id = self.node.shared.leader_id.load(Ordering::Relaxed);
-            if !self.node.shared.is_leader.load(Ordering::Relaxed) {
-                return Err(self.unavailable(format!("replica {} is not the leader", self.replica_id), leader_id));
-            }
-            return Err(epoch_status(
-                Status::unavailable(format!(
-                    "cell {} has a new leader that has not yet confirmed epoch {cell_epoch} with its standby or the \
-                     coordinator",
-                    self.cell_id
-                )),
+            ),
+            GateRefusal::Settling => (
+                format!(
+                    "cell {cell_id} was just promoted and serves nothing until the old active's read lease has run out"
+                ),
                 cell_epoch,
-            ));
-        }
-        Ok(())
+            ),
+            GateRefusal::Deposed(by) => (format!("cell {cell_id} was deposed: its pair moved to epoch {by}"), by),
+            GateRefusal::NoAuthority => {
+                let leader_id = self.node.shared.leader_id.load(Ordering::Relaxed);
+                if !self.node.shared.is_leader.load(Ordering::Relaxed) {
+                    return Err(self.unavailable(format!("replica {} is not the leader", self.replica_id), leader_id));
+                }
+                (
+                    format!(
+                        "cell {cell_id} has a new leader that has not yet confirmed epoch {cell_epoch} with its \
+                         standby or the coordinator"
+                    ),
+                    cell_epoch,
+                )
+            }
+        };
+        Err(epoch_status(Status::unavailable(message), epoch))
     }
 
     pub(crate) async fn propose(
@@ -242,6 +231,52 @@ impl ReplicaContext {
         self.replication.wait_for_read(&self.pair, index, remaining).await?;
         Ok((view, index))
     }
+}
+
+/// Why a replica refuses to serve a client request (all retryable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GateRefusal {
+    /// The request names a routing epoch other than the cell's.
+    Epoch { requested: u64 },
+    /// A standby or fenced cell serves no client requests.
+    NotServing(PairRole),
+    /// Just promoted: waiting out the old active's read lease.
+    Settling,
+    /// The cell learnt its pair moved to this later epoch.
+    Deposed(u64),
+    /// Not the leader, or a leader without authority in its term.
+    NoAuthority,
+}
+
+/// The gate every client request passes, as a pure function of the cell's
+/// pair state, the request's routing epoch, whether the replica is still
+/// settling after a promotion, the deposition its shipper learnt and
+/// whether it has authority. The simulator runs it too.
+pub fn gate_refusal(
+    state: &PairState,
+    requested_epoch: Option<u64>,
+    settling: bool,
+    ship_deposed_by: u64,
+    authority: bool,
+) -> Option<GateRefusal> {
+    if let Some(requested) = requested_epoch.filter(|e| *e != state.epoch) {
+        return Some(GateRefusal::Epoch { requested });
+    }
+    let role = pair::role(state);
+    if !pair::role_writable(role) {
+        return Some(GateRefusal::NotServing(role));
+    }
+    if settling {
+        return Some(GateRefusal::Settling);
+    }
+    let deposed_by = state.deposed_by_epoch.max(ship_deposed_by);
+    if deposed_by > state.epoch {
+        return Some(GateRefusal::Deposed(deposed_by));
+    }
+    if !authority {
+        return Some(GateRefusal::NoAuthority);
+    }
+    None
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -1124,43 +1159,17 @@ pub struct StandbyService {
 const STANDBY_IN_FLIGHT_MAX: usize = 32;
 
 impl StandbyService {
-    /// Checks a hello against this cell's pair state.
+    /// Checks a hello against this cell's pair state
+    /// ([`crate::replication::check_hello`]).
     fn check_hello(&self, hello: &ShipHello) -> Result<PairState, Status> {
         let state = self.context.pair.borrow().clone();
-        let role = pair::role(&state);
-        if state.epoch > hello.epoch || (role != PairRole::Standby && state.epoch >= hello.epoch && state.epoch > 0) {
-            return Err(epoch_status(
-                Status::failed_precondition(format!(
-                    "cell {} is {} at epoch {}: it takes no stream from cell {} at epoch {}",
-                    self.context.cell_id,
-                    role.as_str_name(),
-                    state.epoch,
-                    hello.source_cell_id,
-                    hello.epoch
-                )),
-                state.epoch,
-            ));
+        match crate::replication::check_hello(self.context.cell_id, &state, hello.source_cell_id, hello.epoch) {
+            Ok(()) => Ok(state),
+            Err(crate::replication::HelloRefusal::Superseded { epoch, detail }) => {
+                Err(epoch_status(Status::failed_precondition(detail), epoch))
+            }
+            Err(crate::replication::HelloRefusal::NotYet(detail)) => Err(Status::unavailable(detail)),
         }
-        if state.epoch < hello.epoch || role != PairRole::Standby || state.source_cell_id != hello.source_cell_id {
-            return Err(Status::unavailable(format!(
-                "cell {} is not yet the standby of cell {} at epoch {} (it is {} of cell {} at epoch {})",
-                self.context.cell_id,
-                hello.source_cell_id,
-                hello.epoch,
-                role.as_str_name(),
-                state.source_cell_id,
-                state.epoch
-            )));
-        }
-        Ok(state)
-    }
-}
-
-fn ship_ack(state: &PairState) -> ShipAck {
-    ShipAck {
-        source_index: state.source_index,
-        needs_snapshot: state.source_index == 0 || state.rebuild_snapshot_index != 0,
-        next_chunk: state.rebuild_next_chunk,
     }
 }
 

@@ -443,6 +443,7 @@ mod tests {
                 mode: PairMode::NoStandby as i32,
                 epoch,
                 last_failover_ms: 0,
+                mode_seq: 0,
             }],
             slice_pair: vec![1],
             slice_epoch: vec![epoch],

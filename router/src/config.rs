@@ -137,6 +137,7 @@ impl RouterConfig {
                 mode: if p.standby.is_some() { PairMode::Degraded } else { PairMode::NoStandby } as i32,
                 epoch: 1,
                 last_failover_ms: 0,
+                mode_seq: 0,
             })
             .collect();
         let slice_pair = match pairs.len() {

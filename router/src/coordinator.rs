@@ -156,10 +156,6 @@ impl Coordinator {
         self.node.shared.is_leader.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn window(&self) -> Duration {
-        Duration::from_millis(self.config.failover_window_ms)
-    }
-
     pub fn health(&self) -> HashMap<u64, CellHealth> {
         self.health.lock().expect("health lock").clone()
     }
@@ -233,32 +229,12 @@ impl Coordinator {
         let mut health = self.health.lock().expect("health lock");
         let entry =
             health.entry(cell_id).or_insert_with(|| CellHealth { leader_seen: Some(now), ..Default::default() });
-        let previous: HashMap<String, Option<Instant>> =
-            entry.replicas.iter().map(|r| (r.addr.clone(), r.last_seen)).collect();
-        entry.replicas = results
-            .into_iter()
-            .map(|mut probe| {
-                probe.last_seen =
-                    if probe.reachable { Some(now) } else { previous.get(&probe.addr).copied().flatten() };
-                probe
-            })
-            .collect();
-        let leader = entry
-            .replicas
-            .iter()
-            .filter(|r| r.serving)
-            .filter_map(|r| r.status.as_ref())
-            .filter(|s| is_leader_role(s))
-            .max_by_key(|s| s.term)
-            .cloned();
-        if let Some(found) = &leader {
-            entry.leader_seen = Some(now);
-            // Requests go to the leader the probes found: a leader that
-            // hangs (paused, partitioned) stops taking new requests once
-            // its peers have elected another.
+        // Requests go to the leader the probes found: a leader that hangs
+        // (paused, partitioned) stops taking new requests once its peers
+        // have elected another.
+        if let Some(found) = record_probes(entry, results, now) {
             conn.follow(&found.addr);
         }
-        entry.leader = leader;
     }
 
     async fn propose(&self, command: TableCommand) -> Result<String, Status> {
@@ -321,20 +297,6 @@ impl Coordinator {
         Err(last)
     }
 
-    /// The pair state the table asks of a pair's active cell. Should it be a
-    /// promotion, the new active first waits out the old one's read lease.
-    fn desired_active(&self, table: &RoutingTable, pair: &Pair, mode: ReplicationMode) -> PairState {
-        PairState {
-            epoch: pair.epoch,
-            role: PairRole::Active as i32,
-            mode: mode as i32,
-            standby_cell_id: pair.standby_cell_id,
-            standby_addrs: table::cell_addrs(table, pair.standby_cell_id),
-            promotion_settle_ms: PROMOTION_SETTLE.as_millis() as u64,
-            ..Default::default()
-        }
-    }
-
     /// Makes sure this router's table holds everything the group committed
     /// before it acts on it (a new coordinator's table may be behind).
     async fn table_barrier(&self) -> Result<(), Status> {
@@ -342,17 +304,6 @@ impl Coordinator {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Status::unavailable(format!("routing table: {e}"))),
             Err(_) => Err(Status::unavailable("the routing table did not answer a read barrier in time")),
-        }
-    }
-
-    fn desired_standby(pair: &Pair, source_index: u64) -> PairState {
-        PairState {
-            epoch: pair.epoch,
-            role: PairRole::Standby as i32,
-            mode: ReplicationMode::Sync as i32,
-            source_cell_id: pair.active_cell_id,
-            source_index,
-            ..Default::default()
         }
     }
 
@@ -388,168 +339,36 @@ impl Coordinator {
         Ok((table, pair))
     }
 
-    /// True when a cell has been without a reachable leader for longer than
-    /// it may be: the failover window when a majority of its replicas is
-    /// unreachable, the (longer) election grace while a majority answers and
-    /// is presumably electing a leader.
-    fn is_down(&self, health: &CellHealth, now: Instant) -> bool {
-        let Some(down) = self.down_for(health, now) else { return false };
-        let reachable = health.replicas.iter().filter(|r| r.reachable).count();
-        let quorum = health.replicas.len() / 2 + 1;
-        let limit = if reachable >= quorum && !health.replicas.is_empty() {
-            Duration::from_millis(self.config.election_grace_ms)
-        } else {
-            self.window()
-        };
-        down > limit
-    }
-
-    fn down_for(&self, health: &CellHealth, now: Instant) -> Option<Duration> {
-        match (health.leader.is_some(), health.leader_seen) {
-            (true, _) => None,
-            (false, Some(seen)) => Some(now.saturating_duration_since(seen)),
-            (false, None) => Some(Duration::MAX),
-        }
-    }
-
+    /// Decides, then does: the decision is [`plan_pair`], a pure function
+    /// the simulator runs too; this executes its actions in order and stops
+    /// at the first that fails (the next pass decides again).
     async fn reconcile(&self, pair_id: u64) -> Result<(), Status> {
         let (table, pair) = self.pair_now(pair_id)?;
-        let now = Instant::now();
         let term = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?.term;
         let active = self.cell_health(pair.active_cell_id);
         let standby = self.cell_health(pair.standby_cell_id);
-        let active_down = self.is_down(&active, now);
-        let standby_down = pair.standby_cell_id != 0 && self.is_down(&standby, now);
-        let standby_usable = standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch))
-            && standby.leader.is_some();
-
-        // 1. Automatic failover of a sync pair.
-        if table::mode(&pair) == PairMode::Sync && active_down && standby_usable {
-            let cooled = table.pairs.iter().find(|p| p.pair_id == pair_id).is_some_and(|p| {
-                p.last_failover_ms == 0 || now_ms().saturating_sub(p.last_failover_ms) >= self.config.cooldown_ms
-            });
-            if cooled {
-                let why = format!(
-                    "cell {} had no reachable leader for more than {} ms",
-                    pair.active_cell_id, self.config.failover_window_ms
-                );
-                tracing::warn!(pair = pair_id, "failing over: {why}");
-                self.change_active(
-                    &table,
-                    &pair,
-                    PairMode::Degraded,
-                    audit("coordinator", "automatic failover".into(), &why),
-                    false,
-                )
-                .await?;
-                return Ok(());
-            }
-        }
-
-        // 2. A sync pair with a sick standby becomes degraded.
-        let waited_ms = active.leader.as_ref().map(|s| s.standby_lag_ms).unwrap_or(0);
-        if table::mode(&pair) == PairMode::Sync && !active_down {
-            let reason = if standby_down {
-                Some(format!("standby cell {} had no reachable leader for the window", pair.standby_cell_id))
-            } else if standby.leader.is_some() && !standby_usable {
-                Some(format!("standby cell {} holds no usable copy", pair.standby_cell_id))
-            } else if waited_ms > self.config.failover_window_ms {
-                Some(format!("the active waited {waited_ms} ms for the standby"))
-            } else {
-                None
-            };
-            if let Some(why) = reason {
-                tracing::warn!(pair = pair_id, "degrading: {why}");
-                self.count("degrade");
-                let command = TableCommand {
-                    kind: Some(table_command::Kind::SetMode(SetPairMode {
-                        pair_id,
-                        epoch: pair.epoch,
-                        mode: PairMode::Degraded as i32,
-                    })),
-                    audit: Some(audit("coordinator", "degrade the pair".into(), &why)),
-                };
-                self.propose(command).await?;
-                // The active stops waiting for the standby at once.
-                if let Some(current) = active.leader_pair().filter(|p| p.epoch == pair.epoch) {
-                    let desired = PairState { mode: ReplicationMode::Async as i32, ..current };
-                    self.configure(pair.active_cell_id, desired, None).await?;
+        let actions = plan_pair(&self.config, &table, &pair, term, &active, &standby, Instant::now(), now_ms());
+        for action in actions {
+            match action {
+                Action::ChangeActive { mode, record } => {
+                    tracing::warn!(pair = pair_id, "failing over: {}", record.why);
+                    self.change_active(&table, &pair, mode, record, false).await?;
                 }
-                return Ok(());
-            }
-        }
-
-        // 3. The active cell's configuration.
-        if let Some(current) = active.leader_pair() {
-            let caught_up = active.leader.as_ref().is_some_and(|s| {
-                s.applied_index.saturating_sub(s.standby_acked_index) <= self.config.resync_lag_entries_max
-                    && s.standby_lag_ms < self.config.failover_window_ms / 2
-            });
-            let mode = match table::mode(&pair) {
-                PairMode::Sync => ReplicationMode::Sync,
-                PairMode::Degraded if standby_usable && !standby_down && caught_up => ReplicationMode::Sync,
-                _ => ReplicationMode::Async,
-            };
-            let desired = self.desired_active(&table, &pair, mode);
-            // A leader without authority (restarted, or newly elected, and
-            // unable to confirm its epoch with its standby: a degraded pair)
-            // serves nothing until stamped with the table's state.
-            let unauthorized = active.leader.as_ref().is_some_and(|s| !s.authority);
-            let differs = current.epoch != desired.epoch
-                || current.role != desired.role
-                || current.mode != desired.mode
-                || current.standby_cell_id != desired.standby_cell_id
-                || current.standby_addrs != desired.standby_addrs
-                || current.coordinator_term < term
-                || unauthorized;
-            // A cell already at a later epoch is never pushed back.
-            if differs && current.epoch <= desired.epoch {
-                self.configure(pair.active_cell_id, desired, None).await?;
-            }
-        }
-
-        // 4. The standby cell's configuration: a cell that is not this
-        //    pair's standby at this epoch is rebuilt as one.
-        if pair.standby_cell_id != 0 {
-            if let Some(current) = standby.leader_pair() {
-                let fits = pair::role(&current) == PairRole::Standby
-                    && current.epoch == pair.epoch
-                    && current.source_cell_id == pair.active_cell_id;
-                if !fits && current.epoch <= pair.epoch {
-                    tracing::info!(pair = pair_id, cell = pair.standby_cell_id, "configuring the standby (rebuild)");
-                    self.configure(pair.standby_cell_id, Coordinator::desired_standby(&pair, 0), None).await?;
-                } else if fits && current.coordinator_term < term && current.source_index > 0 {
-                    // A new coordinator makes itself known (no rebuild: the
-                    // standby keeps what it holds).
-                    let keep = Coordinator::desired_standby(&pair, current.source_index);
-                    self.configure(pair.standby_cell_id, keep, None).await?;
+                Action::ProposeTable { command, count } => {
+                    if let Some(record) = &command.audit {
+                        tracing::warn!(pair = pair_id, "{}: {}", record.what, record.why);
+                    }
+                    if count == "degrade" {
+                        self.count(count);
+                    }
+                    self.propose(command).await?;
+                    if count == "resync" {
+                        self.count(count);
+                    }
                 }
-            }
-        }
-
-        // 5. A degraded pair returns to sync once the active waits for the
-        //    standby and the standby holds everything since it started to.
-        if table::mode(&pair) == PairMode::Degraded && !standby_down && standby_usable {
-            let synced = active.leader.as_ref().is_some_and(|s| {
-                s.standby_lag_ms < self.config.failover_window_ms / 2
-                    && s.pair.as_ref().is_some_and(|p| {
-                        p.epoch == pair.epoch
-                            && pair::waits_for_standby(p)
-                            && s.standby_acked_index >= p.sync_since_index
-                    })
-            });
-            if synced {
-                let command = TableCommand {
-                    kind: Some(table_command::Kind::SetMode(SetPairMode {
-                        pair_id,
-                        epoch: pair.epoch,
-                        mode: PairMode::Sync as i32,
-                    })),
-                    audit: Some(audit("coordinator", "return the pair to sync".into(), "the standby caught up")),
-                };
-                self.propose(command).await?;
-                self.count("resync");
-                tracing::info!(pair = pair_id, "the pair is in sync again");
+                Action::Configure { cell_id, state } => {
+                    self.configure(cell_id, state, None).await?;
+                }
             }
         }
         Ok(())
@@ -584,7 +403,7 @@ impl Coordinator {
             ..*pair
         };
         let cell_mode = if mode == PairMode::Sync { ReplicationMode::Sync } else { ReplicationMode::Async };
-        let mut desired = self.desired_active(table, &promoted, cell_mode);
+        let mut desired = desired_active(table, &promoted, cell_mode);
         if old_active_fenced {
             // The old active serves nothing any more: no lease to wait out.
             desired.promotion_settle_ms = 0;
@@ -647,7 +466,7 @@ impl Coordinator {
         };
         let write_pause_ms = started.elapsed().as_millis() as u64;
         let new_pair = self.pair_now(pair_id)?.1;
-        let demoted = Coordinator::desired_standby(&new_pair, promoted.applied_index);
+        let demoted = desired_standby(&new_pair, promoted.applied_index);
         self.configure(pair.active_cell_id, demoted, promoted.state.clone()).await?;
         tracing::info!(pair = pair_id, write_pause_ms, "switchover done");
         self.count("switchover");
@@ -820,9 +639,8 @@ impl Coordinator {
         };
         self.propose(command).await?;
         let degraded = Pair { mode: PairMode::Degraded as i32, ..pair };
-        self.configure(pair.active_cell_id, self.desired_active(&table, &degraded, ReplicationMode::Async), None)
-            .await?;
-        self.configure(pair.standby_cell_id, Coordinator::desired_standby(&pair, 0), None).await?;
+        self.configure(pair.active_cell_id, desired_active(&table, &degraded, ReplicationMode::Async), None).await?;
+        self.configure(pair.standby_cell_id, desired_standby(&pair, 0), None).await?;
         Ok(AdminActionResponse {
             new_epoch: pair.epoch,
             active_cell_id: pair.active_cell_id,
@@ -846,4 +664,356 @@ impl Coordinator {
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The pair state the table asks of a pair's active cell. Should it be a
+/// promotion, the new active first waits out the old one's read lease.
+pub fn desired_active(table: &RoutingTable, pair: &Pair, mode: ReplicationMode) -> PairState {
+    PairState {
+        epoch: pair.epoch,
+        role: PairRole::Active as i32,
+        mode: mode as i32,
+        standby_cell_id: pair.standby_cell_id,
+        standby_addrs: table::cell_addrs(table, pair.standby_cell_id),
+        promotion_settle_ms: PROMOTION_SETTLE.as_millis() as u64,
+        mode_seq: pair.mode_seq,
+        ..Default::default()
+    }
+}
+
+/// The pair state the table asks of a pair's standby cell.
+pub fn desired_standby(pair: &Pair, source_index: u64) -> PairState {
+    PairState {
+        epoch: pair.epoch,
+        role: PairRole::Standby as i32,
+        mode: ReplicationMode::Sync as i32,
+        source_cell_id: pair.active_cell_id,
+        source_index,
+        ..Default::default()
+    }
+}
+
+/// One step a coordinator pass takes for a pair.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Fail over: commit a new epoch with the standby as active in the
+    /// table, then promote it.
+    ChangeActive { mode: PairMode, record: AuditRecord },
+    /// Commit a command in the routing table; `count` names the action in
+    /// the coordinator's metrics.
+    ProposeTable { command: TableCommand, count: &'static str },
+    /// Configure a cell (through its leader) with this pair state.
+    Configure { cell_id: u64, state: PairState },
+}
+
+/// True when a cell has been without a reachable leader for longer than
+/// it may be: the failover window when a majority of its replicas is
+/// unreachable, the (longer) election grace while a majority answers and
+/// is presumably electing a leader.
+pub fn is_down(config: &CoordinatorConfig, health: &CellHealth, now: Instant) -> bool {
+    let Some(down) = down_for(health, now) else { return false };
+    let reachable = health.replicas.iter().filter(|r| r.reachable).count();
+    let quorum = health.replicas.len() / 2 + 1;
+    let limit = if reachable >= quorum && !health.replicas.is_empty() {
+        Duration::from_millis(config.election_grace_ms)
+    } else {
+        Duration::from_millis(config.failover_window_ms)
+    };
+    down > limit
+}
+
+fn down_for(health: &CellHealth, now: Instant) -> Option<Duration> {
+    match (health.leader.is_some(), health.leader_seen) {
+        (true, _) => None,
+        (false, Some(seen)) => Some(now.saturating_duration_since(seen)),
+        (false, None) => Some(Duration::MAX),
+    }
+}
+
+/// Folds one round of probes of a cell into what the coordinator knows of
+/// it; returns the leader found (the serving leader of the highest term).
+pub fn record_probes(entry: &mut CellHealth, results: Vec<ReplicaProbe>, now: Instant) -> Option<ReplicaStatus> {
+    let previous: HashMap<String, Option<Instant>> =
+        entry.replicas.iter().map(|r| (r.addr.clone(), r.last_seen)).collect();
+    entry.replicas = results
+        .into_iter()
+        .map(|mut probe| {
+            probe.last_seen = if probe.reachable { Some(now) } else { previous.get(&probe.addr).copied().flatten() };
+            probe
+        })
+        .collect();
+    let leader = entry
+        .replicas
+        .iter()
+        .filter(|r| r.serving)
+        .filter_map(|r| r.status.as_ref())
+        .filter(|s| is_leader_role(s))
+        .max_by_key(|s| s.term)
+        .cloned();
+    if leader.is_some() {
+        entry.leader_seen = Some(now);
+    }
+    entry.leader = leader.clone();
+    leader
+}
+
+/// What one coordinator pass does for one pair, decided from the table,
+/// the coordinator's term, what the probes saw of the two cells and the
+/// clock (`now` for the probes' times, `now_ms` wall time for the table's
+/// cool-down). Pure: production executes the actions
+/// (`Coordinator::reconcile`), the simulator runs the same function.
+///
+/// In order: an automatic failover of a sync pair whose active is down
+/// (and nothing else); a degradation of a sync pair with a sick standby
+/// (and nothing else); the active cell's configuration; the standby cell's
+/// configuration; a degraded pair's return to sync.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_pair(
+    config: &CoordinatorConfig,
+    table: &RoutingTable,
+    pair: &Pair,
+    term: u64,
+    active: &CellHealth,
+    standby: &CellHealth,
+    now: Instant,
+    now_ms: u64,
+) -> Vec<Action> {
+    let pair_id = pair.pair_id;
+    let mut actions = Vec::new();
+    let active_down = is_down(config, active, now);
+    let standby_down = pair.standby_cell_id != 0 && is_down(config, standby, now);
+    let standby_usable = standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch))
+        && standby.leader.is_some();
+
+    // 1. Automatic failover of a sync pair.
+    if table::mode(pair) == PairMode::Sync && active_down && standby_usable {
+        let cooled = pair.last_failover_ms == 0 || now_ms.saturating_sub(pair.last_failover_ms) >= config.cooldown_ms;
+        if cooled {
+            let why = format!(
+                "cell {} had no reachable leader for more than {} ms",
+                pair.active_cell_id, config.failover_window_ms
+            );
+            actions.push(Action::ChangeActive {
+                mode: PairMode::Degraded,
+                record: audit("coordinator", "automatic failover".into(), &why),
+            });
+            return actions;
+        }
+    }
+
+    // 2. A sync pair with a sick standby becomes degraded.
+    let waited_ms = active.leader.as_ref().map(|s| s.standby_lag_ms).unwrap_or(0);
+    if table::mode(pair) == PairMode::Sync && !active_down {
+        let reason = if standby_down {
+            Some(format!("standby cell {} had no reachable leader for the window", pair.standby_cell_id))
+        } else if standby.leader.is_some() && !standby_usable {
+            Some(format!("standby cell {} holds no usable copy", pair.standby_cell_id))
+        } else if waited_ms > config.failover_window_ms {
+            Some(format!("the active waited {waited_ms} ms for the standby"))
+        } else {
+            None
+        };
+        if let Some(why) = reason {
+            let command = TableCommand {
+                kind: Some(table_command::Kind::SetMode(SetPairMode {
+                    pair_id,
+                    epoch: pair.epoch,
+                    mode: PairMode::Degraded as i32,
+                })),
+                audit: Some(audit("coordinator", "degrade the pair".into(), &why)),
+            };
+            actions.push(Action::ProposeTable { command, count: "degrade" });
+            // The active stops waiting for the standby at once (stamped
+            // with the mode change the table is about to commit).
+            if let Some(current) = active.leader_pair().filter(|p| p.epoch == pair.epoch) {
+                let desired = PairState { mode: ReplicationMode::Async as i32, mode_seq: pair.mode_seq + 1, ..current };
+                actions.push(Action::Configure { cell_id: pair.active_cell_id, state: desired });
+            }
+            return actions;
+        }
+    }
+
+    // 3. The active cell's configuration.
+    if let Some(current) = active.leader_pair() {
+        let caught_up = active.leader.as_ref().is_some_and(|s| {
+            s.applied_index.saturating_sub(s.standby_acked_index) <= config.resync_lag_entries_max
+                && s.standby_lag_ms < config.failover_window_ms / 2
+        });
+        let mode = match table::mode(pair) {
+            PairMode::Sync => ReplicationMode::Sync,
+            PairMode::Degraded if standby_usable && !standby_down && caught_up => ReplicationMode::Sync,
+            _ => ReplicationMode::Async,
+        };
+        let desired = desired_active(table, pair, mode);
+        // A leader without authority (restarted, or newly elected, and
+        // unable to confirm its epoch with its standby: a degraded pair)
+        // serves nothing until stamped with the table's state.
+        let unauthorized = active.leader.as_ref().is_some_and(|s| !s.authority);
+        let differs = current.epoch != desired.epoch
+            || current.role != desired.role
+            || current.mode != desired.mode
+            || current.standby_cell_id != desired.standby_cell_id
+            || current.standby_addrs != desired.standby_addrs
+            || current.coordinator_term < term
+            || current.mode_seq != desired.mode_seq
+            || unauthorized;
+        // A cell already at a later epoch is never pushed back.
+        if differs && current.epoch <= desired.epoch {
+            actions.push(Action::Configure { cell_id: pair.active_cell_id, state: desired });
+        }
+    }
+
+    // 4. The standby cell's configuration: a cell that is not this pair's
+    //    standby at this epoch is rebuilt as one.
+    if pair.standby_cell_id != 0 {
+        if let Some(current) = standby.leader_pair() {
+            let fits = pair::role(&current) == PairRole::Standby
+                && current.epoch == pair.epoch
+                && current.source_cell_id == pair.active_cell_id;
+            if !fits && current.epoch <= pair.epoch {
+                actions.push(Action::Configure { cell_id: pair.standby_cell_id, state: desired_standby(pair, 0) });
+            } else if fits && current.coordinator_term < term && current.source_index > 0 {
+                // A new coordinator makes itself known (no rebuild: the
+                // standby keeps what it holds).
+                let keep = desired_standby(pair, current.source_index);
+                actions.push(Action::Configure { cell_id: pair.standby_cell_id, state: keep });
+            }
+        }
+    }
+
+    // 5. A degraded pair returns to sync once the active waits for the
+    //    standby and the standby holds everything since it started to. The
+    //    SYNC state must have been configured since the pair's latest mode
+    //    change (same mode_seq): a status taken before the degradation
+    //    applied also shows SYNC, and trusting it would let writes the
+    //    active then acknowledged alone be lost in a failover.
+    if table::mode(pair) == PairMode::Degraded && !standby_down && standby_usable {
+        let synced = active.leader.as_ref().is_some_and(|s| {
+            s.standby_lag_ms < config.failover_window_ms / 2
+                && s.pair.as_ref().is_some_and(|p| {
+                    p.epoch == pair.epoch
+                        && p.mode_seq == pair.mode_seq
+                        && pair::waits_for_standby(p)
+                        && s.standby_acked_index >= p.sync_since_index
+                })
+        });
+        if synced {
+            let command = TableCommand {
+                kind: Some(table_command::Kind::SetMode(SetPairMode {
+                    pair_id,
+                    epoch: pair.epoch,
+                    mode: PairMode::Sync as i32,
+                })),
+                audit: Some(audit("coordinator", "return the pair to sync".into(), "the standby caught up")),
+            };
+            actions.push(Action::ProposeTable { command, count: "resync" });
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellbank_proto::router::CellReplicas;
+
+    fn table(mode: PairMode, mode_seq: u64) -> RoutingTable {
+        RoutingTable {
+            slice_count: 1,
+            slice_pair: vec![1],
+            cells: vec![
+                CellReplicas { cell_id: 1, replicas: vec!["a".into()] },
+                CellReplicas { cell_id: 2, replicas: vec!["b".into()] },
+            ],
+            pairs: vec![Pair {
+                pair_id: 1,
+                active_cell_id: 1,
+                standby_cell_id: 2,
+                epoch: 3,
+                mode: mode as i32,
+                mode_seq,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn leader(pair: PairState, applied: u64, acked: u64) -> CellHealth {
+        let status = ReplicaStatus {
+            role: "leader".into(),
+            term: 1,
+            applied_index: applied,
+            standby_acked_index: acked,
+            authority: true,
+            pair: Some(pair),
+            ..Default::default()
+        };
+        let probe = ReplicaProbe {
+            addr: "x".into(),
+            reachable: true,
+            serving: true,
+            status: Some(status.clone()),
+            last_seen: None,
+        };
+        CellHealth { replicas: vec![probe], leader_seen: Some(Instant::now()), leader: Some(status) }
+    }
+
+    /// The bug the simulator found (seed 38 of its first sweep): a status
+    /// taken before the degradation applied still shows SYNC with the
+    /// standby caught up; returning the pair to sync on it let the active
+    /// then acknowledge writes alone, and a failover lost them.
+    #[test]
+    fn a_degraded_pair_returns_to_sync_only_on_a_sync_state_configured_after_its_latest_mode_change() {
+        let table = table(PairMode::Degraded, 7);
+        let pair = table.pairs[0];
+        let standby_state = PairState {
+            epoch: 3,
+            role: PairRole::Standby as i32,
+            mode: ReplicationMode::Sync as i32,
+            source_cell_id: 1,
+            source_index: 50,
+            coordinator_term: 1,
+            ..Default::default()
+        };
+        let standby = leader(standby_state, 60, 0);
+        let mut sync = desired_active(&table, &pair, ReplicationMode::Sync);
+        sync.coordinator_term = 1;
+        sync.sync_since_index = 40;
+        let resyncs =
+            |actions: &[Action]| actions.iter().any(|a| matches!(a, Action::ProposeTable { count: "resync", .. }));
+        let config = CoordinatorConfig::default();
+        let now = Instant::now();
+        // Configured SYNC under the current mode change: back to sync.
+        let current = leader(sync.clone(), 50, 50);
+        assert!(resyncs(&plan_pair(&config, &table, &pair, 1, &current, &standby, now, 0)));
+        // The same state from before the degradation (older mode change):
+        // not evidence, and the active is stamped again instead.
+        let stale = leader(PairState { mode_seq: 6, ..sync }, 50, 50);
+        let actions = plan_pair(&config, &table, &pair, 1, &stale, &standby, now, 0);
+        assert!(!resyncs(&actions), "{actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::Configure { cell_id: 1, state } if state.mode_seq == 7)));
+    }
+
+    #[test]
+    fn a_degradation_stamps_the_async_configure_with_the_mode_change_it_commits() {
+        let table = table(PairMode::Sync, 7);
+        let pair = table.pairs[0];
+        let mut sync = desired_active(&table, &pair, ReplicationMode::Sync);
+        sync.coordinator_term = 1;
+        // The standby answers but holds nothing usable: degrade.
+        let standby = leader(PairState { epoch: 3, role: PairRole::Active as i32, ..Default::default() }, 1, 0);
+        let actions = plan_pair(
+            &CoordinatorConfig::default(),
+            &table,
+            &pair,
+            1,
+            &leader(sync, 10, 10),
+            &standby,
+            Instant::now(),
+            0,
+        );
+        assert!(matches!(&actions[0], Action::ProposeTable { count: "degrade", .. }), "{actions:?}");
+        assert!(matches!(&actions[1], Action::Configure { cell_id: 1, state }
+            if state.mode_seq == 8 && state.mode == ReplicationMode::Async as i32));
+    }
 }

@@ -181,6 +181,7 @@ impl TableMachine {
                 }
                 let before = mode(pair);
                 pair.mode = requested as i32;
+                pair.mode_seq += 1;
                 Ok(Some(format!("{} -> {}", before.as_str_name(), requested.as_str_name())))
             }
             Some(table_command::Kind::ChangeActive(change)) => {
@@ -201,6 +202,7 @@ impl TableMachine {
                 std::mem::swap(&mut pair.active_cell_id, &mut pair.standby_cell_id);
                 pair.epoch = change.new_epoch;
                 pair.mode = requested as i32;
+                pair.mode_seq += 1;
                 pair.last_failover_ms = timestamp_ms;
                 let (pair_id, epoch) = (pair.pair_id, pair.epoch);
                 let active = pair.active_cell_id;
@@ -305,6 +307,7 @@ mod tests {
                 mode: PairMode::Degraded as i32,
                 epoch: 1,
                 last_failover_ms: 0,
+                mode_seq: 0,
             },
             Pair {
                 pair_id: 2,
@@ -313,6 +316,7 @@ mod tests {
                 mode: PairMode::Degraded as i32,
                 epoch: 1,
                 last_failover_ms: 0,
+                mode_seq: 0,
             },
         ];
         RoutingTable { slice_count: 4, cells, pairs, slice_pair: vec![1, 2, 1, 2], ..Default::default() }

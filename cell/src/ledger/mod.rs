@@ -349,6 +349,29 @@ impl Ledger {
         ledger
     }
 
+    /// A ledger on a store other than RocksDB (the simulator's in-memory
+    /// one) that publishes its pair state to `view` and `history` like
+    /// [`Ledger::with_view`]; the caller loads the state with
+    /// [`Ledger::load_pair_view`].
+    pub fn detached(view: PairView, history: PairHistory) -> Ledger {
+        Ledger { view: Some(view), history: Some(history), ..Ledger::default() }
+    }
+
+    /// Forgets what is cached and publishes the pair state `kv` holds, in
+    /// force from `applied` (a restart, or a state replaced wholesale).
+    pub fn load_pair_view(&mut self, kv: &dyn Kv, applied: u64) {
+        self.accounts.clear();
+        self.pair_own = None;
+        self.pair_source = None;
+        let state = pair::read(kv, pair::Slot::Own);
+        if let Some(history) = &self.history {
+            history.lock().expect("pair history lock").reset(applied, &state);
+        }
+        if let Some(view) = &self.view {
+            view.send_replace(state);
+        }
+    }
+
     fn reload_pair_view(&mut self) {
         if let (Some(db), Some(view)) = (&self.db, &self.view) {
             let kv = crate::raft::ReadOnlyDb(db);

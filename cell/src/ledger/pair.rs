@@ -126,6 +126,18 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
         ));
     }
     let requested_role = role(requested);
+    // An active's configures are ordered by the table's mode changes: one
+    // from an older change (a configure that arrived late) is refused.
+    if requested_role == PairRole::Active
+        && requested.epoch == current.epoch
+        && requested.mode_seq != 0
+        && requested.mode_seq < current.mode_seq
+    {
+        return Err(format!(
+            "mode change {} is older than mode change {}, which configured this cell",
+            requested.mode_seq, current.mode_seq
+        ));
+    }
     if requested_role == PairRole::Unpaired && current.epoch > 0 {
         return Err("a paired cell cannot become unpaired".into());
     }
@@ -227,7 +239,7 @@ pub const HISTORY_CHANGES_MAX: usize = 64;
 
 /// Which pair state was in force from which log index on (in memory; a
 /// restart starts it again at the applied index, when no waiter exists).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct History {
     /// (first index, state), oldest first.
     changes: VecDeque<(u64, Ticket)>,
@@ -396,5 +408,24 @@ mod tests {
         assert!(writable(&state(1, PairRole::Active, ReplicationMode::Sync)));
         assert!(!writable(&state(1, PairRole::Standby, ReplicationMode::Sync)));
         assert!(!writable(&state(1, PairRole::Fenced, ReplicationMode::Sync)));
+    }
+
+    #[test]
+    fn an_active_refuses_a_configure_from_an_older_mode_change() {
+        let mut current = state(2, PairRole::Active, ReplicationMode::Sync);
+        current.standby_cell_id = 4;
+        current.mode_seq = 5;
+        let mut late = PairState { mode: ReplicationMode::Async as i32, ..current.clone() };
+        late.mode_seq = 4;
+        assert!(configure(&current, &late, 10).unwrap_err().contains("mode change 4 is older"));
+        // The same or a later change applies; 0 (an operator's own
+        // configure) is not sequenced.
+        late.mode_seq = 6;
+        assert_eq!(configure(&current, &late, 10).unwrap().mode_seq, 6);
+        late.mode_seq = 0;
+        assert!(configure(&current, &late, 10).is_ok());
+        // A later epoch starts over (a promotion carries the table's sequence).
+        let promoted = PairState { epoch: 3, mode_seq: 1, ..current.clone() };
+        assert!(configure(&current, &promoted, 10).is_ok());
     }
 }
