@@ -135,9 +135,9 @@ impl fmt::Display for Faults {
     }
 }
 
-/// One fault of a run's plan. `a` picks the cell (0: the pair's active
-/// when the fault starts, 1: its standby); `b` the replica or the kind of
-/// cut.
+/// One fault of a run's plan. `a` picks the cell when the fault starts
+/// (0 and 1: the active and standby of pair 1; 2 and 3: of pair 2); `b` the
+/// replica or the kind of cut.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScheduledFault {
     pub at_ms: u64,
@@ -149,7 +149,12 @@ pub struct ScheduledFault {
 
 impl ScheduledFault {
     pub fn describe(&self) -> String {
-        let cell = if self.a == 0 { "the active cell" } else { "the standby cell" };
+        let pair = 1 + self.a / 2;
+        let cell = if self.a.is_multiple_of(2) {
+            format!("the active cell of pair {pair}")
+        } else {
+            format!("the standby cell of pair {pair}")
+        };
         let what = match self.kind {
             FaultKind::Crash => format!("crash replica {} of {cell} for {} ms", self.b, self.duration_ms),
             FaultKind::CellCrash => format!("crash every replica of {cell} for {} ms", self.duration_ms),
@@ -193,9 +198,9 @@ impl Plan {
             for _ in 0..count {
                 let kind = rng.pick(&kinds);
                 let (a, b) = match kind {
-                    FaultKind::Crash | FaultKind::SlowDisk | FaultKind::Pause => (rng.range(0, 1), rng.range(1, 3)),
-                    FaultKind::Partition => (rng.range(0, 1), rng.range(0, 7)),
-                    _ => (rng.range(0, 1), 0),
+                    FaultKind::Crash | FaultKind::SlowDisk | FaultKind::Pause => (rng.range(0, 3), rng.range(1, 3)),
+                    FaultKind::Partition => (rng.range(0, 3), rng.range(0, 7)),
+                    _ => (rng.range(0, 3), 0),
                 };
                 planned.push(ScheduledFault {
                     at_ms: rng.range(3_000, chaos_ms - 2_000),
@@ -207,7 +212,7 @@ impl Plan {
             }
             planned.sort_by_key(|f| f.at_ms);
         }
-        Plan { chaos_ms, quiet_ms: 12_000, faults: planned }
+        Plan { chaos_ms, quiet_ms: 10_000, faults: planned }
     }
 
     /// The plan with only the faults at `keep` (indexes into this plan).
@@ -248,6 +253,7 @@ pub struct Stats {
     pub failovers: u64,
     pub promotions: u64,
     pub faults: u64,
+    pub deliveries: u64,
     pub serving_lost: bool,
 }
 
@@ -264,6 +270,7 @@ impl Stats {
         self.failovers += other.failovers;
         self.promotions += other.promotions;
         self.faults += other.faults;
+        self.deliveries += other.deliveries;
     }
 }
 

@@ -30,13 +30,14 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellbank_cell::ledger::{self, pair, Ledger, PairHistory, PairView};
+use cellbank_cell::ledger::{self, keys, pair, Ledger, PairHistory, PairView};
 use cellbank_cell::raft::{Kv, StateMachine};
 use cellbank_cell::replication::{self, HelloRefusal, Replication, Verdict, READ_LEASE};
 use cellbank_cell::service::gate_refusal;
 use cellbank_proto::cell::{
-    command, Command, CommandBatch, ConfigureCommand, MoveCommand, OpenAccountCommand, PairRole, PairState,
-    ReplicaStatus, ShipAck, SourceEntries, SourceSnapshotChunk,
+    command, Command, CommandBatch, ConfigureCommand, CreditBatch, CreditSender, InboxCredit, MoveCommand,
+    OpenAccountCommand, OutboxEntry, PairRole, PairState, ReplicaStatus, SettleCommand, ShipAck, SourceEntries,
+    SourceSnapshotChunk,
 };
 use cellbank_proto::router::{
     table_command, CellReplicas, Pair, PairMode, RoutingTable, TableCommand, TableCommandResult,
@@ -53,9 +54,34 @@ use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 use crate::rng::Rng;
 use crate::{FaultKind, Faults, Plan, ScheduledFault, Violation};
 
-pub const PAIR_ID: u64 = 1;
-pub const CELL_A: u64 = 1;
-pub const CELL_B: u64 = 2;
+/// Two pairs: (pair, first active, first standby).
+pub const PAIRS: [(u64, u64, u64); 2] = [(1, 1, 2), (2, 3, 4)];
+pub const CELLS: [u64; 4] = [1, 2, 3, 4];
+/// Users, spread over the pairs by the routing table's slices.
+pub const USERS: u64 = 16;
+/// Clients, half on each pair's users.
+pub const CLIENTS: usize = 4;
+
+/// The pair a cell belongs to.
+pub fn pair_of(cell: u64) -> u64 {
+    PAIRS.iter().find(|(_, a, b)| *a == cell || *b == cell).map(|(p, _, _)| *p).expect("a known cell")
+}
+
+/// The other cell of a cell's pair.
+pub fn peer_of(cell: u64) -> u64 {
+    PAIRS
+        .iter()
+        .find_map(|(_, a, b)| {
+            if *a == cell {
+                Some(*b)
+            } else if *b == cell {
+                Some(*a)
+            } else {
+                None
+            }
+        })
+        .expect("a known cell")
+}
 pub const REPLICAS: u64 = 3;
 pub const CURRENCY: &str = "USD";
 /// Money each user starts with.
@@ -69,6 +95,9 @@ const ACK_TIMEOUT_MS: u64 = 2_000;
 const KEEPALIVE_MS: u64 = 100;
 const SHIP_BATCH_ENTRIES: u64 = 64;
 const SHIP_IN_FLIGHT: usize = 16;
+/// Once every fault has healed, no credit may wait longer than this for
+/// delivery (the end of the run is 12 s after the heal).
+const CREDIT_DELAY_MAX_MS: u64 = 5_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Addr {
@@ -160,6 +189,20 @@ enum Msg {
         req: u64,
         outcome: Outcome,
     },
+    /// Courier to router; router to the destination; answers back.
+    Deliver {
+        req: u64,
+        batch: CreditBatch,
+    },
+    ApplyCredits {
+        req: u64,
+        batch: CreditBatch,
+        epoch: u64,
+    },
+    CreditsAnswer {
+        req: u64,
+        outcome: Outcome,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -168,6 +211,10 @@ enum Outcome {
     Read(Option<TransferRecord>),
     /// Nothing is known: retry (with the same id).
     Retry,
+    /// A destination's results for a batch of credits.
+    Credits(Vec<TransferResult>),
+    /// The destination took credits from a later sender of that pair.
+    StaleSender(u64),
     NotLeader(u64),
 }
 
@@ -211,16 +258,29 @@ impl Ord for Event {
 /// A proposal this replica made and waits to see applied.
 #[derive(Debug)]
 enum Pending {
-    Client { client: usize, req: u64 },
-    Standby { session: u64 },
-    Configure { term: u64 },
+    Client {
+        client: usize,
+        req: u64,
+    },
+    /// The courier's settles (its delivery is in flight until they apply).
+    Settle,
+    Credits {
+        req: u64,
+    },
+    Standby {
+        session: u64,
+    },
+    Configure {
+        term: u64,
+    },
     Other,
 }
 
 /// A client request waiting for the acknowledgement rule.
 #[derive(Debug)]
 struct Waiter {
-    client: usize,
+    /// Who hears the answer: a client, or the router (credits).
+    to: Addr,
     req: u64,
     index: u64,
     read: bool,
@@ -288,6 +348,10 @@ struct Volatile {
     standby_sessions: BTreeMap<u64, StandbySession>,
     /// Since when (local ms) an applied entry has waited for the standby.
     unacked_since_local: Option<u64>,
+    /// The courier's delivery in flight: (request, deadline, seqs, sender epoch).
+    courier: Option<(u64, u64, Vec<u64>, u64)>,
+    courier_retry_at_local: u64,
+    courier_failures: u32,
 }
 
 struct Replica {
@@ -312,6 +376,8 @@ struct Replica {
 
 /// A client: a sequence of requests, each retried until it has an answer.
 struct Client {
+    /// The users this client opens, funds and sends from (one pair's).
+    users: Vec<u64>,
     /// The routing table as this client's router last saw it (routers
     /// follow the table's log and may lag).
     table: RoutingTable,
@@ -334,8 +400,17 @@ struct Request {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 enum Op {
-    Write { command: Command, transfer_id: Vec<u8> },
-    Read { transfer_id: Vec<u8>, expect: i32 },
+    /// `user`: whose pair serves it.
+    Write {
+        command: Command,
+        transfer_id: Vec<u8>,
+        user: u64,
+    },
+    Read {
+        transfer_id: Vec<u8>,
+        expect: i32,
+        pair: u64,
+    },
 }
 
 /// A write a client heard the outcome of.
@@ -348,6 +423,7 @@ struct Acked {
     /// When the client heard it.
     heard_at: u64,
     cell: u64,
+    pair: u64,
 }
 
 pub struct World {
@@ -376,7 +452,7 @@ pub struct World {
     clients: Vec<Client>,
     acked: Vec<Acked>,
     /// Epoch to the cell that applied client writes at it.
-    writers: HashMap<u64, u64>,
+    writers: HashMap<(u64, u64), u64>,
     next_ctx: u64,
     next_session: u64,
     base: Instant,
@@ -384,7 +460,13 @@ pub struct World {
     pub violation: Option<Violation>,
     pub stats: crate::Stats,
     healed: bool,
-    users: u64,
+    /// Which pair serves each user (the table's slices).
+    user_pair: BTreeMap<u64, u64>,
+    /// Credit batches the router forwarded: its request to (courier, theirs).
+    router_pending: HashMap<u64, (Addr, u64)>,
+    next_router_req: u64,
+    /// (replica, request) of a credit batch to its source pair.
+    stale_source: HashMap<(usize, u64), u64>,
 }
 
 fn ctx_bytes(ctx: u64) -> Vec<u8> {
@@ -436,7 +518,7 @@ impl World {
         let mut work_rng = rng.fork();
         let mut setup_rng = rng.fork();
         let mut replicas = Vec::new();
-        for cell in [CELL_A, CELL_B] {
+        for cell in CELLS {
             for rid in 1..=REPLICAS {
                 let store = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
                 let rate_ppm = if faults.has(FaultKind::ClockSkew) {
@@ -464,9 +546,9 @@ impl World {
         }
         let table_view: table::TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
         let table = TableMachine::new(None, table_view.clone());
-        let users = 6;
-        let clients = (0..3)
+        let clients = (0..CLIENTS)
             .map(|_| Client {
+                users: Vec::new(),
                 table: RoutingTable::default(),
                 next_req: 1,
                 current: None,
@@ -516,12 +598,27 @@ impl World {
             violation: None,
             stats: crate::Stats::default(),
             healed: false,
-            users,
+            user_pair: BTreeMap::new(),
+            router_pending: HashMap::new(),
+            next_router_req: 1,
+            stale_source: HashMap::new(),
         };
         for i in 0..world.replicas.len() {
             world.start_replica(i);
         }
         world.bootstrap_table();
+        // Users by pair, each pair's split between its two clients.
+        let table = world.table_now();
+        for user in 1..=USERS {
+            let pair = table::route(&table, user).expect("routed").pair_id;
+            world.user_pair.insert(user, pair);
+        }
+        for (k, (pair, _, _)) in PAIRS.iter().enumerate() {
+            let users: Vec<u64> = world.user_pair.iter().filter(|(_, p)| *p == pair).map(|(u, _)| *u).collect();
+            for (j, user) in users.into_iter().enumerate() {
+                world.clients[k + 2 * (j % 2)].users.push(user);
+            }
+        }
         world.schedule(COORDINATOR_INTERVAL_MS * 1000, EventKind::Coordinator);
         for c in 0..world.clients.len() {
             world.schedule(2_000_000 + c as u64 * 1_000, EventKind::Client(c));
@@ -687,13 +784,18 @@ impl World {
                 self.replica_receive(i, from, msg);
                 self.after(i);
             }
-            Addr::Coordinator => {
-                if let Msg::ProbeReply { round, status } = msg {
-                    if round == self.probe_round {
-                        self.probe_replies.push((status.cell_id, status.replica_id, status));
+            Addr::Coordinator => match msg {
+                Msg::ProbeReply { round, status } if round == self.probe_round => {
+                    self.probe_replies.push((status.cell_id, status.replica_id, status));
+                }
+                Msg::Deliver { req, batch } => self.router_deliver(from, req, batch),
+                Msg::CreditsAnswer { req, outcome } => {
+                    if let Some((courier, theirs)) = self.router_pending.remove(&req) {
+                        self.send(Addr::Coordinator, courier, Msg::CreditsAnswer { req: theirs, outcome });
                     }
                 }
-            }
+                _ => {}
+            },
             Addr::Client(c) => {
                 if let Msg::Reply { req, outcome } = msg {
                     self.client_reply(c, from, req, outcome);
@@ -733,6 +835,9 @@ impl World {
             preferred: 0,
             standby_sessions: BTreeMap::new(),
             unacked_since_local: None,
+            courier: None,
+            courier_retry_at_local: 0,
+            courier_failures: 0,
         });
         let (cell, rid, incarnation) = (r.cell, r.rid, r.incarnation);
         let phase = self.net_rng.range(1, TICK_MS * 1000);
@@ -776,6 +881,7 @@ impl World {
         self.judge_waiters(i);
         self.pump_standby(i);
         self.pump_shipper(i);
+        self.pump_courier(i);
     }
 
     fn handle_ready(&mut self, i: usize) {
@@ -865,8 +971,7 @@ impl World {
             }
         }
         for waiter in waiters {
-            let outcome = Outcome::Retry;
-            self.send(from, Addr::Client(waiter.client), Msg::Reply { req: waiter.req, outcome });
+            self.answer(from, waiter.to, waiter.req, Outcome::Retry);
         }
         for (client, req) in reads.into_iter().chain(ready) {
             self.send(from, Addr::Client(client), Msg::Reply { req, outcome: Outcome::NotLeader(hint) });
@@ -912,7 +1017,7 @@ impl World {
                 // Applied (not refused) client writes: at most one cell per
                 // pair per epoch.
                 Some(command::Kind::Move(_)) | Some(command::Kind::OpenAccount(_)) if pair::writable(before) => {
-                    let writer = *self.writers.entry(before.epoch).or_insert(cell);
+                    let writer = *self.writers.entry((pair_of(cell), before.epoch)).or_insert(cell);
                     if writer != cell {
                         self.fail(
                             "one writer per epoch",
@@ -952,7 +1057,7 @@ impl World {
             let missing: Vec<String> = self
                 .acked
                 .iter()
-                .filter(|a| a.released_at < self.now && a.cell != cell)
+                .filter(|a| a.released_at < self.now && a.cell != cell && a.pair == pair_of(cell))
                 .filter(|a| !holds(&self.replicas[i].kv, a))
                 .map(|a| String::from_utf8_lossy(&a.transfer_id).into_owned())
                 .collect();
@@ -974,6 +1079,23 @@ impl World {
     fn proposal_applied(&mut self, i: usize, _ctx: u64, pending: Pending, mut results: Vec<TransferResult>) {
         let (cell, rid) = (self.replicas[i].cell, self.replicas[i].rid);
         let from = Addr::Replica(cell, rid);
+        if let Pending::Credits { req } = pending {
+            if results.iter().any(|r| r.code == ResultCode::CellNotWritable as i32) {
+                return self.answer(from, Addr::Coordinator, req, Outcome::Retry);
+            }
+            let index = results.iter().map(|r| r.entry_index).max().unwrap_or(0);
+            let deadline_local = self.local_ms(i) + CLIENT_TIMEOUT_MS;
+            let vol = self.replicas[i].vol.as_mut().expect("up");
+            vol.waiters.push(Waiter {
+                to: Addr::Coordinator,
+                req,
+                index,
+                read: false,
+                outcome: Outcome::Credits(results),
+                deadline_local,
+            });
+            return;
+        }
         let result = results.pop().expect("one result per command");
         match pending {
             Pending::Client { client, req } => {
@@ -986,7 +1108,7 @@ impl World {
                 let deadline_local = self.local_ms(i) + CLIENT_TIMEOUT_MS;
                 let vol = self.replicas[i].vol.as_mut().expect("up");
                 vol.waiters.push(Waiter {
-                    client,
+                    to: Addr::Client(client),
                     req,
                     index,
                     read: false,
@@ -1012,18 +1134,29 @@ impl World {
                     vol.repl.earn_authority(term);
                 }
             }
-            Pending::Other => {}
+            Pending::Settle => {
+                let vol = self.replicas[i].vol.as_mut().expect("up");
+                if vol.courier.as_ref().is_some_and(|(r, ..)| *r == _ctx) {
+                    vol.courier = None;
+                }
+            }
+            Pending::Other | Pending::Credits { .. } => {}
         }
     }
 
     /// Proposes one command; its context names the proposal. `None` when
     /// Raft drops it (not the leader, a leader transfer).
     fn propose(&mut self, i: usize, command: Command, pending: Pending) -> Option<u64> {
+        self.propose_all(i, vec![command], pending)
+    }
+
+    /// Proposes commands as one entry.
+    fn propose_all(&mut self, i: usize, commands: Vec<Command>, pending: Pending) -> Option<u64> {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         let timestamp_ms = self.local_ms(i) + 1_700_000_000_000;
         let vol = self.replicas[i].vol.as_mut().expect("up");
-        let data = vol.ledger.encode_batch(vec![command], timestamp_ms);
+        let data = vol.ledger.encode_batch(commands, timestamp_ms);
         if vol.node.propose(ctx_bytes(ctx), data).is_err() {
             return None;
         }
@@ -1085,7 +1218,28 @@ impl World {
             }
             Msg::Ship { session, seq, kind } => self.standby_ship(i, session, seq, kind),
             Msg::ShipAnswer { session, seq, reply } => self.shipper_answer(i, session, seq, reply),
-            Msg::ProbeReply { .. } | Msg::Reply { .. } => {}
+            Msg::ApplyCredits { req, batch, epoch } => {
+                if let Some(outcome) = self.gate(i, epoch) {
+                    return self.answer(me, from, req, outcome);
+                }
+                let sender = batch.sender.unwrap_or_default();
+                let commands = batch
+                    .credits
+                    .into_iter()
+                    .map(|mut credit| {
+                        // The apply refuses an epoch older than the newest
+                        // it took credits from for this source pair.
+                        credit.sender_epoch = sender.epoch;
+                        Command { kind: Some(command::Kind::Credit(credit)) }
+                    })
+                    .collect();
+                self.stale_source.insert((i, req), sender.source_pair_id);
+                if self.propose_all(i, commands, Pending::Credits { req }).is_none() {
+                    self.answer(me, from, req, Outcome::Retry);
+                }
+            }
+            Msg::CreditsAnswer { req, outcome } => self.courier_answer(i, req, outcome),
+            Msg::ProbeReply { .. } | Msg::Reply { .. } | Msg::Deliver { .. } => {}
         }
     }
 
@@ -1157,7 +1311,7 @@ impl World {
             let record = ledger::read_transfer(&self.replicas[i].kv, &id);
             let vol = self.replicas[i].vol.as_mut().expect("up");
             vol.waiters.push(Waiter {
-                client,
+                to: Addr::Client(client),
                 req,
                 index: applied,
                 read: true,
@@ -1190,15 +1344,15 @@ impl World {
             };
             match verdict {
                 Verdict::Release => {
-                    done.push((w.client, w.req, w.outcome.clone(), true));
+                    done.push((w.to, w.req, w.outcome.clone(), true));
                     false
                 }
                 Verdict::Fail(_) => {
-                    done.push((w.client, w.req, Outcome::Retry, false));
+                    done.push((w.to, w.req, Outcome::Retry, false));
                     false
                 }
                 Verdict::Wait if local >= w.deadline_local => {
-                    done.push((w.client, w.req, Outcome::Retry, false));
+                    done.push((w.to, w.req, Outcome::Retry, false));
                     false
                 }
                 Verdict::Wait => true,
@@ -1206,14 +1360,37 @@ impl World {
         });
         drop(history);
         let from = Addr::Replica(cell, rid);
-        for (client, req, outcome, released) in done {
-            if released {
-                if let Outcome::Done(result) = &outcome {
-                    self.released(client, req, cell, result);
+        for (to, req, outcome, released) in done {
+            let outcome = match (to, outcome) {
+                (Addr::Client(client), Outcome::Done(result)) if released => {
+                    self.released(client, req, cell, &result);
+                    Outcome::Done(result)
                 }
-            }
-            self.send(from, Addr::Client(client), Msg::Reply { req, outcome });
+                // A destination that took a later sender's credits says so
+                // with the newest sender epoch it holds.
+                (_, Outcome::Credits(results)) if released => {
+                    match results.iter().find(|r| r.code == ResultCode::StaleSender as i32) {
+                        Some(_) => {
+                            let source = self.stale_source.get(&(i, req)).copied().unwrap_or(0);
+                            Outcome::StaleSender(ledger::clearing::read_sender_epoch(&self.replicas[i].kv, source))
+                        }
+                        None => Outcome::Credits(results),
+                    }
+                }
+                (_, outcome) => outcome,
+            };
+            self.stale_source.remove(&(i, req));
+            self.answer(from, to, req, outcome);
         }
+    }
+
+    /// Sends an answer to a client or (credits) to the router.
+    fn answer(&mut self, from: Addr, to: Addr, req: u64, outcome: Outcome) {
+        let msg = match to {
+            Addr::Client(_) => Msg::Reply { req, outcome },
+            _ => Msg::CreditsAnswer { req, outcome },
+        };
+        self.send(from, to, msg);
     }
 
     /// A write's outcome leaves the cell: it must survive from now on.
@@ -1222,7 +1399,8 @@ impl World {
         if let Op::Write { transfer_id, .. } = &request.op {
             let transfer_id = transfer_id.clone();
             let code = result.code;
-            self.acked.push(Acked { transfer_id, code, released_at: self.now, heard_at: u64::MAX, cell });
+            let pair = pair_of(cell);
+            self.acked.push(Acked { transfer_id, code, released_at: self.now, heard_at: u64::MAX, cell, pair });
         }
     }
 
@@ -1302,6 +1480,9 @@ impl World {
         let applied = self.replicas[i].applied;
         let mut out = Vec::new();
         let vol = self.replicas[i].vol.as_mut().expect("up");
+        if vol.standby_sessions.is_empty() {
+            return;
+        }
         let state = vol.view.borrow().clone();
         let mut closed = Vec::new();
         for (session, s) in vol.standby_sessions.iter_mut() {
@@ -1385,6 +1566,9 @@ impl World {
             vol.unacked_since_local.get_or_insert(local);
         } else {
             vol.unacked_since_local = None;
+        }
+        if vol.leader_term == 0 && vol.shipper.is_none() {
+            return;
         }
         let pair_state = vol.view.borrow().clone();
         let shipping = vol.leader_term != 0 && pair::ships(&pair_state) && pair_state.standby_cell_id != 0;
@@ -1597,24 +1781,186 @@ impl World {
         (r.applied, chunk)
     }
 
+    // ---- money between the pairs ---------------------------------------
+
+    /// The courier of `clearing.rs`: a serving leader delivers its pending
+    /// outbox entries, once they may be acknowledged, through the router.
+    fn pump_courier(&mut self, i: usize) {
+        let local = self.local_ms(i);
+        let applied = self.replicas[i].applied;
+        let (cell, rid) = (self.replicas[i].cell, self.replicas[i].rid);
+        let vol = self.replicas[i].vol.as_mut().expect("up");
+        if let Some((_, deadline, _, _)) = &vol.courier {
+            if local < *deadline {
+                return;
+            }
+            vol.courier = None;
+            vol.courier_failures += 1;
+            vol.courier_retry_at_local = local + (50u64 << vol.courier_failures.min(6)).min(5_000);
+        }
+        if local < vol.courier_retry_at_local || vol.leader_term == 0 {
+            return;
+        }
+        let has_outbox = self.replicas[i]
+            .kv
+            .range(keys::OUTBOX_PREFIX.to_vec()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(keys::OUTBOX_PREFIX));
+        if !has_outbox {
+            return;
+        }
+        let vol = self.replicas[i].vol.as_mut().expect("up");
+        let state = vol.view.borrow().clone();
+        if !pair::writable(&state) || vol.repl.deposed(state.epoch) || !vol.repl.has_authority(vol.leader_term, &state)
+        {
+            return;
+        }
+        let entries: Vec<OutboxEntry> = self.replicas[i]
+            .kv
+            .range(keys::OUTBOX_PREFIX.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(keys::OUTBOX_PREFIX))
+            .take(64)
+            .map(|(_, v)| OutboxEntry::decode(v.as_slice()).expect("outbox entries decode"))
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
+        // No credit leaves before its entry may be acknowledged.
+        let vol = self.replicas[i].vol.as_ref().expect("up");
+        let verdict = {
+            let history = vol.history.lock().expect("history");
+            let ship = vol.repl.state.borrow();
+            match history.at(applied) {
+                None => Verdict::Fail(replication::WaitFailure::NoTicket),
+                Some(ticket) => replication::judge(&ticket.as_state(), &state, &ship, applied, false, false, false),
+            }
+        };
+        if verdict != Verdict::Release {
+            return;
+        }
+        let source_pair_id = entries[0].credit.as_ref().map(|c| c.source_pair_id).unwrap_or(0);
+        let sender = CreditSender { source_pair_id, cell_id: cell, epoch: state.epoch };
+        let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        let batch = CreditBatch {
+            credits: entries.into_iter().map(|e| e.credit.unwrap_or_default()).collect(),
+            sender: Some(sender),
+        };
+        let req = self.next_ctx;
+        self.next_ctx += 1;
+        let vol = self.replicas[i].vol.as_mut().expect("up");
+        vol.courier = Some((req, local + 3_000, seqs, state.epoch));
+        self.stats.deliveries += 1;
+        self.send(Addr::Replica(cell, rid), Addr::Coordinator, Msg::Deliver { req, batch });
+    }
+
+    fn courier_answer(&mut self, i: usize, req: u64, outcome: Outcome) {
+        let local = self.local_ms(i);
+        let (cell, rid) = (self.replicas[i].cell, self.replicas[i].rid);
+        let vol = self.replicas[i].vol.as_mut().expect("up");
+        let Some((_, _, seqs, sender_epoch)) = vol.courier.take_if(|(r, ..)| *r == req) else { return };
+        if let Some(trace) = &mut self.trace {
+            let what = match &outcome {
+                Outcome::Credits(results) => {
+                    let fresh = results.iter().filter(|r| !r.duplicate).count();
+                    format!("answered ({fresh} applied now, {} before)", results.len() - fresh)
+                }
+                Outcome::StaleSender(epoch) => format!("refused: the pair is at epoch {epoch}"),
+                _ => "not answered".to_string(),
+            };
+            let (at, n) = (self.now, seqs.len());
+            trace.push(format!("{:>6}.{:03} ms  c{cell}r{rid} courier: {n} credit(s) {what}", at / 1000, at % 1000));
+        }
+        match outcome {
+            Outcome::Credits(results) if results.len() == seqs.len() => {
+                vol.courier_failures = 0;
+                let settles: Vec<Command> = seqs
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, r)| {
+                        ledger::clearing::settles(ResultCode::try_from(r.code).unwrap_or(ResultCode::Unspecified))
+                    })
+                    .map(|(seq, r)| Command {
+                        kind: Some(command::Kind::Settle(SettleCommand {
+                            seq: *seq,
+                            code: r.code,
+                            credited_at_ms: r.timestamp_ms,
+                        })),
+                    })
+                    .collect();
+                if !settles.is_empty() {
+                    // The entries stay in flight until their settles apply
+                    // (as the production courier's delivery task does).
+                    if let Some(ctx) = self.propose_all(i, settles, Pending::Settle) {
+                        let vol = self.replicas[i].vol.as_mut().expect("up");
+                        vol.courier = Some((ctx, local + 3_000, Vec::new(), sender_epoch));
+                    }
+                }
+            }
+            Outcome::StaleSender(epoch) if epoch > sender_epoch => {
+                // A router (or the destination) knows a later sender: this
+                // cell was deposed.
+                vol.courier_retry_at_local = local + 50;
+                if let Some(command) = replication::deposition_command(epoch) {
+                    self.propose(i, command, Pending::Other);
+                }
+            }
+            _ => {
+                vol.courier_failures += 1;
+                vol.courier_retry_at_local = local + (50u64 << vol.courier_failures.min(6)).min(5_000);
+            }
+        }
+    }
+
+    /// The router's courier service: only the table's active at the table's
+    /// epoch may send; the credits go to the destination pair's active.
+    fn router_deliver(&mut self, courier: Addr, req: u64, batch: CreditBatch) {
+        let table = self.table_now();
+        let sender = batch.sender.unwrap_or_default();
+        if let Err(status) = cellbank_router::courier::check_sender(&table, &sender) {
+            let outcome = if status.code() == tonic::Code::FailedPrecondition {
+                let epoch = table::find_pair(&table, sender.source_pair_id).map(|p| p.epoch).unwrap_or(0);
+                Outcome::StaleSender(epoch)
+            } else {
+                Outcome::Retry
+            };
+            return self.send(Addr::Coordinator, courier, Msg::CreditsAnswer { req, outcome });
+        }
+        let dest_pair_id = batch.credits.first().map(|c| c.dest_pair_id).unwrap_or(0);
+        let Some(dest) = table::find_pair(&table, dest_pair_id).copied() else { return };
+        let rid = self
+            .health
+            .get(&dest.active_cell_id)
+            .and_then(|h| h.leader.as_ref())
+            .map(|s| s.replica_id)
+            .unwrap_or_else(|| self.work_rng.range(1, REPLICAS));
+        let fwd = self.next_router_req;
+        self.next_router_req += 1;
+        self.router_pending.insert(fwd, (courier, req));
+        let msg = Msg::ApplyCredits { req: fwd, batch, epoch: dest.epoch };
+        self.send(Addr::Coordinator, Addr::Replica(dest.active_cell_id, rid), msg);
+    }
+
     // ---- the coordinator -----------------------------------------------
 
     fn bootstrap_table(&mut self) {
-        let cells = [CELL_A, CELL_B]
+        let cells = CELLS
             .iter()
             .map(|c| CellReplicas { cell_id: *c, replicas: (1..=REPLICAS).map(|r| format!("c{c}r{r}")).collect() })
             .collect();
         let seed = RoutingTable {
-            slice_count: 1,
-            slice_pair: vec![PAIR_ID],
-            pairs: vec![Pair {
-                pair_id: PAIR_ID,
-                active_cell_id: CELL_A,
-                standby_cell_id: CELL_B,
-                epoch: 1,
-                mode: PairMode::Sync as i32,
-                ..Default::default()
-            }],
+            slice_count: 2,
+            slice_pair: PAIRS.iter().map(|(p, _, _)| *p).collect(),
+            pairs: PAIRS
+                .iter()
+                .map(|(pair_id, active, standby)| Pair {
+                    pair_id: *pair_id,
+                    active_cell_id: *active,
+                    standby_cell_id: *standby,
+                    epoch: 1,
+                    mode: PairMode::Sync as i32,
+                    ..Default::default()
+                })
+                .collect(),
             cells,
             ..Default::default()
         };
@@ -1638,7 +1984,7 @@ impl World {
         // Fold the last round's answers (a replica that did not answer in
         // time is unreachable).
         if self.probe_round > 0 {
-            for cell in [CELL_A, CELL_B] {
+            for cell in CELLS {
                 let probes = (1..=REPLICAS)
                     .map(|rid| {
                         let status = self
@@ -1661,30 +2007,32 @@ impl World {
                     .or_insert_with(|| CellHealth { leader_seen: Some(now), ..Default::default() });
                 coordinator::record_probes(entry, probes, now);
             }
-            let table = self.table_now();
-            let pair = table::find_pair(&table, PAIR_ID).cloned().expect("the pair");
-            let active = self.health.get(&pair.active_cell_id).cloned().unwrap_or_default();
-            let standby = self.health.get(&pair.standby_cell_id).cloned().unwrap_or_default();
-            let actions = coordinator::plan_pair(
-                &self.coordinator_config,
-                &table,
-                &pair,
-                self.coordinator_term,
-                &active,
-                &standby,
-                now,
-                self.now / 1000,
-            );
-            for action in actions {
-                if !self.execute(&table, &pair, action) {
-                    break;
+            for (pair_id, _, _) in PAIRS {
+                let table = self.table_now();
+                let pair = *table::find_pair(&table, pair_id).expect("the pair");
+                let active = self.health.get(&pair.active_cell_id).cloned().unwrap_or_default();
+                let standby = self.health.get(&pair.standby_cell_id).cloned().unwrap_or_default();
+                let actions = coordinator::plan_pair(
+                    &self.coordinator_config,
+                    &table,
+                    &pair,
+                    self.coordinator_term,
+                    &active,
+                    &standby,
+                    now,
+                    self.now / 1000,
+                );
+                for action in actions {
+                    if !self.execute(&table, &pair, action) {
+                        break;
+                    }
                 }
             }
         }
         self.probe_round += 1;
         self.probe_replies.clear();
         let round = self.probe_round;
-        for cell in [CELL_A, CELL_B] {
+        for cell in CELLS {
             for rid in 1..=REPLICAS {
                 self.send(Addr::Coordinator, Addr::Replica(cell, rid), Msg::Probe { round });
             }
@@ -1769,10 +2117,9 @@ impl World {
         let client = &mut self.clients[c];
         let n = client.done;
         // Each client opens and funds its own users first.
-        let users_per_client = self.users / 3;
-        let first_user = 1 + c as u64 * users_per_client;
-        if n < users_per_client * 2 {
-            let user = first_user + n / 2;
+        let own = client.users.clone();
+        if n < own.len() as u64 * 2 {
+            let user = own[(n / 2) as usize];
             if n.is_multiple_of(2) {
                 let command = Command {
                     kind: Some(command::Kind::OpenAccount(OpenAccountCommand {
@@ -1780,7 +2127,7 @@ impl World {
                         currency: CURRENCY.into(),
                     })),
                 };
-                return Op::Write { transfer_id: transfer_id_of(&command), command };
+                return Op::Write { transfer_id: transfer_id_of(&command), command, user };
             }
             let id = format!("fund-{user}").into_bytes();
             let command = Command {
@@ -1794,7 +2141,7 @@ impl World {
                     ..Default::default()
                 })),
             };
-            return Op::Write { transfer_id: id, command };
+            return Op::Write { transfer_id: id, command, user };
         }
         let heard: Vec<usize> = self
             .acked
@@ -1806,15 +2153,17 @@ impl World {
         if !heard.is_empty() && client.rng.chance(250_000) {
             let k = client.rng.pick(&heard);
             let a = &self.acked[k];
-            return Op::Read { transfer_id: a.transfer_id.clone(), expect: a.code };
+            return Op::Read { transfer_id: a.transfer_id.clone(), expect: a.code, pair: a.pair };
         }
-        let from = first_user + client.rng.range(0, users_per_client - 1);
-        let mut to = client.rng.range(1, self.users);
+        let from = client.rng.pick(&own);
+        let mut to = client.rng.range(1, USERS);
         if to == from {
-            to = if to == self.users { 1 } else { to + 1 };
+            to = if to == USERS { 1 } else { to + 1 };
         }
         let amount = client.rng.range(1, 300);
         let id = format!("t{c}-{n}").into_bytes();
+        let (source, dest) = (self.user_pair[&from], self.user_pair[&to]);
+        let (source_pair_id, dest_pair_id) = if source == dest { (0, 0) } else { (source, dest) };
         let command = Command {
             kind: Some(command::Kind::Move(MoveCommand {
                 transfer_id: id.clone(),
@@ -1823,10 +2172,11 @@ impl World {
                 to_user_id: to,
                 currency: CURRENCY.into(),
                 amount,
-                ..Default::default()
+                source_pair_id,
+                dest_pair_id,
             })),
         };
-        Op::Write { transfer_id: id, command }
+        Op::Write { transfer_id: id, command, user: from }
     }
 
     fn send_request(&mut self, c: usize, mut request: Request) {
@@ -1838,7 +2188,12 @@ impl World {
             self.clients[c].table = self.table_now();
         }
         let table = self.clients[c].table.clone();
-        let route = table::route(&table, 1).expect("the table routes every user");
+        let pair_id = match &request.op {
+            Op::Write { user, .. } => self.user_pair[user],
+            Op::Read { pair, .. } => *pair,
+        };
+        let pair = table::find_pair(&table, pair_id).expect("the pair");
+        let route = table::Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch };
         let hint = self.clients[c].leader_hint.get(&route.cell_id).copied();
         let rid = match hint {
             Some(rid) if rid != 0 => rid,
@@ -1895,8 +2250,9 @@ impl World {
                 }
                 self.finish(c);
             }
+            Outcome::Credits(_) | Outcome::StaleSender(_) => {}
             Outcome::Read(record) => {
-                if let Op::Read { transfer_id, expect } = &request.op {
+                if let Op::Read { transfer_id, expect, .. } = &request.op {
                     let ok = record.as_ref().is_some_and(|r| r.result == *expect);
                     if !ok {
                         let detail = format!(
@@ -1928,7 +2284,7 @@ impl World {
         client.current = None;
         client.done += 1;
         self.stats.completed += 1;
-        let think = self.work_rng.range(1_000, 20_000);
+        let think = self.work_rng.range(5_000, 40_000);
         self.schedule(think, EventKind::Client(c));
     }
 
@@ -1937,9 +2293,11 @@ impl World {
     fn inject(&mut self, n: usize, fault: &ScheduledFault) {
         self.note(|| format!("fault #{n}: {}", fault.describe()));
         self.stats.faults += 1;
-        let active = table::find_pair(&self.table_now(), PAIR_ID).map(|p| p.active_cell_id).unwrap_or(CELL_A);
-        let standby = if active == CELL_A { CELL_B } else { CELL_A };
-        let cell_of = |which: u64| if which == 0 { active } else { standby };
+        // `a`: 0 and 1 the active and standby of pair 1, 2 and 3 of pair 2.
+        let table = self.table_now();
+        let pair = *table::find_pair(&table, 1 + fault.a / 2).expect("the pair");
+        let (active, standby) = (pair.active_cell_id, pair.standby_cell_id);
+        let cell_of = |which: u64| if which.is_multiple_of(2) { active } else { standby };
         match fault.kind {
             FaultKind::Crash => {
                 let i = replica_index(cell_of(fault.a), fault.b);
@@ -1965,7 +2323,7 @@ impl World {
                 // The cell from its peer cell (both ways, or one way), from
                 // the coordinator, or one replica from its cell.
                 let cell = cell_of(fault.a);
-                let peer = if cell == CELL_A { CELL_B } else { CELL_A };
+                let peer = peer_of(cell);
                 let cuts: Vec<Cut> = match fault.b {
                     0 => vec![
                         Cut { from: Side::Cell(cell), to: Side::Cell(peer) },
@@ -2063,59 +2421,46 @@ impl World {
             return;
         }
         let table = self.table_now();
-        let pair = table::find_pair(&table, PAIR_ID).cloned().expect("the pair");
-        let serving = pair.active_cell_id;
-        // The replica of the serving cell that applied the most.
-        let best = (1..=REPLICAS)
-            .map(|rid| replica_index(serving, rid))
-            .filter(|i| !self.replicas[*i].lost)
-            .max_by_key(|i| self.replicas[*i].applied);
-        let Some(best) = best else {
-            self.stats.serving_lost = true;
-            return;
-        };
-        let kv = &self.replicas[best].kv;
-        let missing: Vec<String> = self
-            .acked
-            .iter()
-            .filter(|a| !holds(kv, a))
-            .map(|a| String::from_utf8_lossy(&a.transfer_id).into_owned())
-            .collect();
-        if !missing.is_empty() {
-            let detail = format!(
-                "cell {serving} (serving the pair at epoch {}) lacks {} acknowledged write(s): {}",
-                pair.epoch,
-                missing.len(),
-                missing.join(", ")
-            );
-            self.fail("acknowledged writes survive failover", detail);
-            return;
-        }
-        let digest = ledger::digest(kv.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-        for (currency, sum) in &digest.balance_sum_by_currency {
-            if *sum != 0 {
-                self.fail("balances sum to zero", format!("{currency} sums to {sum} on cell {serving}"));
-                return;
+        let currency = ledger::Currency::parse(CURRENCY).expect("currency");
+        // Per pair: the replica of the serving cell that applied the most.
+        let mut serving: BTreeMap<u64, usize> = BTreeMap::new();
+        for (pair_id, _, _) in PAIRS {
+            let pair = *table::find_pair(&table, pair_id).expect("the pair");
+            let cell = pair.active_cell_id;
+            let best = (1..=REPLICAS)
+                .map(|rid| replica_index(cell, rid))
+                .filter(|i| !self.replicas[*i].lost)
+                .max_by_key(|i| self.replicas[*i].applied);
+            let Some(best) = best else {
+                self.stats.serving_lost = true;
+                continue;
+            };
+            serving.insert(pair_id, best);
+            let kv = &self.replicas[best].kv;
+            let missing: Vec<String> = self
+                .acked
+                .iter()
+                .filter(|a| a.pair == pair_id && !holds(kv, a))
+                .map(|a| String::from_utf8_lossy(&a.transfer_id).into_owned())
+                .collect();
+            if !missing.is_empty() {
+                let detail = format!(
+                    "cell {cell} (serving pair {pair_id} at epoch {}) lacks {} acknowledged write(s): {}",
+                    pair.epoch,
+                    missing.len(),
+                    missing.join(", ")
+                );
+                return self.fail("acknowledged writes survive failover", detail);
+            }
+            let digest = ledger::digest(kv.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            for (c, sum) in &digest.balance_sum_by_currency {
+                if *sum != 0 {
+                    return self.fail("balances sum to zero", format!("{c} sums to {sum} on cell {cell}"));
+                }
             }
         }
-        // Money in user accounts equals the deposits acknowledged.
-        let users: i128 = (1..=self.users)
-            .filter_map(|u| ledger::get_user_account(kv, u, ledger::Currency::parse(CURRENCY).expect("currency")))
-            .map(|a| a.balance)
-            .sum();
-        let deposits = (1..=self.users)
-            .filter(|u| {
-                ledger::read_transfer(kv, format!("fund-{u}").as_bytes())
-                    .is_some_and(|r| r.result == ResultCode::Ok as i32)
-            })
-            .count() as i128
-            * FUNDING as i128;
-        if users != deposits {
-            self.fail("money is conserved", format!("users hold {users}, deposits were {deposits}"));
-            return;
-        }
         // Replicas of one cell at the same index hold the same ledger.
-        for cell in [CELL_A, CELL_B] {
+        for cell in CELLS {
             let mut seen: HashMap<u64, String> = HashMap::new();
             for rid in 1..=REPLICAS {
                 let r = &self.replicas[replica_index(cell, rid)];
@@ -2125,16 +2470,122 @@ impl World {
                 let d = ledger::digest(r.kv.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).digest_hex;
                 if let Some(other) = seen.insert(r.applied, d.clone()) {
                     if other != d {
-                        self.fail(
+                        return self.fail(
                             "replicas agree",
                             format!("cell {cell}: two replicas at index {} hold different ledgers", r.applied),
                         );
-                        return;
                     }
                 }
             }
         }
         self.stats.acked += self.acked.len() as u64;
+        if serving.len() < PAIRS.len() {
+            // A pair has no serving cell (its cells lost): money between
+            // the pairs cannot be checked end to end.
+            return;
+        }
+        // Credits: every outbox delivered within the quiet period, each
+        // credit applied once and only with its debit, the clearing
+        // accounts of the two pairs cancel, and users hold the deposits.
+        let kv_of = |pair_id: u64| &self.replicas[serving[&pair_id]].kv;
+        // Money in flight: outbox entries the destination has not credited.
+        let mut in_flight: i128 = 0;
+        for (pair_id, _, _) in PAIRS {
+            let best = serving[&pair_id];
+            let now_ms = self.local_ms(best) + 1_700_000_000_000;
+            let pending: Vec<OutboxEntry> = kv_of(pair_id)
+                .range(keys::OUTBOX_PREFIX.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(keys::OUTBOX_PREFIX))
+                .map(|(_, v)| OutboxEntry::decode(v.as_slice()).expect("outbox entries decode"))
+                .collect();
+            for entry in &pending {
+                let credit = entry.credit.clone().unwrap_or_default();
+                let age_ms = now_ms.saturating_sub(entry.created_at_ms);
+                if age_ms > CREDIT_DELAY_MAX_MS {
+                    let detail = format!(
+                        "pair {pair_id}'s credit {} (seq {}) is still in transit {age_ms} ms after its debit, every \
+                         fault healed {} s before the end",
+                        String::from_utf8_lossy(&credit.transfer_id),
+                        entry.seq,
+                        self.plan.quiet_ms / 1000
+                    );
+                    return self.fail("credits are delivered once a serving cell exists", detail);
+                }
+                let credited = ledger::read_record(kv_of(credit.dest_pair_id), &keys::inbox(pair_id, entry.seq))
+                    .is_some_and(|r| r.result == ResultCode::Ok as i32);
+                if !credited {
+                    in_flight += credit.amount as i128;
+                }
+            }
+        }
+        for (dest, _, _) in PAIRS {
+            for (source, _, _) in PAIRS {
+                if source == dest {
+                    continue;
+                }
+                let prefix = keys::inbox_prefix(source);
+                let mut seen_ids = std::collections::HashSet::new();
+                for (key, value) in kv_of(dest).range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)) {
+                    let record = TransferRecord::decode(value.as_slice()).expect("inbox records decode");
+                    if record.result != ResultCode::Ok as i32 {
+                        continue;
+                    }
+                    let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("inbox keys end in a seq"));
+                    let id = String::from_utf8_lossy(&record.transfer_id).into_owned();
+                    if !seen_ids.insert(record.transfer_id.clone()) {
+                        return self
+                            .fail("a credit applies at most once", format!("{id} was credited twice on pair {dest}"));
+                    }
+                    let credit = InboxCredit {
+                        seq,
+                        kind: record.kind,
+                        transfer_id: record.transfer_id.clone(),
+                        to_user_id: record.to_user_id,
+                        currency: record.currency.clone(),
+                        amount: record.amount,
+                        ..Default::default()
+                    };
+                    if !ledger::clearing::holds_debit(kv_of(source), &credit) {
+                        let detail =
+                            format!("pair {dest} credited {id} (seq {seq}) but pair {source} holds no debit for it");
+                        return self.fail("a credit has a surviving debit", detail);
+                    }
+                }
+            }
+        }
+        let clearing: i128 = PAIRS
+            .iter()
+            .map(|(pair_id, _, _)| {
+                let peer = PAIRS.iter().map(|(p, _, _)| *p).find(|p| p != pair_id).expect("two pairs");
+                ledger::read_account(kv_of(*pair_id), &ledger::AccountId::clearing(peer, currency))
+                    .map(|a| a.balance)
+                    .unwrap_or(0)
+            })
+            .sum();
+        if clearing != in_flight {
+            let detail = format!("the pairs' clearing accounts sum to {clearing}, the money in flight is {in_flight}");
+            return self.fail("clearing accounts equal the money in flight", detail);
+        }
+        let mut users: i128 = 0;
+        let mut deposits: i128 = 0;
+        for u in 1..=USERS {
+            let kv = kv_of(self.pair_of_user(u));
+            users += ledger::get_user_account(kv, u, currency).map(|a| a.balance).unwrap_or(0);
+            if ledger::read_transfer(kv, format!("fund-{u}").as_bytes())
+                .is_some_and(|r| r.result == ResultCode::Ok as i32)
+            {
+                deposits += FUNDING as i128;
+            }
+        }
+        if users + in_flight != deposits {
+            let detail =
+                format!("users hold {users} across both pairs and {in_flight} is in flight; deposits were {deposits}");
+            self.fail("money is conserved", detail);
+        }
+    }
+
+    fn pair_of_user(&self, user: u64) -> u64 {
+        table::route(&self.table_now(), user).expect("the table routes every user").pair_id
     }
 
     pub fn plan(&self) -> &Plan {

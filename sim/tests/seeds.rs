@@ -22,6 +22,7 @@ fn a_few_hundred_seeds_with_every_fault_break_no_invariant() {
     assert!(s.reads >= CI_SEEDS * 20, "only {} reads checked", s.reads);
     assert!(s.faults >= CI_SEEDS, "only {} faults", s.faults);
     assert!(s.lost > 0 && s.duplicated > 0, "the network lost or duplicated nothing");
+    assert!(s.deliveries >= CI_SEEDS * 10, "only {} credit deliveries", s.deliveries);
 }
 
 #[test]

@@ -212,7 +212,7 @@ pub fn transfer_key(transfer_id: &[u8]) -> Vec<u8> {
     key
 }
 
-fn read_account(kv: &dyn Kv, id: &AccountId) -> Option<Account> {
+pub fn read_account(kv: &dyn Kv, id: &AccountId) -> Option<Account> {
     kv.get(&id.key()).map(|bytes| {
         Account::decode(&bytes).unwrap_or_else(|| panic!("corrupt account record for {id:?}: {bytes:02x?}"))
     })
