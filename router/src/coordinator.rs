@@ -844,7 +844,35 @@ pub fn plan_pair(
             PairMode::Degraded if standby_usable && !standby_down && caught_up => ReplicationMode::Sync,
             _ => ReplicationMode::Async,
         };
-        let desired = desired_active(table, pair, mode);
+        let mut desired = desired_active(table, pair, mode);
+        // A degraded pair's active that waits for its standby and is told
+        // to stop is a mode change like a degradation: recorded in the
+        // table first (DEGRADED again, a new mode_seq), so that a status
+        // taken before it (SYNC, standby caught up, the old mode_seq) can
+        // never return the pair to sync (step 5) while the active
+        // acknowledges alone. (Found by the simulator, seed 8235.)
+        let stops_waiting = table::mode(pair) == PairMode::Degraded
+            && mode == ReplicationMode::Async
+            && current.epoch == pair.epoch
+            && pair::mode(&current) == ReplicationMode::Sync;
+        if stops_waiting {
+            let command = TableCommand {
+                kind: Some(table_command::Kind::SetMode(SetPairMode {
+                    pair_id,
+                    epoch: pair.epoch,
+                    mode: PairMode::Degraded as i32,
+                })),
+                audit: Some(audit(
+                    "coordinator",
+                    "degrade the pair again".into(),
+                    "the standby fell behind while the active waited for it to resync",
+                )),
+            };
+            actions.push(Action::ProposeTable { command, count: "degrade" });
+            desired.mode_seq = pair.mode_seq + 1;
+            actions.push(Action::Configure { cell_id: pair.active_cell_id, state: desired });
+            return actions;
+        }
         // A leader without authority (restarted, or newly elected, and
         // unable to confirm its epoch with its standby: a degraded pair)
         // serves nothing until stamped with the table's state.
@@ -992,6 +1020,38 @@ mod tests {
         let actions = plan_pair(&config, &table, &pair, 1, &stale, &standby, now, 0);
         assert!(!resyncs(&actions), "{actions:?}");
         assert!(actions.iter().any(|a| matches!(a, Action::Configure { cell_id: 1, state } if state.mode_seq == 7)));
+    }
+
+    /// Found by the simulator (seed 8235): within one mode change, step 3
+    /// turned a resyncing active back to ASYNC while a status from before
+    /// (SYNC, standby caught up) returned the pair to sync.
+    #[test]
+    fn a_resyncing_active_told_to_stop_waiting_is_a_new_mode_change() {
+        let table = table(PairMode::Degraded, 7);
+        let pair = table.pairs[0];
+        let mut sync = desired_active(&table, &pair, ReplicationMode::Sync);
+        sync.coordinator_term = 1;
+        sync.sync_since_index = 40;
+        // The standby is usable but far behind: the active must stop waiting.
+        let standby_state = PairState {
+            epoch: 3,
+            role: PairRole::Standby as i32,
+            mode: ReplicationMode::Sync as i32,
+            source_cell_id: 1,
+            source_index: 50,
+            coordinator_term: 1,
+            ..Default::default()
+        };
+        let standby = leader(standby_state, 60, 0);
+        let behind = leader(sync, 10_000, 50);
+        let actions = plan_pair(&CoordinatorConfig::default(), &table, &pair, 1, &behind, &standby, Instant::now(), 0);
+        assert!(matches!(&actions[0], Action::ProposeTable { count: "degrade", .. }), "{actions:?}");
+        assert!(
+            matches!(&actions[1], Action::Configure { cell_id: 1, state }
+                if state.mode_seq == 8 && state.mode == ReplicationMode::Async as i32),
+            "{actions:?}"
+        );
+        assert_eq!(actions.len(), 2, "{actions:?}");
     }
 
     #[test]
