@@ -1223,7 +1223,17 @@ impl StandbyApi for StandbyService {
                             }
                             Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(keepalive)) })) => {
                                 // A keepalive: answered in order, if this
-                                // cell still is the source's standby.
+                                // replica still leads and this cell still is
+                                // the source's standby. (A leader cut off from
+                                // its cell keeps its old view: answering from
+                                // it would renew the active's read lease after
+                                // the cell was promoted.)
+                                if !context.node.shared.is_leader.load(Ordering::Relaxed) {
+                                    let leader_id = context.node.shared.leader_id.load(Ordering::Relaxed);
+                                    let why = format!("replica {} is no longer the leader", context.replica_id);
+                                    let _ = tx.send(Err(context.unavailable(why, leader_id))).await;
+                                    return;
+                                }
                                 match service.check_hello(&keepalive) {
                                     Ok(_) => pending.push_back(Box::pin(async { Ok(Ok(Vec::new())) })),
                                     Err(status) => {
@@ -1255,7 +1265,13 @@ impl StandbyApi for StandbyService {
                     done = futures::StreamExt::next(&mut pending), if !pending.is_empty() => {
                         let outcome = match done.expect("pending is not empty") {
                             // A keepalive's answer.
-                            Ok(Ok(results)) if results.is_empty() => Ok(ship_ack(&context.pair.borrow())),
+                            Ok(Ok(results)) if results.is_empty() => {
+                                if context.node.shared.is_leader.load(Ordering::Relaxed) {
+                                    Ok(ship_ack(&context.pair.borrow()))
+                                } else {
+                                    Err(Status::unavailable("this replica is no longer the leader"))
+                                }
+                            }
                             Ok(Ok(mut results)) => {
                                 let result = results.pop().expect("one result per command");
                                 if result.code == ResultCode::Ok as i32 {
