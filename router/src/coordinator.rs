@@ -986,15 +986,10 @@ mod tests {
         CellHealth { replicas: vec![probe], leader_seen: Some(Instant::now()), leader: Some(status) }
     }
 
-    /// The bug the simulator found (seed 38 of its first sweep): a status
-    /// taken before the degradation applied still shows SYNC with the
-    /// standby caught up; returning the pair to sync on it let the active
-    /// then acknowledge writes alone, and a failover lost them.
-    #[test]
-    fn a_degraded_pair_returns_to_sync_only_on_a_sync_state_configured_after_its_latest_mode_change() {
-        let table = table(PairMode::Degraded, 7);
-        let pair = table.pairs[0];
-        let standby_state = PairState {
+    /// The leader of cell 2, a usable standby of cell 1 at epoch 3 holding
+    /// its log up to 50.
+    fn usable_standby_leader() -> CellHealth {
+        let state = PairState {
             epoch: 3,
             role: PairRole::Standby as i32,
             mode: ReplicationMode::Sync as i32,
@@ -1003,7 +998,18 @@ mod tests {
             coordinator_term: 1,
             ..Default::default()
         };
-        let standby = leader(standby_state, 60, 0);
+        leader(state, 60, 0)
+    }
+
+    /// The bug the simulator found (seed 38 of its first sweep): a status
+    /// taken before the degradation applied still shows SYNC with the
+    /// standby caught up; returning the pair to sync on it let the active
+    /// then acknowledge writes alone, and a failover lost them.
+    #[test]
+    fn a_degraded_pair_returns_to_sync_only_on_a_sync_state_configured_after_its_latest_mode_change() {
+        let table = table(PairMode::Degraded, 7);
+        let pair = table.pairs[0];
+        let standby = usable_standby_leader();
         let mut sync = desired_active(&table, &pair, ReplicationMode::Sync);
         sync.coordinator_term = 1;
         sync.sync_since_index = 40;
@@ -1033,16 +1039,7 @@ mod tests {
         sync.coordinator_term = 1;
         sync.sync_since_index = 40;
         // The standby is usable but far behind: the active must stop waiting.
-        let standby_state = PairState {
-            epoch: 3,
-            role: PairRole::Standby as i32,
-            mode: ReplicationMode::Sync as i32,
-            source_cell_id: 1,
-            source_index: 50,
-            coordinator_term: 1,
-            ..Default::default()
-        };
-        let standby = leader(standby_state, 60, 0);
+        let standby = usable_standby_leader();
         let behind = leader(sync, 10_000, 50);
         let actions = plan_pair(&CoordinatorConfig::default(), &table, &pair, 1, &behind, &standby, Instant::now(), 0);
         assert!(matches!(&actions[0], Action::ProposeTable { count: "degrade", .. }), "{actions:?}");
