@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::bail;
-use cellbank_sim::{minimize, run_plan, sweep, Faults, Mutation, Plan, RunResult};
+use cellbank_sim::{minimize, run_plan, scenario, sweep_plans, Faults, Mutation, Plan, RunResult, SCENARIOS};
 
 #[derive(clap::Args)]
 pub struct SimArgs {
@@ -24,9 +24,14 @@ pub struct SimArgs {
     keep: Option<Vec<usize>>,
     /// Fault kinds a run may draw: `all`, `none`, or a list of crash,
     /// cell-crash, cell-lost, partition, slow-disk, pause,
-    /// coordinator-restart, network, clock-skew.
+    /// coordinator-restart, network, clock-skew, and the operator's
+    /// switchover and forced-failover.
     #[arg(long, default_value = "all")]
     faults: String,
+    /// Run every seed with this named plan instead of the one it draws
+    /// (forced-failover-of-a-degraded-pair).
+    #[arg(long)]
+    scenario: Option<String>,
     /// Turn on one deliberate bug (early-release, volatile-deposition,
     /// no-sender-epoch, ack-off-by-one) to show the checkers catch it.
     #[arg(long, default_value = "none")]
@@ -48,8 +53,15 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         bail!("--mutate: unknown mutation {:?} (none, early-release, volatile-deposition, no-sender-epoch, ack-off-by-one)", args.mutate);
     };
     cellbank_cell::mutation::set(mutation);
+    let fixed = match &args.scenario {
+        Some(name) => Some(
+            scenario(name)
+                .ok_or_else(|| anyhow::anyhow!("--scenario: unknown {name:?}; known: {}", SCENARIOS.join(", ")))?,
+        ),
+        None => None,
+    };
     if let Some(seed) = args.seed {
-        let drawn = Plan::draw(seed, &faults);
+        let drawn = fixed.clone().unwrap_or_else(|| Plan::draw(seed, &faults));
         let plan = match &args.keep {
             Some(keep) => drawn.keep(keep),
             None => drawn,
@@ -70,9 +82,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!(
-        "simulating seeds {}..={} (faults: {faults}; mutation: {}; {threads} threads)",
+        "simulating seeds {}..={} (faults: {faults}; scenario: {}; mutation: {}; {threads} threads)",
         args.first,
         args.first + args.seeds.saturating_sub(1),
+        args.scenario.as_deref().unwrap_or("drawn per seed"),
         mutation.name()
     );
     let bar = indicatif::ProgressBar::new(args.seeds);
@@ -82,13 +95,21 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     );
     let failures = std::sync::atomic::AtomicU64::new(0);
     let started = Instant::now();
-    let summary = sweep(args.first, args.seeds, &faults, threads, args.stop_after, &|result: &RunResult| {
-        if result.violation.is_some() {
-            let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            bar.set_message(format!("{n} failing"));
-        }
-        bar.inc(1);
-    });
+    let summary = sweep_plans(
+        args.first,
+        args.seeds,
+        &faults,
+        fixed.as_ref(),
+        threads,
+        args.stop_after,
+        &|result: &RunResult| {
+            if result.violation.is_some() {
+                let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                bar.set_message(format!("{n} failing"));
+            }
+            bar.inc(1);
+        },
+    );
     bar.finish_and_clear();
     let elapsed = started.elapsed();
     let s = &summary.stats;
@@ -115,6 +136,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         s.faults,
         summary.serving_lost
     );
+    println!(
+        "  operator: {} switchovers, {} forced failovers, {} refused or failed; {} writes and credits lost within \
+         the loss windows forced failovers reported",
+        s.switchovers, s.forced_failovers, s.operator_refused, s.forfeited
+    );
     let Some(first) = summary.failures.first() else { return Ok(()) };
     for failure in &summary.failures {
         println!("seed {}: {}", failure.seed, failure.violation.as_ref().expect("failing"));
@@ -127,7 +153,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         println!("{line}");
     }
     let keep: Vec<String> = keep.iter().map(|k| k.to_string()).collect();
-    let mutate = if mutation == Mutation::None { String::new() } else { format!(" --mutate {}", mutation.name()) };
+    let mut mutate = if mutation == Mutation::None { String::new() } else { format!(" --mutate {}", mutation.name()) };
+    if let Some(name) = &args.scenario {
+        mutate.push_str(&format!(" --scenario {name}"));
+    }
     println!(
         "\nreplay: cellbank sim --seed {} --faults {faults} --keep {}{mutate}",
         first.seed,
@@ -149,7 +178,16 @@ fn print_plan(result: &RunResult) {
 fn print_stats(result: &RunResult) {
     let s = &result.stats;
     println!(
-        "{} events, {} requests answered, {} writes acknowledged, {} failovers, {} promotions",
-        s.events, s.completed, s.acked, s.failovers, s.promotions
+        "{} events, {} requests answered, {} writes acknowledged, {} failovers, {} promotions; operator: {} \
+         switchovers, {} forced failovers, {} refused; {} lost within reported loss windows",
+        s.events,
+        s.completed,
+        s.acked,
+        s.failovers,
+        s.promotions,
+        s.switchovers,
+        s.forced_failovers,
+        s.operator_refused,
+        s.forfeited
     );
 }

@@ -74,7 +74,8 @@ pub struct CellHealth {
 }
 
 impl CellHealth {
-    fn leader_pair(&self) -> Option<PairState> {
+    /// The pair state of the leader found, if any.
+    pub fn leader_pair(&self) -> Option<PairState> {
         self.leader.as_ref().and_then(|s| s.pair.clone())
     }
 }
@@ -384,31 +385,10 @@ impl Coordinator {
         record: AuditRecord,
         old_active_fenced: bool,
     ) -> Result<ConfigureResponse, Status> {
-        let new_epoch = pair.epoch + 1;
-        let command = TableCommand {
-            kind: Some(table_command::Kind::ChangeActive(ChangeActive {
-                pair_id: pair.pair_id,
-                new_epoch,
-                mode: mode as i32,
-            })),
-            audit: Some(record),
-        };
-        self.propose(command).await?;
+        self.propose(change_active_command(pair, mode, record)).await?;
         self.metrics.failovers_total.inc();
-        let promoted = Pair {
-            active_cell_id: pair.standby_cell_id,
-            standby_cell_id: pair.active_cell_id,
-            epoch: new_epoch,
-            mode: mode as i32,
-            ..*pair
-        };
-        let cell_mode = if mode == PairMode::Sync { ReplicationMode::Sync } else { ReplicationMode::Async };
-        let mut desired = desired_active(table, &promoted, cell_mode);
-        if old_active_fenced {
-            // The old active serves nothing any more: no lease to wait out.
-            desired.promotion_settle_ms = 0;
-        }
-        self.configure(promoted.active_cell_id, desired, None).await
+        let (cell_id, desired) = promotion(table, pair, mode, old_active_fenced);
+        self.configure(cell_id, desired, None).await
     }
 
     /// A fresh look at one cell.
@@ -426,27 +406,11 @@ impl Coordinator {
         if pair.standby_cell_id == 0 {
             return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
         }
-        if table::mode(&pair) != PairMode::Sync {
-            return Err(Status::failed_precondition(format!(
-                "pair {pair_id} is {}: its standby may be behind, so a switchover could lose writes; wait for SYNC, \
-                 or use `admin failover --force`",
-                table::mode(&pair).as_str_name()
-            )));
-        }
         let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
-        let active_state = active.leader_pair().ok_or_else(|| {
-            Status::failed_precondition(format!("active cell {} has no reachable leader", pair.active_cell_id))
-        })?;
-        if !standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch)) {
-            return Err(Status::failed_precondition(format!(
-                "standby cell {} has no reachable leader holding a complete copy",
-                pair.standby_cell_id
-            )));
-        }
+        let active_state = check_switchover(&pair, &active, &standby)?;
         let started = Instant::now();
         // 1. The active stops taking writes.
-        let fenced = PairState { role: PairRole::Fenced as i32, ..active_state.clone() };
-        let fence = self.configure(pair.active_cell_id, fenced, None).await?;
+        let fence = self.configure(pair.active_cell_id, fenced(&active_state), None).await?;
         // 2. The standby catches up with everything before the fence.
         if let Err(e) = self.await_acked(pair.active_cell_id, fence.applied_index).await {
             self.undo_fence(pair.active_cell_id, active_state).await;
@@ -538,72 +502,26 @@ impl Coordinator {
             return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
         }
         let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
-        // Without --force, a pair that needs no failover says so first,
-        // whatever its standby looks like at this instant.
+        let start = check_failover(&pair, force, &active, &standby)?;
         let mode = table::mode(&pair);
-        if !force {
-            if mode != PairMode::Sync {
-                return Err(Status::failed_precondition(format!(
-                    "pair {pair_id} is {}: the standby may be behind and writes may be lost; repeat with --force to \
-                     accept that",
-                    mode.as_str_name()
-                )));
-            }
-            if active.leader.is_some() {
-                return Err(Status::failed_precondition(format!(
-                    "pair {pair_id} is healthy (cell {} has a leader); use `admin switchover`, or --force",
-                    pair.active_cell_id
-                )));
-            }
-        }
-        let standby_state = standby.leader_pair();
-        if !standby_state.as_ref().is_some_and(|s| usable_standby(s, pair.active_cell_id, pair.epoch)) {
-            return Err(Status::failed_precondition(format!(
-                "standby cell {} has no reachable leader holding a complete copy; nothing to fail over to",
-                pair.standby_cell_id
-            )));
-        }
-        let standby_holds = standby_state.map(|s| s.source_index).unwrap_or(0);
-        let mut may_be_lost = String::new();
-        if let Some(active_state) = active.leader_pair() {
+        let window = if let Some(active_state) = &start.active_state {
             // Still reachable: stop it first, and give the standby a moment
             // to take what it can.
-            let fenced = PairState { role: PairRole::Fenced as i32, ..active_state };
-            let fence = self.configure(pair.active_cell_id, fenced, None).await?;
+            let fence = self.configure(pair.active_cell_id, fenced(active_state), None).await?;
             if self.await_acked(pair.active_cell_id, fence.applied_index).await.is_err() {
                 let acked = self.look(pair.active_cell_id).await.leader.map(|s| s.standby_acked_index).unwrap_or(0);
-                let acknowledged = if mode == PairMode::Sync {
-                    "none of them was acknowledged to a client (the pair was SYNC)"
-                } else {
-                    "clients may have been told of them (the pair was DEGRADED)"
-                };
-                may_be_lost = format!(
-                    "entries {}..={} of cell {} are not on the standby; {acknowledged}",
-                    acked.max(standby_holds) + 1,
-                    fence.applied_index,
-                    pair.active_cell_id
-                );
+                loss_window(&pair, &start, Some((fence.applied_index, acked)))
+            } else {
+                None
             }
-        } else if mode != PairMode::Sync {
-            let last_known = active.replicas.iter().filter_map(|r| r.status.as_ref()).map(|s| s.applied_index).max();
-            may_be_lost = match last_known {
-                Some(applied) if applied > standby_holds => format!(
-                    "cell {} is unreachable; the standby holds its log up to index {standby_holds}; entries \
-                     {}..={applied} (last seen applied) and anything after may be lost",
-                    pair.active_cell_id,
-                    standby_holds + 1
-                ),
-                _ => format!(
-                    "cell {} is unreachable; the standby holds its log up to index {standby_holds}; anything after \
-                     it may be lost",
-                    pair.active_cell_id
-                ),
-            };
-        }
+        } else {
+            loss_window(&pair, &start, None)
+        };
+        let may_be_lost = window.map(|w| w.describe(mode)).unwrap_or_default();
         let what = format!("{} failover of pair {pair_id}", if force { "forced" } else { "manual" });
         let why_text =
             if may_be_lost.is_empty() { why.to_string() } else { format!("{why}; may be lost: {may_be_lost}") };
-        let fenced = active.leader.is_some();
+        let fenced = start.active_state.is_some();
         let promoted =
             self.change_active(&table, &pair, PairMode::Degraded, audit(who, what, &why_text), fenced).await?;
         let new_pair = self.pair_now(pair_id)?.1;
@@ -691,6 +609,198 @@ pub fn desired_standby(pair: &Pair, source_index: u64) -> PairState {
         source_index,
         ..Default::default()
     }
+}
+
+/// The preconditions of a planned switchover, from a fresh look at the two
+/// cells: the pair is SYNC, its active has a leader and its standby a
+/// leader holding a complete copy. Returns the active's pair state (the
+/// switchover fences it, and restores it if the standby does not catch up).
+/// Pure: the coordinator and the simulator both run it.
+pub fn check_switchover(pair: &Pair, active: &CellHealth, standby: &CellHealth) -> Result<PairState, Status> {
+    let pair_id = pair.pair_id;
+    if pair.standby_cell_id == 0 {
+        return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+    }
+    if table::mode(pair) != PairMode::Sync {
+        return Err(Status::failed_precondition(format!(
+            "pair {pair_id} is {}: its standby may be behind, so a switchover could lose writes; wait for SYNC, \
+             or use `admin failover --force`",
+            table::mode(pair).as_str_name()
+        )));
+    }
+    let active_state = active.leader_pair().ok_or_else(|| {
+        Status::failed_precondition(format!("active cell {} has no reachable leader", pair.active_cell_id))
+    })?;
+    if !standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch)) {
+        return Err(Status::failed_precondition(format!(
+            "standby cell {} has no reachable leader holding a complete copy",
+            pair.standby_cell_id
+        )));
+    }
+    Ok(active_state)
+}
+
+/// Where an operator's failover starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailoverStart {
+    /// The source index the standby's leader holds.
+    pub standby_holds: u64,
+    /// The active's pair state when it has a reachable leader (it is fenced
+    /// before the table changes).
+    pub active_state: Option<PairState>,
+    /// The highest applied index last seen on any replica of the active.
+    pub active_last_applied: Option<u64>,
+}
+
+/// The preconditions of an operator's failover, from a fresh look at the
+/// two cells. Without `force` only what the coordinator would do itself (a
+/// SYNC pair whose active has no leader); with it also a healthy or
+/// DEGRADED pair. Either way the standby must hold a complete copy. Pure:
+/// the coordinator and the simulator both run it.
+pub fn check_failover(
+    pair: &Pair,
+    force: bool,
+    active: &CellHealth,
+    standby: &CellHealth,
+) -> Result<FailoverStart, Status> {
+    let pair_id = pair.pair_id;
+    if pair.standby_cell_id == 0 {
+        return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+    }
+    // Without --force, a pair that needs no failover says so first,
+    // whatever its standby looks like at this instant.
+    let mode = table::mode(pair);
+    if !force {
+        if mode != PairMode::Sync {
+            return Err(Status::failed_precondition(format!(
+                "pair {pair_id} is {}: the standby may be behind and writes may be lost; repeat with --force to \
+                 accept that",
+                mode.as_str_name()
+            )));
+        }
+        if active.leader.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "pair {pair_id} is healthy (cell {} has a leader); use `admin switchover`, or --force",
+                pair.active_cell_id
+            )));
+        }
+    }
+    let standby_state = standby.leader_pair();
+    if !standby_state.as_ref().is_some_and(|s| usable_standby(s, pair.active_cell_id, pair.epoch)) {
+        return Err(Status::failed_precondition(format!(
+            "standby cell {} has no reachable leader holding a complete copy; nothing to fail over to",
+            pair.standby_cell_id
+        )));
+    }
+    Ok(FailoverStart {
+        standby_holds: standby_state.map(|s| s.source_index).unwrap_or(0),
+        active_state: active.leader_pair(),
+        active_last_applied: active.replicas.iter().filter_map(|r| r.status.as_ref()).map(|s| s.applied_index).max(),
+    })
+}
+
+/// The entries of the old active that a failover may lose: those after
+/// `after_index`, through `through_index` (`None`: all after it, the active
+/// being unreachable and perhaps still taking writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossWindow {
+    pub cell_id: u64,
+    pub after_index: u64,
+    pub through_index: Option<u64>,
+    /// The last index seen applied on the unreachable active, if known.
+    pub last_seen_applied: Option<u64>,
+}
+
+/// What a failover may lose. `fence`: the fence's applied index and what
+/// the standby had acknowledged when the wait for it gave up, for an active
+/// that was fenced but not caught up. A SYNC pair's unreachable active
+/// loses nothing acknowledged (its standby holds every entry the active
+/// acknowledged); a DEGRADED one's may lose anything after what the
+/// standby holds. Pure: the coordinator and the simulator both run it.
+pub fn loss_window(pair: &Pair, start: &FailoverStart, fence: Option<(u64, u64)>) -> Option<LossWindow> {
+    let cell_id = pair.active_cell_id;
+    match fence {
+        Some((fence_index, acked)) => {
+            let after_index = acked.max(start.standby_holds);
+            (fence_index > after_index).then_some(LossWindow {
+                cell_id,
+                after_index,
+                through_index: Some(fence_index),
+                last_seen_applied: None,
+            })
+        }
+        None if start.active_state.is_none() && table::mode(pair) != PairMode::Sync => Some(LossWindow {
+            cell_id,
+            after_index: start.standby_holds,
+            through_index: None,
+            last_seen_applied: start.active_last_applied,
+        }),
+        None => None,
+    }
+}
+
+impl LossWindow {
+    /// The operator's text (`may_be_lost`), given the pair's mode before the
+    /// failover.
+    pub fn describe(&self, mode: PairMode) -> String {
+        let (cell, after) = (self.cell_id, self.after_index);
+        match (self.through_index, self.last_seen_applied) {
+            (Some(through), _) => {
+                let acknowledged = if mode == PairMode::Sync {
+                    "none of them was acknowledged to a client (the pair was SYNC)"
+                } else {
+                    "clients may have been told of them (the pair was DEGRADED)"
+                };
+                format!("entries {}..={through} of cell {cell} are not on the standby; {acknowledged}", after + 1)
+            }
+            (None, Some(applied)) if applied > after => format!(
+                "cell {cell} is unreachable; the standby holds its log up to index {after}; entries {}..={applied} \
+                 (last seen applied) and anything after may be lost",
+                after + 1
+            ),
+            (None, _) => format!(
+                "cell {cell} is unreachable; the standby holds its log up to index {after}; anything after it may be \
+                 lost"
+            ),
+        }
+    }
+}
+
+/// A cell's pair state with the role FENCED: it takes no writes.
+pub fn fenced(state: &PairState) -> PairState {
+    PairState { role: PairRole::Fenced as i32, ..state.clone() }
+}
+
+/// The table command of a failover or switchover: the standby becomes the
+/// active at the next epoch.
+pub fn change_active_command(pair: &Pair, mode: PairMode, record: AuditRecord) -> TableCommand {
+    TableCommand {
+        kind: Some(table_command::Kind::ChangeActive(ChangeActive {
+            pair_id: pair.pair_id,
+            new_epoch: pair.epoch + 1,
+            mode: mode as i32,
+        })),
+        audit: Some(record),
+    }
+}
+
+/// The promotion that follows a committed change of active: the cell to
+/// configure and its pair state. An old active that was fenced serves
+/// nothing any more, so the new one has no lease to wait out.
+pub fn promotion(table: &RoutingTable, pair: &Pair, mode: PairMode, old_active_fenced: bool) -> (u64, PairState) {
+    let promoted = Pair {
+        active_cell_id: pair.standby_cell_id,
+        standby_cell_id: pair.active_cell_id,
+        epoch: pair.epoch + 1,
+        mode: mode as i32,
+        ..*pair
+    };
+    let cell_mode = if mode == PairMode::Sync { ReplicationMode::Sync } else { ReplicationMode::Async };
+    let mut desired = desired_active(table, &promoted, cell_mode);
+    if old_active_fenced {
+        desired.promotion_settle_ms = 0;
+    }
+    (promoted.active_cell_id, desired)
 }
 
 /// One step a coordinator pass takes for a pair.
@@ -1072,5 +1182,33 @@ mod tests {
         assert!(matches!(&actions[0], Action::ProposeTable { count: "degrade", .. }), "{actions:?}");
         assert!(matches!(&actions[1], Action::Configure { cell_id: 1, state }
             if state.mode_seq == 8 && state.mode == ReplicationMode::Async as i32));
+    }
+
+    /// What a forced failover reports it may lose: nothing for a SYNC pair
+    /// whose active is gone; everything after the standby's copy for a
+    /// DEGRADED one; the fence's tail when the standby did not catch up.
+    #[test]
+    fn a_forced_failover_reports_the_window_it_may_lose() {
+        let standby = usable_standby_leader();
+        let gone = CellHealth::default();
+        let sync = table(PairMode::Sync, 1).pairs[0];
+        let degraded = table(PairMode::Degraded, 1).pairs[0];
+        let start = check_failover(&sync, true, &gone, &standby).expect("a usable standby");
+        assert_eq!((start.standby_holds, start.active_state.clone()), (50, None));
+        assert_eq!(loss_window(&sync, &start, None), None);
+        let window = loss_window(&degraded, &start, None).expect("a degraded pair may lose its tail");
+        assert_eq!((window.after_index, window.through_index), (50, None));
+        assert!(window.describe(PairMode::Degraded).contains("anything after it may be lost"));
+        // Fenced at 70 while the standby acknowledged 60: 61..=70.
+        let fenced = loss_window(&degraded, &start, Some((70, 60))).expect("a tail");
+        assert_eq!((fenced.after_index, fenced.through_index), (60, Some(70)));
+        assert!(fenced.describe(PairMode::Degraded).starts_with("entries 61..=70 of cell 1"));
+        assert_eq!(loss_window(&degraded, &start, Some((50, 40))), None, "the standby holds the fence");
+        // Without --force: a DEGRADED pair, or one whose active leads, is refused.
+        assert!(check_failover(&degraded, false, &gone, &standby).is_err());
+        let active = leader(desired_active(&table(PairMode::Sync, 1), &sync, ReplicationMode::Sync), 10, 10);
+        assert!(check_failover(&sync, false, &active, &standby).is_err());
+        assert!(check_switchover(&sync, &active, &standby).is_ok());
+        assert!(check_switchover(&degraded, &active, &standby).is_err());
     }
 }

@@ -1,6 +1,6 @@
-//! The simulated world: two cells of three replicas (one pair), a failover
-//! coordinator, clients, and a network, all in one thread under one seeded
-//! scheduler and a simulated clock.
+//! The simulated world: two pairs of cells of three replicas, a failover
+//! coordinator (a router too), a second router, clients, and a network,
+//! all in one thread under one seeded scheduler and a simulated clock.
 //!
 //! What runs for real (production code, called as is):
 //! - raft-rs `RawNode` per replica (in-memory log), driven by the same
@@ -17,13 +17,18 @@
 //!   (`Replication::earn_authority` / `has_authority`), the deposition
 //!   command (`deposition_command`);
 //! - the request gate (`service::gate_refusal`);
-//! - the routing table state machine (`TableMachine`) and the coordinator's
-//!   decisions (`coordinator::record_probes`, `plan_pair`).
+//! - the routing table state machine (`TableMachine`), the coordinator's
+//!   decisions (`coordinator::record_probes`, `plan_pair`) and the
+//!   operator's (`check_switchover`, `check_failover`, `loss_window`,
+//!   `fenced`, `change_active_command`, `promotion`, `desired_standby`);
+//! - the router's sender check (`courier::check_sender`).
 //!
 //! What is modelled here (the I/O around that code): message transport and
 //! its faults, the shipper's session loop and the standby's stream loop (as
-//! in `replication.rs` and `service.rs`), the client's retries, crashes and
-//! restarts, clocks and disks.
+//! in `replication.rs` and `service.rs`), the courier's loop, the
+//! operator's action sequence (as `Coordinator::switchover` and `failover`
+//! run it), a second router's lagging table copy, the client's retries,
+//! crashes and restarts, clocks and disks.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -44,7 +49,7 @@ use cellbank_proto::router::{
 };
 use cellbank_proto::v1::{ResultCode, TransferKind, TransferRecord, TransferResult};
 use cellbank_router::config::CoordinatorConfig;
-use cellbank_router::coordinator::{self, Action, CellHealth, ReplicaProbe};
+use cellbank_router::coordinator::{self, Action, CellHealth, FailoverStart, LossWindow, ReplicaProbe};
 use cellbank_router::table::{self, TableMachine};
 use prost::Message as _;
 use raft::eraftpb::{ConfState, Entry, EntryType, Message as RaftMessage};
@@ -98,11 +103,19 @@ const SHIP_IN_FLIGHT: usize = 16;
 /// Once every fault has healed, no credit may wait longer than this for
 /// delivery (the end of the run is 12 s after the heal).
 const CREDIT_DELAY_MAX_MS: u64 = 5_000;
+/// The coordinator's limits on one configure call and on a switchover's
+/// wait for the standby (as in `coordinator.rs`).
+const CONFIGURE_TIMEOUT_MS: u64 = 2_000;
+const CATCH_UP_MAX_MS: u64 = 5_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Addr {
     Replica(u64, u64),
+    /// The routers' leader: the coordinator, and a router.
     Coordinator,
+    /// A second router: it follows the routing table by copies of it the
+    /// leader sends (so it may lag) and serves the couriers too.
+    Router,
     Client(usize),
 }
 
@@ -112,6 +125,7 @@ pub enum Side {
     Cell(u64),
     Replica(u64, u64),
     Coordinator,
+    Router,
     Clients,
 }
 
@@ -121,6 +135,7 @@ impl Side {
             (Side::Cell(c), Addr::Replica(cell, _)) => c == cell,
             (Side::Replica(c, r), Addr::Replica(cell, rid)) => c == cell && r == rid,
             (Side::Coordinator, Addr::Coordinator) => true,
+            (Side::Router, Addr::Router) => true,
             (Side::Clients, Addr::Client(_)) => true,
             _ => false,
         }
@@ -172,8 +187,23 @@ enum Msg {
         round: u64,
         status: ReplicaStatus,
     },
+    /// `reply`: nonzero when the coordinator waits for the answer (an
+    /// operator's action), as production's `configure` call does.
     Configure {
         state: PairState,
+        source_state: Option<PairState>,
+        reply: u64,
+    },
+    /// The routers' leader's table, as of its log index, to the other router.
+    TableSync {
+        index: u64,
+        table: RoutingTable,
+    },
+    /// The leader's answer to a configure: its applied index and pair state,
+    /// or `None` when the cell refused it.
+    ConfigureAnswer {
+        reply: u64,
+        result: Option<(u64, PairState)>,
     },
     Submit {
         req: u64,
@@ -266,12 +296,14 @@ enum Pending {
     Settle,
     Credits {
         req: u64,
+        router: Addr,
     },
     Standby {
         session: u64,
     },
     Configure {
         term: u64,
+        reply: u64,
     },
     Other,
 }
@@ -395,6 +427,8 @@ struct Request {
     op: Op,
     sent_at: u64,
     attempts: u32,
+    /// The pair epoch the last attempt was routed at.
+    epoch: u64,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -424,6 +458,68 @@ struct Acked {
     heard_at: u64,
     cell: u64,
     pair: u64,
+    /// The epoch, log index and ticket it was released under: `alone` when
+    /// no standby acknowledgement covered it (an ASYNC ticket, or a SYNC
+    /// one released by an explicit degradation).
+    epoch: u64,
+    index: u64,
+    alone: bool,
+}
+
+/// What a forced failover reported it may lose: entries of `cell`'s log at
+/// `epoch` in its loss window.
+#[derive(Clone, Copy, Debug)]
+struct Forfeit {
+    pair: u64,
+    cell: u64,
+    epoch: u64,
+    window: LossWindow,
+}
+
+impl Forfeit {
+    fn covers(&self, pair: u64, cell: u64, epoch: u64, index: u64) -> bool {
+        self.pair == pair
+            && self.cell == cell
+            && self.epoch == epoch
+            && index > self.window.after_index
+            && self.window.through_index.is_none_or(|t| index <= t)
+    }
+}
+
+/// An operator's action in progress (production runs it under the
+/// coordinator's action lock, so no pass interleaves with it).
+#[derive(Clone, Debug)]
+struct Job {
+    kind: FaultKind,
+    pair_id: u64,
+    phase: JobPhase,
+}
+
+#[derive(Clone, Debug)]
+enum JobPhase {
+    /// Waits for the next round of probes: a fresh look at both cells.
+    Look,
+    /// The active's fence was sent; waits for its answer.
+    Fence {
+        table: RoutingTable,
+        pair: Pair,
+        start: Option<FailoverStart>,
+        active_state: PairState,
+        req: u64,
+        deadline: u64,
+    },
+    /// Waits until the active's leader reports the standby holds the fence.
+    CatchUp {
+        table: RoutingTable,
+        pair: Pair,
+        start: Option<FailoverStart>,
+        active_state: PairState,
+        fence_index: u64,
+        deadline: u64,
+    },
+    /// A switchover's promotion was sent; waits for its answer to demote
+    /// the old active.
+    Promote { old_active: u64, req: u64, deadline: u64 },
 }
 
 pub struct World {
@@ -464,9 +560,28 @@ pub struct World {
     user_pair: BTreeMap<u64, u64>,
     /// Replica clocks run at different rates.
     skewed: bool,
+    /// The second router's copy of the table, and its log index.
+    router_table: RoutingTable,
+    router_table_index: u64,
     /// Credit batches the router forwarded: its request to (courier, theirs).
     router_pending: HashMap<u64, (Addr, u64)>,
     next_router_req: u64,
+    /// The operator's action in progress, and the configure answers it
+    /// waits for.
+    job: Option<Job>,
+    configure_answers: Vec<(u64, Option<(u64, PairState)>)>,
+    /// Loss windows forced failovers reported.
+    forfeits: Vec<Forfeit>,
+    /// The newest epoch of the source pair known to a router that passed
+    /// each credit on (by source pair, seq and origin: a promoted cell may
+    /// reuse a seq its predecessor's lost tail had used).
+    routed: HashMap<(u64, u64, u64, u64), u64>,
+    /// Where each credit applied: transfer id to (cell, epoch, index).
+    credit_applies: HashMap<Vec<u8>, Vec<(u64, u64, u64)>>,
+    /// When each promotion (cell, epoch) first applied.
+    promoted_at: HashMap<(u64, u64), u64>,
+    /// Cross-pair transfers the clients proposed: id, source and destination pair.
+    cross_ids: Vec<(Vec<u8>, u64, u64)>,
 }
 
 fn ctx_bytes(ctx: u64) -> Vec<u8> {
@@ -475,6 +590,13 @@ fn ctx_bytes(ctx: u64) -> Vec<u8> {
 
 fn ctx_of(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+fn rid_of(addr: Addr) -> u64 {
+    match addr {
+        Addr::Replica(_, rid) => rid,
+        _ => 0,
+    }
 }
 
 fn replica_index(cell: u64, rid: u64) -> usize {
@@ -600,8 +722,17 @@ impl World {
             healed: false,
             user_pair: BTreeMap::new(),
             skewed: faults.has(FaultKind::ClockSkew),
+            router_table: RoutingTable::default(),
+            router_table_index: 0,
             router_pending: HashMap::new(),
             next_router_req: 1,
+            job: None,
+            configure_answers: Vec::new(),
+            forfeits: Vec::new(),
+            routed: HashMap::new(),
+            credit_applies: HashMap::new(),
+            cross_ids: Vec::new(),
+            promoted_at: HashMap::new(),
         };
         for i in 0..world.replicas.len() {
             world.start_replica(i);
@@ -788,10 +919,24 @@ impl World {
                 Msg::ProbeReply { round, status } if round == self.probe_round => {
                     self.probe_replies.push((status.cell_id, status.replica_id, status));
                 }
-                Msg::Deliver { req, batch } => self.router_deliver(from, req, batch),
+                Msg::Deliver { req, batch } => self.router_deliver(Addr::Coordinator, from, req, batch),
+                Msg::ConfigureAnswer { reply, result } => self.configure_answers.push((reply, result)),
                 Msg::CreditsAnswer { req, outcome } => {
                     if let Some((courier, theirs)) = self.router_pending.remove(&req) {
                         self.send(Addr::Coordinator, courier, Msg::CreditsAnswer { req: theirs, outcome });
+                    }
+                }
+                _ => {}
+            },
+            Addr::Router => match msg {
+                Msg::TableSync { index, table } if index > self.router_table_index => {
+                    self.router_table_index = index;
+                    self.router_table = table;
+                }
+                Msg::Deliver { req, batch } => self.router_deliver(Addr::Router, from, req, batch),
+                Msg::CreditsAnswer { req, outcome } => {
+                    if let Some((courier, theirs)) = self.router_pending.remove(&req) {
+                        self.send(Addr::Router, courier, Msg::CreditsAnswer { req: theirs, outcome });
                     }
                 }
                 _ => {}
@@ -1025,6 +1170,12 @@ impl World {
                         );
                     }
                 }
+                Some(command::Kind::Credit(credit)) => {
+                    let applies = self.credit_applies.entry(credit.transfer_id.clone()).or_default();
+                    if !applies.contains(&(cell, before.epoch, index)) {
+                        applies.push((cell, before.epoch, index));
+                    }
+                }
                 Some(command::Kind::Configure(_)) | Some(command::Kind::Depose(_)) if before != after => {
                     let (b, a) = (before.clone(), after.clone());
                     self.note(|| {
@@ -1053,12 +1204,15 @@ impl World {
                 let until = self.local_ms(i) + after.promotion_settle_ms;
                 self.replicas[i].vol.as_mut().expect("up").settle_until_local = Some(until);
             }
-            // Every write released before now is in the promoted copy.
+            // Every write released before the promotion first applied in
+            // this cell is in the promoted copy (a replica that catches up
+            // later applies the same entry over the same ledger).
+            let first = *self.promoted_at.entry((cell, after.epoch)).or_insert(self.now);
             let missing: Vec<String> = self
                 .acked
                 .iter()
-                .filter(|a| a.released_at < self.now && a.cell != cell && a.pair == pair_of(cell))
-                .filter(|a| !holds(&self.replicas[i].kv, a))
+                .filter(|a| a.released_at < first && a.cell != cell && a.pair == pair_of(cell))
+                .filter(|a| !holds(&self.replicas[i].kv, a) && !self.forfeited(a))
                 .map(|a| String::from_utf8_lossy(&a.transfer_id).into_owned())
                 .collect();
             if !missing.is_empty() {
@@ -1079,15 +1233,15 @@ impl World {
     fn proposal_applied(&mut self, i: usize, _ctx: u64, pending: Pending, mut results: Vec<TransferResult>) {
         let (cell, rid) = (self.replicas[i].cell, self.replicas[i].rid);
         let from = Addr::Replica(cell, rid);
-        if let Pending::Credits { req } = pending {
+        if let Pending::Credits { req, router } = pending {
             if results.iter().any(|r| r.code == ResultCode::CellNotWritable as i32) {
-                return self.answer(from, Addr::Coordinator, req, Outcome::Retry);
+                return self.answer(from, router, req, Outcome::Retry);
             }
             let index = results.iter().map(|r| r.entry_index).max().unwrap_or(0);
             let deadline_local = self.local_ms(i) + CLIENT_TIMEOUT_MS;
             let vol = self.replicas[i].vol.as_mut().expect("up");
             vol.waiters.push(Waiter {
-                to: Addr::Coordinator,
+                to: router,
                 req,
                 index,
                 read: false,
@@ -1128,10 +1282,15 @@ impl World {
                     }
                 }
             }
-            Pending::Configure { term } => {
+            Pending::Configure { term, reply } => {
                 let vol = self.replicas[i].vol.as_mut().expect("up");
-                if result.code == ResultCode::Ok as i32 && term != 0 && vol.leader_term == term {
+                let ok = result.code == ResultCode::Ok as i32;
+                if ok && term != 0 && vol.leader_term == term {
                     vol.repl.earn_authority(term);
+                }
+                if reply != 0 {
+                    let answer = ok.then(|| (result.applied_index, vol.view.borrow().clone()));
+                    self.send(from, Addr::Coordinator, Msg::ConfigureAnswer { reply, result: answer });
                 }
             }
             Pending::Settle => {
@@ -1176,17 +1335,14 @@ impl World {
                 let status = self.status(i);
                 self.send(me, from, Msg::ProbeReply { round, status });
             }
-            Msg::Configure { state } => {
+            Msg::Configure { state, source_state, reply } => {
                 let vol = self.replicas[i].vol.as_ref().expect("up");
                 if vol.leader_term != 0 {
                     let term = vol.leader_term;
                     let command = Command {
-                        kind: Some(command::Kind::Configure(ConfigureCommand {
-                            state: Some(state),
-                            source_state: None,
-                        })),
+                        kind: Some(command::Kind::Configure(ConfigureCommand { state: Some(state), source_state })),
                     };
-                    self.propose(i, command, Pending::Configure { term });
+                    self.propose(i, command, Pending::Configure { term, reply });
                 }
             }
             Msg::Submit { req, command, epoch } => {
@@ -1233,12 +1389,16 @@ impl World {
                         Command { kind: Some(command::Kind::Credit(credit)) }
                     })
                     .collect();
-                if self.propose_all(i, commands, Pending::Credits { req }).is_none() {
+                if self.propose_all(i, commands, Pending::Credits { req, router: from }).is_none() {
                     self.answer(me, from, req, Outcome::Retry);
                 }
             }
             Msg::CreditsAnswer { req, outcome } => self.courier_answer(i, req, outcome),
-            Msg::ProbeReply { .. } | Msg::Reply { .. } | Msg::Deliver { .. } => {}
+            Msg::ProbeReply { .. }
+            | Msg::Reply { .. }
+            | Msg::Deliver { .. }
+            | Msg::ConfigureAnswer { .. }
+            | Msg::TableSync { .. } => {}
         }
     }
 
@@ -1335,23 +1495,30 @@ impl World {
         let history = vol.history.lock().expect("history");
         let mut done = Vec::new();
         vol.waiters.retain_mut(|w| {
-            let verdict = match history.at(w.index) {
+            let ticket = history.at(w.index).map(|t| t.as_state());
+            let verdict = match &ticket {
                 None => Verdict::Fail(replication::WaitFailure::NoTicket),
-                Some(ticket) => {
-                    replication::judge(&ticket.as_state(), &current, &ship, w.index, w.read, lease_fresh, false)
-                }
+                Some(ticket) => replication::judge(ticket, &current, &ship, w.index, w.read, lease_fresh, false),
             };
+            // Released on the standby's acknowledgement, or alone.
+            let how = ticket.map(|t| {
+                let acknowledged = pair::waits_for_standby(&t)
+                    && ship.epoch == t.epoch
+                    && ship.standby_cell_id == t.standby_cell_id
+                    && ship.acked_index >= w.index;
+                (t.epoch, w.index, !acknowledged)
+            });
             match verdict {
                 Verdict::Release => {
-                    done.push((w.to, w.req, w.outcome.clone(), true));
+                    done.push((w.to, w.req, w.outcome.clone(), how));
                     false
                 }
                 Verdict::Fail(_) => {
-                    done.push((w.to, w.req, Outcome::Retry, false));
+                    done.push((w.to, w.req, Outcome::Retry, None));
                     false
                 }
                 Verdict::Wait if local >= w.deadline_local => {
-                    done.push((w.to, w.req, Outcome::Retry, false));
+                    done.push((w.to, w.req, Outcome::Retry, None));
                     false
                 }
                 Verdict::Wait => true,
@@ -1359,10 +1526,12 @@ impl World {
         });
         drop(history);
         let from = Addr::Replica(cell, rid);
-        for (to, req, outcome, released) in done {
+        for (to, req, outcome, how) in done {
+            let released = how.is_some();
             let outcome = match (to, outcome) {
                 (Addr::Client(client), Outcome::Done(result)) if released => {
-                    self.released(client, req, cell, &result);
+                    let (epoch, index, alone) = how.expect("released");
+                    self.released(client, req, cell, &result, epoch, index, alone);
                     Outcome::Done(result)
                 }
                 // A destination that took a later sender's credits refuses
@@ -1390,14 +1559,38 @@ impl World {
     }
 
     /// A write's outcome leaves the cell: it must survive from now on.
-    fn released(&mut self, client: usize, req: u64, cell: u64, result: &TransferResult) {
+    #[allow(clippy::too_many_arguments)]
+    fn released(
+        &mut self,
+        client: usize,
+        req: u64,
+        cell: u64,
+        result: &TransferResult,
+        epoch: u64,
+        index: u64,
+        alone: bool,
+    ) {
         let Some(request) = self.clients[client].current.as_ref().filter(|r| r.req == req) else { return };
         if let Op::Write { transfer_id, .. } = &request.op {
             let transfer_id = transfer_id.clone();
             let code = result.code;
             let pair = pair_of(cell);
-            self.acked.push(Acked { transfer_id, code, released_at: self.now, heard_at: u64::MAX, cell, pair });
+            let released_at = self.now;
+            let heard_at = u64::MAX;
+            self.acked.push(Acked { transfer_id, code, released_at, heard_at, cell, pair, epoch, index, alone });
         }
+    }
+
+    /// True when a forced failover reported it may lose this write: the
+    /// only acknowledged writes a run may lose.
+    fn forfeited(&self, a: &Acked) -> bool {
+        a.alone && self.forfeits.iter().any(|f| f.covers(a.pair, a.cell, a.epoch, a.index))
+    }
+
+    /// True when a forced failover reported it may lose the write with this
+    /// id (any of its acknowledgements).
+    fn forfeited_id(&self, transfer_id: &[u8]) -> bool {
+        self.acked.iter().any(|a| a.transfer_id == transfer_id && self.forfeited(a))
     }
 
     // ---- standby side of the stream ------------------------------------
@@ -1846,7 +2039,9 @@ impl World {
         let vol = self.replicas[i].vol.as_mut().expect("up");
         vol.courier = Some((req, local + 3_000, seqs, state.epoch));
         self.stats.deliveries += 1;
-        self.send(Addr::Replica(cell, rid), Addr::Coordinator, Msg::Deliver { req, batch });
+        // Any router: the two in turn.
+        let router = if req.is_multiple_of(2) { Addr::Coordinator } else { Addr::Router };
+        self.send(Addr::Replica(cell, rid), router, Msg::Deliver { req, batch });
     }
 
     fn courier_answer(&mut self, i: usize, req: u64, outcome: Outcome) {
@@ -1909,8 +2104,8 @@ impl World {
 
     /// The router's courier service: only the table's active at the table's
     /// epoch may send; the credits go to the destination pair's active.
-    fn router_deliver(&mut self, courier: Addr, req: u64, batch: CreditBatch) {
-        let table = self.table_now();
+    fn router_deliver(&mut self, router: Addr, courier: Addr, req: u64, batch: CreditBatch) {
+        let table = if router == Addr::Coordinator { self.table_now() } else { self.router_table.clone() };
         let sender = batch.sender.unwrap_or_default();
         if let Err(status) = cellbank_router::courier::check_sender(&table, &sender) {
             let outcome = if status.code() == tonic::Code::FailedPrecondition {
@@ -1919,10 +2114,18 @@ impl World {
             } else {
                 Outcome::Retry
             };
-            return self.send(Addr::Coordinator, courier, Msg::CreditsAnswer { req, outcome });
+            return self.send(router, courier, Msg::CreditsAnswer { req, outcome });
         }
         let dest_pair_id = batch.credits.first().map(|c| c.dest_pair_id).unwrap_or(0);
         let Some(dest) = table::find_pair(&table, dest_pair_id).copied() else { return };
+        // The newest epoch of the sender's pair a router knew when it passed
+        // the credit on.
+        let known = table::find_pair(&table, sender.source_pair_id).map(|p| p.epoch).unwrap_or(0);
+        for credit in &batch.credits {
+            let key = (credit.source_pair_id, credit.seq, credit.created_epoch, credit.created_index);
+            let epoch = self.routed.entry(key).or_insert(known);
+            *epoch = (*epoch).max(known);
+        }
         let rid = self
             .health
             .get(&dest.active_cell_id)
@@ -1933,7 +2136,7 @@ impl World {
         self.next_router_req += 1;
         self.router_pending.insert(fwd, (courier, req));
         let msg = Msg::ApplyCredits { req: fwd, batch, epoch: dest.epoch };
-        self.send(Addr::Coordinator, Addr::Replica(dest.active_cell_id, rid), msg);
+        self.send(router, Addr::Replica(dest.active_cell_id, rid), msg);
     }
 
     // ---- the coordinator -----------------------------------------------
@@ -2003,7 +2206,15 @@ impl World {
                     .or_insert_with(|| CellHealth { leader_seen: Some(now), ..Default::default() });
                 coordinator::record_probes(entry, probes, now);
             }
+            // An operator's action holds the coordinator's action lock: no
+            // pass plans while it runs.
+            if self.job.is_some() {
+                self.job_step();
+            }
             for (pair_id, _, _) in PAIRS {
+                if self.job.is_some() {
+                    break;
+                }
                 let table = self.table_now();
                 let pair = *table::find_pair(&table, pair_id).expect("the pair");
                 let active = self.health.get(&pair.active_cell_id).cloned().unwrap_or_default();
@@ -2025,6 +2236,8 @@ impl World {
                 }
             }
         }
+        let (index, table) = (self.table_index, self.table_now());
+        self.send(Addr::Coordinator, Addr::Router, Msg::TableSync { index, table });
         self.probe_round += 1;
         self.probe_replies.clear();
         let round = self.probe_round;
@@ -2038,30 +2251,14 @@ impl World {
     fn execute(&mut self, table: &RoutingTable, pair: &Pair, action: Action) -> bool {
         match action {
             Action::ChangeActive { mode, record } => {
-                let command = TableCommand {
-                    kind: Some(table_command::Kind::ChangeActive(cellbank_proto::router::ChangeActive {
-                        pair_id: pair.pair_id,
-                        new_epoch: pair.epoch + 1,
-                        mode: mode as i32,
-                    })),
-                    audit: Some(record),
-                };
-                if !self.apply_table(command).ok {
+                if !self.apply_table(coordinator::change_active_command(pair, mode, record)).ok {
                     return false;
                 }
                 self.stats.failovers += 1;
-                let new_table = self.table_now();
-                let promoted = table::find_pair(&new_table, pair.pair_id).cloned().expect("the pair");
-                let epoch = promoted.epoch;
-                self.note(|| format!("coordinator: failover to cell {} at epoch {epoch}", promoted.active_cell_id));
-                let cell_mode = if mode == PairMode::Sync {
-                    cellbank_proto::cell::ReplicationMode::Sync
-                } else {
-                    cellbank_proto::cell::ReplicationMode::Async
-                };
-                let desired = coordinator::desired_active(&new_table, &promoted, cell_mode);
-                self.configure(promoted.active_cell_id, desired);
-                let _ = table;
+                let (cell, desired) = coordinator::promotion(table, pair, mode, false);
+                let epoch = desired.epoch;
+                self.note(|| format!("coordinator: failover to cell {cell} at epoch {epoch}"));
+                self.configure(cell, desired);
                 true
             }
             Action::ProposeTable { command, count } => {
@@ -2077,10 +2274,162 @@ impl World {
     }
 
     fn configure(&mut self, cell: u64, state: PairState) {
+        self.configure_with(cell, state, None, 0);
+    }
+
+    /// A configure whose answer the coordinator waits for (`reply`
+    /// nonzero), perhaps with the source's state (a demotion).
+    fn configure_with(&mut self, cell: u64, state: PairState, source_state: Option<PairState>, reply: u64) {
         let state = PairState { coordinator_term: self.coordinator_term, ..state };
         for rid in 1..=REPLICAS {
-            self.send(Addr::Coordinator, Addr::Replica(cell, rid), Msg::Configure { state: state.clone() });
+            let msg = Msg::Configure { state: state.clone(), source_state: source_state.clone(), reply };
+            self.send(Addr::Coordinator, Addr::Replica(cell, rid), msg);
         }
+    }
+
+    // ---- the operator --------------------------------------------------
+
+    /// One step of the operator's action, after a round of probes: the
+    /// same sequence as `Coordinator::switchover` and
+    /// `Coordinator::failover` (with `--force`), on their pure decisions.
+    fn job_step(&mut self) {
+        let Some(job) = self.job.clone() else { return };
+        let switchover = job.kind == FaultKind::Switchover;
+        let now = self.now;
+        match job.phase.clone() {
+            JobPhase::Look => {
+                let table = self.table_now();
+                let pair = *table::find_pair(&table, job.pair_id).expect("the pair");
+                let active = self.health.get(&pair.active_cell_id).cloned().unwrap_or_default();
+                let standby = self.health.get(&pair.standby_cell_id).cloned().unwrap_or_default();
+                let (start, active_state) = if switchover {
+                    match coordinator::check_switchover(&pair, &active, &standby) {
+                        Ok(state) => (None, Some(state)),
+                        Err(status) => return self.job_ends(false, status.message()),
+                    }
+                } else {
+                    match coordinator::check_failover(&pair, true, &active, &standby) {
+                        Ok(start) => {
+                            let state = start.active_state.clone();
+                            (Some(start), state)
+                        }
+                        Err(status) => return self.job_ends(false, status.message()),
+                    }
+                };
+                let Some(active_state) = active_state else {
+                    return self.job_change_active(&job, &table, &pair, start, None, false);
+                };
+                let req = self.next_ctx;
+                self.next_ctx += 1;
+                self.note(|| format!("operator: fence cell {}", pair.active_cell_id));
+                self.configure_with(pair.active_cell_id, coordinator::fenced(&active_state), None, req);
+                let deadline = now + CONFIGURE_TIMEOUT_MS * 1000;
+                let phase = JobPhase::Fence { table, pair, start, active_state, req, deadline };
+                self.job = Some(Job { phase, ..job });
+            }
+            JobPhase::Fence { table, pair, start, active_state, req, deadline } => match self.take_answer(req) {
+                Some(Some((fence_index, _))) => {
+                    let deadline = now + CATCH_UP_MAX_MS * 1000;
+                    let phase = JobPhase::CatchUp { table, pair, start, active_state, fence_index, deadline };
+                    self.job = Some(Job { phase, ..job });
+                }
+                Some(None) => self.job_ends(false, "the active refused the fence"),
+                None if now >= deadline => self.job_ends(false, "the fence was not answered in time"),
+                None => {}
+            },
+            JobPhase::CatchUp { table, pair, start, active_state, fence_index, deadline } => {
+                let active = self.health.get(&pair.active_cell_id).cloned().unwrap_or_default();
+                let acked = active.leader.as_ref().map(|s| s.standby_acked_index).unwrap_or(0);
+                if acked >= fence_index {
+                    self.job_change_active(&job, &table, &pair, start, None, true);
+                } else if now >= deadline {
+                    if switchover {
+                        // Undone: the active takes writes again.
+                        self.configure(pair.active_cell_id, active_state);
+                        self.job_ends(false, "the standby did not catch up; the fence was undone");
+                    } else {
+                        self.job_change_active(&job, &table, &pair, start, Some((fence_index, acked)), true);
+                    }
+                }
+            }
+            JobPhase::Promote { old_active, req, deadline } => match self.take_answer(req) {
+                Some(Some((index, state))) => {
+                    let new_pair = *table::find_pair(&self.table_now(), job.pair_id).expect("the pair");
+                    let demoted = coordinator::desired_standby(&new_pair, index);
+                    self.configure_with(old_active, demoted, Some(state), 0);
+                    self.stats.switchovers += 1;
+                    self.job_ends(true, "switchover done");
+                }
+                Some(None) => self.job_ends(false, "the promotion was refused"),
+                None if now >= deadline => self.job_ends(false, "the promotion was not answered in time"),
+                None => {}
+            },
+        }
+    }
+
+    /// Commits the change of active and promotes the standby; a forced
+    /// failover of a DEGRADED pair records the loss window it reports.
+    fn job_change_active(
+        &mut self,
+        job: &Job,
+        table: &RoutingTable,
+        pair: &Pair,
+        start: Option<FailoverStart>,
+        fence: Option<(u64, u64)>,
+        fenced: bool,
+    ) {
+        let switchover = job.kind == FaultKind::Switchover;
+        let mode = if switchover { PairMode::Sync } else { PairMode::Degraded };
+        let window = match (&start, fenced, fence) {
+            (Some(start), false, _) => coordinator::loss_window(pair, start, None),
+            (Some(start), true, Some(fence)) => coordinator::loss_window(pair, start, Some(fence)),
+            _ => None,
+        };
+        let what = if switchover { "switchover" } else { "forced failover" };
+        let why = window.map(|w| w.describe(table::mode(pair))).unwrap_or_default();
+        let record = cellbank_proto::router::AuditRecord {
+            who: "operator".into(),
+            what: what.into(),
+            why: why.clone(),
+            ..Default::default()
+        };
+        if !self.apply_table(coordinator::change_active_command(pair, mode, record)).ok {
+            return self.job_ends(false, "the table refused the change of active");
+        }
+        self.stats.failovers += 1;
+        if let Some(window) = window.filter(|_| table::mode(pair) != PairMode::Sync) {
+            let (pair_id, cell, epoch) = (pair.pair_id, pair.active_cell_id, pair.epoch);
+            self.forfeits.push(Forfeit { pair: pair_id, cell, epoch, window });
+        }
+        let (cell, desired) = coordinator::promotion(table, pair, mode, fenced);
+        let epoch = desired.epoch;
+        self.note(|| format!("operator: {what} to cell {cell} at epoch {epoch}; may be lost: {why}"));
+        if switchover {
+            let req = self.next_ctx;
+            self.next_ctx += 1;
+            self.configure_with(cell, desired, None, req);
+            let deadline = self.now + CONFIGURE_TIMEOUT_MS * 1000;
+            let phase = JobPhase::Promote { old_active: pair.active_cell_id, req, deadline };
+            self.job = Some(Job { phase, ..job.clone() });
+        } else {
+            self.configure(cell, desired);
+            self.stats.forced_failovers += 1;
+            self.job_ends(true, "forced failover done");
+        }
+    }
+
+    fn take_answer(&mut self, req: u64) -> Option<Option<(u64, PairState)>> {
+        let k = self.configure_answers.iter().position(|(r, _)| *r == req)?;
+        Some(self.configure_answers.swap_remove(k).1)
+    }
+
+    fn job_ends(&mut self, done: bool, why: &str) {
+        if !done {
+            self.stats.operator_refused += 1;
+        }
+        self.note(|| format!("operator: {why}"));
+        self.job = None;
+        self.configure_answers.clear();
     }
 
     // ---- clients -------------------------------------------------------
@@ -2105,7 +2454,7 @@ impl World {
         let op = self.next_op(c);
         let req = self.clients[c].next_req;
         self.clients[c].next_req += 1;
-        let request = Request { req, op, sent_at: self.now, attempts: 0 };
+        let request = Request { req, op, sent_at: self.now, attempts: 0, epoch: 0 };
         self.send_request(c, request);
     }
 
@@ -2160,6 +2509,9 @@ impl World {
         let id = format!("t{c}-{n}").into_bytes();
         let (source, dest) = (self.user_pair[&from], self.user_pair[&to]);
         let (source_pair_id, dest_pair_id) = if source == dest { (0, 0) } else { (source, dest) };
+        if source != dest {
+            self.cross_ids.push((id.clone(), source, dest));
+        }
         let command = Command {
             kind: Some(command::Kind::Move(MoveCommand {
                 transfer_id: id.clone(),
@@ -2201,6 +2553,7 @@ impl World {
                 Msg::Read { req: request.req, transfer_id: transfer_id.clone(), epoch: route.epoch }
             }
         };
+        request.epoch = route.epoch;
         self.clients[c].current = Some(request);
         self.send(Addr::Client(c), Addr::Replica(route.cell_id, rid), msg);
         self.schedule(CLIENT_TIMEOUT_MS * 1000 + 1, EventKind::Client(c));
@@ -2221,18 +2574,23 @@ impl World {
             Outcome::Done(result) => {
                 if let Op::Write { transfer_id, .. } = &request.op {
                     let now = self.now;
-                    if let Some(a) = self
+                    let mut this_forfeited = false;
+                    if let Some(k) = self
                         .acked
-                        .iter_mut()
-                        .find(|a| &a.transfer_id == transfer_id && a.code == result.code && a.heard_at == u64::MAX)
+                        .iter()
+                        .position(|a| &a.transfer_id == transfer_id && a.code == result.code && a.heard_at == u64::MAX)
                     {
-                        a.heard_at = now;
+                        self.acked[k].heard_at = now;
+                        this_forfeited = self.forfeited(&self.acked[k]);
                     }
                     // A transfer id has one outcome, whichever attempt
                     // (and cell) answers. (Opening an account is not keyed
-                    // by an id: a retry hears ACCOUNT_ALREADY_EXISTS.)
+                    // by an id: a retry hears ACCOUNT_ALREADY_EXISTS.) Not
+                    // across a forced failover's loss: either answer may be
+                    // one it lost.
                     let first = self.acked.iter().find(|a| &a.transfer_id == transfer_id && a.heard_at != u64::MAX);
-                    if let Some(first) = first.filter(|_| !transfer_id.starts_with(b"open-")) {
+                    let forfeited = this_forfeited || first.is_some_and(|a| self.forfeited(a));
+                    if let Some(first) = first.filter(|_| !transfer_id.starts_with(b"open-") && !forfeited) {
                         if first.code != result.code {
                             let detail = format!(
                                 "{} was answered {} and later {}",
@@ -2250,10 +2608,35 @@ impl World {
             Outcome::Read(record) => {
                 if let Op::Read { transfer_id, expect, .. } = &request.op {
                     let ok = record.as_ref().is_some_and(|r| r.result == *expect);
-                    if !ok {
+                    // An old active that a forced failover deposed while it
+                    // was unreachable serves its own history to clients that
+                    // still route to it, until it learns (the loss the
+                    // failover reported: everything after the standby's copy).
+                    let split = self.forfeits.iter().any(|f| {
+                        f.window.through_index.is_none()
+                            && from == Addr::Replica(f.cell, rid_of(from))
+                            && request.epoch == f.epoch
+                    });
+                    if !ok && !split && !self.forfeited_id(transfer_id) {
+                        let acks: Vec<String> = self
+                            .acked
+                            .iter()
+                            .filter(|a| &a.transfer_id == transfer_id)
+                            .map(|a| {
+                                format!(
+                                    "cell {} epoch {} index {}{}",
+                                    a.cell,
+                                    a.epoch,
+                                    a.index,
+                                    if a.alone { " alone" } else { "" }
+                                )
+                            })
+                            .collect();
                         let detail = format!(
-                            "a read of {} that began after its acknowledgement found {:?} (expected result {})",
+                            "a read of {} that began after its acknowledgement ({}) found {:?} (expected result {}) \
+                             at {from:?}",
                             String::from_utf8_lossy(transfer_id),
+                            acks.join("; "),
                             record.map(|r| r.result),
                             expect
                         );
@@ -2330,6 +2713,8 @@ impl World {
                     3 => vec![
                         Cut { from: Side::Cell(cell), to: Side::Coordinator },
                         Cut { from: Side::Coordinator, to: Side::Cell(cell) },
+                        Cut { from: Side::Cell(cell), to: Side::Router },
+                        Cut { from: Side::Router, to: Side::Cell(cell) },
                         Cut { from: Side::Cell(cell), to: Side::Clients },
                         Cut { from: Side::Clients, to: Side::Cell(cell) },
                     ],
@@ -2361,11 +2746,25 @@ impl World {
             }
             FaultKind::CoordinatorRestart => {
                 // A new coordinator: a new term, and no memory of the cells
-                // (it gives each a full window).
+                // (it gives each a full window). An operator's action dies
+                // with the old one.
+                if self.job.take().is_some() {
+                    self.stats.operator_refused += 1;
+                    self.configure_answers.clear();
+                }
                 self.coordinator_term += 1;
                 let now = self.instant();
                 for health in self.health.values_mut() {
                     *health = CellHealth { leader_seen: Some(now), ..Default::default() };
+                }
+            }
+            FaultKind::Switchover | FaultKind::ForcedFailover => {
+                // The action waits for the coordinator's lock in
+                // production; here a second one while one runs is refused.
+                if self.job.is_some() {
+                    self.stats.operator_refused += 1;
+                } else {
+                    self.job = Some(Job { kind: fault.kind, pair_id: pair.pair_id, phase: JobPhase::Look });
                 }
             }
             FaultKind::Network | FaultKind::ClockSkew => {}
@@ -2433,12 +2832,11 @@ impl World {
             };
             serving.insert(pair_id, best);
             let kv = &self.replicas[best].kv;
-            let missing: Vec<String> = self
-                .acked
-                .iter()
-                .filter(|a| a.pair == pair_id && !holds(kv, a))
-                .map(|a| String::from_utf8_lossy(&a.transfer_id).into_owned())
-                .collect();
+            let (forfeited, missing): (Vec<&Acked>, Vec<&Acked>) =
+                self.acked.iter().filter(|a| a.pair == pair_id && !holds(kv, a)).partition(|a| self.forfeited(a));
+            let missing: Vec<String> =
+                missing.iter().map(|a| String::from_utf8_lossy(&a.transfer_id).into_owned()).collect();
+            self.stats.forfeited += forfeited.len() as u64;
             if !missing.is_empty() {
                 let detail = format!(
                     "cell {cell} (serving pair {pair_id} at epoch {}) lacks {} acknowledged write(s): {}",
@@ -2518,6 +2916,13 @@ impl World {
                 }
             }
         }
+        // Credits a forced failover's loss window allows: applied at the
+        // destination with no surviving debit (passed on only by routers that
+        // did not know of the failover), and answered by a cell whose copy
+        // was lost.
+        let mut orphaned: i128 = 0;
+        let mut lost: i128 = 0;
+        let mut credited_ids: BTreeMap<(u64, u64), std::collections::HashSet<Vec<u8>>> = BTreeMap::new();
         for (dest, _, _) in PAIRS {
             for (source, _, _) in PAIRS {
                 if source == dest {
@@ -2546,12 +2951,52 @@ impl World {
                         ..Default::default()
                     };
                     if !ledger::clearing::holds_debit(kv_of(source), &credit) {
-                        let detail =
-                            format!("pair {dest} credited {id} (seq {seq}) but pair {source} holds no debit for it");
-                        return self.fail("a credit has a surviving debit", detail);
+                        let origin = ledger::clearing::read_inbox_origin(kv_of(dest), source, seq);
+                        // Allowed only if no router that passed it on knew the
+                        // sender had been deposed.
+                        let routed = origin
+                            .and_then(|(epoch, index)| self.routed.get(&(source, seq, epoch, index)).copied())
+                            .unwrap_or(u64::MAX);
+                        let allowed = origin.is_some_and(|(epoch, index)| {
+                            routed <= epoch && self.forfeits.iter().any(|f| f.covers(source, f.cell, epoch, index))
+                        });
+                        if !allowed {
+                            let detail = format!(
+                                "pair {dest} credited {id} (seq {seq}, created at epoch and index {origin:?}; a router \
+                                 that passed it on knew epoch {routed}) but pair {source} holds no debit for it"
+                            );
+                            return self.fail("a credit has a surviving debit", detail);
+                        }
+                        orphaned += record.amount as i128;
+                        self.stats.forfeited += 1;
                     }
                 }
+                credited_ids.insert((dest, source), seen_ids);
             }
+        }
+        // Every credit a destination answered (its source settled it
+        // CREDITED) is in the destination's serving cell.
+        for (id, source, dest) in &self.cross_ids {
+            let credited = ledger::read_transfer(kv_of(*source), id)
+                .is_some_and(|r| r.settlement == cellbank_proto::v1::Settlement::Credited as i32);
+            if !credited || credited_ids.get(&(*dest, *source)).is_some_and(|ids| ids.contains(id)) {
+                continue;
+            }
+            let applies = self.credit_applies.get(id).cloned().unwrap_or_default();
+            let allowed = applies
+                .iter()
+                .any(|(cell, epoch, index)| self.forfeits.iter().any(|f| f.covers(*dest, *cell, *epoch, *index)));
+            if !allowed {
+                let detail = format!(
+                    "pair {source} settled {} as credited, but pair {dest}'s serving cell holds no credit for it \
+                     (applied at {applies:?})",
+                    String::from_utf8_lossy(id)
+                );
+                return self.fail("answered credits survive failover", detail);
+            }
+            let amount = ledger::read_transfer(kv_of(*source), id).map(|r| r.amount).unwrap_or(0);
+            lost += amount as i128;
+            self.stats.forfeited += 1;
         }
         let clearing: i128 = PAIRS
             .iter()
@@ -2562,8 +3007,11 @@ impl World {
                     .unwrap_or(0)
             })
             .sum();
-        if clearing != in_flight {
-            let detail = format!("the pairs' clearing accounts sum to {clearing}, the money in flight is {in_flight}");
+        if clearing + orphaned - lost != in_flight {
+            let detail = format!(
+                "the pairs' clearing accounts sum to {clearing}, the money in flight is {in_flight} (credits without \
+                 a debit a forced failover allowed: {orphaned}; answered credits it lost: {lost})"
+            );
             return self.fail("clearing accounts equal the money in flight", detail);
         }
         let mut users: i128 = 0;
@@ -2577,9 +3025,11 @@ impl World {
                 deposits += FUNDING as i128;
             }
         }
-        if users + in_flight != deposits {
-            let detail =
-                format!("users hold {users} across both pairs and {in_flight} is in flight; deposits were {deposits}");
+        if users + in_flight != deposits + orphaned - lost {
+            let detail = format!(
+                "users hold {users} across both pairs and {in_flight} is in flight; deposits were {deposits} (credits \
+                 without a debit a forced failover allowed: {orphaned}; answered credits it lost: {lost})"
+            );
             self.fail("money is conserved", detail);
         }
     }

@@ -118,6 +118,17 @@ pub fn read_inbox_origin(kv: &dyn Kv, source_pair_id: u64, seq: u64) -> Option<(
     })
 }
 
+/// Outbox seqs of epoch `e` start at `e << SEQ_EPOCH_SHIFT`: 4 billion
+/// credits per epoch before a range runs into the next, and 4 billion
+/// epochs (an unpaired cell, epoch 0, counts from 1). Epochs stay far below
+/// 2^32: each is a failover or switchover.
+pub const SEQ_EPOCH_SHIFT: u32 = 32;
+
+/// The first outbox seq a cell uses at `epoch`.
+pub fn first_seq_of_epoch(epoch: u64) -> u64 {
+    (epoch << SEQ_EPOCH_SHIFT) + 1
+}
+
 /// The destination answers that settle an outbox entry: credited, or
 /// refused for good (which refunds the sender). Anything else (a refusal
 /// to serve, a malformed credit) leaves the entry pending.
@@ -141,11 +152,16 @@ impl Ledger {
         record_key: Vec<u8>,
         refund_user_id: u64,
     ) {
-        let seq = read_outbox_seq(kv) + 1;
+        let slot = self.applying_slot.expect("an outbox entry is created inside a command's apply");
+        let epoch = self.pair_epoch(kv, slot);
+        // Each epoch numbers its credits from its own range: a cell promoted
+        // by a forced failover never reuses a seq that its predecessor's
+        // lost tail already delivered (the destination would refuse the
+        // reuse as a forked history, and that credit would never settle).
+        let seq = (read_outbox_seq(kv) + 1).max(first_seq_of_epoch(epoch));
         kv.put(keys::OUTBOX_SEQ, &seq.to_be_bytes());
         credit.seq = seq;
-        let slot = self.applying_slot.expect("an outbox entry is created inside a command's apply");
-        credit.created_epoch = self.pair_epoch(kv, slot);
+        credit.created_epoch = epoch;
         credit.created_index = index;
         credit.sender_epoch = 0;
         let currency = Currency::parse(&credit.currency).expect("validated before the debit");
