@@ -415,6 +415,33 @@ pub fn check_hello(cell_id: u64, state: &PairState, source_cell_id: u64, epoch: 
     Ok(())
 }
 
+/// What a standby replica does with a keepalive on an open stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Keepalive {
+    /// Answered, in stream order, with the standby's acknowledgement (which
+    /// renews the active's read lease).
+    Answer,
+    /// This replica no longer leads its cell: the stream ends and the
+    /// source looks for the new leader. A leader cut off from its own cell
+    /// keeps its old view of the pair state; answering from it would renew
+    /// the active's read lease after the cell was promoted.
+    NotLeader,
+    /// This cell is no longer the source's standby at that epoch.
+    Refused(HelloRefusal),
+}
+
+/// A standby replica's verdict on a keepalive (`hello` on an open stream).
+/// Pure: the standby service runs it on every keepalive.
+pub fn judge_keepalive(cell_id: u64, is_leader: bool, state: &PairState, hello: &ShipHello) -> Keepalive {
+    if !is_leader {
+        return Keepalive::NotLeader;
+    }
+    match check_hello(cell_id, state, hello.source_cell_id, hello.epoch) {
+        Ok(()) => Keepalive::Answer,
+        Err(refusal) => Keepalive::Refused(refusal),
+    }
+}
+
 /// What a standby acknowledges: the source index it holds, or that it
 /// needs a snapshot (and which chunk comes next).
 pub fn ship_ack(state: &PairState) -> ShipAck {
@@ -808,6 +835,34 @@ impl Shipper {
 
 #[cfg(test)]
 mod tests {
+
+    /// Found reviewing the simulator's stream model: a standby replica that
+    /// stopped leading (cut off from its own cell) still answered the
+    /// active's keepalives from its old view, renewing the active's read
+    /// lease after the cell was promoted. Only a leader answers.
+    #[test]
+    fn only_a_leading_standby_replica_answers_a_keepalive() {
+        use cellbank_proto::cell::{PairRole, ShipHello};
+        let standby = PairState {
+            epoch: 3,
+            role: PairRole::Standby as i32,
+            mode: cellbank_proto::cell::ReplicationMode::Sync as i32,
+            source_cell_id: 1,
+            source_index: 40,
+            ..Default::default()
+        };
+        let hello = ShipHello { source_cell_id: 1, epoch: 3 };
+        assert_eq!(judge_keepalive(2, true, &standby, &hello), Keepalive::Answer);
+        assert_eq!(judge_keepalive(2, false, &standby, &hello), Keepalive::NotLeader);
+        // Promoted (a later epoch): the source is superseded.
+        let promoted = PairState { epoch: 4, role: PairRole::Active as i32, ..standby.clone() };
+        assert!(matches!(
+            judge_keepalive(2, true, &promoted, &hello),
+            Keepalive::Refused(HelloRefusal::Superseded { epoch: 4, .. })
+        ));
+        // A follower's stale view never answers, whatever it shows.
+        assert_eq!(judge_keepalive(2, false, &promoted, &hello), Keepalive::NotLeader);
+    }
     use super::*;
     use cellbank_proto::cell::{PairRole, ReplicationMode};
 

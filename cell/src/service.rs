@@ -1165,11 +1165,18 @@ impl StandbyService {
         let state = self.context.pair.borrow().clone();
         match crate::replication::check_hello(self.context.cell_id, &state, hello.source_cell_id, hello.epoch) {
             Ok(()) => Ok(state),
-            Err(crate::replication::HelloRefusal::Superseded { epoch, detail }) => {
-                Err(epoch_status(Status::failed_precondition(detail), epoch))
-            }
-            Err(crate::replication::HelloRefusal::NotYet(detail)) => Err(Status::unavailable(detail)),
+            Err(refusal) => Err(refusal_status(refusal)),
         }
+    }
+}
+
+/// The status a refused hello (or keepalive) ends the stream with.
+fn refusal_status(refusal: crate::replication::HelloRefusal) -> Status {
+    match refusal {
+        crate::replication::HelloRefusal::Superseded { epoch, detail } => {
+            epoch_status(Status::failed_precondition(detail), epoch)
+        }
+        crate::replication::HelloRefusal::NotYet(detail) => Status::unavailable(detail),
     }
 }
 
@@ -1207,7 +1214,6 @@ impl StandbyApi for StandbyService {
         let state = self.check_hello(&hello)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ShipAck, Status>>(STANDBY_IN_FLIGHT_MAX + 1);
         tx.try_send(Ok(ship_ack(&state))).expect("fresh channel has room");
-        let service = StandbyService { context: context.clone() };
         tokio::spawn(async move {
             let mut pending: futures::stream::FuturesOrdered<PendingAck> = futures::stream::FuturesOrdered::new();
             let mut inbound_open = true;
@@ -1224,20 +1230,22 @@ impl StandbyApi for StandbyService {
                             Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(keepalive)) })) => {
                                 // A keepalive: answered in order, if this
                                 // replica still leads and this cell still is
-                                // the source's standby. (A leader cut off from
-                                // its cell keeps its old view: answering from
-                                // it would renew the active's read lease after
-                                // the cell was promoted.)
-                                if !context.node.shared.is_leader.load(Ordering::Relaxed) {
-                                    let leader_id = context.node.shared.leader_id.load(Ordering::Relaxed);
-                                    let why = format!("replica {} is no longer the leader", context.replica_id);
-                                    let _ = tx.send(Err(context.unavailable(why, leader_id))).await;
-                                    return;
-                                }
-                                match service.check_hello(&keepalive) {
-                                    Ok(_) => pending.push_back(Box::pin(async { Ok(Ok(Vec::new())) })),
-                                    Err(status) => {
-                                        let _ = tx.send(Err(status)).await;
+                                // the source's standby
+                                // (`replication::judge_keepalive`).
+                                let is_leader = context.node.shared.is_leader.load(Ordering::Relaxed);
+                                let state = context.pair.borrow().clone();
+                                match crate::replication::judge_keepalive(context.cell_id, is_leader, &state, &keepalive) {
+                                    crate::replication::Keepalive::Answer => {
+                                        pending.push_back(Box::pin(async { Ok(Ok(Vec::new())) }))
+                                    }
+                                    crate::replication::Keepalive::NotLeader => {
+                                        let leader_id = context.node.shared.leader_id.load(Ordering::Relaxed);
+                                        let why = format!("replica {} is no longer the leader", context.replica_id);
+                                        let _ = tx.send(Err(context.unavailable(why, leader_id))).await;
+                                        return;
+                                    }
+                                    crate::replication::Keepalive::Refused(refusal) => {
+                                        let _ = tx.send(Err(refusal_status(refusal))).await;
                                         return;
                                     }
                                 }
