@@ -512,6 +512,8 @@ impl Coordinator {
                 let acked = self.look(pair.active_cell_id).await.leader.map(|s| s.standby_acked_index).unwrap_or(0);
                 loss_window(&pair, &start, Some((fence.applied_index, acked)))
             } else {
+                // Fenced and caught up (`loss_window` with no fence outcome
+                // says the same for a reachable active).
                 None
             }
         } else {

@@ -2380,11 +2380,10 @@ impl World {
     ) {
         let switchover = job.kind == FaultKind::Switchover;
         let mode = if switchover { PairMode::Sync } else { PairMode::Degraded };
-        let window = match (&start, fenced, fence) {
-            (Some(start), false, _) => coordinator::loss_window(pair, start, None),
-            (Some(start), true, Some(fence)) => coordinator::loss_window(pair, start, Some(fence)),
-            _ => None,
-        };
+        // `loss_window` itself says nothing is lost for a fenced active
+        // the standby caught up with (no `fence` outcome), and a switchover
+        // has no `start`.
+        let window = start.as_ref().and_then(|start| coordinator::loss_window(pair, start, fence));
         let what = if switchover { "switchover" } else { "forced failover" };
         let why = window.map(|w| w.describe(table::mode(pair))).unwrap_or_default();
         let record = cellbank_proto::router::AuditRecord {
