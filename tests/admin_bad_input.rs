@@ -70,11 +70,13 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     let mut cell = ReplicaAdminClient::new(channel);
     let zero = PairState { epoch: 0, role: PairRole::Active as i32, ..Default::default() };
     let error =
-        cell.configure(ConfigureRequest { cell_id: 1, state: Some(zero), source_state: None }).await.unwrap_err();
+        cell.configure(ConfigureRequest { cell_id: 1, state: Some(zero), ..Default::default() }).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
     let wrong_cell = PairState { epoch: 5, role: PairRole::Fenced as i32, ..Default::default() };
-    let error =
-        cell.configure(ConfigureRequest { cell_id: 9, state: Some(wrong_cell), source_state: None }).await.unwrap_err();
+    let error = cell
+        .configure(ConfigureRequest { cell_id: 9, state: Some(wrong_cell), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
 
     // A switchover of a degraded pair is refused.

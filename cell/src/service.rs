@@ -1021,7 +1021,11 @@ impl ReplicaAdmin for AdminService {
             return Err(Status::invalid_argument("state: unknown role or mode"));
         }
         let command = Command {
-            kind: Some(command::Kind::Configure(ConfigureCommand { state: Some(state), source_state: r.source_state })),
+            kind: Some(command::Kind::Configure(ConfigureCommand {
+                state: Some(state),
+                source_state: r.source_state,
+                force_rebuild: r.force_rebuild,
+            })),
         };
         let term = self.context.node.shared.leader_term.load(Ordering::Relaxed);
         let mut results = self.context.within(timeout, self.context.node.propose(vec![command])).await?;

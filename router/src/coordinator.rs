@@ -258,6 +258,19 @@ impl Coordinator {
         state: PairState,
         source_state: Option<PairState>,
     ) -> Result<ConfigureResponse, Status> {
+        self.send_configure(cell_id, state, source_state, false).await
+    }
+
+    /// [`Self::configure`], and for a standby told to rebuild, whether the
+    /// rebuild starts again even when one of this source at this epoch was
+    /// already taken (an operator's rebuild).
+    async fn send_configure(
+        &self,
+        cell_id: u64,
+        state: PairState,
+        source_state: Option<PairState>,
+        force_rebuild: bool,
+    ) -> Result<ConfigureResponse, Status> {
         let conn = self.pool.cell(cell_id).ok_or_else(|| Status::not_found(format!("unknown cell {cell_id}")))?;
         if self.pool.is_isolated(cell_id) {
             return Err(Status::unavailable(format!("cell {cell_id} is isolated from this router (injected fault)")));
@@ -266,7 +279,7 @@ impl Coordinator {
         // newer coordinator, this one's commands are refused.
         let term = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?.term;
         let state = PairState { coordinator_term: term, ..state };
-        let request = ConfigureRequest { cell_id, state: Some(state), source_state };
+        let request = ConfigureRequest { cell_id, state: Some(state), source_state, force_rebuild };
         let deadline = Instant::now() + CONFIGURE_TIMEOUT;
         let mut order: Vec<usize> = (0..conn.replicas.len()).collect();
         let leader_addr = conn.leader().addr.clone();
@@ -388,7 +401,19 @@ impl Coordinator {
         self.propose(change_active_command(pair, mode, record)).await?;
         self.metrics.failovers_total.inc();
         let (cell_id, desired) = promotion(table, pair, mode, old_active_fenced);
-        self.configure(cell_id, desired, None).await
+        let epoch = desired.epoch;
+        self.configure(cell_id, desired, None).await.map_err(|e| {
+            Status::new(
+                e.code(),
+                format!(
+                    "the routing table names cell {cell_id} active at epoch {epoch}, but its promotion did not take \
+                     effect ({}); the coordinator repeats it on every pass, and leaves cell {} as it is until it \
+                     does",
+                    e.message(),
+                    pair.active_cell_id
+                ),
+            )
+        })
     }
 
     /// A fresh look at one cell.
@@ -560,7 +585,7 @@ impl Coordinator {
         self.propose(command).await?;
         let degraded = Pair { mode: PairMode::Degraded as i32, ..pair };
         self.configure(pair.active_cell_id, desired_active(&table, &degraded, ReplicationMode::Async), None).await?;
-        self.configure(pair.standby_cell_id, desired_standby(&pair, 0), None).await?;
+        self.send_configure(pair.standby_cell_id, desired_standby(&pair, 0), None, true).await?;
         Ok(AdminActionResponse {
             new_epoch: pair.epoch,
             active_cell_id: pair.active_cell_id,
@@ -1004,13 +1029,26 @@ pub fn plan_pair(
     }
 
     // 4. The standby cell's configuration: a cell that is not this pair's
-    //    standby at this epoch is rebuilt as one.
+    //    standby at this epoch is rebuilt as one. Not an old active (or one
+    //    fenced) while the table's active has not taken up its role at this
+    //    epoch: its promotion may have been refused (a copy found
+    //    incomplete after the change of active was committed), and then the
+    //    old active holds the pair's only complete ledger and is the source
+    //    the new active completes its copy from, after which the promotion
+    //    that step 3 repeats succeeds. (Found by the simulator, seed 40608:
+    //    demoting it left the pair with no active cell for good.)
     if pair.standby_cell_id != 0 {
         if let Some(current) = standby.leader_pair() {
             let fits = pair::role(&current) == PairRole::Standby
                 && current.epoch == pair.epoch
                 && current.source_cell_id == pair.active_cell_id;
-            if !fits && current.epoch <= pair.epoch {
+            let successor_serves =
+                active.leader_pair().is_some_and(|s| s.epoch >= pair.epoch && pair::role(&s) == PairRole::Active);
+            let held_the_ledger =
+                matches!(pair::role(&current), PairRole::Active | PairRole::Fenced) && current.epoch < pair.epoch;
+            if held_the_ledger && !successor_serves {
+                // Wait for the promotion.
+            } else if !fits && current.epoch <= pair.epoch {
                 actions.push(Action::Configure { cell_id: pair.standby_cell_id, state: desired_standby(pair, 0) });
             } else if fits && current.coordinator_term < term && current.source_index > 0 {
                 // A new coordinator makes itself known (no rebuild: the
@@ -1212,5 +1250,68 @@ mod tests {
         assert!(check_failover(&sync, false, &active, &standby).is_err());
         assert!(check_switchover(&sync, &active, &standby).is_ok());
         assert!(check_switchover(&degraded, &active, &standby).is_err());
+    }
+
+    /// Found by the simulator (seed 40608): after a committed change of
+    /// active whose promotion the new active refused (its copy was being
+    /// rebuilt), the next pass rebuilt the old active as the new one's
+    /// standby, and the pair had no active cell for good. Now the promotion
+    /// is repeated and the old active, which holds the only complete ledger
+    /// and completes the new active's copy, is left alone until the new
+    /// active serves; then it becomes its standby.
+    #[test]
+    fn the_old_active_is_kept_until_its_successor_is_promoted() {
+        // The table after the change of active: cell 1 active at epoch 3,
+        // cell 2 (the old active, fenced at epoch 2) its standby.
+        let table = table(PairMode::Degraded, 7);
+        let pair = table.pairs[0];
+        let config = CoordinatorConfig::default();
+        let now = Instant::now();
+        let rebuilding = PairState {
+            epoch: 2,
+            role: PairRole::Standby as i32,
+            mode: ReplicationMode::Sync as i32,
+            source_cell_id: 2,
+            rebuild_snapshot_index: 90,
+            coordinator_term: 1,
+            ..Default::default()
+        };
+        let old_active = PairState {
+            epoch: 2,
+            role: PairRole::Fenced as i32,
+            mode: ReplicationMode::Async as i32,
+            standby_cell_id: 1,
+            coordinator_term: 1,
+            ..Default::default()
+        };
+        let actions = plan_pair(
+            &config,
+            &table,
+            &pair,
+            1,
+            &leader(rebuilding, 20, 0),
+            &leader(old_active.clone(), 95, 0),
+            now,
+            0,
+        );
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Configure { cell_id: 1, state }
+                if state.epoch == 3 && pair::role(state) == PairRole::Active)),
+            "the promotion is repeated: {actions:?}"
+        );
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Configure { cell_id: 2, .. })),
+            "the old active is left alone: {actions:?}"
+        );
+        // Once the new active serves at epoch 3, the old one becomes its standby.
+        let mut promoted = desired_active(&table, &pair, ReplicationMode::Async);
+        promoted.coordinator_term = 1;
+        let actions =
+            plan_pair(&config, &table, &pair, 1, &leader(promoted, 30, 0), &leader(old_active, 95, 0), now, 0);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Configure { cell_id: 2, state }
+                if pair::role(state) == PairRole::Standby && state.source_cell_id == 1 && state.source_index == 0)),
+            "{actions:?}"
+        );
     }
 }

@@ -1340,7 +1340,11 @@ impl World {
                 if vol.leader_term != 0 {
                     let term = vol.leader_term;
                     let command = Command {
-                        kind: Some(command::Kind::Configure(ConfigureCommand { state: Some(state), source_state })),
+                        kind: Some(command::Kind::Configure(ConfigureCommand {
+                            state: Some(state),
+                            source_state,
+                            force_rebuild: false,
+                        })),
                     };
                     self.propose(i, command, Pending::Configure { term, reply });
                 }

@@ -80,6 +80,24 @@ fn seeds_1439_1535_and_1681_deliver_every_credit_after_a_forced_failover() {
 
 /// The scenario the sender-epoch mutation needs, on today's code: every
 /// seed passes, and the forced failovers lose only what they report.
+/// Found by the 100,000-seed sweep: two operator actions on one pair in
+/// quick succession left it with no active cell (the coordinator told the
+/// old active to rebuild twice, judging by a status from before its first
+/// request; a forced failover saw the first copy complete, committed the
+/// change of active, and the promotion was refused; the next pass demoted
+/// the old active). All four failed with both fixes reverted (a rebuild
+/// request for a copy already taken changes nothing; the old active is kept
+/// until its successor serves) and pass with either one.
+#[test]
+fn seeds_40608_63531_90470_and_96076_keep_an_active_cell_after_two_operator_actions() {
+    for seed in [40608, 63531, 90470, 96076] {
+        let result = run_seed(seed, &Faults::all(), false);
+        assert!(result.violation.is_none(), "seed {seed}: {}", result.violation.unwrap());
+        let actions = result.stats.switchovers + result.stats.forced_failovers + result.stats.operator_refused;
+        assert!(actions >= 2, "seed {seed} no longer draws two operator actions: it tests nothing");
+    }
+}
+
 #[test]
 fn forced_failovers_of_a_degraded_pair_lose_only_what_they_report() {
     let plan = scenario("forced-failover-of-a-degraded-pair").expect("a known scenario");

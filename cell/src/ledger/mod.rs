@@ -549,7 +549,7 @@ impl Ledger {
     ) -> TransferResult {
         let current = self.pair(kv, slot);
         let requested = command.state.clone().unwrap_or_default();
-        match pair::configure(&current, &requested, index) {
+        match pair::configure(&current, &requested, index, command.force_rebuild) {
             Ok(next) => {
                 let becomes_standby = slot == pair::Slot::Own && pair::role(&next) == PairRole::Standby;
                 if becomes_standby && next.source_index != current.source_index {

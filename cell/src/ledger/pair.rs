@@ -109,7 +109,14 @@ pub fn waits_for_standby(state: &PairState) -> bool {
 }
 
 /// The state after a configure command at `index`, or why it is refused.
-pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Result<PairState, String> {
+/// `force_rebuild`: an operator's rebuild, which starts again even when the
+/// cell already copies the requested source at the requested epoch.
+pub fn configure(
+    current: &PairState,
+    requested: &PairState,
+    index: u64,
+    force_rebuild: bool,
+) -> Result<PairState, String> {
     if requested.epoch < current.epoch {
         return Err(format!("epoch {} is older than the cell's epoch {}", requested.epoch, current.epoch));
     }
@@ -164,10 +171,19 @@ pub fn configure(current: &PairState, requested: &PairState, index: u64) -> Resu
         let same_source = role(current) == PairRole::Standby && current.source_cell_id == requested.source_cell_id;
         // A standby that keeps its source keeps what it holds unless told
         // to rebuild (source_index 0); a new source brings its own index.
-        if same_source && requested.source_index != 0 {
+        // A rebuild request for a copy of this very source at this very
+        // epoch was already taken (a coordinator that judged by a status
+        // from before its first request sends it again): the rebuild under
+        // way, or done, goes on. Starting it again would leave the copy
+        // incomplete for longer, and a failover that saw it complete would
+        // find it refusing to be promoted (simulator, seed 40608). Only an
+        // operator's rebuild starts again.
+        let rebuild_taken = same_source && requested.epoch == current.epoch && !force_rebuild;
+        let keeps_copy = same_source && (requested.source_index != 0 || rebuild_taken);
+        if keeps_copy {
             next.source_index = current.source_index.max(requested.source_index);
         }
-        if same_source && requested.source_index != 0 && current.rebuild_snapshot_index != 0 {
+        if keeps_copy && current.rebuild_snapshot_index != 0 {
             next.rebuild_snapshot_index = current.rebuild_snapshot_index;
             next.rebuild_next_chunk = current.rebuild_next_chunk;
         }
@@ -290,7 +306,7 @@ mod tests {
     fn epochs_never_go_back() {
         let current = state(3, PairRole::Active, ReplicationMode::Sync);
         let older = state(2, PairRole::Standby, ReplicationMode::Sync);
-        assert!(configure(&current, &older, 10).unwrap_err().contains("older"));
+        assert!(configure(&current, &older, 10, false).unwrap_err().contains("older"));
     }
 
     #[test]
@@ -300,9 +316,9 @@ mod tests {
         let mut stale = current.clone();
         stale.coordinator_term = 8;
         stale.mode = ReplicationMode::Async as i32;
-        assert!(configure(&current, &stale, 10).unwrap_err().contains("superseded"));
+        assert!(configure(&current, &stale, 10, false).unwrap_err().contains("superseded"));
         stale.coordinator_term = 10;
-        assert_eq!(configure(&current, &stale, 10).unwrap().coordinator_term, 10);
+        assert_eq!(configure(&current, &stale, 10, false).unwrap().coordinator_term, 10);
     }
 
     #[test]
@@ -311,12 +327,12 @@ mod tests {
         degraded.standby_cell_id = 2;
         let mut sync = degraded.clone();
         sync.mode = ReplicationMode::Sync as i32;
-        let next = configure(&degraded, &sync, 42).unwrap();
+        let next = configure(&degraded, &sync, 42, false).unwrap();
         assert_eq!(next.sync_since_index, 42);
         assert!(waits_for_standby(&next));
-        let again = configure(&next, &sync, 50).unwrap();
+        let again = configure(&next, &sync, 50, false).unwrap();
         assert_eq!(again.sync_since_index, 42, "staying in sync keeps the index it started at");
-        let back = configure(&again, &degraded, 60).unwrap();
+        let back = configure(&again, &degraded, 60, false).unwrap();
         assert_eq!(back.sync_since_index, 0);
         assert!(!waits_for_standby(&back));
     }
@@ -328,14 +344,31 @@ mod tests {
         standby.source_index = 500;
         let mut again = standby.clone();
         again.source_index = 7;
-        assert_eq!(configure(&standby, &again, 9).unwrap().source_index, 500);
+        assert_eq!(configure(&standby, &again, 9, false).unwrap().source_index, 500);
+        // An operator's rebuild starts again.
         again.source_index = 0;
-        assert_eq!(configure(&standby, &again, 9).unwrap().source_index, 0);
+        assert_eq!(configure(&standby, &again, 9, true).unwrap().source_index, 0);
+        // The coordinator's rebuild of a copy of this source at this epoch
+        // was already taken: the copy, or the rebuild under way, stays.
+        assert_eq!(configure(&standby, &again, 9, false).unwrap().source_index, 500);
+        let mut rebuilding = standby.clone();
+        rebuilding.source_index = 0;
+        rebuilding.rebuild_snapshot_index = 640;
+        rebuilding.rebuild_next_chunk = 3;
+        let next = configure(&rebuilding, &again, 9, false).unwrap();
+        assert_eq!((next.source_index, next.rebuild_snapshot_index, next.rebuild_next_chunk), (0, 640, 3));
+        let next = configure(&rebuilding, &again, 9, true).unwrap();
+        assert_eq!((next.source_index, next.rebuild_snapshot_index, next.rebuild_next_chunk), (0, 0, 0));
+        // The same source at a later epoch (its history may have forked
+        // since): rebuilt.
+        let mut later = again.clone();
+        later.epoch = 3;
+        assert_eq!(configure(&standby, &later, 9, false).unwrap().source_index, 0);
         let mut other_source = standby.clone();
         other_source.epoch = 2;
         other_source.source_cell_id = 3;
         other_source.source_index = 77;
-        assert_eq!(configure(&standby, &other_source, 9).unwrap().source_index, 77);
+        assert_eq!(configure(&standby, &other_source, 9, false).unwrap().source_index, 77);
     }
 
     #[test]
@@ -343,12 +376,12 @@ mod tests {
         let mut standby = state(1, PairRole::Standby, ReplicationMode::Sync);
         standby.source_cell_id = 1;
         let promote = state(2, PairRole::Active, ReplicationMode::Async);
-        assert!(configure(&standby, &promote, 9).unwrap_err().contains("no complete copy"));
+        assert!(configure(&standby, &promote, 9, false).unwrap_err().contains("no complete copy"));
         standby.source_index = 40;
         standby.rebuild_snapshot_index = 90;
-        assert!(configure(&standby, &promote, 9).is_err(), "mid-rebuild");
+        assert!(configure(&standby, &promote, 9, false).is_err(), "mid-rebuild");
         standby.rebuild_snapshot_index = 0;
-        assert_eq!(role(&configure(&standby, &promote, 9).unwrap()), PairRole::Active);
+        assert_eq!(role(&configure(&standby, &promote, 9, false).unwrap()), PairRole::Active);
     }
 
     #[test]
@@ -370,11 +403,11 @@ mod tests {
         // A stale coordinator's view (the old epoch) cannot revive it.
         let mut stale = active.clone();
         stale.coordinator_term = 7;
-        assert!(configure(&gone, &stale, 9).unwrap_err().contains("deposed this cell"));
+        assert!(configure(&gone, &stale, 9, false).unwrap_err().contains("deposed this cell"));
         // The coordinator's configure at the new epoch (as a standby) clears it.
         let mut standby = state(2, PairRole::Standby, ReplicationMode::Sync);
         standby.source_cell_id = 3;
-        let next = configure(&gone, &standby, 10).unwrap();
+        let next = configure(&gone, &standby, 10, false).unwrap();
         assert_eq!(next.deposed_by_epoch, 0);
         assert_eq!(role(&next), PairRole::Standby);
     }
@@ -417,15 +450,15 @@ mod tests {
         current.mode_seq = 5;
         let mut late = PairState { mode: ReplicationMode::Async as i32, ..current.clone() };
         late.mode_seq = 4;
-        assert!(configure(&current, &late, 10).unwrap_err().contains("mode change 4 is older"));
+        assert!(configure(&current, &late, 10, false).unwrap_err().contains("mode change 4 is older"));
         // The same or a later change applies; 0 (an operator's own
         // configure) is not sequenced.
         late.mode_seq = 6;
-        assert_eq!(configure(&current, &late, 10).unwrap().mode_seq, 6);
+        assert_eq!(configure(&current, &late, 10, false).unwrap().mode_seq, 6);
         late.mode_seq = 0;
-        assert!(configure(&current, &late, 10).is_ok());
+        assert!(configure(&current, &late, 10, false).is_ok());
         // A later epoch starts over (a promotion carries the table's sequence).
         let promoted = PairState { epoch: 3, mode_seq: 1, ..current.clone() };
-        assert!(configure(&current, &promoted, 10).is_ok());
+        assert!(configure(&current, &promoted, 10, false).is_ok());
     }
 }

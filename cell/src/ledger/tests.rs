@@ -832,6 +832,7 @@ fn active_at(epoch: u64) -> Command {
                 ..Default::default()
             }),
             source_state: None,
+            force_rebuild: false,
         })),
     }
 }
