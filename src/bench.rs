@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::cell::StatusRequest;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use cellbank_proto::v1::*;
@@ -183,7 +183,7 @@ async fn leader_endpoint(endpoints: &[String]) -> anyhow::Result<String> {
     let client = CellClient::new(endpoints.to_vec());
     for attempt in 0..50 {
         for index in 0..endpoints.len() {
-            if let Ok(status) = client.admin(index).status(StatusRequest {}).await {
+            if let Ok(status) = client.admin(index)?.status(StatusRequest {}).await {
                 let status = status.into_inner();
                 if status.role == "leader" {
                     return Ok(status.addr);
@@ -209,21 +209,13 @@ async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyho
         let currency = args.currency.clone();
         let progress = progress.clone();
         async move {
-            client
-                .ledger(|mut c| {
-                    let request = OpenAccountRequest { user_id: user, currency: currency.clone() };
-                    async move { c.open_account(request).await }
-                })
-                .await?;
+            client.open_account(OpenAccountRequest { user_id: user, currency: currency.clone() }).await?;
             let response = client
-                .ledger(|mut c| {
-                    let request = DepositRequest {
-                        transfer_id: format!("bench-seed-{run:x}-{user}").into_bytes(),
-                        user_id: user,
-                        currency: currency.clone(),
-                        amount: SEED_BALANCE,
-                    };
-                    async move { c.deposit(request).await }
+                .deposit(DepositRequest {
+                    transfer_id: format!("bench-seed-{run:x}-{user}").into_bytes(),
+                    user_id: user,
+                    currency: currency.clone(),
+                    amount: SEED_BALANCE,
                 })
                 .await?;
             progress.inc(1);
@@ -395,7 +387,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     seed_accounts(&setup_client, &args, run_id).await?;
     let mut channels = Vec::new();
     for index in 0..CONNECTIONS.max(servers.len()) {
-        channels.push(cellbank_cell::raft::transport::connect(&servers[index % servers.len()]).await?);
+        channels.push(cellbank_client::ChannelSettings::SERVICE.connect(&servers[index % servers.len()]).await?);
     }
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workload = Arc::new(Workload {
@@ -473,9 +465,7 @@ fn closed_loop(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..args.concurrency)
         .map(|worker| {
-            let mut client = LedgerClient::new(channels[worker % channels.len()].clone())
-                .max_decoding_message_size(16 << 20)
-                .max_encoding_message_size(16 << 20);
+            let mut client = cellbank_client::channel::ledger(channels[worker % channels.len()].clone());
             let workload = workload.clone();
             let recorder = recorder.clone();
             tokio::spawn(async move {
@@ -519,9 +509,7 @@ async fn open_loop(
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut client = LedgerClient::new(channels[(sequence as usize) % channels.len()].clone())
-            .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(16 << 20);
+        let mut client = cellbank_client::channel::ledger(channels[(sequence as usize) % channels.len()].clone());
         let workload = workload.clone();
         let recorder = recorder.clone();
         let in_flight = in_flight.clone();
@@ -627,13 +615,7 @@ async fn reach_times(client: &CellClient, sent: Vec<(Vec<u8>, u64)>, report: &mu
     let mut checked = 0u64;
     loop {
         let answers: Vec<_> = futures::stream::iter(pending.into_iter().map(|(id, at)| async move {
-            let record = client
-                .ledger(|mut c| {
-                    let request = GetTransferRequest { transfer_id: id.clone() };
-                    async move { c.get_transfer(request).await }
-                })
-                .await
-                .map(|r| r.transfer);
+            let record = client.get_transfer(GetTransferRequest { transfer_id: id.clone() }).await.map(|r| r.transfer);
             (id, at, record)
         }))
         .buffer_unordered(256)

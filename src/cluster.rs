@@ -129,7 +129,7 @@ pub async fn failover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64, for
 
 pub async fn rebuild_standby(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64) -> anyhow::Result<()> {
     let message = RebuildStandbyRequest { pair_id, who: auth.who.clone(), why: auth.why.clone() };
-    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
+    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), false, |mut c, m| {
         let message = message.clone();
         async move { c.rebuild_standby(request(message, m)).await }
     })
@@ -139,7 +139,7 @@ pub async fn rebuild_standby(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u
 }
 
 pub async fn audit(endpoints: &Endpoints, auth: &AdminAuth) -> anyhow::Result<()> {
-    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| async move {
+    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), true, |mut c, m| async move {
         c.audit_log(request(AuditLogRequest {}, m)).await
     })
     .await?;

@@ -1,6 +1,6 @@
 //! Human-friendly client commands. Amounts are in minor units (fen, cents).
 
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::cell::change_membership_request::Action;
 use cellbank_proto::cell::{ChangeMembershipRequest, DigestRequest, StatusRequest, TransferLeaderRequest};
 use cellbank_proto::v1::*;
@@ -262,10 +262,7 @@ fn print_result(transfer_id: &str, result: Option<TransferResult>) -> anyhow::Re
 pub async fn account(action: AccountAction) -> anyhow::Result<()> {
     let AccountAction::Open(args) = action;
     let response = client(&args.endpoints)
-        .ledger(|mut c| {
-            let request = OpenAccountRequest { user_id: args.user, currency: args.currency.clone() };
-            async move { c.open_account(request).await }
-        })
+        .open_account(OpenAccountRequest { user_id: args.user, currency: args.currency.clone() })
         .await?;
     println!("{}  user={} currency={} {}", code_name(response.code), args.user, args.currency, response.detail);
     Ok(())
@@ -276,26 +273,20 @@ pub async fn deposit(args: MoveArgs, withdraw: bool) -> anyhow::Result<()> {
     let client = client(&args.endpoints);
     let response = if withdraw {
         client
-            .ledger(|mut c| {
-                let request = WithdrawRequest {
-                    transfer_id: id.clone().into_bytes(),
-                    user_id: args.user,
-                    currency: args.currency.clone(),
-                    amount: args.amount,
-                };
-                async move { c.withdraw(request).await }
+            .withdraw(WithdrawRequest {
+                transfer_id: id.clone().into_bytes(),
+                user_id: args.user,
+                currency: args.currency.clone(),
+                amount: args.amount,
             })
             .await?
     } else {
         client
-            .ledger(|mut c| {
-                let request = DepositRequest {
-                    transfer_id: id.clone().into_bytes(),
-                    user_id: args.user,
-                    currency: args.currency.clone(),
-                    amount: args.amount,
-                };
-                async move { c.deposit(request).await }
+            .deposit(DepositRequest {
+                transfer_id: id.clone().into_bytes(),
+                user_id: args.user,
+                currency: args.currency.clone(),
+                amount: args.amount,
             })
             .await?
     };
@@ -305,15 +296,12 @@ pub async fn deposit(args: MoveArgs, withdraw: bool) -> anyhow::Result<()> {
 pub async fn transfer(args: TransferArgs) -> anyhow::Result<()> {
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let response = client(&args.endpoints)
-        .ledger(|mut c| {
-            let request = TransferRequest {
-                transfer_id: id.clone().into_bytes(),
-                from_user_id: args.from,
-                to_user_id: args.to,
-                currency: args.currency.clone(),
-                amount: args.amount,
-            };
-            async move { c.transfer(request).await }
+        .transfer(TransferRequest {
+            transfer_id: id.clone().into_bytes(),
+            from_user_id: args.from,
+            to_user_id: args.to,
+            currency: args.currency.clone(),
+            amount: args.amount,
         })
         .await?;
     print_result(&id, response.result)
@@ -321,10 +309,7 @@ pub async fn transfer(args: TransferArgs) -> anyhow::Result<()> {
 
 pub async fn balance(args: AccountArgs) -> anyhow::Result<()> {
     let response = client(&args.endpoints)
-        .ledger(|mut c| {
-            let request = GetAccountRequest { user_id: args.user, currency: args.currency.clone() };
-            async move { c.get_account(request).await }
-        })
+        .get_account(GetAccountRequest { user_id: args.user, currency: args.currency.clone() })
         .await?;
     println!(
         "user {}  {} {}  (version {}, read at index {})",
@@ -343,14 +328,11 @@ pub async fn history(args: HistoryArgs) -> anyhow::Result<()> {
     println!("{:<8} {:<24} {:>10} {:>10} {:>16} {:<4}", "index", "transfer_id", "from", "to", "amount", "ccy");
     loop {
         let response = client
-            .ledger(|mut c| {
-                let request = ListTransfersRequest {
-                    user_id: args.account.user,
-                    currency: args.account.currency.clone(),
-                    page_size: args.page_size,
-                    page_token: token.clone(),
-                };
-                async move { c.list_transfers(request).await }
+            .list_transfers(ListTransfersRequest {
+                user_id: args.account.user,
+                currency: args.account.currency.clone(),
+                page_size: args.page_size,
+                page_token: token.clone(),
             })
             .await?;
         for t in &response.transfers {
@@ -378,12 +360,8 @@ pub async fn history(args: HistoryArgs) -> anyhow::Result<()> {
 }
 
 pub async fn get_transfer(args: GetTransferArgs) -> anyhow::Result<()> {
-    let response = client(&args.endpoints)
-        .ledger(|mut c| {
-            let request = GetTransferRequest { transfer_id: args.id.clone().into_bytes() };
-            async move { c.get_transfer(request).await }
-        })
-        .await?;
+    let response =
+        client(&args.endpoints).get_transfer(GetTransferRequest { transfer_id: args.id.clone().into_bytes() }).await?;
     let t = response.transfer.unwrap_or_default();
     let mut settlement = settlement_name(t.settlement).to_string();
     if t.settlement == Settlement::Refunded as i32 {
@@ -412,7 +390,7 @@ pub async fn status(endpoints: &[String]) -> anyhow::Result<()> {
     );
     let mut leaders = Vec::new();
     for (index, endpoint) in endpoints.iter().enumerate() {
-        match client.admin(index).status(StatusRequest {}).await {
+        match client.admin(index)?.status(StatusRequest {}).await {
             Ok(status) => {
                 let s = status.into_inner();
                 if s.role == "leader" {
@@ -473,12 +451,16 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
             let from_ms = last_minutes.map(|m| now.saturating_sub(m * 60_000)).unwrap_or(from_ms);
             let request = cellbank_proto::cell::SettlementRequest { from_ms, to_ms };
-            let figures =
-                cellbank::routers::on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), |mut c, m| {
+            let figures = cellbank::routers::on_coordinator(
+                &endpoints.endpoints,
+                auth.admin_token.as_deref(),
+                true,
+                |mut c, m| {
                     let request = cellbank::routers::request(request, m);
                     async move { c.settlement(request).await }
-                })
-                .await?;
+                },
+            )
+            .await?;
             println!("credited across pairs, from {} to {} (ms; 0 = open):", figures.from_ms, figures.to_ms);
             println!("  {:<6} {:<6} {:<4} {:>20} {:>10}", "from", "to", "ccy", "amount", "credits");
             for line in &figures.lines {
@@ -509,14 +491,14 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
         AdminAction::TransferLeader { endpoints, to } => {
             let client = client(&endpoints);
             let leader = find_leader(&client).await?;
-            client.admin(leader).transfer_leader(TransferLeaderRequest { replica_id: to }).await?;
+            client.admin(leader)?.transfer_leader(TransferLeaderRequest { replica_id: to }).await?;
             println!("asked the leader to hand over to replica {to}");
             Ok(())
         }
         AdminAction::Digest(endpoints) => {
             let client = client(&endpoints);
             for (index, endpoint) in endpoints.endpoints.iter().enumerate() {
-                match client.admin(index).digest(DigestRequest {}).await {
+                match client.admin(index)?.digest(DigestRequest {}).await {
                     Ok(d) => {
                         let d = d.into_inner();
                         println!(
@@ -534,7 +516,7 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
 
 async fn find_leader(client: &CellClient) -> anyhow::Result<usize> {
     for index in 0..client.endpoints().len() {
-        if let Ok(status) = client.admin(index).status(StatusRequest {}).await {
+        if let Ok(status) = client.admin(index)?.status(StatusRequest {}).await {
             if status.get_ref().role == "leader" {
                 return Ok(index);
             }
@@ -547,7 +529,7 @@ async fn change(endpoints: &Endpoints, action: Action, id: u64, addr: String) ->
     let client = client(endpoints);
     let leader = find_leader(&client).await?;
     let response = client
-        .admin(leader)
+        .admin(leader)?
         .change_membership(ChangeMembershipRequest { action: action as i32, replica_id: id, addr })
         .await?
         .into_inner();
@@ -569,17 +551,14 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
                 None => 0,
             };
             let response = client(&endpoints)
-                .ledger(|mut c| {
-                    let request = SendEnvelopeRequest {
-                        transfer_id: id.clone().into_bytes(),
-                        sender_user_id: from,
-                        currency: currency.clone(),
-                        total,
-                        shares,
-                        split: if even { EnvelopeSplit::Even } else { EnvelopeSplit::Random } as i32,
-                        expires_at_ms,
-                    };
-                    async move { c.send_envelope(request).await }
+                .send_envelope(SendEnvelopeRequest {
+                    transfer_id: id.clone().into_bytes(),
+                    sender_user_id: from,
+                    currency: currency.clone(),
+                    total,
+                    shares,
+                    split: if even { EnvelopeSplit::Even } else { EnvelopeSplit::Random } as i32,
+                    expires_at_ms,
                 })
                 .await?;
             print_result(&id, response.result)?;
@@ -588,10 +567,7 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
         }
         EnvelopeAction::Grab { endpoints, envelope, user } => {
             let response = client(&endpoints)
-                .ledger(|mut c| {
-                    let request = GrabEnvelopeRequest { envelope_id: envelope.clone(), user_id: user };
-                    async move { c.grab_envelope(request).await }
-                })
+                .grab_envelope(GrabEnvelopeRequest { envelope_id: envelope.clone(), user_id: user })
                 .await?;
             let result = response.result.clone().unwrap_or_default();
             println!(
@@ -611,13 +587,10 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
             let mut token = Vec::new();
             loop {
                 let response = client
-                    .ledger(|mut c| {
-                        let request = GetEnvelopeRequest {
-                            envelope_id: envelope.clone(),
-                            page_size: 1000,
-                            page_token: token.clone(),
-                        };
-                        async move { c.get_envelope(request).await }
+                    .get_envelope(GetEnvelopeRequest {
+                        envelope_id: envelope.clone(),
+                        page_size: 1000,
+                        page_token: token.clone(),
                     })
                     .await?;
                 if token.is_empty() {

@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use cellbank_proto::v1::*;
 use futures::StreamExt;
@@ -59,21 +59,13 @@ async fn open_and_fund(client: &CellClient, users: &[u64], currency: &str, run: 
     let mut tasks = futures::stream::iter(users.iter().copied().map(|user| {
         let progress = progress.clone();
         async move {
+            client.open_account(OpenAccountRequest { user_id: user, currency: currency.to_string() }).await?;
             client
-                .ledger(|mut c| {
-                    let request = OpenAccountRequest { user_id: user, currency: currency.to_string() };
-                    async move { c.open_account(request).await }
-                })
-                .await?;
-            client
-                .ledger(|mut c| {
-                    let request = DepositRequest {
-                        transfer_id: format!("env-seed-{run:x}-{user}").into_bytes(),
-                        user_id: user,
-                        currency: currency.to_string(),
-                        amount: SEED_BALANCE,
-                    };
-                    async move { c.deposit(request).await }
+                .deposit(DepositRequest {
+                    transfer_id: format!("env-seed-{run:x}-{user}").into_bytes(),
+                    user_id: user,
+                    currency: currency.to_string(),
+                    amount: SEED_BALANCE,
                 })
                 .await?;
             progress.inc(1);
@@ -97,17 +89,14 @@ async fn send(
     currency: &str,
 ) -> anyhow::Result<String> {
     let response = client
-        .ledger(|mut c| {
-            let request = SendEnvelopeRequest {
-                transfer_id: id.clone().into_bytes(),
-                sender_user_id: sender,
-                currency: currency.to_string(),
-                total,
-                shares,
-                split: EnvelopeSplit::Random as i32,
-                expires_at_ms: 0,
-            };
-            async move { c.send_envelope(request).await }
+        .send_envelope(SendEnvelopeRequest {
+            transfer_id: id.clone().into_bytes(),
+            sender_user_id: sender,
+            currency: currency.to_string(),
+            total,
+            shares,
+            split: EnvelopeSplit::Random as i32,
+            expires_at_ms: 0,
         })
         .await?;
     let code = response.result.map(|r| r.code).unwrap_or_default();
@@ -181,7 +170,7 @@ pub async fn run(endpoints: &[String], args: &BenchArgs) -> anyhow::Result<()> {
     open_and_fund(&client, &users, &args.currency, run).await?;
     let mut channels = Vec::new();
     for index in 0..CONNECTIONS {
-        channels.push(cellbank_cell::raft::transport::connect(&endpoints[index % endpoints.len()]).await?);
+        channels.push(cellbank_client::ChannelSettings::SERVICE.connect(&endpoints[index % endpoints.len()]).await?);
     }
     // Ordinary envelopes, grabbed by random users of every cell.
     let mut ordinary_ids = Vec::new();

@@ -120,8 +120,8 @@ impl Bench {
     async fn cell_leader(&self, cell: u64) -> Option<ProcessId> {
         for id in self.sup.cell_replicas(cell) {
             let addr = self.sup.addr(id)?;
-            let Ok(channel) = cellbank_cell::raft::transport::connect(&addr).await else { continue };
-            let mut admin = cellbank_proto::cell::replica_admin_client::ReplicaAdminClient::new(channel);
+            let Ok(channel) = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await else { continue };
+            let mut admin = cellbank_client::channel::admin(channel);
             if let Ok(status) = admin.status(cellbank_proto::cell::StatusRequest {}).await {
                 if status.get_ref().role == "leader" {
                     return Some(id);
@@ -133,7 +133,7 @@ impl Bench {
 }
 
 async fn seed(router: &str) -> anyhow::Result<LedgerClient<tonic::transport::Channel>> {
-    let channel = cellbank_cell::raft::transport::connect(router).await?;
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(router).await?;
     let mut client = LedgerClient::new(channel);
     for user in 1..=USERS {
         client.open_account(OpenAccountRequest { user_id: user, currency: "CNY".into() }).await?;

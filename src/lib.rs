@@ -3,9 +3,10 @@
 //!
 //! - [`supervisor`]: runs a local cluster's processes (routers, cell
 //!   replicas) and kills and restarts them with real signals.
-//! - [`routers`] and [`reconcile`]: re-exported from the router crate (admin
-//!   calls that find the coordinator; cluster-wide reconciliation).
+//! - [`routers`]: admin calls that find the coordinator (from the client
+//!   crate); [`reconcile`]: cluster-wide reconciliation (from the router
+//!   crate).
 
-pub use cellbank_router::admin_client as routers;
+pub use cellbank_client::routers;
 pub use cellbank_router::reconcile;
 pub mod supervisor;

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::cell::{ConfigureRequest, PairRole, PairState};
 use cellbank_proto::router::{FailoverRequest, PairMode, SwitchoverRequest};
 use common::cluster::Cluster;
@@ -66,8 +65,8 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
 
     // A configure straight at a cell with a bad epoch or an older epoch.
     let addr = cluster.sup.addr(cluster.cell_leader(1).await.expect("leader")).unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut cell = ReplicaAdminClient::new(channel);
+    let channel = cellbank_client::ChannelSettings::OPERATOR.connect(&addr).await.unwrap();
+    let mut cell = cellbank_client::channel::admin(channel);
     let zero = PairState { epoch: 0, role: PairRole::Active as i32, ..Default::default() };
     let error =
         cell.configure(ConfigureRequest { cell_id: 1, state: Some(zero), ..Default::default() }).await.unwrap_err();

@@ -38,7 +38,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let cell = Cell::start(1, &[]);
     cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
     let addr = cell.endpoints()[0].clone();
-    let channel = cellbank_cell::raft::transport::connect(&addr).await.unwrap();
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await.unwrap();
     let mut client = LedgerClient::new(channel.clone());
     for user in [1, 2] {
         client.open_account(OpenAccountRequest { user_id: user, currency: "CNY".into() }).await.unwrap();
@@ -191,7 +191,7 @@ async fn health_and_reflection_are_served() {
 
     let cell = Cell::start(1, &[]);
     cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
-    let channel = cellbank_cell::raft::transport::connect(&cell.endpoints()[0]).await.unwrap();
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cell.endpoints()[0]).await.unwrap();
     let mut health = HealthClient::new(channel.clone());
     let reply = health.check(HealthCheckRequest { service: "cellbank.v1.Ledger".into() }).await.unwrap().into_inner();
     assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);

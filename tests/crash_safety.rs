@@ -16,7 +16,7 @@ use common::Cell;
 async fn follower_redirects_to_the_leader(cell: &Cell) {
     let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(5), 0).await.expect("leader");
     let follower = *cell.running().iter().find(|id| **id != leader).expect("a follower");
-    let channel = cellbank_cell::raft::transport::connect(&cell.replicas[&follower].addr).await.unwrap();
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cell.replicas[&follower].addr).await.unwrap();
     let mut client = cellbank_proto::v1::ledger_client::LedgerClient::new(channel);
     let request = cellbank_proto::v1::TransferRequest {
         transfer_id: b"to-a-follower".to_vec(),
@@ -27,16 +27,11 @@ async fn follower_redirects_to_the_leader(cell: &Cell) {
     };
     let status = client.transfer(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    let hinted = status.metadata().get(cellbank_proto::LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok());
+    let hinted = cellbank_client::retry::leader_hint(&status);
     assert_eq!(hinted, Some(cell.replicas[&leader].addr.as_str()));
     let lookup = cellbank_proto::v1::GetTransferRequest { transfer_id: b"to-a-follower".to_vec() };
     let reader = cell.client();
-    let missing = reader
-        .ledger(|mut c| {
-            let lookup = lookup.clone();
-            async move { c.get_transfer(lookup).await }
-        })
-        .await;
+    let missing = reader.get_transfer(lookup.clone()).await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
 }
 

@@ -311,7 +311,7 @@ async fn attached_drills_need_credentials_and_stay_inside_their_blast_radius() {
     // Nothing was injected anywhere.
     for cell in 1..=4 {
         for addr in cluster.sup.cell_endpoints(cell) {
-            let channel = cellbank_cell::raft::transport::connect(&addr).await.unwrap();
+            let channel = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await.unwrap();
             let mut client = FaultPointsClient::new(channel);
             let mut request = tonic::Request::new(ListFaultsRequest {});
             request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());

@@ -31,8 +31,8 @@ fn stale_transfer(id: &str, from: u64, to: u64, epoch: Option<u64>) -> tonic::Re
 }
 
 async fn ledger(addr: &str) -> LedgerClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    LedgerClient::new(channel)
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(addr).await.unwrap();
+    cellbank_client::channel::ledger(channel)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -114,12 +114,7 @@ async fn a_deposed_active_acknowledges_nothing_and_stale_epochs_are_refused() {
 
     // None of the refused writes exists in the ledger the routers serve.
     for transfer_id in stale_ids.iter().chain(["old-epoch".to_string(), "future-epoch".to_string()].iter()) {
-        let found = client
-            .ledger(|mut c| {
-                let transfer_id = transfer_id.clone().into_bytes();
-                async move { c.get_transfer(GetTransferRequest { transfer_id }).await }
-            })
-            .await;
+        let found = client.get_transfer(GetTransferRequest { transfer_id: transfer_id.clone().into_bytes() }).await;
         assert_eq!(found.unwrap_err().code(), tonic::Code::NotFound, "{transfer_id} must not exist");
     }
 

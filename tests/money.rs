@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellbank::supervisor::ProcessId;
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::*;
 use common::call;
@@ -101,12 +101,7 @@ fn start_load(
                     amount: if rng.gen_ratio(1, 50) { SEED_AMOUNT * 100 } else { rng.gen_range(1..=500) },
                 };
                 let sent = request.clone();
-                let outcome = client
-                    .ledger(|mut c| {
-                        let request = sent.clone();
-                        async move { c.transfer(request).await }
-                    })
-                    .await;
+                let outcome = client.transfer(sent.clone()).await;
                 match outcome {
                     Ok(r) => {
                         let code = r.result.unwrap().code;
@@ -134,12 +129,8 @@ fn start_load(
                     break;
                 }
                 let id = envelope.clone();
-                let outcome = client
-                    .ledger(|mut c| {
-                        let request = GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user };
-                        async move { c.grab_envelope(request).await }
-                    })
-                    .await;
+                let outcome =
+                    client.grab_envelope(GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user }).await;
                 match outcome {
                     Ok(r) => {
                         let code = r.result.as_ref().unwrap().code;
@@ -494,17 +485,14 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
         (10, 2, unix_ms() + 30 * 24 * 3600 * 1000, "expires_at_ms"),
     ] {
         let refused = client
-            .ledger(|mut c| async move {
-                c.send_envelope(SendEnvelopeRequest {
-                    transfer_id: b"bad-envelope".to_vec(),
-                    sender_user_id: sender,
-                    currency: CURRENCY.into(),
-                    total,
-                    shares,
-                    split: EnvelopeSplit::Random as i32,
-                    expires_at_ms,
-                })
-                .await
+            .send_envelope(SendEnvelopeRequest {
+                transfer_id: b"bad-envelope".to_vec(),
+                sender_user_id: sender,
+                currency: CURRENCY.into(),
+                total,
+                shares,
+                split: EnvelopeSplit::Random as i32,
+                expires_at_ms,
             })
             .await
             .unwrap_err();

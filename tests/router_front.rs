@@ -53,13 +53,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         transfer("", a2, a1, 40),
         transfer("mix-5", a2, a1, 50),
     ];
-    let response = client
-        .ledger(|mut c| {
-            let transfers = items.clone();
-            async move { c.submit_transfers(SubmitTransfersRequest { transfers }).await }
-        })
-        .await
-        .expect("submit");
+    let response = client.submit_transfers(SubmitTransfersRequest { transfers: items.clone() }).await.expect("submit");
     let codes: Vec<ResultCode> = response.results.iter().map(|r| ResultCode::try_from(r.code).unwrap()).collect();
     assert_eq!(codes, vec![ResultCode::Ok, ResultCode::Ok, ResultCode::Ok, ResultCode::InvalidItem, ResultCode::Ok]);
     assert_eq!(response.results[3].field, "transfer_id");
@@ -76,8 +70,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     );
 
     // A unary transfer between cells, the other way.
-    let cross =
-        client.ledger(|mut c| async move { c.transfer(transfer("cross", b2, a2, 5)).await }).await.expect("transfer");
+    let cross = client.transfer(transfer("cross", b2, a2, 5)).await.expect("transfer");
     assert_eq!(cross.result.unwrap().code, ResultCode::Ok as i32);
 
     // GetTransfer finds each transfer in its own cell, and nothing else.
@@ -97,9 +90,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         let started = std::time::Instant::now();
         loop {
             let found = client
-                .ledger(|mut c| async move {
-                    c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() }).await
-                })
+                .get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() })
                 .await
                 .expect("get transfer")
                 .transfer
@@ -113,10 +104,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let missing = client
-        .ledger(|mut c| async move { c.get_transfer(GetTransferRequest { transfer_id: b"never-sent".to_vec() }).await })
-        .await
-        .unwrap_err();
+    let missing = client.get_transfer(GetTransferRequest { transfer_id: b"never-sent".to_vec() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
     // Balances show exactly the applied items.
@@ -124,9 +112,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         let client = &client;
         async move {
             client
-                .ledger(|mut c| async move {
-                    c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-                })
+                .get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() })
                 .await
                 .expect("balance")
                 .balance

@@ -34,7 +34,7 @@ async fn killing_the_leader_router_keeps_clients_and_failover_working() {
     let survivors: Vec<String> =
         status.routers.iter().filter(|r| r.router_id != old_leader).map(|r| r.addr.clone()).collect();
     assert_eq!(survivors.len(), 2);
-    let mut client = cellbank_cell::client::CellClient::new(survivors.clone());
+    let mut client = cellbank_client::CellClient::new(survivors.clone());
     client.deadline = Duration::from_secs(10);
     let users = users(20);
     seed(&client, &users).await;
@@ -85,7 +85,7 @@ async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
     let stale_addr = cluster.sup.addr(stale_id).unwrap();
     let stale_metrics = cluster.sup.metrics_addr(stale_id).unwrap();
     let users = users(4);
-    let mut through_stale = cellbank_cell::client::CellClient::new(vec![stale_addr.clone()]);
+    let mut through_stale = cellbank_client::CellClient::new(vec![stale_addr.clone()]);
     through_stale.deadline = Duration::from_secs(10);
     seed(&through_stale, &users).await;
     let through_stale = Arc::new(through_stale);

@@ -18,8 +18,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellbank_cell::client::CellClient;
 use cellbank_chaos::faults::Access;
+use cellbank_client::CellClient;
 use cellbank_proto::cell::InjectFaultRequest;
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::*;
@@ -220,12 +220,7 @@ async fn an_old_active_restarted_cut_off_from_its_standby_answers_nothing_and_se
                 currency: CURRENCY.into(),
                 amount: 7,
             };
-            let outcome = client
-                .ledger(|mut c| {
-                    let request = request.clone();
-                    async move { c.deposit(request).await }
-                })
-                .await;
+            let outcome = client.deposit(request.clone()).await;
             if let Ok(response) = outcome {
                 answered.lock().unwrap().push((n, response.result.unwrap_or_default().code));
             }
@@ -298,12 +293,7 @@ async fn writes_pending_at_a_demotion_fail_retryably_or_are_on_the_new_active() 
                     currency: CURRENCY.into(),
                     amount: 10 + i,
                 };
-                let outcome = client
-                    .ledger(|mut c| {
-                        let request = request.clone();
-                        async move { c.deposit(request).await }
-                    })
-                    .await;
+                let outcome = client.deposit(request.clone()).await;
                 (request, outcome.map(|r| r.result.unwrap_or_default()))
             })
         })
@@ -343,12 +333,7 @@ async fn writes_pending_at_a_demotion_fail_retryably_or_are_on_the_new_active() 
     println!("{} pending writes acknowledged, {} failed retryably", acknowledged.len(), failed.len());
     // What was acknowledged is on the new active (cell 2), read through the router.
     for request in &acknowledged {
-        let found = client
-            .ledger(|mut c| {
-                let transfer_id = request.transfer_id.clone();
-                async move { c.get_transfer(GetTransferRequest { transfer_id }).await }
-            })
-            .await;
+        let found = client.get_transfer(GetTransferRequest { transfer_id: request.transfer_id.clone() }).await;
         assert!(
             found.is_ok_and(|r| r.transfer.is_some_and(|t| t.result == ResultCode::Ok as i32)),
             "acknowledged write {} is missing on the new active",

@@ -14,7 +14,8 @@
 //!   not name as the pair's active at that epoch, and the cell then records
 //!   its deposition. A final answer (credited, or refused for good) is
 //!   settled by a command in this cell's log; anything else is retried with
-//!   backoff per destination, forever: an entry is never dropped, and a
+//!   the client crate's jittered backoff per destination
+//!   ([`RetryPolicy::COURIER`]), forever: an entry is never dropped, and a
 //!   destination that is down delays no other. Redelivery is safe because
 //!   the destination applies each (source pair, seq) and each business key
 //!   once, and answers only under the same acknowledgement rule.
@@ -26,6 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellbank_client::retry::{Backoff, RetryPolicy};
 use cellbank_proto::cell::clearing_server::Clearing;
 use cellbank_proto::cell::{
     command, Command, CreditBatch, CreditResults, CreditSender, CrossCellBatch, CrossCellResults, ExpireCommand,
@@ -36,7 +38,7 @@ use cellbank_proto::v1::{GrabEnvelopeResponse, ResultCode, TransferKind, Transfe
 use cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
 use prost::Message as _;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::ledger::clearing::{settles, validate_credit};
@@ -55,9 +57,6 @@ pub const PASS_INTERVAL: Duration = Duration::from_millis(2);
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one delivery may take before it counts as failed.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
-/// Backoff of a destination after a failed delivery call: doubling, capped.
-pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(50);
-pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How often the sweeper looks for expired envelopes.
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 pub const EXPIRIES_PER_SWEEP_MAX: usize = 256;
@@ -252,8 +251,8 @@ struct CourierState {
     dest_of: HashMap<u64, u64>,
     /// Entries in a delivery call right now.
     in_flight: std::collections::HashSet<u64>,
-    /// Destination pair -> (failed calls in a row, not before).
-    backoff: HashMap<u64, (u32, Instant)>,
+    /// Destination pair -> (its waits since the last success, not before).
+    backoff: HashMap<u64, (Backoff, Instant)>,
 }
 
 /// One pass over the outbox: up to `limit` entries due for delivery (oldest
@@ -328,9 +327,8 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
     let clients: Vec<CourierClient<Channel>> = routers
         .iter()
         .filter_map(|addr| {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-            let channel = endpoint.connect_timeout(Duration::from_millis(300)).tcp_nodelay(true).connect_lazy();
-            Some(CourierClient::new(channel).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20))
+            let channel = cellbank_client::ChannelSettings::INTERNAL.lazy(addr).ok()?;
+            Some(cellbank_client::channel::courier(channel))
         })
         .collect();
     let state: Arc<Mutex<CourierState>> = Arc::default();
@@ -404,9 +402,12 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
                         state.backoff.remove(&dest);
                     } else {
                         context.metrics.credit_delivery_failures_total.inc();
-                        let failures = state.backoff.get(&dest).map(|(f, _)| f + 1).unwrap_or(1);
-                        let delay = RETRY_DELAY_MIN.saturating_mul(1 << failures.min(10)).min(RETRY_DELAY_MAX);
-                        state.backoff.insert(dest, (failures, Instant::now() + delay));
+                        let (mut backoff, _) = state
+                            .backoff
+                            .remove(&dest)
+                            .unwrap_or_else(|| (RetryPolicy::COURIER.backoff(), Instant::now()));
+                        let delay = backoff.next_delay(false);
+                        state.backoff.insert(dest, (backoff, Instant::now() + delay));
                     }
                     drop(permit);
                 });

@@ -11,7 +11,9 @@
 //!   that delivers the outbox, the envelope expiry sweeper).
 //! - [`faults`]: fault points for chaos drills (cargo feature `fault-points`).
 //! - [`mutation`]: deliberate bugs the simulator's mutation checks turn on.
-//! - [`client`]: a leader-following client for the CLI, the benchmark and tests.
+//!
+//! Clients of a cell (channels, retries, leader following) live in the
+//! `cellbank-client` crate.
 
 // tonic::Status is the error type of every gRPC handler and helper here.
 #![allow(clippy::result_large_err)]
@@ -19,7 +21,6 @@
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod clearing;
-pub mod client;
 pub mod config;
 pub mod faults;
 pub mod ledger;

@@ -41,16 +41,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cellbank_client::channel::{self, ChannelSettings};
+use cellbank_client::retry;
 use cellbank_proto::cell::standby_client::StandbyClient;
 use cellbank_proto::cell::{
     ship_batch, PairRole, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
 };
-use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
+use cellbank_proto::EPOCH_METADATA_KEY;
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType};
 use rocksdb::DB;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::ledger::{pair, Ledger, PairHistory, PairView};
@@ -68,8 +70,6 @@ pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 pub const SHIP_MESSAGE_BYTES_MAX: usize = 4 * SHIP_BATCH_BYTES_MAX;
 /// How long the shipper waits before it tries again after a failure.
 const SHIP_RETRY_DELAY: Duration = Duration::from_millis(50);
-/// Connecting to a standby replica.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// No ack for this long ends the stream (the standby lost its leader).
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// An idle stream sends a keepalive this often.
@@ -556,14 +556,8 @@ impl Shipper {
             return Err("the standby has no addresses".into());
         }
         let addr = &addrs[*preferred % addrs.len()];
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| format!("connect {addr}: {e}"))?;
-        Ok(StandbyClient::new(channel)
-            .max_decoding_message_size(SHIP_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(SHIP_MESSAGE_BYTES_MAX))
+        let channel = ChannelSettings::PEER.connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        Ok(channel::standby(channel, SHIP_MESSAGE_BYTES_MAX))
     }
 
     fn set_ship_state(&self, change: impl FnOnce(&mut ShipState)) {
@@ -573,9 +567,7 @@ impl Shipper {
     /// Handles a refusal of the stream: a later epoch deposes this cell; a
     /// leader hint moves the next attempt there.
     fn refused(&self, status: &Status, pair_state: &PairState, preferred: &mut usize) -> SessionEnd {
-        if let Some(epoch) =
-            status.metadata().get(EPOCH_METADATA_KEY).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(epoch) = retry::epoch_hint(status) {
             if epoch > pair_state.epoch && status.code() == tonic::Code::FailedPrecondition {
                 tracing::warn!(cell = self.cell_id, epoch, "the standby was promoted; this cell is deposed");
                 let mut deposed = false;
@@ -585,7 +577,7 @@ impl Shipper {
                 }
             }
         }
-        if let Some(leader) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+        if let Some(leader) = retry::leader_hint(status) {
             if let Some(position) = pair_state.standby_addrs.iter().position(|a| a == leader) {
                 *preferred = position;
                 return SessionEnd::Changed;

@@ -23,7 +23,7 @@ use crate::replication::{Replication, Shipper, SHIP_MESSAGE_BYTES_MAX};
 use crate::service::{AdminService, LedgerService, ReplicaContext, StandbyService, TransportService};
 
 /// Largest client request (a full SubmitTransfers batch is well under this).
-pub const CLIENT_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = cellbank_client::MESSAGE_BYTES_MAX;
 
 pub struct Replica {
     pub node: DriverHandle<Ledger>,
@@ -116,7 +116,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     // Reconciliation asks about many outbox entries at once.
     let admin = ReplicaAdminServer::new(AdminService { context })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(256 * 1024 * 1024);
+        .max_encoding_message_size(cellbank_client::channel::AUDIT_MESSAGE_BYTES_MAX);
     let faults = crate::faults::FaultService { admin_token: config.admin_token.clone() };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -284,27 +284,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 pub(crate) fn timeout_of<T>(request: &Request<T>) -> Duration {
-    request
-        .metadata()
-        .get("grpc-timeout")
-        .and_then(|value| value.to_str().ok())
-        .and_then(parse_grpc_timeout)
-        .unwrap_or(REQUEST_TIMEOUT_DEFAULT)
-        .min(REQUEST_TIMEOUT_DEFAULT * 6)
-}
-
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.checked_mul(3600)?),
-        "M" => Duration::from_secs(amount.checked_mul(60)?),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
+    cellbank_client::deadline::of_request(request).unwrap_or(REQUEST_TIMEOUT_DEFAULT).min(REQUEST_TIMEOUT_DEFAULT * 6)
 }
 
 /// A page size asked for: 0 means the default.
@@ -1306,23 +1286,5 @@ impl StandbyApi for StandbyService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_grpc_timeout;
-    use std::time::Duration;
-
-    #[test]
-    fn grpc_timeout_header_parses_and_never_overflows() {
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_grpc_timeout("99999999999999999H"), None);
-        assert_eq!(parse_grpc_timeout("9999999999999999999M"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("-5S"), None);
     }
 }

@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
+use cellbank_client::routers;
+use cellbank_client::ChannelSettings;
 use cellbank_proto::cell::fault_points_client::FaultPointsClient;
-use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::cell::{FaultList, HealFaultsRequest, InjectFaultRequest, ListFaultsRequest, StatusRequest};
 use cellbank_proto::router::{AuditRecord, ClusterStatus, PairMode, RoutingTable};
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// One process of a cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -56,27 +57,21 @@ pub struct Access {
 
 fn request<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    *request.metadata_mut() = cellbank_router::admin_client::with_token(token);
+    *request.metadata_mut() = routers::with_token(token);
     request.set_timeout(Duration::from_secs(3));
     request
 }
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(800))
-        .timeout(Duration::from_secs(3))
-        .connect()
-        .await?)
+    Ok(ChannelSettings::OPERATOR.connect(addr).await?)
 }
 
 impl Access {
     pub async fn status(&self) -> anyhow::Result<ClusterStatus> {
-        let status = tokio::time::timeout(
-            Duration::from_secs(4),
-            cellbank_router::admin_client::cluster_status(&self.routers, self.token.as_deref()),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("the routers did not answer a status request in 4 s"))??;
+        let status =
+            tokio::time::timeout(Duration::from_secs(4), routers::cluster_status(&self.routers, self.token.as_deref()))
+                .await
+                .map_err(|_| anyhow::anyhow!("the routers did not answer a status request in 4 s"))??;
         Ok(status)
     }
 
@@ -87,11 +82,9 @@ impl Access {
     }
 
     pub async fn audit_log(&self) -> anyhow::Result<Vec<AuditRecord>> {
-        let records = cellbank_router::admin_client::on_coordinator(
-            &self.routers,
-            self.token.as_deref(),
-            |mut c, m| async move { c.audit_log(cellbank_router::admin_client::request(Default::default(), m)).await },
-        )
+        let records = routers::on_coordinator(&self.routers, self.token.as_deref(), true, |mut c, m| async move {
+            c.audit_log(routers::request(Default::default(), m)).await
+        })
         .await?;
         Ok(records.records)
     }
@@ -130,7 +123,7 @@ impl Access {
         while tokio::time::Instant::now() < deadline {
             let asked = tokio::time::timeout(
                 Duration::from_secs(4),
-                cellbank_router::admin_client::cluster_status(&self.routers, self.token.as_deref()),
+                routers::cluster_status(&self.routers, self.token.as_deref()),
             )
             .await;
             match asked {
@@ -173,7 +166,7 @@ impl Access {
     }
 
     pub async fn isolate(&self, cells: &[u64], duration: Duration) -> anyhow::Result<()> {
-        cellbank_router::admin_client::isolate_cells(&self.routers, self.token.as_deref(), cells, duration).await
+        Ok(routers::isolate_cells(&self.routers, self.token.as_deref(), cells, duration).await?)
     }
 
     /// Clears every isolation on every router; the cells still isolated
@@ -185,7 +178,7 @@ impl Access {
     pub async fn switchover(&self, pair_id: u64, why: &str) -> anyhow::Result<u64> {
         let message =
             cellbank_proto::router::SwitchoverRequest { pair_id, who: "chaos drill".into(), why: why.to_string() };
-        let response = cellbank_router::admin_client::switchover(&self.routers, self.token.as_deref(), message).await?;
+        let response = routers::switchover(&self.routers, self.token.as_deref(), message).await?;
         Ok(response.write_pause_ms)
     }
 
@@ -203,7 +196,7 @@ impl Access {
             who: "chaos drill".into(),
             why: why.to_string(),
         };
-        Ok(cellbank_router::admin_client::failover(&self.routers, self.token.as_deref(), message).await?)
+        Ok(routers::failover(&self.routers, self.token.as_deref(), message).await?)
     }
 
     pub async fn inject(&self, addr: &str, fault: InjectFaultRequest) -> anyhow::Result<FaultList> {
@@ -257,6 +250,6 @@ pub async fn replicas(table: &RoutingTable, cell: u64) -> (Vec<(u64, String)>, O
 }
 
 pub async fn replica_status(addr: &str) -> anyhow::Result<cellbank_proto::cell::ReplicaStatus> {
-    let mut client = ReplicaAdminClient::new(channel(addr).await?);
+    let mut client = cellbank_client::channel::admin(channel(addr).await?);
     Ok(client.status(request(StatusRequest {}, None)).await?.into_inner())
 }

@@ -879,7 +879,7 @@ pub async fn run(
         },
         |pair| allowed.contains(&pair),
     ));
-    let seeder = cellbank_cell::client::CellClient::new(access.routers.clone());
+    let seeder = cellbank_client::CellClient::new(access.routers.clone());
     let fresh = drill.cluster.mode == ClusterMode::Attach;
     workload::seed(&seeder, &population, drill.workload.seed_amount, fresh).await?;
     progress.line(&format!(

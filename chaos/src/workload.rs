@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::v1::*;
 use tonic::Status;
 
@@ -159,30 +159,15 @@ fn outcome_of(result: Option<&TransferResult>) -> Outcome {
 }
 
 async fn transfer(client: &CellClient, request: &TransferRequest) -> Result<TransferResponse, Status> {
-    client
-        .ledger(|mut c| {
-            let request = request.clone();
-            async move { c.transfer(request).await }
-        })
-        .await
+    client.transfer(request.clone()).await
 }
 
 async fn send_envelope(client: &CellClient, request: &SendEnvelopeRequest) -> Result<SendEnvelopeResponse, Status> {
-    client
-        .ledger(|mut c| {
-            let request = request.clone();
-            async move { c.send_envelope(request).await }
-        })
-        .await
+    client.send_envelope(request.clone()).await
 }
 
 async fn grab(client: &CellClient, envelope_id: &str, user: u64) -> Result<GrabEnvelopeResponse, Status> {
-    client
-        .ledger(|mut c| {
-            let request = GrabEnvelopeRequest { envelope_id: envelope_id.to_string(), user_id: user };
-            async move { c.grab_envelope(request).await }
-        })
-        .await
+    client.grab_envelope(GrabEnvelopeRequest { envelope_id: envelope_id.to_string(), user_id: user }).await
 }
 
 /// A grab's outcome: ALREADY_GRABBED on a first grab means an earlier
@@ -207,11 +192,8 @@ pub async fn seed(client: &CellClient, population: &Population, amount: u64, fre
             (CellClient::new(client.endpoints().to_vec()), chunk.to_vec(), population.run_id.clone());
         tasks.push(tokio::spawn(async move {
             for user in chunk {
-                let opened = client
-                    .ledger(|mut c| async move {
-                        c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-                    })
-                    .await?;
+                let opened =
+                    client.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await?;
                 anyhow::ensure!(
                     opened.code == ResultCode::Ok as i32
                         || (!fresh && opened.code == ResultCode::AccountAlreadyExists as i32),
@@ -224,12 +206,7 @@ pub async fn seed(client: &CellClient, population: &Population, amount: u64, fre
                     currency: CURRENCY.into(),
                     amount,
                 };
-                let seeded = client
-                    .ledger(|mut c| {
-                        let request = request.clone();
-                        async move { c.deposit(request).await }
-                    })
-                    .await?;
+                let seeded = client.deposit(request.clone()).await?;
                 let code = seeded.result.map(|r| r.code).unwrap_or(-1);
                 anyhow::ensure!(code == ResultCode::Ok as i32, "seeding user {user}: {}", code_name(code));
             }
@@ -398,13 +375,7 @@ fn read_step(ctx: Ctx, population: &Population, rng: &mut Rng) -> Option<Call> {
             Some(Box::pin(async move {
                 let sent_ms = ctx.recorder.now_ms();
                 let request = GetTransferRequest { transfer_id: transfer_id.clone().into_bytes() };
-                let answer = ctx
-                    .client
-                    .ledger(|mut c| {
-                        let request = request.clone();
-                        async move { c.get_transfer(request).await }
-                    })
-                    .await;
+                let answer = ctx.client.get_transfer(request.clone()).await;
                 let (outcome, found, code, settlement) = match answer {
                     Ok(response) => match response.transfer {
                         Some(record) => {
@@ -426,12 +397,8 @@ fn read_step(ctx: Ctx, population: &Population, rng: &mut Rng) -> Option<Call> {
             let pair = population.pair(user);
             Some(Box::pin(async move {
                 let sent_ms = ctx.recorder.now_ms();
-                let answer = ctx
-                    .client
-                    .ledger(|mut c| async move {
-                        c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-                    })
-                    .await;
+                let answer =
+                    ctx.client.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await;
                 let (outcome, balance) = match answer {
                     Ok(account) => (Outcome::Ok, Some(account.balance)),
                     Err(status) => match final_error(&status) {
@@ -626,12 +593,7 @@ async fn list_all(client: &CellClient, user: u64) -> Result<Vec<TransferRecord>,
     loop {
         let request =
             ListTransfersRequest { user_id: user, currency: CURRENCY.into(), page_size: 1000, page_token: token };
-        let page = client
-            .ledger(|mut c| {
-                let request = request.clone();
-                async move { c.list_transfers(request).await }
-            })
-            .await?;
+        let page = client.list_transfers(request.clone()).await?;
         all.extend(page.transfers);
         if page.next_page_token.is_empty() {
             return Ok(all);
@@ -654,11 +616,7 @@ pub async fn read_final(
     let debit_kinds = [TransferKind::Transfer as i32, TransferKind::EnvelopeSend as i32];
     for &user in &population.users {
         state.seeded.insert((user, CURRENCY.into()), seed_amount as i128);
-        let account = client
-            .ledger(|mut c| async move {
-                c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-            })
-            .await?;
+        let account = client.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await?;
         state.balances.insert((user, CURRENCY.into()), account.balance as i128);
         for record in list_all(&client, user).await? {
             let id = String::from_utf8_lossy(&record.transfer_id).to_string();
@@ -703,12 +661,7 @@ pub async fn read_final(
         let mut info = None;
         loop {
             let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 1000, page_token: token };
-            let page = client
-                .ledger(|mut c| {
-                    let request = request.clone();
-                    async move { c.get_envelope(request).await }
-                })
-                .await;
+            let page = client.get_envelope(request.clone()).await;
             let page = match page {
                 Ok(page) => page,
                 // An envelope whose send was refused or never applied.

@@ -5,36 +5,38 @@
 //!   from many clients are multiplexed (pipelined) on it.
 //! - A request goes to the replica believed to lead its cell, with the
 //!   slice's routing epoch in `cellbank-epoch`.
-//! - UNAVAILABLE is retried until the caller's deadline: at once at a named
-//!   leader, after the routing table moves for an epoch refusal, otherwise
-//!   with backoff (doubling from [`RETRY_DELAY_MIN`] to [`RETRY_DELAY_MAX`]).
-//!   Cells answer UNAVAILABLE only when nothing was applied, or the write is
-//!   idempotent by its transfer_id, so a retry never applies twice.
-//! - Every other status goes back to the client as it is.
+//! - UNAVAILABLE and transport failures are retried until the caller's
+//!   deadline: at once at a named leader, after the routing table moves for
+//!   an epoch refusal, otherwise after the client crate's jittered waits
+//!   ([`RetryPolicy::ROUTER`]). Cells answer UNAVAILABLE only when nothing
+//!   was applied, or the write is idempotent by its transfer_id, so a retry
+//!   never applies twice.
+//! - Every other status goes back to the client as it is, RESOURCE_EXHAUSTED
+//!   (an overloaded cell) too: a router that retried it would add load where
+//!   there is already too much.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use cellbank_client::channel::{self, ChannelSettings};
+use cellbank_client::retry::{self, RetryPolicy};
 use cellbank_proto::cell::clearing_client::ClearingClient;
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::router::RoutingTable;
 use cellbank_proto::v1::ledger_client::LedgerClient;
-use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
+use cellbank_proto::EPOCH_METADATA_KEY;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::metrics::RouterMetrics;
 use crate::table::{self, Route, TableView};
 
-pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(5);
-pub const RETRY_DELAY_MAX: Duration = Duration::from_millis(100);
-/// Connecting to a replica.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
-/// Largest message to or from a cell (a full SubmitTransfers batch fits).
-pub const CELL_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Longest a request waits for this router's table to catch up with an
+/// epoch a cell named.
+const TABLE_CATCH_UP_MAX: Duration = Duration::from_millis(500);
 
 pub struct ReplicaConn {
     pub addr: String,
@@ -56,22 +58,12 @@ impl CellConn {
         let replicas = addrs
             .iter()
             .filter_map(|addr| {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                    .ok()?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_while_idle(true);
-                let channel = endpoint.connect_lazy();
+                let channel = ChannelSettings::INTERNAL.lazy(addr).ok()?;
                 Some(ReplicaConn {
                     addr: addr.clone(),
-                    ledger: LedgerClient::new(channel.clone())
-                        .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
-                        .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX),
-                    clearing: ClearingClient::new(channel.clone())
-                        .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
-                        .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX),
-                    admin: ReplicaAdminClient::new(channel.clone()),
+                    ledger: channel::ledger(channel.clone()),
+                    clearing: channel::clearing(channel.clone()),
+                    admin: channel::admin(channel.clone()),
                     channel,
                 })
             })
@@ -111,19 +103,12 @@ pub struct CellPool {
 /// Longest an injected isolation lasts.
 pub const ISOLATION_MAX: Duration = Duration::from_secs(600);
 
-/// True for a failure of the connection itself (refused, reset, broken):
-/// the request may or may not have reached the cell. Retrying is safe
-/// because every write carries its idempotency key.
-pub fn is_transport_failure(status: &Status) -> bool {
-    match status.code() {
-        tonic::Code::Unavailable => true,
-        // A connection that broke with the request on it (the cell died),
-        // or the cell's deadline for it: the outcome is unknown, and the
-        // retry (same idempotency key) finds it out.
-        tonic::Code::Cancelled => true,
-        tonic::Code::Unknown => std::error::Error::source(status).is_some(),
-        _ => false,
-    }
+/// Whether a router sends a failed call to a cell again: what the client
+/// crate's rule allows for an idempotent call (every call a router carries
+/// is: writes by their transfer id, credits by their seq), except an
+/// overloaded cell's RESOURCE_EXHAUSTED, which goes back to the caller.
+pub fn is_retried(status: &Status) -> bool {
+    retry::retryable(status, true) && status.code() != tonic::Code::ResourceExhausted
 }
 
 impl CellPool {
@@ -275,7 +260,7 @@ impl CellPool {
         F: Fn(C, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let mut delay = RETRY_DELAY_MIN;
+        let mut backoff = RetryPolicy::ROUTER.backoff();
         let mut last_error: Option<Status> = None;
         loop {
             let now = Instant::now();
@@ -285,8 +270,7 @@ impl CellPool {
             let remaining = deadline - now;
             let Some(route) = pick(&self.table.borrow()) else {
                 last_error = Some(Status::unavailable("the routing table is not ready yet"));
-                tokio::time::sleep(delay.min(remaining)).await;
-                delay = (delay * 2).min(RETRY_DELAY_MAX);
+                tokio::time::sleep(backoff.next_delay(false).min(remaining)).await;
                 continue;
             };
             let Some(cell) = self.cell(route.cell_id) else {
@@ -300,8 +284,7 @@ impl CellPool {
                     "cell {} is isolated from this router (injected fault)",
                     route.cell_id
                 )));
-                tokio::time::sleep(delay.min(remaining)).await;
-                delay = (delay * 2).min(RETRY_DELAY_MAX);
+                tokio::time::sleep(backoff.next_delay(false).min(remaining)).await;
                 continue;
             }
             let position = cell.leader.load(Ordering::Relaxed) % cell.replicas.len();
@@ -320,15 +303,11 @@ impl CellPool {
                     ))
                 }
             };
-            if !is_transport_failure(&status) {
+            if !is_retried(&status) {
                 return Err(status);
             }
-            let leader_hint = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok());
-            let cell_epoch = status
-                .metadata()
-                .get(EPOCH_METADATA_KEY)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
+            let leader_hint = retry::leader_hint(&status);
+            let cell_epoch = retry::epoch_hint(&status);
             let mut retry_now = false;
             if let Some(hint) = leader_hint {
                 self.count_retry("leader_hint");
@@ -336,7 +315,7 @@ impl CellPool {
             } else if let Some(epoch) = cell_epoch.filter(|e| *e > route.epoch) {
                 // This router's table is behind: wait for it to catch up.
                 self.count_retry("stale_table");
-                retry_now = self.await_epoch(route.pair_id, epoch, remaining.min(RETRY_DELAY_MAX * 5)).await;
+                retry_now = self.await_epoch(route.pair_id, epoch, remaining.min(TABLE_CATCH_UP_MAX)).await;
             } else if cell_epoch.is_none() {
                 // Not a cell's refusal: the replica is unreachable or has no
                 // leader. Try the next one.
@@ -347,8 +326,8 @@ impl CellPool {
             }
             last_error = Some(status);
             if !retry_now {
+                let delay = backoff.next_delay(false);
                 tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
-                delay = (delay * 2).min(RETRY_DELAY_MAX);
             }
         }
     }

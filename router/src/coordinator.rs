@@ -37,7 +37,6 @@ use cellbank_proto::router::{
     table_command, AdminActionResponse, AuditRecord, ChangeActive, Pair, PairMode, RoutingTable, SetPairMode,
     TableCommand,
 };
-use cellbank_proto::LEADER_ADDR_METADATA_KEY;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic_health::pb::health_client::HealthClient;
@@ -298,7 +297,7 @@ impl Coordinator {
             match admin.configure(call).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if status.code() == tonic::Code::Unavailable => {
-                    if let Some(hint) = status.metadata().get(LEADER_ADDR_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+                    if let Some(hint) = cellbank_client::retry::leader_hint(&status) {
                         if let Some(j) = conn.replicas.iter().position(|r| r.addr == hint) {
                             queue.push_front(j);
                         }

@@ -35,11 +35,7 @@ pub struct CourierService {
 #[tonic::async_trait]
 impl Courier for CourierService {
     async fn deliver_credits(&self, request: Request<CreditBatch>) -> Result<Response<Deliveries>, Status> {
-        let timeout = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(cellbank_cell::service::parse_grpc_timeout)
+        let timeout = cellbank_client::deadline::of_request(&request)
             .unwrap_or(DELIVERY_TIMEOUT_DEFAULT)
             .min(Duration::from_secs(30));
         let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(50));

@@ -61,13 +61,8 @@ fn remember<T: std::hash::Hash + Eq>(set: &std::sync::Mutex<std::collections::Ha
 }
 
 fn deadline_of<T>(request: &Request<T>) -> Instant {
-    let timeout = request
-        .metadata()
-        .get("grpc-timeout")
-        .and_then(|value| value.to_str().ok())
-        .and_then(cellbank_cell::service::parse_grpc_timeout)
-        .unwrap_or(REQUEST_TIMEOUT_DEFAULT)
-        .min(REQUEST_TIMEOUT_MAX);
+    let timeout =
+        cellbank_client::deadline::of_request(request).unwrap_or(REQUEST_TIMEOUT_DEFAULT).min(REQUEST_TIMEOUT_MAX);
     Instant::now() + timeout
 }
 

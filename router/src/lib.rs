@@ -19,7 +19,6 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
-pub mod admin_client;
 pub mod cells;
 pub mod config;
 pub mod coordinator;

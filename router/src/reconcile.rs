@@ -26,13 +26,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use cellbank_client::channel::{self, ChannelSettings};
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::cell::{
     AuditRequest, AuditResponse, DebitsRequest, InboxCredit, InboxRequest, PairRole, StatusRequest,
 };
 use cellbank_proto::router::{ClusterStatus, RoutingTable};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::table;
 
@@ -152,12 +153,7 @@ impl Report {
 }
 
 async fn admin_client(addr: &str) -> anyhow::Result<ReplicaAdminClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await?;
-    Ok(ReplicaAdminClient::new(channel).max_decoding_message_size(256 << 20))
+    Ok(channel::admin(ChannelSettings::OPERATOR.connect(addr).await?))
 }
 
 async fn audit(addr: &str) -> anyhow::Result<AuditResponse> {

@@ -11,6 +11,7 @@ use cellbank_cell::raft::group::{self, Group, GroupMember};
 use cellbank_cell::raft::storage::open_db;
 use cellbank_cell::raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
 use cellbank_cell::service::TransportService;
+use cellbank_client::MESSAGE_BYTES_MAX;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::router::router_admin_server::RouterAdminServer;
 use cellbank_proto::router::RoutingTable;
@@ -18,7 +19,7 @@ use cellbank_proto::v1::ledger_server::LedgerServer;
 use tokio::sync::oneshot;
 
 use crate::admin::AdminService;
-use crate::cells::{CellPool, CELL_MESSAGE_BYTES_MAX};
+use crate::cells::CellPool;
 use crate::config::RouterConfig;
 use crate::coordinator::Coordinator;
 use crate::front::Front;
@@ -68,11 +69,11 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     let courier = cellbank_proto::router::courier_server::CourierServer::new(crate::courier::CourierService {
         pool: pool.clone(),
     })
-    .max_decoding_message_size(16 * 1024 * 1024)
-    .max_encoding_message_size(16 * 1024 * 1024);
+    .max_decoding_message_size(MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let front = LedgerServer::new(Front::new(pool.clone(), config.forbid_own_grab))
-        .max_decoding_message_size(CELL_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(CELL_MESSAGE_BYTES_MAX);
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let admin = RouterAdminServer::new(AdminService {
         router_id: config.router_id,
         node: handle.clone(),

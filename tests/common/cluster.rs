@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use cellbank::supervisor::{ProcessId, Supervisor, Topology};
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::cell::{DigestRequest, DigestResponse, StatusRequest};
 use cellbank_proto::router::{ClusterStatus, Pair, PairMode};
@@ -82,11 +82,7 @@ impl Cluster {
     }
 
     async fn admin(addr: &str) -> Option<ReplicaAdminClient<tonic::transport::Channel>> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(5));
-        endpoint.connect().await.ok().map(ReplicaAdminClient::new)
+        cellbank_client::ChannelSettings::SERVICE.connect(addr).await.ok().map(cellbank_client::channel::admin)
     }
 
     /// The leader replica of a cell, if one answers.

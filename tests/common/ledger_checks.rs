@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::v1::*;
 use rand::{Rng, SeedableRng};
 
@@ -44,9 +44,7 @@ pub fn users(n: u64) -> Vec<u64> {
 pub async fn seed(client: &CellClient, users: &[u64]) {
     for &user in users {
         let response = client
-            .ledger(|mut c| async move {
-                c.open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-            })
+            .open_account(OpenAccountRequest { user_id: user, currency: CURRENCY.into() })
             .await
             .expect("open account");
         assert!(
@@ -55,14 +53,11 @@ pub async fn seed(client: &CellClient, users: &[u64]) {
             response.code
         );
         let response = client
-            .ledger(|mut c| async move {
-                c.deposit(DepositRequest {
-                    transfer_id: format!("seed-{user}").into_bytes(),
-                    user_id: user,
-                    currency: CURRENCY.into(),
-                    amount: SEED_AMOUNT,
-                })
-                .await
+            .deposit(DepositRequest {
+                transfer_id: format!("seed-{user}").into_bytes(),
+                user_id: user,
+                currency: CURRENCY.into(),
+                amount: SEED_AMOUNT,
             })
             .await
             .expect("seed deposit");
@@ -103,12 +98,7 @@ pub fn start_load(
                         amount: if rng.gen_ratio(1, 50) { SEED_AMOUNT * 100 } else { rng.gen_range(1..=500) },
                     };
                     let sent = request.clone();
-                    let outcome = client
-                        .ledger(|mut c| {
-                            let request = sent.clone();
-                            async move { c.transfer(request).await }
-                        })
-                        .await;
+                    let outcome = client.transfer(sent.clone()).await;
                     match outcome {
                         Ok(response) => {
                             let code = response.result.expect("a result").code;
@@ -134,14 +124,11 @@ async fn list_all(client: &CellClient, user: u64) -> Vec<TransferRecord> {
     let mut all = Vec::new();
     loop {
         let page = client
-            .ledger(|mut c| {
-                let request = ListTransfersRequest {
-                    user_id: user,
-                    currency: CURRENCY.into(),
-                    page_size: 1000,
-                    page_token: token.clone(),
-                };
-                async move { c.list_transfers(request).await }
+            .list_transfers(ListTransfersRequest {
+                user_id: user,
+                currency: CURRENCY.into(),
+                page_size: 1000,
+                page_token: token.clone(),
             })
             .await
             .expect("list transfers");
@@ -186,23 +173,14 @@ pub async fn verify_ledger(client: &CellClient, users: &[u64], history: &History
     let unknown: Vec<TransferRequest> = history.unknown.lock().unwrap().clone();
     for request in unknown {
         let retry = request.clone();
-        let response = client
-            .ledger(|mut c| {
-                let request = retry.clone();
-                async move { c.transfer(request).await }
-            })
-            .await
-            .expect("resolving an unknown outcome");
+        let response = client.transfer(retry.clone()).await.expect("resolving an unknown outcome");
         let code = response.result.expect("result").code;
         outcomes.insert(request.transfer_id.clone(), (request, code));
     }
     // Every outcome the clients heard is what the ledger recorded.
     for (id, (_, code)) in &outcomes {
         let record = client
-            .ledger(|mut c| {
-                let transfer_id = id.clone();
-                async move { c.get_transfer(GetTransferRequest { transfer_id }).await }
-            })
+            .get_transfer(GetTransferRequest { transfer_id: id.clone() })
             .await
             .unwrap_or_else(|e| panic!("acknowledged transfer {} is missing: {e}", String::from_utf8_lossy(id)))
             .transfer
@@ -235,9 +213,7 @@ pub async fn verify_ledger(client: &CellClient, users: &[u64], history: &History
             }
         }
         let account = client
-            .ledger(|mut c| async move {
-                c.get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() }).await
-            })
+            .get_account(GetAccountRequest { user_id: user, currency: CURRENCY.into() })
             .await
             .expect("get account");
         assert_eq!(account.balance as i128, from_history, "user {user}: balance differs from its history");

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cellbank_cell::client::CellClient;
+use cellbank_client::CellClient;
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::cell::{DigestRequest, DigestResponse, ReplicaStatus, StatusRequest};
 use tonic::transport::Channel;
@@ -113,11 +113,7 @@ impl Cell {
 
     pub async fn admin(&self, id: u64) -> Option<ReplicaAdminClient<Channel>> {
         let addr = &self.replicas[&id].addr;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(5));
-        endpoint.connect().await.ok().map(ReplicaAdminClient::new)
+        cellbank_client::ChannelSettings::SERVICE.connect(addr).await.ok().map(cellbank_client::channel::admin)
     }
 
     pub async fn status(&self, id: u64) -> Option<ReplicaStatus> {

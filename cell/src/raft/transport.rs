@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellbank_proto::cell::raft_transport_client::RaftTransportClient;
 use cellbank_proto::cell::{RaftBatch, SnapshotChunk};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
@@ -32,8 +31,7 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest snapshot a replica accepts.
 pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 /// Largest gRPC message on the internal services (a batch of appends).
-pub const INTERNAL_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const INTERNAL_MESSAGE_BYTES_MAX: usize = cellbank_client::channel::PEER_MESSAGE_BYTES_MAX;
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -183,14 +181,7 @@ fn report(reporter: &Option<Reporter>, report: Report) {
 }
 
 pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("valid endpoint")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
+    cellbank_client::ChannelSettings::PEER.connect(addr).await
 }
 
 #[derive(Clone)]
@@ -231,9 +222,7 @@ async fn run_peer(
             }
         };
         backoff = RECONNECT_BACKOFF_MIN;
-        let mut client = RaftTransportClient::new(channel.clone())
-            .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+        let mut client = cellbank_client::channel::raft_transport(channel.clone());
         let (stream_tx, stream_rx) = mpsc::channel::<RaftBatch>(64);
         let call = tokio::spawn(async move { client.stream(ReceiverStream::new(stream_rx)).await });
         loop {
@@ -295,7 +284,7 @@ async fn send_snapshot(
     for piece in body.chunks(SNAPSHOT_CHUNK_BYTES) {
         chunks.push(SnapshotChunk { cell_id, message: Vec::new(), total_len: 0, data: piece.to_vec() });
     }
-    let mut client = RaftTransportClient::new(channel).max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
+    let mut client = cellbank_client::channel::raft_transport(channel);
     let delivered = client.send_snapshot(tokio_stream::iter(chunks)).await.is_ok();
     if delivered {
         metrics.snapshots_sent_total.inc();
