@@ -573,7 +573,7 @@ impl Ledger {
                 self.set_pair(kv, slot, next, index);
                 result(ResultCode::Ok, index)
             }
-            Err(detail) => rejection(ResultCode::CellNotWritable, "epoch", detail, index),
+            Err(refusal) => rejection(ResultCode::CellNotWritable, "epoch", refusal.to_string(), index),
         }
     }
 

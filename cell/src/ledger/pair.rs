@@ -108,6 +108,28 @@ pub fn waits_for_standby(state: &PairState) -> bool {
     ships(state) && mode(state) == ReplicationMode::Sync && state.standby_cell_id != 0
 }
 
+/// Why a configure command is refused (it changes nothing).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigureRefusal {
+    #[error("epoch {requested} is older than the cell's epoch {current}")]
+    OlderEpoch { requested: u64, current: u64 },
+    #[error("epoch {requested} is older than epoch {deposed_by}, which deposed this cell")]
+    DeposedBy { requested: u64, deposed_by: u64 },
+    #[error("a coordinator of term {requested} was superseded (the cell follows term {current})")]
+    SupersededCoordinator { requested: u64, current: u64 },
+    #[error("mode change {requested} is older than mode change {current}, which configured this cell")]
+    OlderModeChange { requested: u64, current: u64 },
+    #[error("a paired cell cannot become unpaired")]
+    Unpairing,
+    #[error("a standby needs a source cell")]
+    StandbyWithoutSource,
+    #[error(
+        "this standby holds no complete copy of cell {source_cell_id} (source index {source_index}, rebuilding \
+         from {rebuild_snapshot_index}); it cannot become active"
+    )]
+    IncompleteCopy { source_cell_id: u64, source_index: u64, rebuild_snapshot_index: u64 },
+}
+
 /// The state after a configure command at `index`, or why it is refused.
 /// `force_rebuild`: an operator's rebuild, which starts again even when the
 /// cell already copies the requested source at the requested epoch.
@@ -116,21 +138,18 @@ pub fn configure(
     requested: &PairState,
     index: u64,
     force_rebuild: bool,
-) -> Result<PairState, String> {
+) -> Result<PairState, ConfigureRefusal> {
     if requested.epoch < current.epoch {
-        return Err(format!("epoch {} is older than the cell's epoch {}", requested.epoch, current.epoch));
+        return Err(ConfigureRefusal::OlderEpoch { requested: requested.epoch, current: current.epoch });
     }
     if requested.epoch < current.deposed_by_epoch {
-        return Err(format!(
-            "epoch {} is older than epoch {}, which deposed this cell",
-            requested.epoch, current.deposed_by_epoch
-        ));
+        return Err(ConfigureRefusal::DeposedBy { requested: requested.epoch, deposed_by: current.deposed_by_epoch });
     }
     if requested.coordinator_term < current.coordinator_term {
-        return Err(format!(
-            "a coordinator of term {} was superseded (the cell follows term {})",
-            requested.coordinator_term, current.coordinator_term
-        ));
+        return Err(ConfigureRefusal::SupersededCoordinator {
+            requested: requested.coordinator_term,
+            current: current.coordinator_term,
+        });
     }
     let requested_role = role(requested);
     // An active's configures are ordered by the table's mode changes: one
@@ -140,16 +159,13 @@ pub fn configure(
         && requested.mode_seq != 0
         && requested.mode_seq < current.mode_seq
     {
-        return Err(format!(
-            "mode change {} is older than mode change {}, which configured this cell",
-            requested.mode_seq, current.mode_seq
-        ));
+        return Err(ConfigureRefusal::OlderModeChange { requested: requested.mode_seq, current: current.mode_seq });
     }
     if requested_role == PairRole::Unpaired && current.epoch > 0 {
-        return Err("a paired cell cannot become unpaired".into());
+        return Err(ConfigureRefusal::Unpairing);
     }
     if requested_role == PairRole::Standby && requested.source_cell_id == 0 {
-        return Err("a standby needs a source cell".into());
+        return Err(ConfigureRefusal::StandbyWithoutSource);
     }
     // A standby is promoted only with a complete copy: never while it is
     // being rebuilt, never when it holds nothing.
@@ -157,10 +173,11 @@ pub fn configure(
         && requested_role == PairRole::Active
         && (current.source_index == 0 || current.rebuild_snapshot_index != 0)
     {
-        return Err(format!(
-            "this standby holds no complete copy of cell {} (source index {}, rebuilding from {}); it cannot become active",
-            current.source_cell_id, current.source_index, current.rebuild_snapshot_index
-        ));
+        return Err(ConfigureRefusal::IncompleteCopy {
+            source_cell_id: current.source_cell_id,
+            source_index: current.source_index,
+            rebuild_snapshot_index: current.rebuild_snapshot_index,
+        });
     }
     let mut next = requested.clone();
     // At or past the epoch that deposed it, the cell serves again as told.
@@ -306,7 +323,10 @@ mod tests {
     fn epochs_never_go_back() {
         let current = state(3, PairRole::Active, ReplicationMode::Sync);
         let older = state(2, PairRole::Standby, ReplicationMode::Sync);
-        assert!(configure(&current, &older, 10, false).unwrap_err().contains("older"));
+        assert_eq!(
+            configure(&current, &older, 10, false),
+            Err(ConfigureRefusal::OlderEpoch { requested: 2, current: 3 })
+        );
     }
 
     #[test]
@@ -316,7 +336,10 @@ mod tests {
         let mut stale = current.clone();
         stale.coordinator_term = 8;
         stale.mode = ReplicationMode::Async as i32;
-        assert!(configure(&current, &stale, 10, false).unwrap_err().contains("superseded"));
+        assert_eq!(
+            configure(&current, &stale, 10, false),
+            Err(ConfigureRefusal::SupersededCoordinator { requested: 8, current: 9 })
+        );
         stale.coordinator_term = 10;
         assert_eq!(configure(&current, &stale, 10, false).unwrap().coordinator_term, 10);
     }
@@ -376,7 +399,10 @@ mod tests {
         let mut standby = state(1, PairRole::Standby, ReplicationMode::Sync);
         standby.source_cell_id = 1;
         let promote = state(2, PairRole::Active, ReplicationMode::Async);
-        assert!(configure(&standby, &promote, 9, false).unwrap_err().contains("no complete copy"));
+        assert!(matches!(
+            configure(&standby, &promote, 9, false),
+            Err(ConfigureRefusal::IncompleteCopy { source_cell_id: 1, source_index: 0, .. })
+        ));
         standby.source_index = 40;
         standby.rebuild_snapshot_index = 90;
         assert!(configure(&standby, &promote, 9, false).is_err(), "mid-rebuild");
@@ -403,7 +429,7 @@ mod tests {
         // A stale coordinator's view (the old epoch) cannot revive it.
         let mut stale = active.clone();
         stale.coordinator_term = 7;
-        assert!(configure(&gone, &stale, 9, false).unwrap_err().contains("deposed this cell"));
+        assert!(matches!(configure(&gone, &stale, 9, false), Err(ConfigureRefusal::DeposedBy { .. })));
         // The coordinator's configure at the new epoch (as a standby) clears it.
         let mut standby = state(2, PairRole::Standby, ReplicationMode::Sync);
         standby.source_cell_id = 3;
@@ -450,7 +476,10 @@ mod tests {
         current.mode_seq = 5;
         let mut late = PairState { mode: ReplicationMode::Async as i32, ..current.clone() };
         late.mode_seq = 4;
-        assert!(configure(&current, &late, 10, false).unwrap_err().contains("mode change 4 is older"));
+        assert_eq!(
+            configure(&current, &late, 10, false),
+            Err(ConfigureRefusal::OlderModeChange { requested: 4, current: 5 })
+        );
         // The same or a later change applies; 0 (an operator's own
         // configure) is not sequenced.
         late.mode_seq = 6;
