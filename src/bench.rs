@@ -185,7 +185,7 @@ async fn leader_endpoint(endpoints: &[String]) -> anyhow::Result<String> {
         for index in 0..endpoints.len() {
             if let Ok(status) = client.admin(index)?.status(StatusRequest {}).await {
                 let status = status.into_inner();
-                if status.role == "leader" {
+                if cellbank_client::is_leader(&status) {
                     return Ok(status.addr);
                 }
             }

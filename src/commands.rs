@@ -393,7 +393,7 @@ pub async fn status(endpoints: &[String]) -> anyhow::Result<()> {
         match client.admin(index)?.status(StatusRequest {}).await {
             Ok(status) => {
                 let s = status.into_inner();
-                if s.role == "leader" {
+                if cellbank_client::is_leader(&s) {
                     leaders.push(format!("replica {} at {}", s.replica_id, s.addr));
                 }
                 println!(
@@ -517,7 +517,7 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
 async fn find_leader(client: &CellClient) -> anyhow::Result<usize> {
     for index in 0..client.endpoints().len() {
         if let Ok(status) = client.admin(index)?.status(StatusRequest {}).await {
-            if status.get_ref().role == "leader" {
+            if cellbank_client::is_leader(status.get_ref()) {
                 return Ok(index);
             }
         }

@@ -123,7 +123,7 @@ impl Bench {
             let Ok(channel) = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await else { continue };
             let mut admin = cellbank_client::channel::admin(channel);
             if let Ok(status) = admin.status(cellbank_proto::cell::StatusRequest {}).await {
-                if status.get_ref().role == "leader" {
+                if cellbank_client::is_leader(status.get_ref()) {
                     return Some(id);
                 }
             }

@@ -35,7 +35,9 @@ async fn add_and_catch_up(cell: &mut Cell, leader: u64, id: u64) {
         let joined = cell.status(id).await;
         let lead = cell.status(leader).await.expect("leader status");
         if let Some(status) = joined {
-            if status.role == "follower" && status.applied_index + 50 >= lead.applied_index && status.applied_index > 5
+            if status.raft_role == cellbank_proto::cell::RaftRole::Follower as i32
+                && status.applied_index + 50 >= lead.applied_index
+                && status.applied_index > 5
             {
                 assert!(status.snapshots_installed >= 1, "a joiner is initialized by a snapshot");
                 return;

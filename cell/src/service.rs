@@ -955,6 +955,7 @@ impl ReplicaAdmin for AdminService {
             cell_id: self.context.cell_id,
             replica_id: status.replica_id,
             role: role_str(status.role).into(),
+            raft_role: crate::raft::node::raft_role(status.role) as i32,
             term: status.term,
             commit_index: status.commit_index,
             applied_index: status.applied_index,

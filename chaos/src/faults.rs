@@ -240,7 +240,7 @@ pub async fn replicas(table: &RoutingTable, cell: u64) -> (Vec<(u64, String)>, O
     let mut leader = None;
     for (i, addr) in addrs.iter().enumerate() {
         let status = replica_status(addr).await.ok();
-        if let Some(s) = status.as_ref().filter(|s| s.role == "leader") {
+        if let Some(s) = status.as_ref().filter(|s| cellbank_client::is_leader(s)) {
             leader = Some(s.replica_id);
         }
         out.push((status.map(|s| s.replica_id).unwrap_or(i as u64 + 1), addr.clone()));

@@ -21,5 +21,10 @@ pub mod retry;
 pub mod routers;
 
 pub use cell::CellClient;
+
+/// True when a replica's status says it leads its Raft group.
+pub fn is_leader(status: &cellbank_proto::cell::ReplicaStatus) -> bool {
+    status.raft_role == cellbank_proto::cell::RaftRole::Leader as i32
+}
 pub use channel::{ChannelSettings, MESSAGE_BYTES_MAX};
 pub use retry::{retryable, Backoff, RetryPolicy};

@@ -91,7 +91,7 @@ pub struct Coordinator {
 }
 
 fn is_leader_role(status: &ReplicaStatus) -> bool {
-    status.role == "leader"
+    cellbank_client::is_leader(status)
 }
 
 /// True when a standby's pair state shows a complete copy of `source`'s
@@ -1118,6 +1118,7 @@ mod tests {
     fn leader(pair: PairState, applied: u64, acked: u64) -> CellHealth {
         let status = ReplicaStatus {
             role: "leader".into(),
+            raft_role: cellbank_proto::cell::RaftRole::Leader as i32,
             term: 1,
             applied_index: applied,
             standby_acked_index: acked,

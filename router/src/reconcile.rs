@@ -186,7 +186,7 @@ async fn deposed_outbox(table: &RoutingTable, cell_id: u64, pair_epoch: u64) -> 
     for addr in replicas_of(table, cell_id) {
         let Ok(mut client) = admin_client(&addr).await else { continue };
         let Ok(status) = client.status(StatusRequest {}).await.map(|r| r.into_inner()) else { continue };
-        if status.role != "leader" {
+        if !cellbank_client::is_leader(&status) {
             continue;
         }
         let state = status.pair.unwrap_or_default();

@@ -41,8 +41,8 @@ use cellbank_cell::replication::{self, HelloRefusal, Replication, Verdict, READ_
 use cellbank_cell::service::gate_refusal;
 use cellbank_proto::cell::{
     command, Command, CommandBatch, ConfigureCommand, CreditBatch, CreditSender, InboxCredit, MoveCommand,
-    OpenAccountCommand, OutboxEntry, PairRole, PairState, ReplicaStatus, SettleCommand, ShipAck, SourceEntries,
-    SourceSnapshotChunk,
+    OpenAccountCommand, OutboxEntry, PairRole, PairState, RaftRole, ReplicaStatus, SettleCommand, ShipAck,
+    SourceEntries, SourceSnapshotChunk,
 };
 use cellbank_proto::router::{
     table_command, CellReplicas, Pair, PairMode, RoutingTable, TableCommand, TableCommandResult,
@@ -1433,6 +1433,7 @@ impl World {
             cell_id: r.cell,
             replica_id: r.rid,
             role: if is_leader { "leader".into() } else { "follower".into() },
+            raft_role: if is_leader { RaftRole::Leader } else { RaftRole::Follower } as i32,
             term: vol.node.raft.term,
             applied_index: r.applied,
             leader_id: vol.leader_id,

@@ -91,7 +91,7 @@ impl Cluster {
             let Some(addr) = self.sup.addr(id) else { continue };
             if let Some(mut admin) = Cluster::admin(&addr).await {
                 if let Ok(status) = admin.status(StatusRequest {}).await {
-                    if status.get_ref().role == "leader" {
+                    if cellbank_client::is_leader(status.get_ref()) {
                         return Some(id);
                     }
                 }

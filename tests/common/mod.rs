@@ -132,7 +132,7 @@ impl Cell {
         while started.elapsed() < timeout {
             for id in self.running() {
                 if let Some(status) = self.status(id).await {
-                    if status.role == "leader" && status.term > newer_than_term {
+                    if cellbank_client::is_leader(&status) && status.term > newer_than_term {
                         return Some((id, status.term, started.elapsed()));
                     }
                 }

@@ -175,6 +175,17 @@ pub struct RaftNode<SM: StateMachine> {
     retain_floor: u64,
 }
 
+/// The role as the status reports it.
+pub fn raft_role(role: StateRole) -> cellbank_proto::cell::RaftRole {
+    use cellbank_proto::cell::RaftRole;
+    match role {
+        StateRole::Leader => RaftRole::Leader,
+        StateRole::Follower => RaftRole::Follower,
+        StateRole::Candidate => RaftRole::Candidate,
+        StateRole::PreCandidate => RaftRole::PreCandidate,
+    }
+}
+
 pub fn role_str(role: StateRole) -> &'static str {
     match role {
         StateRole::Leader => "leader",
