@@ -21,10 +21,37 @@ pub mod retry;
 pub mod routers;
 
 pub use cell::CellClient;
-
-/// True when a replica's status says it leads its Raft group.
-pub fn is_leader(status: &cellbank_proto::cell::ReplicaStatus) -> bool {
-    status.raft_role == cellbank_proto::cell::RaftRole::Leader as i32
-}
 pub use channel::{ChannelSettings, MESSAGE_BYTES_MAX};
 pub use retry::{retryable, Backoff, RetryPolicy};
+
+/// True when a replica's status says it leads its Raft group. A replica
+/// built before `raft_role` existed leaves it unset and says so in the text
+/// field, which is read then.
+pub fn is_leader(status: &cellbank_proto::cell::ReplicaStatus) -> bool {
+    use cellbank_proto::cell::RaftRole;
+    match RaftRole::try_from(status.raft_role) {
+        Ok(RaftRole::Unspecified) => status.role == "leader",
+        Ok(role) => role == RaftRole::Leader,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cellbank_proto::cell::{RaftRole, ReplicaStatus};
+
+    #[test]
+    fn the_role_enum_decides_and_an_older_replica_is_read_from_its_text() {
+        let status = |raft_role: RaftRole, role: &str| ReplicaStatus {
+            raft_role: raft_role as i32,
+            role: role.into(),
+            ..Default::default()
+        };
+        assert!(super::is_leader(&status(RaftRole::Leader, "leader")));
+        assert!(!super::is_leader(&status(RaftRole::Follower, "follower")));
+        assert!(!super::is_leader(&status(RaftRole::Candidate, "leader")), "the enum wins");
+        assert!(super::is_leader(&status(RaftRole::Unspecified, "leader")), "an older replica");
+        assert!(!super::is_leader(&status(RaftRole::Unspecified, "follower")));
+        assert!(!super::is_leader(&ReplicaStatus { raft_role: 99, role: "leader".into(), ..Default::default() }));
+    }
+}
