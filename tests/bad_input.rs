@@ -95,6 +95,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
                     "{name}: message {:?} should name {field}",
                     status.message()
                 );
+                // The same field, structured, for callers in any language.
+                assert_eq!(cellbank_client::errors::bad_field(&status).as_deref(), Some(field), "{name}");
             }
             (Expect::Result(code), Ok(response)) => {
                 let result = response.into_inner().result.unwrap();

@@ -498,6 +498,8 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(refused.message().starts_with(field), "{field}: {}", refused.message());
+        // Through the router too, the field comes structured.
+        assert_eq!(cellbank_client::errors::bad_field(&refused).as_deref(), Some(field));
     }
     let envelope_id = send_envelope(&client, sender, "for-nobody", 0).await;
     let grab = |user: u64, id: String| {

@@ -26,7 +26,7 @@ use cellbank_proto::cell::{
 };
 use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
 use cellbank_proto::v1::*;
-use cellbank_proto::{LEADER_ADDR_METADATA_KEY, SUBMIT_TRANSFERS_ITEMS_MAX};
+use cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, Message};
@@ -76,13 +76,7 @@ impl ReplicaContext {
     }
 
     fn unavailable(&self, message: String, leader_id: u64) -> Status {
-        let mut status = Status::unavailable(message);
-        if let Some(addr) = self.leader_addr(leader_id) {
-            if let Ok(value) = addr.parse() {
-                status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
-            }
-        }
-        status
+        cellbank_client::errors::not_leader(message, self.leader_addr(leader_id).as_deref())
     }
 
     fn node_error(&self, error: NodeError) -> Status {
@@ -297,7 +291,7 @@ fn page_size(asked: u32) -> Result<u32, Status> {
 }
 
 pub(crate) fn invalid(error: validate::Invalid) -> Status {
-    Status::invalid_argument(error.to_string())
+    cellbank_client::errors::invalid_argument(error.field, &error.detail)
 }
 
 fn move_command(

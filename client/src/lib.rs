@@ -7,6 +7,8 @@
 //!   (the leader's address, the cell's epoch);
 //! - [`deadline`]: the `grpc-timeout` header a server reads its caller's
 //!   deadline from;
+//! - [`errors`]: the structured details every refusal carries (the bad
+//!   field, the reason, the leader's address);
 //! - [`cell`]: a client of one cell that follows its leader.
 //!
 //! It depends on the protocol crate only.
@@ -17,6 +19,7 @@
 pub mod cell;
 pub mod channel;
 pub mod deadline;
+pub mod errors;
 pub mod retry;
 pub mod routers;
 

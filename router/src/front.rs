@@ -67,7 +67,7 @@ fn deadline_of<T>(request: &Request<T>) -> Instant {
 }
 
 fn invalid(error: validate::Invalid) -> Status {
-    Status::invalid_argument(error.to_string())
+    cellbank_client::errors::invalid_argument(error.field, &error.detail)
 }
 
 fn by_user(user_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> {

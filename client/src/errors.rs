@@ -1,0 +1,83 @@
+//! Errors a caller can read without parsing text: every refusal of a
+//! cellbank server carries the standard `google.rpc` details beside its
+//! message, so a client in any language finds the bad field
+//! (`BadRequest`), the reason (`ErrorInfo`, domain `cellbank`) and, for a
+//! replica that does not lead, the leader's address (`ErrorInfo` metadata
+//! `leader_addr`; also in the `cellbank-leader-addr` header, which older
+//! clients read).
+
+use std::collections::HashMap;
+
+use cellbank_proto::LEADER_ADDR_METADATA_KEY;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo` domain of every cellbank error.
+pub const DOMAIN: &str = "cellbank";
+/// `ErrorInfo.reason` of a request with a bad field.
+pub const REASON_INVALID_FIELD: &str = "INVALID_FIELD";
+/// `ErrorInfo.reason` of a replica that does not lead its cell.
+pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
+
+/// INVALID_ARGUMENT naming `field`: the message says `field: detail`, the
+/// details carry a `BadRequest` field violation and an `ErrorInfo`.
+pub fn invalid_argument(field: &str, detail: &str) -> Status {
+    let mut details = ErrorDetails::with_bad_request_violation(field, detail);
+    details.set_error_info(REASON_INVALID_FIELD, DOMAIN, HashMap::from([("field".to_string(), field.to_string())]));
+    Status::with_error_details(Code::InvalidArgument, format!("{field}: {detail}"), details)
+}
+
+/// UNAVAILABLE from a replica that does not lead: `leader_addr`, when
+/// known, in the details and in the leader header.
+pub fn not_leader(message: String, leader_addr: Option<&str>) -> Status {
+    let metadata: HashMap<String, String> =
+        leader_addr.map(|addr| HashMap::from([("leader_addr".to_string(), addr.to_string())])).unwrap_or_default();
+    let details = ErrorDetails::with_error_info(REASON_NOT_LEADER, DOMAIN, metadata);
+    let mut status = Status::with_error_details(Code::Unavailable, message, details);
+    if let Some(value) = leader_addr.and_then(|addr| addr.parse().ok()) {
+        status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
+    }
+    status
+}
+
+/// The field a refusal names, from its `BadRequest` details.
+pub fn bad_field(status: &Status) -> Option<String> {
+    status.get_details_bad_request()?.field_violations.first().map(|v| v.field.clone())
+}
+
+/// The reason a refusal gives, from its `ErrorInfo` details.
+pub fn reason(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_field_is_named_in_the_details_and_the_message() {
+        let status = invalid_argument("amount", "must be at least 1");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "amount: must be at least 1");
+        assert_eq!(bad_field(&status).as_deref(), Some("amount"));
+        assert_eq!(reason(&status).as_deref(), Some(REASON_INVALID_FIELD));
+        // The details survive the trip through gRPC trailers (encoded in
+        // `grpc-status-details-bin`).
+        let header = status.clone().into_http();
+        let back = Status::from_header_map(header.headers()).expect("a status");
+        assert_eq!(bad_field(&back).as_deref(), Some("amount"));
+    }
+
+    #[test]
+    fn a_follower_names_its_leader_in_the_details_and_the_header() {
+        let status = not_leader("not the leader".into(), Some("127.0.0.1:7102"));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(crate::retry::leader_hint(&status), Some("127.0.0.1:7102"));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), (REASON_NOT_LEADER, DOMAIN));
+        assert_eq!(info.metadata.get("leader_addr").map(String::as_str), Some("127.0.0.1:7102"));
+        let unknown = not_leader("no leader yet".into(), None);
+        assert_eq!(crate::retry::leader_hint(&unknown), None);
+        assert!(crate::retry::retryable(&unknown, false));
+    }
+}
