@@ -368,10 +368,10 @@ struct Volatile {
     leader_id: u64,
     settle_until_local: Option<u64>,
     ready_scheduled: bool,
-    proposals: HashMap<u64, Pending>,
+    proposals: BTreeMap<u64, Pending>,
     waiters: Vec<Waiter>,
     /// Reads waiting for their read index: ctx to (client, req, id, deadline).
-    reads: HashMap<u64, (usize, u64, Vec<u8>, u64)>,
+    reads: BTreeMap<u64, (usize, u64, Vec<u8>, u64)>,
     /// Reads whose index is known, waiting for apply.
     reads_ready: Vec<(u64, usize, u64, Vec<u8>, u64)>,
     shipper: Option<Shipper>,
@@ -971,9 +971,9 @@ impl World {
             leader_id: 0,
             settle_until_local: None,
             ready_scheduled: false,
-            proposals: HashMap::new(),
+            proposals: BTreeMap::new(),
             waiters: Vec::new(),
-            reads: HashMap::new(),
+            reads: BTreeMap::new(),
             reads_ready: Vec::new(),
             shipper: None,
             ship_retry_at_local: 0,
@@ -1105,7 +1105,7 @@ impl World {
         let hint = vol.leader_id;
         let proposals = std::mem::take(&mut vol.proposals);
         let waiters = std::mem::take(&mut vol.waiters);
-        let reads: Vec<_> = vol.reads.drain().map(|(_, r)| (r.0, r.1)).collect();
+        let reads: Vec<_> = std::mem::take(&mut vol.reads).into_values().map(|r| (r.0, r.1)).collect();
         let ready: Vec<_> = vol.reads_ready.drain(..).map(|r| (r.1, r.2)).collect();
         vol.shipper = None;
         let sessions = std::mem::take(&mut vol.standby_sessions);
