@@ -42,14 +42,16 @@ impl RetryPolicy {
     pub const OPERATOR: RetryPolicy =
         RetryPolicy { delay_min: Duration::from_millis(50), delay_max: Duration::from_secs(1), free_redirects: 3 };
 
-    /// The waits of one call, drawn from the thread's random source.
+    /// The waits of one call, drawn from the thread's random source (seeded
+    /// at the first wait: most calls never retry, and a router makes one of
+    /// these per request).
     pub fn backoff(&self) -> Backoff {
-        Backoff::new(*self, StdRng::from_rng(rand::thread_rng()).expect("the thread's random source"))
+        Backoff::new(*self, None)
     }
 
     /// The waits of one call, drawn from `seed` (for tests and replays).
     pub fn backoff_seeded(&self, seed: u64) -> Backoff {
-        Backoff::new(*self, StdRng::seed_from_u64(seed))
+        Backoff::new(*self, Some(StdRng::seed_from_u64(seed)))
     }
 }
 
@@ -57,14 +59,14 @@ impl RetryPolicy {
 #[derive(Debug)]
 pub struct Backoff {
     policy: RetryPolicy,
-    rng: StdRng,
+    rng: Option<StdRng>,
     /// Waits drawn so far.
     attempt: u32,
     redirects_left: u32,
 }
 
 impl Backoff {
-    fn new(policy: RetryPolicy, rng: StdRng) -> Backoff {
+    fn new(policy: RetryPolicy, rng: Option<StdRng>) -> Backoff {
         Backoff { policy, rng, attempt: 0, redirects_left: policy.free_redirects }
     }
 
@@ -85,7 +87,9 @@ impl Backoff {
         let cap = self.cap();
         self.attempt = self.attempt.saturating_add(1);
         let micros = cap.as_micros() as u64;
-        Duration::from_micros(self.rng.gen_range(0..=micros))
+        let rng =
+            self.rng.get_or_insert_with(|| StdRng::from_rng(rand::thread_rng()).expect("the thread's random source"));
+        Duration::from_micros(rng.gen_range(0..=micros))
     }
 }
 
