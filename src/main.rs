@@ -201,7 +201,7 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
 async fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     let config = cell_config(args)?;
     abort_on_panic();
-    cellbank_cell::faults::inject_from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+    cellbank_raft::faults::inject_from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
     let replica = cellbank_cell::server::start(config).await?;
     wait_for_signal().await;
     tracing::info!("stopping on signal");

@@ -52,7 +52,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let Some(mutation) = Mutation::parse(&args.mutate) else {
         bail!("--mutate: unknown mutation {:?} (none, early-release, volatile-deposition, no-sender-epoch, ack-off-by-one)", args.mutate);
     };
-    cellbank_cell::mutation::set(mutation);
+    cellbank_raft::mutation::set(mutation);
     let fixed = match &args.scenario {
         Some(name) => Some(
             scenario(name)

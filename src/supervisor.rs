@@ -13,7 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellbank_cell::config::{RaftTuning, ReplicaConfig};
+use cellbank_cell::config::ReplicaConfig;
+use cellbank_raft::config::RaftTuning;
 use cellbank_router::config::{CellConfig, CoordinatorConfig, PairConfig, RouterConfig};
 use serde::{Deserialize, Serialize};
 

@@ -639,7 +639,7 @@ async fn reconcile_names_a_balance_changed_behind_the_ledger() {
     let path =
         cluster.sup.topology.data_dir.join(format!("cell-{cell}")).join(format!("replica-{replica}")).join("rocksdb");
     {
-        let db = cellbank_cell::raft::storage::open_db(&path);
+        let db = cellbank_raft::storage::open_db(&path);
         let id = cellbank_cell::ledger::AccountId::user(6, cellbank_cell::ledger::Currency::parse(CURRENCY).unwrap());
         let mut account = cellbank_cell::ledger::Account::decode(&db.get(id.key()).unwrap().unwrap()).unwrap();
         account.balance += 1;

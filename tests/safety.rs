@@ -200,7 +200,7 @@ async fn an_old_active_restarted_cut_off_from_its_standby_answers_nothing_and_se
     // from its old standby from its first instant; the coordinator reaches it.
     cluster
         .sup
-        .start_cell_with_env(1, &[(cellbank_cell::faults::STARTUP_ENV, "standby.ship=drop:60000")])
+        .start_cell_with_env(1, &[(cellbank_raft::faults::STARTUP_ENV, "standby.ship=drop:60000")])
         .expect("restart cell 1");
     let cell_1 = cluster.sup.cell_endpoints(1);
     let answered = Arc::new(Mutex::new(Vec::new()));

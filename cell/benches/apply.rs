@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use cellbank_cell::ledger::Ledger;
-use cellbank_cell::raft::storage::open_db;
-use cellbank_cell::raft::{ApplyBatch, StateMachine};
 use cellbank_proto::cell::{command, Command, MoveCommand, OpenAccountCommand};
+use cellbank_raft::storage::open_db;
+use cellbank_raft::{ApplyBatch, StateMachine};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rocksdb::{WriteOptions, DB};

@@ -41,9 +41,9 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::context::{now_ms, timeout_of, ReplicaContext};
 use crate::ledger::clearing::{settles, validate_credit};
 use crate::ledger::{envelope, keys, pair, validate};
-use crate::service::{now_ms, timeout_of, ReplicaContext};
 
 /// Credits per delivery call.
 pub const DELIVERY_BATCH_MAX: usize = 1024;
@@ -207,7 +207,7 @@ impl Clearing for ClearingService {
         let results = propose_items(&self.context, timeout, checked).await?;
         if let Some(stale) = results.iter().find(|r| r.code == ResultCode::StaleSender as i32) {
             let newest = crate::ledger::clearing::read_sender_epoch(
-                &crate::raft::ReadOnlyDb(&self.context.db),
+                &cellbank_raft::ReadOnlyDb(&self.context.db),
                 sender.source_pair_id,
             );
             return Err(crate::replication::epoch_status(Status::failed_precondition(stale.detail.clone()), newest));
@@ -221,7 +221,9 @@ pub fn envelope_currency(context: &ReplicaContext, envelope_id: &str) -> String 
     if validate::envelope_id(envelope_id).is_err() {
         return String::new();
     }
-    envelope::read_envelope(&crate::raft::ReadOnlyDb(&context.db), envelope_id).map(|e| e.currency).unwrap_or_default()
+    envelope::read_envelope(&cellbank_raft::ReadOnlyDb(&context.db), envelope_id)
+        .map(|e| e.currency)
+        .unwrap_or_default()
 }
 
 pub fn grab_response(result: TransferResult, currency: String) -> GrabEnvelopeResponse {
@@ -275,7 +277,7 @@ const OUTBOX_KEYS_PER_PASS_MAX: u64 = 1_000_000;
 /// entries are due, and `pending` counts only what was walked).
 fn scan_outbox(db: &rocksdb::DB, state: &Mutex<CourierState>, limit: usize, count_all: bool) -> Pass {
     let view = db.snapshot();
-    let index = crate::raft::storage::read_u64(&view, crate::raft::storage::APPLIED_INDEX_KEY).unwrap_or(0);
+    let index = cellbank_raft::storage::read_u64(&view, cellbank_raft::storage::APPLIED_INDEX_KEY).unwrap_or(0);
     let mut iter = view.raw_iterator();
     iter.seek(keys::OUTBOX_PREFIX);
     let now = Instant::now();

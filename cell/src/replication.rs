@@ -56,8 +56,8 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::ledger::{pair, Ledger, PairHistory, PairView};
-use crate::raft::driver::DriverHandle;
-use crate::raft::storage::{log_key, read_u64, APPLIED_INDEX_KEY};
+use cellbank_raft::driver::DriverHandle;
+use cellbank_raft::storage::{log_key, read_u64, APPLIED_INDEX_KEY};
 
 /// Source entries in one shipped batch, and their bytes.
 pub const SHIP_BATCH_ENTRIES_MAX: usize = 512;
@@ -77,9 +77,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
 /// In sync mode a read is served only if the standby confirmed, within this
 /// long before, that it still is this cell's standby (it was not promoted).
 pub const READ_LEASE: Duration = Duration::from_millis(300);
-/// A standby promoted by failover serves nothing for this long, so that
-/// the old active's read lease has surely run out.
-pub const PROMOTION_SETTLE: Duration = Duration::from_millis(400);
+pub use cellbank_client::pair::PROMOTION_SETTLE;
 
 /// What the active cell's leader knows about its standby.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -187,11 +185,14 @@ pub fn judge(
     if pair::role(ticket) == PairRole::Unpaired && ticket.epoch == 0 {
         return Verdict::Release;
     }
-    if crate::mutation::active(crate::mutation::Mutation::EarlyRelease) && !pair::waits_for_standby(current) {
+    if cellbank_raft::mutation::active(cellbank_raft::mutation::Mutation::EarlyRelease)
+        && !pair::waits_for_standby(current)
+    {
         return Verdict::Release;
     }
     let ticket_sync = pair::waits_for_standby(ticket);
-    let needed = if crate::mutation::active(crate::mutation::Mutation::AckOffByOne) { index - 1 } else { index };
+    let needed =
+        if cellbank_raft::mutation::active(cellbank_raft::mutation::Mutation::AckOffByOne) { index - 1 } else { index };
     // Positive evidence for a write: the standby acknowledged the entry at
     // the ticket's epoch and standby, so it holds it whatever happened since
     // (a standby promoted later holds everything it acknowledged).
@@ -325,7 +326,7 @@ impl Replication {
                 let current = pair_rx.borrow_and_update();
                 let ship = ship_rx.borrow_and_update();
                 let lease_fresh = ship.confirmed_at.is_some_and(|at| at.elapsed() < READ_LEASE);
-                let skip_ack = crate::faults::skip_standby_ack();
+                let skip_ack = cellbank_raft::faults::skip_standby_ack();
                 (judge(&ticket, &current, &ship, index, read, lease_fresh, skip_ack), current.epoch)
             };
             match verdict {
@@ -368,7 +369,7 @@ pub fn record_deposition(node: &DriverHandle<Ledger>, by_epoch: u64) {
 /// The command that records a deposition in the cell's log (`None` only
 /// under the simulator's `VolatileDeposition` mutation).
 pub fn deposition_command(by_epoch: u64) -> Option<cellbank_proto::cell::Command> {
-    if crate::mutation::active(crate::mutation::Mutation::VolatileDeposition) {
+    if cellbank_raft::mutation::active(cellbank_raft::mutation::Mutation::VolatileDeposition) {
         return None;
     }
     Some(cellbank_proto::cell::Command {
@@ -592,7 +593,7 @@ impl Shipper {
         preferred: &mut usize,
         applied_rx: &mut watch::Receiver<u64>,
     ) -> SessionEnd {
-        if crate::faults::message("standby.ship", 0) == Some(crate::faults::Hit::Drop) {
+        if cellbank_raft::faults::message("standby.ship", 0) == Some(cellbank_raft::faults::Hit::Drop) {
             return SessionEnd::Failed("injected fault: the standby stream is cut".into());
         }
         let mut client = match self.connect(pair_state, preferred).await {
@@ -640,7 +641,7 @@ impl Shipper {
         let mut iter = self.db.raw_iterator();
         iter.seek(log_key(0));
         match iter.key() {
-            Some(key) if key[0] == crate::raft::storage::LOG_PREFIX => {
+            Some(key) if key[0] == cellbank_raft::storage::LOG_PREFIX => {
                 u64::from_be_bytes(key[1..9].try_into().expect("log key holds an index"))
             }
             _ => u64::MAX,
@@ -689,11 +690,11 @@ impl Shipper {
             let applied = *applied_rx.borrow_and_update();
             self.replication.note_progress(applied);
             self.node.shared.retain_floor.store(self.replication.state.borrow().acked_index + 1, Ordering::Relaxed);
-            match crate::faults::message("standby.ship", 0) {
-                Some(crate::faults::Hit::Drop) => {
+            match cellbank_raft::faults::message("standby.ship", 0) {
+                Some(cellbank_raft::faults::Hit::Drop) => {
                     return SessionEnd::Failed("injected fault: the standby stream is cut".into())
                 }
-                Some(crate::faults::Hit::Delay(delay)) if next <= applied => tokio::time::sleep(delay).await,
+                Some(cellbank_raft::faults::Hit::Delay(delay)) if next <= applied => tokio::time::sleep(delay).await,
                 _ => {}
             }
             while in_flight.len() < SHIP_IN_FLIGHT_MAX && next <= applied {

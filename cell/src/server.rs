@@ -13,14 +13,16 @@ use tokio::sync::oneshot;
 
 use crate::clearing::ClearingService;
 use crate::config::ReplicaConfig;
+use crate::context::ReplicaContext;
 use crate::ledger::Ledger;
-use crate::metrics::{self, Metrics};
-use crate::raft::driver::DriverHandle;
-use crate::raft::group::{self, Group, GroupMember};
-use crate::raft::storage::open_db;
-use crate::raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
+use crate::metrics::Metrics;
 use crate::replication::{Replication, Shipper, SHIP_MESSAGE_BYTES_MAX};
-use crate::service::{AdminService, LedgerService, ReplicaContext, StandbyService, TransportService};
+use crate::service::{AdminService, LedgerService, StandbyService};
+use cellbank_raft::driver::DriverHandle;
+use cellbank_raft::group::{self, Group, GroupMember};
+use cellbank_raft::service::TransportService;
+use cellbank_raft::storage::open_db;
+use cellbank_raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
 
 /// Largest client request (a full SubmitTransfers batch is well under this).
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = cellbank_client::MESSAGE_BYTES_MAX;
@@ -37,21 +39,6 @@ pub struct Replica {
     expiry_task: tokio::task::JoinHandle<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
-}
-
-/// Server reflection (v1 and v1alpha) over every cellbank proto and the
-/// health service's, for every gRPC server of the project.
-#[allow(clippy::type_complexity)]
-pub fn reflection_services() -> anyhow::Result<(
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
-)> {
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cellbank_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
 pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
@@ -72,7 +59,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         tuning: &config.raft,
         peers: &config.peers,
     };
-    let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.clone());
+    let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.raft.clone());
 
     let replication = Arc::new(Replication::new(pair_history));
     let context = ReplicaContext {
@@ -92,7 +79,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let shipper_task = tokio::spawn(shipper.run());
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
-    let (reflection, reflection_alpha) = reflection_services()?;
+    let (reflection, reflection_alpha) = cellbank_client::server::reflection_services()?;
     let ledger = LedgerServer::new(LedgerService { context: context.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
@@ -101,7 +88,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         replica_id: config.replica_id,
         node: handle.clone(),
         transport: transport.clone(),
-        metrics: metrics.clone(),
+        metrics: metrics.raft.clone(),
         snapshot_receives: context.snapshot_receives.clone(),
     })
     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
@@ -117,7 +104,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let admin = ReplicaAdminServer::new(AdminService { context })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(cellbank_client::channel::AUDIT_MESSAGE_BYTES_MAX);
-    let faults = crate::faults::FaultService { admin_token: config.admin_token.clone() };
+    let faults = cellbank_raft::faults::FaultService { admin_token: config.admin_token.clone() };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server_task = tokio::spawn(
@@ -138,8 +125,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     );
     let metrics_task = match config.metrics_listen {
         Some(metrics_addr) => {
-            let listener = metrics::bind(metrics_addr).await?;
-            Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
+            let listener = cellbank_raft::metrics::bind(metrics_addr).await?;
+            Some(tokio::spawn(cellbank_raft::metrics::serve(listener, metrics.raft.registry.clone())))
         }
         None => None,
     };

@@ -664,7 +664,7 @@ impl Drill {
 /// durations (ms), checked as the replica checks `CELLBANK_FAULTS` at start
 /// (a value it would refuse would keep the restarted replica down).
 pub fn restart_fault_points(value: &str) -> Result<(Vec<String>, u64), String> {
-    let requests = cellbank_cell::faults::parse_startup(value)?;
+    let requests = cellbank_raft::faults::parse_startup(value)?;
     if requests.is_empty() {
         return Err("names no fault".into());
     }

@@ -552,7 +552,7 @@ impl<'a> Run<'a> {
                 (Vec::new(), 0)
             }
         };
-        let env = [(cellbank_cell::faults::STARTUP_ENV, faults.as_str())];
+        let env = [(cellbank_raft::faults::STARTUP_ENV, faults.as_str())];
         let exited = self.cluster.processes.as_mut().map(|p| p.reap_exited()).unwrap_or_default();
         for p in exited {
             self.event(format!("{p} exited"));
@@ -566,7 +566,7 @@ impl<'a> Run<'a> {
             }
         }
         let what = self.faults[live.record].targets.join(", ");
-        self.event(format!("restarted {what} with {}={faults}", cellbank_cell::faults::STARTUP_ENV));
+        self.event(format!("restarted {what} with {}={faults}", cellbank_raft::faults::STARTUP_ENV));
         if points.is_empty() {
             self.faults[live.record].end_ms = self.recorder.now_ms();
             return;
@@ -814,7 +814,8 @@ pub async fn preflight(drill: &Drill, access: &Access, plan: &[PlannedStep]) -> 
     Ok(radius)
 }
 
-/// Runs the drill against `cluster`.
+/// Runs the drill against `cluster`: the phases of the module's doc, in
+/// order, each a function below.
 pub async fn run(
     drill: &Drill,
     options: &RunOptions,
@@ -824,12 +825,128 @@ pub async fn run(
     let mut drill = drill.clone();
     drill.seed = options.seed;
     let drill = &drill;
-    let started_at_unix_ms = cellbank_router::coordinator::now_ms();
     let access = cluster.access.clone();
+    // 1 and 2: preflight, accounts, the workload.
+    let setup = prepare(drill, options, &access, progress).await?;
+    let recorder = Recorder::new();
+    let tasks = workload::start(
+        access.routers.clone(),
+        &drill.workload,
+        setup.population.clone(),
+        recorder.clone(),
+        options.seed,
+    );
+    let mut run = Run {
+        drill,
+        cluster,
+        recorder: recorder.clone(),
+        progress,
+        events: Vec::new(),
+        faults: Vec::new(),
+        live: Vec::new(),
+        observations: Vec::new(),
+        radius: setup.blast_radius.clone(),
+        halt: options.halt.clone(),
+        lost: Vec::new(),
+    };
+    // 3: the steady state before.
+    let steady = run.steady_state_before(options, &access).await;
+    // 4: the method.
+    let mut aborted = steady.aborted.clone();
+    let mut method_end = recorder.now_ms();
+    if aborted.is_none() {
+        let (end, why) = run.method(&setup.plan, steady.method_start, options).await;
+        method_end = end;
+        aborted = why;
+    }
+    // 5: heal, rollbacks.
+    let heal_verified = run.heal_all().await;
+    if !heal_verified && aborted.is_none() {
+        aborted = Some("the heal at the end of the method could not be verified".into());
+    }
+    run.rollbacks(&access).await;
+    // 6: recovery.
+    let recovery = run.recover(&steady, method_end, options, &access).await;
+    recorder.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    run.event("workload stopped".into());
+    // 7: resolution, the final state, the checkers, the expectations.
+    let lost_cells = run.lost_cells();
+    let judged = run.judge(&setup.population, &lost_cells, &access).await;
+    let faults = run.fault_timelines(&judged.history, &setup.table, &access).await;
+    let no_lost = judged.verdicts.iter().find(|v| v.checker == "no_lost_ack").map(|v| v.offenses).unwrap_or(0);
+    let expectations = expectations(drill, &faults, no_lost, &recovery, judged.credit_delay.as_ref());
+    let mut verdicts = judged.verdicts;
+    // A negative control: its failing checkers are what it exists to show
+    // (the drill still exits non-zero: a checker failed).
+    if !drill.expect.rpo_zero {
+        for v in verdicts.iter_mut().filter(|v| v.status == Status::Fail) {
+            v.detail = format!("(expected by this drill) {}", v.detail);
+        }
+    }
+    let history = judged.history;
+    let acknowledged = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Ok).count();
+    let reads = history.ops.iter().filter(|op| op.is_read()).count();
+    if let Some(procs) = run.cluster.processes.as_mut() {
+        procs.stop_all();
+    }
+    Ok(Journal {
+        drill: drill.clone(),
+        seed: options.seed,
+        replay: options.replay.clone(),
+        started_at_unix_ms: setup.started_at_unix_ms,
+        plan: setup.plan,
+        blast_radius: setup.blast_radius,
+        events: run.events,
+        faults,
+        series: series(&history),
+        method_window_ms: (steady.method_start, method_end),
+        steady_before: steady.probes,
+        steady_after: recovery.steady_after,
+        steady_throughput: steady.throughput,
+        recovery_ms: recovery.recovery_ms,
+        verdicts,
+        expectations,
+        operations: history.ops.len(),
+        acknowledged,
+        reads,
+        unknown: judged.unknown,
+        resolved: judged.resolved,
+        credit_delay: judged.credit_delay,
+        lost_cells,
+        rpo_lost: no_lost,
+        heal_verified,
+        aborted,
+        reconcile_discrepancies: judged.discrepancies,
+        logs: run.cluster.logs.clone(),
+        history,
+    })
+}
+
+/// What the run knows once the workload may start.
+struct Setup {
+    started_at_unix_ms: u64,
+    table: RoutingTable,
+    plan: Vec<PlannedStep>,
+    blast_radius: Vec<u64>,
+    population: Arc<Population>,
+}
+
+/// Phases 1 and 2: the plan, the preflight checks, the population of users
+/// (only in pairs wholly inside the blast radius), their seeded accounts.
+async fn prepare(
+    drill: &Drill,
+    options: &RunOptions,
+    access: &Access,
+    progress: &dyn Progress,
+) -> anyhow::Result<Setup> {
+    let started_at_unix_ms = cellbank_router::coordinator::now_ms();
     access.wait_ready(Duration::from_secs(60)).await?;
     let table = access.table().await?;
     let plan = crate::drill::plan(drill, table.pairs.len() as u64);
-    let blast_radius = preflight(drill, &access, &plan).await?;
+    let blast_radius = preflight(drill, access, &plan).await?;
     progress.line(&format!(
         "drill {} (seed {}): blast radius cells {blast_radius:?}; {} step(s) planned",
         drill.name,
@@ -888,55 +1005,81 @@ pub async fn run(
         drill.workload.kind,
         drill.workload.rate
     ));
+    Ok(Setup { started_at_unix_ms, table, plan, blast_radius, population })
+}
 
-    let recorder = Recorder::new();
-    let tasks =
-        workload::start(access.routers.clone(), &drill.workload, population.clone(), recorder.clone(), options.seed);
-    let mut run = Run {
-        drill,
-        cluster,
-        recorder: recorder.clone(),
-        progress,
-        events: Vec::new(),
-        faults: Vec::new(),
-        live: Vec::new(),
-        observations: Vec::new(),
-        radius: blast_radius.clone(),
-        halt: options.halt.clone(),
-        lost: Vec::new(),
-    };
-    let steady_from = drill.steady_state.warmup_s * 1000;
-    let method_start = steady_from + drill.steady_state.window_s * 1000;
-    let mut aborted: Option<String> = None;
-    let halted = |run: &Run| options.halt.load(Ordering::Relaxed) || run.halted();
-    while recorder.now_ms() < method_start && !options.halt.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let sync_before = access.all_pairs_sync().await;
-    let (steady_before, steady_throughput) = probe(drill, &recorder.history(), steady_from, method_start, sync_before);
-    for p in &steady_before {
-        run.event(format!(
-            "steady state before: {} = {:.1} ({}) {}",
-            p.probe,
-            p.measured,
-            p.bound,
-            if p.pass { "ok" } else { "FAILED" }
-        ));
-    }
-    if options.halt.load(Ordering::Relaxed) {
-        aborted = Some("halted by an operator before the method".into());
-    } else if steady_before.iter().any(|p| !p.pass) {
-        aborted = Some("the steady-state hypothesis did not hold before the method; nothing was injected".into());
+/// Phase 3's result.
+struct SteadyBefore {
+    /// Method time zero (ms since the workload started).
+    method_start: u64,
+    probes: Vec<ProbeResult>,
+    throughput: f64,
+    /// Why the method must not run (a halt, a failed probe).
+    aborted: Option<String>,
+}
+
+/// Phase 6's result.
+struct Recovery {
+    recovery_ms: Option<u64>,
+    /// The bound on `recovery_ms` and the throughput it had to reach.
+    within_ms: u64,
+    target: f64,
+    steady_after: Vec<ProbeResult>,
+}
+
+/// Phase 7's findings.
+struct Judged {
+    history: History,
+    unknown: usize,
+    resolved: usize,
+    verdicts: Vec<Verdict>,
+    credit_delay: Option<CreditDelays>,
+    discrepancies: Vec<String>,
+}
+
+impl Run<'_> {
+    /// Phase 3: waits out the warm-up and measures the steady-state probes
+    /// over one window.
+    async fn steady_state_before(&mut self, options: &RunOptions, access: &Access) -> SteadyBefore {
+        let drill = self.drill;
+        let steady_from = drill.steady_state.warmup_s * 1000;
+        let method_start = steady_from + drill.steady_state.window_s * 1000;
+        while self.recorder.now_ms() < method_start && !options.halt.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sync_before = access.all_pairs_sync().await;
+        let (probes, throughput) = probe(drill, &self.recorder.history(), steady_from, method_start, sync_before);
+        for p in &probes {
+            self.event(format!(
+                "steady state before: {} = {:.1} ({}) {}",
+                p.probe,
+                p.measured,
+                p.bound,
+                if p.pass { "ok" } else { "FAILED" }
+            ));
+        }
+        let aborted = if options.halt.load(Ordering::Relaxed) {
+            Some("halted by an operator before the method".into())
+        } else if probes.iter().any(|p| !p.pass) {
+            Some("the steady-state hypothesis did not hold before the method; nothing was injected".into())
+        } else {
+            None
+        };
+        SteadyBefore { method_start, probes, throughput, aborted }
     }
 
-    // The method.
-    let mut next = 0usize;
-    // When the previous step ended (method time); None while it is live.
-    let mut previous_end: Option<u64> = Some(0);
-    let mut method_end = recorder.now_ms();
-    if aborted.is_none() {
-        run.observe().await;
-        run.event("method begins".into());
+    /// Phase 4: injects each step when due, heals what is due, watches the
+    /// stop conditions. Returns when the method ended and why it was
+    /// aborted, if it was.
+    async fn method(&mut self, plan: &[PlannedStep], method_start: u64, options: &RunOptions) -> (u64, Option<String>) {
+        let drill = self.drill;
+        let recorder = self.recorder.clone();
+        let mut aborted = None;
+        let mut next = 0usize;
+        // When the previous step ended (method time); None while it is live.
+        let mut previous_end: Option<u64> = Some(0);
+        self.observe().await;
+        self.event("method begins".into());
         loop {
             let now = recorder.now_ms();
             let t = now.saturating_sub(method_start);
@@ -948,33 +1091,33 @@ pub async fn run(
                     (true, None) => None,
                 };
                 if due.is_some_and(|due| t >= due) {
-                    if let Err(e) = run.inject(step).await {
+                    if let Err(e) = self.inject(step).await {
                         aborted = Some(format!("step {} could not be injected: {e:#}", step.index));
                         break;
                     }
                     next += 1;
                     let timed =
-                        run.live.iter().any(|l| l.heal_at_ms.is_some() && run.faults[l.record].step == step.index);
+                        self.live.iter().any(|l| l.heal_at_ms.is_some() && self.faults[l.record].step == step.index);
                     previous_end = if timed { None } else { Some(recorder.now_ms().saturating_sub(method_start)) };
                 }
             }
             // Heal what is due.
             let now = recorder.now_ms();
-            while let Some(i) = run.live.iter().position(|l| l.heal_at_ms.is_some_and(|h| h <= now)) {
-                run.heal(i, false).await;
+            while let Some(i) = self.live.iter().position(|l| l.heal_at_ms.is_some_and(|h| h <= now)) {
+                self.heal(i, false).await;
                 let last_step = next.checked_sub(1).map(|n| plan[n].index);
                 let still =
-                    run.live.iter().any(|l| l.heal_at_ms.is_some() && Some(run.faults[l.record].step) == last_step);
+                    self.live.iter().any(|l| l.heal_at_ms.is_some() && Some(self.faults[l.record].step) == last_step);
                 if previous_end.is_none() && !still {
                     previous_end = Some(recorder.now_ms().saturating_sub(method_start));
                 }
             }
-            if let Some(procs) = run.cluster.processes.as_mut() {
+            if let Some(procs) = self.cluster.processes.as_mut() {
                 for p in procs.reap_exited() {
-                    run.event(format!("{p} exited"));
+                    self.event(format!("{p} exited"));
                 }
             }
-            run.observe().await;
+            self.observe().await;
             // Stop conditions.
             let last_ok = recorder.last_ok_ms.load(Ordering::Relaxed);
             if now.saturating_sub(last_ok.max(method_start)) as f64 > drill.stop.max_unavailable_s * 1000.0 {
@@ -989,154 +1132,190 @@ pub async fn run(
                 aborted = Some(format!("stop condition: error rate above {} over 5 s", drill.stop.max_error_rate));
                 break;
             }
-            if halted(&run) {
+            if options.halt.load(Ordering::Relaxed) || self.halted() {
                 aborted = Some("halted by an operator".into());
                 break;
             }
             // Kill faults without a duration stay until the end of the method.
-            if next >= plan.len() && run.live.iter().all(|l| l.heal_at_ms.is_none()) {
+            if next >= plan.len() && self.live.iter().all(|l| l.heal_at_ms.is_none()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        method_end = recorder.now_ms();
-    }
-    let heal_verified = run.heal_all().await;
-    if !heal_verified && aborted.is_none() {
-        aborted = Some("the heal at the end of the method could not be verified".into());
-    }
-    for rollback in &drill.rollbacks {
-        match rollback {
-            Rollback::HealAll | Rollback::StartAll => {} // done by heal_all, always
-            Rollback::WaitSync => {
-                let lost = run.lost_cells();
-                let ok = access.wait_sync_except(&lost, Duration::from_secs(90)).await;
-                run.event(format!(
-                    "rollback wait-sync: {}{}",
-                    if ok { "every pair SYNC" } else { "NOT SYNC after 90 s" },
-                    if lost.is_empty() { String::new() } else { format!(" (but the pairs of lost cells {lost:?})") }
-                ));
-            }
-        }
+        (recorder.now_ms(), aborted)
     }
 
-    // Recovery: until throughput is back (bounded), then one more window.
-    let last_fault_end = run.faults.iter().map(|f| f.end_ms).max().unwrap_or(method_end).max(method_end);
-    let within = (drill.expect.recovery_within_s * 1000.0) as u64;
-    let window = drill.steady_state.window_s * 1000;
-    let target = steady_throughput * drill.expect.recovery_fraction;
-    let mut recovery_ms = None;
-    loop {
-        let now = recorder.now_ms();
-        run.observe().await;
-        if recovery_ms.is_none() {
-            recovery_ms = recorder.with_ops(|ops| recovered_at(ops, last_fault_end, target));
-        }
-        let done_recovering = recovery_ms.is_some() || now > last_fault_end + within;
-        if (done_recovering && now >= last_fault_end + window.max(recovery_ms.unwrap_or(0) + window))
-            || options.halt.load(Ordering::Relaxed)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let end = recorder.now_ms();
-    let lost_cells = run.lost_cells();
-    let sync_after = access.pairs_sync_except(&lost_cells).await;
-    let (steady_after, _) = probe(drill, &recorder.history(), end.saturating_sub(window), end, sync_after);
-    recorder.stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        let _ = task.await;
-    }
-    run.event("workload stopped".into());
-
-    // Resolution and the final state.
-    let mut history = recorder.history();
-    history.user_pairs = population.pair_of.clone();
-    let unknown =
-        history.ops.iter().filter(|op| !op.is_read() && op.outcome == crate::history::Outcome::Unknown).count();
-    let resolved =
-        workload::resolve(access.routers.clone(), &mut history, Duration::from_secs(60), Duration::from_secs(600))
-            .await;
-    run.event(format!("resolved {resolved} of {unknown} unknown outcomes"));
-    access.wait_sync_except(&lost_cells, Duration::from_secs(60)).await;
-    settle(&access, Duration::from_secs(60)).await;
-    // A read that fails here leaves the verdicts unknown; the report is
-    // still written.
-    let state_result =
-        workload::read_final(access.routers.clone(), &population, &history, drill.workload.seed_amount).await;
-    let reconciled = match access.status().await {
-        Ok(mut status) => {
-            let table = status.table.clone().unwrap_or_default();
-            // A cell lost for good cannot be audited: its pair is reconciled
-            // as one without a standby (its active's replicas, money and
-            // clearing are all still checked).
-            if let Some(t) = status.table.as_mut() {
-                for pair in t.pairs.iter_mut().filter(|p| lost_cells.contains(&p.standby_cell_id)) {
-                    pair.standby_cell_id = 0;
+    /// Phase 5's rollbacks (healing and restarting are done by `heal_all`,
+    /// always).
+    async fn rollbacks(&mut self, access: &Access) {
+        for rollback in &self.drill.rollbacks {
+            match rollback {
+                Rollback::HealAll | Rollback::StartAll => {}
+                Rollback::WaitSync => {
+                    let lost = self.lost_cells();
+                    let ok = access.wait_sync_except(&lost, Duration::from_secs(90)).await;
+                    self.event(format!(
+                        "rollback wait-sync: {}{}",
+                        if ok { "every pair SYNC" } else { "NOT SYNC after 90 s" },
+                        if lost.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (but the pairs of lost cells {lost:?})")
+                        }
+                    ));
                 }
             }
-            let report = cellbank_router::reconcile::reconcile(&status, &Default::default()).await;
-            Ok((report, table))
         }
-        Err(e) => Err(e),
-    };
-    let mut credit_delay = None;
-    let mut verdicts = match (&state_result, &reconciled) {
-        (Ok(state), Ok((report, table))) => {
-            let mut state = state.clone();
-            fill_from_reconcile(&mut state, report, table);
-            state.lost_cells = lost_cells.iter().copied().collect();
-            credit_delay = Some(checkers::credit_delays(&history, &state));
-            let mut verdicts = checkers::check_all(&history, &state);
-            verdicts.push(Verdict::from_findings("reconcile", report.discrepancies.clone()));
-            verdicts
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            let why = format!("the final state could not be read: {e:#}");
-            run.event(why.clone());
-            vec![Verdict::unknown("final_state", why)]
-        }
-    };
-    let discrepancies = reconciled.as_ref().map(|r| r.0.discrepancies.clone()).unwrap_or_default();
-    let series = series(&history);
-    // RTO and failover timelines.
-    let audit = access.audit_log().await.unwrap_or_default();
-    let pairs_all: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).collect();
-    let pairs_of_ops: Vec<u64> = recorder.op_pairs();
-    let mut faults = run.faults.clone();
-    let starts: Vec<(u64, u64)> = faults.iter().map(|f| (f.pair, f.start_ms)).collect();
-    for f in &mut faults {
-        let affected: Vec<u64> = if matches!(run.drill.method[f.step].target.role, Role::RouterLeader | Role::All) {
-            pairs_all.clone()
-        } else {
-            vec![f.pair]
-        };
-        // Writes only: a read answered says nothing about writes.
-        let on_pair = || {
-            history.ops.iter().zip(pairs_of_ops.iter()).filter(|(op, pair)| !op.is_read() && affected.contains(pair))
-        };
-        f.rto_ms = if f.fault.is_pair_action() {
-            // The pair stops taking writes inside the call: its RTO is the
-            // longest any write sent during the call waited for its answer.
-            on_pair()
-                .filter(|(op, _)| op.sent_ms >= f.start_ms && op.sent_ms <= f.end_ms)
-                .map(|(op, _)| op.answered_ms - op.sent_ms)
-                .max()
-        } else {
-            // The first acknowledgement of an operation sent once the fault
-            // was in place.
-            on_pair()
-                .filter(|(op, _)| op.sent_ms >= f.start_ms && op.outcome == crate::history::Outcome::Ok)
-                .map(|(op, _)| op.answered_ms - f.start_ms)
-                .min()
-        };
-        // A pair change belongs to this fault if it came before the pair's
-        // next fault.
-        let until = starts.iter().filter(|(p, s)| *p == f.pair && *s > f.start_ms).map(|(_, s)| *s).min();
-        f.failover = failover_timeline(f, until.unwrap_or(u64::MAX), &run.observations, &audit, wall_zero(&recorder));
     }
-    let no_lost = verdicts.iter().find(|v| v.checker == "no_lost_ack").map(|v| v.offenses).unwrap_or(0);
+
+    /// Phase 6: runs on until throughput is back (bounded), then one more
+    /// window, and measures the steady state after.
+    async fn recover(
+        &mut self,
+        steady: &SteadyBefore,
+        method_end: u64,
+        options: &RunOptions,
+        access: &Access,
+    ) -> Recovery {
+        let drill = self.drill;
+        let recorder = self.recorder.clone();
+        let last_fault_end = self.faults.iter().map(|f| f.end_ms).max().unwrap_or(method_end).max(method_end);
+        let within_ms = (drill.expect.recovery_within_s * 1000.0) as u64;
+        let window = drill.steady_state.window_s * 1000;
+        let target = steady.throughput * drill.expect.recovery_fraction;
+        let mut recovery_ms = None;
+        loop {
+            let now = recorder.now_ms();
+            self.observe().await;
+            if recovery_ms.is_none() {
+                recovery_ms = recorder.with_ops(|ops| recovered_at(ops, last_fault_end, target));
+            }
+            let done_recovering = recovery_ms.is_some() || now > last_fault_end + within_ms;
+            if (done_recovering && now >= last_fault_end + window.max(recovery_ms.unwrap_or(0) + window))
+                || options.halt.load(Ordering::Relaxed)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let end = recorder.now_ms();
+        let sync_after = access.pairs_sync_except(&self.lost_cells()).await;
+        let (steady_after, _) = probe(drill, &recorder.history(), end.saturating_sub(window), end, sync_after);
+        Recovery { recovery_ms, within_ms, target, steady_after }
+    }
+
+    /// Phase 7: resolves unknown outcomes, lets the credits settle, reads
+    /// the final state, reconciles, and runs the checkers.
+    async fn judge(&mut self, population: &Population, lost_cells: &[u64], access: &Access) -> Judged {
+        let drill = self.drill;
+        let mut history = self.recorder.history();
+        history.user_pairs = population.pair_of.clone();
+        let unknown =
+            history.ops.iter().filter(|op| !op.is_read() && op.outcome == crate::history::Outcome::Unknown).count();
+        let resolved =
+            workload::resolve(access.routers.clone(), &mut history, Duration::from_secs(60), Duration::from_secs(600))
+                .await;
+        self.event(format!("resolved {resolved} of {unknown} unknown outcomes"));
+        access.wait_sync_except(lost_cells, Duration::from_secs(60)).await;
+        settle(access, Duration::from_secs(60)).await;
+        // A read that fails here leaves the verdicts unknown; the report is
+        // still written.
+        let state_result =
+            workload::read_final(access.routers.clone(), population, &history, drill.workload.seed_amount).await;
+        let reconciled = match access.status().await {
+            Ok(mut status) => {
+                let table = status.table.clone().unwrap_or_default();
+                // A cell lost for good cannot be audited: its pair is
+                // reconciled as one without a standby (its active's replicas,
+                // money and clearing are all still checked).
+                if let Some(t) = status.table.as_mut() {
+                    for pair in t.pairs.iter_mut().filter(|p| lost_cells.contains(&p.standby_cell_id)) {
+                        pair.standby_cell_id = 0;
+                    }
+                }
+                let report = cellbank_router::reconcile::reconcile(&status, &Default::default()).await;
+                Ok((report, table))
+            }
+            Err(e) => Err(e),
+        };
+        let mut credit_delay = None;
+        let verdicts = match (&state_result, &reconciled) {
+            (Ok(state), Ok((report, table))) => {
+                let mut state = state.clone();
+                fill_from_reconcile(&mut state, report, table);
+                state.lost_cells = lost_cells.iter().copied().collect();
+                credit_delay = Some(checkers::credit_delays(&history, &state));
+                let mut verdicts = checkers::check_all(&history, &state);
+                verdicts.push(Verdict::from_findings("reconcile", report.discrepancies.clone()));
+                verdicts
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                let why = format!("the final state could not be read: {e:#}");
+                self.event(why.clone());
+                vec![Verdict::unknown("final_state", why)]
+            }
+        };
+        let discrepancies = reconciled.as_ref().map(|r| r.0.discrepancies.clone()).unwrap_or_default();
+        Judged { history, unknown, resolved, verdicts, credit_delay, discrepancies }
+    }
+
+    /// Each fault's RTO (from the history) and failover timeline (from the
+    /// observations and the routers' audit log).
+    async fn fault_timelines(&self, history: &History, table: &RoutingTable, access: &Access) -> Vec<FaultRecord> {
+        let audit = access.audit_log().await.unwrap_or_default();
+        let pairs_all: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).collect();
+        let pairs_of_ops: Vec<u64> = self.recorder.op_pairs();
+        let mut faults = self.faults.clone();
+        let starts: Vec<(u64, u64)> = faults.iter().map(|f| (f.pair, f.start_ms)).collect();
+        for f in &mut faults {
+            let affected: Vec<u64> = if matches!(self.drill.method[f.step].target.role, Role::RouterLeader | Role::All)
+            {
+                pairs_all.clone()
+            } else {
+                vec![f.pair]
+            };
+            // Writes only: a read answered says nothing about writes.
+            let on_pair = || {
+                history
+                    .ops
+                    .iter()
+                    .zip(pairs_of_ops.iter())
+                    .filter(|(op, pair)| !op.is_read() && affected.contains(pair))
+            };
+            f.rto_ms = if f.fault.is_pair_action() {
+                // The pair stops taking writes inside the call: its RTO is the
+                // longest any write sent during the call waited for its answer.
+                on_pair()
+                    .filter(|(op, _)| op.sent_ms >= f.start_ms && op.sent_ms <= f.end_ms)
+                    .map(|(op, _)| op.answered_ms - op.sent_ms)
+                    .max()
+            } else {
+                // The first acknowledgement of an operation sent once the
+                // fault was in place.
+                on_pair()
+                    .filter(|(op, _)| op.sent_ms >= f.start_ms && op.outcome == crate::history::Outcome::Ok)
+                    .map(|(op, _)| op.answered_ms - f.start_ms)
+                    .min()
+            };
+            // A pair change belongs to this fault if it came before the
+            // pair's next fault.
+            let until = starts.iter().filter(|(p, s)| *p == f.pair && *s > f.start_ms).map(|(_, s)| *s).min();
+            f.failover =
+                failover_timeline(f, until.unwrap_or(u64::MAX), &self.observations, &audit, wall_zero(&self.recorder));
+        }
+        faults
+    }
+}
+
+/// The drill's expectations judged: each fault's RTO, RPO, recovery, and
+/// the credit delay of cross-pair transfers.
+fn expectations(
+    drill: &Drill,
+    faults: &[FaultRecord],
+    no_lost: usize,
+    recovery: &Recovery,
+    credit_delay: Option<&CreditDelays>,
+) -> Vec<Expectation> {
     let mut expectations = Vec::new();
     if let Some(bound) = drill.expect.rto_max_ms {
         for f in faults.iter().filter(|f| f.fault != FaultKind::Restart || f.targets.len() == 1) {
@@ -1160,20 +1339,21 @@ pub async fn run(
             format!("{no_lost} acknowledged operation(s) lost; this drill expects loss (it proves the checker fails)")
         },
     });
+    let target = recovery.target;
     expectations.push(Expectation {
         name: format!(
             "throughput back to {:.0}% of the steady state within {} s",
             drill.expect.recovery_fraction * 100.0,
             drill.expect.recovery_within_s
         ),
-        pass: recovery_ms.is_some_and(|r| r <= within),
-        detail: match recovery_ms {
+        pass: recovery.recovery_ms.is_some_and(|r| r <= recovery.within_ms),
+        detail: match recovery.recovery_ms {
             Some(r) => format!("back after {r} ms (target {target:.0} ops/s)"),
             None => format!("not back to {target:.0} ops/s"),
         },
     });
     if let Some(bound) = drill.expect.credit_delay_p99_max_ms {
-        let (pass, detail) = match &credit_delay {
+        let (pass, detail) = match credit_delay {
             None => (false, "not measured: the final state could not be read".to_string()),
             Some(d) if d.count == 0 => (false, "no acknowledged cross-pair transfer was credited".to_string()),
             Some(d) => {
@@ -1192,49 +1372,7 @@ pub async fn run(
         };
         expectations.push(Expectation { name: "credit delay p99 of cross-pair transfers".into(), pass, detail });
     }
-    // A negative control: its failing checkers are what it exists to show
-    // (the drill still exits non-zero: a checker failed).
-    if !drill.expect.rpo_zero {
-        for v in verdicts.iter_mut().filter(|v| v.status == Status::Fail) {
-            v.detail = format!("(expected by this drill) {}", v.detail);
-        }
-    }
-    let acknowledged = history.ops.iter().filter(|op| op.outcome == crate::history::Outcome::Ok).count();
-    let reads = history.ops.iter().filter(|op| op.is_read()).count();
-    if let Some(procs) = run.cluster.processes.as_mut() {
-        procs.stop_all();
-    }
-    Ok(Journal {
-        drill: drill.clone(),
-        seed: options.seed,
-        replay: options.replay.clone(),
-        started_at_unix_ms,
-        plan,
-        blast_radius,
-        events: run.events,
-        faults,
-        series,
-        method_window_ms: (method_start, method_end),
-        steady_before,
-        steady_after,
-        steady_throughput,
-        recovery_ms,
-        verdicts,
-        expectations,
-        operations: history.ops.len(),
-        acknowledged,
-        reads,
-        unknown,
-        resolved,
-        credit_delay,
-        lost_cells,
-        rpo_lost: no_lost,
-        heal_verified,
-        aborted,
-        reconcile_discrepancies: discrepancies,
-        logs: run.cluster.logs.clone(),
-        history,
-    })
+    expectations
 }
 
 /// The wall clock (ms) at the recorder's zero.

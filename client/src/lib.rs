@@ -9,7 +9,13 @@
 //!   deadline from;
 //! - [`errors`]: the structured details every refusal carries (the bad
 //!   field, the reason, the leader's address);
-//! - [`cell`]: a client of one cell that follows its leader.
+//! - [`cell`]: a client of one cell that follows its leader;
+//! - [`validate`] and [`currency`]: the rules a request must meet, checked
+//!   by the routers before they forward it and by the cell before it
+//!   proposes (and again when it applies);
+//! - [`pair`]: how a cell's pair state is read (its role, its mode, whether
+//!   it waits for its standby);
+//! - [`server`]: reflection, which every server of the project offers.
 //!
 //! It depends on the protocol crate only.
 
@@ -18,10 +24,14 @@
 
 pub mod cell;
 pub mod channel;
+pub mod currency;
 pub mod deadline;
 pub mod errors;
+pub mod pair;
 pub mod retry;
 pub mod routers;
+pub mod server;
+pub mod validate;
 
 pub use cell::CellClient;
 pub use channel::{ChannelSettings, MESSAGE_BYTES_MAX};

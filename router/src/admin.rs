@@ -7,10 +7,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use cellbank_cell::raft::driver::DriverHandle;
 use cellbank_proto::router::router_admin_server::RouterAdmin;
 use cellbank_proto::router::*;
 use cellbank_proto::LEADER_ADDR_METADATA_KEY;
+use cellbank_raft::driver::DriverHandle;
 use prost::Message;
 use tonic::{Request, Response, Status};
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use cellbank_cell::config::RaftTuning;
 use cellbank_proto::router::{CellReplicas, Pair, PairMode, RoutingTable};
+use cellbank_raft::config::RaftTuning;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -19,7 +19,7 @@ pub struct RouterConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// The routers' Raft group: router id -> address (this router included).
-    #[serde(with = "cellbank_cell::config::peer_map")]
+    #[serde(with = "cellbank_raft::config::peer_map")]
     pub peers: BTreeMap<u64, String>,
     #[serde(default = "default_slice_count")]
     pub slice_count: u32,

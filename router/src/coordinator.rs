@@ -27,9 +27,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cellbank_cell::ledger::pair;
-use cellbank_cell::raft::driver::DriverHandle;
-use cellbank_cell::replication::PROMOTION_SETTLE;
+use cellbank_client::pair;
+use cellbank_client::pair::PROMOTION_SETTLE;
 use cellbank_proto::cell::{
     ConfigureRequest, ConfigureResponse, PairRole, PairState, ReplicaStatus, ReplicationMode, StatusRequest,
 };
@@ -37,6 +36,7 @@ use cellbank_proto::router::{
     table_command, AdminActionResponse, AuditRecord, ChangeActive, Pair, PairMode, RoutingTable, SetPairMode,
     TableCommand,
 };
+use cellbank_raft::driver::DriverHandle;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic_health::pb::health_client::HealthClient;

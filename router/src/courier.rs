@@ -118,7 +118,7 @@ impl Courier for CourierService {
 /// Refuses a sender the routing table does not name as its pair's active at
 /// its epoch.
 pub fn check_sender(table: &cellbank_proto::router::RoutingTable, sender: &CreditSender) -> Result<(), Status> {
-    if cellbank_cell::mutation::active(cellbank_cell::mutation::Mutation::NoSenderEpoch) {
+    if cellbank_raft::mutation::active(cellbank_raft::mutation::Mutation::NoSenderEpoch) {
         return Ok(());
     }
     let pair = table::find_pair(table, sender.source_pair_id)

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellbank_cell::ledger::validate;
+use cellbank_client::validate;
 use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
 use cellbank_proto::v1::*;
 use cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;

@@ -5,17 +5,17 @@
 
 use std::sync::Arc;
 
-use cellbank_cell::metrics::{self, Metrics};
-use cellbank_cell::raft::driver::DriverHandle;
-use cellbank_cell::raft::group::{self, Group, GroupMember};
-use cellbank_cell::raft::storage::open_db;
-use cellbank_cell::raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
-use cellbank_cell::service::TransportService;
 use cellbank_client::MESSAGE_BYTES_MAX;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::router::router_admin_server::RouterAdminServer;
 use cellbank_proto::router::RoutingTable;
 use cellbank_proto::v1::ledger_server::LedgerServer;
+use cellbank_raft::driver::DriverHandle;
+use cellbank_raft::group::{self, Group, GroupMember};
+use cellbank_raft::metrics::{self, RaftMetrics};
+use cellbank_raft::service::TransportService;
+use cellbank_raft::storage::open_db;
+use cellbank_raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
 use tokio::sync::oneshot;
 
 use crate::admin::AdminService;
@@ -43,7 +43,7 @@ pub struct Router {
 pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     config.check()?;
     std::fs::create_dir_all(&config.data_dir)?;
-    let metrics = Metrics::new(ROUTER_GROUP_ID, config.router_id);
+    let metrics = Arc::new(RaftMetrics::new(ROUTER_GROUP_ID, config.router_id));
     let db = open_db(&config.data_dir.join("rocksdb"));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -65,7 +65,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
 
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<Front>>().await;
-    let (reflection, reflection_alpha) = cellbank_cell::server::reflection_services()?;
+    let (reflection, reflection_alpha) = cellbank_client::server::reflection_services()?;
     let courier = cellbank_proto::router::courier_server::CourierServer::new(crate::courier::CourierService {
         pool: pool.clone(),
     })
@@ -109,7 +109,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     );
     if let Some(metrics_addr) = config.metrics_listen {
         let listener = metrics::bind(metrics_addr).await?;
-        tasks.push(tokio::spawn(metrics::serve(listener, metrics.clone())));
+        tasks.push(tokio::spawn(metrics::serve(listener, metrics.registry.clone())));
     }
     tracing::info!(router = config.router_id, %addr, data = %config.data_dir.display(), "router started");
     Ok(Router {

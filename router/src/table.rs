@@ -14,14 +14,14 @@
 
 use std::sync::Arc;
 
-use cellbank_cell::raft::{Kv, StateMachine};
 use cellbank_proto::router::{
     table_command, AuditRecord, Pair, PairMode, RoutingTable, TableBatch, TableCommand, TableCommandResult,
 };
+use cellbank_raft::{Kv, StateMachine};
 use prost::Message;
 
-const TABLE_KEY: &[u8] = &[cellbank_cell::raft::storage::STATE_PREFIX, b'T'];
-const AUDIT_PREFIX: &[u8] = &[cellbank_cell::raft::storage::STATE_PREFIX, b'A'];
+const TABLE_KEY: &[u8] = &[cellbank_raft::storage::STATE_PREFIX, b'T'];
+const AUDIT_PREFIX: &[u8] = &[cellbank_raft::storage::STATE_PREFIX, b'A'];
 
 /// Most slices a table may have.
 pub const SLICES_MAX: u32 = 65_536;
@@ -143,7 +143,7 @@ impl TableMachine {
 
     fn reload(&mut self) {
         if let Some(db) = &self.db {
-            self.table = read_table(&cellbank_cell::raft::ReadOnlyDb(db));
+            self.table = read_table(&cellbank_raft::ReadOnlyDb(db));
             self.view.send_replace(self.table.clone());
         }
     }

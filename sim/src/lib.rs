@@ -16,7 +16,7 @@ pub mod world;
 
 use std::fmt;
 
-pub use cellbank_cell::mutation::Mutation;
+pub use cellbank_raft::mutation::Mutation;
 
 use rng::Rng;
 use world::World;

@@ -16,7 +16,7 @@
 //!   (`on_hello_answer`, `on_ack`, `on_refusal`), authority
 //!   (`Replication::earn_authority` / `has_authority`), the deposition
 //!   command (`deposition_command`);
-//! - the request gate (`service::gate_refusal`);
+//! - the request gate (`context::gate_refusal`);
 //! - the routing table state machine (`TableMachine`), the coordinator's
 //!   decisions (`coordinator::record_probes`, `plan_pair`) and the
 //!   operator's (`check_switchover`, `check_failover`, `loss_window`,
@@ -35,10 +35,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cellbank_cell::context::gate_refusal;
 use cellbank_cell::ledger::{self, keys, pair, Ledger, PairHistory, PairView};
-use cellbank_cell::raft::{Kv, StateMachine};
 use cellbank_cell::replication::{self, HelloRefusal, Replication, Verdict, READ_LEASE};
-use cellbank_cell::service::gate_refusal;
 use cellbank_proto::cell::{
     command, Command, CommandBatch, ConfigureCommand, CreditBatch, CreditSender, InboxCredit, MoveCommand,
     OpenAccountCommand, OutboxEntry, PairRole, PairState, RaftRole, ReplicaStatus, SettleCommand, ShipAck,
@@ -48,6 +47,7 @@ use cellbank_proto::router::{
     table_command, CellReplicas, Pair, PairMode, RoutingTable, TableCommand, TableCommandResult,
 };
 use cellbank_proto::v1::{ResultCode, TransferKind, TransferRecord, TransferResult};
+use cellbank_raft::{Kv, StateMachine};
 use cellbank_router::config::CoordinatorConfig;
 use cellbank_router::coordinator::{self, Action, CellHealth, FailoverStart, LossWindow, ReplicaProbe};
 use cellbank_router::table::{self, TableMachine};
@@ -605,7 +605,7 @@ fn replica_index(cell: u64, rid: u64) -> usize {
 
 fn raft_config(rid: u64, applied: u64) -> raft::Config {
     let election_tick = 10;
-    let min = election_tick + cellbank_cell::raft::node::election_stagger_ticks(rid);
+    let min = election_tick + cellbank_raft::node::election_stagger_ticks(rid);
     raft::Config {
         id: rid,
         election_tick,

@@ -25,9 +25,9 @@ fn each_reverted_safety_rule_is_caught() {
     for mutation in [Mutation::AckOffByOne, Mutation::EarlyRelease, Mutation::NoSenderEpoch] {
         let (seeds, name, invariants) = bound(mutation);
         let plan = name.map(|name| scenario(name).expect("a known scenario"));
-        cellbank_cell::mutation::set(mutation);
+        cellbank_raft::mutation::set(mutation);
         let summary = sweep_plans(1, seeds, &Faults::all(), plan.as_ref(), 2, 1, &|_| {});
-        cellbank_cell::mutation::set(Mutation::None);
+        cellbank_raft::mutation::set(Mutation::None);
         let failure = summary.failures.first().unwrap_or_else(|| {
             panic!("{} went unnoticed in {seeds} seeds", mutation.name());
         });

@@ -30,7 +30,7 @@ use cellbank_proto::v1::{ResultCode, Settlement, TransferKind, TransferRecord, T
 use prost::Message;
 
 use super::{keys, read_record, rejection, result, validate, AccountId, Currency, Ledger};
-use crate::raft::Kv;
+use cellbank_raft::Kv;
 
 /// Clearing totals with one peer in one currency.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,7 +184,7 @@ impl Ledger {
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
         let newest_sender = read_sender_epoch(kv, credit.source_pair_id);
-        let checked = !crate::mutation::active(crate::mutation::Mutation::NoSenderEpoch);
+        let checked = !cellbank_raft::mutation::active(cellbank_raft::mutation::Mutation::NoSenderEpoch);
         if checked && credit.sender_epoch < newest_sender {
             let detail = format!(
                 "pair {} sent credits at epoch {newest_sender}; a sender at epoch {} was deposed",

@@ -24,7 +24,7 @@ use super::{
     keys, read_record, read_transfer, recorded_answer, rejection, result, transfer_key, validate, AccountId, Currency,
     Ledger,
 };
-use crate::raft::Kv;
+use cellbank_raft::Kv;
 
 /// The id of the envelope a send creates: `<sender_user_id>.<transfer_id>`.
 /// The sender's id routes it to the sender's cell.

@@ -26,7 +26,7 @@
 //! - `'x' expires_at len id` an open envelope, by expiry.
 
 use super::Currency;
-use crate::raft::storage::STATE_PREFIX;
+use cellbank_raft::storage::STATE_PREFIX;
 
 pub const CLOCK: &[u8] = &[STATE_PREFIX, b'k'];
 pub const OUTBOX_SEQ: &[u8] = &[STATE_PREFIX, b'n'];

@@ -19,11 +19,9 @@
 
 pub mod audit;
 pub mod clearing;
-pub mod currency;
 pub mod envelope;
 pub mod keys;
 pub mod pair;
-pub mod validate;
 
 use std::collections::BTreeMap;
 
@@ -38,9 +36,10 @@ use prost::Message;
 use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
 
-use crate::raft::storage::STATE_PREFIX;
-use crate::raft::{Kv, StateMachine};
-pub use currency::Currency;
+pub use cellbank_client::currency::Currency;
+pub use cellbank_client::validate;
+use cellbank_raft::storage::STATE_PREFIX;
+use cellbank_raft::{Kv, StateMachine};
 
 /// Account kinds; the byte is part of the key. Only user accounts are held
 /// to `0..=u64::MAX`; the system accounts may go negative.
@@ -374,9 +373,9 @@ impl Ledger {
 
     fn reload_pair_view(&mut self) {
         if let (Some(db), Some(view)) = (&self.db, &self.view) {
-            let kv = crate::raft::ReadOnlyDb(db);
+            let kv = cellbank_raft::ReadOnlyDb(db);
             let state = pair::read(&kv, pair::Slot::Own);
-            let applied = crate::raft::storage::read_u64(&db.snapshot(), crate::raft::storage::APPLIED_INDEX_KEY);
+            let applied = cellbank_raft::storage::read_u64(&db.snapshot(), cellbank_raft::storage::APPLIED_INDEX_KEY);
             if let Some(history) = &self.history {
                 history.lock().expect("pair history lock").reset(applied.unwrap_or(0), &state);
             }

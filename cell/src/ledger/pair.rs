@@ -26,8 +26,9 @@ use std::collections::VecDeque;
 use cellbank_proto::cell::{PairRole, PairState, ReplicationMode};
 use prost::Message;
 
-use crate::raft::storage::STATE_PREFIX;
-use crate::raft::Kv;
+pub use cellbank_client::pair::{deposed, mode, role, role_writable, ships, waits_for_standby, writable};
+use cellbank_raft::storage::STATE_PREFIX;
+use cellbank_raft::Kv;
 
 /// The ledger region: `[LEDGER_START, LEDGER_END)`.
 pub const LEDGER_START: &[u8] = &[STATE_PREFIX];
@@ -69,43 +70,6 @@ pub fn write(kv: &mut dyn Kv, slot: Slot, state: &PairState) {
 /// standby, epoch 0.
 pub fn unpaired() -> PairState {
     PairState { role: PairRole::Unpaired as i32, mode: ReplicationMode::Async as i32, ..Default::default() }
-}
-
-pub fn role(state: &PairState) -> PairRole {
-    PairRole::try_from(state.role).unwrap_or(PairRole::Unpaired)
-}
-
-pub fn mode(state: &PairState) -> ReplicationMode {
-    ReplicationMode::try_from(state.mode).unwrap_or(ReplicationMode::Async)
-}
-
-/// True once the cell has learnt that its pair moved past its epoch.
-pub fn deposed(state: &PairState) -> bool {
-    state.deposed_by_epoch > state.epoch
-}
-
-/// True when client writes may apply.
-pub fn writable(state: &PairState) -> bool {
-    role_writable(role(state)) && !deposed(state)
-}
-
-pub fn role_writable(role: PairRole) -> bool {
-    matches!(role, PairRole::Unpaired | PairRole::Active)
-}
-
-/// True for a cell whose leader ships its log to a standby: an active, or
-/// an active fenced for a switchover (its last entries must still reach the
-/// standby).
-pub fn ships(state: &PairState) -> bool {
-    matches!(role(state), PairRole::Active | PairRole::Fenced) && !deposed(state)
-}
-
-/// True when a client must not hear of a write until the standby holds it.
-///
-/// A FENCED cell (a switchover draining it) still waits: its writes below
-/// the fence are answered only once the standby holds them.
-pub fn waits_for_standby(state: &PairState) -> bool {
-    ships(state) && mode(state) == ReplicationMode::Sync && state.standby_cell_id != 0
 }
 
 /// Why a configure command is refused (it changes nothing).

@@ -1,5 +1,6 @@
 //! Generic Raft machinery, written once for every replicated group cellbank
-//! runs (ledger cells now, the routers' routing table later).
+//! runs: the ledger cells and the routers' routing table. It knows nothing of
+//! money; a group supplies a [`StateMachine`].
 //!
 //! - [`storage`]: the durable log, hard state, conf state and apply state on
 //!   RocksDB, and snapshots of the state region.
@@ -10,12 +11,28 @@
 //!   it deterministic and testable with a simulated network.
 //! - [`driver`]: the one thread that owns a `RaftNode` in production: ticks on
 //!   a fixed cadence, drains an input queue, batches proposals.
+//! - [`group`]: opens a member's storage and starts its node and driver.
 //! - [`transport`]: peer messages over long-lived gRPC streams, snapshots in
-//!   chunks.
+//!   chunks; [`service`]: the `RaftTransport` service that receives them.
+//! - [`config`]: election and log-compaction tuning; [`metrics`]: the
+//!   process's Prometheus registry with the group's series, and its endpoint.
+//! - [`faults`]: fault points for chaos drills (compiled in with the
+//!   `fault-points` feature); [`mutation`]: deliberate bugs for the
+//!   simulator's mutation checks.
 
+// tonic::Status is the error of the transport service and its helpers.
+#![allow(clippy::result_large_err)]
+// raft-rs's protobuf types are built field by field, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
+
+pub mod config;
 pub mod driver;
+pub mod faults;
 pub mod group;
+pub mod metrics;
+pub mod mutation;
 pub mod node;
+pub mod service;
 pub mod storage;
 pub mod transport;
 

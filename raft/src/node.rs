@@ -24,7 +24,7 @@ use rocksdb::DB;
 
 use super::storage::{peer_key, RaftStorage, PEER_PREFIX};
 use super::{ApplyBatch, StateMachine};
-use crate::metrics::Metrics;
+use crate::metrics::RaftMetrics;
 
 /// Most commands folded into one Raft entry.
 pub const COMMANDS_PER_ENTRY_MAX: usize = 16_384;
@@ -169,7 +169,7 @@ pub struct RaftNode<SM: StateMachine> {
     read_context_next: u64,
     peers: BTreeMap<u64, String>,
     snapshots_installed: u64,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RaftMetrics>,
     /// The lowest index another consumer of the log (the standby shipper)
     /// still needs; 0 when none.
     retain_floor: u64,
@@ -227,7 +227,7 @@ impl<SM: StateMachine> RaftNode<SM> {
         db: Arc<DB>,
         sm: SM,
         bootstrap_peers: &BTreeMap<u64, String>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<RaftMetrics>,
     ) -> RaftNode<SM> {
         let is_new = db.get(super::storage::CONF_STATE_KEY).expect("read conf state").is_none();
         if is_new && !bootstrap_peers.is_empty() {

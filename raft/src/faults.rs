@@ -25,7 +25,7 @@
 
 use std::time::Duration;
 
-use cellbank_proto::cell::{ActiveFault, FaultList, InjectFaultRequest};
+use cellbank_proto::cell::{FaultList, InjectFaultRequest};
 
 pub const POINTS: &[&str] = &["raft.send", "raft.recv", "standby.ship", "standby.ack", "disk.sync", "clock"];
 /// Longest a fault may last before it heals itself.
@@ -174,7 +174,7 @@ mod registry {
         let now = Instant::now();
         let faults = faults
             .iter()
-            .map(|f| ActiveFault {
+            .map(|f| cellbank_proto::cell::ActiveFault {
                 id: f.id,
                 point: f.request.point.clone(),
                 action: f.request.action.clone(),

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::driver::MessageSink;
 use super::node::is_snapshot;
-use crate::metrics::Metrics;
+use crate::metrics::RaftMetrics;
 
 /// Messages waiting for one peer's stream.
 pub const PEER_QUEUE_MAX: usize = 8_192;
@@ -57,7 +57,7 @@ pub struct GrpcTransport {
     runtime: tokio::runtime::Handle,
     peers: Mutex<HashMap<u64, Peer>>,
     reporter: Mutex<Option<Reporter>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RaftMetrics>,
 }
 
 impl GrpcTransport {
@@ -66,7 +66,7 @@ impl GrpcTransport {
         replica_id: u64,
         addr: String,
         runtime: tokio::runtime::Handle,
-        metrics: Arc<Metrics>,
+        metrics: Arc<RaftMetrics>,
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             cell_id,
@@ -197,7 +197,7 @@ async fn run_peer(
     addr: String,
     mut rx: mpsc::Receiver<Message>,
     reporter: Option<Reporter>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RaftMetrics>,
 ) {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
@@ -274,7 +274,7 @@ async fn send_snapshot(
     cell_id: u64,
     mut message: Message,
     reporter: Option<Reporter>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RaftMetrics>,
 ) {
     let to = message.to;
     let body = std::mem::take(&mut message.mut_snapshot().data);

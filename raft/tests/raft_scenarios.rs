@@ -26,10 +26,10 @@ use std::error::Error;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use cellbank_cell::metrics::Metrics;
-use cellbank_cell::raft::node::{role_str, NodeConfig, RaftNode};
-use cellbank_cell::raft::storage::{open_db, STATE_PREFIX};
-use cellbank_cell::raft::{Kv, StateMachine};
+use cellbank_raft::metrics::RaftMetrics;
+use cellbank_raft::node::{role_str, NodeConfig, RaftNode};
+use cellbank_raft::storage::{open_db, STATE_PREFIX};
+use cellbank_raft::{Kv, StateMachine};
 use raft::eraftpb::{Message, MessageType};
 
 /// A key-value state machine: each command is `key=value`.
@@ -87,7 +87,7 @@ impl Cluster {
         // usual 10 ticks.
         config.min_election_tick = 20;
         config.max_election_tick = 21;
-        RaftNode::open(config, db, KvMachine, &self.bootstrap, Metrics::new(1, id))
+        RaftNode::open(config, db, KvMachine, &self.bootstrap, Arc::new(RaftMetrics::new(1, id)))
     }
 
     fn node(&mut self, id: u64) -> Result<&mut RaftNode<KvMachine>, Box<dyn Error>> {

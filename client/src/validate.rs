@@ -5,7 +5,7 @@
 use cellbank_proto::cell::{GrabCommand, MoveCommand, SendEnvelopeCommand};
 use cellbank_proto::v1::TransferKind;
 
-use super::Currency;
+use crate::currency::Currency;
 
 /// Longest transfer id, in bytes.
 pub const TRANSFER_ID_BYTES_MAX: usize = 64;

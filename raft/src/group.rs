@@ -12,7 +12,7 @@ use super::node::{election_stagger_ticks, NodeConfig, RaftNode};
 use super::transport::{GrpcTransport, Report};
 use super::StateMachine;
 use crate::config::RaftTuning;
-use crate::metrics::Metrics;
+use crate::metrics::RaftMetrics;
 
 pub struct Group<SM: StateMachine> {
     pub handle: DriverHandle<SM>,
@@ -44,7 +44,7 @@ pub fn node_config(replica_id: u64, tuning: &RaftTuning) -> NodeConfig {
 }
 
 /// Must run inside a tokio runtime (the transport's tasks live there).
-pub fn start<SM: StateMachine>(member: GroupMember<'_>, db: Arc<DB>, sm: SM, metrics: Arc<Metrics>) -> Group<SM> {
+pub fn start<SM: StateMachine>(member: GroupMember<'_>, db: Arc<DB>, sm: SM, metrics: Arc<RaftMetrics>) -> Group<SM> {
     let node = RaftNode::open(node_config(member.replica_id, member.tuning), db, sm, member.peers, metrics.clone());
     let transport =
         GrpcTransport::new(member.group_id, member.replica_id, member.addr, tokio::runtime::Handle::current(), metrics);

@@ -1,0 +1,400 @@
+//! `ReplicaAdmin`: a replica's status, its pair configuration (the fencing
+//! rule), membership changes, leadership transfer, and the read-only views
+//! reconciliation needs (audit, digest, inbox, settlement, debits).
+
+use std::sync::atomic::Ordering;
+
+use cellbank_proto::cell::change_membership_request::Action;
+use cellbank_proto::cell::replica_admin_server::ReplicaAdmin;
+use cellbank_proto::cell::{
+    command, AuditRequest, AuditResponse, ChangeMembershipRequest, ChangeMembershipResponse, Command, ConfigureCommand,
+    ConfigureRequest, ConfigureResponse, DebitsRequest, DebitsResponse, DigestRequest, DigestResponse, InboxCredit,
+    InboxRequest, InboxResponse, PairRole, PeerAddress, PeerInfo, ReplicaStatus, ReplicationMode, SettlementFigure,
+    SettlementRequest, SettlementResponse, StatusRequest, TransferLeaderRequest, TransferLeaderResponse,
+};
+use cellbank_proto::v1::*;
+use prost::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType};
+use rocksdb::DB;
+use tonic::{Request, Response, Status};
+
+use crate::context::{timeout_of, ReplicaContext, SnapshotKv};
+use crate::ledger::{self, pair};
+use crate::replication::epoch_status;
+use cellbank_raft::driver::Input;
+use cellbank_raft::node::role_str;
+use cellbank_raft::storage::{read_u64, APPLIED_INDEX_KEY, STATE_PREFIX};
+
+pub struct AdminService {
+    pub context: ReplicaContext,
+}
+
+fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -> Vec<PeerInfo> {
+    peers
+        .iter()
+        .map(|(id, addr)| PeerInfo { replica_id: *id, addr: addr.clone(), voter: voters.contains(id) })
+        .collect()
+}
+
+/// Keys and values of the state region, in key order.
+type StatePairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The state region of one snapshot, with the applied index it reflects.
+fn state_of(db: &DB) -> (u64, StatePairs) {
+    let view = db.snapshot();
+    let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
+    let mut pairs = Vec::new();
+    let mut iter = view.raw_iterator();
+    iter.seek([STATE_PREFIX]);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if key[0] != STATE_PREFIX {
+            break;
+        }
+        pairs.push((key.to_vec(), iter.value().expect("value").to_vec()));
+        iter.next();
+    }
+    (applied_index, pairs)
+}
+
+/// Reconciliation figures of this replica (see `ledger::audit`).
+pub fn audit_of(db: &DB, outbox_limit: usize) -> AuditResponse {
+    let (applied_index, pairs) = state_of(db);
+    let mut response = ledger::audit::audit(|| pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), outbox_limit);
+    response.applied_index = applied_index;
+    let own = pair::read(&cellbank_raft::ReadOnlyDb(db), pair::Slot::Own);
+    if pair::role(&own) == PairRole::Standby {
+        response.source_index = own.source_index;
+    }
+    response.pair = Some(own);
+    response
+}
+
+/// What this cell credited from one source pair (seq <= cutoff), and which
+/// of the asked seqs it credited.
+pub fn inbox_of(db: &DB, request: &InboxRequest) -> InboxResponse {
+    let view = db.snapshot();
+    let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
+    let kv = SnapshotKv(&view);
+    let credited_ok = |record: &TransferRecord| record.result == ResultCode::Ok as i32;
+    let mut received: std::collections::BTreeMap<String, i128> = Default::default();
+    // Totals first, then subtract what came after the cutoff.
+    let mut iter = view.raw_iterator();
+    iter.seek(ledger::keys::POSITION_PREFIX);
+    let mut peer_prefix = ledger::keys::POSITION_PREFIX.to_vec();
+    peer_prefix.extend_from_slice(&request.source_pair_id.to_be_bytes());
+    iter.seek(&peer_prefix);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if !key.starts_with(&peer_prefix) {
+            break;
+        }
+        let currency = String::from_utf8_lossy(&key[peer_prefix.len()..]).to_string();
+        let position = ledger::clearing::Position::decode(iter.value().expect("value"));
+        *received.entry(currency).or_default() += position.received as i128;
+        iter.next();
+    }
+    let inbox_prefix = ledger::keys::inbox_prefix(request.source_pair_id);
+    iter.seek(ledger::keys::inbox(request.source_pair_id, request.seq_cutoff.saturating_add(1)));
+    while iter.valid() && request.seq_cutoff < u64::MAX {
+        let key = iter.key().expect("key");
+        if !key.starts_with(&inbox_prefix) {
+            break;
+        }
+        let record = TransferRecord::decode(iter.value().expect("value")).expect("inbox records decode");
+        if credited_ok(&record) {
+            *received.entry(record.currency.clone()).or_default() -= i128::from(record.amount);
+        }
+        iter.next();
+    }
+    let credited = request
+        .seqs
+        .iter()
+        .copied()
+        .filter(|seq| {
+            ledger::read_record(&kv, &ledger::keys::inbox(request.source_pair_id, *seq))
+                .is_some_and(|r| credited_ok(&r))
+        })
+        .collect();
+    let mut response = InboxResponse {
+        applied_index,
+        received: received.into_iter().map(|(c, v)| (c, v.to_string())).collect(),
+        credited,
+        ..Default::default()
+    };
+    if request.list_credits {
+        iter.seek(&inbox_prefix);
+        while iter.valid() {
+            let key = iter.key().expect("key");
+            if !key.starts_with(&inbox_prefix) {
+                break;
+            }
+            let record = TransferRecord::decode(iter.value().expect("value")).expect("inbox records decode");
+            if credited_ok(&record) {
+                if response.credits.len() >= INBOX_CREDITS_LISTED_MAX {
+                    response.credits_truncated = true;
+                    break;
+                }
+                let seq = u64::from_be_bytes(key[inbox_prefix.len()..].try_into().expect("inbox keys end in a seq"));
+                let (created_epoch, created_index) =
+                    ledger::clearing::read_inbox_origin(&kv, request.source_pair_id, seq).unwrap_or_default();
+                response.credits.push(InboxCredit {
+                    seq,
+                    created_epoch,
+                    created_index,
+                    kind: record.kind,
+                    transfer_id: record.transfer_id,
+                    to_user_id: record.to_user_id,
+                    currency: record.currency,
+                    amount: record.amount,
+                });
+            }
+            iter.next();
+        }
+    }
+    response
+}
+
+/// Credits one `Inbox` call lists at most.
+pub const INBOX_CREDITS_LISTED_MAX: usize = 100_000;
+
+/// Credits received per source pair and currency in `[from_ms, to_ms)`.
+pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse {
+    let from_minute = request.from_ms / 60_000;
+    let to_minute = if request.to_ms == 0 { u64::MAX } else { request.to_ms.div_ceil(60_000) };
+    let mut totals: std::collections::BTreeMap<(u64, String), (u128, u128)> = Default::default();
+    let mut iter = db.raw_iterator();
+    iter.seek(ledger::keys::BUCKET_PREFIX);
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if !key.starts_with(ledger::keys::BUCKET_PREFIX) || key.len() != 21 {
+            break;
+        }
+        let peer = u64::from_be_bytes(key[2..10].try_into().expect("8 bytes"));
+        let currency = String::from_utf8_lossy(&key[10..13]).to_string();
+        let minute = u64::from_be_bytes(key[13..21].try_into().expect("8 bytes"));
+        if minute >= from_minute && minute < to_minute {
+            let [amount, count] = ledger::keys::u128s::<2>(iter.value().expect("value")).expect("bucket is 32 bytes");
+            let total = totals.entry((peer, currency)).or_default();
+            total.0 += amount;
+            total.1 += count;
+        }
+        iter.next();
+    }
+    SettlementResponse {
+        received: totals
+            .into_iter()
+            .map(|((peer, currency), (amount, count))| SettlementFigure {
+                from_pair_id: peer,
+                currency,
+                amount: amount.to_string(),
+                credits: count as u64,
+            })
+            .collect(),
+    }
+}
+
+/// Digest of the state region at the replica's applied index, from one
+/// consistent view of the database.
+pub fn digest_of(db: &DB) -> DigestResponse {
+    let (applied_index, pairs) = state_of(db);
+    let digest = ledger::digest(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+    DigestResponse {
+        applied_index,
+        digest: digest.digest_hex,
+        accounts: digest.accounts,
+        transfers: digest.transfers,
+        balance_sum_by_currency: digest.balance_sum_by_currency.into_iter().map(|(c, s)| (c, s.to_string())).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaAdmin for AdminService {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        let status = self.context.node.status().await.map_err(|e| self.context.node_error(e))?;
+        let pair_state = self.context.pair.borrow().clone();
+        let ship = self.context.replication.state.borrow().clone();
+        let is_leader = status.role == raft::StateRole::Leader;
+        let (_, lag_ms) = self.context.replication.lag(status.applied_index);
+        Ok(Response::new(ReplicaStatus {
+            cell_id: self.context.cell_id,
+            replica_id: status.replica_id,
+            role: role_str(status.role).into(),
+            raft_role: cellbank_raft::node::raft_role(status.role) as i32,
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            leader_id: status.leader_id,
+            leader_addr: status.peers.get(&status.leader_id).cloned().unwrap_or_default(),
+            first_log_index: status.first_log_index,
+            last_log_index: status.last_log_index,
+            peers: peer_infos(&status.peers, &status.voters),
+            snapshots_installed: status.snapshots_installed,
+            addr: self.context.addr.clone(),
+            pair: Some(pair_state.clone()),
+            standby_acked_index: if ship.epoch == pair_state.epoch { ship.acked_index } else { 0 },
+            standby_lag_ms: if is_leader { lag_ms } else { 0 },
+            deposed: self.context.replication.deposed(pair_state.epoch) || pair::deposed(&pair_state),
+            authority: is_leader
+                && self
+                    .context
+                    .replication
+                    .has_authority(self.context.node.shared.leader_term.load(Ordering::Relaxed), &pair_state),
+            outbox_pending: if is_leader { self.context.metrics.outbox_pending.get().max(0) as u64 } else { 0 },
+            outbox_oldest_age_ms: if is_leader {
+                self.context.metrics.outbox_oldest_age_ms.get().max(0) as u64
+            } else {
+                0
+            },
+            outbox_delivery_failures: self.context.metrics.credit_delivery_failures_total.get(),
+        }))
+    }
+
+    async fn configure(&self, request: Request<ConfigureRequest>) -> Result<Response<ConfigureResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        if r.cell_id != self.context.cell_id {
+            return Err(Status::invalid_argument(format!(
+                "cell_id: this is cell {}, not {}",
+                self.context.cell_id, r.cell_id
+            )));
+        }
+        let state = r.state.ok_or_else(|| Status::invalid_argument("state: must be set"))?;
+        if state.epoch == 0 {
+            return Err(Status::invalid_argument("state.epoch: must be at least 1"));
+        }
+        if PairRole::try_from(state.role).is_err() || ReplicationMode::try_from(state.mode).is_err() {
+            return Err(Status::invalid_argument("state: unknown role or mode"));
+        }
+        let command = Command {
+            kind: Some(command::Kind::Configure(ConfigureCommand {
+                state: Some(state),
+                source_state: r.source_state,
+                force_rebuild: r.force_rebuild,
+            })),
+        };
+        let term = self.context.node.shared.leader_term.load(Ordering::Relaxed);
+        let mut results = self.context.within(timeout, self.context.node.propose(vec![command])).await?;
+        let result = results.pop().expect("one result per command");
+        if result.code != ResultCode::Ok as i32 {
+            let epoch = self.context.pair.borrow().epoch;
+            return Err(epoch_status(Status::failed_precondition(result.detail), epoch));
+        }
+        // The coordinator's stamp, applied through this leader in this term:
+        // the routing table says what this cell is, so it may serve as that.
+        if term != 0 && self.context.node.shared.leader_term.load(Ordering::Relaxed) == term {
+            self.context.replication.earn_authority(term);
+        }
+        Ok(Response::new(ConfigureResponse {
+            applied_index: result.applied_index,
+            state: Some(self.context.pair.borrow().clone()),
+        }))
+    }
+
+    async fn audit(&self, request: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        let limit = match request.into_inner().outbox_limit {
+            0 => 1000,
+            n => n.min(1_000_000) as usize,
+        };
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || audit_of(&db, limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn debits(&self, request: Request<DebitsRequest>) -> Result<Response<DebitsResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let credits = request.into_inner().credits;
+        if credits.len() > INBOX_CREDITS_LISTED_MAX {
+            return Err(Status::invalid_argument(format!(
+                "credits: {} asked, at most {INBOX_CREDITS_LISTED_MAX} per call",
+                credits.len()
+            )));
+        }
+        // Everything this cell applied before the call is visible.
+        self.context.within(timeout, self.context.node.read_index()).await?;
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || {
+            let view = db.snapshot();
+            let kv = SnapshotKv(&view);
+            DebitsResponse {
+                held: credits.iter().map(|c| ledger::clearing::holds_debit(&kv, c)).collect(),
+                applied_index: read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn inbox(&self, request: Request<InboxRequest>) -> Result<Response<InboxResponse>, Status> {
+        let timeout = timeout_of(&request);
+        // Everything this cell answered before the call is applied here.
+        self.context.within(timeout, self.context.node.read_index()).await?;
+        let r = request.into_inner();
+        if r.source_pair_id == 0 {
+            return Err(Status::invalid_argument("source_pair_id: must be set"));
+        }
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || inbox_of(&db, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn settlement(&self, request: Request<SettlementRequest>) -> Result<Response<SettlementResponse>, Status> {
+        let r = request.into_inner();
+        if r.to_ms != 0 && r.to_ms <= r.from_ms {
+            return Err(Status::invalid_argument("to_ms: must be after from_ms"));
+        }
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || settlement_of(&db, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn digest(&self, _request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        let db = self.context.db.clone();
+        let response =
+            tokio::task::spawn_blocking(move || digest_of(&db)).await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(response))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<ChangeMembershipRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        if r.replica_id == 0 {
+            return Err(Status::invalid_argument("replica_id: must be set"));
+        }
+        let mut change = ConfChange::default();
+        change.node_id = r.replica_id;
+        match Action::try_from(r.action).unwrap_or(Action::Unspecified) {
+            Action::AddVoter => {
+                if r.addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(Status::invalid_argument(format!("addr: {:?} is not host:port", r.addr)));
+                }
+                change.set_change_type(ConfChangeType::AddNode);
+                change.context = PeerAddress { replica_id: r.replica_id, addr: r.addr }.encode_to_vec().into();
+            }
+            Action::Remove => change.set_change_type(ConfChangeType::RemoveNode),
+            Action::Unspecified => return Err(Status::invalid_argument("action: must be ADD_VOTER or REMOVE")),
+        }
+        let (conf_state, peers) = self.context.within(timeout, self.context.node.conf_change(change)).await?;
+        let applied_index = self.context.node.shared.applied_index.load(Ordering::Relaxed);
+        Ok(Response::new(ChangeMembershipResponse { applied_index, peers: peer_infos(&peers, &conf_state.voters) }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = request.into_inner();
+        self.context.node.send(Input::TransferLeader(r.replica_id)).map_err(|e| self.context.node_error(e))?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+}

@@ -1,0 +1,129 @@
+//! Prometheus metrics of one member of a Raft group, the process's registry
+//! they live in, and the HTTP endpoint that serves it.
+//!
+//! Every process has its own registry; nothing global, so tests can run many
+//! replicas in one process. A ledger cell and the routers register their own
+//! series in the same registry ([`RaftMetrics::registry`]).
+
+use std::net::SocketAddr;
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub struct RaftMetrics {
+    pub registry: Registry,
+    pub proposals_total: IntCounter,
+    pub commands_per_entry: Histogram,
+    pub fsync_seconds: Histogram,
+    pub apply_lag_entries: IntGauge,
+    pub term: IntGauge,
+    pub commit_index: IntGauge,
+    pub applied_index: IntGauge,
+    pub is_leader: IntGauge,
+    pub leader_changes_total: IntCounter,
+    pub snapshots_installed_total: IntCounter,
+    pub snapshots_sent_total: IntCounter,
+    pub raft_messages_dropped_total: IntCounter,
+}
+
+/// Registers a counter in `registry`.
+pub fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::new(name, help).expect("counter");
+    registry.register(Box::new(counter.clone())).expect("register");
+    counter
+}
+
+/// Registers a gauge in `registry`.
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let gauge = IntGauge::new(name, help).expect("gauge");
+    registry.register(Box::new(gauge.clone())).expect("register");
+    gauge
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("histogram");
+    registry.register(Box::new(histogram.clone())).expect("register");
+    histogram
+}
+
+impl RaftMetrics {
+    /// A new registry for one process (series prefixed `cellbank_`, labelled
+    /// with its group and replica) holding the Raft series.
+    pub fn new(group_id: u64, replica_id: u64) -> RaftMetrics {
+        let labels = [("cell".to_string(), group_id.to_string()), ("replica".to_string(), replica_id.to_string())];
+        let registry =
+            Registry::new_custom(Some("cellbank".into()), Some(labels.into_iter().collect())).expect("registry");
+        let r = &registry;
+        RaftMetrics {
+            proposals_total: counter(r, "proposals_total", "Raft entries proposed by this replica."),
+            commands_per_entry: histogram(
+                r,
+                "commands_per_entry",
+                "Client commands batched into one proposed entry.",
+                vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0],
+            ),
+            fsync_seconds: histogram(
+                r,
+                "fsync_seconds",
+                "Time to durably append entries and hard state.",
+                prometheus::exponential_buckets(0.0001, 2.0, 16).expect("buckets"),
+            ),
+            apply_lag_entries: gauge(r, "apply_lag_entries", "Committed entries not yet applied."),
+            term: gauge(r, "raft_term", "Current Raft term."),
+            commit_index: gauge(r, "commit_index", "Raft commit index."),
+            applied_index: gauge(r, "applied_index", "Last applied index."),
+            is_leader: gauge(r, "is_leader", "1 when this replica is the leader."),
+            leader_changes_total: counter(r, "leader_changes_total", "Times this replica saw a new leader."),
+            snapshots_installed_total: counter(r, "snapshots_installed_total", "Snapshots installed from a leader."),
+            snapshots_sent_total: counter(r, "snapshots_sent_total", "Snapshots streamed to followers."),
+            raft_messages_dropped_total: counter(
+                r,
+                "raft_messages_dropped_total",
+                "Raft messages dropped (queue full or peer down).",
+            ),
+            registry,
+        }
+    }
+}
+
+/// The registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out).expect("encode metrics");
+    String::from_utf8(out).expect("metrics are UTF-8")
+}
+
+/// Longest request head the metrics endpoint reads.
+const HTTP_REQUEST_BYTES_MAX: usize = 8 * 1024;
+
+/// Serves `GET /metrics` (any path, in fact) in the Prometheus text format.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; HTTP_REQUEST_BYTES_MAX];
+            let mut read = 0;
+            while read < buffer.len() {
+                match socket.read(&mut buffer[read..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read += n,
+                }
+                if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let body = render(&registry);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,126 @@
+//! The `RaftTransport` service: receives peer messages and snapshots for one
+//! Raft group (a ledger cell, or the routers' table group) and hands them to
+//! its driver. Messages for another group or replica are refused or skipped;
+//! a snapshot body that cannot be installed is refused before raft sees it.
+
+use std::sync::Arc;
+
+use cellbank_proto::cell::raft_transport_server::RaftTransport;
+use cellbank_proto::cell::{RaftBatch, SnapshotChunk, TransportAck};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::{DriverHandle, Input};
+use crate::metrics::RaftMetrics;
+use crate::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
+use crate::StateMachine;
+
+/// Peer messages and snapshots for one Raft group.
+pub struct TransportService<SM: StateMachine> {
+    pub group_id: u64,
+    pub replica_id: u64,
+    pub node: DriverHandle<SM>,
+    pub transport: Arc<GrpcTransport>,
+    pub metrics: Arc<RaftMetrics>,
+    /// Bounds concurrent snapshot receives.
+    pub snapshot_receives: Arc<tokio::sync::Semaphore>,
+}
+
+impl<SM: StateMachine> TransportService<SM> {
+    /// Decodes one message; `None` for a message addressed to another
+    /// replica (a peer's stale address book), which is skipped, not fatal.
+    fn decode(&self, bytes: &[u8]) -> Result<Option<Message>, Status> {
+        let message = Message::parse_from_bytes(bytes)
+            .map_err(|e| Status::invalid_argument(format!("messages: not a raft message ({e})")))?;
+        if message.to != self.replica_id {
+            tracing::debug!(to = message.to, from = message.from, "skipping a raft message for another replica");
+            self.metrics.raft_messages_dropped_total.inc();
+            return Ok(None);
+        }
+        Ok(Some(message))
+    }
+
+    fn check_cell(&self, cell_id: u64) -> Result<(), Status> {
+        if cell_id != self.group_id {
+            return Err(Status::failed_precondition(format!(
+                "cell_id: this replica belongs to group {}, not {cell_id}",
+                self.group_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl<SM: StateMachine> RaftTransport for TransportService<SM> {
+    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<TransportAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.check_cell(batch.cell_id)?;
+            // A drill's delay holds the whole batch once.
+            if let Some(crate::faults::Hit::Delay(delay)) = crate::faults::message("raft.recv", batch.from_replica_id) {
+                tokio::time::sleep(delay).await;
+            }
+            for bytes in &batch.messages {
+                let Some(message) = self.decode(bytes)? else { continue };
+                if crate::faults::message("raft.recv", message.from) == Some(crate::faults::Hit::Drop) {
+                    continue;
+                }
+                if message.from == batch.from_replica_id {
+                    self.transport.learn(batch.from_replica_id, &batch.from_addr);
+                }
+                // A full queue drops the message; raft retransmits.
+                let _ = self.node.send(Input::Raft(Box::new(message)));
+            }
+        }
+        Ok(Response::new(TransportAck {}))
+    }
+
+    async fn send_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<TransportAck>, Status> {
+        // One snapshot at a time: each may hold gigabytes.
+        let _permit = self
+            .snapshot_receives
+            .try_acquire()
+            .map_err(|_| Status::resource_exhausted("another snapshot is being received"))?;
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
+        self.check_cell(first.cell_id)?;
+        let mut message = self
+            .decode(&first.message)?
+            .ok_or_else(|| Status::invalid_argument("message: snapshot for another replica"))?;
+        if message.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument("message: not a MsgSnapshot"));
+        }
+        if first.total_len > SNAPSHOT_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "total_len: {} exceeds {SNAPSHOT_BYTES_MAX}",
+                first.total_len
+            )));
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&first.data);
+        while let Some(chunk) = stream.message().await? {
+            if body.len() + chunk.data.len() > first.total_len as usize {
+                return Err(Status::invalid_argument("data: snapshot longer than total_len"));
+            }
+            body.extend_from_slice(&chunk.data);
+        }
+        if body.len() as u64 != first.total_len {
+            return Err(Status::invalid_argument(format!(
+                "data: got {} of {} snapshot bytes",
+                body.len(),
+                first.total_len
+            )));
+        }
+        // Decoded here, before raft accepts it: a body that cannot be
+        // installed is refused now instead of crashing the replica later.
+        crate::storage::decode_snapshot_body(&body).map_err(|e| Status::invalid_argument(format!("data: {e}")))?;
+        message.mut_snapshot().data = body.into();
+        self.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(TransportAck {}))
+    }
+}
