@@ -61,6 +61,19 @@ impl std::fmt::Display for ProposeError {
     }
 }
 
+/// Why a message from the network was not stepped (it changed nothing).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("message for replica {to} delivered to {here}")]
+    OtherReplica { to: u64, here: u64 },
+    #[error("local message type {0:?} from the network")]
+    LocalType(MessageType),
+    #[error("MsgPropose from replica {from} refused")]
+    Propose { from: u64 },
+    #[error("raft refused the message: {0}")]
+    Raft(raft::Error),
+}
+
 pub type Responder<T> = Box<dyn FnOnce(Result<T, ProposeError>) + Send>;
 
 #[derive(Debug, Clone)]
@@ -316,19 +329,19 @@ impl<SM: StateMachine> RaftNode<SM> {
 
     /// Steps a message from a peer. Messages for another replica and local
     /// message types are refused.
-    pub fn step(&mut self, message: Message) -> Result<(), String> {
+    pub fn step(&mut self, message: Message) -> Result<(), StepError> {
         if message.to != self.config.replica_id {
-            return Err(format!("message for replica {} delivered to {}", message.to, self.config.replica_id));
+            return Err(StepError::OtherReplica { to: message.to, here: self.config.replica_id });
         }
         if raft::raw_node::is_local_msg(message.get_msg_type()) {
-            return Err(format!("local message type {:?} from the network", message.get_msg_type()));
+            return Err(StepError::LocalType(message.get_msg_type()));
         }
         if message.get_msg_type() == MessageType::MsgPropose {
             // Clients propose through the gRPC API on the leader; a proposal
             // from the network would let any peer write the log.
-            return Err(format!("MsgPropose from replica {} refused", message.from));
+            return Err(StepError::Propose { from: message.from });
         }
-        self.raw.step(message).map_err(|e| e.to_string())
+        self.raw.step(message).map_err(StepError::Raft)
     }
 
     pub fn report_unreachable(&mut self, replica_id: u64) {

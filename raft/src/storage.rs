@@ -123,16 +123,29 @@ pub fn encode_snapshot_body(pairs: impl Iterator<Item = OwnedPair>) -> Vec<u8> {
 /// Borrowed key-value pairs of a snapshot body.
 pub type SnapshotPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
 
-pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, String> {
+/// Why a snapshot body cannot be installed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotBodyError {
+    #[error("snapshot body truncated in a length")]
+    TruncatedLength,
+    #[error("snapshot body truncated in a value")]
+    TruncatedValue,
+    #[error("snapshot key outside the state region: {0:02x?}")]
+    KeyOutsideState(Vec<u8>),
+    #[error("snapshot peer address is not UTF-8")]
+    PeerAddressNotUtf8,
+}
+
+pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, SnapshotBodyError> {
     let mut pairs = Vec::new();
-    let take = |body: &mut &[u8]| -> Result<usize, String> {
+    let take = |body: &mut &[u8]| -> Result<usize, SnapshotBodyError> {
         if body.len() < 4 {
-            return Err("snapshot body truncated in a length".into());
+            return Err(SnapshotBodyError::TruncatedLength);
         }
         let len = u32::from_be_bytes(body[..4].try_into().expect("4 bytes")) as usize;
         *body = &body[4..];
         if body.len() < len {
-            return Err("snapshot body truncated in a value".into());
+            return Err(SnapshotBodyError::TruncatedValue);
         }
         Ok(len)
     };
@@ -146,10 +159,10 @@ pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, String
         let is_state = key.first() == Some(&STATE_PREFIX);
         let is_peer = key.starts_with(PEER_PREFIX) && key.len() == PEER_PREFIX.len() + 8;
         if !is_state && !is_peer {
-            return Err(format!("snapshot key outside the state region: {key:02x?}"));
+            return Err(SnapshotBodyError::KeyOutsideState(key.to_vec()));
         }
         if is_peer && std::str::from_utf8(value).is_err() {
-            return Err("snapshot peer address is not UTF-8".into());
+            return Err(SnapshotBodyError::PeerAddressNotUtf8);
         }
         pairs.push((key, value));
     }
@@ -460,7 +473,7 @@ impl RaftStorage {
     }
 
     /// Replaces the whole state with a snapshot from the leader, durably.
-    pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+    pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotBodyError> {
         let meta = snapshot.get_metadata();
         let pairs = decode_snapshot_body(&snapshot.data)?;
         let mut batch = WriteBatch::default();
@@ -757,11 +770,18 @@ mod tests {
         let foreign = encode_snapshot_body(
             vec![(HARD_STATE_KEY.to_vec().into_boxed_slice(), vec![1].into_boxed_slice())].into_iter(),
         );
-        assert!(decode_snapshot_body(&foreign).is_err());
-        assert!(decode_snapshot_body(&body[..body.len() - 1]).is_err());
-        let bad_peer = encode_snapshot_body(
+        assert_eq!(decode_snapshot_body(&foreign), Err(SnapshotBodyError::KeyOutsideState(HARD_STATE_KEY.to_vec())));
+        assert_eq!(decode_snapshot_body(&body[..body.len() - 1]), Err(SnapshotBodyError::TruncatedValue));
+        assert_eq!(decode_snapshot_body(&body[..2]), Err(SnapshotBodyError::TruncatedLength));
+        let short_peer_key = encode_snapshot_body(
             vec![(PEER_PREFIX.to_vec().into_boxed_slice(), vec![1].into_boxed_slice())].into_iter(),
         );
-        assert!(decode_snapshot_body(&bad_peer).is_err());
+        assert_eq!(
+            decode_snapshot_body(&short_peer_key),
+            Err(SnapshotBodyError::KeyOutsideState(PEER_PREFIX.to_vec()))
+        );
+        let bad_peer =
+            encode_snapshot_body(vec![(peer_key(3).into_boxed_slice(), vec![0xff].into_boxed_slice())].into_iter());
+        assert_eq!(decode_snapshot_body(&bad_peer), Err(SnapshotBodyError::PeerAddressNotUtf8));
     }
 }

@@ -36,7 +36,7 @@ use cellbank_proto::router::{
     table_command, AdminActionResponse, AuditRecord, ChangeActive, Pair, PairMode, RoutingTable, SetPairMode,
     TableCommand,
 };
-use cellbank_raft::driver::DriverHandle;
+use cellbank_raft::driver::{DriverHandle, NodeError};
 use tokio::time::Instant;
 use tonic::Status;
 use tonic_health::pb::health_client::HealthClient;
@@ -46,6 +46,102 @@ use crate::cells::CellPool;
 use crate::config::CoordinatorConfig;
 use crate::metrics::RouterMetrics;
 use crate::table::{self, TableMachine};
+
+/// Why an operator's action on a pair is refused before it changes
+/// anything (FAILED_PRECONDITION at the service edge).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ActionRefusal {
+    #[error("pair {0} has no standby")]
+    NoStandby(u64),
+    #[error(
+        "pair {pair} is {}: its standby may be behind, so a switchover could lose writes; wait for SYNC, or use \
+         `admin failover --force`",
+        .mode.as_str_name()
+    )]
+    SwitchoverNotSync { pair: u64, mode: PairMode },
+    #[error("active cell {0} has no reachable leader")]
+    ActiveHasNoLeader(u64),
+    #[error("standby cell {0} has no reachable leader holding a complete copy")]
+    StandbyIncomplete(u64),
+    #[error(
+        "pair {pair} is {}: the standby may be behind and writes may be lost; repeat with --force to accept that",
+        .mode.as_str_name()
+    )]
+    FailoverNotSync { pair: u64, mode: PairMode },
+    #[error("pair {pair} is healthy (cell {active} has a leader); use `admin switchover`, or --force")]
+    Healthy { pair: u64, active: u64 },
+    #[error("standby cell {0} has no reachable leader holding a complete copy; nothing to fail over to")]
+    NothingToFailOverTo(u64),
+}
+
+/// Why the coordinator could not do what an operator or its own pass asked.
+/// Converted to a `tonic::Status` only at the admin service's edge.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Refused(#[from] ActionRefusal),
+    #[error("this router is not the coordinator")]
+    NotCoordinator,
+    #[error("unknown pair {0}")]
+    UnknownPair(u64),
+    #[error("unknown cell {0}")]
+    UnknownCell(u64),
+    #[error("cell {0} is isolated from this router (injected fault)")]
+    Isolated(u64),
+    #[error("cell {0} has no reachable leader")]
+    NoLeader(u64),
+    #[error("the routing table did not commit in time")]
+    TableTimeout,
+    #[error("the routing table did not answer a read barrier in time")]
+    BarrierTimeout,
+    #[error("routing table: {0}")]
+    Table(NodeError),
+    /// The table refused the command (its words, from the replicated log).
+    #[error("{0}")]
+    TableRefused(String),
+    /// A cell's own answer to a configure call, passed on as it came.
+    #[error("{}", .status.message())]
+    Cell { cell_id: u64, status: Status },
+    #[error(
+        "the standby did not acknowledge index {index} of cell {cell_id} within {} ms; the switchover was undone",
+        SWITCHOVER_CATCH_UP_MAX.as_millis()
+    )]
+    CatchUp { cell_id: u64, index: u64 },
+    #[error(
+        "the routing table names cell {cell_id} active at epoch {epoch}, but its promotion did not take effect \
+         ({cause}); the coordinator repeats it on every pass, and leaves cell {old_active} as it is until it does"
+    )]
+    PromotionPending { cell_id: u64, epoch: u64, old_active: u64, cause: Box<CoordinatorError> },
+}
+
+impl CoordinatorError {
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            CoordinatorError::Refused(_) | CoordinatorError::TableRefused(_) => Code::FailedPrecondition,
+            CoordinatorError::UnknownPair(_) | CoordinatorError::UnknownCell(_) => Code::NotFound,
+            CoordinatorError::Cell { status, .. } => status.code(),
+            CoordinatorError::PromotionPending { cause, .. } => cause.code(),
+            CoordinatorError::NotCoordinator
+            | CoordinatorError::Isolated(_)
+            | CoordinatorError::NoLeader(_)
+            | CoordinatorError::TableTimeout
+            | CoordinatorError::BarrierTimeout
+            | CoordinatorError::Table(_)
+            | CoordinatorError::CatchUp { .. } => Code::Unavailable,
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Status {
+        match error {
+            // The cell's own status, details and leader hint included.
+            CoordinatorError::Cell { status, .. } => status,
+            error => Status::new(error.code(), error.to_string()),
+        }
+    }
+}
 
 /// Time limit of one configure call to a cell.
 const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -237,16 +333,16 @@ impl Coordinator {
         }
     }
 
-    async fn propose(&self, command: TableCommand) -> Result<String, Status> {
+    async fn propose(&self, command: TableCommand) -> Result<String, CoordinatorError> {
         let outcome = tokio::time::timeout(TABLE_PROPOSE_TIMEOUT, self.node.propose(vec![command]))
             .await
-            .map_err(|_| Status::unavailable("the routing table did not commit in time"))?
-            .map_err(|e| Status::unavailable(format!("routing table: {e}")))?;
+            .map_err(|_| CoordinatorError::TableTimeout)?
+            .map_err(CoordinatorError::Table)?;
         let result = outcome.into_iter().next().expect("one result per command");
         if result.ok {
             Ok(result.detail)
         } else {
-            Err(Status::failed_precondition(result.detail))
+            Err(CoordinatorError::TableRefused(result.detail))
         }
     }
 
@@ -256,7 +352,7 @@ impl Coordinator {
         cell_id: u64,
         state: PairState,
         source_state: Option<PairState>,
-    ) -> Result<ConfigureResponse, Status> {
+    ) -> Result<ConfigureResponse, CoordinatorError> {
         self.send_configure(cell_id, state, source_state, false).await
     }
 
@@ -269,21 +365,21 @@ impl Coordinator {
         state: PairState,
         source_state: Option<PairState>,
         force_rebuild: bool,
-    ) -> Result<ConfigureResponse, Status> {
-        let conn = self.pool.cell(cell_id).ok_or_else(|| Status::not_found(format!("unknown cell {cell_id}")))?;
+    ) -> Result<ConfigureResponse, CoordinatorError> {
+        let conn = self.pool.cell(cell_id).ok_or(CoordinatorError::UnknownCell(cell_id))?;
         if self.pool.is_isolated(cell_id) {
-            return Err(Status::unavailable(format!("cell {cell_id} is isolated from this router (injected fault)")));
+            return Err(CoordinatorError::Isolated(cell_id));
         }
         // Stamped with this coordinator's term: once a cell has heard from a
         // newer coordinator, this one's commands are refused.
-        let term = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?.term;
+        let term = self.node.status().await.map_err(CoordinatorError::Table)?.term;
         let state = PairState { coordinator_term: term, ..state };
         let request = ConfigureRequest { cell_id, state: Some(state), source_state, force_rebuild };
         let deadline = Instant::now() + CONFIGURE_TIMEOUT;
         let mut order: Vec<usize> = (0..conn.replicas.len()).collect();
         let leader_addr = conn.leader().addr.clone();
         order.sort_by_key(|i| conn.replicas[*i].addr != leader_addr);
-        let mut last = Status::unavailable(format!("cell {cell_id} has no reachable leader"));
+        let mut last = CoordinatorError::NoLeader(cell_id);
         let mut attempts = 0;
         let mut queue = std::collections::VecDeque::from(order);
         while let Some(i) = queue.pop_front() {
@@ -302,9 +398,9 @@ impl Coordinator {
                             queue.push_front(j);
                         }
                     }
-                    last = status;
+                    last = CoordinatorError::Cell { cell_id, status };
                 }
-                Err(status) => return Err(status),
+                Err(status) => return Err(CoordinatorError::Cell { cell_id, status }),
             }
         }
         Err(last)
@@ -312,16 +408,16 @@ impl Coordinator {
 
     /// Makes sure this router's table holds everything the group committed
     /// before it acts on it (a new coordinator's table may be behind).
-    async fn table_barrier(&self) -> Result<(), Status> {
+    async fn table_barrier(&self) -> Result<(), CoordinatorError> {
         match tokio::time::timeout(TABLE_PROPOSE_TIMEOUT, self.node.read_index()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(Status::unavailable(format!("routing table: {e}"))),
-            Err(_) => Err(Status::unavailable("the routing table did not answer a read barrier in time")),
+            Ok(Err(e)) => Err(CoordinatorError::Table(e)),
+            Err(_) => Err(CoordinatorError::BarrierTimeout),
         }
     }
 
     /// One pass over every pair.
-    async fn pass(&self) -> Result<(), Status> {
+    async fn pass(&self) -> Result<(), CoordinatorError> {
         self.table_barrier().await?;
         let table = self.pool.table();
         if table.slice_count == 0 {
@@ -338,26 +434,24 @@ impl Coordinator {
         }
         for pair in &table.pairs {
             if let Err(e) = self.reconcile(pair.pair_id).await {
-                tracing::debug!(pair = pair.pair_id, "reconcile: {}", e.message());
+                tracing::debug!(pair = pair.pair_id, "reconcile: {e}");
             }
         }
         Ok(())
     }
 
-    fn pair_now(&self, pair_id: u64) -> Result<(RoutingTable, Pair), Status> {
+    fn pair_now(&self, pair_id: u64) -> Result<(RoutingTable, Pair), CoordinatorError> {
         let table = self.pool.table();
-        let pair = table::find_pair(&table, pair_id)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("unknown pair {pair_id}")))?;
+        let pair = table::find_pair(&table, pair_id).cloned().ok_or(CoordinatorError::UnknownPair(pair_id))?;
         Ok((table, pair))
     }
 
     /// Decides, then does: the decision is [`plan_pair`], a pure function
     /// the simulator runs too; this executes its actions in order and stops
     /// at the first that fails (the next pass decides again).
-    async fn reconcile(&self, pair_id: u64) -> Result<(), Status> {
+    async fn reconcile(&self, pair_id: u64) -> Result<(), CoordinatorError> {
         let (table, pair) = self.pair_now(pair_id)?;
-        let term = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?.term;
+        let term = self.node.status().await.map_err(CoordinatorError::Table)?.term;
         let active = self.cell_health(pair.active_cell_id);
         let standby = self.cell_health(pair.standby_cell_id);
         let actions = plan_pair(&self.config, &table, &pair, term, &active, &standby, Instant::now(), now_ms());
@@ -396,22 +490,16 @@ impl Coordinator {
         mode: PairMode,
         record: AuditRecord,
         old_active_fenced: bool,
-    ) -> Result<ConfigureResponse, Status> {
+    ) -> Result<ConfigureResponse, CoordinatorError> {
         self.propose(change_active_command(pair, mode, record)).await?;
         self.metrics.failovers_total.inc();
         let (cell_id, desired) = promotion(table, pair, mode, old_active_fenced);
         let epoch = desired.epoch;
-        self.configure(cell_id, desired, None).await.map_err(|e| {
-            Status::new(
-                e.code(),
-                format!(
-                    "the routing table names cell {cell_id} active at epoch {epoch}, but its promotion did not take \
-                     effect ({}); the coordinator repeats it on every pass, and leaves cell {} as it is until it \
-                     does",
-                    e.message(),
-                    pair.active_cell_id
-                ),
-            )
+        self.configure(cell_id, desired, None).await.map_err(|cause| CoordinatorError::PromotionPending {
+            cell_id,
+            epoch,
+            old_active: pair.active_cell_id,
+            cause: Box::new(cause),
         })
     }
 
@@ -422,13 +510,18 @@ impl Coordinator {
     }
 
     /// Planned switchover of a healthy sync pair.
-    pub async fn switchover(&self, pair_id: u64, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
+    pub async fn switchover(
+        &self,
+        pair_id: u64,
+        who: &str,
+        why: &str,
+    ) -> Result<AdminActionResponse, CoordinatorError> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
         self.table_barrier().await?;
         let (table, pair) = self.pair_now(pair_id)?;
         if pair.standby_cell_id == 0 {
-            return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+            return Err(ActionRefusal::NoStandby(pair_id).into());
         }
         let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
         let active_state = check_switchover(&pair, &active, &standby)?;
@@ -475,19 +568,15 @@ impl Coordinator {
     /// stays fenced (it takes no writes) until the next pass configures it.
     async fn undo_fence(&self, cell_id: u64, active_state: PairState) {
         if let Err(e) = self.configure(cell_id, active_state, None).await {
-            tracing::warn!(
-                cell = cell_id,
-                "could not undo the switchover's fence; the next pass retries: {}",
-                e.message()
-            );
+            tracing::warn!(cell = cell_id, "could not undo the switchover's fence; the next pass retries: {e}");
         }
     }
 
     /// Waits until the active's leader reports the standby holds `index`.
-    async fn await_acked(&self, cell_id: u64, index: u64) -> Result<(), Status> {
-        let conn = self.pool.cell(cell_id).ok_or_else(|| Status::not_found(format!("unknown cell {cell_id}")))?;
+    async fn await_acked(&self, cell_id: u64, index: u64) -> Result<(), CoordinatorError> {
+        let conn = self.pool.cell(cell_id).ok_or(CoordinatorError::UnknownCell(cell_id))?;
         if self.pool.is_isolated(cell_id) {
-            return Err(Status::unavailable(format!("cell {cell_id} is isolated from this router (injected fault)")));
+            return Err(CoordinatorError::Isolated(cell_id));
         }
         let deadline = Instant::now() + SWITCHOVER_CATCH_UP_MAX;
         while Instant::now() < deadline {
@@ -504,10 +593,7 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Err(Status::unavailable(format!(
-            "the standby did not acknowledge index {index} of cell {cell_id} within {} ms; the switchover was undone",
-            SWITCHOVER_CATCH_UP_MAX.as_millis()
-        )))
+        Err(CoordinatorError::CatchUp { cell_id, index })
     }
 
     /// Failover on an operator's command.
@@ -517,13 +603,13 @@ impl Coordinator {
         force: bool,
         who: &str,
         why: &str,
-    ) -> Result<AdminActionResponse, Status> {
+    ) -> Result<AdminActionResponse, CoordinatorError> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
         self.table_barrier().await?;
         let (table, pair) = self.pair_now(pair_id)?;
         if pair.standby_cell_id == 0 {
-            return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+            return Err(ActionRefusal::NoStandby(pair_id).into());
         }
         let (active, standby) = tokio::join!(self.look(pair.active_cell_id), self.look(pair.standby_cell_id));
         let start = check_failover(&pair, force, &active, &standby)?;
@@ -565,13 +651,18 @@ impl Coordinator {
     }
 
     /// Makes the standby drop its copy and rebuild it from a snapshot.
-    pub async fn rebuild_standby(&self, pair_id: u64, who: &str, why: &str) -> Result<AdminActionResponse, Status> {
+    pub async fn rebuild_standby(
+        &self,
+        pair_id: u64,
+        who: &str,
+        why: &str,
+    ) -> Result<AdminActionResponse, CoordinatorError> {
         self.require_leader()?;
         let _guard = self.actions.lock().await;
         self.table_barrier().await?;
         let (table, pair) = self.pair_now(pair_id)?;
         if pair.standby_cell_id == 0 {
-            return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+            return Err(ActionRefusal::NoStandby(pair_id).into());
         }
         let command = TableCommand {
             kind: Some(table_command::Kind::SetMode(SetPairMode {
@@ -597,11 +688,11 @@ impl Coordinator {
         })
     }
 
-    fn require_leader(&self) -> Result<(), Status> {
+    fn require_leader(&self) -> Result<(), CoordinatorError> {
         if self.is_leader() {
             Ok(())
         } else {
-            Err(Status::unavailable("this router is not the coordinator"))
+            Err(CoordinatorError::NotCoordinator)
         }
     }
 }
@@ -642,26 +733,17 @@ pub fn desired_standby(pair: &Pair, source_index: u64) -> PairState {
 /// leader holding a complete copy. Returns the active's pair state (the
 /// switchover fences it, and restores it if the standby does not catch up).
 /// Pure: the coordinator and the simulator both run it.
-pub fn check_switchover(pair: &Pair, active: &CellHealth, standby: &CellHealth) -> Result<PairState, Status> {
+pub fn check_switchover(pair: &Pair, active: &CellHealth, standby: &CellHealth) -> Result<PairState, ActionRefusal> {
     let pair_id = pair.pair_id;
     if pair.standby_cell_id == 0 {
-        return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+        return Err(ActionRefusal::NoStandby(pair_id));
     }
     if table::mode(pair) != PairMode::Sync {
-        return Err(Status::failed_precondition(format!(
-            "pair {pair_id} is {}: its standby may be behind, so a switchover could lose writes; wait for SYNC, \
-             or use `admin failover --force`",
-            table::mode(pair).as_str_name()
-        )));
+        return Err(ActionRefusal::SwitchoverNotSync { pair: pair_id, mode: table::mode(pair) });
     }
-    let active_state = active.leader_pair().ok_or_else(|| {
-        Status::failed_precondition(format!("active cell {} has no reachable leader", pair.active_cell_id))
-    })?;
+    let active_state = active.leader_pair().ok_or(ActionRefusal::ActiveHasNoLeader(pair.active_cell_id))?;
     if !standby.leader_pair().is_some_and(|s| usable_standby(&s, pair.active_cell_id, pair.epoch)) {
-        return Err(Status::failed_precondition(format!(
-            "standby cell {} has no reachable leader holding a complete copy",
-            pair.standby_cell_id
-        )));
+        return Err(ActionRefusal::StandbyIncomplete(pair.standby_cell_id));
     }
     Ok(active_state)
 }
@@ -688,35 +770,25 @@ pub fn check_failover(
     force: bool,
     active: &CellHealth,
     standby: &CellHealth,
-) -> Result<FailoverStart, Status> {
+) -> Result<FailoverStart, ActionRefusal> {
     let pair_id = pair.pair_id;
     if pair.standby_cell_id == 0 {
-        return Err(Status::failed_precondition(format!("pair {pair_id} has no standby")));
+        return Err(ActionRefusal::NoStandby(pair_id));
     }
     // Without --force, a pair that needs no failover says so first,
     // whatever its standby looks like at this instant.
     let mode = table::mode(pair);
     if !force {
         if mode != PairMode::Sync {
-            return Err(Status::failed_precondition(format!(
-                "pair {pair_id} is {}: the standby may be behind and writes may be lost; repeat with --force to \
-                 accept that",
-                mode.as_str_name()
-            )));
+            return Err(ActionRefusal::FailoverNotSync { pair: pair_id, mode });
         }
         if active.leader.is_some() {
-            return Err(Status::failed_precondition(format!(
-                "pair {pair_id} is healthy (cell {} has a leader); use `admin switchover`, or --force",
-                pair.active_cell_id
-            )));
+            return Err(ActionRefusal::Healthy { pair: pair_id, active: pair.active_cell_id });
         }
     }
     let standby_state = standby.leader_pair();
     if !standby_state.as_ref().is_some_and(|s| usable_standby(s, pair.active_cell_id, pair.epoch)) {
-        return Err(Status::failed_precondition(format!(
-            "standby cell {} has no reachable leader holding a complete copy; nothing to fail over to",
-            pair.standby_cell_id
-        )));
+        return Err(ActionRefusal::NothingToFailOverTo(pair.standby_cell_id));
     }
     Ok(FailoverStart {
         standby_holds: standby_state.map(|s| s.source_index).unwrap_or(0),
@@ -1245,11 +1317,59 @@ mod tests {
         assert!(fenced.describe(PairMode::Degraded).starts_with("entries 61..=70 of cell 1"));
         assert_eq!(loss_window(&degraded, &start, Some((50, 40))), None, "the standby holds the fence");
         // Without --force: a DEGRADED pair, or one whose active leads, is refused.
-        assert!(check_failover(&degraded, false, &gone, &standby).is_err());
+        assert_eq!(
+            check_failover(&degraded, false, &gone, &standby),
+            Err(ActionRefusal::FailoverNotSync { pair: 1, mode: PairMode::Degraded })
+        );
         let active = leader(desired_active(&table(PairMode::Sync, 1), &sync, ReplicationMode::Sync), 10, 10);
-        assert!(check_failover(&sync, false, &active, &standby).is_err());
+        assert_eq!(
+            check_failover(&sync, false, &active, &standby),
+            Err(ActionRefusal::Healthy { pair: 1, active: sync.active_cell_id })
+        );
+        assert_eq!(
+            check_failover(&sync, true, &active, &gone),
+            Err(ActionRefusal::NothingToFailOverTo(sync.standby_cell_id))
+        );
         assert!(check_switchover(&sync, &active, &standby).is_ok());
-        assert!(check_switchover(&degraded, &active, &standby).is_err());
+        assert_eq!(
+            check_switchover(&degraded, &active, &standby),
+            Err(ActionRefusal::SwitchoverNotSync { pair: 1, mode: PairMode::Degraded })
+        );
+        assert_eq!(
+            check_switchover(&sync, &gone, &standby),
+            Err(ActionRefusal::ActiveHasNoLeader(sync.active_cell_id))
+        );
+        assert_eq!(
+            check_switchover(&sync, &active, &gone),
+            Err(ActionRefusal::StandbyIncomplete(sync.standby_cell_id))
+        );
+    }
+
+    /// Refusals reach an operator as FAILED_PRECONDITION with their words; a
+    /// cell's own answer passes through whole (its code, message and
+    /// metadata such as the leader hint); a failed promotion keeps its
+    /// cause's code.
+    #[test]
+    fn coordinator_errors_become_statuses_at_the_edge() {
+        let refused: Status = CoordinatorError::from(ActionRefusal::NoStandby(4)).into();
+        assert_eq!((refused.code(), refused.message()), (tonic::Code::FailedPrecondition, "pair 4 has no standby"));
+        let gone: Status = CoordinatorError::UnknownPair(9).into();
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+        let mut answer = Status::unavailable("not the leader");
+        answer.metadata_mut().insert("cellbank-leader-addr", "127.0.0.1:9".parse().unwrap());
+        let passed: Status = CoordinatorError::Cell { cell_id: 2, status: answer }.into();
+        assert_eq!(passed.code(), tonic::Code::Unavailable);
+        assert_eq!(passed.metadata().get("cellbank-leader-addr").unwrap(), "127.0.0.1:9");
+        let pending = CoordinatorError::PromotionPending {
+            cell_id: 3,
+            epoch: 5,
+            old_active: 1,
+            cause: Box::new(CoordinatorError::Cell { cell_id: 3, status: Status::aborted("busy") }),
+        };
+        let status: Status = pending.into();
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(status.message().contains("cell 3 active at epoch 5") && status.message().contains("(busy)"));
+        assert!(status.message().contains("leaves cell 1 as it is"));
     }
 
     /// Found by the simulator (seed 40608): after a committed change of

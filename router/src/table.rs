@@ -88,40 +88,89 @@ pub fn cell_addrs(table: &RoutingTable, cell_id: u64) -> Vec<String> {
     table.cells.iter().find(|c| c.cell_id == cell_id).map(|c| c.replicas.clone()).unwrap_or_default()
 }
 
+/// Why a table offered for bootstrap is not a valid table.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTable {
+    #[error("slice_count: {0} is not in 1..={SLICES_MAX}")]
+    SliceCount(u32),
+    #[error("slice_pair: one pair per slice")]
+    SlicePairLength,
+    #[error("cells: id {0} is zero or repeated")]
+    CellId(u64),
+    #[error("cells: cell {0} has no replicas")]
+    NoReplicas(u64),
+    #[error("pairs: pair {pair} names unknown cell {cell}")]
+    UnknownCell { pair: u64, cell: u64 },
+    #[error("pairs: cell {0} is in two pairs")]
+    CellInTwoPairs(u64),
+    #[error("pairs: pair {0} has no active cell")]
+    NoActive(u64),
+    #[error("slice_pair: unknown pair {0}")]
+    UnknownPair(u64),
+}
+
+/// Why the table refused a command: it changed nothing (but the audit log,
+/// which records the refusal). The text is what the proposer hears and
+/// what the audit log keeps, so it is part of the table's replicated
+/// output: a replica of any version writes the same words.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableRefusal {
+    #[error("the table is already bootstrapped")]
+    AlreadyBootstrapped,
+    #[error("{0}")]
+    Invalid(#[from] InvalidTable),
+    #[error("the table is not bootstrapped yet")]
+    NotBootstrapped,
+    #[error("unknown pair {0}")]
+    UnknownPair(u64),
+    #[error("pair {pair} is at epoch {epoch}, not {named}")]
+    StaleEpoch { pair: u64, epoch: u64, named: u64 },
+    #[error("mode: unknown")]
+    UnknownMode,
+    #[error("pair {pair}: mode {} cannot be set", .mode.as_str_name())]
+    ModeCannotBeSet { pair: u64, mode: PairMode },
+    #[error("pair {0} has no standby")]
+    NoStandby(u64),
+    #[error("pair {pair} is at epoch {epoch}; the change must name epoch {}, not {named}", .epoch + 1)]
+    NotNextEpoch { pair: u64, epoch: u64, named: u64 },
+    #[error("empty command")]
+    Empty,
+}
+
 /// Checks a table offered for bootstrap.
-pub fn check_bootstrap(table: &RoutingTable) -> Result<(), String> {
+pub fn check_bootstrap(table: &RoutingTable) -> Result<(), InvalidTable> {
     if table.slice_count == 0 || table.slice_count > SLICES_MAX {
-        return Err(format!("slice_count: {} is not in 1..={SLICES_MAX}", table.slice_count));
+        return Err(InvalidTable::SliceCount(table.slice_count));
     }
     if table.slice_pair.len() != table.slice_count as usize {
-        return Err("slice_pair: one pair per slice".into());
+        return Err(InvalidTable::SlicePairLength);
     }
     let mut cells = std::collections::BTreeSet::new();
     for cell in &table.cells {
         if cell.cell_id == 0 || !cells.insert(cell.cell_id) {
-            return Err(format!("cells: id {} is zero or repeated", cell.cell_id));
+            return Err(InvalidTable::CellId(cell.cell_id));
         }
         if cell.replicas.is_empty() {
-            return Err(format!("cells: cell {} has no replicas", cell.cell_id));
+            return Err(InvalidTable::NoReplicas(cell.cell_id));
         }
     }
     let mut used = std::collections::BTreeSet::new();
     for pair in &table.pairs {
         for cell in [pair.active_cell_id, pair.standby_cell_id].into_iter().filter(|c| *c != 0) {
             if !cells.contains(&cell) {
-                return Err(format!("pairs: pair {} names unknown cell {cell}", pair.pair_id));
+                return Err(InvalidTable::UnknownCell { pair: pair.pair_id, cell });
             }
             if !used.insert(cell) {
-                return Err(format!("pairs: cell {cell} is in two pairs"));
+                return Err(InvalidTable::CellInTwoPairs(cell));
             }
         }
         if pair.active_cell_id == 0 {
-            return Err(format!("pairs: pair {} has no active cell", pair.pair_id));
+            return Err(InvalidTable::NoActive(pair.pair_id));
         }
     }
     for pair_id in &table.slice_pair {
         if find_pair(table, *pair_id).is_none() {
-            return Err(format!("slice_pair: unknown pair {pair_id}"));
+            return Err(InvalidTable::UnknownPair(*pair_id));
         }
     }
     Ok(())
@@ -153,11 +202,11 @@ impl TableMachine {
         kv: &mut dyn Kv,
         timestamp_ms: u64,
         command: &TableCommand,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, TableRefusal> {
         match &command.kind {
             Some(table_command::Kind::Bootstrap(table)) => {
                 if self.table.slice_count != 0 {
-                    return Err("the table is already bootstrapped".into());
+                    return Err(TableRefusal::AlreadyBootstrapped);
                 }
                 check_bootstrap(table)?;
                 let mut table = table.clone();
@@ -173,11 +222,11 @@ impl TableMachine {
             Some(table_command::Kind::SetMode(set)) => {
                 let pair = self.pair_mut(set.pair_id)?;
                 if pair.epoch != set.epoch {
-                    return Err(format!("pair {} is at epoch {}, not {}", set.pair_id, pair.epoch, set.epoch));
+                    return Err(TableRefusal::StaleEpoch { pair: set.pair_id, epoch: pair.epoch, named: set.epoch });
                 }
-                let requested = PairMode::try_from(set.mode).map_err(|_| "mode: unknown".to_string())?;
+                let requested = PairMode::try_from(set.mode).map_err(|_| TableRefusal::UnknownMode)?;
                 if pair.standby_cell_id == 0 || requested == PairMode::NoStandby || requested == PairMode::Unspecified {
-                    return Err(format!("pair {}: mode {} cannot be set", set.pair_id, requested.as_str_name()));
+                    return Err(TableRefusal::ModeCannotBeSet { pair: set.pair_id, mode: requested });
                 }
                 let before = mode(pair);
                 pair.mode = requested as i32;
@@ -187,18 +236,16 @@ impl TableMachine {
             Some(table_command::Kind::ChangeActive(change)) => {
                 let pair = self.pair_mut(change.pair_id)?;
                 if pair.standby_cell_id == 0 {
-                    return Err(format!("pair {} has no standby", change.pair_id));
+                    return Err(TableRefusal::NoStandby(change.pair_id));
                 }
                 if change.new_epoch != pair.epoch + 1 {
-                    return Err(format!(
-                        "pair {} is at epoch {}; the change must name epoch {}, not {}",
-                        change.pair_id,
-                        pair.epoch,
-                        pair.epoch + 1,
-                        change.new_epoch
-                    ));
+                    return Err(TableRefusal::NotNextEpoch {
+                        pair: change.pair_id,
+                        epoch: pair.epoch,
+                        named: change.new_epoch,
+                    });
                 }
-                let requested = PairMode::try_from(change.mode).map_err(|_| "mode: unknown".to_string())?;
+                let requested = PairMode::try_from(change.mode).map_err(|_| TableRefusal::UnknownMode)?;
                 std::mem::swap(&mut pair.active_cell_id, &mut pair.standby_cell_id);
                 pair.epoch = change.new_epoch;
                 pair.mode = requested as i32;
@@ -213,16 +260,16 @@ impl TableMachine {
                 }
                 Ok(Some(format!("cell {active} is active at epoch {epoch}")))
             }
-            None => Err("empty command".into()),
+            None => Err(TableRefusal::Empty),
         }
         .inspect(|_| write_table(kv, &self.table))
     }
 
-    fn pair_mut(&mut self, pair_id: u64) -> Result<&mut Pair, String> {
+    fn pair_mut(&mut self, pair_id: u64) -> Result<&mut Pair, TableRefusal> {
         if self.table.slice_count == 0 {
-            return Err("the table is not bootstrapped yet".into());
+            return Err(TableRefusal::NotBootstrapped);
         }
-        self.table.pairs.iter_mut().find(|p| p.pair_id == pair_id).ok_or_else(|| format!("unknown pair {pair_id}"))
+        self.table.pairs.iter_mut().find(|p| p.pair_id == pair_id).ok_or(TableRefusal::UnknownPair(pair_id))
     }
 
     fn audit(&mut self, kv: &mut dyn Kv, timestamp_ms: u64, record: &AuditRecord, outcome: &str) {
@@ -277,7 +324,7 @@ impl StateMachine for TableMachine {
             }
             results.push(match outcome {
                 Ok(change) => TableCommandResult { ok: true, detail: change.unwrap_or_default() },
-                Err(refusal) => TableCommandResult { ok: false, detail: refusal },
+                Err(refusal) => TableCommandResult { ok: false, detail: refusal.to_string() },
             });
         }
         self.view.send_replace(self.table.clone());
@@ -368,19 +415,37 @@ mod tests {
         let mut kv = BTreeMap::new();
         let early =
             apply(&mut machine, &mut kv, table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 1, mode: 1 }));
-        assert!(!early.ok && early.detail.contains("not bootstrapped"));
+        assert!(!early.ok);
+        assert_eq!(early.detail, "the table is not bootstrapped yet");
         let mut broken = bootstrap_table();
         broken.slice_pair = vec![1, 2, 1, 9];
-        assert!(!apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(broken)).ok);
+        let refused = apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(broken));
+        assert!(!refused.ok);
+        assert_eq!(refused.detail, "slice_pair: unknown pair 9");
         assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
         let before = view.borrow().pairs.clone();
-        for command in [
-            table_command::Kind::SetMode(SetPairMode { pair_id: 9, epoch: 1, mode: 1 }),
-            table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 7, mode: 1 }),
-            table_command::Kind::ChangeActive(ChangeActive { pair_id: 1, new_epoch: 5, mode: 1 }),
-            table_command::Kind::Bootstrap(bootstrap_table()),
+        // The words are the table's replicated output (the proposer's answer
+        // and the audit log): a new version must write the same ones.
+        for (command, refusal) in [
+            (table_command::Kind::SetMode(SetPairMode { pair_id: 9, epoch: 1, mode: 1 }), "unknown pair 9"),
+            (
+                table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 7, mode: 1 }),
+                "pair 1 is at epoch 1, not 7",
+            ),
+            (table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 1, mode: 99 }), "mode: unknown"),
+            (
+                table_command::Kind::SetMode(SetPairMode { pair_id: 1, epoch: 1, mode: PairMode::NoStandby as i32 }),
+                "pair 1: mode PAIR_MODE_NO_STANDBY cannot be set",
+            ),
+            (
+                table_command::Kind::ChangeActive(ChangeActive { pair_id: 1, new_epoch: 5, mode: 1 }),
+                "pair 1 is at epoch 1; the change must name epoch 2, not 5",
+            ),
+            (table_command::Kind::Bootstrap(bootstrap_table()), "the table is already bootstrapped"),
         ] {
-            assert!(!apply(&mut machine, &mut kv, command).ok);
+            let result = apply(&mut machine, &mut kv, command);
+            assert!(!result.ok);
+            assert_eq!(result.detail, refusal);
         }
         assert_eq!(view.borrow().pairs, before);
     }

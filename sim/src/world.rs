@@ -2310,7 +2310,7 @@ impl World {
                 let (start, active_state) = if switchover {
                     match coordinator::check_switchover(&pair, &active, &standby) {
                         Ok(state) => (None, Some(state)),
-                        Err(status) => return self.job_ends(false, status.message()),
+                        Err(refusal) => return self.job_ends(false, &refusal.to_string()),
                     }
                 } else {
                     match coordinator::check_failover(&pair, true, &active, &standby) {
@@ -2318,7 +2318,7 @@ impl World {
                             let state = start.active_state.clone();
                             (Some(start), state)
                         }
-                        Err(status) => return self.job_ends(false, status.message()),
+                        Err(refusal) => return self.job_ends(false, &refusal.to_string()),
                     }
                 };
                 let Some(active_state) = active_state else {

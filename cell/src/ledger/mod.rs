@@ -328,6 +328,16 @@ pub struct Ledger {
     applying_slot: Option<pair::Slot>,
 }
 
+/// Why a standby refuses shipped entries or a snapshot chunk: they change
+/// nothing. The words are part of the entry's result.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShipmentRefusal {
+    #[error("this cell is {} at epoch {epoch}", .role.as_str_name())]
+    NotStandby { role: PairRole, epoch: u64 },
+    #[error("this standby copies cell {copies} at epoch {at_epoch}, not cell {from} at epoch {epoch}")]
+    OtherSource { copies: u64, at_epoch: u64, from: u64, epoch: u64 },
+}
+
 impl Ledger {
     pub fn new() -> Ledger {
         Ledger::default()
@@ -577,16 +587,18 @@ impl Ledger {
     }
 
     /// Checks that a shipment comes from this standby's source at its epoch.
-    fn check_shipment(&mut self, kv: &dyn Kv, source_cell_id: u64, epoch: u64) -> Result<PairState, String> {
+    fn check_shipment(&mut self, kv: &dyn Kv, source_cell_id: u64, epoch: u64) -> Result<PairState, ShipmentRefusal> {
         let own = self.pair(kv, pair::Slot::Own);
         if pair::role(&own) != PairRole::Standby {
-            return Err(format!("this cell is {} at epoch {}", pair::role(&own).as_str_name(), own.epoch));
+            return Err(ShipmentRefusal::NotStandby { role: pair::role(&own), epoch: own.epoch });
         }
         if own.epoch != epoch || own.source_cell_id != source_cell_id {
-            return Err(format!(
-                "this standby copies cell {} at epoch {}, not cell {source_cell_id} at epoch {epoch}",
-                own.source_cell_id, own.epoch
-            ));
+            return Err(ShipmentRefusal::OtherSource {
+                copies: own.source_cell_id,
+                at_epoch: own.epoch,
+                from: source_cell_id,
+                epoch,
+            });
         }
         Ok(own)
     }
@@ -595,7 +607,7 @@ impl Ledger {
     fn source_entries(&mut self, kv: &mut dyn Kv, index: u64, shipped: &SourceEntries) -> TransferResult {
         let mut own = match self.check_shipment(kv, shipped.source_cell_id, shipped.epoch) {
             Ok(own) => own,
-            Err(detail) => return rejection(ResultCode::CellNotWritable, "epoch", detail, index),
+            Err(refusal) => return rejection(ResultCode::CellNotWritable, "epoch", refusal.to_string(), index),
         };
         if own.source_index == 0 || own.rebuild_snapshot_index != 0 {
             return rejection(ResultCode::CellNotWritable, "first_index", "the standby needs a snapshot".into(), index);
@@ -627,7 +639,7 @@ impl Ledger {
     fn source_snapshot(&mut self, kv: &mut dyn Kv, index: u64, chunk: &SourceSnapshotChunk) -> TransferResult {
         let mut own = match self.check_shipment(kv, chunk.source_cell_id, chunk.epoch) {
             Ok(own) => own,
-            Err(detail) => return rejection(ResultCode::CellNotWritable, "epoch", detail, index),
+            Err(refusal) => return rejection(ResultCode::CellNotWritable, "epoch", refusal.to_string(), index),
         };
         let in_order = chunk.chunk == 0
             || (own.rebuild_snapshot_index == chunk.snapshot_index && own.rebuild_next_chunk == chunk.chunk);
