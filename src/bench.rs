@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cellbank_client::CellClient;
-use cellbank_proto::cell::StatusRequest;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use cellbank_proto::v1::*;
 use hdrhistogram::Histogram;
@@ -181,21 +180,8 @@ async fn find_target(endpoints: &[String]) -> anyhow::Result<Target> {
 
 async fn leader_endpoint(endpoints: &[String]) -> anyhow::Result<String> {
     let client = CellClient::new(endpoints.to_vec());
-    for attempt in 0..50 {
-        for index in 0..endpoints.len() {
-            if let Ok(status) = client.admin(index)?.status(StatusRequest {}).await {
-                let status = status.into_inner();
-                if cellbank_client::is_leader(&status) {
-                    return Ok(status.addr);
-                }
-            }
-        }
-        if attempt == 0 {
-            eprintln!("waiting for a leader...");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::bail!("no leader among {endpoints:?}")
+    let (_, status) = client.wait_for_leader(Duration::from_secs(10)).await?;
+    Ok(status.addr)
 }
 
 async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyhow::Result<()> {

@@ -490,7 +490,7 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
         AdminAction::RemoveReplica { endpoints, id } => change(&endpoints, Action::Remove, id, String::new()).await,
         AdminAction::TransferLeader { endpoints, to } => {
             let client = client(&endpoints);
-            let leader = find_leader(&client).await?;
+            let (leader, _) = client.find_leader().await?;
             client.admin(leader)?.transfer_leader(TransferLeaderRequest { replica_id: to }).await?;
             println!("asked the leader to hand over to replica {to}");
             Ok(())
@@ -514,20 +514,9 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
     }
 }
 
-async fn find_leader(client: &CellClient) -> anyhow::Result<usize> {
-    for index in 0..client.endpoints().len() {
-        if let Ok(status) = client.admin(index)?.status(StatusRequest {}).await {
-            if cellbank_client::is_leader(status.get_ref()) {
-                return Ok(index);
-            }
-        }
-    }
-    anyhow::bail!("no reachable leader")
-}
-
 async fn change(endpoints: &Endpoints, action: Action, id: u64, addr: String) -> anyhow::Result<()> {
     let client = client(endpoints);
-    let leader = find_leader(&client).await?;
+    let (leader, _) = client.find_leader().await?;
     let response = client
         .admin(leader)?
         .change_membership(ChangeMembershipRequest { action: action as i32, replica_id: id, addr })

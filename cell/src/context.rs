@@ -59,6 +59,9 @@ impl ReplicaContext {
     }
 
     pub(crate) fn node_error(&self, error: NodeError) -> Status {
+        if error == NodeError::Overloaded {
+            return cellbank_client::errors::overloaded(error.to_string());
+        }
         let leader_id = match &error {
             NodeError::Propose(ProposeError::NotLeader { leader_id }) => *leader_id,
             NodeError::Propose(ProposeError::Superseded { leader_id }) => *leader_id,

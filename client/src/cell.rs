@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
+use cellbank_proto::cell::{ReplicaStatus, StatusRequest};
 use cellbank_proto::v1;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use tonic::transport::Channel;
@@ -103,7 +104,7 @@ impl CellClient {
             match f(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retry::retryable(&status, true) => {
-                    let delay = backoff.next_delay(retry::leader_hint(&status).is_some());
+                    let delay = backoff.after(&status);
                     if started.elapsed() + delay >= self.deadline {
                         return Err(status);
                     }
@@ -220,5 +221,39 @@ impl CellClient {
     /// The admin client of one replica, by index.
     pub fn admin(&self, index: usize) -> Result<ReplicaAdminClient<Channel>, Status> {
         Ok(channel::admin(self.channel(index)?))
+    }
+
+    /// The index and status of the replica that says it leads, asking each
+    /// in turn once; UNAVAILABLE when none does (an election, or none
+    /// reachable).
+    pub async fn find_leader(&self) -> Result<(usize, ReplicaStatus), Status> {
+        for index in 0..self.endpoints.len() {
+            if let Ok(status) = self.admin(index)?.status(StatusRequest {}).await {
+                let status = status.into_inner();
+                if crate::is_leader(&status) {
+                    self.state.lock().expect("client lock").current = index;
+                    return Ok((index, status));
+                }
+            }
+        }
+        Err(crate::errors::not_leader(format!("no replica among {:?} leads", self.endpoints), None))
+    }
+
+    /// [`Self::find_leader`] until one answers or `timeout` passes.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<(usize, ReplicaStatus), Status> {
+        let started = Instant::now();
+        let mut backoff = self.policy.backoff();
+        loop {
+            match self.find_leader().await {
+                Ok(found) => return Ok(found),
+                Err(status) => {
+                    let delay = backoff.after(&status);
+                    if started.elapsed() + delay >= timeout {
+                        return Err(status);
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
     }
 }

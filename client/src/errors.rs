@@ -4,9 +4,11 @@
 //! (`BadRequest`), the reason (`ErrorInfo`, domain `cellbank`) and, for a
 //! replica that does not lead, the leader's address (`ErrorInfo` metadata
 //! `leader_addr`; also in the `cellbank-leader-addr` header, which older
-//! clients read).
+//! clients read) and, when waiting is what helps, how long to wait first
+//! (`RetryInfo`: no leader known yet, a full queue).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use cellbank_proto::LEADER_ADDR_METADATA_KEY;
 use tonic::{Code, Status};
@@ -18,6 +20,13 @@ pub const DOMAIN: &str = "cellbank";
 pub const REASON_INVALID_FIELD: &str = "INVALID_FIELD";
 /// `ErrorInfo.reason` of a replica that does not lead its cell.
 pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
+/// `ErrorInfo.reason` of a replica whose input queue is full.
+pub const REASON_OVERLOADED: &str = "OVERLOADED";
+/// `RetryInfo` of a replica that knows no leader: an election takes at
+/// least a Raft tick (100 ms), so an earlier retry finds the same.
+pub const NO_LEADER_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// `RetryInfo` of a replica whose queue is full: about one batch's time.
+pub const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(20);
 
 /// INVALID_ARGUMENT naming `field`: the message says `field: detail`, the
 /// details carry a `BadRequest` field violation and an `ErrorInfo`.
@@ -28,16 +37,34 @@ pub fn invalid_argument(field: &str, detail: &str) -> Status {
 }
 
 /// UNAVAILABLE from a replica that does not lead: `leader_addr`, when
-/// known, in the details and in the leader header.
+/// known, in the details and in the leader header (go there at once);
+/// when not, a `RetryInfo` of [`NO_LEADER_RETRY_DELAY`].
 pub fn not_leader(message: String, leader_addr: Option<&str>) -> Status {
     let metadata: HashMap<String, String> =
         leader_addr.map(|addr| HashMap::from([("leader_addr".to_string(), addr.to_string())])).unwrap_or_default();
-    let details = ErrorDetails::with_error_info(REASON_NOT_LEADER, DOMAIN, metadata);
+    let mut details = ErrorDetails::with_error_info(REASON_NOT_LEADER, DOMAIN, metadata);
+    if leader_addr.is_none() {
+        details.set_retry_info(Some(NO_LEADER_RETRY_DELAY));
+    }
     let mut status = Status::with_error_details(Code::Unavailable, message, details);
     if let Some(value) = leader_addr.and_then(|addr| addr.parse().ok()) {
         status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
     }
     status
+}
+
+/// UNAVAILABLE from a replica whose input queue is full: nothing was
+/// applied; retry after [`OVERLOADED_RETRY_DELAY`] (`RetryInfo`).
+pub fn overloaded(message: String) -> Status {
+    let mut details = ErrorDetails::with_error_info(REASON_OVERLOADED, DOMAIN, HashMap::new());
+    details.set_retry_info(Some(OVERLOADED_RETRY_DELAY));
+    Status::with_error_details(Code::Unavailable, message, details)
+}
+
+/// How long a refusal asks its caller to wait before retrying
+/// (`RetryInfo`), if it says.
+pub fn retry_delay(status: &Status) -> Option<Duration> {
+    status.get_details_retry_info()?.retry_delay
 }
 
 /// The field a refusal names, from its `BadRequest` details.
@@ -76,8 +103,21 @@ mod tests {
         let info = status.get_details_error_info().expect("error info");
         assert_eq!((info.reason.as_str(), info.domain.as_str()), (REASON_NOT_LEADER, DOMAIN));
         assert_eq!(info.metadata.get("leader_addr").map(String::as_str), Some("127.0.0.1:7102"));
+        assert_eq!(retry_delay(&status), None, "a named leader is tried at once");
         let unknown = not_leader("no leader yet".into(), None);
         assert_eq!(crate::retry::leader_hint(&unknown), None);
+        assert_eq!(retry_delay(&unknown), Some(NO_LEADER_RETRY_DELAY));
         assert!(crate::retry::retryable(&unknown, false));
+    }
+
+    #[test]
+    fn a_full_queue_asks_for_a_pause_and_is_retried() {
+        let status = overloaded("replica overloaded: input queue full".into());
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(reason(&status).as_deref(), Some(REASON_OVERLOADED));
+        assert!(crate::retry::retryable(&status, false), "nothing was applied");
+        let header = status.clone().into_http();
+        let back = Status::from_header_map(header.headers()).expect("a status");
+        assert_eq!(retry_delay(&back), Some(OVERLOADED_RETRY_DELAY));
     }
 }

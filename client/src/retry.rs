@@ -91,6 +91,17 @@ impl Backoff {
             self.rng.get_or_insert_with(|| StdRng::from_rng(rand::thread_rng()).expect("the thread's random source"));
         Duration::from_micros(rng.gen_range(0..=micros))
     }
+
+    /// How long to wait after `status` before the next attempt: at once for
+    /// a named leader (while free redirects remain), else the jittered
+    /// wait, but never less than the server's `RetryInfo` asks.
+    pub fn after(&mut self, status: &Status) -> Duration {
+        let delay = self.next_delay(leader_hint(status).is_some());
+        match crate::errors::retry_delay(status) {
+            Some(asked) => delay.max(asked.min(self.policy.delay_max)),
+            None => delay,
+        }
+    }
 }
 
 /// True for a failure of the connection itself (refused, reset, broken,
@@ -169,6 +180,29 @@ mod tests {
         assert_eq!(leader_hint(&with_metadata(Code::Unavailable, LEADER_ADDR_METADATA_KEY, "")), None);
         assert_eq!(epoch_hint(&with_metadata(Code::Unavailable, EPOCH_METADATA_KEY, "7")), Some(7));
         assert_eq!(epoch_hint(&with_metadata(Code::Unavailable, EPOCH_METADATA_KEY, "seven")), None);
+    }
+
+    #[test]
+    fn a_named_leader_is_tried_at_once_and_a_servers_retry_info_is_a_floor() {
+        let mut backoff = RetryPolicy::SERVICE.backoff_seeded(3);
+        let follower = crate::errors::not_leader("not the leader".into(), Some("127.0.0.1:7102"));
+        assert_eq!(backoff.after(&follower), Duration::ZERO);
+        assert_eq!(backoff.after(&follower), Duration::ZERO);
+        // Free redirects used up: a jittered wait.
+        assert!(backoff.after(&follower) <= Duration::from_millis(10));
+        let electing = crate::errors::not_leader("no leader yet".into(), None);
+        let overloaded = crate::errors::overloaded("queue full".into());
+        for _ in 0..20 {
+            let mut backoff = RetryPolicy::SERVICE.backoff();
+            assert!(backoff.after(&electing) >= crate::errors::NO_LEADER_RETRY_DELAY);
+            assert!(backoff.after(&overloaded) >= crate::errors::OVERLOADED_RETRY_DELAY);
+        }
+        // The floor never exceeds the policy's own longest wait.
+        let mut short = RetryPolicy::ROUTER.backoff_seeded(1);
+        let mut asked = tonic_types::ErrorDetails::new();
+        asked.set_retry_info(Some(Duration::from_secs(60)));
+        let slow = <Status as tonic_types::StatusExt>::with_error_details(Code::Unavailable, "wait", asked);
+        assert_eq!(short.after(&slow), RetryPolicy::ROUTER.delay_max);
     }
 
     #[test]
