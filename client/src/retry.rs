@@ -38,6 +38,11 @@ impl RetryPolicy {
     /// retries for ever, so its waits grow to seconds.
     pub const COURIER: RetryPolicy =
         RetryPolicy { delay_min: Duration::from_millis(50), delay_max: Duration::from_secs(5), free_redirects: 0 };
+    /// A Raft peer's stream reconnecting to a replica that went away: every
+    /// member of a group reconnects after the same restart, so the waits
+    /// are spread too.
+    pub const PEER_RECONNECT: RetryPolicy =
+        RetryPolicy { delay_min: Duration::from_millis(50), delay_max: Duration::from_secs(1), free_redirects: 0 };
     /// An operator's or a tool's call (admin actions, drills).
     pub const OPERATOR: RetryPolicy =
         RetryPolicy { delay_min: Duration::from_millis(50), delay_max: Duration::from_secs(1), free_redirects: 3 };

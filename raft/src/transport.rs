@@ -2,14 +2,15 @@
 //!
 //! One task per peer owns one client stream (`RaftTransport.Stream`) and
 //! sends batches of encoded messages on it; when the stream breaks, the task
-//! reports the peer unreachable and reconnects with backoff. Snapshots go
+//! reports the peer unreachable and reconnects with a jittered backoff
+//! (`RetryPolicy::PEER_RECONNECT`: a restarted replica is not met by every
+//! peer at the same instant). Snapshots go
 //! through `RaftTransport.SendSnapshot` in [`SNAPSHOT_CHUNK_BYTES`] chunks,
 //! and the outcome is reported back to the node. Every queue is bounded;
 //! Raft tolerates lost messages, so a full queue drops rather than blocks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use cellbank_proto::cell::{RaftBatch, SnapshotChunk};
 use protobuf::Message as _;
@@ -32,8 +33,6 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 /// Largest gRPC message on the internal services (a batch of appends).
 pub const INTERNAL_MESSAGE_BYTES_MAX: usize = cellbank_client::channel::PEER_MESSAGE_BYTES_MAX;
-const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What the transport tells the node about delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +198,8 @@ async fn run_peer(
     reporter: Option<Reporter>,
     metrics: Arc<RaftMetrics>,
 ) {
-    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let policy = cellbank_client::RetryPolicy::PEER_RECONNECT;
+    let mut backoff = policy.backoff();
     loop {
         let channel = match connect(&addr).await {
             Ok(channel) => channel,
@@ -216,12 +216,11 @@ async fn run_peer(
                     metrics.raft_messages_dropped_total.inc_by(dropped);
                     report(&reporter, Report::Unreachable(peer_id));
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                tokio::time::sleep(backoff.next_delay(false)).await;
                 continue;
             }
         };
-        backoff = RECONNECT_BACKOFF_MIN;
+        backoff = policy.backoff();
         let mut client = cellbank_client::channel::raft_transport(channel.clone());
         let (stream_tx, stream_rx) = mpsc::channel::<RaftBatch>(64);
         let call = tokio::spawn(async move { client.stream(ReceiverStream::new(stream_rx)).await });
@@ -265,7 +264,7 @@ async fn run_peer(
             }
         }
         call.abort();
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(backoff.next_delay(false)).await;
     }
 }
 
