@@ -198,6 +198,7 @@ async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyho
             client.open_account(OpenAccountRequest { user_id: user, currency: currency.clone() }).await?;
             let response = client
                 .deposit(DepositRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: format!("bench-seed-{run:x}-{user}").into_bytes(),
                     user_id: user,
                     currency: currency.clone(),
@@ -279,6 +280,7 @@ impl Workload {
             }
         }
         TransferRequest {
+            transfer_id_text: String::new(),
             transfer_id,
             from_user_id: from,
             to_user_id: to,
@@ -601,7 +603,10 @@ async fn reach_times(client: &CellClient, sent: Vec<(Vec<u8>, u64)>, report: &mu
     let mut checked = 0u64;
     loop {
         let answers: Vec<_> = futures::stream::iter(pending.into_iter().map(|(id, at)| async move {
-            let record = client.get_transfer(GetTransferRequest { transfer_id: id.clone() }).await.map(|r| r.transfer);
+            let record = client
+                .get_transfer(GetTransferRequest { transfer_id: id.clone(), ..Default::default() })
+                .await
+                .map(|r| r.transfer);
             (id, at, record)
         }))
         .buffer_unordered(256)

@@ -274,6 +274,7 @@ pub async fn deposit(args: MoveArgs, withdraw: bool) -> anyhow::Result<()> {
     let response = if withdraw {
         client
             .withdraw(WithdrawRequest {
+                transfer_id_text: String::new(),
                 transfer_id: id.clone().into_bytes(),
                 user_id: args.user,
                 currency: args.currency.clone(),
@@ -283,6 +284,7 @@ pub async fn deposit(args: MoveArgs, withdraw: bool) -> anyhow::Result<()> {
     } else {
         client
             .deposit(DepositRequest {
+                transfer_id_text: String::new(),
                 transfer_id: id.clone().into_bytes(),
                 user_id: args.user,
                 currency: args.currency.clone(),
@@ -297,6 +299,7 @@ pub async fn transfer(args: TransferArgs) -> anyhow::Result<()> {
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let response = client(&args.endpoints)
         .transfer(TransferRequest {
+            transfer_id_text: String::new(),
             transfer_id: id.clone().into_bytes(),
             from_user_id: args.from,
             to_user_id: args.to,
@@ -360,8 +363,9 @@ pub async fn history(args: HistoryArgs) -> anyhow::Result<()> {
 }
 
 pub async fn get_transfer(args: GetTransferArgs) -> anyhow::Result<()> {
-    let response =
-        client(&args.endpoints).get_transfer(GetTransferRequest { transfer_id: args.id.clone().into_bytes() }).await?;
+    let response = client(&args.endpoints)
+        .get_transfer(GetTransferRequest { transfer_id: args.id.clone().into_bytes(), ..Default::default() })
+        .await?;
     let t = response.transfer.unwrap_or_default();
     let mut settlement = settlement_name(t.settlement).to_string();
     if t.settlement == Settlement::Refunded as i32 {
@@ -541,6 +545,7 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
             };
             let response = client(&endpoints)
                 .send_envelope(SendEnvelopeRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: id.clone().into_bytes(),
                     sender_user_id: from,
                     currency: currency.clone(),

@@ -62,6 +62,7 @@ async fn open_and_fund(client: &CellClient, users: &[u64], currency: &str, run: 
             client.open_account(OpenAccountRequest { user_id: user, currency: currency.to_string() }).await?;
             client
                 .deposit(DepositRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: format!("env-seed-{run:x}-{user}").into_bytes(),
                     user_id: user,
                     currency: currency.to_string(),
@@ -90,6 +91,7 @@ async fn send(
 ) -> anyhow::Result<String> {
     let response = client
         .send_envelope(SendEnvelopeRequest {
+            transfer_id_text: String::new(),
             transfer_id: id.clone().into_bytes(),
             sender_user_id: sender,
             currency: currency.to_string(),

@@ -138,6 +138,7 @@ async fn seed(router: &str) -> anyhow::Result<LedgerClient<tonic::transport::Cha
     for user in 1..=USERS {
         client.open_account(OpenAccountRequest { user_id: user, currency: "CNY".into() }).await?;
         let deposit = DepositRequest {
+            transfer_id_text: String::new(),
             transfer_id: format!("failover-bench-seed-{user}").into_bytes(),
             user_id: user,
             currency: "CNY".into(),
@@ -164,6 +165,7 @@ fn start_writer(
             let to = 1 + (seq + 1) % USERS;
             tokio::spawn(async move {
                 let mut request = tonic::Request::new(TransferRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: format!("failover-bench-{seq}").into_bytes(),
                     from_user_id: from,
                     to_user_id: to,

@@ -14,7 +14,14 @@ use common::Cell;
 use tonic::Code;
 
 fn transfer(id: &[u8], from: u64, to: u64, currency: &str, amount: u64) -> TransferRequest {
-    TransferRequest { transfer_id: id.to_vec(), from_user_id: from, to_user_id: to, currency: currency.into(), amount }
+    TransferRequest {
+        transfer_id: id.to_vec(),
+        from_user_id: from,
+        to_user_id: to,
+        currency: currency.into(),
+        amount,
+        ..Default::default()
+    }
 }
 
 async fn balances(client: &mut LedgerClient<tonic::transport::Channel>) -> Vec<u64> {
@@ -45,10 +52,21 @@ async fn bad_input_is_refused_and_changes_nothing() {
     }
     client.open_account(OpenAccountRequest { user_id: 3, currency: "USD".into() }).await.unwrap();
     client.open_account(OpenAccountRequest { user_id: 3, currency: "CNY".into() }).await.unwrap();
-    let seed = DepositRequest { transfer_id: b"seed".to_vec(), user_id: 1, currency: "CNY".into(), amount: 1000 };
+    let seed = DepositRequest {
+        transfer_id: b"seed".to_vec(),
+        user_id: 1,
+        currency: "CNY".into(),
+        amount: 1000,
+        ..Default::default()
+    };
     client.deposit(seed).await.unwrap();
-    let full =
-        DepositRequest { transfer_id: b"full".to_vec(), user_id: 2, currency: "CNY".into(), amount: i64::MAX as u64 };
+    let full = DepositRequest {
+        transfer_id: b"full".to_vec(),
+        user_id: 2,
+        currency: "CNY".into(),
+        amount: i64::MAX as u64,
+        ..Default::default()
+    };
     client.deposit(full.clone()).await.unwrap();
     client.deposit(DepositRequest { transfer_id: b"full2".to_vec(), ..full }).await.unwrap();
     let before = balances(&mut client).await;
@@ -74,6 +92,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("empty transfer id", transfer(b"", 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
         ("oversized transfer id", transfer(&[b'x'; 65], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
         ("non-UTF-8 transfer id", transfer(&[0xc3, 0x28], 1, 2, "CNY", 1), Expect::Invalid("transfer_id")),
+        (
+            "two different ids, as bytes and as text",
+            TransferRequest { transfer_id_text: "other".into(), ..transfer(b"n", 1, 2, "CNY", 1) },
+            Expect::Invalid("transfer_id_text"),
+        ),
+        (
+            "an oversized id as text",
+            TransferRequest { transfer_id_text: "x".repeat(65), ..transfer(b"", 1, 2, "CNY", 1) },
+            Expect::Invalid("transfer_id"),
+        ),
         (
             "id reused with another amount",
             transfer(b"d", 1, 2, "CNY", 3),
@@ -127,7 +155,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // Reads of unknown things and malformed reads.
     let status = client.get_account(GetAccountRequest { user_id: 42, currency: "CNY".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = client.get_transfer(GetTransferRequest { transfer_id: b"never".to_vec() }).await.unwrap_err();
+    let status = client
+        .get_transfer(GetTransferRequest { transfer_id: b"never".to_vec(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let bad_page = ListTransfersRequest { user_id: 1, currency: "CNY".into(), page_size: 5000, page_token: vec![] };
     assert_eq!(client.list_transfers(bad_page).await.unwrap_err().code(), Code::InvalidArgument);

@@ -19,6 +19,7 @@ async fn follower_redirects_to_the_leader(cell: &Cell) {
     let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cell.replicas[&follower].addr).await.unwrap();
     let mut client = cellbank_proto::v1::ledger_client::LedgerClient::new(channel);
     let request = cellbank_proto::v1::TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: b"to-a-follower".to_vec(),
         from_user_id: 1,
         to_user_id: 2,
@@ -29,7 +30,8 @@ async fn follower_redirects_to_the_leader(cell: &Cell) {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     let hinted = cellbank_client::retry::leader_hint(&status);
     assert_eq!(hinted, Some(cell.replicas[&leader].addr.as_str()));
-    let lookup = cellbank_proto::v1::GetTransferRequest { transfer_id: b"to-a-follower".to_vec() };
+    let lookup =
+        cellbank_proto::v1::GetTransferRequest { transfer_id: b"to-a-follower".to_vec(), ..Default::default() };
     let reader = cell.client();
     let missing = reader.get_transfer(lookup.clone()).await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);

@@ -17,6 +17,7 @@ use common::ledger_checks::{seed, start_load, stop_load, users, verify_ledger, H
 
 fn stale_transfer(id: &str, from: u64, to: u64, epoch: Option<u64>) -> tonic::Request<TransferRequest> {
     let mut request = tonic::Request::new(TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: id.as_bytes().to_vec(),
         from_user_id: from,
         to_user_id: to,
@@ -114,7 +115,9 @@ async fn a_deposed_active_acknowledges_nothing_and_stale_epochs_are_refused() {
 
     // None of the refused writes exists in the ledger the routers serve.
     for transfer_id in stale_ids.iter().chain(["old-epoch".to_string(), "future-epoch".to_string()].iter()) {
-        let found = client.get_transfer(GetTransferRequest { transfer_id: transfer_id.clone().into_bytes() }).await;
+        let found = client
+            .get_transfer(GetTransferRequest { transfer_id: transfer_id.clone().into_bytes(), ..Default::default() })
+            .await;
         assert_eq!(found.unwrap_err().code(), tonic::Code::NotFound, "{transfer_id} must not exist");
     }
 

@@ -54,6 +54,7 @@ async fn open_and_seed(client: &CellClient, users: &[u64]) {
 async fn send_envelope(client: &CellClient, sender: u64, id: &str, expires_at_ms: u64) -> String {
     let response = call(client, |mut c| async move {
         c.send_envelope(SendEnvelopeRequest {
+            transfer_id_text: String::new(),
             transfer_id: id.as_bytes().to_vec(),
             sender_user_id: sender,
             currency: CURRENCY.into(),
@@ -94,6 +95,7 @@ fn start_load(
                     to = users[(users.iter().position(|u| *u == from).unwrap() + 1) % users.len()];
                 }
                 let request = TransferRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: format!("w{worker}-{n}").into_bytes(),
                     from_user_id: from,
                     to_user_id: to,
@@ -230,7 +232,7 @@ async fn verify(cluster: &Cluster, users: &[u64], senders: &[(u64, String)], hea
         let record = loop {
             let record = call(&client, |mut c| {
                 let transfer_id = id.clone();
-                async move { c.get_transfer(GetTransferRequest { transfer_id }).await }
+                async move { c.get_transfer(GetTransferRequest { transfer_id, ..Default::default() }).await }
             })
             .await
             .transfer
@@ -427,6 +429,7 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     let missing = (1000..).find(|u| pair(*u) != pair(sender)).unwrap();
     open_and_seed(&client, &[sender]).await;
     let request = TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: b"to-nobody".to_vec(),
         from_user_id: sender,
         to_user_id: missing,
@@ -444,7 +447,7 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     let started = Instant::now();
     let record = loop {
         let record = call(&client, |mut c| async move {
-            c.get_transfer(GetTransferRequest { transfer_id: b"to-nobody".to_vec() }).await
+            c.get_transfer(GetTransferRequest { transfer_id: b"to-nobody".to_vec(), ..Default::default() }).await
         })
         .await
         .transfer
@@ -486,6 +489,7 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     ] {
         let refused = client
             .send_envelope(SendEnvelopeRequest {
+                transfer_id_text: String::new(),
                 transfer_id: b"bad-envelope".to_vec(),
                 sender_user_id: sender,
                 currency: CURRENCY.into(),
@@ -605,6 +609,7 @@ async fn reconcile_names_a_balance_changed_behind_the_ledger() {
     open_and_seed(&client, &users).await;
     for (n, (from, to)) in [(1u64, 2u64), (3, 4), (5, 6), (7, 8), (2, 7)].into_iter().enumerate() {
         let request = TransferRequest {
+            transfer_id_text: String::new(),
             transfer_id: format!("r{n}").into_bytes(),
             from_user_id: from,
             to_user_id: to,
@@ -682,6 +687,7 @@ async fn credits_wait_in_the_outbox_while_their_cell_is_down_and_arrive_once() {
     let mut sent = 0u64;
     for (n, from) in senders.iter().enumerate() {
         let request = TransferRequest {
+            transfer_id_text: String::new(),
             transfer_id: format!("stuck-{n}").into_bytes(),
             from_user_id: *from,
             to_user_id: recipients[n],
@@ -719,7 +725,8 @@ async fn credits_wait_in_the_outbox_while_their_cell_is_down_and_arrive_once() {
     for n in 0..senders.len() {
         loop {
             let record = call(&client, |mut c| async move {
-                c.get_transfer(GetTransferRequest { transfer_id: format!("stuck-{n}").into_bytes() }).await
+                c.get_transfer(GetTransferRequest { transfer_id_text: format!("stuck-{n}"), ..Default::default() })
+                    .await
             })
             .await
             .transfer

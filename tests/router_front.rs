@@ -21,6 +21,7 @@ async fn pair_of_user(cluster: &Cluster, user: u64) -> u64 {
 
 fn transfer(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
     TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: id.as_bytes().to_vec(),
         from_user_id: from,
         to_user_id: to,
@@ -73,12 +74,33 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     let cross = client.transfer(transfer("cross", b2, a2, 5)).await.expect("transfer");
     assert_eq!(cross.result.unwrap().code, ResultCode::Ok as i32);
 
+    // A caller that cannot send bytes (JSON, grpcurl) names the transfer as
+    // text; the same id as bytes is the same transfer (a retry); a request
+    // naming two different ids is refused, naming the field; a record read
+    // back carries its id as text too.
+    let as_text = TransferRequest { transfer_id_text: "order-42".into(), ..transfer("", a1, a2, 7) };
+    let first = client.transfer(as_text).await.expect("transfer").result.unwrap();
+    assert_eq!(first.code, ResultCode::Ok as i32);
+    let again = client.transfer(transfer("order-42", a1, a2, 7)).await.expect("retry").result.unwrap();
+    assert!(again.duplicate && again.code == ResultCode::Ok as i32, "{again:?}");
+    let both = TransferRequest { transfer_id_text: "order-43".into(), ..transfer("order-44", a1, a2, 7) };
+    let refused = client.transfer(both).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(cellbank_client::errors::bad_field(&refused).as_deref(), Some("transfer_id_text"));
+    let found = client
+        .get_transfer(GetTransferRequest { transfer_id_text: "order-42".into(), ..Default::default() })
+        .await
+        .expect("get transfer by its text id")
+        .transfer
+        .unwrap();
+    assert_eq!((found.transfer_id.as_slice(), found.transfer_id_text.as_str()), (&b"order-42"[..], "order-42"));
+
     // GetTransfer finds each transfer in its own cell, and nothing else.
     for (id, from) in [("mix-1", a1), ("mix-2", b1), ("mix-5", a2)] {
         let found = client
-            .ledger(
-                |mut c| async move { c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() }).await },
-            )
+            .ledger(|mut c| async move {
+                c.get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec(), ..Default::default() }).await
+            })
             .await
             .expect("get transfer")
             .transfer
@@ -90,7 +112,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         let started = std::time::Instant::now();
         loop {
             let found = client
-                .get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec() })
+                .get_transfer(GetTransferRequest { transfer_id: id.as_bytes().to_vec(), ..Default::default() })
                 .await
                 .expect("get transfer")
                 .transfer
@@ -104,7 +126,10 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let missing = client.get_transfer(GetTransferRequest { transfer_id: b"never-sent".to_vec() }).await.unwrap_err();
+    let missing = client
+        .get_transfer(GetTransferRequest { transfer_id: b"never-sent".to_vec(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
     // Balances show exactly the applied items.
@@ -119,8 +144,8 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         }
     };
     let seed_amount = common::ledger_checks::SEED_AMOUNT;
-    assert_eq!(balance(a1).await, seed_amount - 10 + 50 - 30);
-    assert_eq!(balance(a2).await, seed_amount + 10 - 50 + 5);
+    assert_eq!(balance(a1).await, seed_amount - 10 + 50 - 30 - 7);
+    assert_eq!(balance(a2).await, seed_amount + 10 - 50 + 5 + 7);
     assert_eq!(balance(b1).await, seed_amount - 20 + 30);
     assert_eq!(balance(b2).await, seed_amount + 20 - 5);
 }

@@ -117,6 +117,7 @@ async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
                     let transfer_id = id.clone();
                     async move {
                         c.transfer(TransferRequest {
+                            transfer_id_text: String::new(),
                             transfer_id,
                             from_user_id: 1,
                             to_user_id: 2,

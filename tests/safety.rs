@@ -36,6 +36,7 @@ async fn open_and_seed(client: &CellClient, users: &[u64]) {
 
 fn transfer_request(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
     TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: id.as_bytes().to_vec(),
         from_user_id: from,
         to_user_id: to,
@@ -86,7 +87,7 @@ async fn settled(client: &CellClient, id: &[u8]) -> TransferRecord {
     loop {
         let record = call(client, |mut c| {
             let transfer_id = id.to_vec();
-            async move { c.get_transfer(GetTransferRequest { transfer_id }).await }
+            async move { c.get_transfer(GetTransferRequest { transfer_id, ..Default::default() }).await }
         })
         .await
         .transfer
@@ -215,6 +216,7 @@ async fn an_old_active_restarted_cut_off_from_its_standby_answers_nothing_and_se
             let mut client = CellClient::new(endpoints);
             client.deadline = Duration::from_secs(3);
             let request = DepositRequest {
+                transfer_id_text: String::new(),
                 transfer_id: format!("direct-{n}").into_bytes(),
                 user_id: user,
                 currency: CURRENCY.into(),
@@ -288,6 +290,7 @@ async fn writes_pending_at_a_demotion_fail_retryably_or_are_on_the_new_active() 
                 let mut client = CellClient::new(endpoints);
                 client.deadline = Duration::from_secs(15);
                 let request = DepositRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: format!("pending-{i}").into_bytes(),
                     user_id: user,
                     currency: CURRENCY.into(),
@@ -333,7 +336,9 @@ async fn writes_pending_at_a_demotion_fail_retryably_or_are_on_the_new_active() 
     println!("{} pending writes acknowledged, {} failed retryably", acknowledged.len(), failed.len());
     // What was acknowledged is on the new active (cell 2), read through the router.
     for request in &acknowledged {
-        let found = client.get_transfer(GetTransferRequest { transfer_id: request.transfer_id.clone() }).await;
+        let found = client
+            .get_transfer(GetTransferRequest { transfer_id: request.transfer_id.clone(), ..Default::default() })
+            .await;
         assert!(
             found.is_ok_and(|r| r.transfer.is_some_and(|t| t.result == ResultCode::Ok as i32)),
             "acknowledged write {} is missing on the new active",

@@ -201,6 +201,7 @@ pub async fn seed(client: &CellClient, population: &Population, amount: u64, fre
                     code_name(opened.code)
                 );
                 let request = DepositRequest {
+                    transfer_id_text: String::new(),
                     transfer_id: format!("{run_id}-seed-{user}").into_bytes(),
                     user_id: user,
                     currency: CURRENCY.into(),
@@ -324,6 +325,7 @@ fn transfer_step(
         if rng.chance(0.02) { workload.seed_amount.saturating_mul(1000) } else { 1 + rng.below(workload.amount_max) };
     let transfer_id = format!("{}-t{}-{}", population.run_id, ctx.worker, ctx.n);
     let request = TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: transfer_id.clone().into_bytes(),
         from_user_id: from,
         to_user_id: to,
@@ -374,7 +376,7 @@ fn read_step(ctx: Ctx, population: &Population, rng: &mut Rng) -> Option<Call> {
             });
             Some(Box::pin(async move {
                 let sent_ms = ctx.recorder.now_ms();
-                let request = GetTransferRequest { transfer_id: transfer_id.clone().into_bytes() };
+                let request = GetTransferRequest { transfer_id_text: transfer_id.clone(), ..Default::default() };
                 let answer = ctx.client.get_transfer(request.clone()).await;
                 let (outcome, found, code, settlement) = match answer {
                     Ok(response) => match response.transfer {
@@ -439,6 +441,7 @@ fn envelope_step(
         let transfer_id = format!("{}-e{}-{}", population.run_id, ctx.worker, ctx.n);
         let total = workload.shares as u64 * ENVELOPE_UNIT;
         let request = SendEnvelopeRequest {
+            transfer_id_text: String::new(),
             transfer_id: transfer_id.clone().into_bytes(),
             sender_user_id: sender,
             currency: CURRENCY.into(),
@@ -538,6 +541,7 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Durati
             let outcome = match &mut op.kind {
                 OpKind::Transfer { transfer_id, from, to, currency, amount } => {
                     let request = TransferRequest {
+                        transfer_id_text: String::new(),
                         transfer_id: transfer_id.clone().into_bytes(),
                         from_user_id: *from,
                         to_user_id: *to,
@@ -552,6 +556,7 @@ pub async fn resolve(routers: Vec<String>, history: &mut History, per_op: Durati
                 OpKind::SendEnvelope { transfer_id, sender, currency, total, .. } => {
                     let shares = (*total / ENVELOPE_UNIT) as u32;
                     let request = SendEnvelopeRequest {
+                        transfer_id_text: String::new(),
                         transfer_id: transfer_id.clone().into_bytes(),
                         sender_user_id: *sender,
                         currency: currency.clone(),

@@ -11,6 +11,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7000".into());
     let client = CellClient::new(vec![router]);
     let request = TransferRequest {
+        transfer_id_text: String::new(),
         transfer_id: b"example-order-42".to_vec(),
         from_user_id: 1,
         to_user_id: 3,

@@ -47,6 +47,45 @@ pub fn transfer_id(id: &[u8]) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A request that names a transfer: by `transfer_id` (bytes) or, for a
+/// caller that cannot send bytes (JSON, grpcurl), by `transfer_id_text`.
+pub trait NamesTransfer {
+    fn transfer_ids(&mut self) -> (&mut Vec<u8>, &mut String);
+}
+
+macro_rules! names_transfer {
+    ($($request:ty),*) => {$(
+        impl NamesTransfer for $request {
+            fn transfer_ids(&mut self) -> (&mut Vec<u8>, &mut String) {
+                (&mut self.transfer_id, &mut self.transfer_id_text)
+            }
+        }
+    )*};
+}
+
+names_transfer!(
+    cellbank_proto::v1::DepositRequest,
+    cellbank_proto::v1::WithdrawRequest,
+    cellbank_proto::v1::TransferRequest,
+    cellbank_proto::v1::GetTransferRequest,
+    cellbank_proto::v1::SendEnvelopeRequest
+);
+
+/// Moves a request's text id into its byte id, so that what follows reads
+/// one field: the text's UTF-8 bytes are the id. Both set and different is
+/// refused (`transfer_id_text`); the id itself is checked later, as any id.
+pub fn take_transfer_id(request: &mut impl NamesTransfer) -> Result<(), Invalid> {
+    let (bytes, text) = request.transfer_ids();
+    if text.is_empty() {
+        return Ok(());
+    }
+    if !bytes.is_empty() && bytes.as_slice() != text.as_bytes() {
+        return Err(invalid("transfer_id_text", "names another id than transfer_id; set one of the two"));
+    }
+    *bytes = std::mem::take(text).into_bytes();
+    Ok(())
+}
+
 pub fn user_id(field: &'static str, id: u64) -> Result<(), Invalid> {
     if id == 0 {
         return Err(invalid(field, "must be set (user ids start at 1)"));
@@ -189,4 +228,35 @@ pub fn grab(command: &GrabCommand) -> Result<u64, Invalid> {
         return Err(invalid("grabber_pair_id", "both pairs are set (through a router) or neither (a local grab)"));
     }
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use cellbank_proto::v1::TransferRequest;
+
+    use super::*;
+
+    #[test]
+    fn an_id_as_text_is_the_same_id_and_two_different_ids_are_refused() {
+        let mut text = TransferRequest { transfer_id_text: "order-42".into(), ..Default::default() };
+        take_transfer_id(&mut text).unwrap();
+        assert_eq!((text.transfer_id.as_slice(), text.transfer_id_text.as_str()), (&b"order-42"[..], ""));
+        let mut both = TransferRequest {
+            transfer_id: b"order-42".to_vec(),
+            transfer_id_text: "order-42".into(),
+            ..Default::default()
+        };
+        take_transfer_id(&mut both).unwrap();
+        assert_eq!(both.transfer_id, b"order-42");
+        let mut bytes = TransferRequest { transfer_id: b"order-42".to_vec(), ..Default::default() };
+        take_transfer_id(&mut bytes).unwrap();
+        assert_eq!(bytes.transfer_id, b"order-42");
+        let mut two = TransferRequest {
+            transfer_id: b"order-42".to_vec(),
+            transfer_id_text: "order-43".into(),
+            ..Default::default()
+        };
+        assert_eq!(take_transfer_id(&mut two).unwrap_err().field, "transfer_id_text");
+        assert_eq!(two.transfer_id, b"order-42", "a refused request is left as it was");
+    }
 }

@@ -194,8 +194,10 @@ impl LedgerApi for Front {
 
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         let check = TransferRequest {
+            transfer_id_text: String::new(),
             transfer_id: r.transfer_id.clone(),
             from_user_id: 0,
             to_user_id: r.user_id,
@@ -210,8 +212,10 @@ impl LedgerApi for Front {
 
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         let check = TransferRequest {
+            transfer_id_text: String::new(),
             transfer_id: r.transfer_id.clone(),
             from_user_id: r.user_id,
             to_user_id: 0,
@@ -226,7 +230,8 @@ impl LedgerApi for Front {
 
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
         if let Some((source, dest)) = self.pairs_of(r.from_user_id, r.to_user_id).filter(|(a, b)| a != b) {
             let item =
@@ -267,8 +272,10 @@ impl LedgerApi for Front {
             if table.slice_count == 0 {
                 return Err(Status::unavailable("the routing table is not ready yet"));
             }
-            for (position, item) in items.into_iter().enumerate() {
-                if let Err(error) = Front::check_move(TransferKind::Transfer, &item) {
+            for (position, mut item) in items.into_iter().enumerate() {
+                let checked = validate::take_transfer_id(&mut item)
+                    .and_then(|()| Front::check_move(TransferKind::Transfer, &item));
+                if let Err(error) = checked {
                     results[position] = Some(TransferResult {
                         code: ResultCode::InvalidItem as i32,
                         field: error.field.to_string(),
@@ -344,7 +351,8 @@ impl LedgerApi for Front {
         request: Request<GetTransferRequest>,
     ) -> Result<Response<GetTransferResponse>, Status> {
         let deadline = deadline_of(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
         let pairs: Vec<u64> = self.pool.table().pairs.iter().map(|p| p.pair_id).collect();
         if pairs.is_empty() {
@@ -388,7 +396,8 @@ impl LedgerApi for Front {
         request: Request<SendEnvelopeRequest>,
     ) -> Result<Response<SendEnvelopeResponse>, Status> {
         let deadline = deadline_of(&request);
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
         validate::user_id("sender_user_id", r.sender_user_id).map_err(invalid)?;
         let response = self

@@ -54,6 +54,7 @@ pub async fn seed(client: &CellClient, users: &[u64]) {
         );
         let response = client
             .deposit(DepositRequest {
+                transfer_id_text: String::new(),
                 transfer_id: format!("seed-{user}").into_bytes(),
                 user_id: user,
                 currency: CURRENCY.into(),
@@ -90,6 +91,7 @@ pub fn start_load(
                         to = users[(users.iter().position(|u| *u == from).unwrap() + 1) % users.len()];
                     }
                     let request = TransferRequest {
+                        transfer_id_text: String::new(),
                         transfer_id: format!("w{worker}-{seq}").into_bytes(),
                         from_user_id: from,
                         to_user_id: to,
@@ -180,7 +182,7 @@ pub async fn verify_ledger(client: &CellClient, users: &[u64], history: &History
     // Every outcome the clients heard is what the ledger recorded.
     for (id, (_, code)) in &outcomes {
         let record = client
-            .get_transfer(GetTransferRequest { transfer_id: id.clone() })
+            .get_transfer(GetTransferRequest { transfer_id: id.clone(), ..Default::default() })
             .await
             .unwrap_or_else(|e| panic!("acknowledged transfer {} is missing: {e}", String::from_utf8_lossy(id)))
             .transfer

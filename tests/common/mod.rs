@@ -212,6 +212,7 @@ pub async fn open_and_seed(client: &CellClient, users: &[u64], currency: &str, a
         assert!(opened.code == ResultCode::Ok as i32 || opened.code == ResultCode::AccountAlreadyExists as i32);
         let seeded = call(client, |mut c| async move {
             c.deposit(DepositRequest {
+                transfer_id_text: String::new(),
                 transfer_id: format!("seed-{user}").into_bytes(),
                 user_id: user,
                 currency: currency.into(),

@@ -253,6 +253,7 @@ impl Ledger {
             Settlement::Unspecified
         };
         let record = TransferRecord {
+            transfer_id_text: String::new(),
             transfer_id: credit.transfer_id.clone(),
             kind: credit.kind,
             from_user_id: credit.from_user_id,
@@ -357,6 +358,7 @@ impl Ledger {
             let amount = u128::from(credit.amount);
             update_position(kv, credit.dest_pair_id, currency, |p| p.refunded += amount);
             let refund = TransferRecord {
+                transfer_id_text: String::new(),
                 transfer_id: credit.transfer_id.clone(),
                 kind: TransferKind::Refund as i32,
                 from_user_id: credit.to_user_id,

@@ -37,6 +37,14 @@ fn move_command(
     }
 }
 
+/// A record as answered: with its id as text too, for readers of JSON.
+/// Filled here, not stored, so the ledger's bytes (and digests) are those
+/// of every earlier version.
+fn with_text_id(record: TransferRecord) -> TransferRecord {
+    let transfer_id_text = String::from_utf8_lossy(&record.transfer_id).into_owned();
+    TransferRecord { transfer_id_text, ..record }
+}
+
 fn wrap(movement: MoveCommand) -> Command {
     Command { kind: Some(command::Kind::Move(movement)) }
 }
@@ -82,7 +90,8 @@ impl LedgerApi for LedgerService {
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         self.single_move(
             timeout,
             move_command(TransferKind::Deposit, r.transfer_id, 0, r.user_id, r.currency, r.amount),
@@ -93,7 +102,8 @@ impl LedgerApi for LedgerService {
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         self.single_move(
             timeout,
             move_command(TransferKind::Withdraw, r.transfer_id, r.user_id, 0, r.currency, r.amount),
@@ -104,7 +114,8 @@ impl LedgerApi for LedgerService {
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         let movement =
             move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
         self.single_move(timeout, movement).await
@@ -129,10 +140,11 @@ impl LedgerApi for LedgerService {
         let mut results: Vec<Option<TransferResult>> = vec![None; items.len()];
         let mut commands = Vec::with_capacity(items.len());
         let mut positions = Vec::with_capacity(items.len());
-        for (position, r) in items.into_iter().enumerate() {
+        for (position, mut r) in items.into_iter().enumerate() {
+            let named = validate::take_transfer_id(&mut r);
             let movement =
                 move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
-            match validate::move_command(&movement) {
+            match named.and_then(|()| validate::move_command(&movement)) {
                 Ok(_) => {
                     commands.push(wrap(movement));
                     positions.push(position);
@@ -182,13 +194,14 @@ impl LedgerApi for LedgerService {
     ) -> Result<Response<GetTransferResponse>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
         let (view, _) = self.context.read_view(timeout).await?;
         let kv = SnapshotKv(&view);
         let record = ledger::read_transfer(&kv, &r.transfer_id)
             .ok_or_else(|| Status::not_found("no transfer with this transfer_id"))?;
-        Ok(Response::new(GetTransferResponse { transfer: Some(record) }))
+        Ok(Response::new(GetTransferResponse { transfer: Some(with_text_id(record)) }))
     }
 
     async fn list_transfers(
@@ -233,7 +246,8 @@ impl LedgerApi for LedgerService {
                 .get(record_key)
                 .map_err(|e| Status::internal(e.to_string()))?
                 .ok_or_else(|| Status::internal("history names a record that does not exist"))?;
-            transfers.push(TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?);
+            let record = TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
+            transfers.push(with_text_id(record));
             iter.next();
         }
         Ok(Response::new(ListTransfersResponse { transfers, next_page_token }))
@@ -245,7 +259,8 @@ impl LedgerApi for LedgerService {
     ) -> Result<Response<SendEnvelopeResponse>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
         let now = now_ms();
         let command = SendEnvelopeCommand {
             transfer_id: r.transfer_id,
