@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 # Kept outside the checkout so RocksDB (about 15 minutes of C++) is built once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
 cargo fmt --all -- --check
+# The protos: buf lint, and no breaking change against the last release.
+./scripts/buf.sh
 cargo clippy --workspace --all-targets -- -D warnings
 # One test at a time: the end-to-end tests time elections on a two-core machine.
 log="$(mktemp)"

@@ -4,6 +4,7 @@ use cellbank_client::CellClient;
 use cellbank_proto::cell::change_membership_request::Action;
 use cellbank_proto::cell::{ChangeMembershipRequest, DigestRequest, StatusRequest, TransferLeaderRequest};
 use cellbank_proto::v1::*;
+use cellbank_proto::ShortName;
 use clap::{Args, Subcommand};
 
 use crate::Endpoints;
@@ -232,11 +233,11 @@ fn fresh_id() -> String {
 }
 
 fn settlement_name(settlement: i32) -> &'static str {
-    Settlement::try_from(settlement).map(|s| s.as_str_name()).unwrap_or("UNKNOWN")
+    Settlement::try_from(settlement).map(|s| s.short_name()).unwrap_or("UNKNOWN")
 }
 
 fn code_name(code: i32) -> &'static str {
-    ResultCode::try_from(code).map(|c| c.as_str_name()).unwrap_or("UNKNOWN")
+    ResultCode::try_from(code).map(|c| c.short_name()).unwrap_or("UNKNOWN")
 }
 
 fn print_result(transfer_id: &str, result: Option<TransferResult>) -> anyhow::Result<()> {
@@ -322,7 +323,7 @@ pub async fn balance(args: AccountArgs) -> anyhow::Result<()> {
 }
 
 fn kind_name(kind: i32) -> &'static str {
-    TransferKind::try_from(kind).map(|k| k.as_str_name()).unwrap_or("UNKNOWN")
+    TransferKind::try_from(kind).map(|k| k.short_name()).unwrap_or("UNKNOWN")
 }
 
 pub async fn history(args: HistoryArgs) -> anyhow::Result<()> {
@@ -596,8 +597,8 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
                         e.total,
                         e.currency,
                         e.shares,
-                        EnvelopeSplit::try_from(e.split).map(|s| s.as_str_name()).unwrap_or("?"),
-                        EnvelopeState::try_from(e.state).map(|s| s.as_str_name()).unwrap_or("?"),
+                        EnvelopeSplit::try_from(e.split).map(|s| s.short_name()).unwrap_or("?"),
+                        EnvelopeState::try_from(e.state).map(|s| s.short_name()).unwrap_or("?"),
                         e.shares_grabbed,
                         e.remaining,
                         e.refunded,

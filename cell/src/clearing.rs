@@ -35,6 +35,7 @@ use cellbank_proto::cell::{
 };
 use cellbank_proto::router::courier_client::CourierClient;
 use cellbank_proto::v1::{GrabEnvelopeResponse, ResultCode, TransferKind, TransferResult};
+use cellbank_proto::ShortName;
 use cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
 use prost::Message as _;
 use tokio::time::Instant;
@@ -482,7 +483,7 @@ async fn deliver(
         let code = ResultCode::try_from(result.code).unwrap_or(ResultCode::Unspecified);
         if !delivery.answered || !settles(code) {
             if delivery.answered {
-                tracing::warn!(seq = entry.seq, code = code.as_str_name(), detail = %result.detail, "a credit got no final answer");
+                tracing::warn!(seq = entry.seq, code = code.short_name(), detail = %result.detail, "a credit got no final answer");
             }
             continue;
         }

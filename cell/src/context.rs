@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use cellbank_proto::cell::{Command, PairRole, PairState};
 use cellbank_proto::v1::*;
+use cellbank_proto::ShortName;
 use rocksdb::DB;
 use tonic::{Request, Status};
 
@@ -186,7 +187,7 @@ impl ReplicaContext {
         }
         for (code, count) in counts {
             let code = ResultCode::try_from(code).unwrap_or(ResultCode::Unspecified);
-            self.metrics.results_total.with_label_values(&[code.as_str_name()]).inc_by(count);
+            self.metrics.results_total.with_label_values(&[code.short_name()]).inc_by(count);
         }
         Ok(results)
     }

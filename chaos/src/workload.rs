@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use cellbank_client::CellClient;
 use cellbank_proto::v1::*;
+use cellbank_proto::ShortName;
 use tonic::Status;
 
 use crate::drill::{Rng, Workload, WorkloadKind};
@@ -147,7 +148,7 @@ impl Recorder {
 }
 
 fn code_name(code: i32) -> String {
-    ResultCode::try_from(code).map(|c| c.as_str_name().to_string()).unwrap_or_else(|_| format!("CODE_{code}"))
+    ResultCode::try_from(code).map(|c| c.short_name().to_string()).unwrap_or_else(|_| format!("CODE_{code}"))
 }
 
 fn outcome_of(result: Option<&TransferResult>) -> Outcome {
@@ -417,7 +418,7 @@ fn read_step(ctx: Ctx, population: &Population, rng: &mut Rng) -> Option<Call> {
 
 fn settlement_name(settlement: i32) -> String {
     Settlement::try_from(settlement)
-        .map(|s| s.as_str_name().to_string())
+        .map(|s| s.short_name().to_string())
         .unwrap_or_else(|_| format!("SETTLEMENT_{settlement}"))
 }
 

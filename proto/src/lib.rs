@@ -59,3 +59,47 @@ pub fn check_admin_token<T>(request: &tonic::Request<T>, token: &str) -> Result<
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+/// The name of a public enum's value without the enum's prefix (`OK` for
+/// `RESULT_CODE_OK`), as the CLI, the logs, the metrics' labels, refusal
+/// texts and drill histories print it. The proto names gained their prefix
+/// for other languages' generated code; the words people and scripts read
+/// stayed those of earlier versions.
+pub trait ShortName {
+    fn short_name(&self) -> &'static str;
+}
+
+macro_rules! short_names {
+    ($($enum:ty => $prefix:literal),*) => {$(
+        impl ShortName for $enum {
+            fn short_name(&self) -> &'static str {
+                let name = self.as_str_name();
+                name.strip_prefix($prefix).unwrap_or(name)
+            }
+        }
+    )*};
+}
+
+short_names!(
+    v1::ResultCode => "RESULT_CODE_",
+    v1::Settlement => "SETTLEMENT_",
+    v1::EnvelopeSplit => "ENVELOPE_SPLIT_",
+    v1::EnvelopeState => "ENVELOPE_STATE_",
+    v1::TransferKind => "TRANSFER_KIND_"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::v1::{ResultCode, Settlement, TransferKind};
+    use super::ShortName;
+
+    #[test]
+    fn short_names_are_the_words_of_earlier_versions() {
+        assert_eq!(ResultCode::Ok.short_name(), "OK");
+        assert_eq!(ResultCode::IdReusedWithDifferentFields.short_name(), "ID_REUSED_WITH_DIFFERENT_FIELDS");
+        assert_eq!(ResultCode::Unspecified.short_name(), "UNSPECIFIED");
+        assert_eq!(Settlement::InTransit.short_name(), "IN_TRANSIT");
+        assert_eq!(TransferKind::EnvelopeGrab.short_name(), "ENVELOPE_GRAB");
+        assert_eq!(ResultCode::Ok.as_str_name(), "RESULT_CODE_OK", "the proto name, for other languages");
+    }
+}

@@ -27,6 +27,7 @@
 
 use cellbank_proto::cell::{CreditCommand, OutboxEntry, SettleCommand};
 use cellbank_proto::v1::{ResultCode, Settlement, TransferKind, TransferRecord, TransferResult};
+use cellbank_proto::ShortName;
 use prost::Message;
 
 use super::{keys, read_record, rejection, result, validate, AccountId, Currency, Ledger};
@@ -340,7 +341,7 @@ impl Ledger {
             .unwrap_or_else(|| panic!("outbox entry {} names a missing record", settle.seq));
         let code = ResultCode::try_from(settle.code).unwrap_or(ResultCode::Unspecified);
         if !settles(code) {
-            let detail = format!("{} is not a final answer to a credit", code.as_str_name());
+            let detail = format!("{} is not a final answer to a credit", code.short_name());
             return rejection(ResultCode::InvalidItem, "code", detail, index);
         }
         if code == ResultCode::Ok {

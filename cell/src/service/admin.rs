@@ -382,7 +382,9 @@ impl ReplicaAdmin for AdminService {
                 change.context = PeerAddress { replica_id: r.replica_id, addr: r.addr }.encode_to_vec().into();
             }
             Action::Remove => change.set_change_type(ConfChangeType::RemoveNode),
-            Action::Unspecified => return Err(Status::invalid_argument("action: must be ACTION_ADD_VOTER or ACTION_REMOVE")),
+            Action::Unspecified => {
+                return Err(Status::invalid_argument("action: must be ACTION_ADD_VOTER or ACTION_REMOVE"))
+            }
         }
         let (conf_state, peers) = self.context.within(timeout, self.context.node.conf_change(change)).await?;
         let applied_index = self.context.node.shared.applied_index.load(Ordering::Relaxed);
