@@ -158,7 +158,7 @@ enum Target {
 
 async fn find_target(endpoints: &[String]) -> anyhow::Result<Target> {
     for attempt in 0..50 {
-        match crate::cluster::cluster_status(endpoints, None).await {
+        match cellbank::routers::ClusterClient::new(endpoints, None).status().await {
             Ok(status) => {
                 let table = status.table.unwrap_or_default();
                 if table.slice_count > 0 {
@@ -276,7 +276,7 @@ impl Workload {
         if cross && self.measuring.load(Ordering::Relaxed) {
             let mut sent = self.cross_sent.lock().expect("cross sent");
             if sent.len() < CROSS_SAMPLES_MAX {
-                sent.push((transfer_id.clone(), cellbank_router::coordinator::now_ms()));
+                sent.push((transfer_id.clone(), cellbank_client::clock::unix_ms()));
             }
         }
         TransferRequest {

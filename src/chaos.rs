@@ -132,11 +132,7 @@ pub async fn run(action: ChaosAction) -> anyhow::Result<()> {
             let drill = load(&file)?;
             let seed = seed.unwrap_or(drill.seed);
             let out = out.unwrap_or_else(|| {
-                PathBuf::from("chaos-reports").join(format!(
-                    "{}-{}",
-                    drill.name,
-                    cellbank_router::coordinator::now_ms()
-                ))
+                PathBuf::from("chaos-reports").join(format!("{}-{}", drill.name, cellbank_client::clock::unix_ms()))
             });
             let passed = run_drill(&file, drill, seed, &out, admin_token).await?;
             if !passed {

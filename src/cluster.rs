@@ -1,8 +1,7 @@
 //! CLI commands that talk to routers: cluster status and the operator
 //! actions on pairs (switchover, failover, standby rebuild, audit log).
 
-pub use cellbank::routers::cluster_status;
-use cellbank::routers::{on_coordinator, request};
+use cellbank::routers::ClusterClient;
 use cellbank_proto::router::*;
 
 use crate::Endpoints;
@@ -93,7 +92,7 @@ pub fn print_status(status: &ClusterStatus) {
 }
 
 pub async fn status(endpoints: &Endpoints, token: Option<&str>) -> anyhow::Result<bool> {
-    match cluster_status(&endpoints.endpoints, token).await {
+    match ClusterClient::new(&endpoints.endpoints, token).status().await {
         Ok(status) => {
             print_status(&status);
             Ok(true)
@@ -115,35 +114,29 @@ fn print_action(what: &str, response: &AdminActionResponse) {
 
 pub async fn switchover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64) -> anyhow::Result<()> {
     let message = SwitchoverRequest { pair_id, who: auth.who.clone(), why: auth.why.clone() };
-    let response = cellbank::routers::switchover(&endpoints.endpoints, auth.admin_token.as_deref(), message).await?;
+    let response = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref()).switchover(message).await?;
     print_action("switchover", &response);
     Ok(())
 }
 
 pub async fn failover(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64, force: bool) -> anyhow::Result<()> {
     let message = FailoverRequest { pair_id, force, who: auth.who.clone(), why: auth.why.clone() };
-    let response = cellbank::routers::failover(&endpoints.endpoints, auth.admin_token.as_deref(), message).await?;
+    let response = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref()).failover(message).await?;
     print_action("failover", &response);
     Ok(())
 }
 
 pub async fn rebuild_standby(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u64) -> anyhow::Result<()> {
     let message = RebuildStandbyRequest { pair_id, who: auth.who.clone(), why: auth.why.clone() };
-    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), false, |mut c, m| {
-        let message = message.clone();
-        async move { c.rebuild_standby(request(message, m)).await }
-    })
-    .await?;
+    let response =
+        ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref()).rebuild_standby(message).await?;
     print_action("rebuild", &response);
     Ok(())
 }
 
 pub async fn audit(endpoints: &Endpoints, auth: &AdminAuth) -> anyhow::Result<()> {
-    let response = on_coordinator(&endpoints.endpoints, auth.admin_token.as_deref(), true, |mut c, m| async move {
-        c.audit_log(request(AuditLogRequest {}, m)).await
-    })
-    .await?;
-    for record in response.records {
+    let records = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref()).audit_log().await?;
+    for record in records {
         println!("#{:<4} {}  {:<12} {}  why: {}", record.seq, record.time_ms, record.who, record.what, record.why);
     }
     Ok(())

@@ -435,7 +435,9 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
         }
         AdminAction::Audit { endpoints, auth } => crate::cluster::audit(&endpoints, &auth).await,
         AdminAction::Reconcile { endpoints, auth, json, outbox_age_max_ms, settle_timeout_ms } => {
-            let status = cellbank::routers::cluster_status(&endpoints.endpoints, auth.admin_token.as_deref()).await?;
+            let status = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
+                .status()
+                .await?;
             let options = cellbank::reconcile::Options {
                 outbox_age_max: std::time::Duration::from_millis(outbox_age_max_ms),
                 settle_timeout: std::time::Duration::from_millis(settle_timeout_ms),
@@ -453,19 +455,12 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             Ok(())
         }
         AdminAction::Settlement { endpoints, auth, from_ms, to_ms, last_minutes } => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let now = cellbank_client::clock::unix_ms();
             let from_ms = last_minutes.map(|m| now.saturating_sub(m * 60_000)).unwrap_or(from_ms);
             let request = cellbank_proto::cell::SettlementRequest { from_ms, to_ms };
-            let figures = cellbank::routers::on_coordinator(
-                &endpoints.endpoints,
-                auth.admin_token.as_deref(),
-                true,
-                |mut c, m| {
-                    let request = cellbank::routers::request(request, m);
-                    async move { c.settlement(request).await }
-                },
-            )
-            .await?;
+            let figures = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
+                .settlement(request)
+                .await?;
             println!("credited across pairs, from {} to {} (ms; 0 = open):", figures.from_ms, figures.to_ms);
             println!("  {:<6} {:<6} {:<4} {:>20} {:>10}", "from", "to", "ccy", "amount", "credits");
             for line in &figures.lines {
@@ -539,9 +534,7 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
         EnvelopeAction::Send { endpoints, from, total, shares, currency, even, expires_in_secs, id } => {
             let id = id.unwrap_or_else(fresh_id);
             let expires_at_ms = match expires_in_secs {
-                Some(secs) => {
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + secs * 1000
-                }
+                Some(secs) => cellbank_client::clock::unix_ms() + secs * 1000,
                 None => 0,
             };
             let response = client(&endpoints)

@@ -156,7 +156,10 @@ async fn rush(channels: &[Channel], grabs: Vec<(String, u64, bool)>) -> (Phase, 
 }
 
 pub async fn run(endpoints: &[String], args: &BenchArgs) -> anyhow::Result<()> {
-    let status = crate::cluster::cluster_status(endpoints, None).await.context("the envelope bench needs routers")?;
+    let status = cellbank::routers::ClusterClient::new(endpoints, None)
+        .status()
+        .await
+        .context("the envelope bench needs routers")?;
     let table = status.table.unwrap_or_default();
     anyhow::ensure!(table.slice_count > 0, "the routing table is not ready");
     let pair_of = |user: u64| cellbank_router::table::route(&table, user).map(|r| r.pair_id).unwrap_or(0);

@@ -78,10 +78,13 @@ struct Bench {
 
 impl Bench {
     async fn status(&self) -> Option<ClusterStatus> {
-        tokio::time::timeout(Duration::from_secs(3), cellbank::routers::cluster_status(&self.routers, None))
-            .await
-            .ok()?
-            .ok()
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            cellbank::routers::ClusterClient::new(&self.routers, None).status(),
+        )
+        .await
+        .ok()?
+        .ok()
     }
 
     async fn pair(&self) -> Option<Pair> {
@@ -247,7 +250,7 @@ pub async fn run(runs: usize, json: bool, data_dir: Option<PathBuf>) -> anyhow::
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
         let request = SwitchoverRequest { pair_id: 1, who: "failover-bench".into(), why: "measure".into() };
-        let response = cellbank::routers::switchover(&bench.routers, None, request).await?;
+        let response = cellbank::routers::ClusterClient::new(&bench.routers, None).switchover(request).await?;
         let finished = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let longest = {

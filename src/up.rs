@@ -48,7 +48,11 @@ async fn status_line(supervisor: &mut Supervisor, token: Option<&str>) -> String
     if routers.is_empty() {
         return "no routers in this topology".into();
     }
-    let asked = tokio::time::timeout(Duration::from_millis(800), crate::cluster::cluster_status(&routers, token)).await;
+    let asked = tokio::time::timeout(
+        Duration::from_millis(800),
+        cellbank::routers::ClusterClient::new(&routers, token).status(),
+    )
+    .await;
     let status = match asked {
         Ok(Ok(status)) => status,
         Ok(Err(e)) => return format!("routers: {}", e.message()),

@@ -23,7 +23,7 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     let token = Some(TOKEN);
     let started = std::time::Instant::now();
     let status = loop {
-        match cellbank::routers::cluster_status(&routers, token).await {
+        match cellbank::routers::ClusterClient::new(&routers, token).status().await {
             // (A table not bootstrapped yet has no pairs at all.)
             Ok(status)
                 if status.table.as_ref().is_some_and(|t| {
@@ -41,26 +41,30 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     let audit_before = status.table.as_ref().unwrap().audit_count;
 
     // Credentials.
-    let missing = cellbank::routers::cluster_status(&routers, None).await.unwrap_err();
+    let missing = cellbank::routers::ClusterClient::new(&routers, None).status().await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::Unauthenticated, "{missing:?}");
-    let wrong = cellbank::routers::switchover(&routers, Some("guess"), switchover(1)).await.unwrap_err();
+    let wrong =
+        cellbank::routers::ClusterClient::new(&routers, Some("guess")).switchover(switchover(1)).await.unwrap_err();
     assert_eq!(wrong.code(), tonic::Code::PermissionDenied, "{wrong:?}");
 
     // Unknown pair, missing pair id.
-    let unknown = cellbank::routers::switchover(&routers, token, switchover(9)).await.unwrap_err();
+    let unknown = cellbank::routers::ClusterClient::new(&routers, token).switchover(switchover(9)).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     assert!(unknown.message().contains("no pair 9"), "{}", unknown.message());
-    let unset = cellbank::routers::switchover(&routers, token, switchover(0)).await.unwrap_err();
+    let unset = cellbank::routers::ClusterClient::new(&routers, token).switchover(switchover(0)).await.unwrap_err();
     assert_eq!(unset.code(), tonic::Code::InvalidArgument);
 
     // A failover of a healthy pair needs --force.
     let healthy = FailoverRequest { pair_id: 1, force: false, who: "test".into(), why: "bad input".into() };
-    let refused = cellbank::routers::failover(&routers, token, healthy).await.unwrap_err();
+    let refused = cellbank::routers::ClusterClient::new(&routers, token).failover(healthy).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("healthy"), "{}", refused.message());
 
     // Isolating an unknown cell.
-    let isolate = cellbank::routers::isolate_cells(&routers, token, &[42], Duration::from_secs(1)).await.unwrap_err();
+    let isolate = cellbank::routers::ClusterClient::new(&routers, token)
+        .isolate_cells(&[42], Duration::from_secs(1))
+        .await
+        .unwrap_err();
     assert!(format!("{isolate:#}").contains("no cell 42"), "{isolate:#}");
 
     // A configure straight at a cell with a bad epoch or an older epoch.
@@ -82,20 +86,20 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     cluster.sup.kill_cell(2);
     let started = std::time::Instant::now();
     loop {
-        let status = cellbank::routers::cluster_status(&routers, token).await.expect("status");
+        let status = cellbank::routers::ClusterClient::new(&routers, token).status().await.expect("status");
         if Cluster::pair_of(&status, 1).mode == PairMode::Degraded as i32 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(15), "the pair never degraded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let degraded = cellbank::routers::switchover(&routers, token, switchover(1)).await.unwrap_err();
+    let degraded = cellbank::routers::ClusterClient::new(&routers, token).switchover(switchover(1)).await.unwrap_err();
     assert_eq!(degraded.code(), tonic::Code::FailedPrecondition);
     assert!(degraded.message().contains("DEGRADED"), "{}", degraded.message());
 
     // Nothing changed: same active, same epoch; the only audit record added
     // is the coordinator's own degradation.
-    let status = cellbank::routers::cluster_status(&routers, token).await.expect("status");
+    let status = cellbank::routers::ClusterClient::new(&routers, token).status().await.expect("status");
     let pair = Cluster::pair_of(&status, 1);
     assert_eq!((pair.active_cell_id, pair.standby_cell_id, pair.epoch), (1, 2, 1));
     assert_eq!(status.table.unwrap().audit_count, audit_before + 1);

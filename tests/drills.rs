@@ -281,7 +281,7 @@ async fn attached_drills_need_credentials_and_stay_inside_their_blast_radius() {
     let routers = cluster.routers();
     let started = Instant::now();
     loop {
-        let status = cellbank::routers::cluster_status(&routers, Some(token)).await;
+        let status = cellbank::routers::ClusterClient::new(&routers, Some(token)).status().await;
         let ready = status.is_ok_and(|s| {
             s.table.is_some_and(|t| {
                 t.pairs.len() == 2 && t.pairs.iter().all(|p| p.mode == cellbank_proto::router::PairMode::Sync as i32)

@@ -61,7 +61,8 @@ async fn whole_cell_failover_loses_no_acknowledged_transfer_and_fails_back() {
     // Planned failback: a switchover returns the traffic to cell 1.
     let acked_before = history.acked_count();
     let request = SwitchoverRequest { pair_id: 1, who: "test".into(), why: "failback".into() };
-    let response = cellbank::routers::switchover(&cluster.routers(), None, request).await.expect("switchover");
+    let response =
+        cellbank::routers::ClusterClient::new(&cluster.routers(), None).switchover(request).await.expect("switchover");
     println!("failback: {} (write pause {} ms)", response.detail, response.write_pause_ms);
     assert_eq!((response.active_cell_id, response.new_epoch), (1, 3));
     acks_grow(&history, acked_before, 100, Duration::from_secs(15)).await;

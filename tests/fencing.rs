@@ -51,7 +51,10 @@ async fn a_deposed_active_acknowledges_nothing_and_stale_epochs_are_refused() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The router loses cell 1; cell 1's replicas keep running.
-    cellbank::routers::isolate_cells(&cluster.routers(), None, &[1], Duration::from_secs(120)).await.expect("isolate");
+    cellbank::routers::ClusterClient::new(&cluster.routers(), None)
+        .isolate_cells(&[1], Duration::from_secs(120))
+        .await
+        .expect("isolate");
     let status = cluster
         .wait_until("pair 1 failed over to cell 2", Duration::from_secs(15), |s| {
             Cluster::pair_of(s, 1).active_cell_id == 2
@@ -122,7 +125,10 @@ async fn a_deposed_active_acknowledges_nothing_and_stale_epochs_are_refused() {
     }
 
     // Healed, cell 1 is rebuilt as the standby of cell 2.
-    cellbank::routers::isolate_cells(&cluster.routers(), None, &[], Duration::ZERO).await.expect("heal");
+    cellbank::routers::ClusterClient::new(&cluster.routers(), None)
+        .isolate_cells(&[], Duration::ZERO)
+        .await
+        .expect("heal");
     let pair = cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
     assert_eq!((pair.active_cell_id, pair.standby_cell_id), (2, 1));
     stop_load(&history, load).await;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellbank::supervisor::ProcessId;
+use cellbank_client::clock::unix_ms;
 use cellbank_client::CellClient;
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::*;
@@ -24,10 +25,6 @@ const CURRENCY: &str = "CNY";
 const SEED_AMOUNT: u64 = 1_000_000;
 const ENVELOPE_SHARES: u32 = 30;
 const ENVELOPE_TOTAL: u64 = 30_000;
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 /// What clients were told.
 #[derive(Default)]

@@ -107,7 +107,8 @@ async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
         let before = common::metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await.unwrap_or(0);
         cluster.sup.pause(stale_id, true);
         let request = SwitchoverRequest { pair_id: 1, who: "test".into(), why: "stale router".into() };
-        let response = cellbank::routers::switchover(&others, None, request).await.expect("switchover");
+        let response =
+            cellbank::routers::ClusterClient::new(&others, None).switchover(request).await.expect("switchover");
         assert_eq!(response.new_epoch, 1 + rounds, "one switchover, one new epoch");
         let client = through_stale.clone();
         let id = format!("through-a-stale-router-{rounds}").into_bytes();

@@ -305,7 +305,8 @@ async fn writes_pending_at_a_demotion_fail_retryably_or_are_on_the_new_active() 
     // (it waits 1 s for the standby): it fails the pair over to cell 2, and
     // once the cut heals it demotes cell 1 while the writes still wait.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    cellbank::routers::isolate_cells(&cluster.routers(), Some(TOKEN), &[1], Duration::from_millis(2_500))
+    cellbank::routers::ClusterClient::new(&cluster.routers(), Some(TOKEN))
+        .isolate_cells(&[1], Duration::from_millis(2_500))
         .await
         .expect("isolate cell 1 from the routers");
     let status = cluster

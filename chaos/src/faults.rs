@@ -68,10 +68,12 @@ async fn channel(addr: &str) -> anyhow::Result<Channel> {
 
 impl Access {
     pub async fn status(&self) -> anyhow::Result<ClusterStatus> {
-        let status =
-            tokio::time::timeout(Duration::from_secs(4), routers::cluster_status(&self.routers, self.token.as_deref()))
-                .await
-                .map_err(|_| anyhow::anyhow!("the routers did not answer a status request in 4 s"))??;
+        let status = tokio::time::timeout(
+            Duration::from_secs(4),
+            routers::ClusterClient::new(&self.routers, self.token.as_deref()).status(),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the routers did not answer a status request in 4 s"))??;
         Ok(status)
     }
 
@@ -82,11 +84,7 @@ impl Access {
     }
 
     pub async fn audit_log(&self) -> anyhow::Result<Vec<AuditRecord>> {
-        let records = routers::on_coordinator(&self.routers, self.token.as_deref(), true, |mut c, m| async move {
-            c.audit_log(routers::request(Default::default(), m)).await
-        })
-        .await?;
-        Ok(records.records)
+        Ok(routers::ClusterClient::new(&self.routers, self.token.as_deref()).audit_log().await?)
     }
 
     pub async fn all_pairs_sync(&self) -> bool {
@@ -123,7 +121,7 @@ impl Access {
         while tokio::time::Instant::now() < deadline {
             let asked = tokio::time::timeout(
                 Duration::from_secs(4),
-                routers::cluster_status(&self.routers, self.token.as_deref()),
+                routers::ClusterClient::new(&self.routers, self.token.as_deref()).status(),
             )
             .await;
             match asked {
@@ -166,7 +164,7 @@ impl Access {
     }
 
     pub async fn isolate(&self, cells: &[u64], duration: Duration) -> anyhow::Result<()> {
-        Ok(routers::isolate_cells(&self.routers, self.token.as_deref(), cells, duration).await?)
+        Ok(routers::ClusterClient::new(&self.routers, self.token.as_deref()).isolate_cells(cells, duration).await?)
     }
 
     /// Clears every isolation on every router; the cells still isolated
@@ -178,7 +176,7 @@ impl Access {
     pub async fn switchover(&self, pair_id: u64, why: &str) -> anyhow::Result<u64> {
         let message =
             cellbank_proto::router::SwitchoverRequest { pair_id, who: "chaos drill".into(), why: why.to_string() };
-        let response = routers::switchover(&self.routers, self.token.as_deref(), message).await?;
+        let response = routers::ClusterClient::new(&self.routers, self.token.as_deref()).switchover(message).await?;
         Ok(response.write_pause_ms)
     }
 
@@ -196,7 +194,7 @@ impl Access {
             who: "chaos drill".into(),
             why: why.to_string(),
         };
-        Ok(routers::failover(&self.routers, self.token.as_deref(), message).await?)
+        Ok(routers::ClusterClient::new(&self.routers, self.token.as_deref()).failover(message).await?)
     }
 
     pub async fn inject(&self, addr: &str, fault: InjectFaultRequest) -> anyhow::Result<FaultList> {

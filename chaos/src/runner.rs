@@ -942,7 +942,7 @@ async fn prepare(
     access: &Access,
     progress: &dyn Progress,
 ) -> anyhow::Result<Setup> {
-    let started_at_unix_ms = cellbank_router::coordinator::now_ms();
+    let started_at_unix_ms = cellbank_client::clock::unix_ms();
     access.wait_ready(Duration::from_secs(60)).await?;
     let table = access.table().await?;
     let plan = crate::drill::plan(drill, table.pairs.len() as u64);
@@ -1377,7 +1377,7 @@ fn expectations(
 
 /// The wall clock (ms) at the recorder's zero.
 fn wall_zero(recorder: &Recorder) -> u64 {
-    cellbank_router::coordinator::now_ms().saturating_sub(recorder.now_ms())
+    cellbank_client::clock::unix_ms().saturating_sub(recorder.now_ms())
 }
 
 /// When (ms after `from`) the first one-second window begins in which the

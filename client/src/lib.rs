@@ -5,11 +5,14 @@
 //! - [`retry`]: one retry policy (named bounds, full jitter), one rule for
 //!   what may be retried, and the parsers of the hints a refusal carries
 //!   (the leader's address, the cell's epoch);
+//! - [`clock`]: the wall clock in milliseconds since the Unix epoch;
 //! - [`deadline`]: the `grpc-timeout` header a server reads its caller's
 //!   deadline from;
 //! - [`errors`]: the structured details every refusal carries (the bad
 //!   field, the reason, the leader's address);
 //! - [`cell`]: a client of one cell that follows its leader;
+//! - [`routers`]: [`ClusterClient`], the routers' admin API (status,
+//!   operator actions, audit log), following the coordinator;
 //! - [`validate`] and [`currency`]: the rules a request must meet, checked
 //!   by the routers before they forward it and by the cell before it
 //!   proposes (and again when it applies);
@@ -24,6 +27,7 @@
 
 pub mod cell;
 pub mod channel;
+pub mod clock;
 pub mod currency;
 pub mod deadline;
 pub mod errors;
@@ -36,6 +40,7 @@ pub mod validate;
 pub use cell::CellClient;
 pub use channel::{ChannelSettings, MESSAGE_BYTES_MAX};
 pub use retry::{retryable, Backoff, RetryPolicy};
+pub use routers::ClusterClient;
 
 /// True when a replica's status says it leads its Raft group. A replica
 /// built before `raft_role` existed leaves it unset and says so in the text

@@ -282,9 +282,7 @@ pub fn clock_offset_ms() -> i64 {
 
 /// The replica's wall clock (ms since the epoch), moved by a `clock` fault.
 pub fn wall_ms() -> u64 {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    now.saturating_add_signed(clock_offset_ms())
+    cellbank_client::clock::unix_ms().saturating_add_signed(clock_offset_ms())
 }
 
 /// The `FaultPoints` gRPC service of a replica.

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellbank_client::clock::unix_ms;
 use cellbank_client::pair;
 use cellbank_client::pair::PROMOTION_SETTLE;
 use cellbank_proto::cell::{
@@ -454,7 +455,7 @@ impl Coordinator {
         let term = self.node.status().await.map_err(CoordinatorError::Table)?.term;
         let active = self.cell_health(pair.active_cell_id);
         let standby = self.cell_health(pair.standby_cell_id);
-        let actions = plan_pair(&self.config, &table, &pair, term, &active, &standby, Instant::now(), now_ms());
+        let actions = plan_pair(&self.config, &table, &pair, term, &active, &standby, Instant::now(), unix_ms());
         for action in actions {
             match action {
                 Action::ChangeActive { mode, record } => {
@@ -695,10 +696,6 @@ impl Coordinator {
             Err(CoordinatorError::NotCoordinator)
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The pair state the table asks of a pair's active cell. Should it be a

@@ -333,8 +333,11 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
                 }
             }
             let first = &audits[0].1;
-            let oldest =
-                first.outbox.first().map(|o| crate::coordinator::now_ms().saturating_sub(o.created_at_ms)).unwrap_or(0);
+            let oldest = first
+                .outbox
+                .first()
+                .map(|o| cellbank_client::clock::unix_ms().saturating_sub(o.created_at_ms))
+                .unwrap_or(0);
             report.cells.push(CellFigures {
                 pair_id: pair.pair_id,
                 cell_id,
@@ -350,7 +353,7 @@ pub async fn reconcile(status: &ClusterStatus, options: &Options) -> Report {
             });
         }
         if let Some(oldest) = reference.outbox.first() {
-            let age = crate::coordinator::now_ms().saturating_sub(oldest.created_at_ms);
+            let age = cellbank_client::clock::unix_ms().saturating_sub(oldest.created_at_ms);
             if age > options.outbox_age_max.as_millis() as u64 {
                 report.discrepancies.push(format!(
                     "pair {}: outbox entry {} ({} {} to pair {}) has waited {age} ms (bound {} ms)",

@@ -41,10 +41,8 @@ impl Cluster {
     }
 
     pub async fn status(&self) -> Option<ClusterStatus> {
-        let routers = self.routers();
-        let token = self.sup.topology.admin_token.as_deref();
-        let asked = tokio::time::timeout(Duration::from_secs(3), cellbank::routers::cluster_status(&routers, token));
-        asked.await.ok()?.ok()
+        let client = cellbank::routers::ClusterClient::new(&self.routers(), self.sup.topology.admin_token.as_deref());
+        tokio::time::timeout(Duration::from_secs(3), client.status()).await.ok()?.ok()
     }
 
     /// Waits until `check` holds for the coordinator's view.
