@@ -93,11 +93,23 @@ pub fn inject_from_env() -> Result<(), String> {
     Ok(())
 }
 
+/// A fault request a point does not accept: the field and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct InvalidFault {
+    pub field: &'static str,
+    pub detail: String,
+}
+
+fn invalid_fault(field: &'static str, detail: impl Into<String>) -> InvalidFault {
+    InvalidFault { field, detail: detail.into() }
+}
+
 /// Checks a request against what each point accepts; the error names the field.
-pub fn validate(request: &InjectFaultRequest) -> Result<(), String> {
+pub fn validate(request: &InjectFaultRequest) -> Result<(), InvalidFault> {
     let point = request.point.as_str();
     if !POINTS.contains(&point) {
-        return Err(format!("point: unknown fault point {point:?}; known: {}", POINTS.join(", ")));
+        return Err(invalid_fault("point", format!("unknown fault point {point:?}; known: {}", POINTS.join(", "))));
     }
     let allowed: &[&str] = match point {
         "raft.send" | "raft.recv" | "standby.ship" => &["drop", "delay"],
@@ -106,22 +118,25 @@ pub fn validate(request: &InjectFaultRequest) -> Result<(), String> {
         _ => &["offset"],
     };
     if !allowed.contains(&request.action.as_str()) {
-        return Err(format!("action: {point} takes {}, not {:?}", allowed.join(" or "), request.action));
+        return Err(invalid_fault(
+            "action",
+            format!("{point} takes {}, not {:?}", allowed.join(" or "), request.action),
+        ));
     }
     if request.duration_ms == 0 || request.duration_ms > DURATION_MAX.as_millis() as u64 {
-        return Err(format!("duration_ms: must be 1..={}", DURATION_MAX.as_millis()));
+        return Err(invalid_fault("duration_ms", format!("must be 1..={}", DURATION_MAX.as_millis())));
     }
     if request.action == "delay" && (request.delay_ms == 0 || request.delay_ms > DELAY_MAX_MS) {
-        return Err(format!("delay_ms: must be 1..={DELAY_MAX_MS} for a delay"));
+        return Err(invalid_fault("delay_ms", format!("must be 1..={DELAY_MAX_MS} for a delay")));
     }
     if request.action == "offset" && (request.offset_ms == 0 || request.offset_ms.abs() > OFFSET_MAX_MS) {
-        return Err(format!("offset_ms: must be non-zero and at most {OFFSET_MAX_MS} either way"));
+        return Err(invalid_fault("offset_ms", format!("must be non-zero and at most {OFFSET_MAX_MS} either way")));
     }
     if !(0.0..=1.0).contains(&request.probability) || request.probability.is_nan() {
-        return Err("probability: must be in [0, 1] (0 means always)".into());
+        return Err(invalid_fault("probability", "must be in [0, 1] (0 means always)"));
     }
     if !request.peers.is_empty() && !point.starts_with("raft.") {
-        return Err(format!("peers: only raft.send and raft.recv take peers, not {point}"));
+        return Err(invalid_fault("peers", format!("only raft.send and raft.recv take peers, not {point}")));
     }
     Ok(())
 }
@@ -312,7 +327,7 @@ impl cellbank_proto::cell::fault_points_server::FaultPoints for FaultService {
     ) -> Result<tonic::Response<FaultList>, tonic::Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        validate(&request).map_err(tonic::Status::invalid_argument)?;
+        validate(&request).map_err(|e| cellbank_client::errors::invalid_argument(e.field, &e.detail))?;
         inject(request);
         Ok(tonic::Response::new(list()))
     }
@@ -369,16 +384,16 @@ mod tests {
     #[test]
     fn requests_are_checked_field_by_field() {
         assert!(validate(&request("raft.send", "drop")).is_ok());
-        assert!(validate(&request("nowhere", "drop")).unwrap_err().starts_with("point:"));
-        assert!(validate(&request("clock", "drop")).unwrap_err().starts_with("action:"));
-        assert!(validate(&request("raft.send", "delay")).unwrap_err().starts_with("delay_ms:"));
-        assert!(validate(&request("clock", "offset")).unwrap_err().starts_with("offset_ms:"));
+        assert!(validate(&request("nowhere", "drop")).unwrap_err().field == "point");
+        assert!(validate(&request("clock", "drop")).unwrap_err().field == "action");
+        assert!(validate(&request("raft.send", "delay")).unwrap_err().field == "delay_ms");
+        assert!(validate(&request("clock", "offset")).unwrap_err().field == "offset_ms");
         let forever = InjectFaultRequest { duration_ms: 0, ..request("raft.send", "drop") };
-        assert!(validate(&forever).unwrap_err().starts_with("duration_ms:"));
+        assert!(validate(&forever).unwrap_err().field == "duration_ms");
         let odd = InjectFaultRequest { probability: 1.5, ..request("raft.send", "drop") };
-        assert!(validate(&odd).unwrap_err().starts_with("probability:"));
+        assert!(validate(&odd).unwrap_err().field == "probability");
         let peers = InjectFaultRequest { peers: vec![2], ..request("disk.sync", "error") };
-        assert!(validate(&peers).unwrap_err().starts_with("peers:"));
+        assert!(validate(&peers).unwrap_err().field == "peers");
     }
 
     #[cfg(feature = "fault-points")]
