@@ -37,6 +37,36 @@ fn move_command(
     }
 }
 
+/// One page of the keys under `prefix`, from `start` on: each key's suffix
+/// after the prefix (its big-endian position) and its value become an item,
+/// at most `page_size` of them. The next page's token is the suffix of the
+/// first key not taken (empty after the last page), which is where that
+/// page starts.
+fn page<T>(
+    view: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+    prefix: &[u8],
+    start: &[u8],
+    page_size: u32,
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Status>,
+) -> Result<(Vec<T>, Vec<u8>), Status> {
+    let mut iter = view.raw_iterator();
+    iter.seek(start);
+    let mut items = Vec::new();
+    while iter.valid() {
+        let key = iter.key().expect("key");
+        if !key.starts_with(prefix) {
+            break;
+        }
+        let suffix = &key[prefix.len()..];
+        if items.len() as u32 == page_size {
+            return Ok((items, suffix.to_vec()));
+        }
+        items.push(item(suffix, iter.value().expect("value"))?);
+        iter.next();
+    }
+    Ok((items, Vec::new()))
+}
+
 /// A record as answered: with its id as text too, for readers of JSON.
 /// Filled here, not stored, so the ledger's bytes (and digests) are those
 /// of every earlier version.
@@ -224,32 +254,17 @@ impl LedgerApi for LedgerService {
         if !account_exists {
             return Err(Status::not_found(format!("no account for user {} in {}", r.user_id, r.currency)));
         }
-        let prefix = id.history_prefix();
-        let mut iter = view.raw_iterator();
-        iter.seek(id.history_key(start));
-        let mut transfers = Vec::new();
-        let mut next_page_token = Vec::new();
-        while iter.valid() {
-            let key = iter.key().expect("key");
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("history key ends in u64"));
-            if transfers.len() as u32 == page_size {
-                next_page_token = seq.to_be_bytes().to_vec();
-                break;
-            }
-            let value = iter.value().expect("value");
-            let (_, record_key) =
-                ledger::parse_history(value).ok_or_else(|| Status::internal("a history entry is malformed"))?;
-            let record = view
-                .get(record_key)
-                .map_err(|e| Status::internal(e.to_string()))?
-                .ok_or_else(|| Status::internal("history names a record that does not exist"))?;
-            let record = TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
-            transfers.push(with_text_id(record));
-            iter.next();
-        }
+        let (transfers, next_page_token) =
+            page(&view, &id.history_prefix(), &id.history_key(start), page_size, |_, value| {
+                let (_, record_key) =
+                    ledger::parse_history(value).ok_or_else(|| Status::internal("a history entry is malformed"))?;
+                let record = view
+                    .get(record_key)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .ok_or_else(|| Status::internal("history names a record that does not exist"))?;
+                let record = TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(with_text_id(record))
+            })?;
         Ok(Response::new(ListTransfersResponse { transfers, next_page_token }))
     }
 
@@ -334,31 +349,18 @@ impl LedgerApi for LedgerService {
         let envelope = ledger::envelope::read_envelope(&kv, &r.envelope_id)
             .ok_or_else(|| Status::not_found(format!("no envelope {}", r.envelope_id)))?;
         let prefix = ledger::keys::grabs_prefix(&r.envelope_id);
-        let mut iter = view.raw_iterator();
-        iter.seek(ledger::keys::grab(&r.envelope_id, start));
-        let mut grabs = Vec::new();
-        let mut next_page_token = Vec::new();
-        while iter.valid() {
-            let key = iter.key().expect("key");
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let share_index = u32::from_be_bytes(key[prefix.len()..].try_into().expect("grab key ends in u32"));
-            if grabs.len() as u32 == page_size {
-                next_page_token = share_index.to_be_bytes().to_vec();
-                break;
-            }
-            let record =
-                TransferRecord::decode(iter.value().expect("value")).map_err(|e| Status::internal(e.to_string()))?;
-            grabs.push(EnvelopeGrab {
+        let first = ledger::keys::grab(&r.envelope_id, start);
+        let (grabs, next_page_token) = page(&view, &prefix, &first, page_size, |suffix, value| {
+            let share_index = u32::from_be_bytes(suffix.try_into().expect("grab key ends in u32"));
+            let record = TransferRecord::decode(value).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(EnvelopeGrab {
                 user_id: record.to_user_id,
                 amount: record.amount,
                 share_index,
                 settlement: record.settlement,
                 timestamp_ms: record.timestamp_ms,
-            });
-            iter.next();
-        }
+            })
+        })?;
         Ok(Response::new(GetEnvelopeResponse { envelope: Some(envelope), grabs, next_page_token }))
     }
 }
