@@ -70,9 +70,10 @@ pub struct FaultRecord {
     pub targets: Vec<String>,
     pub start_ms: u64,
     pub end_ms: u64,
-    /// Time to the first acknowledged operation sent once the fault was in
-    /// place, on the pairs the fault touched; for a switchover, the longest
-    /// wait of any operation sent on the pair during the call.
+    /// Time to the first acknowledged write sent once the fault was in
+    /// place, on the pairs the fault touched; for a switchover or a
+    /// failover, the longest wait of any write in flight during the call
+    /// (see [`rto`]).
     pub rto_ms: Option<u64>,
     pub failover: Option<FailoverTimeline>,
     pub detail: String,
@@ -1274,29 +1275,13 @@ impl Run<'_> {
             } else {
                 vec![f.pair]
             };
-            // Writes only: a read answered says nothing about writes.
-            let on_pair = || {
-                history
-                    .ops
-                    .iter()
-                    .zip(pairs_of_ops.iter())
-                    .filter(|(op, pair)| !op.is_read() && affected.contains(pair))
-            };
-            f.rto_ms = if f.fault.is_pair_action() {
-                // The pair stops taking writes inside the call: its RTO is the
-                // longest any write sent during the call waited for its answer.
-                on_pair()
-                    .filter(|(op, _)| op.sent_ms >= f.start_ms && op.sent_ms <= f.end_ms)
-                    .map(|(op, _)| op.answered_ms - op.sent_ms)
-                    .max()
-            } else {
-                // The first acknowledgement of an operation sent once the
-                // fault was in place.
-                on_pair()
-                    .filter(|(op, _)| op.sent_ms >= f.start_ms && op.outcome == crate::history::Outcome::Ok)
-                    .map(|(op, _)| op.answered_ms - f.start_ms)
-                    .min()
-            };
+            let on_pair = history
+                .ops
+                .iter()
+                .zip(pairs_of_ops.iter())
+                .filter(|(_, pair)| affected.contains(pair))
+                .map(|(op, _)| op);
+            f.rto_ms = rto(f, on_pair);
             // A pair change belongs to this fault if it came before the
             // pair's next fault.
             let until = starts.iter().filter(|(p, s)| *p == f.pair && *s > f.start_ms).map(|(_, s)| *s).min();
@@ -1304,6 +1289,30 @@ impl Run<'_> {
                 failover_timeline(f, until.unwrap_or(u64::MAX), &self.observations, &audit, wall_zero(&self.recorder));
         }
         faults
+    }
+}
+
+/// A fault's RTO from the operations on the pairs it hit. Writes only: a
+/// read answered says nothing about writes.
+/// - A pair action (switchover, failover) stops the pair's writes inside
+///   the call: the longest any write in flight during the call waited for
+///   its answer. In flight, not only sent during it: a switchover can take
+///   60 ms, in which the workload may send the pair no write at all while
+///   the ones sent just before it wait.
+/// - Any other fault: from the fault being in place to the first
+///   acknowledgement of a write sent after that.
+fn rto<'a>(fault: &FaultRecord, ops: impl Iterator<Item = &'a crate::history::Op>) -> Option<u64> {
+    let writes = ops.filter(|op| !op.is_read());
+    if fault.fault.is_pair_action() {
+        writes
+            .filter(|op| op.sent_ms <= fault.end_ms && op.answered_ms >= fault.start_ms)
+            .map(|op| op.answered_ms - op.sent_ms)
+            .max()
+    } else {
+        writes
+            .filter(|op| op.sent_ms >= fault.start_ms && op.outcome == crate::history::Outcome::Ok)
+            .map(|op| op.answered_ms - fault.start_ms)
+            .min()
     }
 }
 
@@ -1469,4 +1478,55 @@ fn failover_timeline(
         from_cell: before.3,
         to_cell: switched.3,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Op, OpKind, Outcome};
+
+    fn write(sent_ms: u64, answered_ms: u64, outcome: Outcome) -> Op {
+        let kind =
+            OpKind::Transfer { transfer_id: format!("t{sent_ms}"), from: 1, to: 2, currency: "CNY".into(), amount: 1 };
+        Op { seq: sent_ms, sent_ms, answered_ms, kind, outcome, resolved: None }
+    }
+
+    fn fault(kind: FaultKind, start_ms: u64, end_ms: u64) -> FaultRecord {
+        FaultRecord {
+            step: 0,
+            fault: kind,
+            pair: 1,
+            targets: Vec::new(),
+            start_ms,
+            end_ms,
+            rto_ms: None,
+            failover: None,
+            detail: String::new(),
+        }
+    }
+
+    /// Seed 1010 of switchover-under-load once missed its RTO: the second
+    /// switchover's call took about 60 ms and the workload sent pair 1 no
+    /// write inside it. The writes in flight across the call are what it
+    /// paused.
+    #[test]
+    fn a_switchover_is_timed_by_the_writes_in_flight_during_the_call() {
+        let switchover = fault(FaultKind::Switchover, 1_000, 1_060);
+        let ops = [
+            write(900, 950, Outcome::Ok),   // answered before the call: not paused
+            write(990, 1_070, Outcome::Ok), // sent before, answered after: 80 ms
+            write(1_100, 1_110, Outcome::Ok),
+        ];
+        assert_eq!(rto(&switchover, ops.iter()), Some(80));
+        let read = Op {
+            kind: OpKind::ReadBalance { user: 1, currency: "CNY".into(), balance: None },
+            ..write(995, 2_000, Outcome::Ok)
+        };
+        assert_eq!(rto(&switchover, [read].iter()), None, "reads do not count");
+        // A kill: from the fault to the first acknowledged write sent after it.
+        let kill = fault(FaultKind::Kill, 1_000, 1_000);
+        let ops =
+            [write(990, 1_500, Outcome::Ok), write(1_010, 1_400, Outcome::Unknown), write(1_020, 1_300, Outcome::Ok)];
+        assert_eq!(rto(&kill, ops.iter()), Some(300));
+    }
 }
