@@ -122,7 +122,8 @@ impl Clearing for ClearingService {
             .items
             .into_iter()
             .map(|item| {
-                let t = item.transfer.unwrap_or_default();
+                let mut t = item.transfer.unwrap_or_default();
+                validate::take_transfer_id(&mut t)?;
                 let movement = MoveCommand {
                     transfer_id: t.transfer_id,
                     kind: TransferKind::Transfer as i32,

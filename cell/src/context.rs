@@ -60,14 +60,14 @@ impl ReplicaContext {
     }
 
     pub(crate) fn node_error(&self, error: NodeError) -> Status {
-        if error == NodeError::Overloaded {
-            return cellbank_client::errors::overloaded(error.to_string());
-        }
         let leader_id = match &error {
             NodeError::Propose(ProposeError::NotLeader { leader_id }) => *leader_id,
             NodeError::Propose(ProposeError::Superseded { leader_id }) => *leader_id,
             _ => self.node.shared.leader_id.load(Ordering::Relaxed),
         };
+        if error == NodeError::Overloaded {
+            return cellbank_client::errors::overloaded(error.to_string(), self.leader_addr(leader_id).as_deref());
+        }
         self.unavailable(error.to_string(), leader_id)
     }
 

@@ -10,7 +10,7 @@
 //! 4. The method: each step starts at its time (parallel) or after the
 //!    previous step ended (serial); its targets are resolved by role at that
 //!    moment; it is healed after its duration. Stop conditions are watched
-//!    every 250 ms and abort the method (healing everything).
+//!    every 100 ms and abort the method (healing everything).
 //! 5. Everything is healed and the heal verified; the rollbacks run.
 //! 6. Recovery: the workload runs on until throughput is back (or the
 //!    bound passes), then one more steady-state window.

@@ -78,16 +78,18 @@ impl CellClient {
     }
 
     /// After a failure at `failed`: the named leader, else the next replica.
-    fn follow(&self, failed: usize, status: &Status) {
+    /// Returns the replica tried next.
+    fn follow(&self, failed: usize, status: &Status) -> usize {
         let mut state = self.state.lock().expect("client lock");
         if state.current != failed {
-            return;
+            return state.current;
         }
         let hinted = retry::leader_hint(status).and_then(|addr| self.endpoints.iter().position(|e| e == addr));
         state.current = match hinted {
             Some(index) if index != failed => index,
             _ => (failed + 1) % self.endpoints.len(),
         };
+        state.current
     }
 
     /// Calls `f` on the leader's Ledger client, retrying as described above.
@@ -104,11 +106,11 @@ impl CellClient {
             match f(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retry::retryable(&status, true) => {
-                    let delay = backoff.after(&status);
+                    let next = self.follow(index, &status);
+                    let delay = backoff.after(&status, next == index);
                     if started.elapsed() + delay >= self.deadline {
                         return Err(status);
                     }
-                    self.follow(index, &status);
                     tokio::time::sleep(delay).await;
                 }
                 Err(status) => return Err(status),
@@ -247,7 +249,8 @@ impl CellClient {
             match self.find_leader().await {
                 Ok(found) => return Ok(found),
                 Err(status) => {
-                    let delay = backoff.after(&status);
+                    // Every replica was asked: the next round asks them again.
+                    let delay = backoff.after(&status, true);
                     if started.elapsed() + delay >= timeout {
                         return Err(status);
                     }

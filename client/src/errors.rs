@@ -54,11 +54,19 @@ pub fn not_leader(message: String, leader_addr: Option<&str>) -> Status {
 }
 
 /// UNAVAILABLE from a replica whose input queue is full: nothing was
-/// applied; retry after [`OVERLOADED_RETRY_DELAY`] (`RetryInfo`).
-pub fn overloaded(message: String) -> Status {
-    let mut details = ErrorDetails::with_error_info(REASON_OVERLOADED, DOMAIN, HashMap::new());
+/// applied; retry after [`OVERLOADED_RETRY_DELAY`] (`RetryInfo`). The
+/// leader, when known (this replica itself, most often), is named as a
+/// follower names it, so that callers stay on it instead of moving away.
+pub fn overloaded(message: String, leader_addr: Option<&str>) -> Status {
+    let metadata: HashMap<String, String> =
+        leader_addr.map(|addr| HashMap::from([("leader_addr".to_string(), addr.to_string())])).unwrap_or_default();
+    let mut details = ErrorDetails::with_error_info(REASON_OVERLOADED, DOMAIN, metadata);
     details.set_retry_info(Some(OVERLOADED_RETRY_DELAY));
-    Status::with_error_details(Code::Unavailable, message, details)
+    let mut status = Status::with_error_details(Code::Unavailable, message, details);
+    if let Some(value) = leader_addr.and_then(|addr| addr.parse().ok()) {
+        status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
+    }
+    status
 }
 
 /// How long a refusal asks its caller to wait before retrying
@@ -112,9 +120,10 @@ mod tests {
 
     #[test]
     fn a_full_queue_asks_for_a_pause_and_is_retried() {
-        let status = overloaded("replica overloaded: input queue full".into());
+        let status = overloaded("replica overloaded: input queue full".into(), Some("127.0.0.1:7101"));
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(reason(&status).as_deref(), Some(REASON_OVERLOADED));
+        assert_eq!(crate::retry::leader_hint(&status), Some("127.0.0.1:7101"), "stay on the leader");
         assert!(crate::retry::retryable(&status, false), "nothing was applied");
         let header = status.clone().into_http();
         let back = Status::from_header_map(header.headers()).expect("a status");

@@ -99,10 +99,13 @@ impl Backoff {
 
     /// How long to wait after `status` before the next attempt: at once for
     /// a named leader (while free redirects remain), else the jittered
-    /// wait, but never less than the server's `RetryInfo` asks.
-    pub fn after(&mut self, status: &Status) -> Duration {
+    /// wait. When the next attempt asks the same server (`same_server`),
+    /// never less than its `RetryInfo` asks (at most the policy's longest
+    /// wait); another server is not held back by this one's advice (a
+    /// replica that knows no leader yet says nothing of its peers).
+    pub fn after(&mut self, status: &Status, same_server: bool) -> Duration {
         let delay = self.next_delay(leader_hint(status).is_some());
-        match crate::errors::retry_delay(status) {
+        match crate::errors::retry_delay(status).filter(|_| same_server) {
             Some(asked) => delay.max(asked.min(self.policy.delay_max)),
             None => delay,
         }
@@ -191,23 +194,26 @@ mod tests {
     fn a_named_leader_is_tried_at_once_and_a_servers_retry_info_is_a_floor() {
         let mut backoff = RetryPolicy::SERVICE.backoff_seeded(3);
         let follower = crate::errors::not_leader("not the leader".into(), Some("127.0.0.1:7102"));
-        assert_eq!(backoff.after(&follower), Duration::ZERO);
-        assert_eq!(backoff.after(&follower), Duration::ZERO);
+        assert_eq!(backoff.after(&follower, false), Duration::ZERO);
+        assert_eq!(backoff.after(&follower, false), Duration::ZERO);
         // Free redirects used up: a jittered wait.
-        assert!(backoff.after(&follower) <= Duration::from_millis(10));
+        assert!(backoff.after(&follower, false) <= Duration::from_millis(10));
         let electing = crate::errors::not_leader("no leader yet".into(), None);
-        let overloaded = crate::errors::overloaded("queue full".into());
+        let overloaded = crate::errors::overloaded("queue full".into(), None);
         for _ in 0..20 {
             let mut backoff = RetryPolicy::SERVICE.backoff();
-            assert!(backoff.after(&electing) >= crate::errors::NO_LEADER_RETRY_DELAY);
-            assert!(backoff.after(&overloaded) >= crate::errors::OVERLOADED_RETRY_DELAY);
+            assert!(backoff.after(&electing, true) >= crate::errors::NO_LEADER_RETRY_DELAY);
+            assert!(backoff.after(&overloaded, true) >= crate::errors::OVERLOADED_RETRY_DELAY);
+            // Another replica is asked after the jittered wait only.
+            let mut backoff = RetryPolicy::SERVICE.backoff();
+            assert!(backoff.after(&electing, false) <= Duration::from_millis(10));
         }
         // The floor never exceeds the policy's own longest wait.
         let mut short = RetryPolicy::ROUTER.backoff_seeded(1);
         let mut asked = tonic_types::ErrorDetails::new();
         asked.set_retry_info(Some(Duration::from_secs(60)));
         let slow = <Status as tonic_types::StatusExt>::with_error_details(Code::Unavailable, "wait", asked);
-        assert_eq!(short.after(&slow), RetryPolicy::ROUTER.delay_max);
+        assert_eq!(short.after(&slow, true), RetryPolicy::ROUTER.delay_max);
     }
 
     #[test]

@@ -81,12 +81,11 @@ impl ClusterClient {
             match call(client, self.metadata()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retry::retryable(&status, idempotent) => {
-                    let hint = retry::leader_hint(&status).map(str::to_string);
-                    let delay = backoff.after(&status);
-                    match hint {
-                        Some(hint) => queue.push_front(hint),
-                        None => queue.push_back(addr),
+                    match retry::leader_hint(&status) {
+                        Some(hint) => queue.push_front(hint.to_string()),
+                        None => queue.push_back(addr.clone()),
                     }
+                    let delay = backoff.after(&status, queue.front() == Some(&addr));
                     tokio::time::sleep(delay).await;
                     last = status;
                 }

@@ -74,6 +74,10 @@ macro_rules! short_names {
         impl ShortName for $enum {
             fn short_name(&self) -> &'static str {
                 let name = self.as_str_name();
+                // The zero value had its prefix before too.
+                if name.ends_with("_UNSPECIFIED") {
+                    return name;
+                }
                 name.strip_prefix($prefix).unwrap_or(name)
             }
         }
@@ -97,7 +101,8 @@ mod tests {
     fn short_names_are_the_words_of_earlier_versions() {
         assert_eq!(ResultCode::Ok.short_name(), "OK");
         assert_eq!(ResultCode::IdReusedWithDifferentFields.short_name(), "ID_REUSED_WITH_DIFFERENT_FIELDS");
-        assert_eq!(ResultCode::Unspecified.short_name(), "UNSPECIFIED");
+        assert_eq!(ResultCode::Unspecified.short_name(), "RESULT_CODE_UNSPECIFIED");
+        assert_eq!(Settlement::Unspecified.short_name(), "SETTLEMENT_UNSPECIFIED");
         assert_eq!(Settlement::InTransit.short_name(), "IN_TRANSIT");
         assert_eq!(TransferKind::EnvelopeGrab.short_name(), "ENVELOPE_GRAB");
         assert_eq!(ResultCode::Ok.as_str_name(), "RESULT_CODE_OK", "the proto name, for other languages");

@@ -38,6 +38,7 @@ use cellbank_proto::router::{
     TableCommand,
 };
 use cellbank_raft::driver::{DriverHandle, NodeError};
+use cellbank_raft::node::ProposeError;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic_health::pb::health_client::HealthClient;
@@ -91,7 +92,9 @@ pub enum CoordinatorError {
     Isolated(u64),
     #[error("cell {0} has no reachable leader")]
     NoLeader(u64),
-    #[error("the routing table did not commit in time")]
+    #[error(
+        "the routing table did not commit in time; the outcome is unknown: see `cellbank status` before repeating"
+    )]
     TableTimeout,
     #[error("the routing table did not answer a read barrier in time")]
     BarrierTimeout,
@@ -122,11 +125,16 @@ impl CoordinatorError {
             CoordinatorError::Refused(_) | CoordinatorError::TableRefused(_) => Code::FailedPrecondition,
             CoordinatorError::UnknownPair(_) | CoordinatorError::UnknownCell(_) => Code::NotFound,
             CoordinatorError::Cell { status, .. } => status.code(),
-            CoordinatorError::PromotionPending { cause, .. } => cause.code(),
+            // The table changed: the action happened, and the coordinator
+            // finishes it. Not UNAVAILABLE, which says nothing was done and
+            // invites a client to run the action again.
+            CoordinatorError::PromotionPending { .. } => Code::Aborted,
+            // The table may or may not have committed.
+            CoordinatorError::TableTimeout
+            | CoordinatorError::Table(NodeError::Propose(ProposeError::Superseded { .. })) => Code::DeadlineExceeded,
             CoordinatorError::NotCoordinator
             | CoordinatorError::Isolated(_)
             | CoordinatorError::NoLeader(_)
-            | CoordinatorError::TableTimeout
             | CoordinatorError::BarrierTimeout
             | CoordinatorError::Table(_)
             | CoordinatorError::CatchUp { .. } => Code::Unavailable,
@@ -137,8 +145,12 @@ impl CoordinatorError {
 impl From<CoordinatorError> for Status {
     fn from(error: CoordinatorError) -> Status {
         match error {
-            // The cell's own status, details and leader hint included.
-            CoordinatorError::Cell { status, .. } => status,
+            // The cell's own code, message and details; not its leader
+            // hint, which names a replica of the cell, not a router (a
+            // client of the routers would go there).
+            CoordinatorError::Cell { status, .. } => {
+                Status::with_details(status.code(), status.message(), status.details().to_vec().into())
+            }
             error => Status::new(error.code(), error.to_string()),
         }
     }
@@ -1343,30 +1355,35 @@ mod tests {
     }
 
     /// Refusals reach an operator as FAILED_PRECONDITION with their words; a
-    /// cell's own answer passes through whole (its code, message and
-    /// metadata such as the leader hint); a failed promotion keeps its
-    /// cause's code.
+    /// cell's own answer passes through (its code, message and details) but
+    /// not its leader hint, which names a cell's replica, not a router; a
+    /// failed promotion is ABORTED (the table changed: the action is not to
+    /// be repeated), and a table that did not answer is DEADLINE_EXCEEDED.
     #[test]
     fn coordinator_errors_become_statuses_at_the_edge() {
         let refused: Status = CoordinatorError::from(ActionRefusal::NoStandby(4)).into();
         assert_eq!((refused.code(), refused.message()), (tonic::Code::FailedPrecondition, "pair 4 has no standby"));
         let gone: Status = CoordinatorError::UnknownPair(9).into();
         assert_eq!(gone.code(), tonic::Code::NotFound);
-        let mut answer = Status::unavailable("not the leader");
-        answer.metadata_mut().insert("cellbank-leader-addr", "127.0.0.1:9".parse().unwrap());
+        let answer = cellbank_client::errors::not_leader("not the leader".into(), Some("127.0.0.1:9"));
         let passed: Status = CoordinatorError::Cell { cell_id: 2, status: answer }.into();
-        assert_eq!(passed.code(), tonic::Code::Unavailable);
-        assert_eq!(passed.metadata().get("cellbank-leader-addr").unwrap(), "127.0.0.1:9");
+        assert_eq!((passed.code(), passed.message()), (tonic::Code::Unavailable, "not the leader"));
+        assert_eq!(cellbank_client::retry::leader_hint(&passed), None, "a cell's replica is not a router");
+        assert_eq!(cellbank_client::errors::reason(&passed).as_deref(), Some("NOT_LEADER"), "details kept");
         let pending = CoordinatorError::PromotionPending {
             cell_id: 3,
             epoch: 5,
             old_active: 1,
-            cause: Box::new(CoordinatorError::Cell { cell_id: 3, status: Status::aborted("busy") }),
+            cause: Box::new(CoordinatorError::Cell { cell_id: 3, status: Status::unavailable("busy") }),
         };
         let status: Status = pending.into();
         assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(!cellbank_client::retry::retryable(&status, false), "not to be repeated");
         assert!(status.message().contains("cell 3 active at epoch 5") && status.message().contains("(busy)"));
         assert!(status.message().contains("leaves cell 1 as it is"));
+        let unknown: Status = CoordinatorError::TableTimeout.into();
+        assert_eq!(unknown.code(), tonic::Code::DeadlineExceeded);
+        assert!(!cellbank_client::retry::retryable(&unknown, false));
     }
 
     /// Found by the simulator (seed 40608): after a committed change of

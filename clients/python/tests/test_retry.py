@@ -146,13 +146,15 @@ class Waits(unittest.TestCase):
         )
         self.assertAlmostEqual(electing.details.retry_delay, 0.100)
         for seed in range(50):
-            self.assertGreaterEqual(RetryPolicy.SERVICE.backoff(seed=seed).after(electing), 0.100)
+            self.assertGreaterEqual(RetryPolicy.SERVICE.backoff(seed=seed).after(electing, True), 0.100)
+            # Another endpoint is not held back by this one's advice.
+            self.assertLessEqual(RetryPolicy.SERVICE.backoff(seed=seed).after(electing, False), 0.010)
         # Capped at the policy's longest wait.
-        self.assertLessEqual(RetryPolicy.ROUTER.backoff(seed=1).after(electing), RetryPolicy.ROUTER.delay_max)
-        # A named leader is tried at once; no RetryInfo, no floor.
+        self.assertLessEqual(RetryPolicy.ROUTER.backoff(seed=1).after(electing, True), RetryPolicy.ROUTER.delay_max)
+        # No RetryInfo, no floor.
         plain = CellbankError(FakeError(grpc.StatusCode.UNAVAILABLE))
         self.assertIsNone(plain.details.retry_delay)
-        self.assertLessEqual(RetryPolicy.SERVICE.backoff(seed=2).after(plain), 0.010)
+        self.assertLessEqual(RetryPolicy.SERVICE.backoff(seed=2).after(plain, True), 0.010)
 
 
 class Details(unittest.TestCase):

@@ -112,14 +112,16 @@ class CellbankClient:
                 stub = self._stubs[index] = pb_grpc.LedgerStub(channel)
             return stub
 
-    def _follow(self, failed: int, error: CellbankError) -> None:
-        """After a failure at ``failed``: the named leader, else the next endpoint."""
+    def _follow(self, failed: int, error: CellbankError) -> int:
+        """After a failure at ``failed``: the named leader, else the next
+        endpoint. Returns the endpoint tried next."""
         with self._lock:
             if self._current != failed:
-                return
+                return self._current
             hinted = leader_hint(error)
             index = self.endpoints.index(hinted) if hinted in self.endpoints else None
             self._current = index if index is not None and index != failed else (failed + 1) % len(self.endpoints)
+            return self._current
 
     def call(self, method: str, request, *, idempotent: bool = True, deadline: Optional[float] = None):
         """Calls ``Ledger/<method>`` (e.g. ``"Transfer"``) with retries; the
@@ -149,10 +151,10 @@ class CellbankClient:
                 error = CellbankError(rpc_error, transport_failure=True if own_limit else None)
                 if not retryable(error, idempotent):
                     raise error from None
-                delay = backoff.after(error)
+                following = self._follow(index, error)
+                delay = backoff.after(error, following == index)
                 if time.monotonic() - started + delay >= deadline:
                     raise error from None
-                self._follow(index, error)
                 time.sleep(delay)
 
     # -- the Ledger API -----------------------------------------------------

@@ -76,15 +76,17 @@ class Backoff:
         # Whole microseconds, as the Rust crate draws them.
         return self._rng.randint(0, round(cap * 1_000_000)) / 1_000_000
 
-    def after(self, error: object) -> float:
+    def after(self, error: object, same_server: bool) -> float:
         """How long to wait after ``error`` before the next attempt: at once
         for a named leader (while free redirects remain), else the jittered
-        wait, but never less than the server's ``RetryInfo`` asks (capped
-        at the policy's longest wait), as the Rust crate's ``Backoff::after``."""
+        wait. When the next attempt asks the same server, never less than
+        its ``RetryInfo`` asks (capped at the policy's longest wait); another
+        server is not held back by this one's advice. As the Rust crate's
+        ``Backoff::after``."""
         delay = self.next_delay(leader_hint(error) is not None)
         details = getattr(error, "details", None)
         asked = getattr(details, "retry_delay", None)
-        if asked is not None:
+        if asked is not None and same_server:
             delay = max(delay, min(asked, self.policy.delay_max))
         return delay
 
