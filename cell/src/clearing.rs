@@ -212,7 +212,7 @@ impl Clearing for ClearingService {
                 &cellbank_raft::ReadOnlyDb(&self.context.db),
                 sender.source_pair_id,
             );
-            return Err(crate::replication::epoch_status(Status::failed_precondition(stale.detail.clone()), newest));
+            return Err(cellbank_client::errors::with_epoch(Status::failed_precondition(stale.detail.clone()), newest));
         }
         Ok(Response::new(CreditResults { results }))
     }

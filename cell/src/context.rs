@@ -16,7 +16,8 @@ use tonic::{Request, Status};
 
 use crate::ledger::{pair, validate, Ledger, PairView};
 use crate::metrics::Metrics;
-use crate::replication::{epoch_status, Replication};
+use crate::replication::Replication;
+use cellbank_client::errors::with_epoch;
 use cellbank_raft::driver::{DriverHandle, NodeError};
 use cellbank_raft::node::ProposeError;
 use cellbank_raft::storage::{read_u64, APPLIED_INDEX_KEY};
@@ -154,7 +155,7 @@ impl ReplicaContext {
                 )
             }
         };
-        Err(epoch_status(Status::unavailable(message), epoch))
+        Err(with_epoch(Status::unavailable(message), epoch))
     }
 
     pub(crate) async fn propose(
@@ -166,7 +167,7 @@ impl ReplicaContext {
         let results = self.within(timeout, self.node.propose(commands)).await?;
         if let Some(refused) = results.iter().find(|r| r.code == ResultCode::CellNotWritable as i32) {
             let epoch = self.pair.borrow().epoch;
-            return Err(epoch_status(Status::unavailable(format!("nothing applied: {}", refused.detail)), epoch));
+            return Err(with_epoch(Status::unavailable(format!("nothing applied: {}", refused.detail)), epoch));
         }
         // The client hears of these results only once they may be
         // acknowledged: the entry that carried them is judged by the rule

@@ -47,7 +47,6 @@ use cellbank_proto::cell::standby_client::StandbyClient;
 use cellbank_proto::cell::{
     ship_batch, PairRole, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
 };
-use cellbank_proto::EPOCH_METADATA_KEY;
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType};
 use rocksdb::DB;
@@ -158,7 +157,7 @@ impl WaitFailure {
             WaitFailure::Deposed(epoch) => (*epoch).max(current_epoch),
             _ => current_epoch,
         };
-        epoch_status(
+        cellbank_client::errors::with_epoch(
             Status::unavailable(format!("{why}; the outcome is unknown: retry with the same transfer_id")),
             epoch,
         )
@@ -478,14 +477,6 @@ pub fn on_refusal(ship: &mut ShipState, pair_epoch: u64, epoch: u64) -> bool {
         return true;
     }
     false
-}
-
-/// Adds the epoch metadata to a refusal.
-pub fn epoch_status(mut status: Status, epoch: u64) -> Status {
-    if let Ok(value) = epoch.to_string().parse() {
-        status.metadata_mut().insert(EPOCH_METADATA_KEY, value);
-    }
-    status
 }
 
 /// Everything the shipper needs from its replica.

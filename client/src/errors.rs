@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cellbank_proto::LEADER_ADDR_METADATA_KEY;
+use cellbank_proto::{EPOCH_METADATA_KEY, LEADER_ADDR_METADATA_KEY};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -22,6 +22,10 @@ pub const REASON_INVALID_FIELD: &str = "INVALID_FIELD";
 pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
 /// `ErrorInfo.reason` of a replica whose input queue is full.
 pub const REASON_OVERLOADED: &str = "OVERLOADED";
+/// `ErrorInfo.reason` of a cell whose pair epoch is not the caller's (a
+/// router's table behind, a deposed cell, a superseded source); metadata
+/// `epoch` is the cell's.
+pub const REASON_EPOCH_MISMATCH: &str = "EPOCH_MISMATCH";
 /// `RetryInfo` of a replica that knows no leader: an election takes at
 /// least a Raft tick (100 ms), so an earlier retry finds the same.
 pub const NO_LEADER_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -65,6 +69,28 @@ pub fn overloaded(message: String, leader_addr: Option<&str>) -> Status {
     let mut status = Status::with_error_details(Code::Unavailable, message, details);
     if let Some(value) = leader_addr.and_then(|addr| addr.parse().ok()) {
         status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
+    }
+    status
+}
+
+/// `status` with the cell's pair `epoch`: in the `cellbank-epoch` header
+/// (which routers read) and, when the status carries no details yet, in an
+/// `ErrorInfo` (`EPOCH_MISMATCH`, metadata `epoch`) for other clients.
+pub fn with_epoch(status: Status, epoch: u64) -> Status {
+    let mut status = if status.details().is_empty() {
+        let details = ErrorDetails::with_error_info(
+            REASON_EPOCH_MISMATCH,
+            DOMAIN,
+            HashMap::from([("epoch".to_string(), epoch.to_string())]),
+        );
+        let mut rebuilt = Status::with_error_details(status.code(), status.message(), details);
+        *rebuilt.metadata_mut() = status.metadata().clone();
+        rebuilt
+    } else {
+        status
+    };
+    if let Ok(value) = epoch.to_string().parse() {
+        status.metadata_mut().insert(EPOCH_METADATA_KEY, value);
     }
     status
 }
@@ -116,6 +142,24 @@ mod tests {
         assert_eq!(crate::retry::leader_hint(&unknown), None);
         assert_eq!(retry_delay(&unknown), Some(NO_LEADER_RETRY_DELAY));
         assert!(crate::retry::retryable(&unknown, false));
+    }
+
+    #[test]
+    fn an_epoch_refusal_names_the_epoch_in_the_header_and_the_details() {
+        let status = with_epoch(Status::unavailable("cell 3 is STANDBY at epoch 4"), 4);
+        assert_eq!(crate::retry::epoch_hint(&status), Some(4));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(
+            (info.reason.as_str(), info.metadata.get("epoch").map(String::as_str)),
+            (REASON_EPOCH_MISMATCH, Some("4"))
+        );
+        assert_eq!((status.code(), status.message()), (Code::Unavailable, "cell 3 is STANDBY at epoch 4"));
+        // Details already there are kept; the header is added.
+        let named = with_epoch(invalid_argument("epoch", "older"), 7);
+        assert_eq!(
+            (reason(&named).as_deref(), crate::retry::epoch_hint(&named)),
+            (Some(REASON_INVALID_FIELD), Some(7))
+        );
     }
 
     #[test]

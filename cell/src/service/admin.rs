@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::context::{timeout_of, ReplicaContext, SnapshotKv};
 use crate::ledger::{self, pair};
-use crate::replication::epoch_status;
+use cellbank_client::errors::with_epoch;
 use cellbank_raft::driver::Input;
 use cellbank_raft::node::role_str;
 use cellbank_raft::storage::{read_u64, APPLIED_INDEX_KEY, STATE_PREFIX};
@@ -278,7 +278,7 @@ impl ReplicaAdmin for AdminService {
         let result = results.pop().expect("one result per command");
         if result.code != ResultCode::Ok as i32 {
             let epoch = self.context.pair.borrow().epoch;
-            return Err(epoch_status(Status::failed_precondition(result.detail), epoch));
+            return Err(with_epoch(Status::failed_precondition(result.detail), epoch));
         }
         // The coordinator's stamp, applied through this leader in this term:
         // the routing table says what this cell is, so it may serve as that.

@@ -10,7 +10,8 @@ use cellbank_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::{ReplicaContext, REQUEST_TIMEOUT_DEFAULT};
-use crate::replication::{epoch_status, ship_ack};
+use crate::replication::ship_ack;
+use cellbank_client::errors::with_epoch;
 use cellbank_raft::driver::NodeError;
 use cellbank_raft::node::ProposeError;
 
@@ -39,7 +40,7 @@ impl StandbyService {
 fn refusal_status(refusal: crate::replication::HelloRefusal) -> Status {
     match refusal {
         crate::replication::HelloRefusal::Superseded { epoch, detail } => {
-            epoch_status(Status::failed_precondition(detail), epoch)
+            with_epoch(Status::failed_precondition(detail), epoch)
         }
         crate::replication::HelloRefusal::NotYet(detail) => Status::unavailable(detail),
     }
@@ -151,7 +152,7 @@ impl StandbyApi for StandbyService {
                                     Ok(ship_ack(&context.pair.borrow()))
                                 } else {
                                     let epoch = context.pair.borrow().epoch;
-                                    Err(epoch_status(Status::failed_precondition(result.detail), epoch))
+                                    Err(with_epoch(Status::failed_precondition(result.detail), epoch))
                                 }
                             }
                             Ok(Err(e)) => Err(context.node_error(NodeError::Propose(e))),

@@ -34,6 +34,9 @@ REASON_INVALID_FIELD = "INVALID_FIELD"
 REASON_NOT_LEADER = "NOT_LEADER"
 #: ``ErrorInfo.reason`` of a replica whose input queue is full.
 REASON_OVERLOADED = "OVERLOADED"
+#: ``ErrorInfo.reason`` of a cell whose pair epoch is not the caller's;
+#: metadata ``epoch`` is the cell's.
+REASON_EPOCH_MISMATCH = "EPOCH_MISMATCH"
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
