@@ -70,6 +70,8 @@ pub enum StepError {
     LocalType(MessageType),
     #[error("MsgPropose from replica {from} refused")]
     Propose { from: u64 },
+    #[error("heartbeat from replica {from} commits index {commit}, past this log's last index {last_index}")]
+    CommitPastLog { from: u64, commit: u64, last_index: u64 },
     #[error("raft refused the message: {0}")]
     Raft(raft::Error),
 }
@@ -340,6 +342,14 @@ impl<SM: StateMachine> RaftNode<SM> {
             // Clients propose through the gRPC API on the leader; a proposal
             // from the network would let any peer write the log.
             return Err(StepError::Propose { from: message.from });
+        }
+        // raft-rs aborts the process on a heartbeat that commits past the
+        // log (`commit_to`). A leader never sends one (it commits at most
+        // what the follower acknowledged holding), so it is forged or
+        // corrupt: refused here, where nothing has changed yet.
+        let last_index = self.raw.raft.raft_log.last_index();
+        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last_index {
+            return Err(StepError::CommitPastLog { from: message.from, commit: message.commit, last_index });
         }
         self.raw.step(message).map_err(StepError::Raft)
     }

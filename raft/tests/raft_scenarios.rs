@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use cellbank_raft::metrics::RaftMetrics;
-use cellbank_raft::node::{role_str, NodeConfig, RaftNode};
+use cellbank_raft::node::{role_str, NodeConfig, RaftNode, StepError};
 use cellbank_raft::storage::{open_db, STATE_PREFIX};
 use cellbank_raft::{Kv, StateMachine};
 use raft::eraftpb::{Message, MessageType};
@@ -357,4 +357,49 @@ fn restart() -> std::io::Result<()> {
 #[test]
 fn leader_change_with_proposals_in_flight() -> std::io::Result<()> {
     goldenscript::run(&mut Runner { cluster: Cluster::new() }, "tests/scripts/raft/leader_change")
+}
+
+/// A forged heartbeat that commits past the follower's log, which raft-rs
+/// answers by aborting the process, is refused before it reaches raft-rs;
+/// the follower goes on following its real leader.
+#[test]
+fn a_heartbeat_committing_past_the_log_is_refused_and_the_replica_goes_on() -> Result<(), Box<dyn Error>> {
+    let mut c = Cluster::new();
+    for id in 1..=3 {
+        c.bootstrap.insert(id, format!("127.0.0.1:{}", 7100 + id));
+        c.dirs.insert(id, tempfile::tempdir()?);
+    }
+    for id in 1..=3 {
+        let node = c.open(id);
+        c.nodes.insert(id, Some(node));
+    }
+    let mut out = String::new();
+    c.node(1)?.campaign();
+    for _ in 0..100 {
+        if !c.ready_round(&mut out) && !c.deliver_round(&mut out)? {
+            break;
+        }
+    }
+    let mut forged = Message::default();
+    forged.set_msg_type(MessageType::MsgHeartbeat);
+    forged.from = 1;
+    forged.to = 2;
+    forged.term = 1_000;
+    forged.commit = 1_000_000;
+    let refused = c.node(2)?.step(forged).expect_err("a heartbeat past the log must be refused");
+    assert!(matches!(refused, StepError::CommitPastLog { commit: 1_000_000, .. }), "{refused}");
+    // Still a working follower: a write through the leader reaches it.
+    let heard = c.heard.clone();
+    let leader = c.node(1)?;
+    leader.submit(vec!["k=v".into()], Box::new(move |r| heard.lock().unwrap().push(format!("{r:?}"))));
+    leader.flush_proposals(0);
+    for _ in 0..100 {
+        if !c.ready_round(&mut out) && !c.deliver_round(&mut out)? {
+            break;
+        }
+    }
+    let mut key = vec![STATE_PREFIX];
+    key.extend_from_slice(b"k");
+    assert_eq!(c.node(2)?.db().get(&key)?.as_deref(), Some(&b"v"[..]), "{out}");
+    Ok(())
 }
