@@ -84,6 +84,16 @@ pub struct LedgerService {
 }
 
 impl LedgerService {
+    /// A request that names a transfer, let in: its deadline, the gate
+    /// passed, its text id folded into the byte id.
+    fn accept<R: validate::NamesTransfer>(&self, request: Request<R>) -> Result<(Duration, R), Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let mut r = request.into_inner();
+        validate::take_transfer_id(&mut r).map_err(invalid)?;
+        Ok((timeout, r))
+    }
+
     async fn single_move(
         &self,
         timeout: Duration,
@@ -118,10 +128,7 @@ impl LedgerApi for LedgerService {
     }
 
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
-        let timeout = timeout_of(&request);
-        self.context.gate(request.metadata())?;
-        let mut r = request.into_inner();
-        validate::take_transfer_id(&mut r).map_err(invalid)?;
+        let (timeout, r) = self.accept(request)?;
         self.single_move(
             timeout,
             move_command(TransferKind::Deposit, r.transfer_id, 0, r.user_id, r.currency, r.amount),
@@ -130,10 +137,7 @@ impl LedgerApi for LedgerService {
     }
 
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
-        let timeout = timeout_of(&request);
-        self.context.gate(request.metadata())?;
-        let mut r = request.into_inner();
-        validate::take_transfer_id(&mut r).map_err(invalid)?;
+        let (timeout, r) = self.accept(request)?;
         self.single_move(
             timeout,
             move_command(TransferKind::Withdraw, r.transfer_id, r.user_id, 0, r.currency, r.amount),
@@ -142,10 +146,7 @@ impl LedgerApi for LedgerService {
     }
 
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
-        let timeout = timeout_of(&request);
-        self.context.gate(request.metadata())?;
-        let mut r = request.into_inner();
-        validate::take_transfer_id(&mut r).map_err(invalid)?;
+        let (timeout, r) = self.accept(request)?;
         let movement =
             move_command(TransferKind::Transfer, r.transfer_id, r.from_user_id, r.to_user_id, r.currency, r.amount);
         self.single_move(timeout, movement).await
@@ -222,10 +223,7 @@ impl LedgerApi for LedgerService {
         &self,
         request: Request<GetTransferRequest>,
     ) -> Result<Response<GetTransferResponse>, Status> {
-        let timeout = timeout_of(&request);
-        self.context.gate(request.metadata())?;
-        let mut r = request.into_inner();
-        validate::take_transfer_id(&mut r).map_err(invalid)?;
+        let (timeout, r) = self.accept(request)?;
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
         let (view, _) = self.context.read_view(timeout).await?;
         let kv = SnapshotKv(&view);
@@ -272,10 +270,7 @@ impl LedgerApi for LedgerService {
         &self,
         request: Request<SendEnvelopeRequest>,
     ) -> Result<Response<SendEnvelopeResponse>, Status> {
-        let timeout = timeout_of(&request);
-        self.context.gate(request.metadata())?;
-        let mut r = request.into_inner();
-        validate::take_transfer_id(&mut r).map_err(invalid)?;
+        let (timeout, r) = self.accept(request)?;
         let now = now_ms();
         let command = SendEnvelopeCommand {
             transfer_id: r.transfer_id,
