@@ -32,11 +32,7 @@ install_buf() {
             ;;
     esac
     if ! command -v curl >/dev/null; then
-        echo "buf.sh: installing curl" >&2
-        SUDO=""
-        if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl ca-certificates >/dev/null
+        ./scripts/apt-install.sh curl ca-certificates
     fi
     echo "buf.sh: installing buf $BUF_VERSION into $dir" >&2
     mkdir -p "$tools"

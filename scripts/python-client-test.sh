@@ -34,11 +34,7 @@ elif ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     need_apt+=(python3-venv python3-pip)
 fi
 if ((${#need_apt[@]})); then
-    echo "python-client-test: installing ${need_apt[*]}" >&2
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    ./scripts/apt-install.sh "${need_apt[@]}"
 fi
 
 pkg=clients/python

@@ -12,11 +12,7 @@ for pkg in libclang-dev clang; do
     fi
 done
 if ((${#need_apt[@]})); then
-    echo "setup: installing ${need_apt[*]}" >&2
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    "$(dirname "$0")/apt-install.sh" "${need_apt[@]}"
 fi
 
 if ! command -v cargo >/dev/null; then
