@@ -57,6 +57,9 @@ struct Registration {
     /// The cells the drill may touch (an attached drill's blast radius;
     /// empty: the whole local cluster).
     radius: Vec<u64>,
+    /// A local drill's certificate directory: `halt` heals as its operator.
+    #[serde(default)]
+    local_certs: Option<PathBuf>,
 }
 
 fn registry_dir() -> PathBuf {
@@ -150,6 +153,7 @@ async fn run_drill(
     out: &Path,
     admin_token: Option<String>,
 ) -> anyhow::Result<bool> {
+    let mut local_certs = None;
     let (cluster, local_token) = match drill.cluster.mode {
         ClusterMode::Attach => {
             let token =
@@ -172,6 +176,7 @@ async fn run_drill(
             let token = format!("drill-{:016x}", rand::random::<u64>());
             topology.admin_token = Some(token.clone());
             topology.fault_injection = true;
+            local_certs = Some(topology.certs_dir());
             let mut supervisor = Supervisor::new(std::env::current_exe()?, topology)?;
             supervisor.check_ports_free()?;
             supervisor.start_all()?;
@@ -190,6 +195,7 @@ async fn run_drill(
         local_token,
         token_env: drill.cluster.admin_token_env.clone(),
         radius: if drill.cluster.mode == ClusterMode::Attach { drill.cluster.blast_radius.clone() } else { Vec::new() },
+        local_certs,
     };
     write_private(&registration_path, &serde_json::to_vec(&registration)?)?;
     let halt = Arc::new(AtomicBool::new(false));
@@ -255,6 +261,13 @@ async fn halt(wait: Duration) -> anyhow::Result<()> {
             eprintln!("drill {} did not stop in {wait:?}; healing its cluster from here", registration.drill);
         }
         // The runner is gone: heal what it may have left behind.
+        if let Some(dir) = &registration.local_certs {
+            let operator = cellbank_client::tls::TlsPaths::in_dir(dir, "operator-admin");
+            match cellbank_client::tls::Credentials::load(operator) {
+                Ok(credentials) => cellbank_client::tls::use_credentials(Some(credentials)),
+                Err(e) => eprintln!("drill {}: its certificates do not load ({e})", registration.drill),
+            }
+        }
         let token = registration.local_token.clone().or_else(|| std::env::var(&registration.token_env).ok());
         let access = Access { routers: registration.routers.clone(), token };
         let healed = heal_cluster(&access, &registration.radius).await;

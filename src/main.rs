@@ -18,6 +18,7 @@
 #![allow(clippy::result_large_err)]
 
 mod bench;
+mod certs_cli;
 mod chaos;
 mod cluster;
 mod commands;
@@ -39,16 +40,65 @@ pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7000";
 #[derive(Parser)]
 #[command(
     name = "cellbank",
-    version,
+    version = VERSION,
     about = "A cell-based transaction engine: Raft-replicated RocksDB ledgers behind gRPC."
 )]
 struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long, global = true, default_value = "text", env = "CELLBANK_LOG_FORMAT")]
     log_format: String,
+    #[command(flatten)]
+    tls: ClientTls,
     #[command(subcommand)]
     command: Command,
 }
+
+/// How a client command proves who it is.
+#[derive(clap::Args, Clone)]
+pub struct ClientTls {
+    /// Directory of the cluster's certificates (`cellbank up` and
+    /// `cellbank certs init` make them in `<data>/certs`).
+    #[arg(long, global = true, env = "CELLBANK_CERTS", default_value = "data/local/certs")]
+    certs: PathBuf,
+    /// The certificate to call with: its file stem in the certificate
+    /// directory (`service-cli`, `operator-admin`, ...). By default
+    /// `admin`, `status`, `bench` and `chaos` use `operator-admin`, the
+    /// money commands `service-cli`.
+    #[arg(long, global = true, env = "CELLBANK_IDENTITY")]
+    identity: Option<String>,
+    /// Call without TLS (a cluster started with `insecure = true`).
+    #[arg(long, global = true, env = "CELLBANK_INSECURE")]
+    insecure: bool,
+}
+
+impl ClientTls {
+    /// Installs the credentials this command calls with: `identity`'s,
+    /// or `default_stem`'s.
+    fn install(&self, default_stem: &str) -> anyhow::Result<()> {
+        if self.insecure {
+            cellbank_client::tls::use_credentials(None);
+            return Ok(());
+        }
+        let stem = self.identity.as_deref().unwrap_or(default_stem);
+        let paths = cellbank_client::tls::TlsPaths::in_dir(&self.certs, stem);
+        if !paths.cert.exists() {
+            anyhow::bail!(
+                "no certificate {} (start a local cluster with `cellbank up`, which makes them; give --certs DIR \
+                 and --identity STEM for another cluster; --insecure for a cluster without TLS)",
+                paths.cert.display()
+            );
+        }
+        let credentials = cellbank_client::tls::Credentials::load(paths)?;
+        cellbank_client::tls::use_credentials(Some(credentials));
+        Ok(())
+    }
+}
+
+/// The version line: says whether fault points are compiled in.
+#[cfg(feature = "fault-points")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (fault points: compiled in; not for production)");
+#[cfg(not(feature = "fault-points"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (fault points: not compiled in)");
 
 #[derive(clap::Args, Clone)]
 pub struct Endpoints {
@@ -109,6 +159,11 @@ enum Command {
     },
     /// Run the deterministic simulator over many seeds, or replay one.
     Sim(sim::SimArgs),
+    /// Certificates: the cluster CA and one per process, service and operator.
+    Certs {
+        #[command(subcommand)]
+        action: certs_cli::CertsAction,
+    },
 }
 
 #[derive(clap::Args)]
@@ -158,6 +213,13 @@ struct CellArgs {
     /// (repeat, or comma-separate).
     #[arg(long = "router", value_delimiter = ',')]
     routers: Vec<String>,
+    /// Directory of the cluster's certificates: this replica uses
+    /// `ca.pem`, `cell-<C>-replica-<R>.pem` and `.key` there.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Run without TLS (never in production).
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -186,6 +248,13 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
             raft: Default::default(),
             routers: args.routers,
             admin_token: None,
+            tls: args.tls_dir.as_deref().map(|dir| {
+                cellbank_client::tls::TlsPaths::in_dir(
+                    dir,
+                    &format!("cell-{}-replica-{}", args.cell_id, args.replica_id),
+                )
+            }),
+            insecure: args.insecure,
         },
     };
     if let Some(threshold) = args.log_compact_threshold_entries {
@@ -207,6 +276,29 @@ async fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     tracing::info!("stopping on signal");
     replica.stop().await;
     Ok(())
+}
+
+/// A client command piped into `head` ends quietly when the pipe closes,
+/// as command-line tools do: SIGPIPE ends the process when it is stdout
+/// that broke. A SIGPIPE from a socket (a server that closed the
+/// connection, such as a TLS server refusing a plaintext client) is
+/// ignored, and the call sees the error. (Servers, and `up` with its
+/// children, ignore SIGPIPE altogether.)
+fn end_quietly_when_stdout_closes() {
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        let mut stdout = libc::pollfd { fd: libc::STDOUT_FILENO, events: 0, revents: 0 };
+        // SAFETY: poll and _exit are async-signal-safe; one valid pollfd.
+        unsafe {
+            if libc::poll(&mut stdout, 1, 0) > 0 && stdout.revents & libc::POLLERR != 0 {
+                libc::_exit(128 + libc::SIGPIPE);
+            }
+        }
+    }
+    // SAFETY: installing a handler before any thread starts; the handler
+    // only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, on_sigpipe as *const () as libc::sighandler_t);
+    }
 }
 
 /// A replica whose Raft thread panicked (a failed write, a corrupt entry)
@@ -265,13 +357,31 @@ fn main() {
         return;
     }
     if !matches!(cli.command, Command::Cell(_) | Command::Router(_) | Command::Up(_)) {
-        // A client command piped into `head` ends quietly when the pipe
-        // closes, as command-line tools do. (Servers, and `up` with its
-        // children, keep ignoring SIGPIPE and see the error instead.)
-        // SAFETY: setting a signal disposition before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        end_quietly_when_stdout_closes();
+    }
+    let credentials = match &cli.command {
+        // Servers read theirs from their configs; `up` and local drills
+        // make their cluster's; the simulator and `certs` call no one.
+        Command::Cell(_) | Command::Router(_) | Command::Up(_) | Command::Sim(_) | Command::Certs { .. } => Ok(()),
+        // A local drill runs its own cluster with its own certificates; an
+        // attached one calls with the operator's, when there are any.
+        Command::Chaos { .. } if !cli.tls.insecure && cli.tls.identity.is_none() => {
+            let operator = cellbank_client::tls::TlsPaths::in_dir(&cli.tls.certs, "operator-admin");
+            if operator.cert.exists() {
+                cli.tls.install("operator-admin")
+            } else {
+                Ok(())
+            }
         }
+        // The bench reads the routing table (an operator's call) to place its load.
+        Command::Status { .. } | Command::Admin { .. } | Command::Chaos { .. } | Command::Bench(_) => {
+            cli.tls.install("operator-admin")
+        }
+        _ => cli.tls.install("service-cli"),
+    };
+    if let Err(error) = credentials {
+        eprintln!("error: {}", describe_error(&error));
+        std::process::exit(1);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let outcome = runtime.block_on(async move {
@@ -298,6 +408,7 @@ fn main() {
             Command::Bench(args) => bench::run(args).await,
             Command::Chaos { action } => chaos::run(action).await,
             Command::Sim(_) => unreachable!("run before the runtime starts"),
+            Command::Certs { action } => certs_cli::run(action),
         }
     });
     if let Err(error) = outcome {

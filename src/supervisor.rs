@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cellbank_cell::config::ReplicaConfig;
+use cellbank_client::tls::{Credentials, Identity, TlsPaths};
 use cellbank_raft::config::RaftTuning;
 use cellbank_router::config::{CellConfig, CoordinatorConfig, PairConfig, RouterConfig};
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,22 @@ pub struct Topology {
     /// Senders may not grab their own envelopes.
     #[serde(default)]
     pub forbid_own_grab: bool,
+    /// The cluster's name: in every identity (`cellbank://<cluster>/...`)
+    /// and in the name servers prove (`<cluster>.cellbank`).
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Where the CA and the certificates are (made when missing);
+    /// `<data_dir>/certs` when absent.
+    #[serde(default)]
+    pub certs_dir: Option<PathBuf>,
+    /// Plaintext, no identities: every process warns at every start. For a
+    /// laptop only.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+fn default_cluster() -> String {
+    "local".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,7 +129,30 @@ impl Topology {
             admin_token: None,
             fault_injection: true,
             forbid_own_grab: false,
+            cluster: default_cluster(),
+            certs_dir: None,
+            insecure: false,
         }
+    }
+
+    /// Where this cluster's certificates are.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.certs_dir.clone().unwrap_or_else(|| crate::certs::default_dir(&self.data_dir))
+    }
+
+    /// Every process's identity, and the default service's and operator's.
+    pub fn identities(&self) -> Vec<Identity> {
+        let cluster = &self.cluster;
+        let routers = self.routers.iter().map(|r| Identity::Router { cluster: cluster.clone(), router: r.id });
+        let replicas = self.cells.iter().flat_map(|c| {
+            c.replicas.iter().map(|r| Identity::Replica { cluster: cluster.clone(), cell: c.id, replica: r.id })
+        });
+        routers.chain(replicas).chain(crate::certs::client_identities(cluster)).collect()
+    }
+
+    /// The TLS files of `identity` (none when the cluster is insecure).
+    fn tls_of(&self, identity: Identity) -> Option<TlsPaths> {
+        (!self.insecure).then(|| crate::certs::paths(&self.certs_dir(), &identity))
     }
 
     fn pairs_or_default(&self) -> Vec<PairConfig> {
@@ -141,6 +181,12 @@ impl Topology {
                     raft: cell.raft.clone(),
                     routers: routers.clone(),
                     admin_token: self.admin_token.clone(),
+                    tls: self.tls_of(Identity::Replica {
+                        cluster: self.cluster.clone(),
+                        cell: cell.id,
+                        replica: replica.id,
+                    }),
+                    insecure: self.insecure,
                 });
             }
         }
@@ -165,6 +211,8 @@ impl Topology {
                 slice_count: self.slice_count,
                 coordinator: self.coordinator.clone(),
                 admin_token: self.admin_token.clone(),
+                tls: self.tls_of(Identity::Router { cluster: self.cluster.clone(), router: router.id }),
+                insecure: self.insecure,
                 fault_injection: self.fault_injection,
                 forbid_own_grab: self.forbid_own_grab,
                 raft: RaftTuning::default(),
@@ -198,8 +246,22 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Writes every process's config under the topology's data dir.
+    /// Writes every process's config under the topology's data dir and,
+    /// unless the cluster is insecure, issues the certificates missing from
+    /// its certificate directory and installs the operator's as this
+    /// process's credentials (the supervisor talks to its cluster as its
+    /// operator).
     pub fn new(exe: PathBuf, topology: Topology) -> anyhow::Result<Supervisor> {
+        if topology.insecure {
+            cellbank_client::tls::use_credentials(None);
+        } else {
+            let dir = topology.certs_dir();
+            crate::certs::ensure(&dir, &topology.cluster, &topology.identities())
+                .with_context(|| format!("certificates in {}", dir.display()))?;
+            let operator = crate::certs::client_identities(&topology.cluster)[1].clone();
+            let credentials = Credentials::load(crate::certs::paths(&dir, &operator))?;
+            cellbank_client::tls::use_credentials(Some(credentials));
+        }
         let mut processes = BTreeMap::new();
         for config in topology.replica_configs()? {
             std::fs::create_dir_all(&config.data_dir)?;

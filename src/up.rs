@@ -28,6 +28,10 @@ pub struct UpArgs {
     /// Stop after this many seconds instead of waiting for Ctrl-C (for scripts).
     #[arg(long)]
     exit_after_secs: Option<u64>,
+    /// Run every process without TLS (plaintext, no identities; each
+    /// process warns at every start). For measuring TLS's cost, not for use.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub fn load_topology(path: Option<&PathBuf>) -> anyhow::Result<Topology> {
@@ -78,6 +82,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.data_dir {
         topology.data_dir = dir.clone();
     }
+    topology.insecure |= args.insecure;
     std::fs::create_dir_all(&topology.data_dir)?;
     topology.data_dir = topology.data_dir.canonicalize()?;
     let token = topology.admin_token.clone();
@@ -91,6 +96,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         supervisor.ids().len()
     );
     println!("data:      {} (kept between runs; delete it to start afresh)", topology.data_dir.display());
+    if topology.insecure {
+        println!("security:  INSECURE: no TLS, no identities; any local process may call anything");
+    } else {
+        println!(
+            "security:  mutual TLS; certificates in {} (clients: --certs, default data/local/certs)",
+            topology.certs_dir().display()
+        );
+    }
     supervisor.check_ports_free()?;
     supervisor.start_all()?;
     for id in supervisor.ids() {
@@ -116,6 +129,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("           {exe} admin switchover --pair 1");
     if routers.first().map(String::as_str) != Some(crate::DEFAULT_ENDPOINTS) {
         println!("           (set CELLBANK_ENDPOINTS={} for this topology)", routers.join(","));
+    }
+    let default_certs = std::path::Path::new("data/local/certs").canonicalize().ok();
+    if !topology.insecure && default_certs.as_deref() != Some(topology.certs_dir().as_path()) {
+        println!("           (set CELLBANK_CERTS={} for this cluster)", topology.certs_dir().display());
+    }
+    if topology.insecure {
+        println!("           (set CELLBANK_INSECURE=true for this cluster)");
     }
     println!("Ctrl-C stops the cluster.");
     let stop = crate::wait_for_signal();

@@ -16,7 +16,9 @@ use serde_json::Value;
 
 fn cellbank() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cellbank"));
-    command.env("RUST_LOG", "warn").env_remove("CELLBANK_ADMIN_TOKEN");
+    // Attached drills call as the test certificates' operator; local drills
+    // make their own cluster's.
+    command.env("RUST_LOG", "warn").env_remove("CELLBANK_ADMIN_TOKEN").arg("--certs").arg(common::test_certs());
     command
 }
 

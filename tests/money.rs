@@ -624,6 +624,8 @@ async fn reconcile_names_a_balance_changed_behind_the_ledger() {
     let run_cli = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_cellbank"))
             .args(["admin", "reconcile", "--endpoints", &routers, "--settle-timeout-ms", "5000"])
+            .arg("--certs")
+            .arg(common::test_certs())
             .output()
             .expect("run cellbank admin reconcile")
     };

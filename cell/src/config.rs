@@ -34,6 +34,14 @@ pub struct ReplicaConfig {
     /// without one, faults cannot be injected.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Mutual TLS: this process's CA, certificate and key. Without them
+    /// the process refuses to start unless `insecure` is set.
+    #[serde(default)]
+    pub tls: Option<cellbank_client::tls::TlsPaths>,
+    /// Run without TLS (plaintext, no identities: every caller may call
+    /// everything). For a laptop only; the process warns at every start.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl ReplicaConfig {
@@ -82,6 +90,8 @@ mod tests {
             raft: RaftTuning::default(),
             routers: vec!["127.0.0.1:7000".into()],
             admin_token: Some("t".into()),
+            tls: Some(cellbank_client::tls::TlsPaths::in_dir(std::path::Path::new("certs"), "cell-1-replica-2")),
+            insecure: false,
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);

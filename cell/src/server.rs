@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use cellbank_client::gate::{Allow, Member, Policy};
+use cellbank_client::server::Security;
 use cellbank_proto::cell::clearing_server::ClearingServer;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::cell::replica_admin_server::ReplicaAdminServer;
@@ -41,8 +43,43 @@ pub struct Replica {
     _transport: Arc<GrpcTransport>,
 }
 
+/// Who may call what on a replica (see [`cellbank_client::gate`]).
+pub fn policy(cell_id: u64) -> Policy {
+    Policy::new(
+        Member::Cell(cell_id),
+        &[
+            ("/grpc.health.v1.Health/", Allow::ANYONE),
+            ("/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
+            ("/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
+            // Services go through the routers, where their scopes are
+            // enforced; operators may ask a cell directly.
+            ("/cellbank.v1.Ledger/", Allow::ROUTERS.or(Allow::OPERATORS)),
+            // Raft messages from the other replicas of this cell only.
+            ("/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+            // Any replica may open the stream; the hello's source cell must
+            // be the caller's, and the pair state's (StandbyService).
+            ("/cellbank.cell.v1.Standby/", Allow::REPLICAS),
+            // Credits, envelope grabs and sends come through the routers.
+            ("/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
+            ("/cellbank.cell.v1.ReplicaAdmin/", Allow::ROUTERS.or(Allow::OPERATORS)),
+            ("/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
+            ("/cellbank.cell.v1.ReplicaAdmin/ChangeMembership", Allow::OPERATORS),
+            ("/cellbank.cell.v1.ReplicaAdmin/TransferLeader", Allow::OPERATORS),
+            ("/cellbank.cell.v1.FaultPoints/", Allow::OPERATORS),
+        ],
+    )
+}
+
 pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     config.check()?;
+    let credentials = cellbank_client::tls::server_credentials(
+        config.tls.as_ref(),
+        config.insecure,
+        &format!("cell/{}/replica/{}", config.cell_id, config.replica_id),
+    )?;
+    // This process's own calls (Raft, shipping, the courier) go out with
+    // the same certificate.
+    cellbank_client::tls::use_credentials(credentials.clone());
     std::fs::create_dir_all(&config.data_dir)?;
     let metrics = Metrics::new(config.cell_id, config.replica_id);
     let db = open_db(&config.data_dir.join("rocksdb"));
@@ -106,10 +143,11 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         .max_encoding_message_size(cellbank_client::channel::AUDIT_MESSAGE_BYTES_MAX);
     let faults = cellbank_raft::faults::FaultService { admin_token: config.admin_token.clone() };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (on_handshake_refused, on_denied) = cellbank_raft::metrics::security_observers(&metrics.raft.registry);
+    let security = Security { credentials, policy: policy(config.cell_id), on_handshake_refused, on_denied };
+    let (mut server, incoming) = cellbank_client::server::secured(listener, security);
     let server_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        server
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)

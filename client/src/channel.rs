@@ -6,6 +6,7 @@
 //! limits are set on the typed clients ([`ledger`], [`admin`], ...), which
 //! are made here too, so a limit is written once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cellbank_proto::cell::clearing_client::ClearingClient;
@@ -16,6 +17,8 @@ use cellbank_proto::router::courier_client::CourierClient;
 use cellbank_proto::router::router_admin_client::RouterAdminClient;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::Credentials;
 
 /// Largest client-facing message (a full `SubmitTransfers` batch fits).
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -83,13 +86,41 @@ impl ChannelSettings {
 
     /// A channel that connects on its first call (and again after a
     /// failure): for long-lived connections to peers that may be down.
+    /// Over TLS with the process's credentials when it has them
+    /// ([`crate::tls::use_credentials`]).
     pub fn lazy(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        Ok(self.endpoint(addr)?.connect_lazy())
+        self.lazy_as(addr, crate::tls::process_credentials().as_ref())
     }
 
     /// A channel connected now, or the reason it could not be.
     pub async fn connect(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        self.endpoint(addr)?.connect().await
+        self.connect_as(addr, crate::tls::process_credentials().as_ref()).await
+    }
+
+    /// [`ChannelSettings::lazy`] with the given credentials (`None`:
+    /// plaintext) instead of the process's.
+    pub fn lazy_as(&self, addr: &str, tls: Option<&Arc<Credentials>>) -> Result<Channel, tonic::transport::Error> {
+        let endpoint = self.endpoint(addr)?;
+        Ok(match tls {
+            Some(credentials) => endpoint.connect_with_connector_lazy(crate::tls::connector(credentials.clone(), None)),
+            None => endpoint.connect_lazy(),
+        })
+    }
+
+    /// [`ChannelSettings::connect`] with the given credentials (`None`:
+    /// plaintext) instead of the process's.
+    pub async fn connect_as(
+        &self,
+        addr: &str,
+        tls: Option<&Arc<Credentials>>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let endpoint = self.endpoint(addr)?;
+        match tls {
+            Some(credentials) => {
+                endpoint.connect_with_connector(crate::tls::connector(credentials.clone(), None)).await
+            }
+            None => endpoint.connect().await,
+        }
     }
 }
 

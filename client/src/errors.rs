@@ -26,6 +26,11 @@ pub const REASON_OVERLOADED: &str = "OVERLOADED";
 /// router's table behind, a deposed cell, a superseded source); metadata
 /// `epoch` is the cell's.
 pub const REASON_EPOCH_MISMATCH: &str = "EPOCH_MISMATCH";
+/// `ErrorInfo.reason` of a call the caller's identity may not make;
+/// metadata `rule` names the rule that refused it.
+pub const REASON_NOT_ALLOWED: &str = "NOT_ALLOWED";
+/// `ErrorInfo.reason` of a caller barred for a while after refused calls.
+pub const REASON_THROTTLED: &str = "THROTTLED";
 /// `RetryInfo` of a replica that knows no leader: an election takes at
 /// least a Raft tick (100 ms), so an earlier retry finds the same.
 pub const NO_LEADER_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -71,6 +76,23 @@ pub fn overloaded(message: String, leader_addr: Option<&str>) -> Status {
         status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
     }
     status
+}
+
+/// A refusal of the caller's identity (`code` is PERMISSION_DENIED or
+/// UNAUTHENTICATED), with an `ErrorInfo` naming the rule that refused it.
+pub fn denied(code: Code, message: &str, rule: Option<&str>) -> Status {
+    let metadata: HashMap<String, String> =
+        rule.map(|rule| HashMap::from([("rule".to_string(), rule.to_string())])).unwrap_or_default();
+    let details = ErrorDetails::with_error_info(REASON_NOT_ALLOWED, DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
+}
+
+/// RESOURCE_EXHAUSTED for a caller barred after refused calls: nothing was
+/// looked at; `RetryInfo` says when the bar ends.
+pub fn throttled(message: &str, left: Duration) -> Status {
+    let mut details = ErrorDetails::with_error_info(REASON_THROTTLED, DOMAIN, HashMap::new());
+    details.set_retry_info(Some(left));
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 /// `status` with the cell's pair `epoch`: in the `cellbank-epoch` header

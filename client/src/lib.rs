@@ -18,7 +18,11 @@
 //!   proposes (and again when it applies);
 //! - [`pair`]: how a cell's pair state is read (its role, its mode, whether
 //!   it waits for its standby);
-//! - [`server`]: reflection, which every server of the project offers.
+//! - [`server`]: reflection, which every server of the project offers;
+//! - [`tls`]: mutual TLS, the identities certificates carry, credentials
+//!   that reload, the accept loop of every server;
+//! - [`gate`]: who may call what (the policy layer of every server) and
+//!   [`throttle`], the backoff of callers that are refused.
 //!
 //! It depends on the protocol crate only.
 
@@ -31,10 +35,13 @@ pub mod clock;
 pub mod currency;
 pub mod deadline;
 pub mod errors;
+pub mod gate;
 pub mod pair;
 pub mod retry;
 pub mod routers;
 pub mod server;
+pub mod throttle;
+pub mod tls;
 pub mod validate;
 
 pub use cell::CellClient;

@@ -46,6 +46,62 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> 
     histogram
 }
 
+/// The observers of a server's refused connections and calls: each is
+/// counted (`cellbank_tls_handshakes_refused_total`,
+/// `cellbank_calls_denied_total`, by reason) and written to the audit
+/// trail (log target `cellbank::audit`) with the peer's address and
+/// identity.
+pub fn security_observers(
+    registry: &Registry,
+) -> (cellbank_client::tls::HandshakeObserver, cellbank_client::gate::DeniedObserver) {
+    use cellbank_client::tls::HandshakeRefusal;
+    let handshakes = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "tls_handshakes_refused_total",
+            "Connections refused before their first call (failed, no_identity), or held back after failures from their address (throttled).",
+        ),
+        &["reason"],
+    )
+    .expect("counter");
+    registry.register(Box::new(handshakes.clone())).expect("register");
+    let denied = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("calls_denied_total", "Calls refused by the authorization policy, by code."),
+        &["code"],
+    )
+    .expect("counter");
+    registry.register(Box::new(denied.clone())).expect("register");
+    let on_handshake: cellbank_client::tls::HandshakeObserver = std::sync::Arc::new(move |ip, refusal| {
+        let reason = match refusal {
+            HandshakeRefusal::Failed(_) => "failed",
+            HandshakeRefusal::NoIdentity(_) => "no_identity",
+            HandshakeRefusal::Throttled(_) => "throttled",
+        };
+        handshakes.with_label_values(&[reason]).inc();
+        match refusal {
+            // A barred address is refused without a word per connection:
+            // the failure that barred it was written down already.
+            HandshakeRefusal::Throttled(_) => {}
+            HandshakeRefusal::Failed(why) | HandshakeRefusal::NoIdentity(why) => {
+                tracing::warn!(target: "cellbank::audit", event = "connection_refused", peer = %ip, reason, why = %why);
+            }
+        }
+    });
+    let on_denied: cellbank_client::gate::DeniedObserver = std::sync::Arc::new(move |d| {
+        denied.with_label_values(&[&format!("{:?}", d.refusal.code)]).inc();
+        tracing::warn!(
+            target: "cellbank::audit",
+            event = "call_denied",
+            peer = %d.addr.map(|a| a.to_string()).unwrap_or_default(),
+            identity = %d.identity.map(|i| i.to_string()).unwrap_or_default(),
+            path = d.path,
+            rule = d.refusal.rule.unwrap_or("none"),
+            barred_ms = d.barred_for.as_millis() as u64,
+            message = %d.refusal.message,
+        );
+    });
+    (on_handshake, on_denied)
+}
+
 impl RaftMetrics {
     /// A new registry for one process (series prefixed `cellbank_`, labelled
     /// with its group and replica) holding the Raft series.

@@ -25,6 +25,45 @@ pub struct AdminService {
     pub admin_token: Option<String>,
     /// Whether IsolateCells is allowed (router config `fault_injection`).
     pub fault_injection: bool,
+    /// Forced failovers of pairs that are not SYNC awaiting a second
+    /// operator: pair id -> (the first operator, when it asked).
+    pub approvals: std::sync::Mutex<std::collections::HashMap<u64, (String, std::time::Instant)>>,
+}
+
+/// How long the first operator's request for a forced failover of a pair
+/// that may lose acknowledged writes waits for a second operator.
+pub const APPROVAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What a forced failover of a pair that is not SYNC needs: the first
+/// operator's request is held, and a different operator's request for the
+/// same pair within [`APPROVAL_WINDOW`] lets it go ahead.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Approval {
+    Approved { first: String },
+    Held,
+    SameOperator,
+}
+
+/// Records `who`'s request for `pair_id` in `pending` at `now`.
+pub fn approve(
+    pending: &mut std::collections::HashMap<u64, (String, std::time::Instant)>,
+    pair_id: u64,
+    who: &str,
+    now: std::time::Instant,
+) -> Approval {
+    pending.retain(|_, (_, at)| now.duration_since(*at) < APPROVAL_WINDOW);
+    match pending.get(&pair_id) {
+        Some((first, _)) if first == who => Approval::SameOperator,
+        Some((first, _)) => {
+            let first = first.clone();
+            pending.remove(&pair_id);
+            Approval::Approved { first }
+        }
+        None => {
+            pending.insert(pair_id, (who.to_string(), now));
+            Approval::Held
+        }
+    }
 }
 
 /// Most audit records one call returns (the newest).
@@ -53,11 +92,14 @@ impl AdminService {
         Err(status)
     }
 
-    fn who(given: &str) -> &str {
-        if given.is_empty() {
-            "operator"
-        } else {
-            given
+    /// Who the audit log names for `request`: the identity its
+    /// certificate proved. The name a request gives (`who`) is recorded
+    /// only on an insecure router, marked as unproven.
+    fn who<T>(request: &Request<T>, given: &str) -> String {
+        match cellbank_client::gate::caller(request) {
+            Some(identity) => identity.to_string(),
+            None if given.is_empty() => "unauthenticated".into(),
+            None => format!("unauthenticated ({given})"),
         }
     }
 
@@ -150,18 +192,44 @@ impl RouterAdmin for AdminService {
     async fn switchover(&self, request: Request<SwitchoverRequest>) -> Result<Response<AdminActionResponse>, Status> {
         self.authorize(&request)?;
         self.require_coordinator()?;
+        let who = Self::who(&request, &request.get_ref().who);
         let r = request.into_inner();
         self.check_pair(r.pair_id)?;
-        let response = self.coordinator.switchover(r.pair_id, Self::who(&r.who), &r.why).await?;
+        let response = self.coordinator.switchover(r.pair_id, &who, &r.why).await?;
         Ok(Response::new(response))
     }
 
     async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<AdminActionResponse>, Status> {
         self.authorize(&request)?;
         self.require_coordinator()?;
+        let who = Self::who(&request, &request.get_ref().who);
+        let proven = cellbank_client::gate::caller(&request).is_some();
         let r = request.into_inner();
         self.check_pair(r.pair_id)?;
-        let response = self.coordinator.failover(r.pair_id, r.force, Self::who(&r.who), &r.why).await?;
+        let mut who = who;
+        let mode = table::find_pair(&self.coordinator.pool.table(), r.pair_id).map(table::mode);
+        if r.force && proven && mode != Some(PairMode::Sync) {
+            let pending = &mut self.approvals.lock().expect("approvals lock");
+            match approve(pending, r.pair_id, &who, std::time::Instant::now()) {
+                Approval::Approved { first } => who = format!("{first}, approved by {who}"),
+                Approval::Held => {
+                    return Err(Status::failed_precondition(format!(
+                        "a forced failover of pair {} ({}) may lose acknowledged writes: it needs a second \
+                         operator; {who} asked, and another operator must ask the same within {} s",
+                        r.pair_id,
+                        mode.map(|m| m.as_str_name().trim_start_matches("PAIR_MODE_")).unwrap_or("unknown"),
+                        APPROVAL_WINDOW.as_secs()
+                    )))
+                }
+                Approval::SameOperator => {
+                    return Err(Status::failed_precondition(format!(
+                        "{who} already asked for a forced failover of pair {}: a different operator must approve it",
+                        r.pair_id
+                    )))
+                }
+            }
+        }
+        let response = self.coordinator.failover(r.pair_id, r.force, &who, &r.why).await?;
         Ok(Response::new(response))
     }
 
@@ -171,9 +239,10 @@ impl RouterAdmin for AdminService {
     ) -> Result<Response<AdminActionResponse>, Status> {
         self.authorize(&request)?;
         self.require_coordinator()?;
+        let who = Self::who(&request, &request.get_ref().who);
         let r = request.into_inner();
         self.check_pair(r.pair_id)?;
-        let response = self.coordinator.rebuild_standby(r.pair_id, Self::who(&r.who), &r.why).await?;
+        let response = self.coordinator.rebuild_standby(r.pair_id, &who, &r.why).await?;
         Ok(Response::new(response))
     }
 
@@ -252,5 +321,27 @@ impl RouterAdmin for AdminService {
         }
         let skip = records.len().saturating_sub(AUDIT_RECORDS_MAX);
         Ok(Response::new(AuditLogResponse { records: records.split_off(skip) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_forced_failover_needs_a_second_operator_within_the_window() {
+        let mut pending = std::collections::HashMap::new();
+        let t0 = Instant::now();
+        assert_eq!(approve(&mut pending, 1, "alice", t0), Approval::Held);
+        assert_eq!(approve(&mut pending, 1, "alice", t0 + Duration::from_secs(1)), Approval::SameOperator);
+        assert_eq!(approve(&mut pending, 2, "bob", t0), Approval::Held, "another pair waits on its own");
+        assert_eq!(
+            approve(&mut pending, 1, "bob", t0 + Duration::from_secs(2)),
+            Approval::Approved { first: "alice".into() }
+        );
+        assert_eq!(approve(&mut pending, 1, "carol", t0 + Duration::from_secs(3)), Approval::Held, "used up");
+        // A request older than the window has lapsed.
+        assert_eq!(approve(&mut pending, 2, "dave", t0 + APPROVAL_WINDOW + Duration::from_secs(1)), Approval::Held);
     }
 }

@@ -28,6 +28,14 @@ pub struct RouterConfig {
     /// When set, admin calls must carry `authorization: Bearer <token>`.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Mutual TLS: this process's CA, certificate and key. Without them
+    /// the process refuses to start unless `insecure` is set.
+    #[serde(default)]
+    pub tls: Option<cellbank_client::tls::TlsPaths>,
+    /// Run without TLS (plaintext, no identities: every caller may call
+    /// everything). For a laptop only; the process warns at every start.
+    #[serde(default)]
+    pub insecure: bool,
     /// Allows the IsolateCells fault-injection call (drills and tests only).
     #[serde(default)]
     pub fault_injection: bool,

@@ -39,8 +39,21 @@ impl Courier for CourierService {
             .unwrap_or(DELIVERY_TIMEOUT_DEFAULT)
             .min(Duration::from_secs(30));
         let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(50));
+        let caller = cellbank_client::gate::caller(&request).cloned();
+        let peer = cellbank_client::gate::peer_addr(&request);
         let batch = request.into_inner();
         let sender = batch.sender.ok_or_else(|| Status::invalid_argument("sender: must be set"))?;
+        if let Err(status) = check_caller(caller.as_ref(), &sender) {
+            if let Some(identity) = &caller {
+                cellbank_client::gate::audit_denied(
+                    peer,
+                    identity,
+                    "/cellbank.router.v1.Courier/DeliverCredits",
+                    &status,
+                );
+            }
+            return Err(status);
+        }
         let credits = batch.credits;
         if let Some(other) = credits.iter().find(|c| c.source_pair_id != sender.source_pair_id) {
             return Err(Status::invalid_argument(format!(
@@ -117,6 +130,22 @@ impl Courier for CourierService {
 
 /// Refuses a sender the routing table does not name as its pair's active at
 /// its epoch.
+/// Only a replica of the cell a batch names as its sender may deliver its
+/// credits (and [`check_sender`] then requires that cell to be the table's
+/// active of the source pair at the sender's epoch). An insecure router
+/// has no caller and skips this.
+pub fn check_caller(caller: Option<&cellbank_client::tls::Identity>, sender: &CreditSender) -> Result<(), Status> {
+    match caller {
+        None => Ok(()),
+        Some(cellbank_client::tls::Identity::Replica { cell, .. }) if *cell == sender.cell_id => Ok(()),
+        Some(identity) => Err(cellbank_client::errors::denied(
+            tonic::Code::PermissionDenied,
+            &format!("{identity} may not deliver credits as cell {}: only that cell's replicas may", sender.cell_id),
+            Some("/cellbank.router.v1.Courier/DeliverCredits"),
+        )),
+    }
+}
+
 pub fn check_sender(table: &cellbank_proto::router::RoutingTable, sender: &CreditSender) -> Result<(), Status> {
     if cellbank_raft::mutation::active(cellbank_raft::mutation::Mutation::NoSenderEpoch) {
         return Ok(());

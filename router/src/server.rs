@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use cellbank_client::gate::{Allow, Member, Policy};
+use cellbank_client::server::Security;
 use cellbank_client::MESSAGE_BYTES_MAX;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::router::router_admin_server::RouterAdminServer;
@@ -40,8 +42,34 @@ pub struct Router {
     _transport: Arc<GrpcTransport>,
 }
 
+/// Who may call what on a router (see [`cellbank_client::gate`]).
+pub fn policy() -> Policy {
+    Policy::new(
+        Member::Routers,
+        &[
+            ("/grpc.health.v1.Health/", Allow::ANYONE),
+            ("/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
+            ("/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
+            ("/cellbank.v1.Ledger/", Allow::SERVICES.or(Allow::OPERATORS)),
+            // Credits leave cells through the routers.
+            ("/cellbank.router.v1.Courier/", Allow::REPLICAS),
+            ("/cellbank.router.v1.RouterAdmin/", Allow::OPERATORS),
+            // The routing table's Raft group: the other routers only.
+            ("/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+        ],
+    )
+}
+
 pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     config.check()?;
+    let credentials = cellbank_client::tls::server_credentials(
+        config.tls.as_ref(),
+        config.insecure,
+        &format!("router/{}", config.router_id),
+    )?;
+    // This router's calls to the cells and the other routers go out with
+    // the same certificate.
+    cellbank_client::tls::use_credentials(credentials.clone());
     std::fs::create_dir_all(&config.data_dir)?;
     let metrics = Arc::new(RaftMetrics::new(ROUTER_GROUP_ID, config.router_id));
     let db = open_db(&config.data_dir.join("rocksdb"));
@@ -81,6 +109,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         db,
         admin_token: config.admin_token.clone(),
         fault_injection: config.fault_injection,
+        approvals: Default::default(),
     });
     let transport_service = RaftTransportServer::new(TransportService {
         group_id: ROUTER_GROUP_ID,
@@ -92,10 +121,11 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     })
     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (on_handshake_refused, on_denied) = metrics::security_observers(&metrics.registry);
+    let security = Security { credentials, policy: policy(), on_handshake_refused, on_denied };
+    let (mut server, incoming) = cellbank_client::server::secured(listener, security);
     let server_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        server
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)

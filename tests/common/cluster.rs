@@ -23,6 +23,7 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut topology = Topology::on_free_ports(dir.path(), routers, pairs, 3, true);
         topology.slice_count = 16;
+        topology.certs_dir = Some(super::test_certs().to_path_buf());
         tweak(&mut topology);
         let mut sup = Supervisor::new(env!("CARGO_BIN_EXE_cellbank").into(), topology).expect("supervisor");
         sup.set_env("RUST_LOG", "info,raft=info");

@@ -20,6 +20,33 @@ pub fn free_port() -> u16 {
     cellbank::supervisor::free_port()
 }
 
+/// The cluster name of every test cluster.
+pub const CLUSTER: &str = "local";
+
+/// The certificate directory of this test binary: one CA issues every
+/// certificate of every cluster and cell its tests start (kept between runs
+/// in cargo's temporary directory for tests; what is missing is issued),
+/// and the tests call as its operator. Installed as the process's
+/// credentials on the first call.
+pub fn test_certs() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("certs");
+        cellbank::certs::ensure(&dir, CLUSTER, &cellbank::certs::client_identities(CLUSTER))
+            .expect("test certificates");
+        let operator = &cellbank::certs::client_identities(CLUSTER)[1];
+        let credentials = cellbank_client::tls::Credentials::load(cellbank::certs::paths(&dir, operator))
+            .expect("operator credentials");
+        cellbank_client::tls::use_credentials(Some(credentials));
+        dir
+    })
+}
+
+/// Issues `identities` in the test certificate directory if missing.
+pub fn issue(identities: &[cellbank_client::tls::Identity]) {
+    cellbank::certs::ensure(test_certs(), CLUSTER, identities).expect("issue test certificates");
+}
+
 pub struct Replica {
     pub id: u64,
     pub addr: String,
@@ -69,11 +96,14 @@ impl Cell {
             .append(true)
             .open(replica.data_dir.join("replica.log"))
             .expect("log file");
+        issue(&[cellbank_client::tls::Identity::Replica { cluster: CLUSTER.into(), cell: 1, replica: id }]);
         let mut command = Command::new(env!("CARGO_BIN_EXE_cellbank"));
         command
             .args(["cell", "--cell-id", "1", "--replica-id", &id.to_string(), "--listen", &replica.addr])
             .arg("--data-dir")
             .arg(&replica.data_dir)
+            .arg("--tls-dir")
+            .arg(test_certs())
             .args(&replica.extra_args)
             .env("RUST_LOG", "info,raft=info")
             .stdin(Stdio::null())

@@ -36,6 +36,21 @@ impl StandbyService {
     }
 }
 
+/// Only a replica of the cell a hello names as its source may ship as that
+/// cell (the hello's source is then checked against the pair state). An
+/// insecure server has no caller and skips this.
+fn check_shipper(caller: Option<&cellbank_client::tls::Identity>, source_cell_id: u64) -> Result<(), Status> {
+    match caller {
+        None => Ok(()),
+        Some(cellbank_client::tls::Identity::Replica { cell, .. }) if *cell == source_cell_id => Ok(()),
+        Some(identity) => Err(cellbank_client::errors::denied(
+            tonic::Code::PermissionDenied,
+            &format!("{identity} may not ship as cell {source_cell_id}: only that cell's replicas may"),
+            Some("/cellbank.cell.v1.Standby/Replicate"),
+        )),
+    }
+}
+
 /// The status a refused hello (or keepalive) ends the stream with.
 fn refusal_status(refusal: crate::replication::HelloRefusal) -> Status {
     match refusal {
@@ -68,11 +83,19 @@ impl StandbyApi for StandbyService {
             let leader_id = context.node.shared.leader_id.load(Ordering::Relaxed);
             return Err(context.unavailable(format!("replica {} is not the leader", context.replica_id), leader_id));
         }
+        let caller = cellbank_client::gate::caller(&request).cloned();
+        let peer = cellbank_client::gate::peer_addr(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }) => hello,
             _ => return Err(Status::invalid_argument("the first message must be a hello")),
         };
+        if let Err(status) = check_shipper(caller.as_ref(), hello.source_cell_id) {
+            if let Some(identity) = &caller {
+                cellbank_client::gate::audit_denied(peer, identity, "/cellbank.cell.v1.Standby/Replicate", &status);
+            }
+            return Err(status);
+        }
         self.check_hello(&hello)?;
         // Everything committed before the hello is applied before the
         // answer, so the source index it names is the one the log holds.

@@ -6,6 +6,12 @@ standby, cell 2 with cell 4), on free loopback ports, in a temporary
 directory: the shape of the README's local cluster and of the Rust
 end-to-end tests. ``up`` and every process it starts share one process
 group, which :meth:`LocalCluster.stop` kills whatever happened.
+
+Every connection is mutual TLS: on its first start ``up`` makes the
+cluster CA and the certificates in ``<data_dir>/certs``, among them the
+service ``service-cli`` (the Ledger API) and the operator
+``operator-admin`` (the routers' admin API, which the readiness wait
+calls). :meth:`LocalCluster.tls` reads one identity's.
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ from typing import Dict, List, Optional
 
 import grpc
 
+from cellbank_client import Tls, TlsError, open_channel
 from cellbank_client._gen.cellbank.router.v1 import router_pb2, router_pb2_grpc
+from cellbank_client.tls import OPERATOR_ADMIN, SERVICE_CLI
+
+__all__ = ["CLUSTER", "ClusterFailed", "LocalCluster", "OPERATOR_ADMIN", "SERVICE_CLI", "free_port", "slice_of"]
+
+#: The cluster's name, in its topology and in the name its servers prove.
+CLUSTER = "local"
 
 _GIVEN_PORTS: set = set()
 
@@ -72,11 +85,17 @@ class LocalCluster:
         self.process: Optional[subprocess.Popen] = None
         self.router = ""
         self._log = None
+        self._tls: Dict[str, Tls] = {}
 
     # -- lifecycle ----------------------------------------------------------
 
     def _topology(self) -> str:
-        lines = [f'data_dir = "{self.dir / "data"}"', f"slice_count = {self.SLICES}", ""]
+        lines = [
+            f'data_dir = "{self.dir / "data"}"',
+            f"slice_count = {self.SLICES}",
+            f'cluster = "{CLUSTER}"',
+            "",
+        ]
         self.router = f"127.0.0.1:{free_port()}"
         lines += ["[[routers]]", "id = 1", f'listen = "{self.router}"', ""]
         for cell in range(1, 2 * self.PAIRS + 1):
@@ -96,6 +115,7 @@ class LocalCluster:
             topology = self.dir / f"topology-{attempt}.toml"
             topology.write_text(self._topology())
             shutil.rmtree(self.dir / "data", ignore_errors=True)
+            self._tls.clear()  # a new data directory, new certificates
             self._log = open(self.dir / "up.log", "ab")
             self.process = subprocess.Popen(
                 [self.binary, "up", "--topology", str(topology), "--data-dir", str(self.dir / "data")],
@@ -144,15 +164,37 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             pass
 
+    # -- certificates -----------------------------------------------------------
+
+    @property
+    def certs_dir(self) -> pathlib.Path:
+        """Where ``up`` writes the CA and the certificates: ``<data_dir>/certs``."""
+        return self.dir / "data" / "certs"
+
+    def tls(self, identity: str = SERVICE_CLI) -> Tls:
+        """One identity's credentials (``service-cli``, ``operator-admin``),
+        read once the cluster has made them; :class:`TlsError` before."""
+        tls = self._tls.get(identity)
+        if tls is None:
+            tls = self._tls[identity] = Tls.from_dir(self.certs_dir, identity, cluster=CLUSTER)
+        return tls
+
     # -- readiness and the routing table -------------------------------------
 
     def status(self, timeout: float = 3.0) -> Optional[router_pb2.ClusterStatus]:
-        """The coordinator's view (RouterAdmin.Status), or None while it cannot answer."""
-        with grpc.insecure_channel(self.router) as channel:
+        """The coordinator's view (RouterAdmin.Status, as the operator), or
+        None while it cannot answer (or its certificates are not made yet)."""
+        try:
+            operator = self.tls(OPERATOR_ADMIN)
+        except TlsError:
+            return None
+        with open_channel(self.router, tls=operator) as channel:
             stub = router_pb2_grpc.RouterAdminStub(channel)
             try:
                 return stub.Status(router_pb2.ClusterStatusRequest(), timeout=timeout)
             except grpc.RpcError:
+                # Read again next time: files caught while being written.
+                self._tls.pop(OPERATOR_ADMIN, None)
                 return None
 
     def _wait_ready(self) -> None:

@@ -4,9 +4,13 @@ three-replica cells, on free ports in a temporary directory): accounts,
 deposits and transfers; a retry with the same transfer id answered with the
 original result and applied once; refusals with their structured details
 decoded; a client that fails over from a dead endpoint; and a transfer
-between users of different cells followed until it is CREDITED. The
-cluster's whole process group is killed and its directory removed however
-the tests end."""
+between users of different cells followed until it is CREDITED; a
+plaintext connection to the TLS router refused with nothing applied. Every
+call is mutual TLS: the ledger calls with the service certificate
+``service-cli``, the routers' admin calls (readiness, the routing table)
+with the operator certificate ``operator-admin``. The cluster's whole
+process group is killed and its directory removed however the tests
+end."""
 
 from __future__ import annotations
 
@@ -18,9 +22,19 @@ import time
 import unittest
 
 import grpc
-from local_cluster import LocalCluster, free_port
+from local_cluster import SERVICE_CLI, LocalCluster, free_port
 
-from cellbank_client import CellbankClient, CellbankError, decode_error, pb, pb_grpc, result_name, settlement_name
+from cellbank_client import (
+    CellbankClient,
+    CellbankError,
+    Tls,
+    decode_error,
+    open_channel,
+    pb,
+    pb_grpc,
+    result_name,
+    settlement_name,
+)
 
 BINARY = os.environ.get("CELLBANK_BIN", "")
 
@@ -53,6 +67,8 @@ def ok(test: unittest.TestCase, result, what: str):
 class EndToEnd(unittest.TestCase):
     cluster: LocalCluster
     client: CellbankClient
+    #: The service identity every ledger call here uses.
+    service: Tls
 
     @classmethod
     def setUpClass(cls):
@@ -66,7 +82,8 @@ class EndToEnd(unittest.TestCase):
             f"\ncluster ready in {time.monotonic() - started:.1f} s, router {cls.cluster.router}",
             file=sys.stderr,
         )
-        cls.client = CellbankClient(cls.cluster.router, deadline=30.0)
+        cls.service = cls.cluster.tls(SERVICE_CLI)
+        cls.client = CellbankClient(cls.cluster.router, tls=cls.service, deadline=30.0)
         cls.addClassCleanup(cls.client.close)
 
     def users(self, first: int, count: int = 40):
@@ -158,7 +175,7 @@ class EndToEnd(unittest.TestCase):
                 self.assertLess(time.monotonic() - started, self.client.deadline / 2, "not retried")
 
         # The helper reads a raw grpc error too (a caller of the stubs).
-        with grpc.insecure_channel(self.cluster.router) as channel:
+        with open_channel(self.cluster.router, tls=self.service) as channel:
             with self.assertRaises(grpc.RpcError) as raw:
                 pb_grpc.LedgerStub(channel).Deposit(
                     pb.DepositRequest(transfer_id=b"py-raw", user_id=a, currency="CNY", amount=0), timeout=10
@@ -179,20 +196,52 @@ class EndToEnd(unittest.TestCase):
         self.open_and_seed(a, 500)
         self.open_and_seed(b, 0)
         dead = f"127.0.0.1:{free_port()}"  # nobody listens there
-        with CellbankClient([dead, self.cluster.router], deadline=30.0) as client:
+        with CellbankClient([dead, self.cluster.router], tls=self.service, deadline=30.0) as client:
             moved = client.transfer("py-via-second", a, b, 100)
             ok(self, moved, "transfer through the second endpoint")
             self.assertEqual(client.endpoint, self.cluster.router, "it stays on the live one")
         self.assertEqual(self.client.balance(a), 400)
         self.assertEqual(self.client.balance(b), 100)
 
-        with CellbankClient(dead, deadline=1.0) as client:
+        with CellbankClient(dead, tls=self.service, deadline=1.0) as client:
             started = time.monotonic()
             with self.assertRaises(CellbankError) as down:
                 client.get_account(a)
             self.assertEqual(down.exception.code, grpc.StatusCode.UNAVAILABLE)
             self.assertTrue(down.exception.transport_failure)
             self.assertLess(time.monotonic() - started, 5.0, "retried until the deadline, not beyond")
+
+    def test_a_plaintext_connection_to_the_tls_router_fails_and_applies_nothing(self):
+        pairs = self.users(500)
+        a, b = list(pairs)[:2]
+        self.open_and_seed(a, 1_000)
+        self.open_and_seed(b, 0)
+
+        # The client's own retries end at its deadline with UNAVAILABLE: no
+        # handshake, no call.
+        with CellbankClient(self.cluster.router, insecure=True, deadline=2.0) as plain:
+            started = time.monotonic()
+            with self.assertRaises(CellbankError) as refused:
+                plain.transfer("py-plaintext-1", a, b, 100)
+            self.assertEqual(refused.exception.code, grpc.StatusCode.UNAVAILABLE, str(refused.exception))
+            self.assertTrue(refused.exception.transport_failure)
+            self.assertLess(time.monotonic() - started, 10.0, "retried until the deadline, not beyond")
+        # A raw stub on a plaintext channel: the same.
+        with open_channel(self.cluster.router, insecure=True) as channel:
+            with self.assertRaises(grpc.RpcError) as raw:
+                pb_grpc.LedgerStub(channel).Deposit(
+                    pb.DepositRequest(transfer_id=b"py-plaintext-2", user_id=a, currency="CNY", amount=5), timeout=10
+                )
+        self.assertEqual(raw.exception.code(), grpc.StatusCode.UNAVAILABLE, raw.exception.details())
+
+        # Nothing was applied: no record of either id, the balances as seeded.
+        for transfer_id in ("py-plaintext-1", "py-plaintext-2"):
+            with self.subTest(transfer_id):
+                with self.assertRaises(CellbankError) as missing:
+                    self.client.get_transfer(transfer_id)
+                self.assertEqual(missing.exception.code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(self.client.balance(a), 1_000)
+        self.assertEqual(self.client.balance(b), 0)
 
     def test_a_transfer_between_cells_is_credited(self):
         pairs = self.users(400)

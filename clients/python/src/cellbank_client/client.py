@@ -8,13 +8,17 @@ allows, with the waits of ``RetryPolicy.SERVICE``, until the call's
 deadline (15 s unless set). Every ledger write carries its transfer id, so
 every call is idempotent: a repeat, after a connection broke with the call
 on it, finds the first outcome instead of applying twice.
+
+Every connection is mutual TLS with the credentials given
+(:class:`cellbank_client.tls.Tls`); plaintext, for a cluster started with
+``insecure = true``, only when asked for with ``insecure=True``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -22,6 +26,7 @@ from ._gen.cellbank.v1 import ledger_pb2 as pb
 from ._gen.cellbank.v1 import ledger_pb2_grpc as pb_grpc
 from .errors import CellbankError
 from .retry import RetryPolicy, leader_hint, retryable
+from .tls import Tls
 
 TransferId = Union[str, bytes]
 
@@ -48,6 +53,41 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def _check_security(tls: Optional[Tls], insecure: bool) -> None:
+    """Exactly one of the two: credentials, or plaintext asked for."""
+    if tls is not None and not isinstance(tls, Tls):
+        raise TypeError(f"tls: a cellbank_client.Tls, not {type(tls).__name__}")
+    if tls is not None and insecure:
+        raise ValueError("give either tls= or insecure=True, not both")
+    if tls is None and not insecure:
+        raise ValueError(
+            "no TLS credentials: give tls=Tls.from_dir(certs_dir, identity) (`cellbank up` makes them in "
+            "<data_dir>/certs), or insecure=True for a cluster started with `insecure = true`"
+        )
+
+
+def open_channel(
+    target: str,
+    *,
+    tls: Optional[Tls] = None,
+    insecure: bool = False,
+    options: Optional[Sequence[Tuple[str, Any]]] = None,
+) -> grpc.Channel:
+    """A channel to one endpoint (``host:port``): mutual TLS with ``tls``
+    (the server must prove ``<cluster>.cellbank``), or plaintext when
+    ``insecure`` is set (a cluster started with ``insecure = true``); one
+    of the two is required. ``options``: the channel arguments, the
+    client's own settings (message limits, keepalive, reconnect backoff)
+    unless given. For the generated stubs of any cellbank service, e.g.
+    ``router_pb2_grpc.RouterAdminStub(open_channel(router, tls=operator))``.
+    """
+    _check_security(tls, insecure)
+    settings = list(_CHANNEL_OPTIONS if options is None else options)
+    if tls is None:
+        return grpc.insecure_channel(target, options=settings)
+    return grpc.secure_channel(target, tls.credentials(), options=settings + tls.channel_options())
+
+
 def _id(transfer_id: TransferId) -> bytes:
     return transfer_id.encode("utf-8") if isinstance(transfer_id, str) else bytes(transfer_id)
 
@@ -56,14 +96,20 @@ class CellbankClient:
     """A client of the routers (or of one cell's replicas).
 
     ``target``: ``"host:port"``, several separated by commas, or a list.
-    Methods return the answer's message and raise :class:`CellbankError`
-    when gRPC refused the call (after the retries the policy allows).
+    ``tls``: the identity to call with (a service's, such as
+    ``Tls.from_dir(certs_dir, "service-cli")``); or ``insecure=True`` for
+    plaintext to a cluster started with ``insecure = true``. One of the two
+    is required. Methods return the answer's message and raise
+    :class:`CellbankError` when gRPC refused the call (after the retries
+    the policy allows).
     """
 
     def __init__(
         self,
         target: Union[str, Sequence[str]],
         *,
+        tls: Optional[Tls] = None,
+        insecure: bool = False,
         deadline: float = CALL_DEADLINE_DEFAULT,
         attempt_timeout: float = ATTEMPT_TIMEOUT_DEFAULT,
         policy: RetryPolicy = RetryPolicy.SERVICE,  # type: ignore[attr-defined]
@@ -72,10 +118,13 @@ class CellbankClient:
         endpoints = [e for e in endpoints if e]
         if not endpoints:
             raise ValueError("a client needs at least one endpoint")
+        _check_security(tls, insecure)
         self.endpoints: List[str] = endpoints
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self.policy = policy
+        #: The credentials every connection uses (None: plaintext, asked for).
+        self.tls: Optional[Tls] = tls
         self._lock = threading.Lock()
         self._current = 0
         self._channels: List[Optional[grpc.Channel]] = [None] * len(endpoints)
@@ -107,7 +156,7 @@ class CellbankClient:
         with self._lock:
             stub = self._stubs[index]
             if stub is None:
-                channel = grpc.insecure_channel(self.endpoints[index], options=_CHANNEL_OPTIONS)
+                channel = open_channel(self.endpoints[index], tls=self.tls, insecure=self.tls is None)
                 self._channels[index] = channel
                 stub = self._stubs[index] = pb_grpc.LedgerStub(channel)
             return stub
@@ -284,4 +333,4 @@ def _name(enum, value: int) -> str:
         return f"UNKNOWN({value})"
 
 
-__all__ = ["CellbankClient", "result_name", "settlement_name"]
+__all__ = ["CellbankClient", "open_channel", "result_name", "settlement_name"]

@@ -1,0 +1,367 @@
+//! The attacker suite, over real sockets against a real cluster with mutual
+//! TLS: callers with no certificate, a certificate of another CA, and valid
+//! certificates of the wrong identity for each internal service are
+//! refused with the right code, counted and audited, and nothing changes:
+//! every replica's digest is the same afterwards and reconciliation passes.
+//! Then throttling (a refused identity or address backs off exponentially,
+//! an honest caller does not notice) and certificate reload.
+
+// tonic::Status is the error of every call here.
+#![allow(clippy::result_large_err)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellbank_client::tls::{Credentials, Identity};
+use cellbank_client::ChannelSettings;
+use cellbank_proto::cell::clearing_client::ClearingClient;
+use cellbank_proto::cell::raft_transport_client::RaftTransportClient;
+use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
+use cellbank_proto::cell::standby_client::StandbyClient;
+use cellbank_proto::cell::{
+    ship_batch, ChangeMembershipRequest, ConfigureRequest, CreditBatch, CreditCommand, CreditSender, PairState,
+    RaftBatch, ShipBatch, ShipHello,
+};
+use cellbank_proto::router::courier_client::CourierClient;
+use cellbank_proto::router::router_admin_client::RouterAdminClient;
+use cellbank_proto::router::{AuditLogRequest, ClusterStatusRequest, FailoverRequest, PairMode, SwitchoverRequest};
+use cellbank_proto::v1::ledger_client::LedgerClient;
+use cellbank_proto::v1::GetAccountRequest;
+use common::cluster::Cluster;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn identity(path: &str) -> Identity {
+    Identity::parse(&format!("cellbank://{}/{path}", common::CLUSTER)).unwrap()
+}
+
+/// The credentials of `path` (issued by the test CA if missing).
+fn as_identity(path: &str) -> Arc<Credentials> {
+    let identity = identity(path);
+    common::issue(std::slice::from_ref(&identity));
+    Credentials::load(cellbank::certs::paths(common::test_certs(), &identity)).unwrap()
+}
+
+/// A certificate naming `path` from a CA the cluster never saw.
+fn from_another_ca(dir: &std::path::Path, path: &str) -> Arc<Credentials> {
+    let identity = identity(path);
+    cellbank::certs::ensure(dir, common::CLUSTER, std::slice::from_ref(&identity)).unwrap();
+    Credentials::load(cellbank::certs::paths(dir, &identity)).unwrap()
+}
+
+async fn channel(addr: &str, credentials: Option<&Arc<Credentials>>) -> Result<Channel, tonic::transport::Error> {
+    ChannelSettings::SERVICE.connect_as(addr, credentials).await
+}
+
+/// A channel from a given local address (loopback has all of 127/8).
+async fn channel_from(addr: &str, credentials: &Arc<Credentials>, local: IpAddr) -> Result<Channel, tonic::Status> {
+    ChannelSettings::SERVICE
+        .endpoint(addr)
+        .unwrap()
+        .connect_with_connector(cellbank_client::tls::connector(credentials.clone(), Some(local)))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))
+}
+
+fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
+    match result {
+        Ok(answer) => panic!("the call was let in: {answer:?}"),
+        Err(status) => status.code(),
+    }
+}
+
+fn hello(source_cell_id: u64, epoch: u64) -> ShipBatch {
+    ShipBatch { kind: Some(ship_batch::Kind::Hello(ShipHello { source_cell_id, epoch })) }
+}
+
+fn forged_credit(source_pair_id: u64, cell_id: u64, to_user_id: u64, dest_pair_id: u64) -> CreditBatch {
+    CreditBatch {
+        sender: Some(CreditSender { source_pair_id, cell_id, epoch: 1 }),
+        credits: vec![CreditCommand {
+            source_pair_id,
+            seq: 1,
+            to_user_id,
+            dest_pair_id,
+            currency: "CNY".into(),
+            amount: 1_000_000_000,
+            ..Default::default()
+        }],
+    }
+}
+
+/// Every replica's ledger digest, of every cell. (Not the applied index:
+/// entries that change no ledger key, such as a new leader's empty entry,
+/// may apply meanwhile.)
+async fn digests(cluster: &Cluster, cells: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for cell in 1..=cells {
+        out.extend(cluster.digests(cell).await.into_iter().map(|d| d.digest));
+    }
+    out
+}
+
+fn logs(cluster: &Cluster) -> String {
+    cluster.sup.ids().into_iter().filter_map(|id| std::fs::read_to_string(cluster.sup.log_path(id)?).ok()).collect()
+}
+
+async fn wait_ready(cluster: &Cluster) {
+    for pair in 1..=2 {
+        cluster.wait_for_mode(pair, PairMode::Sync, Duration::from_secs(60)).await;
+    }
+}
+
+fn with_metrics(topology: &mut cellbank::supervisor::Topology) {
+    for process in topology.routers.iter_mut().chain(topology.cells.iter_mut().flat_map(|c| c.replicas.iter_mut())) {
+        process.metrics = Some(format!("127.0.0.1:{}", common::free_port()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes() {
+    let cluster = Cluster::start(1, 2, with_metrics);
+    wait_ready(&cluster).await;
+    let client = cluster.client();
+    let users: Vec<u64> = (1..=8).collect();
+    common::open_and_seed(&client, &users, "CNY", 10_000).await;
+    cluster.assert_pair_identical(1, Duration::from_secs(30)).await;
+    cluster.assert_pair_identical(2, Duration::from_secs(30)).await;
+    let before = digests(&cluster, 4).await;
+    assert_eq!(before.len(), 12, "every replica answers: {before:?}");
+
+    let router = cluster.routers()[0].clone();
+    let cell = |c: u64| cluster.sup.cell_endpoints(c)[0].clone();
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let user_in_pair_2 =
+        users.iter().copied().find(|u| cellbank_router::table::route(&table, *u).unwrap().pair_id == 2);
+    let victim = user_in_pair_2.expect("a user of pair 2");
+
+    // No certificate at all: no TLS handshake, no call.
+    let plain = match channel(&router, None).await {
+        Ok(channel) => LedgerClient::new(channel)
+            .get_account(GetAccountRequest { user_id: 1, currency: "CNY".into() })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code()),
+        Err(_) => Err(Code::Unavailable),
+    };
+    assert!(plain.is_err(), "a plaintext call was answered");
+
+    // A router's identity from another CA: the handshake fails.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = from_another_ca(foreign_dir.path(), "router/1");
+    assert!(channel(&router, Some(&foreign)).await.is_err(), "another CA's certificate was let in");
+    assert!(channel(&cell(1), Some(&foreign)).await.is_err(), "another CA's certificate was let in");
+
+    // A service calling the internal services of a cell.
+    let service = |name: &str| as_identity(&format!("service/{name}"));
+    let ch = channel(&cell(1), Some(&service("minter"))).await.unwrap();
+    let credit = forged_credit(2, 2, 1, 1);
+    assert_eq!(code_of(ClearingClient::new(ch).apply_credits(credit).await), Code::PermissionDenied);
+    let ch = channel(&cell(1), Some(&service("usurper"))).await.unwrap();
+    let huge_term = ConfigureRequest {
+        cell_id: 1,
+        state: Some(PairState { coordinator_term: u64::MAX, ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(code_of(ReplicaAdminClient::new(ch).configure(huge_term.clone()).await), Code::PermissionDenied);
+    let ch = channel(&cell(1), Some(&service("raft-forger"))).await.unwrap();
+    let batch = RaftBatch { cell_id: 1, messages: vec![vec![0xff; 64]], from_replica_id: 9, from_addr: String::new() };
+    let raft = RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await;
+    assert_eq!(code_of(raft), Code::PermissionDenied);
+    let ch = channel(&cell(3), Some(&service("shipper"))).await.unwrap();
+    let shipped = StandbyClient::new(ch).replicate(futures::stream::iter(vec![hello(1, 1)])).await;
+    assert_eq!(code_of(shipped), Code::PermissionDenied);
+
+    // A replica of the other pair shipping to pair 1's standby as cell 1.
+    let ch = channel(&cell(3), Some(&as_identity("cell/2/replica/1"))).await.unwrap();
+    let shipped = StandbyClient::new(ch).replicate(futures::stream::iter(vec![hello(1, 1)])).await;
+    assert_eq!(code_of(shipped), Code::PermissionDenied);
+    // A replica of a cell of this group calling RaftTransport of another cell.
+    let ch = channel(&cell(1), Some(&as_identity("cell/2/replica/2"))).await.unwrap();
+    let batch = RaftBatch { cell_id: 1, messages: vec![], from_replica_id: 2, from_addr: String::new() };
+    let raft = RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await;
+    assert_eq!(code_of(raft), Code::PermissionDenied);
+
+    // A router changing a cell's membership; an operator forging a
+    // coordinator's Configure with a huge term.
+    let ch = channel(&cell(1), Some(&as_identity("router/1"))).await.unwrap();
+    let add = ChangeMembershipRequest { action: 1, replica_id: 9, addr: "127.0.0.1:1".into() };
+    assert_eq!(code_of(ReplicaAdminClient::new(ch).change_membership(add).await), Code::PermissionDenied);
+    let ch = channel(&cell(1), Some(&as_identity("operator/mallory"))).await.unwrap();
+    assert_eq!(code_of(ReplicaAdminClient::new(ch).configure(huge_term).await), Code::PermissionDenied);
+
+    // Forged credits at the router: a service, and a replica of cell 1
+    // claiming to be cell 2 (pair 2's active) to credit a user of pair 2.
+    let ch = channel(&router, Some(&service("courier-forger"))).await.unwrap();
+    let forged = forged_credit(1, 1, victim, 2);
+    assert_eq!(code_of(CourierClient::new(ch).deliver_credits(forged).await), Code::PermissionDenied);
+    let ch = channel(&router, Some(&as_identity("cell/1/replica/3"))).await.unwrap();
+    let forged = forged_credit(2, 2, victim, 2);
+    assert_eq!(code_of(CourierClient::new(ch).deliver_credits(forged).await), Code::PermissionDenied);
+    // The standby of pair 1 (cell 3) delivering as itself: not the active.
+    let ch = channel(&router, Some(&as_identity("cell/3/replica/1"))).await.unwrap();
+    let forged = forged_credit(1, 3, victim, 2);
+    assert_eq!(code_of(CourierClient::new(ch).deliver_credits(forged).await), Code::FailedPrecondition);
+
+    // A service forcing a failover.
+    let ch = channel(&router, Some(&service("failover-forcer"))).await.unwrap();
+    let failover = FailoverRequest { pair_id: 1, force: true, who: "operator".into(), why: "x".into() };
+    assert_eq!(code_of(RouterAdminClient::new(ch).failover(failover).await), Code::PermissionDenied);
+
+    // Counted on the router and the cells' first replicas.
+    let router_metrics = cluster.sup.metrics_addr(cellbank::supervisor::ProcessId::Router(1)).unwrap();
+    let denied = common::metric(&router_metrics, "cellbank_calls_denied_total", "PermissionDenied").await;
+    assert!(denied >= Some(2), "router denials counted: {denied:?}");
+    let refused = common::metric(&router_metrics, "cellbank_tls_handshakes_refused_total", "failed").await;
+    assert!(refused >= Some(2), "router handshakes refused: {refused:?}");
+    let cell_1 = cluster.sup.metrics_addr(cellbank::supervisor::ProcessId::Replica { cell: 1, replica: 1 }).unwrap();
+    let denied = common::metric(&cell_1, "cellbank_calls_denied_total", "PermissionDenied").await;
+    assert!(denied >= Some(6), "cell 1 denials counted: {denied:?}");
+
+    // Audited with the peer's address and identity.
+    let text = logs(&cluster);
+    for who in [
+        "service/minter",
+        "service/usurper",
+        "router/1",
+        "operator/mallory",
+        "service/failover-forcer",
+        // Refused by the handlers: a sender or a source cell not the caller's.
+        "cell/1/replica/3",
+        "cell/2/replica/1",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains("call_denied") && l.contains(&format!("cellbank://local/{who}")))
+            .unwrap_or_else(|| panic!("no audit line for {who}"));
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    }
+    assert!(text.contains("connection_refused"), "refused handshakes are audited");
+
+    // Nothing changed anywhere, and the books reconcile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(digests(&cluster, 4).await, before, "a replica's ledger changed");
+    let status = cluster.status().await.unwrap();
+    let report = cellbank::reconcile::reconcile(&status, &cellbank::reconcile::Options::default()).await;
+    assert!(report.ok(), "{:#?}", report.discrepancies);
+
+    // The operator's own action is audited under the identity its
+    // certificate proves, whatever name the request gives.
+    let ch = channel(&router, Some(&as_identity("operator/alice"))).await.unwrap();
+    let mut admin = RouterAdminClient::new(ch);
+    let switchover = SwitchoverRequest { pair_id: 2, who: "mallory".into(), why: "drill".into() };
+    admin.switchover(switchover).await.expect("an operator may switch over");
+    let log = admin.audit_log(AuditLogRequest::default()).await.unwrap().into_inner();
+    let last = log.records.last().expect("an audit record");
+    assert_eq!(last.who, "cellbank://local/operator/alice", "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_caller_backs_off_exponentially_and_an_honest_one_is_untouched() {
+    let cluster = Cluster::start(1, 1, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
+    let router = cluster.routers()[0].clone();
+    let operator = as_identity("operator/honest");
+    let honest = channel(&router, Some(&operator)).await.unwrap();
+    let mut honest = RouterAdminClient::new(honest);
+    let brute = channel(&router, Some(&as_identity("service/brute"))).await.unwrap();
+    let mut brute = RouterAdminClient::new(brute);
+
+    // Each refused call bars the identity for twice as long as the last.
+    let mut bars = Vec::new();
+    for _ in 0..5 {
+        let status = brute.status(ClusterStatusRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let barred = brute.status(ClusterStatusRequest {}).await.unwrap_err();
+        assert_eq!(barred.code(), Code::ResourceExhausted, "{barred:?}");
+        let left = cellbank_client::errors::retry_delay(&barred).expect("RetryInfo on a throttled call");
+        bars.push(left);
+        // The honest operator, on its own connection, is answered at once.
+        let asked = Instant::now();
+        honest.status(ClusterStatusRequest {}).await.expect("the honest caller is answered");
+        assert!(asked.elapsed() < Duration::from_secs(1), "the honest caller waited {:?}", asked.elapsed());
+        tokio::time::sleep(left + Duration::from_millis(20)).await;
+    }
+    println!("bars after each refused call: {bars:?}");
+    for (n, pair) in bars.windows(2).enumerate() {
+        // Doubling, less the moments between the refusal and the probe.
+        assert!(pair[1] > pair[0] + pair[0] / 2, "bar {n} {:?} then {:?}", pair[0], pair[1]);
+    }
+    assert!(bars[4] > Duration::from_millis(1_000), "{bars:?}");
+
+    // A failed handshake holds its address back: after one from 127.0.0.2,
+    // a good certificate from the same address waits for the bar (100 ms)
+    // before its handshake starts, while 127.0.0.1 connects at once.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = from_another_ca(foreign_dir.path(), "operator/honest");
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    assert!(channel_from(&router, &foreign, other).await.is_err());
+    let asked = Instant::now();
+    let ch = channel_from(&router, &operator, local).await.expect("another address is not held back");
+    let honest_connect = asked.elapsed();
+    RouterAdminClient::new(ch).status(ClusterStatusRequest {}).await.expect("answered");
+    let asked = Instant::now();
+    let ch = channel_from(&router, &operator, other).await.expect("let in after the bar");
+    let barred_connect = asked.elapsed();
+    RouterAdminClient::new(ch).status(ClusterStatusRequest {}).await.expect("answered after the bar");
+    println!("connect: honest address {honest_connect:?}, barred address {barred_connect:?}");
+    assert!(barred_connect >= Duration::from_millis(50), "the barred address waited only {barred_connect:?}");
+    assert!(honest_connect < Duration::from_millis(50), "the honest address waited {honest_connect:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_used_without_a_restart() {
+    // A server of its own, on the cluster's TLS stack: renew every file
+    // (a new CA), and new connections follow while the process runs.
+    let dir = tempfile::tempdir().unwrap();
+    let server_id = identity("router/7");
+    let client_id = identity("operator/reload");
+    cellbank::certs::ensure(dir.path(), common::CLUSTER, &[server_id.clone(), client_id.clone()]).unwrap();
+    let server_credentials = Credentials::load(cellbank::certs::paths(dir.path(), &server_id)).unwrap();
+    let old_client = Credentials::load(cellbank::certs::paths(dir.path(), &client_id)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (on_handshake_refused, on_denied) = cellbank_raft::metrics::security_observers(&prometheus::Registry::new());
+    let policy = cellbank_client::gate::Policy::new(
+        cellbank_client::gate::Member::Routers,
+        &[("/grpc.health.v1.Health/", cellbank_client::gate::Allow::ANYONE)],
+    );
+    let security = cellbank_client::server::Security {
+        credentials: Some(server_credentials.clone()),
+        policy,
+        on_handshake_refused,
+        on_denied,
+    };
+    let (mut server, incoming) = cellbank_client::server::secured(listener, security);
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(server.add_service(health).serve_with_incoming(incoming));
+    let check = |credentials: Arc<Credentials>| {
+        let addr = addr.clone();
+        async move {
+            let channel =
+                channel(&addr, Some(&credentials)).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await
+                .map(|_| ())
+        }
+    };
+    check(old_client.clone()).await.expect("the first certificates work");
+
+    // A new CA and new certificates in place of the old files.
+    std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+    std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+    let renewed = tempfile::tempdir().unwrap();
+    cellbank::certs::ensure(renewed.path(), common::CLUSTER, &[server_id.clone(), client_id.clone()]).unwrap();
+    for file in ["ca.pem", "router-7.pem", "router-7.key"] {
+        std::fs::copy(renewed.path().join(file), dir.path().join(file)).unwrap();
+    }
+    server_credentials.check_now();
+    let new_client = Credentials::load(cellbank::certs::paths(renewed.path(), &client_id)).unwrap();
+    check(new_client).await.expect("the renewed certificates are used");
+    assert!(check(old_client).await.is_err(), "the old CA's client is refused after the renewal");
+}
