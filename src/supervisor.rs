@@ -150,6 +150,12 @@ impl Topology {
         routers.chain(replicas).chain(crate::certs::client_identities(cluster)).collect()
     }
 
+    /// The services' scope policy of the routers: `policy.toml` in the
+    /// data directory (written with the local CLI's scope when missing).
+    pub fn policy_path(&self) -> PathBuf {
+        self.data_dir.join("policy.toml")
+    }
+
     /// The TLS files of `identity` (none when the cluster is insecure).
     fn tls_of(&self, identity: Identity) -> Option<TlsPaths> {
         (!self.insecure).then(|| crate::certs::paths(&self.certs_dir(), &identity))
@@ -213,6 +219,7 @@ impl Topology {
                 admin_token: self.admin_token.clone(),
                 tls: self.tls_of(Identity::Router { cluster: self.cluster.clone(), router: router.id }),
                 insecure: self.insecure,
+                policy: Some(self.policy_path()),
                 fault_injection: self.fault_injection,
                 forbid_own_grab: self.forbid_own_grab,
                 raft: RaftTuning::default(),
@@ -261,6 +268,10 @@ impl Supervisor {
             let operator = crate::certs::client_identities(&topology.cluster)[1].clone();
             let credentials = Credentials::load(crate::certs::paths(&dir, &operator))?;
             cellbank_client::tls::use_credentials(Some(credentials));
+        }
+        std::fs::create_dir_all(&topology.data_dir)?;
+        if !topology.policy_path().exists() {
+            std::fs::write(topology.policy_path(), cellbank_router::scopes::LOCAL_POLICY)?;
         }
         let mut processes = BTreeMap::new();
         for config in topology.replica_configs()? {

@@ -67,9 +67,11 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
         .unwrap_err();
     assert!(format!("{isolate:#}").contains("no cell 42"), "{isolate:#}");
 
-    // A configure straight at a cell with a bad epoch or an older epoch.
+    // A configure straight at a cell with a bad epoch or an older epoch
+    // (as a router: only routers may configure).
     let addr = cluster.sup.addr(cluster.cell_leader(1).await.expect("leader")).unwrap();
-    let channel = cellbank_client::ChannelSettings::OPERATOR.connect(&addr).await.unwrap();
+    let router = common::credentials_of("router/1");
+    let channel = cellbank_client::ChannelSettings::OPERATOR.connect_as(&addr, Some(&router)).await.unwrap();
     let mut cell = cellbank_client::channel::admin(channel);
     let zero = PairState { epoch: 0, role: PairRole::Active as i32, ..Default::default() };
     let error =

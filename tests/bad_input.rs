@@ -171,8 +171,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
     socket.write_all(b"\x00\xffGARBAGE\r\n\r\nnot a grpc frame at all\x13\x37").unwrap();
     drop(socket);
     // ...and a well-formed stream carrying bytes that are not Raft messages,
-    // or messages for another cell.
-    let mut raft = RaftTransportClient::new(channel.clone());
+    // or messages for another cell, from a certificate of this cell's
+    // group (anyone else is refused before the bytes are read).
+    let peer = common::credentials_of("cell/1/replica/9");
+    let peer_channel = cellbank_client::ChannelSettings::SERVICE.connect_as(&addr, Some(&peer)).await.unwrap();
+    let mut raft = RaftTransportClient::new(peer_channel);
     let garbage = RaftBatch {
         cell_id: 1,
         messages: vec![vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]],

@@ -38,11 +38,8 @@ fn identity(path: &str) -> Identity {
     Identity::parse(&format!("cellbank://{}/{path}", common::CLUSTER)).unwrap()
 }
 
-/// The credentials of `path` (issued by the test CA if missing).
 fn as_identity(path: &str) -> Arc<Credentials> {
-    let identity = identity(path);
-    common::issue(std::slice::from_ref(&identity));
-    Credentials::load(cellbank::certs::paths(common::test_certs(), &identity)).unwrap()
+    common::credentials_of(path)
 }
 
 /// A certificate naming `path` from a CA the cluster never saw.
@@ -364,4 +361,111 @@ async fn renewed_certificates_are_used_without_a_restart() {
     let new_client = Credentials::load(cellbank::certs::paths(renewed.path(), &client_id)).unwrap();
     check(new_client).await.expect("the renewed certificates are used");
     assert!(check(old_client).await.is_err(), "the old CA's client is refused after the renewal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_does_only_what_its_scope_allows_and_a_new_policy_applies_without_a_restart() {
+    use cellbank_proto::v1::{DepositRequest, TransferRequest};
+    let cluster = Cluster::start(1, 1, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
+    let policy = cluster.sup.topology.policy_path();
+    let scoped = r#"
+[service.payments]
+operations = ["open_account", "transfer", "get_account"]
+debit_users = [[1, 4]]
+[service.reporting]
+operations = ["get_account"]
+"#;
+    std::fs::write(&policy, scoped).unwrap();
+    let users: Vec<u64> = (1..=6).collect();
+    common::open_and_seed(&cluster.client(), &users, "CNY", 10_000).await;
+    // The routers look at the file at most once a second.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let router = cluster.routers()[0].clone();
+    let ledger = |path: &str| {
+        let credentials = as_identity(path);
+        let router = router.clone();
+        async move { LedgerClient::new(channel(&router, Some(&credentials)).await.unwrap()) }
+    };
+    let transfer = |id: &str, from: u64, to: u64| TransferRequest {
+        transfer_id_text: id.into(),
+        from_user_id: from,
+        to_user_id: to,
+        currency: "CNY".into(),
+        amount: 100,
+        ..Default::default()
+    };
+    let deposit = |id: &str| DepositRequest {
+        transfer_id_text: id.into(),
+        user_id: 1,
+        currency: "CNY".into(),
+        amount: 5,
+        ..Default::default()
+    };
+    let account = |user: u64| GetAccountRequest { user_id: user, currency: "CNY".into() };
+
+    let mut payments = ledger("service/payments").await;
+    payments.transfer(transfer("scoped-1", 1, 2)).await.expect("inside its scope");
+    let refused = payments.transfer(transfer("scoped-2", 5, 1)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("may not debit user 5: rule service.payments.debit_users"), "{refused:?}");
+    let refused = payments.deposit(deposit("scoped-3")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("rule service.payments.operations"), "{refused:?}");
+
+    let mut reporting = ledger("service/reporting").await;
+    reporting.get_account(account(5)).await.expect("read-only may read");
+    let refused = reporting.transfer(transfer("scoped-4", 3, 4)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = ledger("service/stranger").await.get_account(account(1)).await.unwrap_err();
+    assert!(refused.message().contains("names no such service"), "{refused:?}");
+
+    // Nothing refused was applied.
+    let operator = Arc::new(cluster.client());
+    let balance = |user: u64| {
+        let operator = operator.clone();
+        async move { operator.get_account(account(user)).await.unwrap().balance }
+    };
+    assert_eq!(balance(5).await, 10_000);
+    assert_eq!(balance(1).await, 9_900);
+    assert_eq!(balance(2).await, 10_100);
+
+    // A new policy applies to the next call, with no restart.
+    std::fs::write(
+        &policy,
+        scoped.replace("operations = [\"get_account\"]", "operations = [\"get_account\", \"deposit\"]"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    reporting.deposit(deposit("scoped-5")).await.expect("allowed by the new policy");
+    assert_eq!(balance(1).await, 9_905);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_failover_that_may_lose_writes_needs_a_second_operator() {
+    let mut cluster = Cluster::start(1, 1, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
+    // The standby lost: the pair turns DEGRADED, and a forced failover now
+    // could lose what only the active holds.
+    cluster.sup.kill_cell(2);
+    cluster.wait_for_mode(1, PairMode::Degraded, Duration::from_secs(30)).await;
+    let router = cluster.routers()[0].clone();
+    let admin = |path: &str| {
+        let credentials = as_identity(path);
+        let router = router.clone();
+        async move { RouterAdminClient::new(channel(&router, Some(&credentials)).await.unwrap()) }
+    };
+    let force = || FailoverRequest { pair_id: 1, force: true, who: String::new(), why: "drill".into() };
+    let held = admin("operator/alice").await.failover(force()).await.unwrap_err();
+    assert_eq!(held.code(), Code::FailedPrecondition);
+    assert!(held.message().contains("needs a second operator"), "{held:?}");
+    let again = admin("operator/alice").await.failover(force()).await.unwrap_err();
+    assert!(again.message().contains("a different operator must approve it"), "{again:?}");
+    // A second operator lets it through to the coordinator, which judges
+    // the failover itself (here: the standby is dead, nothing to promote).
+    let approved = admin("operator/bob").await.failover(force()).await.unwrap_err();
+    assert!(!approved.message().contains("second operator"), "{approved:?}");
+    assert!(!approved.message().contains("different operator"), "{approved:?}");
+    let table = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!(table.pairs[0].active_cell_id, 1, "the active is unchanged");
 }

@@ -36,6 +36,11 @@ pub struct RouterConfig {
     /// everything). For a laptop only; the process warns at every start.
     #[serde(default)]
     pub insecure: bool,
+    /// What each service may do through the Ledger API (TOML, reloaded
+    /// when it changes; see `scopes`). Without one, services may do
+    /// nothing (operators are not scoped).
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
     /// Allows the IsolateCells fault-injection call (drills and tests only).
     #[serde(default)]
     pub fault_injection: bool,

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::cells::CellPool;
+use crate::scopes::{Operation, Scopes};
 use crate::table::{self, to_pair, Route};
 
 /// Deadline of a request that carries none.
@@ -42,6 +43,8 @@ pub struct Front {
     pub pool: Arc<CellPool>,
     /// Senders may not grab their own envelopes (router config).
     pub forbid_own_grab: bool,
+    /// What each service may do (the policy file).
+    pub scopes: Arc<Scopes>,
     /// Accounts known to exist (user, currency): they are never closed.
     accounts: std::sync::Mutex<std::collections::HashSet<(u64, String)>>,
     /// Envelope currencies, fixed at send.
@@ -82,14 +85,21 @@ fn refused(code: ResultCode, field: &str, detail: String) -> GrabEnvelopeRespons
 }
 
 impl Front {
-    pub fn new(pool: Arc<CellPool>, forbid_own_grab: bool) -> Front {
+    pub fn new(pool: Arc<CellPool>, forbid_own_grab: bool, scopes: Arc<Scopes>) -> Front {
         Front {
             grabs: crate::grabs::GrabBatcher::new(pool.clone()),
             pool,
             forbid_own_grab,
+            scopes,
             accounts: Default::default(),
             envelope_currencies: Default::default(),
         }
+    }
+
+    /// Refuses `operation` (debiting `debits`) to a service whose scope
+    /// does not allow it.
+    fn allow<T>(&self, request: &Request<T>, operation: Operation, debits: &[u64]) -> Result<(), Status> {
+        self.scopes.check(cellbank_client::gate::caller(request), operation, debits)
     }
 
     /// The pairs of two users (None before the table is bootstrapped).
@@ -180,6 +190,7 @@ impl LedgerApi for Front {
         request: Request<OpenAccountRequest>,
     ) -> Result<Response<OpenAccountResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::OpenAccount, &[])?;
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let response = self
@@ -194,6 +205,7 @@ impl LedgerApi for Front {
 
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::Deposit, &[])?;
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         let check = TransferRequest {
@@ -212,6 +224,7 @@ impl LedgerApi for Front {
 
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::Withdraw, &[request.get_ref().user_id])?;
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         let check = TransferRequest {
@@ -230,6 +243,7 @@ impl LedgerApi for Front {
 
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::Transfer, &[request.get_ref().from_user_id])?;
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
@@ -251,6 +265,8 @@ impl LedgerApi for Front {
         request: Request<SubmitTransfersRequest>,
     ) -> Result<Response<SubmitTransfersResponse>, Status> {
         let deadline = deadline_of(&request);
+        let debits: Vec<u64> = request.get_ref().transfers.iter().map(|t| t.from_user_id).collect();
+        self.allow(&request, Operation::SubmitTransfers, &debits)?;
         let items = request.into_inner().transfers;
         if items.is_empty() {
             return Err(Status::invalid_argument("transfers: must hold at least one transfer"));
@@ -337,6 +353,7 @@ impl LedgerApi for Front {
 
     async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::GetAccount, &[])?;
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let response = self
@@ -351,6 +368,7 @@ impl LedgerApi for Front {
         request: Request<GetTransferRequest>,
     ) -> Result<Response<GetTransferResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::GetTransfer, &[])?;
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
@@ -382,6 +400,7 @@ impl LedgerApi for Front {
         request: Request<ListTransfersRequest>,
     ) -> Result<Response<ListTransfersResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::ListTransfers, &[])?;
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let response = self
@@ -396,6 +415,7 @@ impl LedgerApi for Front {
         request: Request<SendEnvelopeRequest>,
     ) -> Result<Response<SendEnvelopeResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::SendEnvelope, &[request.get_ref().sender_user_id])?;
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::transfer_id(&r.transfer_id).map_err(invalid)?;
@@ -412,6 +432,7 @@ impl LedgerApi for Front {
         request: Request<GrabEnvelopeRequest>,
     ) -> Result<Response<GrabEnvelopeResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::GrabEnvelope, &[])?;
         let r = request.into_inner();
         let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
         validate::user_id("user_id", r.user_id).map_err(invalid)?;
@@ -466,6 +487,7 @@ impl LedgerApi for Front {
         request: Request<GetEnvelopeRequest>,
     ) -> Result<Response<GetEnvelopeResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.allow(&request, Operation::GetEnvelope, &[])?;
         let r = request.into_inner();
         let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
         let response =

@@ -27,5 +27,6 @@ pub mod front;
 pub mod grabs;
 pub mod metrics;
 pub mod reconcile;
+pub mod scopes;
 pub mod server;
 pub mod table;

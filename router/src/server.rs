@@ -99,7 +99,8 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     })
     .max_decoding_message_size(MESSAGE_BYTES_MAX)
     .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let front = LedgerServer::new(Front::new(pool.clone(), config.forbid_own_grab))
+    let scopes = Arc::new(crate::scopes::Scopes::load(config.policy.clone())?);
+    let front = LedgerServer::new(Front::new(pool.clone(), config.forbid_own_grab, scopes))
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let admin = RouterAdminServer::new(AdminService {

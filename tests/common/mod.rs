@@ -42,6 +42,15 @@ pub fn test_certs() -> &'static std::path::Path {
     })
 }
 
+/// The credentials of `path` (`router/1`, `service/payments`, ...) from
+/// the test CA, issued if missing: for calls as another identity than the
+/// tests' operator.
+pub fn credentials_of(path: &str) -> std::sync::Arc<cellbank_client::tls::Credentials> {
+    let identity = cellbank_client::tls::Identity::parse(&format!("cellbank://{CLUSTER}/{path}")).expect("identity");
+    issue(std::slice::from_ref(&identity));
+    cellbank_client::tls::Credentials::load(cellbank::certs::paths(test_certs(), &identity)).expect("credentials")
+}
+
 /// Issues `identities` in the test certificate directory if missing.
 pub fn issue(identities: &[cellbank_client::tls::Identity]) {
     cellbank::certs::ensure(test_certs(), CLUSTER, identities).expect("issue test certificates");
