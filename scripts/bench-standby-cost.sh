@@ -16,6 +16,8 @@ trap 'kill "$up_pid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$wor
 for topology in deploy/local/cluster.toml deploy/local/no-standby.toml; do
   for api in batch unary; do
     rm -rf "$work/data"
+    # The cluster's certificates, which `up` makes on its first start.
+    export CELLBANK_CERTS="$work/data/certs"
     "$bin" up --topology "$topology" --data-dir "$work/data" >"$work/up.log" 2>&1 &
     up_pid=$!
     # Wait until every pair is in its steady mode.

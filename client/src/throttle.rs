@@ -2,8 +2,10 @@
 //! authorization: brute force and replay cost the one who tries, not the
 //! cluster.
 //!
-//! Each failure bars the key (an address, an identity) for a time that
-//! doubles with every failure: `base`, `2 × base`, ... up to `max`. While
+//! Past `free` failures (an allowance for an ordinary mistake, such as a
+//! client retrying with a wrong setting a few times), each failure bars the
+//! key (an address, an identity) for a time that doubles with every
+//! failure: `base`, `2 × base`, ... up to `max`. While
 //! barred, the key's attempts are refused before any work is done (no TLS
 //! handshake, no handler). A key with no failure for `forget_after` starts
 //! again from `base`. The table is bounded: past [`KEYS_MAX`] keys, those
@@ -29,11 +31,19 @@ pub struct Throttle<K> {
     pub base: Duration,
     pub max: Duration,
     pub forget_after: Duration,
+    /// Failures in a row that bar nothing yet.
+    pub free: u32,
 }
 
 impl<K: Hash + Eq + Clone> Throttle<K> {
     pub fn new(base: Duration, max: Duration, forget_after: Duration) -> Throttle<K> {
-        Throttle { entries: Mutex::new(HashMap::new()), base, max, forget_after }
+        Throttle { entries: Mutex::new(HashMap::new()), base, max, forget_after, free: 0 }
+    }
+
+    /// The same, with `free` failures allowed before the first bar.
+    pub fn with_free(mut self, free: u32) -> Throttle<K> {
+        self.free = free;
+        self
     }
 
     /// 100 ms after the first failure, doubling to a minute; forgotten
@@ -75,7 +85,10 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
 
     /// The bar after `failures` failures in a row.
     pub fn bar_after(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
+        if failures <= self.free {
+            return Duration::ZERO;
+        }
+        let doublings = (failures - self.free).saturating_sub(1).min(31);
         self.base.saturating_mul(1u32 << doublings).min(self.max)
     }
 
@@ -101,6 +114,17 @@ mod tests {
         assert_eq!(throttle.barred(&"b"), None, "another key is not barred");
         assert_eq!(throttle.failures(&"a"), 6);
         assert_eq!(throttle.bar_after(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_free_failures_bar_nothing() {
+        let throttle =
+            Throttle::new(Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(60)).with_free(2);
+        assert_eq!(throttle.failed("a"), Duration::ZERO);
+        assert_eq!(throttle.failed("a"), Duration::ZERO);
+        assert_eq!(throttle.barred(&"a"), None);
+        assert_eq!(throttle.failed("a"), Duration::from_millis(100));
+        assert!(throttle.barred(&"a").is_some());
     }
 
     #[test]

@@ -513,10 +513,16 @@ pub type HandshakeObserver = Arc<dyn Fn(IpAddr, &HandshakeRefusal) + Send + Sync
 /// most, per listener; more are closed at once.
 pub const DELAYED_CONNECTIONS_MAX: usize = 64;
 
-/// The throttle of failed handshakes: an address's next connections wait
-/// 100 ms after its first failure, doubling to 5 s.
+/// Failed handshakes from one address that hold nothing back yet: a
+/// client started with a wrong setting retries a few times, and the other
+/// clients on its host must not wait for it.
+pub const HANDSHAKE_FAILURES_FREE: u32 = 8;
+
+/// The throttle of failed handshakes: past [`HANDSHAKE_FAILURES_FREE`]
+/// failures, an address's next connections wait 100 ms, doubling to 5 s.
 pub fn handshake_throttle() -> Throttle<IpAddr> {
     Throttle::new(Duration::from_millis(100), Duration::from_secs(5), Duration::from_secs(300))
+        .with_free(HANDSHAKE_FAILURES_FREE)
 }
 
 /// The connections of `listener`, each past its TLS handshake when
