@@ -153,33 +153,84 @@ pub fn render(registry: &Registry) -> String {
 const HTTP_REQUEST_BYTES_MAX: usize = 8 * 1024;
 
 /// Serves `GET /metrics` (any path, in fact) in the Prometheus text format.
+/// Longest a scrape connection may take, from accept to the last byte
+/// written: a client that sends nothing, or reads nothing, is dropped.
+pub const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Scrape connections served at once; more are closed unanswered.
+pub const SCRAPES_IN_FLIGHT_MAX: usize = 32;
+
 pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
+    serve_with(listener, registry, SCRAPE_TIMEOUT).await
+}
+
+/// [`serve`] with a given time limit per connection.
+pub async fn serve_with(listener: tokio::net::TcpListener, registry: Registry, timeout: std::time::Duration) {
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(SCRAPES_IN_FLIGHT_MAX));
     loop {
-        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let mut socket = match listener.accept().await {
+            Ok((socket, _)) => socket,
+            Err(_) => {
+                // Out of descriptors and the like: wait, do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
         let registry = registry.clone();
         tokio::spawn(async move {
-            let mut buffer = vec![0u8; HTTP_REQUEST_BYTES_MAX];
-            let mut read = 0;
-            while read < buffer.len() {
-                match socket.read(&mut buffer[read..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => read += n,
+            let _permit = permit;
+            let answer = async {
+                let mut buffer = vec![0u8; HTTP_REQUEST_BYTES_MAX];
+                let mut read = 0;
+                while read < buffer.len() {
+                    match socket.read(&mut buffer[read..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read += n,
+                    }
+                    if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
                 }
-                if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let body = render(&registry);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(body.as_bytes()).await;
+                let body = render(&registry);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+            };
+            let _ = tokio::time::timeout(timeout, answer).await;
         });
     }
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_scrape_is_answered_and_a_silent_connection_is_dropped_after_the_limit() {
+        let registry = RaftMetrics::new(1, 1).registry;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_with(listener, registry, Duration::from_millis(200)));
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        scrape.read_to_string(&mut body).await.unwrap();
+        assert!(body.starts_with("HTTP/1.1 200 OK") && body.contains("cellbank_raft_term"), "{body}");
+        // A client that connects and sends nothing is closed at the limit.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the silent connection was never closed");
+        assert!(rest.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(150), "closed after {:?}", started.elapsed());
+    }
 }
