@@ -220,6 +220,9 @@ struct CellArgs {
     /// Run without TLS (never in production).
     #[arg(long)]
     insecure: bool,
+    /// The cluster's name (in certificates and in every peer message).
+    #[arg(long, default_value = cellbank_client::tls::DEFAULT_CLUSTER)]
+    cluster: String,
 }
 
 fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -255,6 +258,7 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
                 )
             }),
             insecure: args.insecure,
+            cluster: args.cluster,
         },
     };
     if let Some(threshold) = args.log_compact_threshold_entries {

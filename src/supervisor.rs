@@ -58,7 +58,7 @@ pub struct Topology {
 }
 
 fn default_cluster() -> String {
-    "local".into()
+    cellbank_client::tls::default_cluster()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +193,7 @@ impl Topology {
                         replica: replica.id,
                     }),
                     insecure: self.insecure,
+                    cluster: self.cluster.clone(),
                 });
             }
         }
@@ -219,6 +220,7 @@ impl Topology {
                 admin_token: self.admin_token.clone(),
                 tls: self.tls_of(Identity::Router { cluster: self.cluster.clone(), router: router.id }),
                 insecure: self.insecure,
+                cluster: self.cluster.clone(),
                 policy: Some(self.policy_path()),
                 fault_injection: self.fault_injection,
                 forbid_own_grab: self.forbid_own_grab,

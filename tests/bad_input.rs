@@ -176,15 +176,31 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let peer = common::credentials_of("cell/1/replica/9");
     let peer_channel = cellbank_client::ChannelSettings::SERVICE.connect_as(&addr, Some(&peer)).await.unwrap();
     let mut raft = RaftTransportClient::new(peer_channel);
-    let garbage = RaftBatch {
+    let sealed = |mut batch: RaftBatch| {
+        batch.checksum = cellbank_client::integrity::raft_batch(&batch);
+        batch
+    };
+    let garbage = sealed(RaftBatch {
         cell_id: 1,
         messages: vec![vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]],
         from_replica_id: 9,
         from_addr: "x".into(),
-    };
-    let status = raft.stream(tokio_stream::iter(vec![garbage])).await.unwrap_err();
+        cluster: common::CLUSTER.into(),
+        checksum: 0,
+    });
+    let status = raft.stream(tokio_stream::iter(vec![garbage.clone()])).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let wrong_cell = RaftBatch { cell_id: 77, messages: vec![], from_replica_id: 9, from_addr: "x".into() };
+    // The same with a byte flipped after sealing: refused before decoding.
+    let mut flipped = garbage.clone();
+    flipped.messages[0][0] ^= 1;
+    let status = raft.stream(tokio_stream::iter(vec![flipped])).await.unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    // Sealed by a process of another cluster.
+    let foreign = sealed(RaftBatch { cluster: "another".into(), messages: vec![], ..garbage.clone() });
+    let status = raft.stream(tokio_stream::iter(vec![foreign])).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("cluster"), "{status:?}");
+    let wrong_cell = sealed(RaftBatch { cell_id: 77, messages: vec![], ..garbage.clone() });
     let status = raft.stream(tokio_stream::iter(vec![wrong_cell])).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
@@ -198,7 +214,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let entry = raft::eraftpb::Entry { data: vec![0xff; 16].into(), ..Default::default() };
     forged.entries = vec![entry].into();
     let forged = protobuf::Message::write_to_bytes(&forged).unwrap();
-    let batch = RaftBatch { cell_id: 1, messages: vec![forged], from_replica_id: 1, from_addr: String::new() };
+    let batch = sealed(RaftBatch { messages: vec![forged], from_replica_id: 1, ..garbage });
     raft.stream(tokio_stream::iter(vec![batch])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cell.status(1).await.unwrap().applied_index, applied_before, "a forged proposal reached the log");

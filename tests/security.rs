@@ -23,7 +23,7 @@ use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
 use cellbank_proto::cell::standby_client::StandbyClient;
 use cellbank_proto::cell::{
     ship_batch, ChangeMembershipRequest, ConfigureRequest, CreditBatch, CreditCommand, CreditSender, PairState,
-    RaftBatch, ShipBatch, ShipHello,
+    RaftBatch, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk, StatusRequest,
 };
 use cellbank_proto::router::courier_client::CourierClient;
 use cellbank_proto::router::router_admin_client::RouterAdminClient;
@@ -71,7 +71,34 @@ fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
 }
 
 fn hello(source_cell_id: u64, epoch: u64) -> ShipBatch {
-    ShipBatch { kind: Some(ship_batch::Kind::Hello(ShipHello { source_cell_id, epoch })) }
+    let cluster = common::CLUSTER.into();
+    ShipBatch { kind: Some(ship_batch::Kind::Hello(ShipHello { source_cell_id, epoch, cluster })) }
+}
+
+fn sealed_entries(source_cell_id: u64, epoch: u64, entries: Vec<Vec<u8>>) -> ShipBatch {
+    let mut batch = SourceEntries { source_cell_id, epoch, first_index: 1, entries, checksum: 0 };
+    batch.checksum = cellbank_client::integrity::source_entries(&batch);
+    ShipBatch { kind: Some(ship_batch::Kind::Entries(batch)) }
+}
+
+/// Ships `batches` to `addr` as `credentials`; the acks, or the status the
+/// stream ended with.
+async fn ship(addr: &str, credentials: &Arc<Credentials>, batches: Vec<ShipBatch>) -> Result<usize, tonic::Status> {
+    let ch = channel(addr, Some(credentials)).await.unwrap();
+    let mut acks = StandbyClient::new(ch).replicate(futures::stream::iter(batches)).await?.into_inner();
+    let mut count = 0;
+    while acks.message().await?.is_some() {
+        count += 1;
+    }
+    Ok(count)
+}
+
+fn sealed_raft(cell_id: u64, from_replica_id: u64, messages: Vec<raft::eraftpb::Message>) -> RaftBatch {
+    let messages = messages.iter().map(|m| protobuf::Message::write_to_bytes(m).unwrap()).collect();
+    let cluster = common::CLUSTER.into();
+    let mut batch = RaftBatch { cell_id, messages, from_replica_id, from_addr: String::new(), cluster, checksum: 0 };
+    batch.checksum = cellbank_client::integrity::raft_batch(&batch);
+    batch
 }
 
 fn forged_credit(source_pair_id: u64, cell_id: u64, to_user_id: u64, dest_pair_id: u64) -> CreditBatch {
@@ -165,7 +192,7 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
     };
     assert_eq!(code_of(ReplicaAdminClient::new(ch).configure(huge_term.clone()).await), Code::PermissionDenied);
     let ch = channel(&cell(1), Some(&service("raft-forger"))).await.unwrap();
-    let batch = RaftBatch { cell_id: 1, messages: vec![vec![0xff; 64]], from_replica_id: 9, from_addr: String::new() };
+    let batch = RaftBatch { cell_id: 1, messages: vec![vec![0xff; 64]], from_replica_id: 9, ..Default::default() };
     let raft = RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await;
     assert_eq!(code_of(raft), Code::PermissionDenied);
     let ch = channel(&cell(3), Some(&service("shipper"))).await.unwrap();
@@ -178,9 +205,84 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
     assert_eq!(code_of(shipped), Code::PermissionDenied);
     // A replica of a cell of this group calling RaftTransport of another cell.
     let ch = channel(&cell(1), Some(&as_identity("cell/2/replica/2"))).await.unwrap();
-    let batch = RaftBatch { cell_id: 1, messages: vec![], from_replica_id: 2, from_addr: String::new() };
+    let batch = RaftBatch { cell_id: 1, from_replica_id: 2, ..Default::default() };
     let raft = RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await;
     assert_eq!(code_of(raft), Code::PermissionDenied);
+
+    // Integrity, from the right identities: cell 1 (pair 1's active)
+    // shipping to its standby (cell 3) a poison entry (not a command
+    // batch), a corrupt checksum, a snapshot chunk outside the ledger, or a
+    // hello naming another cluster. Each ends the stream before anything is
+    // proposed.
+    let epoch = table.pairs.iter().find(|p| p.pair_id == 1).expect("pair 1").epoch;
+    let active = as_identity("cell/1/replica/1");
+    let mut standby_leader = None;
+    for addr in cluster.sup.cell_endpoints(3) {
+        match ship(&addr, &active, vec![hello(1, epoch)]).await {
+            Ok(_) => standby_leader = Some(addr),
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+    }
+    let standby_leader = standby_leader.expect("cell 3 has a leader that takes cell 1's hello");
+    let poison = ship(&standby_leader, &active, vec![hello(1, epoch), sealed_entries(1, epoch, vec![vec![0xff; 16]])]);
+    let status = poison.await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("not a command batch"), "{status:?}");
+    let mut corrupt = sealed_entries(1, epoch, vec![Vec::new()]);
+    if let Some(ship_batch::Kind::Entries(entries)) = &mut corrupt.kind {
+        entries.checksum ^= 1;
+    }
+    let status = ship(&standby_leader, &active, vec![hello(1, epoch), corrupt]).await.unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    let mut outside = SourceSnapshotChunk {
+        source_cell_id: 1,
+        epoch,
+        snapshot_index: 1,
+        keys: vec![b"\x00raft".to_vec()],
+        values: vec![vec![1]],
+        ..Default::default()
+    };
+    outside.checksum = cellbank_client::integrity::source_snapshot(&outside);
+    let chunk = ShipBatch { kind: Some(ship_batch::Kind::Snapshot(outside)) };
+    let status = ship(&standby_leader, &active, vec![hello(1, epoch), chunk]).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut foreign_hello = hello(1, epoch);
+    if let Some(ship_batch::Kind::Hello(hello)) = &mut foreign_hello.kind {
+        hello.cluster = "another".into();
+    }
+    let status = ship(&standby_leader, &active, vec![foreign_hello]).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // A heartbeat that commits past a follower's log, in the follower's
+    // term from its leader's id, sealed and sent as a replica of its cell:
+    // raft-rs would abort the process; the follower refuses it and serves on.
+    let mut follower = None;
+    for addr in cluster.sup.cell_endpoints(1) {
+        let ch = ChannelSettings::SERVICE.connect(&addr).await.unwrap();
+        let status = ReplicaAdminClient::new(ch).status(StatusRequest {}).await.unwrap().into_inner();
+        if status.leader_id != 0 && status.leader_id != status.replica_id {
+            follower = Some((addr, status));
+        }
+    }
+    let (follower_addr, follower_status) = follower.expect("cell 1 has a follower");
+    let follower_id = follower_status.replica_id;
+    let mut heartbeat = raft::eraftpb::Message::default();
+    heartbeat.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+    heartbeat.to = follower_status.replica_id;
+    heartbeat.from = follower_status.leader_id;
+    heartbeat.term = follower_status.term;
+    heartbeat.commit = follower_status.last_log_index + 1_000;
+    let ch = channel(&follower_addr, Some(&as_identity("cell/1/replica/9"))).await.unwrap();
+    let batch = sealed_raft(1, follower_status.leader_id, vec![heartbeat]);
+    RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ch = ChannelSettings::SERVICE.connect(&follower_addr).await.unwrap();
+    ReplicaAdminClient::new(ch).status(StatusRequest {}).await.expect("the follower still serves");
+    // Counted by the same process (a restarted one would count from 0).
+    let follower_metrics =
+        cluster.sup.metrics_addr(cellbank::supervisor::ProcessId::Replica { cell: 1, replica: follower_id }).unwrap();
+    let refused = common::metric(&follower_metrics, "cellbank_raft_messages_refused_total", "").await;
+    assert!(refused >= Some(1), "the forged heartbeat is counted: {refused:?}");
 
     // A router changing a cell's membership; an operator forging a
     // coordinator's Configure with a huge term.

@@ -42,6 +42,10 @@ pub struct ReplicaConfig {
     /// everything). For a laptop only; the process warns at every start.
     #[serde(default)]
     pub insecure: bool,
+    /// The cluster's name: this replica's certificate must name it, and
+    /// every Raft message and standby shipment carries it.
+    #[serde(default = "cellbank_client::tls::default_cluster")]
+    pub cluster: String,
 }
 
 impl ReplicaConfig {
@@ -92,6 +96,7 @@ mod tests {
             admin_token: Some("t".into()),
             tls: Some(cellbank_client::tls::TlsPaths::in_dir(std::path::Path::new("certs"), "cell-1-replica-2")),
             insecure: false,
+            cluster: "prod".into(),
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);

@@ -32,6 +32,8 @@ pub const PAGE_SIZE_DEFAULT: u32 = 100;
 /// What every service of a replica shares.
 #[derive(Clone)]
 pub struct ReplicaContext {
+    /// The cluster's name (checked on every standby stream's hello).
+    pub cluster: String,
     pub cell_id: u64,
     pub replica_id: u64,
     pub addr: String,

@@ -481,6 +481,8 @@ pub fn on_refusal(ship: &mut ShipState, pair_epoch: u64, epoch: u64) -> bool {
 
 /// Everything the shipper needs from its replica.
 pub struct Shipper {
+    /// The cluster's name, in every hello.
+    pub cluster: String,
     pub cell_id: u64,
     pub node: DriverHandle<Ledger>,
     pub db: Arc<DB>,
@@ -595,7 +597,7 @@ impl Shipper {
         // leader its authority for that term only.
         let term = self.node.shared.leader_term.load(Ordering::Relaxed);
         let (tx, rx) = mpsc::channel::<ShipBatch>(SHIP_IN_FLIGHT_MAX + 2);
-        let hello = ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch };
+        let hello = self.hello(pair_state);
         let hello_sent = Instant::now();
         tx.try_send(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }).expect("fresh channel has room");
         let response = match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
@@ -693,8 +695,14 @@ impl Shipper {
                     return SessionEnd::Failed(format!("entry {next} was compacted; the standby needs a snapshot"));
                 };
                 let count = entries.len() as u64;
-                let batch =
-                    SourceEntries { source_cell_id: self.cell_id, epoch: pair_state.epoch, first_index: next, entries };
+                let mut batch = SourceEntries {
+                    source_cell_id: self.cell_id,
+                    epoch: pair_state.epoch,
+                    first_index: next,
+                    entries,
+                    checksum: 0,
+                };
+                batch.checksum = cellbank_client::integrity::source_entries(&batch);
                 if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Entries(batch)) }).await.is_err() {
                     return SessionEnd::Failed("the stream closed".into());
                 }
@@ -703,7 +711,7 @@ impl Shipper {
                 in_flight.push_back((next - 1, last_sent));
             }
             if in_flight.is_empty() && last_sent.elapsed() >= KEEPALIVE_INTERVAL {
-                let hello = ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch };
+                let hello = self.hello(pair_state);
                 if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }).await.is_err() {
                     return SessionEnd::Failed("the stream closed".into());
                 }
@@ -756,7 +764,8 @@ impl Shipper {
         let mut chunks = chunks.into_iter();
         while acked < total {
             while sent < total && sent - acked < SHIP_IN_FLIGHT_MAX {
-                let chunk = chunks.next().expect("counted");
+                let mut chunk = chunks.next().expect("counted");
+                chunk.checksum = cellbank_client::integrity::source_snapshot(&chunk);
                 if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Snapshot(chunk)) }).await.is_err() {
                     return Err(SessionEnd::Failed("the stream closed".into()));
                 }
@@ -771,6 +780,10 @@ impl Shipper {
         }
         self.set_ship_state(|s| s.acked_index = s.acked_index.max(snapshot_index));
         Ok(snapshot_index)
+    }
+
+    fn hello(&self, pair_state: &PairState) -> ShipHello {
+        ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch, cluster: self.cluster.clone() }
     }
 
     /// The ledger region and this cell's pair state, from one consistent view.
@@ -835,7 +848,7 @@ mod tests {
             source_index: 40,
             ..Default::default()
         };
-        let hello = ShipHello { source_cell_id: 1, epoch: 3 };
+        let hello = ShipHello { source_cell_id: 1, epoch: 3, cluster: "local".into() };
         assert_eq!(judge_keepalive(2, true, &standby, &hello), Keepalive::Answer);
         assert_eq!(judge_keepalive(2, false, &standby, &hello), Keepalive::NotLeader);
         // Promoted (a later epoch): the source is superseded.

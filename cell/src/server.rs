@@ -75,6 +75,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let credentials = cellbank_client::tls::server_credentials(
         config.tls.as_ref(),
         config.insecure,
+        &config.cluster,
         &format!("cell/{}/replica/{}", config.cell_id, config.replica_id),
     )?;
     // This process's own calls (Raft, shipping, the courier) go out with
@@ -90,6 +91,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let pair_history: crate::ledger::PairHistory = Arc::default();
     let ledger = Ledger::with_view(db.clone(), pair_view.clone(), pair_history.clone(), settling_until.clone());
     let member = GroupMember {
+        cluster: &config.cluster,
         group_id: config.cell_id,
         replica_id: config.replica_id,
         addr: addr.to_string(),
@@ -100,6 +102,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
 
     let replication = Arc::new(Replication::new(pair_history));
     let context = ReplicaContext {
+        cluster: config.cluster.clone(),
         cell_id: config.cell_id,
         replica_id: config.replica_id,
         addr: addr.to_string(),
@@ -112,7 +115,14 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         replication: replication.clone(),
         settling_until,
     };
-    let shipper = Arc::new(Shipper { cell_id: config.cell_id, node: handle.clone(), db, pair: pair_view, replication });
+    let shipper = Arc::new(Shipper {
+        cluster: config.cluster.clone(),
+        cell_id: config.cell_id,
+        node: handle.clone(),
+        db,
+        pair: pair_view,
+        replication,
+    });
     let shipper_task = tokio::spawn(shipper.run());
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
@@ -121,6 +131,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
     let transport_service = RaftTransportServer::new(TransportService {
+        cluster: config.cluster.clone(),
         group_id: config.cell_id,
         replica_id: config.replica_id,
         node: handle.clone(),

@@ -36,6 +36,7 @@ pub mod currency;
 pub mod deadline;
 pub mod errors;
 pub mod gate;
+pub mod integrity;
 pub mod pair;
 pub mod retry;
 pub mod routers;

@@ -210,17 +210,27 @@ pub enum TlsError {
 /// (`cell/3/replica/2`, `router/1`), from its config's `tls` and
 /// `insecure`: loaded and checked when given; `None` (plaintext, logged as
 /// a warning) only when `insecure` is set; an error otherwise.
+/// The cluster name a configuration has when it names none.
+pub const DEFAULT_CLUSTER: &str = "local";
+
+/// For serde defaults.
+pub fn default_cluster() -> String {
+    DEFAULT_CLUSTER.into()
+}
+
 pub fn server_credentials(
     tls: Option<&TlsPaths>,
     insecure: bool,
+    cluster: &str,
     expected: &str,
 ) -> Result<Option<Arc<Credentials>>, TlsError> {
     match tls {
         Some(paths) => {
             let credentials = Credentials::load(paths.clone())?;
             let found = credentials.identity();
-            if found.path() != expected {
-                return Err(TlsError::WrongIdentity { path: paths.cert.clone(), found, expected: expected.into() });
+            if found.path() != expected || found.cluster() != cluster {
+                let expected = format!("cellbank://{cluster}/{expected}");
+                return Err(TlsError::WrongIdentity { path: paths.cert.clone(), found, expected });
             }
             if insecure {
                 tracing::warn!("insecure = true is ignored: TLS credentials are given and used");

@@ -22,6 +22,8 @@ pub struct Group<SM: StateMachine> {
 
 /// What identifies a replica within its group.
 pub struct GroupMember<'a> {
+    /// The cluster's name, carried by every message to the group's peers.
+    pub cluster: &'a str,
     pub group_id: u64,
     pub replica_id: u64,
     /// This replica's gRPC address, as peers should dial it.
@@ -46,8 +48,14 @@ pub fn node_config(replica_id: u64, tuning: &RaftTuning) -> NodeConfig {
 /// Must run inside a tokio runtime (the transport's tasks live there).
 pub fn start<SM: StateMachine>(member: GroupMember<'_>, db: Arc<DB>, sm: SM, metrics: Arc<RaftMetrics>) -> Group<SM> {
     let node = RaftNode::open(node_config(member.replica_id, member.tuning), db, sm, member.peers, metrics.clone());
-    let transport =
-        GrpcTransport::new(member.group_id, member.replica_id, member.addr, tokio::runtime::Handle::current(), metrics);
+    let transport = GrpcTransport::new(
+        member.cluster.to_string(),
+        member.group_id,
+        member.replica_id,
+        member.addr,
+        tokio::runtime::Handle::current(),
+        metrics,
+    );
     let sink: Arc<dyn MessageSink> = transport.clone();
     // The reporter is bound before the node thread starts so that every peer
     // task can report back; it reaches the node through a late-set handle.

@@ -85,6 +85,13 @@ pub trait StateMachine: Send + 'static {
     /// function of (state, index, data). Panics on corruption.
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<Self::Output>;
 
+    /// Checks a normal entry that arrived from the network, before raft
+    /// takes it: an entry `apply` could not decode is refused here, where
+    /// nothing has changed yet, instead of panicking every replica at apply.
+    fn check_entry(&self, _data: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The state was replaced by a snapshot: drop anything held in memory.
     fn restored(&mut self) {}
 }

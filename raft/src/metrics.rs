@@ -24,6 +24,7 @@ pub struct RaftMetrics {
     pub snapshots_installed_total: IntCounter,
     pub snapshots_sent_total: IntCounter,
     pub raft_messages_dropped_total: IntCounter,
+    pub raft_messages_refused_total: IntCounter,
 }
 
 /// Registers a counter in `registry`.
@@ -136,6 +137,11 @@ impl RaftMetrics {
                 r,
                 "raft_messages_dropped_total",
                 "Raft messages dropped (queue full or peer down).",
+            ),
+            raft_messages_refused_total: counter(
+                r,
+                "raft_messages_refused_total",
+                "Raft messages from peers refused before raft saw them: malformed, forged or corrupt.",
             ),
             registry,
         }

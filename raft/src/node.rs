@@ -72,9 +72,32 @@ pub enum StepError {
     Propose { from: u64 },
     #[error("heartbeat from replica {from} commits index {commit}, past this log's last index {last_index}")]
     CommitPastLog { from: u64, commit: u64, last_index: u64 },
+    #[error("{field} {value} from replica {from} is out of range")]
+    OutOfRange { from: u64, field: &'static str, value: u64 },
+    #[error("{0:?} from the network must carry a term")]
+    NoTerm(MessageType),
+    #[error("{kind:?} from replica {from} carries {what}, which only {only} may")]
+    Misplaced { from: u64, kind: MessageType, what: &'static str, only: &'static str },
+    #[error("append from replica {from}: entry {at} of {count} is at index {index}, not {expected}")]
+    Gap { from: u64, at: usize, count: usize, index: u64, expected: u64 },
+    #[error("append from replica {from}: entry {index} has term {term}, outside {low}..={high}")]
+    EntryTerm { from: u64, index: u64, term: u64, low: u64, high: u64 },
+    #[error("append from replica {from}: entry {index} (term {term}) conflicts with the committed log")]
+    ConflictsCommitted { from: u64, index: u64, term: u64 },
+    #[error("append from replica {from}: entry {index} is not valid: {why}")]
+    BadEntry { from: u64, index: u64, why: String },
+    #[error("snapshot from replica {from} is not valid: {why}")]
+    BadSnapshot { from: u64, why: String },
+    #[error("append response from replica {from} acknowledges index {index}, past this log's last index {last_index}")]
+    AckPastLog { from: u64, index: u64, last_index: u64 },
     #[error("raft refused the message: {0}")]
     Raft(raft::Error),
 }
+
+/// The largest term or index a message may carry. Real ones are far below
+/// (a term a second for 10^11 years); anything near `u64::MAX` would only
+/// overflow raft-rs's `+ 1`s.
+pub const TERM_INDEX_MAX: u64 = 1 << 62;
 
 pub type Responder<T> = Box<dyn FnOnce(Result<T, ProposeError>) + Send>;
 
@@ -185,6 +208,8 @@ pub struct RaftNode<SM: StateMachine> {
     peers: BTreeMap<u64, String>,
     snapshots_installed: u64,
     metrics: Arc<RaftMetrics>,
+    /// When a refused message was last logged.
+    refusal_logged: Option<std::time::Instant>,
     /// The lowest index another consumer of the log (the standby shipper)
     /// still needs; 0 when none.
     retain_floor: u64,
@@ -289,6 +314,7 @@ impl<SM: StateMachine> RaftNode<SM> {
             snapshots_installed: 0,
             retain_floor: 0,
             metrics,
+            refusal_logged: None,
         }
     }
 
@@ -343,15 +369,152 @@ impl<SM: StateMachine> RaftNode<SM> {
             // from the network would let any peer write the log.
             return Err(StepError::Propose { from: message.from });
         }
-        // raft-rs aborts the process on a heartbeat that commits past the
-        // log (`commit_to`). A leader never sends one (it commits at most
-        // what the follower acknowledged holding), so it is forged or
-        // corrupt: refused here, where nothing has changed yet.
-        let last_index = self.raw.raft.raft_log.last_index();
-        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last_index {
-            return Err(StepError::CommitPastLog { from: message.from, commit: message.commit, last_index });
+        if let Err(refusal) = self.check_message(&message) {
+            self.metrics.raft_messages_refused_total.inc();
+            // At most one line a second: a peer sending garbage must not
+            // flood the log.
+            let now = std::time::Instant::now();
+            if self.refusal_logged.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
+                self.refusal_logged = Some(now);
+                tracing::warn!(replica = self.config.replica_id, "refused a raft message: {refusal}");
+            }
+            return Err(refusal);
         }
         self.raw.step(message).map_err(StepError::Raft)
+    }
+
+    /// Refuses, before raft-rs sees it, any message that an honest peer
+    /// never sends and that raft-rs would abort on (it treats such inputs as
+    /// its own bugs: `fatal!`), or that would put something in the log that
+    /// this replica could not apply. Found and kept honest by the hostile
+    /// message fuzz test (`tests/hostile_messages.rs`).
+    fn check_message(&self, message: &Message) -> Result<(), StepError> {
+        let from = message.from;
+        let kind = message.get_msg_type();
+        for (field, value) in [
+            ("term", message.term),
+            ("index", message.index),
+            ("log_term", message.log_term),
+            ("commit", message.commit),
+            ("commit_term", message.commit_term),
+            ("reject_hint", message.reject_hint),
+            ("request_snapshot", message.request_snapshot),
+        ] {
+            if value > TERM_INDEX_MAX {
+                return Err(StepError::OutOfRange { from, field, value });
+            }
+        }
+        if from == 0 || from == self.config.replica_id {
+            return Err(StepError::OutOfRange { from, field: "from", value: from });
+        }
+        // Followers forward read requests and leader transfers to the
+        // leader without a term (as raft-rs does proposals), and raft-rs
+        // panics forwarding one that has a term; every other message from a
+        // peer carries one, and raft-rs panics answering a vote request of
+        // term 0.
+        let forwarded = matches!(kind, MessageType::MsgReadIndex | MessageType::MsgTransferLeader);
+        if forwarded && message.term != 0 {
+            return Err(StepError::OutOfRange { from, field: "term of a forwarded request", value: message.term });
+        }
+        if message.term == 0 && !forwarded {
+            return Err(StepError::NoTerm(kind));
+        }
+        // A read request and its answer carry the request's context as
+        // their one entry (raft-rs reads `entries[0]` unchecked).
+        let reads = matches!(kind, MessageType::MsgReadIndex | MessageType::MsgReadIndexResp);
+        if reads && message.entries.len() != 1 {
+            return Err(StepError::Misplaced { from, kind, what: "other than one entry", only: "no read" });
+        }
+        if !message.entries.is_empty() && kind != MessageType::MsgAppend && !reads {
+            return Err(StepError::Misplaced { from, kind, what: "entries", only: "MsgAppend and reads" });
+        }
+        if kind != MessageType::MsgSnapshot && message.has_snapshot() && !message.get_snapshot().is_empty() {
+            return Err(StepError::Misplaced { from, kind, what: "a snapshot", only: "MsgSnapshot" });
+        }
+        let log = &self.raw.raft.raft_log;
+        let last_index = log.last_index();
+        match kind {
+            // raft-rs aborts the process on a heartbeat that commits past
+            // the log (`commit_to`). A leader never sends one (it commits at
+            // most what the follower acknowledged holding).
+            MessageType::MsgHeartbeat if message.commit > last_index => {
+                Err(StepError::CommitPastLog { from, commit: message.commit, last_index })
+            }
+            MessageType::MsgAppend => self.check_append(message),
+            MessageType::MsgSnapshot => {
+                check_snapshot(message)?;
+                // raft-rs ignores a snapshot below its commit index, and
+                // fast-forwards to one that matches its log; one at the
+                // commit index with another term would replace committed
+                // state.
+                let metadata = message.get_snapshot().get_metadata();
+                let known = log.term(metadata.index).unwrap_or(0);
+                let conflicts = metadata.index <= log.committed && known != 0 && known != metadata.term;
+                if conflicts || (metadata.index == log.committed && !log.match_term(metadata.index, metadata.term)) {
+                    return Err(StepError::ConflictsCommitted { from, index: metadata.index, term: metadata.term });
+                }
+                Ok(())
+            }
+            // A leader counts an acknowledgement toward commit: one past its
+            // own log would commit entries it does not hold.
+            MessageType::MsgAppendResponse if !message.reject && message.index > last_index => {
+                Err(StepError::AckPastLog { from, index: message.index, last_index })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An append's entries follow its index one by one, with terms that
+    /// never fall and never pass the sender's term; none rewrites a
+    /// committed entry; each is one this replica can apply.
+    fn check_append(&self, message: &Message) -> Result<(), StepError> {
+        let from = message.from;
+        let log = &self.raw.raft.raft_log;
+        let count = message.entries.len();
+        // raft-rs reads the term of an index past its log as 0, so an append
+        // after such an index with log term 0 would "match" and commit
+        // entries this replica does not hold.
+        if (message.log_term == 0) != (message.index == 0) || message.log_term > message.term {
+            return Err(StepError::EntryTerm {
+                from,
+                index: message.index,
+                term: message.log_term,
+                low: u64::from(message.index != 0),
+                high: message.term,
+            });
+        }
+        let mut low = message.log_term.max(1);
+        for (at, entry) in message.entries.iter().enumerate() {
+            let expected = message.index + 1 + at as u64;
+            if entry.index != expected {
+                return Err(StepError::Gap { from, at, count, index: entry.index, expected });
+            }
+            if entry.term < low || entry.term > message.term {
+                return Err(StepError::EntryTerm {
+                    from,
+                    index: entry.index,
+                    term: entry.term,
+                    low,
+                    high: message.term,
+                });
+            }
+            low = entry.term;
+            if entry.index <= log.committed && !log.match_term(entry.index, entry.term) {
+                return Err(StepError::ConflictsCommitted { from, index: entry.index, term: entry.term });
+            }
+            let bad = |why: String| StepError::BadEntry { from, index: entry.index, why };
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => self.sm.check_entry(&entry.data).map_err(bad)?,
+                EntryType::EntryConfChange => {
+                    ConfChange::parse_from_bytes(&entry.data).map_err(|e| bad(format!("not a conf change: {e}")))?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    return Err(bad("a joint conf change, which cellbank never proposes".into()))
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn report_unreachable(&mut self, replica_id: u64) {
@@ -659,16 +822,35 @@ impl<SM: StateMachine> RaftNode<SM> {
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .unwrap_or_else(|e| panic!("entry {} holds a corrupt conf change: {e}", entry.index));
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&change)
-                        .unwrap_or_else(|e| panic!("conf change at {} could not apply: {e}", entry.index));
-                    self.record_peer_change(&mut batch, &change);
-                    applied.push((entry.index, entry.term, Applied::ConfChange(cs.clone())));
-                    conf_state = Some(cs);
+                    // raft-rs refuses a change its rules forbid (removing
+                    // the last voter) before changing anything; every
+                    // replica refuses the same entry the same way, so it is
+                    // skipped, and its proposer hears that it did not apply.
+                    match self.raw.apply_conf_change(&change) {
+                        Ok(cs) => {
+                            self.record_peer_change(&mut batch, &change);
+                            applied.push((entry.index, entry.term, Applied::ConfChange(cs.clone())));
+                            conf_state = Some(cs);
+                        }
+                        Err(e) => tracing::error!(index = entry.index, "conf change skipped: raft refused it: {e}"),
+                    }
                 }
+                // cellbank never proposes one, and refuses snapshots and
+                // appends that would lead raft-rs to (leaving a joint
+                // configuration); one in the log is applied as raft-rs
+                // rules say, or skipped as every replica skips it.
                 EntryType::EntryConfChangeV2 => {
-                    panic!("entry {} is a joint conf change, which cellbank never proposes", entry.index)
+                    let outcome = raft::eraftpb::ConfChangeV2::parse_from_bytes(&entry.data)
+                        .map_err(|e| e.to_string())
+                        .and_then(|change| self.raw.apply_conf_change(&change).map_err(|e| e.to_string()));
+                    match outcome {
+                        Ok(cs) => {
+                            tracing::warn!(index = entry.index, "applied a joint conf change");
+                            applied.push((entry.index, entry.term, Applied::ConfChange(cs.clone())));
+                            conf_state = Some(cs);
+                        }
+                        Err(e) => tracing::error!(index = entry.index, "joint conf change skipped: {e}"),
+                    }
                 }
             }
             self.applied_index = entry.index;
@@ -819,6 +1001,94 @@ impl<SM: StateMachine> RaftNode<SM> {
             snapshots_installed: self.snapshots_installed,
         }
     }
+}
+
+/// A snapshot raft-rs can restore without aborting: its metadata names a
+/// real index and term and a configuration raft-rs's own change rules can
+/// rebuild, and its body decodes.
+fn check_snapshot(message: &Message) -> Result<(), StepError> {
+    let bad = |why: String| StepError::BadSnapshot { from: message.from, why };
+    let snapshot = message.get_snapshot();
+    let metadata = snapshot.get_metadata();
+    if metadata.index == 0 || metadata.index > TERM_INDEX_MAX || metadata.term == 0 || metadata.term > message.term {
+        return Err(bad(format!(
+            "index {} term {} in a message of term {}",
+            metadata.index, metadata.term, message.term
+        )));
+    }
+    let cs = metadata.get_conf_state();
+    // cellbank changes membership one replica at a time and never enters a
+    // joint configuration; raft-rs would leave one by proposing a joint
+    // conf change of its own.
+    if !cs.voters_outgoing.is_empty() || !cs.learners_next.is_empty() || cs.auto_leave {
+        return Err(bad(format!("a joint configuration {cs:?}")));
+    }
+    check_conf_state(cs).map_err(bad)?;
+    crate::storage::decode_snapshot_body(&snapshot.data).map_err(|e| bad(e.to_string()))?;
+    Ok(())
+}
+
+/// Rebuilds a configuration the way raft-rs does when it restores a
+/// snapshot (`confchange::restore`) and requires the same result: raft-rs
+/// aborts on a configuration it cannot rebuild or that comes out different.
+pub fn check_conf_state(cs: &ConfState) -> Result<(), String> {
+    use raft::eraftpb::ConfChangeSingle;
+    let lists = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next];
+    for list in lists {
+        let mut sorted = list.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != list.len() || sorted.first() == Some(&0) {
+            return Err(format!("a configuration list with repeats or replica 0: {list:?}"));
+        }
+    }
+    if cs.voters.is_empty() {
+        return Err("a configuration without voters".into());
+    }
+    let single = |id: u64, change_type: ConfChangeType| {
+        let mut change = ConfChangeSingle::default();
+        change.node_id = id;
+        change.set_change_type(change_type);
+        change
+    };
+    let mut tracker = raft::ProgressTracker::new(1);
+    let outgoing: Vec<_> = cs.voters_outgoing.iter().map(|&id| single(id, ConfChangeType::AddNode)).collect();
+    let mut incoming: Vec<_> = cs.voters_outgoing.iter().map(|&id| single(id, ConfChangeType::RemoveNode)).collect();
+    incoming.extend(cs.voters.iter().map(|&id| single(id, ConfChangeType::AddNode)));
+    incoming.extend(cs.learners.iter().map(|&id| single(id, ConfChangeType::AddLearnerNode)));
+    incoming.extend(cs.learners_next.iter().map(|&id| single(id, ConfChangeType::AddLearnerNode)));
+    let refused = |e: raft::Error| format!("configuration {cs:?} cannot be rebuilt: {e}");
+    if outgoing.is_empty() {
+        if cs.auto_leave || !cs.learners_next.is_empty() {
+            return Err(format!("configuration {cs:?} is not joint but carries joint fields"));
+        }
+        for change in incoming {
+            let (conf, changes) = raft::Changer::new(&tracker).simple(&[change]).map_err(refused)?;
+            tracker.apply_conf(conf, changes, 1);
+        }
+    } else {
+        for change in outgoing {
+            let (conf, changes) = raft::Changer::new(&tracker).simple(&[change]).map_err(refused)?;
+            tracker.apply_conf(conf, changes, 1);
+        }
+        let (conf, changes) = raft::Changer::new(&tracker).enter_joint(cs.auto_leave, &incoming).map_err(refused)?;
+        tracker.apply_conf(conf, changes, 1);
+    }
+    let rebuilt = tracker.conf().to_conf_state();
+    let sorted = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    let same = sorted(&rebuilt.voters) == sorted(&cs.voters)
+        && sorted(&rebuilt.learners) == sorted(&cs.learners)
+        && sorted(&rebuilt.voters_outgoing) == sorted(&cs.voters_outgoing)
+        && sorted(&rebuilt.learners_next) == sorted(&cs.learners_next)
+        && rebuilt.auto_leave == cs.auto_leave;
+    if !same {
+        return Err(format!("configuration {cs:?} rebuilds as {rebuilt:?}"));
+    }
+    Ok(())
 }
 
 /// True when a message carries a snapshot (sent through the chunked path).

@@ -15,9 +15,12 @@ use crate::driver::{DriverHandle, Input};
 use crate::metrics::RaftMetrics;
 use crate::transport::{GrpcTransport, SNAPSHOT_BYTES_MAX};
 use crate::StateMachine;
+use cellbank_client::integrity;
 
 /// Peer messages and snapshots for one Raft group.
 pub struct TransportService<SM: StateMachine> {
+    /// The cluster's name: a message from another cluster is refused.
+    pub cluster: String,
     pub group_id: u64,
     pub replica_id: u64,
     pub node: DriverHandle<SM>,
@@ -58,6 +61,8 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
             self.check_cell(batch.cell_id)?;
+            integrity::check_cluster(&batch.cluster, &self.cluster)?;
+            integrity::check(batch.checksum, integrity::raft_batch(&batch))?;
             // A drill's delay holds the whole batch once.
             if let Some(crate::faults::Hit::Delay(delay)) = crate::faults::message("raft.recv", batch.from_replica_id) {
                 tokio::time::sleep(delay).await;
@@ -70,7 +75,9 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
                 if message.from == batch.from_replica_id {
                     self.transport.learn(batch.from_replica_id, &batch.from_addr);
                 }
-                // A full queue drops the message; raft retransmits.
+                // Messages the node refuses (`RaftNode::step`) are logged
+                // and counted there. A full queue drops the message; raft
+                // retransmits.
                 let _ = self.node.send(Input::Raft(Box::new(message)));
             }
         }
@@ -81,14 +88,46 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<TransportAck>, Status> {
-        // One snapshot at a time: each may hold gigabytes.
+        // One snapshot at a time: each may hold gigabytes. The permit is
+        // released when this call returns, and it returns within
+        // SNAPSHOT_RECEIVE_TIMEOUT whatever the sender does.
         let _permit = self
             .snapshot_receives
             .try_acquire()
             .map_err(|_| Status::resource_exhausted("another snapshot is being received"))?;
-        let mut stream = request.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
+        match tokio::time::timeout(SNAPSHOT_RECEIVE_TIMEOUT, self.receive_snapshot(request.into_inner())).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!("a snapshot receive took longer than {SNAPSHOT_RECEIVE_TIMEOUT:?}: dropped");
+                Err(Status::deadline_exceeded(format!("snapshot: not received within {SNAPSHOT_RECEIVE_TIMEOUT:?}")))
+            }
+        }
+    }
+}
+
+/// Longest a snapshot receive may take (4 GiB at about 8 MiB/s); the sender
+/// retries after that, and another sender may take the permit.
+pub const SNAPSHOT_RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Longest wait for the next chunk of a snapshot.
+pub const SNAPSHOT_CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl<SM: StateMachine> TransportService<SM> {
+    /// The next chunk, checked, or the end of the stream.
+    async fn next_chunk(&self, stream: &mut Streaming<SnapshotChunk>) -> Result<Option<SnapshotChunk>, Status> {
+        let chunk = tokio::time::timeout(SNAPSHOT_CHUNK_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("snapshot: no chunk for {SNAPSHOT_CHUNK_TIMEOUT:?}")))??;
+        if let Some(chunk) = &chunk {
+            integrity::check(chunk.checksum, integrity::snapshot_chunk(chunk))?;
+        }
+        Ok(chunk)
+    }
+
+    async fn receive_snapshot(&self, mut stream: Streaming<SnapshotChunk>) -> Result<Response<TransportAck>, Status> {
+        let first =
+            self.next_chunk(&mut stream).await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
         self.check_cell(first.cell_id)?;
+        integrity::check_cluster(&first.cluster, &self.cluster)?;
         let mut message = self
             .decode(&first.message)?
             .ok_or_else(|| Status::invalid_argument("message: snapshot for another replica"))?;
@@ -103,7 +142,7 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
         }
         let mut body = Vec::new();
         body.extend_from_slice(&first.data);
-        while let Some(chunk) = stream.message().await? {
+        while let Some(chunk) = self.next_chunk(&mut stream).await? {
             if body.len() + chunk.data.len() > first.total_len as usize {
                 return Err(Status::invalid_argument("data: snapshot longer than total_len"));
             }

@@ -50,6 +50,7 @@ struct Peer {
 }
 
 pub struct GrpcTransport {
+    cluster: String,
     cell_id: u64,
     replica_id: u64,
     addr: String,
@@ -61,6 +62,7 @@ pub struct GrpcTransport {
 
 impl GrpcTransport {
     pub fn new(
+        cluster: String,
         cell_id: u64,
         replica_id: u64,
         addr: String,
@@ -68,6 +70,7 @@ impl GrpcTransport {
         metrics: Arc<RaftMetrics>,
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
+            cluster,
             cell_id,
             replica_id,
             addr,
@@ -98,7 +101,12 @@ impl GrpcTransport {
     fn start_peer(&self, peers: &mut HashMap<u64, Peer>, id: u64, addr: String) {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
         let reporter = self.reporter.lock().expect("reporter lock").clone();
-        let identity = Identity { cell_id: self.cell_id, replica_id: self.replica_id, addr: self.addr.clone() };
+        let identity = Identity {
+            cluster: self.cluster.clone(),
+            cell_id: self.cell_id,
+            replica_id: self.replica_id,
+            addr: self.addr.clone(),
+        };
         let task = self.runtime.spawn(run_peer(identity, id, addr.clone(), rx, reporter, self.metrics.clone()));
         peers.insert(id, Peer { addr, tx, task });
     }
@@ -185,6 +193,7 @@ pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::tra
 
 #[derive(Clone)]
 struct Identity {
+    cluster: String,
     cell_id: u64,
     replica_id: u64,
     addr: String,
@@ -235,7 +244,7 @@ async fn run_peer(
             while let Some(message) = next.take() {
                 if is_snapshot(&message) {
                     let snapshot =
-                        send_snapshot(channel.clone(), identity.cell_id, message, reporter.clone(), metrics.clone());
+                        send_snapshot(channel.clone(), identity.clone(), message, reporter.clone(), metrics.clone());
                     tokio::spawn(snapshot);
                 } else {
                     let bytes = message.write_to_bytes().expect("encode raft message");
@@ -252,12 +261,15 @@ async fn run_peer(
             if let Some(crate::faults::Hit::Delay(delay)) = crate::faults::message("raft.send", peer_id) {
                 tokio::time::sleep(delay).await;
             }
-            let batch = RaftBatch {
+            let mut batch = RaftBatch {
                 cell_id: identity.cell_id,
                 messages: encoded,
                 from_replica_id: identity.replica_id,
                 from_addr: identity.addr.clone(),
+                cluster: identity.cluster.clone(),
+                checksum: 0,
             };
+            batch.checksum = cellbank_client::integrity::raft_batch(&batch);
             if stream_tx.send(batch).await.is_err() {
                 report(&reporter, Report::Unreachable(peer_id));
                 break;
@@ -270,7 +282,7 @@ async fn run_peer(
 
 async fn send_snapshot(
     channel: tonic::transport::Channel,
-    cell_id: u64,
+    identity: Identity,
     mut message: Message,
     reporter: Option<Reporter>,
     metrics: Arc<RaftMetrics>,
@@ -279,9 +291,15 @@ async fn send_snapshot(
     let body = std::mem::take(&mut message.mut_snapshot().data);
     let head = message.write_to_bytes().expect("encode snapshot message");
     let total_len = body.len() as u64;
-    let mut chunks = vec![SnapshotChunk { cell_id, message: head, total_len, data: Vec::new() }];
+    let cell_id = identity.cell_id;
+    let sealed = |mut chunk: SnapshotChunk| {
+        chunk.checksum = cellbank_client::integrity::snapshot_chunk(&chunk);
+        chunk
+    };
+    let first = SnapshotChunk { cell_id, message: head, total_len, cluster: identity.cluster, ..Default::default() };
+    let mut chunks = vec![sealed(first)];
     for piece in body.chunks(SNAPSHOT_CHUNK_BYTES) {
-        chunks.push(SnapshotChunk { cell_id, message: Vec::new(), total_len: 0, data: piece.to_vec() });
+        chunks.push(sealed(SnapshotChunk { cell_id, data: piece.to_vec(), ..Default::default() }));
     }
     let mut client = cellbank_client::channel::raft_transport(channel);
     let delivered = client.send_snapshot(tokio_stream::iter(chunks)).await.is_ok();

@@ -36,6 +36,10 @@ pub struct RouterConfig {
     /// everything). For a laptop only; the process warns at every start.
     #[serde(default)]
     pub insecure: bool,
+    /// The cluster's name: this router's certificate must name it, and
+    /// every message to the other routers carries it.
+    #[serde(default = "cellbank_client::tls::default_cluster")]
+    pub cluster: String,
     /// What each service may do through the Ledger API (TOML, reloaded
     /// when it changes; see `scopes`). Without one, services may do
     /// nothing (operators are not scoped).

@@ -65,6 +65,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     let credentials = cellbank_client::tls::server_credentials(
         config.tls.as_ref(),
         config.insecure,
+        &config.cluster,
         &format!("router/{}", config.router_id),
     )?;
     // This router's calls to the cells and the other routers go out with
@@ -78,6 +79,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     let table: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
     let machine = TableMachine::new(Some(db.clone()), table.clone());
     let member = GroupMember {
+        cluster: &config.cluster,
         group_id: ROUTER_GROUP_ID,
         replica_id: config.router_id,
         addr: addr.to_string(),
@@ -113,6 +115,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         approvals: Default::default(),
     });
     let transport_service = RaftTransportServer::new(TransportService {
+        cluster: config.cluster.clone(),
         group_id: ROUTER_GROUP_ID,
         replica_id: config.router_id,
         node: handle.clone(),

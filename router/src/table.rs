@@ -308,6 +308,10 @@ impl StateMachine for TableMachine {
         TableBatch { timestamp_ms, commands }.encode_to_vec()
     }
 
+    fn check_entry(&self, data: &[u8]) -> Result<(), String> {
+        TableBatch::decode(data).map(|_| ()).map_err(|e| format!("not a table batch: {e}"))
+    }
+
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TableCommandResult> {
         let batch = TableBatch::decode(data)
             .unwrap_or_else(|e| panic!("entry {index} is not a table batch ({e}); the log is corrupt"));

@@ -1824,7 +1824,13 @@ impl World {
                             })
                             .collect();
                         let count = data.len() as u64;
-                        let batch = SourceEntries { source_cell_id: cell, epoch, first_index: *next, entries: data };
+                        let batch = SourceEntries {
+                            source_cell_id: cell,
+                            epoch,
+                            first_index: *next,
+                            entries: data,
+                            checksum: 0,
+                        };
                         out.push(Msg::Ship { session, seq: 0, kind: command::Kind::SourceEntries(batch) });
                         *next += count;
                         *last_sent_local = local;
@@ -1971,6 +1977,9 @@ impl World {
             keys,
             values,
             source_state: Some(source_state),
+            // The simulator proposes into the ledger directly; the checksum
+            // is checked by the standby service, which it stands in for.
+            checksum: 0,
         };
         (r.applied, chunk)
     }

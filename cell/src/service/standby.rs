@@ -5,7 +5,9 @@
 use std::sync::atomic::Ordering;
 
 use cellbank_proto::cell::standby_server::Standby as StandbyApi;
-use cellbank_proto::cell::{command, ship_batch, Command, PairState, ShipAck, ShipBatch, ShipHello};
+use cellbank_proto::cell::{
+    command, ship_batch, Command, PairState, ShipAck, ShipBatch, ShipHello, SourceEntries, SourceSnapshotChunk,
+};
 use cellbank_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -49,6 +51,22 @@ fn check_shipper(caller: Option<&cellbank_client::tls::Identity>, source_cell_id
             Some("/cellbank.cell.v1.Standby/Replicate"),
         )),
     }
+}
+
+/// Shipped entries are checked before they are proposed: the checksum, and
+/// that each entry is a command batch this cell can apply. What fails ends
+/// the stream and is never in the standby's log.
+fn check_entries(shipped: &SourceEntries) -> Result<(), Status> {
+    use cellbank_client::integrity;
+    integrity::check(shipped.checksum, integrity::source_entries(shipped))?;
+    crate::ledger::check_source_entries(shipped).map_err(|e| Status::invalid_argument(format!("entries: {e}")))
+}
+
+/// A shipped snapshot chunk's checksum and shape, before it is proposed.
+fn check_snapshot_chunk(chunk: &SourceSnapshotChunk) -> Result<(), Status> {
+    use cellbank_client::integrity;
+    integrity::check(chunk.checksum, integrity::source_snapshot(chunk))?;
+    crate::ledger::check_source_snapshot(chunk).map_err(|e| Status::invalid_argument(format!("snapshot: {e}")))
 }
 
 /// The status a refused hello (or keepalive) ends the stream with.
@@ -96,6 +114,7 @@ impl StandbyApi for StandbyService {
             }
             return Err(status);
         }
+        cellbank_client::integrity::check_cluster(&hello.cluster, &context.cluster)?;
         self.check_hello(&hello)?;
         // Everything committed before the hello is applied before the
         // answer, so the source index it names is the one the log holds.
@@ -111,9 +130,17 @@ impl StandbyApi for StandbyService {
                     message = inbound.message(), if inbound_open && pending.len() < STANDBY_IN_FLIGHT_MAX => {
                         let command = match message {
                             Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Entries(entries)) })) => {
+                                if let Err(status) = check_entries(&entries) {
+                                    let _ = tx.send(Err(status)).await;
+                                    return;
+                                }
                                 command::Kind::SourceEntries(entries)
                             }
                             Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Snapshot(chunk)) })) => {
+                                if let Err(status) = check_snapshot_chunk(&chunk) {
+                                    let _ = tx.send(Err(status)).await;
+                                    return;
+                                }
                                 command::Kind::SourceSnapshot(chunk)
                             }
                             Ok(Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(keepalive)) })) => {
