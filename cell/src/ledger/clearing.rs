@@ -30,7 +30,7 @@ use cellbank_proto::v1::{ResultCode, Settlement, TransferKind, TransferRecord, T
 use cellbank_proto::ShortName;
 use prost::Message;
 
-use super::{keys, read_record, rejection, result, validate, AccountId, Currency, Ledger};
+use super::{inconsistent, keys, read_record, rejection, result, validate, AccountId, Currency, Ledger};
 use cellbank_raft::Kv;
 
 /// Clearing totals with one peer in one currency.
@@ -228,8 +228,9 @@ impl Ledger {
             // The same payment under another seq (a forked history, or a
             // sender that recreated it): the first one's answer, no money.
             let first_seq = u64::from_be_bytes(first_seq.as_slice().try_into().expect("a business key holds a seq"));
-            let recorded = read_record(kv, &keys::inbox(credit.source_pair_id, first_seq))
-                .unwrap_or_else(|| panic!("business key names credit {first_seq}, which is missing"));
+            let Some(recorded) = read_record(kv, &keys::inbox(credit.source_pair_id, first_seq)) else {
+                return inconsistent(format!("a business key names credit {first_seq}, which is missing"), index);
+            };
             if recorded.amount != credit.amount || recorded.currency != credit.currency {
                 let detail = format!(
                     "transfer {} to user {} was first credited as seq {first_seq} with another amount or currency",
@@ -337,8 +338,9 @@ impl Ledger {
         };
         let credit = entry.credit.clone().expect("an outbox entry holds its credit");
         let currency = Currency::parse(&credit.currency).expect("outbox currencies were validated");
-        let mut record = read_record(kv, &entry.record_key)
-            .unwrap_or_else(|| panic!("outbox entry {} names a missing record", settle.seq));
+        let Some(mut record) = read_record(kv, &entry.record_key) else {
+            return inconsistent(format!("outbox entry {} names a missing record", settle.seq), index);
+        };
         let code = ResultCode::try_from(settle.code).unwrap_or(ResultCode::Unspecified);
         if !settles(code) {
             let detail = format!("{} is not a final answer to a credit", code.short_name());

@@ -184,8 +184,10 @@ impl Ledger {
         }
         if let Some(position) = kv.get(&keys::grabber(&grab.envelope_id, grab.user_id)) {
             let share_index = u32::from_be_bytes(position.as_slice().try_into().expect("share position is 4 bytes"));
-            let record =
-                read_record(kv, &keys::grab(&grab.envelope_id, share_index)).expect("a grabber's share has its record");
+            let Some(record) = read_record(kv, &keys::grab(&grab.envelope_id, share_index)) else {
+                let why = format!("user {} holds share {share_index}, which has no record", grab.user_id);
+                return super::inconsistent(why, index);
+            };
             let mut answer = rejection(
                 ResultCode::AlreadyGrabbed,
                 "user_id",

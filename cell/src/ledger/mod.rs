@@ -22,6 +22,7 @@ pub mod clearing;
 pub mod envelope;
 pub mod keys;
 pub mod pair;
+pub mod records;
 
 use std::collections::BTreeMap;
 
@@ -235,6 +236,15 @@ pub fn read_transfer(kv: &dyn Kv, transfer_id: &[u8]) -> Option<TransferRecord> 
     })
 }
 
+/// A record names another that is not there: the state was installed from a
+/// snapshot that is not one this ledger could have written. Every replica
+/// holds the same state and refuses the same command the same way; nothing
+/// changes, and the error says where to look.
+pub(crate) fn inconsistent(why: String, index: u64) -> TransferResult {
+    tracing::error!(index, "inconsistent ledger state: {why}");
+    rejection(ResultCode::CellNotWritable, "state", format!("inconsistent ledger state: {why}"), index)
+}
+
 fn result(code: ResultCode, applied_index: u64) -> TransferResult {
     TransferResult { code: code as i32, applied_index, ..Default::default() }
 }
@@ -339,6 +349,8 @@ pub enum InvalidShipment {
     Unpaired { keys: usize, values: usize },
     #[error("key {0:02x?} is outside the ledger")]
     OutsideLedger(Vec<u8>),
+    #[error("key {key:02x?}: {why}")]
+    BadRecord { key: Vec<u8>, why: String },
 }
 
 /// Each shipped entry decoded (`None`: an entry without commands).
@@ -375,6 +387,9 @@ pub fn check_source_snapshot(chunk: &SourceSnapshotChunk) -> Result<(), InvalidS
     if let Some(key) = chunk.keys.iter().find(|k| k.as_slice() < pair::LEDGER_START || k.as_slice() >= pair::LEDGER_END)
     {
         return Err(InvalidShipment::OutsideLedger(key.clone()));
+    }
+    for (key, value) in chunk.keys.iter().zip(&chunk.values) {
+        records::check_record(key, value).map_err(|why| InvalidShipment::BadRecord { key: key.clone(), why })?;
     }
     Ok(())
 }
@@ -705,10 +720,10 @@ impl Ledger {
             );
             return rejection(ResultCode::CellNotWritable, "chunk", detail, index);
         }
-        if let Some(key) =
-            chunk.keys.iter().find(|k| k.as_slice() < pair::LEDGER_START || k.as_slice() >= pair::LEDGER_END)
-        {
-            return rejection(ResultCode::InvalidItem, "keys", format!("key {key:02x?} is outside the ledger"), index);
+        // The standby's service checks the same before proposing; a chunk
+        // in a log written before that check is refused here, whole.
+        if let Err(invalid) = check_source_snapshot(chunk) {
+            return rejection(ResultCode::InvalidItem, "keys", invalid.to_string(), index);
         }
         if chunk.chunk == 0 && own.source_index > 0 && chunk.snapshot_index < own.source_index {
             let detail = format!(

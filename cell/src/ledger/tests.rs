@@ -870,3 +870,205 @@ fn each_epoch_numbers_its_credits_from_its_own_range() {
     // An unpaired cell counts from 1.
     assert_eq!(clearing::first_seq_of_epoch(0), 1);
 }
+
+/// Mutation fuzzing of what a replica applies from network bytes: valid
+/// command batches of every kind (moves, cross-cell credits and settlements,
+/// envelopes, pair configuration, shipped entries and snapshot chunks,
+/// deposition) are mutated byte-wise (flips, interesting values, inserts,
+/// deletions, duplicated and spliced ranges, truncation), and whatever
+/// still decodes is checked the way the services check it before
+/// proposing, then applied, to a plain ledger and to a standby. The
+/// property: nothing panics, and while no snapshot chunk has replaced the
+/// state, money is conserved after every command.
+///
+/// `CELLBANK_FUZZ_CASES` (default 200,000) and `CELLBANK_FUZZ_SEED`.
+#[test]
+fn mutated_command_batches_never_panic_and_conserve_money() {
+    use rand::{Rng, SeedableRng};
+    let cases: u64 = std::env::var("CELLBANK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let seed: u64 = std::env::var("CELLBANK_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    println!("mutated command batches: {cases} cases, seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (corpus, chunk_index) = fuzz_corpus();
+    let batch = |commands: Vec<Command>| CommandBatch { timestamp_ms: NOW, commands }.encode_to_vec();
+    let corpus: Vec<Vec<u8>> = corpus.into_iter().map(batch).collect();
+    let (mut decoded, mut applied_ok) = (0u64, 0u64);
+    let mut harness = fuzz_harness(false, chunk_index);
+    let mut tainted = false;
+    for case in 0..cases {
+        if case % 200 == 0 {
+            let standby = rng.gen_bool(0.5);
+            harness = fuzz_harness(standby, chunk_index);
+            tainted = standby;
+        }
+        let mut bytes = corpus[rng.gen_range(0..corpus.len())].clone();
+        let mutations = if rng.gen_bool(0.7) { 1 } else { rng.gen_range(2..5) };
+        for _ in 0..mutations {
+            mutate(&mut rng, &mut bytes, &corpus);
+        }
+        let Ok(batch) = CommandBatch::decode(bytes.as_slice()) else { continue };
+        decoded += 1;
+        for command in batch.commands {
+            // What the standby service checks before proposing.
+            match &command.kind {
+                Some(command::Kind::SourceEntries(e)) if check_source_entries(e).is_err() => continue,
+                Some(command::Kind::SourceSnapshot(c)) if check_source_snapshot(c).is_err() => continue,
+                _ => {}
+            }
+            let is_chunk = matches!(command.kind, Some(command::Kind::SourceSnapshot(_)));
+            let shown = format!("{command:?}");
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                harness.index += 1;
+                harness.ledger.apply_command(&mut harness.kv, harness.index, batch.timestamp_ms, &command)
+            }));
+            let result = outcome.unwrap_or_else(|_| panic!("case {case} (seed {seed}) panicked on {shown}"));
+            if result.code == ResultCode::Ok as i32 {
+                applied_ok += 1;
+                tainted |= is_chunk;
+            }
+            if !tainted {
+                harness.assert_conserved();
+            }
+        }
+    }
+    println!("{cases} mutated batches: {decoded} decoded, {applied_ok} commands applied; no panic");
+    assert!(decoded > cases / 10 && applied_ok > 0, "the mutations must reach apply");
+}
+
+/// Valid commands of every kind, and the source index a shipped snapshot
+/// chunk in them leaves a standby at.
+fn fuzz_corpus() -> (Vec<Vec<Command>>, u64) {
+    let mut source = Harness::new();
+    for user in 1..=4 {
+        source.apply(open(user, "CNY"));
+        source.apply(deposit(&format!("d{user}"), user, 1_000_000));
+    }
+    source.apply(cross("x1", 1, 3, 500));
+    source.apply(send_envelope("env-1", 2, 1_000, 4, EnvelopeSplit::Random, NOW + 60_000));
+    source.apply(grab_cmd("env-1", 3, CELL_A));
+    let outbox = pending(&source);
+    let keys: Vec<Vec<u8>> = source.kv.keys().filter(|k| k.as_slice() < pair::LEDGER_END).cloned().collect();
+    let values: Vec<Vec<u8>> = keys.iter().map(|k| source.kv[k].clone()).collect();
+    let snapshot_index = source.index;
+    let chunk = cellbank_proto::cell::SourceSnapshotChunk {
+        source_cell_id: CELL_A,
+        epoch: 2,
+        snapshot_index,
+        chunk: 0,
+        keys,
+        values,
+        last: true,
+        source_state: Some(PairState { epoch: 2, role: PairRole::Active as i32, ..Default::default() }),
+        checksum: 0,
+    };
+    let shipped = |commands: Vec<Command>| CommandBatch { timestamp_ms: NOW, commands }.encode_to_vec();
+    let entries = SourceEntries {
+        source_cell_id: CELL_A,
+        epoch: 2,
+        first_index: snapshot_index + 1,
+        entries: vec![shipped(vec![transfer("s1", 1, 2, 7), deposit("s2", 4, 9)]), Vec::new()],
+        checksum: 0,
+    };
+    let expire = Command {
+        kind: Some(command::Kind::Expire(cellbank_proto::cell::ExpireCommand { envelope_id: "env-1".into() })),
+    };
+    let depose = Command { kind: Some(command::Kind::Depose(cellbank_proto::cell::DeposeCommand { by_epoch: 3 })) };
+    let corpus = vec![
+        vec![
+            open(5, "USD"),
+            deposit("c1", 1, 10),
+            transfer("c2", 1, 2, 5),
+            movement("c3", TransferKind::Withdraw, 2, 0, "CNY", 1),
+        ],
+        vec![cross("c4", 1, 3, 20), cross("c5", 2, 4, u64::MAX)],
+        outbox.iter().map(credit_of).collect(),
+        vec![
+            settle(outbox.first().map_or(1, |e| e.seq), ResultCode::Ok, NOW),
+            settle(7, ResultCode::AccountNotFound, NOW),
+        ],
+        vec![send_envelope("env-2", 1, 100, 3, EnvelopeSplit::Even, NOW + 1_000), grab_cmd("env-2", 2, CELL_B), expire],
+        vec![active_at(3)],
+        vec![standby_of(CELL_A, 2)],
+        vec![Command { kind: Some(command::Kind::SourceEntries(entries)) }],
+        vec![Command { kind: Some(command::Kind::SourceSnapshot(chunk)) }],
+        vec![depose],
+    ];
+    (corpus, snapshot_index)
+}
+
+fn standby_of(source_cell_id: u64, epoch: u64) -> Command {
+    Command {
+        kind: Some(command::Kind::Configure(cellbank_proto::cell::ConfigureCommand {
+            state: Some(PairState { epoch, role: PairRole::Standby as i32, source_cell_id, ..Default::default() }),
+            source_state: None,
+            force_rebuild: false,
+        })),
+    }
+}
+
+/// A ledger with four funded users; or a standby of cell A that holds A's
+/// snapshot at `snapshot_index`.
+fn fuzz_harness(standby: bool, snapshot_index: u64) -> Harness {
+    let mut h = Harness::new();
+    if standby {
+        assert_eq!(h.apply(standby_of(CELL_A, 2)).code, ResultCode::Ok as i32);
+        let (corpus, _) = fuzz_corpus();
+        let chunk = corpus.into_iter().flatten().find(|c| matches!(c.kind, Some(command::Kind::SourceSnapshot(_))));
+        let result = h.apply(chunk.expect("a chunk in the corpus"));
+        assert_eq!(result.code, ResultCode::Ok as i32, "{result:?}");
+        assert_eq!(h.ledger.pair(&h.kv, pair::Slot::Own).source_index, snapshot_index);
+    } else {
+        for user in 1..=4 {
+            h.apply(open(user, "CNY"));
+            h.apply(deposit(&format!("f{user}"), user, 1_000_000));
+        }
+    }
+    h
+}
+
+fn mutate(rng: &mut impl rand::Rng, bytes: &mut Vec<u8>, corpus: &[Vec<u8>]) {
+    let at =
+        |rng: &mut dyn rand::RngCore, len: usize| if len == 0 { 0 } else { (rng.next_u64() % len as u64) as usize };
+    let len = bytes.len();
+    match rng.gen_range(0..8) {
+        0 if len > 0 => {
+            let i = at(rng, len);
+            bytes[i] ^= 1 << rng.gen_range(0..8);
+        }
+        1 if len > 0 => {
+            let i = at(rng, len);
+            bytes[i] = [0x00, 0x01, 0x7f, 0x80, 0xff][rng.gen_range(0..5)];
+        }
+        2 => {
+            let i = at(rng, len + 1);
+            bytes.insert(i, rng.gen());
+        }
+        3 if len > 0 => {
+            let i = at(rng, len);
+            let n = rng.gen_range(1..=8).min(len - i);
+            bytes.drain(i..i + n);
+        }
+        4 if len > 0 => {
+            let i = at(rng, len);
+            let n = rng.gen_range(1..=16).min(len - i);
+            let piece: Vec<u8> = bytes[i..i + n].to_vec();
+            let j = at(rng, len + 1);
+            bytes.splice(j..j, piece);
+        }
+        5 => {
+            let other = &corpus[rng.gen_range(0..corpus.len())];
+            let i = at(rng, other.len());
+            let n = rng.gen_range(1..=32).min(other.len() - i);
+            let j = at(rng, len + 1);
+            bytes.splice(j..j, other[i..i + n].iter().copied());
+        }
+        6 if len > 0 => bytes.truncate(at(rng, len)),
+        _ if len >= 8 => {
+            // A varint-sized field overwritten with an extreme value.
+            let i = at(rng, len - 7);
+            let value: u64 = [u64::MAX, u64::MAX / 2, 1 << 32, 0][rng.gen_range(0..4)];
+            bytes[i..i + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        _ => bytes.push(rng.gen()),
+    }
+}
