@@ -223,6 +223,9 @@ struct CellArgs {
     /// The cluster's name (in certificates and in every peer message).
     #[arg(long, default_value = cellbank_client::tls::DEFAULT_CLUSTER)]
     cluster: String,
+    /// Below this many free bytes on the data disk, refuse writes.
+    #[arg(long, default_value_t = cellbank_cell::config::MIN_FREE_BYTES_DEFAULT)]
+    min_free_bytes: u64,
 }
 
 fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -259,6 +262,7 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
             }),
             insecure: args.insecure,
             cluster: args.cluster,
+            min_free_bytes: args.min_free_bytes,
         },
     };
     if let Some(threshold) = args.log_compact_threshold_entries {

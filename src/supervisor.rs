@@ -194,6 +194,7 @@ impl Topology {
                     }),
                     insecure: self.insecure,
                     cluster: self.cluster.clone(),
+                    min_free_bytes: cellbank_cell::config::MIN_FREE_BYTES_DEFAULT,
                 });
             }
         }

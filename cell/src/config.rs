@@ -46,6 +46,17 @@ pub struct ReplicaConfig {
     /// every Raft message and standby shipment carries it.
     #[serde(default = "cellbank_client::tls::default_cluster")]
     pub cluster: String,
+    /// Below this many free bytes on the data disk, writes are refused
+    /// (see `disk`).
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: u64,
+}
+
+/// 256 MiB: room for RocksDB to flush and compact what is in memory.
+pub const MIN_FREE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+
+fn default_min_free_bytes() -> u64 {
+    MIN_FREE_BYTES_DEFAULT
 }
 
 impl ReplicaConfig {
@@ -97,6 +108,7 @@ mod tests {
             tls: Some(cellbank_client::tls::TlsPaths::in_dir(std::path::Path::new("certs"), "cell-1-replica-2")),
             insecure: false,
             cluster: "prod".into(),
+            min_free_bytes: 1 << 30,
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);

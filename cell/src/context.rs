@@ -48,6 +48,8 @@ pub struct ReplicaContext {
     pub replication: Arc<Replication>,
     /// Until when this replica, just promoted by a failover, serves nothing.
     pub settling_until: crate::ledger::SettleUntil,
+    /// Free space on the data disk: below the watermark, writes are refused.
+    pub disk: Arc<crate::disk::DiskWatch>,
 }
 
 impl ReplicaContext {
@@ -165,6 +167,9 @@ impl ReplicaContext {
         timeout: Duration,
         commands: Vec<Command>,
     ) -> Result<Vec<TransferResult>, Status> {
+        if let Some(refusal) = self.disk.refusal(self.cell_id, self.replica_id) {
+            return Err(refusal);
+        }
         let started = tokio::time::Instant::now();
         let results = self.within(timeout, self.node.propose(commands)).await?;
         if let Some(refused) = results.iter().find(|r| r.code == ResultCode::CellNotWritable as i32) {

@@ -21,6 +21,7 @@
 pub mod clearing;
 pub mod config;
 pub mod context;
+pub mod disk;
 pub mod ledger;
 pub mod metrics;
 pub mod replication;

@@ -39,6 +39,7 @@ pub struct Replica {
     shipper_task: tokio::task::JoinHandle<()>,
     courier_task: tokio::task::JoinHandle<()>,
     expiry_task: tokio::task::JoinHandle<()>,
+    disk_task: tokio::task::JoinHandle<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
 }
@@ -84,6 +85,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     std::fs::create_dir_all(&config.data_dir)?;
     let metrics = Metrics::new(config.cell_id, config.replica_id);
     let db = open_db(&config.data_dir.join("rocksdb"));
+    let disk = crate::disk::DiskWatch::new(&config.data_dir, config.min_free_bytes, &metrics.raft.registry);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let pair_view: crate::ledger::PairView = Arc::new(tokio::sync::watch::Sender::new(crate::ledger::pair::unpaired()));
@@ -114,6 +116,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         pair: pair_view.clone(),
         replication: replication.clone(),
         settling_until,
+        disk: disk.clone(),
     };
     let shipper = Arc::new(Shipper {
         cluster: config.cluster.clone(),
@@ -138,6 +141,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         transport: transport.clone(),
         metrics: metrics.raft.clone(),
         snapshot_receives: context.snapshot_receives.clone(),
+        paused: Some(disk.low_flag()),
     })
     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
     let standby = StandbyServer::new(StandbyService { context: context.clone() })
@@ -148,6 +152,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
     let courier_task = tokio::spawn(crate::clearing::run_courier(context.clone(), config.routers.clone()));
     let expiry_task = tokio::spawn(crate::clearing::run_expiry(context.clone()));
+    let disk_task = tokio::spawn(disk.run());
     // Reconciliation asks about many outbox entries at once.
     let admin = ReplicaAdminServer::new(AdminService { context })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
@@ -190,6 +195,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         shipper_task,
         courier_task,
         expiry_task,
+        disk_task,
         thread: Some(thread),
         _transport: transport,
     })
@@ -209,6 +215,7 @@ impl Replica {
         self.shipper_task.abort();
         self.courier_task.abort();
         self.expiry_task.abort();
+        self.disk_task.abort();
         self.node.shutdown();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

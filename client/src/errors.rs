@@ -17,6 +17,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `ErrorInfo` domain of every cellbank error.
 pub const DOMAIN: &str = "cellbank";
 /// `ErrorInfo.reason` of a request with a bad field.
+/// `ErrorInfo.reason` of writes refused for lack of disk space.
+pub const REASON_DISK_LOW: &str = "DISK_LOW";
 pub const REASON_INVALID_FIELD: &str = "INVALID_FIELD";
 /// `ErrorInfo.reason` of a replica that does not lead its cell.
 pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
@@ -76,6 +78,14 @@ pub fn overloaded(message: String, leader_addr: Option<&str>) -> Status {
         status.metadata_mut().insert(LEADER_ADDR_METADATA_KEY, value);
     }
     status
+}
+
+/// Writes refused because the replica's data disk is below its free-space
+/// watermark: RESOURCE_EXHAUSTED with an `ErrorInfo` of reason `DISK_LOW`.
+/// Not retried by clients: space must be freed by an operator first.
+pub fn disk_low(message: String) -> Status {
+    let details = ErrorDetails::with_error_info(REASON_DISK_LOW, DOMAIN, HashMap::new());
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 /// A refusal of the caller's identity (`code` is PERMISSION_DENIED or

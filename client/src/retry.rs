@@ -127,7 +127,7 @@ pub fn is_transport_failure(status: &Status) -> bool {
 
 /// Whether a failed call may be sent again. A server's UNAVAILABLE (not
 /// the leader, no quorum, an epoch moving) and RESOURCE_EXHAUSTED (a queue
-/// full) mean nothing was applied: always. A transport failure leaves the
+/// full) mean nothing was applied: always, except a replica's full disk. A transport failure leaves the
 /// outcome unknown: only for an `idempotent` call (every ledger write
 /// carries its transfer id, so a repeat finds the first outcome). Anything
 /// else is the answer.
@@ -135,7 +135,13 @@ pub fn retryable(status: &Status, idempotent: bool) -> bool {
     if is_transport_failure(status) {
         return idempotent;
     }
-    matches!(status.code(), Code::Unavailable | Code::ResourceExhausted)
+    match status.code() {
+        Code::Unavailable => true,
+        // A full queue clears in milliseconds; a full disk waits for an
+        // operator.
+        Code::ResourceExhausted => crate::errors::reason(status).as_deref() != Some(crate::errors::REASON_DISK_LOW),
+        _ => false,
+    }
 }
 
 /// The leader's address a refusal names (`host:port`), if any.

@@ -28,6 +28,15 @@ pub struct TransportService<SM: StateMachine> {
     pub metrics: Arc<RaftMetrics>,
     /// Bounds concurrent snapshot receives.
     pub snapshot_receives: Arc<tokio::sync::Semaphore>,
+    /// While set (the data disk is nearly full), appends and snapshots are
+    /// dropped: they would grow the disk. The leader resends them later.
+    pub paused: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl<SM: StateMachine> TransportService<SM> {
+    fn is_paused(&self) -> bool {
+        self.paused.as_ref().is_some_and(|p| p.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl<SM: StateMachine> TransportService<SM> {
@@ -72,6 +81,14 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
                 if crate::faults::message("raft.recv", message.from) == Some(crate::faults::Hit::Drop) {
                     continue;
                 }
+                let grows_disk = matches!(
+                    message.get_msg_type(),
+                    raft::eraftpb::MessageType::MsgAppend | raft::eraftpb::MessageType::MsgSnapshot
+                );
+                if grows_disk && self.is_paused() {
+                    self.metrics.raft_messages_dropped_total.inc();
+                    continue;
+                }
                 if message.from == batch.from_replica_id {
                     self.transport.learn(batch.from_replica_id, &batch.from_addr);
                 }
@@ -88,6 +105,9 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<TransportAck>, Status> {
+        if self.is_paused() {
+            return Err(Status::resource_exhausted("snapshot: this replica's data disk is nearly full"));
+        }
         // One snapshot at a time: each may hold gigabytes. The permit is
         // released when this call returns, and it returns within
         // SNAPSHOT_RECEIVE_TIMEOUT whatever the sender does.

@@ -122,6 +122,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         transport: transport.clone(),
         metrics: metrics.clone(),
         snapshot_receives: Arc::new(tokio::sync::Semaphore::new(1)),
+        paused: None,
     })
     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

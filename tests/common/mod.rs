@@ -73,7 +73,11 @@ pub struct Cell {
 impl Cell {
     /// Starts `n` founding replicas. `extra_args` go to every `cellbank cell`.
     pub fn start(n: u64, extra_args: &[&str]) -> Cell {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Cell::start_in(tempfile::tempdir().expect("tempdir"), n, extra_args)
+    }
+
+    /// As `start`, with the replicas' data under `dir`.
+    pub fn start_in(dir: tempfile::TempDir, n: u64, extra_args: &[&str]) -> Cell {
         let founders: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let mut cell = Cell { dir, replicas: BTreeMap::new(), founders: founders.clone() };
         for (id, addr) in founders {
