@@ -1298,22 +1298,27 @@ impl Run<'_> {
 ///   the call: the longest any write in flight during the call waited for
 ///   its answer. In flight, not only sent during it: a switchover can take
 ///   60 ms, in which the workload may send the pair no write at all while
-///   the ones sent just before it wait.
+///   the ones sent just before it wait. When no write was in flight at all
+///   (a quick call between two writes), as for any other fault.
 /// - Any other fault: from the fault being in place to the first
 ///   acknowledgement of a write sent after that.
 fn rto<'a>(fault: &FaultRecord, ops: impl Iterator<Item = &'a crate::history::Op>) -> Option<u64> {
-    let writes = ops.filter(|op| !op.is_read());
+    let writes: Vec<&crate::history::Op> = ops.filter(|op| !op.is_read()).collect();
     if fault.fault.is_pair_action() {
-        writes
+        let paused = writes
+            .iter()
             .filter(|op| op.sent_ms <= fault.end_ms && op.answered_ms >= fault.start_ms)
             .map(|op| op.answered_ms - op.sent_ms)
-            .max()
-    } else {
-        writes
-            .filter(|op| op.sent_ms >= fault.start_ms && op.outcome == crate::history::Outcome::Ok)
-            .map(|op| op.answered_ms - fault.start_ms)
-            .min()
+            .max();
+        if paused.is_some() {
+            return paused;
+        }
     }
+    writes
+        .iter()
+        .filter(|op| op.sent_ms >= fault.start_ms && op.outcome == crate::history::Outcome::Ok)
+        .map(|op| op.answered_ms - fault.start_ms)
+        .min()
 }
 
 /// The drill's expectations judged: each fault's RTO, RPO, recovery, and
@@ -1528,5 +1533,16 @@ mod tests {
         let ops =
             [write(990, 1_500, Outcome::Ok), write(1_010, 1_400, Outcome::Unknown), write(1_020, 1_300, Outcome::Ok)];
         assert_eq!(rto(&kill, ops.iter()), Some(300));
+    }
+
+    /// Seed 1010 again: a switchover call so quick that no write to the pair
+    /// was in flight during it. Then, as for any fault: the first write
+    /// acknowledged after the call began.
+    #[test]
+    fn a_switchover_with_no_write_in_flight_is_timed_by_the_next_acknowledgement() {
+        let switchover = fault(FaultKind::Switchover, 1_000, 1_020);
+        let ops = [write(900, 950, Outcome::Ok), write(1_030, 1_040, Outcome::Ok), write(1_050, 1_055, Outcome::Ok)];
+        assert_eq!(rto(&switchover, ops.iter()), Some(40));
+        assert_eq!(rto(&switchover, ops[..1].iter()), None, "no write after it: no recovery seen");
     }
 }

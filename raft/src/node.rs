@@ -407,17 +407,23 @@ impl<SM: StateMachine> RaftNode<SM> {
         if from == 0 || from == self.config.replica_id {
             return Err(StepError::OutOfRange { from, field: "from", value: from });
         }
-        // Followers forward read requests and leader transfers to the
-        // leader without a term (as raft-rs does proposals), and raft-rs
-        // panics forwarding one that has a term; every other message from a
-        // peer carries one, and raft-rs panics answering a vote request of
-        // term 0.
-        let forwarded = matches!(kind, MessageType::MsgReadIndex | MessageType::MsgTransferLeader);
-        if forwarded && message.term != 0 {
-            return Err(StepError::OutOfRange { from, field: "term of a forwarded request", value: message.term });
+        // Followers forward read requests to the leader without a term (as
+        // raft-rs does proposals), and raft-rs panics forwarding one that
+        // has a term; every other message from a peer carries one, and
+        // raft-rs panics answering a vote request of term 0.
+        let forwarded_read = kind == MessageType::MsgReadIndex;
+        if forwarded_read && message.term != 0 {
+            return Err(StepError::OutOfRange { from, field: "term of a forwarded read", value: message.term });
         }
-        if message.term == 0 && !forwarded {
+        if message.term == 0 && !forwarded_read {
             return Err(StepError::NoTerm(kind));
+        }
+        // A follower forwards a leader transfer to its leader with its term
+        // set; a replica that is not (or no longer) the leader would forward
+        // it again, and raft-rs panics sending one that has a term. Only the
+        // leader of that term or a later one takes it.
+        if kind == MessageType::MsgTransferLeader && (!self.is_leader() || message.term > self.raw.raft.term) {
+            return Err(StepError::Misplaced { from, kind, what: "a leader transfer", only: "the current leader" });
         }
         // A read request and its answer carry the request's context as
         // their one entry (raft-rs reads `entries[0]` unchecked).

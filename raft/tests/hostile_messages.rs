@@ -217,8 +217,7 @@ fn hostile(rng: &mut StdRng, to: u64, term: u64, last_index: u64, commit: u64) -
     if message.from == to {
         message.from = to % REPLICAS + 1;
     }
-    let forwarded = matches!(kind, MessageType::MsgReadIndex | MessageType::MsgTransferLeader);
-    message.term = if plausible && forwarded { 0 } else { value(rng, term) };
+    message.term = if plausible && kind == MessageType::MsgReadIndex { 0 } else { value(rng, term) };
     let around = if rng.gen() { last_index } else { commit };
     message.index = value(rng, around);
     message.log_term =
@@ -397,4 +396,19 @@ fn transport_decoders_take_any_bytes() {
         "{cases} inputs: {bodies} snapshot bodies decoded, {batches} batches decoded, {sealed} of them still sealed"
     );
     assert!(bodies > 0 && batches > 0, "the inputs must reach the decoders' success paths");
+}
+
+/// The refusals do not refuse honest traffic: a leader transfer asked of a
+/// follower is forwarded to the leader with the follower's term (as raft-rs
+/// sends it) and still moves leadership.
+#[test]
+fn a_leader_transfer_asked_of_a_follower_still_moves_leadership() {
+    let mut cell = Cell::new();
+    let leader = cell.nodes.values().find(|n| n.is_leader()).expect("a leader").replica_id();
+    let follower = (1..=REPLICAS).find(|id| *id != leader).expect("a follower");
+    let target = (1..=REPLICAS).find(|id| *id != leader && *id != follower).expect("a third replica");
+    cell.nodes.get_mut(&follower).expect("follower").transfer_leader(target);
+    cell.settle(50);
+    assert!(cell.nodes[&target].is_leader(), "leadership moved to replica {target}");
+    assert_eq!(cell.nodes[&follower].leader_id(), target);
 }
