@@ -469,14 +469,17 @@ async fn renewed_certificates_are_used_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_does_only_what_its_scope_allows_and_a_new_policy_applies_without_a_restart() {
-    use cellbank_proto::v1::{DepositRequest, TransferRequest};
+    use cellbank_proto::v1::{DepositRequest, GetTransferRequest, TransferRequest};
     let cluster = Cluster::start(1, 1, |_| {});
     cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
     let policy = cluster.sup.topology.policy_path();
     let scoped = r#"
 [service.payments]
-operations = ["open_account", "transfer", "get_account"]
+operations = ["open_account", "transfer", "get_account", "get_transfer"]
 debit_users = [[1, 4]]
+[service.payroll]
+operations = ["transfer", "get_transfer"]
+debit_users = [[3, 4]]
 [service.reporting]
 operations = ["get_account"]
 "#;
@@ -524,6 +527,27 @@ operations = ["get_account"]
     let refused = ledger("service/stranger").await.get_account(account(1)).await.unwrap_err();
     assert!(refused.message().contains("names no such service"), "{refused:?}");
 
+    // Transfer ids are per service: payroll's "scoped-1" is its own
+    // transfer, not a duplicate of payments'; each service finds its own
+    // under the id it gave; an operator sees both under their namespaces
+    // and may not write into one.
+    let mut payroll = ledger("service/payroll").await;
+    let theirs = payroll.transfer(transfer("scoped-1", 3, 4)).await.expect("its own id").into_inner();
+    let theirs = theirs.result.unwrap();
+    assert_eq!((theirs.code, theirs.duplicate), (cellbank_proto::v1::ResultCode::Ok as i32, false), "{theirs:?}");
+    let lookup = |id: &str| GetTransferRequest { transfer_id_text: id.into(), ..Default::default() };
+    let mine = payments.get_transfer(lookup("scoped-1")).await.unwrap().into_inner().transfer.unwrap();
+    assert_eq!((mine.from_user_id, mine.to_user_id, mine.transfer_id.as_slice()), (1, 2, &b"scoped-1"[..]));
+    let theirs = payroll.get_transfer(lookup("scoped-1")).await.unwrap().into_inner().transfer.unwrap();
+    assert_eq!((theirs.from_user_id, theirs.to_user_id, theirs.transfer_id.as_slice()), (3, 4, &b"scoped-1"[..]));
+    let operator_ledger = ledger("operator/alice").await;
+    let missing = operator_ledger.clone().get_transfer(lookup("scoped-1")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    let found = operator_ledger.clone().get_transfer(lookup("svc:payments:scoped-1")).await.unwrap().into_inner();
+    assert_eq!(found.transfer.unwrap().from_user_id, 1);
+    let intrusion = operator_ledger.clone().transfer(transfer("svc:payroll:next", 1, 2)).await.unwrap_err();
+    assert_eq!(intrusion.code(), Code::InvalidArgument, "{intrusion:?}");
+
     // Nothing refused was applied.
     let operator = Arc::new(cluster.client());
     let balance = |user: u64| {
@@ -533,6 +557,8 @@ operations = ["get_account"]
     assert_eq!(balance(5).await, 10_000);
     assert_eq!(balance(1).await, 9_900);
     assert_eq!(balance(2).await, 10_100);
+    assert_eq!(balance(3).await, 9_900);
+    assert_eq!(balance(4).await, 10_100);
 
     // A new policy applies to the next call, with no restart.
     std::fs::write(

@@ -9,6 +9,12 @@ use crate::currency::Currency;
 
 /// Longest transfer id, in bytes.
 pub const TRANSFER_ID_BYTES_MAX: usize = 64;
+/// Most bytes of a transfer id as a cell stores it: a service's id (at most
+/// [`TRANSFER_ID_BYTES_MAX`]) under its namespace (see [`in_namespace`]).
+pub const STORED_TRANSFER_ID_BYTES_MAX: usize = 128;
+/// Where the services' namespaces begin: a service's id `abc` is stored as
+/// `svc:<service>:abc`.
+pub const SERVICE_NAMESPACE_PREFIX: &str = "svc:";
 /// Largest amount in one movement: amounts above it are what a negative
 /// number sent as unsigned looks like.
 pub const AMOUNT_MAX: u64 = i64::MAX as u64;
@@ -34,17 +40,73 @@ pub struct ValidMove {
     pub currency: Currency,
 }
 
+/// A transfer id as cells store it: 1 to [`STORED_TRANSFER_ID_BYTES_MAX`]
+/// bytes of UTF-8 (a client's own ids are checked by [`client_transfer_id`]).
 pub fn transfer_id(id: &[u8]) -> Result<(), Invalid> {
-    if id.is_empty() {
-        return Err(invalid("transfer_id", "must be 1 to 64 bytes, got 0"));
-    }
-    if id.len() > TRANSFER_ID_BYTES_MAX {
-        return Err(invalid("transfer_id", format!("must be 1 to 64 bytes, got {}", id.len())));
+    id_of_length(id, STORED_TRANSFER_ID_BYTES_MAX)
+}
+
+/// A transfer id as a client gives it to the routers: 1 to
+/// [`TRANSFER_ID_BYTES_MAX`] bytes of UTF-8.
+pub fn client_transfer_id(id: &[u8]) -> Result<(), Invalid> {
+    id_of_length(id, TRANSFER_ID_BYTES_MAX)
+}
+
+fn id_of_length(id: &[u8], max: usize) -> Result<(), Invalid> {
+    if id.is_empty() || id.len() > max {
+        return Err(invalid("transfer_id", format!("must be 1 to {max} bytes, got {}", id.len())));
     }
     if std::str::from_utf8(id).is_err() {
         return Err(invalid("transfer_id", "must be valid UTF-8"));
     }
     Ok(())
+}
+
+/// The namespace of a service's transfer ids.
+pub fn service_namespace(service: &str) -> String {
+    format!("{SERVICE_NAMESPACE_PREFIX}{service}:")
+}
+
+/// Puts a client's transfer id for a write in the caller's namespace: a
+/// service's ids are its own, so that no service can take, pre-empt or
+/// answer as a duplicate of another's transfer. A caller without a
+/// namespace (an operator) may not write into a service's.
+pub fn in_namespace(namespace: Option<&str>, id: &mut Vec<u8>) -> Result<(), Invalid> {
+    client_transfer_id(id)?;
+    match namespace {
+        Some(namespace) => {
+            id.splice(0..0, namespace.bytes());
+            transfer_id(id)
+                .map_err(|_| invalid("transfer_id", format!("the namespace {namespace:?} leaves no room for the id")))
+        }
+        None if id.starts_with(SERVICE_NAMESPACE_PREFIX.as_bytes()) => Err(invalid(
+            "transfer_id",
+            format!("ids that begin with {SERVICE_NAMESPACE_PREFIX:?} are services' namespaces"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Names a transfer to look up: a service's own id in its namespace; an
+/// operator's as given (it may name any service's, `svc:<service>:<id>`).
+pub fn lookup_in_namespace(namespace: Option<&str>, id: &mut Vec<u8>) -> Result<(), Invalid> {
+    match namespace {
+        Some(namespace) => {
+            client_transfer_id(id)?;
+            id.splice(0..0, namespace.bytes());
+            transfer_id(id)
+        }
+        None => transfer_id(id),
+    }
+}
+
+/// A stored id as its caller knows it: without the caller's namespace.
+pub fn out_of_namespace(namespace: Option<&str>, id: &mut Vec<u8>) {
+    if let Some(namespace) = namespace {
+        if id.starts_with(namespace.as_bytes()) {
+            id.drain(..namespace.len());
+        }
+    }
 }
 
 /// A request that names a transfer: by `transfer_id` (bytes) or, for a
@@ -160,7 +222,7 @@ pub const ENVELOPE_EXPIRY_DEFAULT_MS: u64 = 24 * 3600 * 1000;
 /// Furthest expiry a sender may choose.
 pub const ENVELOPE_EXPIRY_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Longest envelope id: a user id, a dot and a transfer id.
-pub const ENVELOPE_ID_BYTES_MAX: usize = 20 + 1 + TRANSFER_ID_BYTES_MAX;
+pub const ENVELOPE_ID_BYTES_MAX: usize = 20 + 1 + STORED_TRANSFER_ID_BYTES_MAX;
 
 /// Checks a send; `now_ms` is the proposer's clock (in apply, the entry's
 /// timestamp), against which the expiry must lie in (now, now + 7 days].

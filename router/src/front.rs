@@ -55,6 +55,24 @@ pub struct Front {
 /// Most entries in each of the front's caches; past this a cache is emptied.
 const CACHE_ENTRIES_MAX: usize = 1_000_000;
 
+/// The namespace of the caller's transfer ids: a service's own
+/// (`validate::in_namespace`); none for an operator, or on an insecure
+/// router (no identities).
+fn namespace_of<T>(request: &Request<T>) -> Option<String> {
+    match cellbank_client::gate::caller(request) {
+        Some(cellbank_client::tls::Identity::Service { name, .. }) => Some(validate::service_namespace(name)),
+        _ => None,
+    }
+}
+
+/// A record as its caller knows it: its id without the caller's namespace.
+fn as_known(namespace: Option<&str>, record: &mut TransferRecord) {
+    validate::out_of_namespace(namespace, &mut record.transfer_id);
+    if !record.transfer_id_text.is_empty() {
+        record.transfer_id_text = String::from_utf8_lossy(&record.transfer_id).into_owned();
+    }
+}
+
 fn remember<T: std::hash::Hash + Eq>(set: &std::sync::Mutex<std::collections::HashSet<T>>, value: T) {
     let mut set = set.lock().expect("cache lock");
     if set.len() >= CACHE_ENTRIES_MAX {
@@ -206,8 +224,10 @@ impl LedgerApi for Front {
     async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
         self.allow(&request, Operation::Deposit, &[])?;
+        let namespace = namespace_of(&request);
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
+        validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         let check = TransferRequest {
             transfer_id_text: String::new(),
             transfer_id: r.transfer_id.clone(),
@@ -225,8 +245,10 @@ impl LedgerApi for Front {
     async fn withdraw(&self, request: Request<WithdrawRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
         self.allow(&request, Operation::Withdraw, &[request.get_ref().user_id])?;
+        let namespace = namespace_of(&request);
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
+        validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         let check = TransferRequest {
             transfer_id_text: String::new(),
             transfer_id: r.transfer_id.clone(),
@@ -244,8 +266,10 @@ impl LedgerApi for Front {
     async fn transfer(&self, request: Request<TransferRequest>) -> Result<Response<TransferResponse>, Status> {
         let deadline = deadline_of(&request);
         self.allow(&request, Operation::Transfer, &[request.get_ref().from_user_id])?;
+        let namespace = namespace_of(&request);
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
+        validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
         if let Some((source, dest)) = self.pairs_of(r.from_user_id, r.to_user_id).filter(|(a, b)| a != b) {
             let item =
@@ -267,6 +291,7 @@ impl LedgerApi for Front {
         let deadline = deadline_of(&request);
         let debits: Vec<u64> = request.get_ref().transfers.iter().map(|t| t.from_user_id).collect();
         self.allow(&request, Operation::SubmitTransfers, &debits)?;
+        let namespace = namespace_of(&request);
         let items = request.into_inner().transfers;
         if items.is_empty() {
             return Err(Status::invalid_argument("transfers: must hold at least one transfer"));
@@ -290,6 +315,7 @@ impl LedgerApi for Front {
             }
             for (position, mut item) in items.into_iter().enumerate() {
                 let checked = validate::take_transfer_id(&mut item)
+                    .and_then(|()| validate::in_namespace(namespace.as_deref(), &mut item.transfer_id))
                     .and_then(|()| Front::check_move(TransferKind::Transfer, &item));
                 if let Err(error) = checked {
                     results[position] = Some(TransferResult {
@@ -369,9 +395,10 @@ impl LedgerApi for Front {
     ) -> Result<Response<GetTransferResponse>, Status> {
         let deadline = deadline_of(&request);
         self.allow(&request, Operation::GetTransfer, &[])?;
+        let namespace = namespace_of(&request);
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
-        validate::transfer_id(&r.transfer_id).map_err(invalid)?;
+        validate::lookup_in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         let pairs: Vec<u64> = self.pool.table().pairs.iter().map(|p| p.pair_id).collect();
         if pairs.is_empty() {
             return Err(Status::unavailable("the routing table is not ready yet"));
@@ -387,7 +414,12 @@ impl LedgerApi for Front {
         let mut failure = None;
         for answer in futures::future::join_all(asks).await {
             match answer {
-                Ok(found) => return Ok(Response::new(found)),
+                Ok(mut found) => {
+                    if let Some(record) = found.transfer.as_mut() {
+                        as_known(namespace.as_deref(), record);
+                    }
+                    return Ok(Response::new(found));
+                }
                 Err(status) if status.code() == tonic::Code::NotFound => {}
                 Err(status) => failure = Some(status),
             }
@@ -401,12 +433,16 @@ impl LedgerApi for Front {
     ) -> Result<Response<ListTransfersResponse>, Status> {
         let deadline = deadline_of(&request);
         self.allow(&request, Operation::ListTransfers, &[])?;
+        let namespace = namespace_of(&request);
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
-        let response = self
+        let mut response = self
             .pool
             .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.list_transfers(req).await })
             .await?;
+        for record in &mut response.transfers {
+            as_known(namespace.as_deref(), record);
+        }
         Ok(Response::new(response))
     }
 
@@ -416,9 +452,10 @@ impl LedgerApi for Front {
     ) -> Result<Response<SendEnvelopeResponse>, Status> {
         let deadline = deadline_of(&request);
         self.allow(&request, Operation::SendEnvelope, &[request.get_ref().sender_user_id])?;
+        let namespace = namespace_of(&request);
         let mut r = request.into_inner();
         validate::take_transfer_id(&mut r).map_err(invalid)?;
-        validate::transfer_id(&r.transfer_id).map_err(invalid)?;
+        validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         validate::user_id("sender_user_id", r.sender_user_id).map_err(invalid)?;
         let response = self
             .pool

@@ -132,7 +132,7 @@ fn malformed_commands_are_rejected_on_apply_too() {
         (transfer("n2", 1, 2, i64::MAX as u64 + 1), "amount"),
         (transfer("s", 1, 1, 5), "to_user_id"),
         (transfer("", 1, 2, 5), "transfer_id"),
-        (transfer(&"x".repeat(65), 1, 2, 5), "transfer_id"),
+        (transfer(&"x".repeat(129), 1, 2, 5), "transfer_id"),
         (movement("c", TransferKind::Transfer, 1, 2, "ZZZ", 5), "currency"),
         (movement("c2", TransferKind::Transfer, 1, 2, "", 5), "currency"),
         (movement("k", TransferKind::Unspecified, 1, 2, "CNY", 5), "kind"),
