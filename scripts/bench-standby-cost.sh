@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo build --quiet
+cargo build --quiet --features fault-points
 bin="$CARGO_TARGET_DIR/debug/cellbank"
 seconds="${1:-20}"
 work="$(mktemp -d)"

@@ -11,7 +11,7 @@ shift
 [ "$#" -gt 0 ] || { echo "usage: drill-seeds.sh SEEDS DRILL.toml..." >&2; exit 2; }
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo build --bin cellbank
+cargo build --bin cellbank --features fault-points
 bin="$CARGO_TARGET_DIR/debug/cellbank"
 logs="$(mktemp -d -t cellbank-drills-XXXXXX)"
 failed=0

@@ -12,7 +12,7 @@ chunk="${2:-10000}"
 shift $(( $# >= 2 ? 2 : 1 ))
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo build --bin cellbank
+cargo build --bin cellbank --features fault-points
 bin="$CARGO_TARGET_DIR/debug/cellbank"
 started=$(date +%s)
 first=1

@@ -11,14 +11,14 @@ test_file="${2:-money}"
 filter="${3:-money_crosses_cells_exactly_once_through_a_whole_cell_failover}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo test --test "$test_file" --no-run
+cargo test --features fault-points --test "$test_file" --no-run
 logs="$(mktemp -d -t cellbank-soak-XXXXXX)"
 passed=0
 failed=0
 started=$(date +%s)
 for run in $(seq 1 "$runs"); do
     log="$logs/run-$run.log"
-    if cargo test --test "$test_file" "$filter" -- --exact --test-threads=1 >"$log" 2>&1 \
+    if cargo test --features fault-points --test "$test_file" "$filter" -- --exact --test-threads=1 >"$log" 2>&1 \
         && grep -q "test result: ok. 1 passed" "$log"; then
         passed=$((passed + 1))
         rm -f "$log"

@@ -10,13 +10,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
 cargo fmt --all -- --check
 # The protos: buf lint, and no breaking change against the last release.
 ./scripts/buf.sh
+# Both builds: the production one (no fault points) and the one the tests
+# and local clusters run (with them).
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --features fault-points -- -D warnings
 # One test at a time: the end-to-end tests time elections on a two-core machine.
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 # Every test binary runs even when one fails, so a run names every failure.
 status=0
-cargo test --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "$log" || status=$?
+cargo test --workspace --features fault-points --no-fail-fast -- --test-threads=1 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "all tests: %d passed, %d failed\n", p, f; if (p == 0) exit 1 }' "$log"

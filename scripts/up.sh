@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo build --bin cellbank
+# With fault points: `cellbank chaos` drills run against local clusters.
+cargo build --bin cellbank --features fault-points
 exec "$CARGO_TARGET_DIR/debug/cellbank" up "$@"

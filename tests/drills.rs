@@ -4,6 +4,10 @@
 //! drill that turns synchronous replication off and must be caught losing
 //! acknowledged writes, `chaos halt`, and drills refused before any fault.
 
+// They drive the replicas' fault points: built with `--features fault-points`
+// (scripts/test.sh passes it; a production build has none).
+#![cfg(feature = "fault-points")]
+
 mod common;
 
 use std::path::Path;

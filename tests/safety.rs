@@ -13,6 +13,10 @@
 //!   off from the routers, then reconfigured as the standby) either fail
 //!   retryably or are on the new active.
 
+// They drive the replicas' fault points: built with `--features fault-points`
+// (scripts/test.sh passes it; a production build has none).
+#![cfg(feature = "fault-points")]
+
 mod common;
 
 use std::sync::{Arc, Mutex};
