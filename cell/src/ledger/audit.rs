@@ -23,9 +23,11 @@ pub const MISMATCHES_MAX: usize = 100;
 
 /// Audits the ledger region. `pairs` must be the state region in key order
 /// (it is walked twice: once for the digest, once for the checks).
-pub fn audit<'a, I>(pairs: impl Fn() -> I, outbox_limit: usize) -> AuditResponse
+pub fn audit<K, V, I>(pairs: impl Fn() -> I, outbox_limit: usize) -> AuditResponse
 where
-    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+    I: Iterator<Item = (K, V)>,
 {
     let summary = digest(pairs());
     let mut accounts: FxHashMap<AccountId, Account> = FxHashMap::default();
@@ -43,6 +45,7 @@ where
         ..Default::default()
     };
     for (key, value) in pairs() {
+        let (key, value) = (key.as_ref(), value.as_ref());
         if key >= pair::LEDGER_END {
             break;
         }

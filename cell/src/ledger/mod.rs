@@ -914,12 +914,13 @@ pub struct LedgerDigest {
 
 /// Digests every state key and value in key order. `pairs` must be the
 /// state region in ascending key order.
-pub fn digest<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> LedgerDigest {
+pub fn digest<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: impl Iterator<Item = (K, V)>) -> LedgerDigest {
     let mut hasher = Sha256::new();
     let mut accounts = 0;
     let mut transfers = 0;
     let mut sums: BTreeMap<String, i128> = BTreeMap::new();
     for (key, value) in pairs {
+        let (key, value) = (key.as_ref(), value.as_ref());
         if key >= pair::LEDGER_END {
             continue;
         }

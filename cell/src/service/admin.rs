@@ -36,32 +36,41 @@ fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -
         .collect()
 }
 
-/// Keys and values of the state region, in key order.
-type StatePairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// The state region of one snapshot, a pair at a time, in key order: an
+/// audit or a digest walks the ledger without holding a copy of it.
+struct StateIter<'a> {
+    iter: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+}
 
-/// The state region of one snapshot, with the applied index it reflects.
-fn state_of(db: &DB) -> (u64, StatePairs) {
-    let view = db.snapshot();
-    let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
-    let mut pairs = Vec::new();
+impl Iterator for StateIter<'_> {
+    type Item = (Vec<u8>, Vec<u8>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.iter.valid() {
+            self.iter.status().unwrap_or_else(|e| panic!("storage failure (scan state): {e}"));
+            return None;
+        }
+        let key = self.iter.key()?;
+        if key.first() != Some(&STATE_PREFIX) {
+            return None;
+        }
+        let item = (key.to_vec(), self.iter.value()?.to_vec());
+        self.iter.next();
+        Some(item)
+    }
+}
+
+fn state_of<'a>(view: &'a rocksdb::SnapshotWithThreadMode<'a, DB>) -> StateIter<'a> {
     let mut iter = view.raw_iterator();
     iter.seek([STATE_PREFIX]);
-    while iter.valid() {
-        let key = iter.key().expect("key");
-        if key[0] != STATE_PREFIX {
-            break;
-        }
-        pairs.push((key.to_vec(), iter.value().expect("value").to_vec()));
-        iter.next();
-    }
-    (applied_index, pairs)
+    StateIter { iter }
 }
 
 /// Reconciliation figures of this replica (see `ledger::audit`).
 pub fn audit_of(db: &DB, outbox_limit: usize) -> AuditResponse {
-    let (applied_index, pairs) = state_of(db);
-    let mut response = ledger::audit::audit(|| pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), outbox_limit);
-    response.applied_index = applied_index;
+    let view = db.snapshot();
+    let mut response = ledger::audit::audit(|| state_of(&view), outbox_limit);
+    response.applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
     let own = pair::read(&cellbank_raft::ReadOnlyDb(db), pair::Slot::Own);
     if pair::role(&own) == PairRole::Standby {
         response.source_index = own.source_index;
@@ -197,10 +206,10 @@ pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse
 /// Digest of the state region at the replica's applied index, from one
 /// consistent view of the database.
 pub fn digest_of(db: &DB) -> DigestResponse {
-    let (applied_index, pairs) = state_of(db);
-    let digest = ledger::digest(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+    let view = db.snapshot();
+    let digest = ledger::digest(state_of(&view));
     DigestResponse {
-        applied_index,
+        applied_index: read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0),
         digest: digest.digest_hex,
         accounts: digest.accounts,
         transfers: digest.transfers,
