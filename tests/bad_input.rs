@@ -214,10 +214,25 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let entry = raft::eraftpb::Entry { data: vec![0xff; 16].into(), ..Default::default() };
     forged.entries = vec![entry].into();
     let forged = protobuf::Message::write_to_bytes(&forged).unwrap();
-    let batch = sealed(RaftBatch { messages: vec![forged], from_replica_id: 1, ..garbage });
+    let batch = sealed(RaftBatch { messages: vec![forged], from_replica_id: 1, ..garbage.clone() });
     raft.stream(tokio_stream::iter(vec![batch])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cell.status(1).await.unwrap().applied_index, applied_before, "a forged proposal reached the log");
+
+    // An append whose entry is not a command batch: refused by the transport
+    // before raft sees it (every replica would panic applying it).
+    let mut poison = raft::eraftpb::Message::default();
+    poison.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
+    poison.to = 1;
+    poison.from = 2;
+    poison.term = 1;
+    let entry = raft::eraftpb::Entry { index: 1, term: 1, data: vec![0xff; 16].into(), ..Default::default() };
+    poison.entries = vec![entry].into();
+    let poison = protobuf::Message::write_to_bytes(&poison).unwrap();
+    let batch = sealed(RaftBatch { messages: vec![poison], from_replica_id: 2, ..garbage });
+    let status = raft.stream(tokio_stream::iter(vec![batch])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("not a command batch"), "{status:?}");
 
     // A grpc-timeout header too large to represent is ignored, not fatal.
     let mut request = tonic::Request::new(GetAccountRequest { user_id: 1, currency: "CNY".into() });

@@ -510,8 +510,9 @@ impl<SM: StateMachine> RaftNode<SM> {
             }
             let bad = |why: String| StepError::BadEntry { from, index: entry.index, why };
             match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => {}
-                EntryType::EntryNormal => self.sm.check_entry(&entry.data).map_err(bad)?,
+                // Checked by the transport service (`StateMachine::check_entry`)
+                // before the message reaches this thread.
+                EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
                     ConfChange::parse_from_bytes(&entry.data).map_err(|e| bad(format!("not a conf change: {e}")))?;
                 }

@@ -37,11 +37,12 @@ impl<SM: StateMachine> TransportService<SM> {
     fn is_paused(&self) -> bool {
         self.paused.as_ref().is_some_and(|p| p.load(std::sync::atomic::Ordering::Relaxed))
     }
-}
 
-impl<SM: StateMachine> TransportService<SM> {
     /// Decodes one message; `None` for a message addressed to another
     /// replica (a peer's stale address book), which is skipped, not fatal.
+    /// An append's entries must be ones the state machine can apply
+    /// (`StateMachine::check_entry`): checked here, on the service's
+    /// threads, rather than by `RaftNode::step` on the Raft thread.
     fn decode(&self, bytes: &[u8]) -> Result<Option<Message>, Status> {
         let message = Message::parse_from_bytes(bytes)
             .map_err(|e| Status::invalid_argument(format!("messages: not a raft message ({e})")))?;
@@ -49,6 +50,18 @@ impl<SM: StateMachine> TransportService<SM> {
             tracing::debug!(to = message.to, from = message.from, "skipping a raft message for another replica");
             self.metrics.raft_messages_dropped_total.inc();
             return Ok(None);
+        }
+        let appends = message.get_msg_type() == raft::eraftpb::MessageType::MsgAppend;
+        for entry in message.entries.iter().filter(|_| appends) {
+            if entry.get_entry_type() == raft::eraftpb::EntryType::EntryNormal && !entry.data.is_empty() {
+                if let Err(why) = SM::check_entry(&entry.data) {
+                    self.metrics.raft_messages_refused_total.inc();
+                    return Err(Status::invalid_argument(format!(
+                        "messages: entry {} from replica {} is not valid: {why}",
+                        entry.index, message.from
+                    )));
+                }
+            }
         }
         Ok(Some(message))
     }

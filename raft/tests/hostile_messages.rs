@@ -277,10 +277,16 @@ fn hostile(rng: &mut StdRng, to: u64, term: u64, last_index: u64, commit: u64) -
     message
 }
 
+/// `CELLBANK_FUZZ_CASES` (default 20,000) and `CELLBANK_FUZZ_SEED`
+/// (default random).
+fn fuzz_settings() -> (u64, u64) {
+    let read = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    (read("CELLBANK_FUZZ_CASES").unwrap_or(20_000), read("CELLBANK_FUZZ_SEED").unwrap_or_else(rand::random))
+}
+
 #[test]
 fn no_hostile_message_makes_a_replica_panic() {
-    let cases: u64 = std::env::var("CELLBANK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let seed: u64 = std::env::var("CELLBANK_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    let (cases, seed) = fuzz_settings();
     println!("hostile raft messages: {cases} cases, seed {seed} (CELLBANK_FUZZ_SEED={seed} repeats this run)");
     let mut rng = StdRng::seed_from_u64(seed);
     // Each cell lives for a while: hostile terms and logs pile up, elections
@@ -343,8 +349,7 @@ fn no_hostile_message_makes_a_replica_panic() {
 fn transport_decoders_take_any_bytes() {
     use cellbank_proto::cell::{RaftBatch, SnapshotChunk};
     use prost::Message as _;
-    let cases: u64 = std::env::var("CELLBANK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let seed: u64 = std::env::var("CELLBANK_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    let (cases, seed) = fuzz_settings();
     println!("transport decoders: {cases} cases, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     // Valid inputs to mutate: a snapshot body of a few pairs, a message,

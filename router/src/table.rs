@@ -308,7 +308,7 @@ impl StateMachine for TableMachine {
         TableBatch { timestamp_ms, commands }.encode_to_vec()
     }
 
-    fn check_entry(&self, data: &[u8]) -> Result<(), String> {
+    fn check_entry(data: &[u8]) -> Result<(), String> {
         TableBatch::decode(data).map(|_| ()).map_err(|e| format!("not a table batch: {e}"))
     }
 

@@ -955,7 +955,7 @@ impl StateMachine for Ledger {
         self.reload_pair_view();
     }
 
-    fn check_entry(&self, data: &[u8]) -> Result<(), String> {
+    fn check_entry(data: &[u8]) -> Result<(), String> {
         CommandBatch::decode(data).map(|_| ()).map_err(|e| format!("not a command batch: {e}"))
     }
 
