@@ -123,7 +123,8 @@ impl Bench {
     async fn cell_leader(&self, cell: u64) -> Option<ProcessId> {
         for id in self.sup.cell_replicas(cell) {
             let addr = self.sup.addr(id)?;
-            let Ok(channel) = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await else { continue };
+            let admin_plane = cellbank_client::planes::Plane::Admin.of(&addr);
+            let Ok(channel) = cellbank_client::ChannelSettings::SERVICE.connect(&admin_plane).await else { continue };
             let mut admin = cellbank_client::channel::admin(channel);
             if let Ok(status) = admin.status(cellbank_proto::cell::StatusRequest {}).await {
                 if cellbank_client::is_leader(status.get_ref()) {

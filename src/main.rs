@@ -194,7 +194,7 @@ struct CellArgs {
     cell_id: u64,
     #[arg(long, default_value_t = 1)]
     replica_id: u64,
-    #[arg(long, default_value = "127.0.0.1:7101")]
+    #[arg(long, default_value = "127.0.0.1:7110")]
     listen: SocketAddr,
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,

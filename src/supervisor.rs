@@ -83,23 +83,26 @@ fn default_slice_count() -> u32 {
     64
 }
 
-/// A loopback port nobody listens on, for a process about to start.
-/// Chosen below the kernel's ephemeral range (32768 and up on Linux): a
-/// port from that range can be taken by any outgoing connection between
-/// being chosen and being bound, and the process then fails to start.
-/// Never the same port twice in one process.
+/// A loopback port nobody listens on, nor on the two after it (a process
+/// serves its peer and admin planes there, see
+/// [`cellbank_client::planes`]), for a process about to start. Chosen
+/// below the kernel's ephemeral range (32768 and up on Linux): a port from
+/// that range can be taken by any outgoing connection between being chosen
+/// and being bound, and the process then fails to start. Never the same
+/// ports twice in one process.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
     let mut given = GIVEN.lock().expect("ports lock");
     for _ in 0..10_000 {
         let port = 20_000 + rand::random::<u16>() % 12_000;
-        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
+        let ports = port..port + cellbank_client::planes::PORTS_PER_PROCESS;
+        if ports.clone().all(|p| !given.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            given.extend(ports);
             return port;
         }
     }
-    panic!("no free loopback port between 20000 and 32000")
+    panic!("no free loopback ports between 20000 and 32000")
 }
 
 impl Topology {
@@ -311,8 +314,8 @@ impl Supervisor {
     /// addresses (a cluster left running, say), naming it.
     pub fn check_ports_free(&self) -> anyhow::Result<()> {
         for (id, managed) in &self.processes {
-            let addrs = std::iter::once(&managed.addr).chain(managed.metrics.iter());
-            for addr in addrs {
+            let planes = cellbank_client::planes::Plane::ALL.map(|plane| plane.of(&managed.addr));
+            for addr in planes.iter().chain(managed.metrics.iter()) {
                 if let Err(e) = std::net::TcpListener::bind(addr) {
                     anyhow::bail!("{id}: {addr} is taken ({e}); is another cluster still running?");
                 }

@@ -77,6 +77,55 @@ async fn status_line(supervisor: &mut Supervisor, token: Option<&str>) -> String
     parts.join(" | ")
 }
 
+/// The file in a data directory that records the address of every process
+/// of the cluster made there.
+pub const ADDRESSES_FILE: &str = "addresses.txt";
+
+/// Refuses to start a cluster's data under other addresses than it was
+/// made with: the routing table and every cell's Raft address book hold
+/// them, so processes moved to other ports would not find each other.
+/// Records them on the first start.
+fn check_addresses(supervisor: &Supervisor) -> anyhow::Result<()> {
+    let dir = &supervisor.topology.data_dir;
+    let path = dir.join(ADDRESSES_FILE);
+    let now: String =
+        supervisor.ids().into_iter().map(|id| format!("{id} {}\n", supervisor.addr(id).unwrap_or_default())).collect();
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) if recorded == now => Ok(()),
+        Ok(recorded) => {
+            let moved = recorded.lines().find(|line| !now.lines().any(|l| l == *line)).unwrap_or("a process");
+            anyhow::bail!(
+                "{} was made with other addresses than this topology's ({moved}, now elsewhere); moving a \
+                 cluster's processes is not supported: start with the topology it was made with, or delete the \
+                 directory to start afresh",
+                dir.display()
+            )
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A Raft log anywhere below: a cluster was made here before.
+            let made_before = walk_for(dir, "rocksdb", 3);
+            anyhow::ensure!(
+                !made_before,
+                "{} holds a cluster made by an older cellbank, whose processes took one port each (each now \
+                 serves its client, peer and admin planes on three): delete the directory to start afresh",
+                dir.display()
+            );
+            std::fs::write(&path, now)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether a directory named `name` is under `dir`, at most `depth` down.
+fn walk_for(dir: &std::path::Path, name: &str, depth: usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .any(|entry| entry.file_name() == name || (depth > 1 && walk_for(&entry.path(), name, depth - 1)))
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut topology = load_topology(args.topology.as_ref())?;
     if let Some(dir) = &args.data_dir {
@@ -87,6 +136,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     topology.data_dir = topology.data_dir.canonicalize()?;
     let token = topology.admin_token.clone();
     let mut supervisor = Supervisor::new(std::env::current_exe()?, topology)?;
+    check_addresses(&supervisor)?;
     let topology = supervisor.topology.clone();
     println!(
         "cellbank local cluster: {} router(s), {} cell(s) in {} pair(s), {} process(es)",
@@ -110,6 +160,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let metrics = supervisor.metrics_addr(id).map(|m| format!("  metrics http://{m}/metrics")).unwrap_or_default();
         println!("{id:<22} grpc {}{metrics}", supervisor.addr(id).unwrap_or_default());
     }
+    println!("planes:    each process serves clients at its address, peers at port + 1, admin at port + 2");
     for pair in &topology.pairs {
         match pair.standby {
             Some(standby) => {

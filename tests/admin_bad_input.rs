@@ -71,7 +71,8 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     // (as a router: only routers may configure).
     let addr = cluster.sup.addr(cluster.cell_leader(1).await.expect("leader")).unwrap();
     let router = common::credentials_of("router/1");
-    let channel = cellbank_client::ChannelSettings::OPERATOR.connect_as(&addr, Some(&router)).await.unwrap();
+    let admin_plane = cellbank_client::planes::Plane::Admin.of(&addr);
+    let channel = cellbank_client::ChannelSettings::OPERATOR.connect_as(&admin_plane, Some(&router)).await.unwrap();
     let mut cell = cellbank_client::channel::admin(channel);
     let zero = PairState { epoch: 0, role: PairRole::Active as i32, ..Default::default() };
     let error =

@@ -174,7 +174,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // or messages for another cell, from a certificate of this cell's
     // group (anyone else is refused before the bytes are read).
     let peer = common::credentials_of("cell/1/replica/9");
-    let peer_channel = cellbank_client::ChannelSettings::SERVICE.connect_as(&addr, Some(&peer)).await.unwrap();
+    let peer_plane = cellbank_client::planes::Plane::Peer.of(&addr);
+    let peer_channel = cellbank_client::ChannelSettings::SERVICE.connect_as(&peer_plane, Some(&peer)).await.unwrap();
     let mut raft = RaftTransportClient::new(peer_channel);
     let sealed = |mut batch: RaftBatch| {
         batch.checksum = cellbank_client::integrity::raft_batch(&batch);

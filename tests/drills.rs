@@ -317,6 +317,7 @@ async fn attached_drills_need_credentials_and_stay_inside_their_blast_radius() {
     // Nothing was injected anywhere.
     for cell in 1..=4 {
         for addr in cluster.sup.cell_endpoints(cell) {
+            let addr = cellbank_client::planes::Plane::Admin.of(&addr);
             let channel = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await.unwrap();
             let mut client = FaultPointsClient::new(channel);
             let mut request = tonic::Request::new(ListFaultsRequest {});

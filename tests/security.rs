@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cellbank_client::planes::Plane;
 use cellbank_client::tls::{Credentials, Identity};
 use cellbank_client::ChannelSettings;
 use cellbank_proto::cell::clearing_client::ClearingClient;
@@ -63,6 +64,20 @@ async fn channel_from(addr: &str, credentials: &Arc<Credentials>, local: IpAddr)
         .map_err(|e| tonic::Status::unavailable(e.to_string()))
 }
 
+/// A channel to `addr`, or UNAVAILABLE when none could be made.
+async fn channel_or_status(addr: &str, credentials: &Arc<Credentials>) -> Result<Channel, tonic::Status> {
+    channel(addr, Some(credentials)).await.map_err(|e| tonic::Status::unavailable(e.to_string()))
+}
+
+/// Asserts that a call on a connection the server refused to keep failed
+/// at the transport: UNAVAILABLE when the refusal came before the call was
+/// sent, UNKNOWN when the connection closed under it (why is in the
+/// server's metrics and audit trail, checked by the callers).
+fn assert_connection_refused(result: Result<(), tonic::Status>) {
+    let code = code_of(result);
+    assert!(matches!(code, Code::Unavailable | Code::Unknown), "{code:?}");
+}
+
 fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
     match result {
         Ok(answer) => panic!("the call was let in: {answer:?}"),
@@ -84,7 +99,7 @@ fn sealed_entries(source_cell_id: u64, epoch: u64, entries: Vec<Vec<u8>>) -> Shi
 /// Ships `batches` to `addr` as `credentials`; the acks, or the status the
 /// stream ended with.
 async fn ship(addr: &str, credentials: &Arc<Credentials>, batches: Vec<ShipBatch>) -> Result<usize, tonic::Status> {
-    let ch = channel(addr, Some(credentials)).await.unwrap();
+    let ch = channel(&Plane::Peer.of(addr), Some(credentials)).await.unwrap();
     let mut acks = StandbyClient::new(ch).replicate(futures::stream::iter(batches)).await?.into_inner();
     let mut count = 0;
     while acks.message().await?.is_some() {
@@ -179,32 +194,52 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
     assert!(channel(&router, Some(&foreign)).await.is_err(), "another CA's certificate was let in");
     assert!(channel(&cell(1), Some(&foreign)).await.is_err(), "another CA's certificate was let in");
 
-    // A service calling the internal services of a cell.
+    // A service calling the internal services of a cell: it may not even
+    // hold a connection to the cell's peer or admin plane (refused after
+    // the handshake, so the call is never read).
     let service = |name: &str| as_identity(&format!("service/{name}"));
-    let ch = channel(&cell(1), Some(&service("minter"))).await.unwrap();
+    let peer = |addr: &str| Plane::Peer.of(addr);
+    let admin = |addr: &str| Plane::Admin.of(addr);
     let credit = forged_credit(2, 2, 1, 1);
-    assert_eq!(code_of(ClearingClient::new(ch).apply_credits(credit).await), Code::PermissionDenied);
-    let ch = channel(&cell(1), Some(&service("usurper"))).await.unwrap();
+    let minted = match channel_or_status(&peer(&cell(1)), &service("minter")).await {
+        Ok(ch) => ClearingClient::new(ch).apply_credits(credit.clone()).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    assert_connection_refused(minted);
     let huge_term = ConfigureRequest {
         cell_id: 1,
         state: Some(PairState { coordinator_term: u64::MAX, ..Default::default() }),
         ..Default::default()
     };
-    assert_eq!(code_of(ReplicaAdminClient::new(ch).configure(huge_term.clone()).await), Code::PermissionDenied);
-    let ch = channel(&cell(1), Some(&service("raft-forger"))).await.unwrap();
+    let usurped = match channel_or_status(&admin(&cell(1)), &service("usurper")).await {
+        Ok(ch) => ReplicaAdminClient::new(ch).configure(huge_term.clone()).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    assert_connection_refused(usurped);
     let batch = RaftBatch { cell_id: 1, messages: vec![vec![0xff; 64]], from_replica_id: 9, ..Default::default() };
-    let raft = RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await;
-    assert_eq!(code_of(raft), Code::PermissionDenied);
-    let ch = channel(&cell(3), Some(&service("shipper"))).await.unwrap();
-    let shipped = StandbyClient::new(ch).replicate(futures::stream::iter(vec![hello(1, 1)])).await;
-    assert_eq!(code_of(shipped), Code::PermissionDenied);
+    let raft = match channel_or_status(&peer(&cell(1)), &service("raft-forger")).await {
+        Ok(ch) => RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    assert_connection_refused(raft);
+    let shipped = match channel_or_status(&peer(&cell(3)), &service("shipper")).await {
+        Ok(ch) => StandbyClient::new(ch).replicate(futures::stream::iter(vec![hello(1, 1)])).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    assert_connection_refused(shipped);
+    // An operator may connect to a cell's client plane, but the admin
+    // calls are not served there: refused naming the plane that serves them.
+    let ch = channel(&cell(1), Some(&as_identity("operator/lost"))).await.unwrap();
+    let status = ReplicaAdminClient::new(ch).status(StatusRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("served on the admin plane"), "{status:?}");
 
     // A replica of the other pair shipping to pair 1's standby as cell 1.
-    let ch = channel(&cell(3), Some(&as_identity("cell/2/replica/1"))).await.unwrap();
+    let ch = channel(&peer(&cell(3)), Some(&as_identity("cell/2/replica/1"))).await.unwrap();
     let shipped = StandbyClient::new(ch).replicate(futures::stream::iter(vec![hello(1, 1)])).await;
     assert_eq!(code_of(shipped), Code::PermissionDenied);
     // A replica of a cell of this group calling RaftTransport of another cell.
-    let ch = channel(&cell(1), Some(&as_identity("cell/2/replica/2"))).await.unwrap();
+    let ch = channel(&peer(&cell(1)), Some(&as_identity("cell/2/replica/2"))).await.unwrap();
     let batch = RaftBatch { cell_id: 1, from_replica_id: 2, ..Default::default() };
     let raft = RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await;
     assert_eq!(code_of(raft), Code::PermissionDenied);
@@ -258,7 +293,7 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
     // raft-rs would abort the process; the follower refuses it and serves on.
     let mut follower = None;
     for addr in cluster.sup.cell_endpoints(1) {
-        let ch = ChannelSettings::SERVICE.connect(&addr).await.unwrap();
+        let ch = ChannelSettings::SERVICE.connect(&admin(&addr)).await.unwrap();
         let status = ReplicaAdminClient::new(ch).status(StatusRequest {}).await.unwrap().into_inner();
         if status.leader_id != 0 && status.leader_id != status.replica_id {
             follower = Some((addr, status));
@@ -272,11 +307,11 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
     heartbeat.from = follower_status.leader_id;
     heartbeat.term = follower_status.term;
     heartbeat.commit = follower_status.last_log_index + 1_000;
-    let ch = channel(&follower_addr, Some(&as_identity("cell/1/replica/9"))).await.unwrap();
+    let ch = channel(&peer(&follower_addr), Some(&as_identity("cell/1/replica/9"))).await.unwrap();
     let batch = sealed_raft(1, follower_status.leader_id, vec![heartbeat]);
     RaftTransportClient::new(ch).stream(futures::stream::iter(vec![batch])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ch = ChannelSettings::SERVICE.connect(&follower_addr).await.unwrap();
+    let ch = ChannelSettings::SERVICE.connect(&admin(&follower_addr)).await.unwrap();
     ReplicaAdminClient::new(ch).status(StatusRequest {}).await.expect("the follower still serves");
     // Counted by the same process (a restarted one would count from 0).
     let follower_metrics =
@@ -286,28 +321,37 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
 
     // A router changing a cell's membership; an operator forging a
     // coordinator's Configure with a huge term.
-    let ch = channel(&cell(1), Some(&as_identity("router/1"))).await.unwrap();
+    let ch = channel(&admin(&cell(1)), Some(&as_identity("router/1"))).await.unwrap();
     let add = ChangeMembershipRequest { action: 1, replica_id: 9, addr: "127.0.0.1:1".into() };
     assert_eq!(code_of(ReplicaAdminClient::new(ch).change_membership(add).await), Code::PermissionDenied);
-    let ch = channel(&cell(1), Some(&as_identity("operator/mallory"))).await.unwrap();
+    let ch = channel(&admin(&cell(1)), Some(&as_identity("operator/mallory"))).await.unwrap();
     assert_eq!(code_of(ReplicaAdminClient::new(ch).configure(huge_term).await), Code::PermissionDenied);
 
     // Forged credits at the router: a service, and a replica of cell 1
     // claiming to be cell 2 (pair 2's active) to credit a user of pair 2.
-    let ch = channel(&router, Some(&service("courier-forger"))).await.unwrap();
     let forged = forged_credit(1, 1, victim, 2);
-    assert_eq!(code_of(CourierClient::new(ch).deliver_credits(forged).await), Code::PermissionDenied);
-    let ch = channel(&router, Some(&as_identity("cell/1/replica/3"))).await.unwrap();
+    let delivered = match channel_or_status(&peer(&router), &service("courier-forger")).await {
+        Ok(ch) => CourierClient::new(ch).deliver_credits(forged).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    assert_connection_refused(delivered);
+    let ch = channel(&peer(&router), Some(&as_identity("cell/1/replica/3"))).await.unwrap();
     let forged = forged_credit(2, 2, victim, 2);
     assert_eq!(code_of(CourierClient::new(ch).deliver_credits(forged).await), Code::PermissionDenied);
     // The standby of pair 1 (cell 3) delivering as itself: not the active.
-    let ch = channel(&router, Some(&as_identity("cell/3/replica/1"))).await.unwrap();
+    let ch = channel(&peer(&router), Some(&as_identity("cell/3/replica/1"))).await.unwrap();
     let forged = forged_credit(1, 3, victim, 2);
     assert_eq!(code_of(CourierClient::new(ch).deliver_credits(forged).await), Code::FailedPrecondition);
 
-    // A service forcing a failover.
-    let ch = channel(&router, Some(&service("failover-forcer"))).await.unwrap();
+    // A service forcing a failover: on the router's admin plane it cannot
+    // connect; on the client plane, where it may, the call is refused.
     let failover = FailoverRequest { pair_id: 1, force: true, who: "operator".into(), why: "x".into() };
+    let forced = match channel_or_status(&admin(&router), &service("failover-forcer")).await {
+        Ok(ch) => RouterAdminClient::new(ch).failover(failover.clone()).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    assert_connection_refused(forced);
+    let ch = channel(&router, Some(&service("failover-forcer"))).await.unwrap();
     assert_eq!(code_of(RouterAdminClient::new(ch).failover(failover).await), Code::PermissionDenied);
 
     // Counted on the router and the cells' first replicas.
@@ -316,15 +360,18 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
     assert!(denied >= Some(2), "router denials counted: {denied:?}");
     let refused = common::metric(&router_metrics, "cellbank_tls_handshakes_refused_total", "failed").await;
     assert!(refused >= Some(2), "router handshakes refused: {refused:?}");
+    let refused = common::metric(&router_metrics, "cellbank_tls_handshakes_refused_total", "wrong_plane").await;
+    assert!(refused >= Some(2), "router connections refused on their plane: {refused:?}");
     let cell_1 = cluster.sup.metrics_addr(cellbank::supervisor::ProcessId::Replica { cell: 1, replica: 1 }).unwrap();
     let denied = common::metric(&cell_1, "cellbank_calls_denied_total", "PermissionDenied").await;
-    assert!(denied >= Some(6), "cell 1 denials counted: {denied:?}");
+    assert!(denied >= Some(4), "cell 1 denials counted: {denied:?}");
+    let refused = common::metric(&cell_1, "cellbank_tls_handshakes_refused_total", "wrong_plane").await;
+    assert!(refused >= Some(3), "cell 1 connections refused on their plane: {refused:?}");
 
     // Audited with the peer's address and identity.
     let text = logs(&cluster);
     for who in [
-        "service/minter",
-        "service/usurper",
+        "operator/lost",
         "router/1",
         "operator/mallory",
         "service/failover-forcer",
@@ -339,6 +386,14 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
         assert!(line.contains("peer=127.0.0.1:"), "{line}");
     }
     assert!(text.contains("connection_refused"), "refused handshakes are audited");
+    for who in ["service/minter", "service/usurper", "service/raft-forger", "service/shipper", "service/courier-forger"]
+    {
+        let line = text
+            .lines()
+            .find(|l| l.contains("connection_refused") && l.contains(&format!("cellbank://local/{who}")))
+            .unwrap_or_else(|| panic!("no audit line for {who}'s connection"));
+        assert!(line.contains("peer=127.0.0.1") && line.contains("wrong_plane"), "{line}");
+    }
 
     // Nothing changed anywhere, and the books reconcile.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -349,7 +404,7 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
 
     // The operator's own action is audited under the identity its
     // certificate proves, whatever name the request gives.
-    let ch = channel(&router, Some(&as_identity("operator/alice"))).await.unwrap();
+    let ch = channel(&admin(&router), Some(&as_identity("operator/alice"))).await.unwrap();
     let mut admin = RouterAdminClient::new(ch);
     let switchover = SwitchoverRequest { pair_id: 2, who: "mallory".into(), why: "drill".into() };
     admin.switchover(switchover).await.expect("an operator may switch over");
@@ -364,8 +419,10 @@ async fn a_refused_caller_backs_off_exponentially_and_an_honest_one_is_untouched
     cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
     let router = cluster.routers()[0].clone();
     let operator = as_identity("operator/honest");
-    let honest = channel(&router, Some(&operator)).await.unwrap();
+    let honest = channel(&Plane::Admin.of(&router), Some(&operator)).await.unwrap();
     let mut honest = RouterAdminClient::new(honest);
+    // A service may connect to the router's client plane, where the
+    // admin calls it tries are refused.
     let brute = channel(&router, Some(&as_identity("service/brute"))).await.unwrap();
     let mut brute = RouterAdminClient::new(brute);
 
@@ -398,9 +455,11 @@ async fn a_refused_caller_backs_off_exponentially_and_an_honest_one_is_untouched
     let foreign = from_another_ca(foreign_dir.path(), "operator/honest");
     let other: IpAddr = "127.0.0.2".parse().unwrap();
     let local: IpAddr = "127.0.0.1".parse().unwrap();
+    // Failures on one plane hold the address back on every plane.
     for _ in 0..=cellbank_client::tls::HANDSHAKE_FAILURES_FREE {
         assert!(channel_from(&router, &foreign, other).await.is_err());
     }
+    let router = Plane::Admin.of(&router);
     let asked = Instant::now();
     let ch = channel_from(&router, &operator, local).await.expect("another address is not held back");
     let honest_connect = asked.elapsed();
@@ -429,15 +488,18 @@ async fn renewed_certificates_are_used_without_a_restart() {
     let (on_handshake_refused, on_denied) = cellbank_raft::metrics::security_observers(&prometheus::Registry::new());
     let policy = cellbank_client::gate::Policy::new(
         cellbank_client::gate::Member::Routers,
-        &[("/grpc.health.v1.Health/", cellbank_client::gate::Allow::ANYONE)],
+        &[
+            (Plane::Client, "/grpc.health.v1.Health/", cellbank_client::gate::Allow::ANYONE),
+            (Plane::Client, "/cellbank.v1.Ledger/", cellbank_client::gate::Allow::OPERATORS),
+        ],
     );
-    let security = cellbank_client::server::Security {
-        credentials: Some(server_credentials.clone()),
+    let security = cellbank_client::server::Security::new(
+        Some(server_credentials.clone()),
         policy,
         on_handshake_refused,
         on_denied,
-    };
-    let (mut server, incoming) = cellbank_client::server::secured(listener, security);
+    );
+    let (mut server, incoming) = cellbank_client::server::secured(listener, Plane::Client, &security);
     let (_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(server.add_service(health).serve_with_incoming(incoming));
     let check = |credentials: Arc<Credentials>| {
@@ -583,7 +645,7 @@ async fn a_forced_failover_that_may_lose_writes_needs_a_second_operator() {
     let admin = |path: &str| {
         let credentials = as_identity(path);
         let router = router.clone();
-        async move { RouterAdminClient::new(channel(&router, Some(&credentials)).await.unwrap()) }
+        async move { RouterAdminClient::new(channel(&Plane::Admin.of(&router), Some(&credentials)).await.unwrap()) }
     };
     let force = || FailoverRequest { pair_id: 1, force: true, who: String::new(), why: "drill".into() };
     let held = admin("operator/alice").await.failover(force()).await.unwrap_err();

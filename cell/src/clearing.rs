@@ -331,7 +331,8 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
     let clients: Vec<CourierClient<Channel>> = routers
         .iter()
         .filter_map(|addr| {
-            let channel = cellbank_client::ChannelSettings::INTERNAL.lazy(addr).ok()?;
+            let peer = cellbank_client::planes::Plane::Peer.of(addr);
+            let channel = cellbank_client::ChannelSettings::INTERNAL.lazy(&peer).ok()?;
             Some(cellbank_client::channel::courier(channel))
         })
         .collect();

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 pub struct ReplicaConfig {
     pub cell_id: u64,
     pub replica_id: u64,
-    /// gRPC address for clients and peers.
+    /// The replica's address: its client plane listens here, its peer
+    /// and admin planes on the next two ports (`cellbank_client::planes`).
     pub listen: SocketAddr,
     /// Prometheus metrics over HTTP; none when absent.
     #[serde(default)]
@@ -76,13 +77,19 @@ impl ReplicaConfig {
                 self.replica_id
             );
         }
+        let process = |what: String, addr: &str| {
+            cellbank_client::planes::check_process_addr(addr).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        };
+        process("listen".into(), &self.listen.to_string())?;
         for (id, addr) in &self.peers {
             anyhow::ensure!(*id > 0, "peer ids start at 1");
             addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
+            process(format!("peer {id}"), addr)?;
         }
         anyhow::ensure!(self.raft.election_tick > self.raft.heartbeat_tick, "election_tick must exceed heartbeat_tick");
         for addr in &self.routers {
             addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("routers: {addr:?} is not host:port"))?;
+            process("routers".into(), addr)?;
         }
         anyhow::ensure!(self.raft.log_compact_threshold_entries > 0, "log_compact_threshold_entries must be positive");
         Ok(())
@@ -98,10 +105,10 @@ mod tests {
         let config = ReplicaConfig {
             cell_id: 1,
             replica_id: 2,
-            listen: "127.0.0.1:7102".parse().unwrap(),
+            listen: "127.0.0.1:7120".parse().unwrap(),
             metrics_listen: None,
             data_dir: "data/x".into(),
-            peers: [(1, "127.0.0.1:7101".to_string()), (2, "127.0.0.1:7102".to_string())].into_iter().collect(),
+            peers: [(1, "127.0.0.1:7110".to_string()), (2, "127.0.0.1:7120".to_string())].into_iter().collect(),
             raft: RaftTuning::default(),
             routers: vec!["127.0.0.1:7000".into()],
             admin_token: Some("t".into()),

@@ -550,7 +550,8 @@ impl Shipper {
             return Err("the standby has no addresses".into());
         }
         let addr = &addrs[*preferred % addrs.len()];
-        let channel = ChannelSettings::PEER.connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let peer = cellbank_client::planes::Plane::Peer.of(addr);
+        let channel = ChannelSettings::PEER.connect(&peer).await.map_err(|e| format!("connect {peer}: {e}"))?;
         Ok(channel::standby(channel, SHIP_MESSAGE_BYTES_MAX))
     }
 

@@ -1,17 +1,19 @@
 //! Assembles one replica: RocksDB, the Raft node thread, the transport, the
-//! gRPC server (Ledger, RaftTransport, ReplicaAdmin, health, reflection) and
-//! the metrics endpoint. [`Replica::stop`] shuts it down in order.
+//! gRPC servers of its three planes (client: Ledger; peer: RaftTransport,
+//! Standby, Clearing; admin: ReplicaAdmin, FaultPoints; health on each,
+//! reflection on the client plane) and the metrics endpoint.
+//! [`Replica::stop`] shuts it down in order.
 
 use std::sync::Arc;
 
 use cellbank_client::gate::{Allow, Member, Policy};
-use cellbank_client::server::Security;
+use cellbank_client::planes::Plane;
+use cellbank_client::server::{Listeners, Security, Serving};
 use cellbank_proto::cell::clearing_server::ClearingServer;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::cell::replica_admin_server::ReplicaAdminServer;
 use cellbank_proto::cell::standby_server::StandbyServer;
 use cellbank_proto::v1::ledger_server::LedgerServer;
-use tokio::sync::oneshot;
 
 use crate::clearing::ClearingService;
 use crate::config::ReplicaConfig;
@@ -33,8 +35,7 @@ pub struct Replica {
     pub node: DriverHandle<Ledger>,
     pub metrics: Arc<Metrics>,
     pub addr: std::net::SocketAddr,
-    server_stop: Option<oneshot::Sender<()>>,
-    server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    serving: Option<Serving>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     shipper_task: tokio::task::JoinHandle<()>,
     courier_task: tokio::task::JoinHandle<()>,
@@ -44,29 +45,32 @@ pub struct Replica {
     _transport: Arc<GrpcTransport>,
 }
 
-/// Who may call what on a replica (see [`cellbank_client::gate`]).
+/// Who may call what on a replica, on which plane (see
+/// [`cellbank_client::gate`] and [`cellbank_client::planes`]).
 pub fn policy(cell_id: u64) -> Policy {
     Policy::new(
         Member::Cell(cell_id),
         &[
-            ("/grpc.health.v1.Health/", Allow::ANYONE),
-            ("/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
-            ("/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
+            (Plane::Client, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Peer, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Admin, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Client, "/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
+            (Plane::Client, "/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
             // Services go through the routers, where their scopes are
             // enforced; operators may ask a cell directly.
-            ("/cellbank.v1.Ledger/", Allow::ROUTERS.or(Allow::OPERATORS)),
+            (Plane::Client, "/cellbank.v1.Ledger/", Allow::ROUTERS.or(Allow::OPERATORS)),
             // Raft messages from the other replicas of this cell only.
-            ("/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+            (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
             // Any replica may open the stream; the hello's source cell must
             // be the caller's, and the pair state's (StandbyService).
-            ("/cellbank.cell.v1.Standby/", Allow::REPLICAS),
+            (Plane::Peer, "/cellbank.cell.v1.Standby/", Allow::REPLICAS),
             // Credits, envelope grabs and sends come through the routers.
-            ("/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
-            ("/cellbank.cell.v1.ReplicaAdmin/", Allow::ROUTERS.or(Allow::OPERATORS)),
-            ("/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
-            ("/cellbank.cell.v1.ReplicaAdmin/ChangeMembership", Allow::OPERATORS),
-            ("/cellbank.cell.v1.ReplicaAdmin/TransferLeader", Allow::OPERATORS),
-            ("/cellbank.cell.v1.FaultPoints/", Allow::OPERATORS),
+            (Plane::Peer, "/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
+            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/", Allow::ROUTERS.or(Allow::OPERATORS)),
+            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
+            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ChangeMembership", Allow::OPERATORS),
+            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/TransferLeader", Allow::OPERATORS),
+            (Plane::Admin, "/cellbank.cell.v1.FaultPoints/", Allow::OPERATORS),
         ],
     )
 }
@@ -86,8 +90,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let metrics = Metrics::new(config.cell_id, config.replica_id);
     let db = open_db(&config.data_dir.join("rocksdb"));
     let disk = crate::disk::DiskWatch::new(&config.data_dir, config.min_free_bytes, &metrics.raft.registry);
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
+    let listeners = Listeners::bind(config.listen).await?;
+    let addr = listeners.addr;
     let pair_view: crate::ledger::PairView = Arc::new(tokio::sync::watch::Sender::new(crate::ledger::pair::unpaired()));
     let settling_until: crate::ledger::SettleUntil = Arc::new(std::sync::Mutex::new(None));
     let pair_history: crate::ledger::PairHistory = Arc::default();
@@ -158,25 +162,24 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(cellbank_client::channel::AUDIT_MESSAGE_BYTES_MAX);
     let faults = cellbank_raft::faults::FaultService { admin_token: config.admin_token.clone() };
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let faults = cellbank_proto::cell::fault_points_server::FaultPointsServer::new(faults);
     let (on_handshake_refused, on_denied) = cellbank_raft::metrics::security_observers(&metrics.raft.registry);
-    let security = Security { credentials, policy: policy(config.cell_id), on_handshake_refused, on_denied };
-    let (mut server, incoming) = cellbank_client::server::secured(listener, security);
-    let server_task = tokio::spawn(
-        server
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(ledger)
-            .add_service(transport_service)
-            .add_service(standby)
-            .add_service(clearing)
-            .add_service(admin)
-            .add_service(cellbank_proto::cell::fault_points_server::FaultPointsServer::new(faults))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let security = Security::new(credentials, policy(config.cell_id), on_handshake_refused, on_denied);
+    let serving = cellbank_client::server::serve(listeners, &security, |plane, mut server| match plane {
+        Plane::Client => server
+            .add_service(health_service.clone())
+            .add_service(reflection.clone())
+            .add_service(reflection_alpha.clone())
+            .add_service(ledger.clone()),
+        Plane::Peer => server
+            .add_service(health_service.clone())
+            .add_service(transport_service.clone())
+            .add_service(standby.clone())
+            .add_service(clearing.clone()),
+        Plane::Admin => {
+            server.add_service(health_service.clone()).add_service(admin.clone()).add_service(faults.clone())
+        }
+    });
     let metrics_task = match config.metrics_listen {
         Some(metrics_addr) => {
             let listener = cellbank_raft::metrics::bind(metrics_addr).await?;
@@ -189,8 +192,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         node: handle,
         metrics,
         addr,
-        server_stop: Some(stop_tx),
-        server_task,
+        serving: Some(serving),
         metrics_task,
         shipper_task,
         courier_task,
@@ -204,11 +206,9 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
 impl Replica {
     /// Stops serving, stops the Raft thread, and closes the database.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.server_stop.take() {
-            let _ = stop.send(());
+        if let Some(serving) = self.serving.take() {
+            serving.stop(std::time::Duration::from_secs(2)).await;
         }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.server_task).await;
-        self.server_task.abort();
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }

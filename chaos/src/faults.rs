@@ -62,8 +62,10 @@ fn request<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     request
 }
 
+/// A channel to the admin plane (fault points, admin) of the process at
+/// `addr`.
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(ChannelSettings::OPERATOR.connect(addr).await?)
+    Ok(ChannelSettings::OPERATOR.connect(&cellbank_client::planes::Plane::Admin.of(addr)).await?)
 }
 
 impl Access {

@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::channel::{self, ChannelSettings};
+use crate::planes::Plane;
 use crate::retry::{self, RetryPolicy};
 
 /// How long one call may take, retries included, unless set otherwise.
@@ -25,7 +26,8 @@ pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(15);
 struct State {
     /// Index into `endpoints` of the replica believed to lead.
     current: usize,
-    channels: Vec<Option<Channel>>,
+    /// Per endpoint: the client plane's channel, the admin plane's.
+    channels: Vec<[Option<Channel>; 2]>,
 }
 
 pub struct CellClient {
@@ -45,7 +47,7 @@ impl CellClient {
 
     pub fn with_settings(endpoints: Vec<String>, settings: ChannelSettings, policy: RetryPolicy) -> CellClient {
         assert!(!endpoints.is_empty(), "a client needs at least one endpoint");
-        let channels = vec![None; endpoints.len()];
+        let channels = vec![[None, None]; endpoints.len()];
         CellClient {
             endpoints,
             state: Mutex::new(State { current: 0, channels }),
@@ -59,17 +61,18 @@ impl CellClient {
         &self.endpoints
     }
 
-    fn channel(&self, index: usize) -> Result<Channel, Status> {
+    fn channel(&self, index: usize, plane: Plane) -> Result<Channel, Status> {
+        let slot = usize::from(plane != Plane::Client);
         let mut state = self.state.lock().expect("client lock");
-        if let Some(channel) = &state.channels[index] {
+        if let Some(channel) = &state.channels[index][slot] {
             return Ok(channel.clone());
         }
-        let addr = &self.endpoints[index];
+        let addr = plane.of(&self.endpoints[index]);
         let channel = self
             .settings
-            .lazy(addr)
+            .lazy(&addr)
             .map_err(|e| Status::invalid_argument(format!("endpoint {addr:?} is not host:port: {e}")))?;
-        state.channels[index] = Some(channel.clone());
+        state.channels[index][slot] = Some(channel.clone());
         Ok(channel)
     }
 
@@ -102,7 +105,7 @@ impl CellClient {
         let mut backoff = self.policy.backoff();
         loop {
             let index = self.current();
-            let client = channel::ledger(self.channel(index)?);
+            let client = channel::ledger(self.channel(index, Plane::Client)?);
             match f(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retry::retryable(&status, true) => {
@@ -222,7 +225,7 @@ impl CellClient {
 
     /// The admin client of one replica, by index.
     pub fn admin(&self, index: usize) -> Result<ReplicaAdminClient<Channel>, Status> {
-        Ok(channel::admin(self.channel(index)?))
+        Ok(channel::admin(self.channel(index, Plane::Admin)?))
     }
 
     /// The index and status of the replica that says it leads, asking each

@@ -8,7 +8,9 @@
 //! identity its TLS certificate proved ([`crate::tls::PeerInfo`]); a request
 //! let in carries it as [`Caller`], so handlers narrow further (the standby
 //! admits only its source cell's replicas, the routers' audit log records
-//! who) and never trust a name the request itself gives.
+//! who) and never trust a name the request itself gives; a handler that
+//! refuses a caller does so through the request's [`Refuser`], so its
+//! refusals are counted, audited and throttled as the gate's are.
 //!
 //! A refusal is PERMISSION_DENIED naming the rule, reported to the
 //! server's observer (metrics, the audit trail) and throttled per identity
@@ -17,7 +19,6 @@
 //! (no TLS) lets every call in with no caller: that mode is for a laptop,
 //! and the process says so when it starts.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use tonic::body::BoxBody;
 
+use crate::planes::Plane;
 use crate::throttle::Throttle;
 use crate::tls::{Identity, PeerInfo, Role};
 
@@ -95,11 +97,13 @@ impl Member {
     }
 }
 
-/// The rules of one server.
+/// The rules of one server, and the plane ([`Plane`]) of the listener
+/// they are checked on.
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub member: Member,
-    rules: BTreeMap<&'static str, Allow>,
+    plane: Plane,
+    rules: Vec<(Plane, &'static str, Allow)>,
 }
 
 /// Why a call was refused.
@@ -111,33 +115,59 @@ pub struct Refusal {
     pub rule: Option<&'static str>,
 }
 
+fn matches(rule: &str, path: &str) -> bool {
+    path == rule || (rule.ends_with('/') && path.starts_with(rule))
+}
+
 impl Policy {
-    /// `rules`: (path or `/package.Service/` prefix, who may call it).
-    pub fn new(member: Member, rules: &[(&'static str, Allow)]) -> Policy {
-        Policy { member, rules: rules.iter().copied().collect() }
+    /// `rules`: (the plane serving it, path or `/package.Service/` prefix,
+    /// who may call it). The policy checks calls on the client plane until
+    /// [`Policy::on`] names another.
+    pub fn new(member: Member, rules: &[(Plane, &'static str, Allow)]) -> Policy {
+        Policy { member, plane: Plane::Client, rules: rules.to_vec() }
     }
 
-    /// The rule for `path`: the longest rule path it starts with.
+    /// The same rules, checked on `plane`'s listener.
+    pub fn on(&self, plane: Plane) -> Policy {
+        Policy { plane, ..self.clone() }
+    }
+
+    pub fn plane(&self) -> Plane {
+        self.plane
+    }
+
+    /// The rule for `path` on this plane: the longest rule path it starts
+    /// with.
     pub fn rule(&self, path: &str) -> Option<(&'static str, Allow)> {
         self.rules
             .iter()
-            .filter(|(rule, _)| path == **rule || (rule.ends_with('/') && path.starts_with(**rule)))
-            .max_by_key(|(rule, _)| rule.len())
-            .map(|(rule, allow)| (*rule, *allow))
+            .filter(|(plane, rule, _)| *plane == self.plane && matches(rule, path))
+            .max_by_key(|(_, rule, _)| rule.len())
+            .map(|(_, rule, allow)| (*rule, *allow))
     }
 
     /// Whether `identity` may call `path`.
     pub fn check(&self, path: &str, identity: &Identity) -> Result<(), Refusal> {
         let Some((rule, allow)) = self.rule(path) else {
+            let elsewhere = self.rules.iter().find(|(_, rule, allow)| matches(rule, path) && *allow != Allow::ANYONE);
+            if let Some((plane, rule, _)) = elsewhere {
+                return Err(Refusal {
+                    code: tonic::Code::PermissionDenied,
+                    message: format!(
+                        "{identity} may not call {path} on the {} plane: it is served on the {plane} plane (the process's port + {})",
+                        self.plane,
+                        plane.offset()
+                    ),
+                    rule: Some(rule),
+                });
+            }
             return Err(Refusal {
                 code: tonic::Code::PermissionDenied,
                 message: format!("{identity} may not call {path}: no rule admits anyone to it"),
                 rule: None,
             });
         };
-        let admitted =
-            allow.admits_role(identity.role()) || (allow.0 & Allow::GROUP.0 != 0 && self.member.admits(identity));
-        if admitted {
+        if self.admits(allow, identity) {
             return Ok(());
         }
         Err(Refusal {
@@ -145,6 +175,33 @@ impl Policy {
             message: format!("{identity} may not call {path}: rule {rule} admits {}", allow.describe()),
             rule: Some(rule),
         })
+    }
+
+    fn admits(&self, allow: Allow, identity: &Identity) -> bool {
+        allow.admits_role(identity.role()) || (allow.0 & Allow::GROUP.0 != 0 && self.member.admits(identity))
+    }
+
+    /// Whether `identity` may open a connection to this plane's listener:
+    /// some rule of the plane other than those open to anyone (health,
+    /// reflection) admits it. Checked once per connection, after its TLS
+    /// handshake, so a caller with no business on a plane cannot even hold
+    /// a connection to it.
+    pub fn admits_connection(&self, identity: &Identity) -> Result<(), String> {
+        let admitted = self
+            .rules
+            .iter()
+            .filter(|(plane, _, allow)| *plane == self.plane && *allow != Allow::ANYONE)
+            .any(|(_, _, allow)| self.admits(*allow, identity));
+        if admitted {
+            return Ok(());
+        }
+        let mut who = Allow(0);
+        for (plane, _, allow) in &self.rules {
+            if *plane == self.plane && *allow != Allow::ANYONE {
+                who = who.or(*allow);
+            }
+        }
+        Err(format!("{identity} may not connect to the {} plane, which admits {}", self.plane, who.describe()))
     }
 }
 
@@ -157,24 +214,38 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Option<&Identity> {
     request.extensions().get::<Caller>().map(|caller| caller.0.as_ref())
 }
 
-/// The address `request` came from.
-pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
-    request.extensions().get::<PeerInfo>().and_then(|info| info.addr)
+/// A handler's way to refuse a caller the policy let in, for a check the
+/// policy cannot make (a standby's source cell, a courier batch's sender):
+/// the refusal is reported and throttled as the gate's own are (counted,
+/// written to the audit trail with the rule `handler`, the identity barred
+/// for a while). Present on every request a secure gate let in.
+#[derive(Clone)]
+pub struct Refuser {
+    shared: Arc<GateShared>,
+    addr: Option<SocketAddr>,
+    identity: Arc<Identity>,
 }
 
-/// Writes a handler's refusal of a caller (a check the policy cannot make:
-/// a standby's source cell, a courier batch's sender) to the audit trail
-/// as the gate writes its own.
-pub fn audit_denied(addr: Option<SocketAddr>, identity: &Identity, path: &str, status: &tonic::Status) {
-    tracing::warn!(
-        target: "cellbank::audit",
-        event = "call_denied",
-        peer = %addr.map(|a| a.to_string()).unwrap_or_default(),
-        identity = %identity,
-        path,
-        rule = "handler",
-        message = %status.message(),
-    );
+impl Refuser {
+    /// Reports the refusal of a call to `path` and gives back `status`,
+    /// the answer to send.
+    pub fn refuse(&self, path: &str, status: tonic::Status) -> tonic::Status {
+        let refusal = Refusal { code: status.code(), message: status.message().to_string(), rule: Some("handler") };
+        let barred_for = self.shared.throttle.failed(self.identity.clone());
+        (self.shared.observer)(&Denied {
+            addr: self.addr,
+            identity: Some(&self.identity),
+            path,
+            refusal: &refusal,
+            barred_for,
+        });
+        status
+    }
+}
+
+/// The [`Refuser`] of `request` (none on an insecure server).
+pub fn refuser<T>(request: &tonic::Request<T>) -> Option<Refuser> {
+    request.extensions().get::<Refuser>().cloned()
 }
 
 /// A refused call as the observer sees it.
@@ -201,21 +272,22 @@ struct GateShared {
     policy: Policy,
     /// No TLS: every call is let in, with no caller.
     insecure: bool,
-    throttle: Throttle<Arc<Identity>>,
+    throttle: Arc<Throttle<Arc<Identity>>>,
     observer: DeniedObserver,
 }
 
 impl GateLayer {
     pub fn new(policy: Policy, insecure: bool, observer: DeniedObserver) -> GateLayer {
-        GateLayer { inner: Arc::new(GateShared { policy, insecure, throttle: Throttle::standard(), observer }) }
+        GateLayer::with_throttle(policy, insecure, observer, Arc::new(Throttle::standard()))
     }
 
-    /// The same with a throttle of one's own (tests).
+    /// The same with a given throttle: one shared by the gates of a
+    /// process's planes, or a test's own.
     pub fn with_throttle(
         policy: Policy,
         insecure: bool,
         observer: DeniedObserver,
-        throttle: Throttle<Arc<Identity>>,
+        throttle: Arc<Throttle<Arc<Identity>>>,
     ) -> GateLayer {
         GateLayer { inner: Arc::new(GateShared { policy, insecure, throttle, observer }) }
     }
@@ -284,6 +356,9 @@ where
         match self.shared.decide(&request) {
             Ok(caller) => {
                 if let Some(identity) = caller {
+                    let addr = request.extensions().get::<PeerInfo>().and_then(|info| info.addr);
+                    let refuser = Refuser { shared: self.shared.clone(), addr, identity: identity.clone() };
+                    request.extensions_mut().insert(refuser);
                     request.extensions_mut().insert(Caller(identity));
                 }
                 // The ready service answers this call; a clone waits for the next.
@@ -308,10 +383,10 @@ mod tests {
         Policy::new(
             Member::Cell(3),
             &[
-                ("/cellbank.cell.v1.ReplicaAdmin/", Allow::OPERATORS),
-                ("/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
-                ("/cellbank.cell.v1.ReplicaAdmin/Status", Allow::ROUTERS.or(Allow::OPERATORS)),
-                ("/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+                (Plane::Client, "/cellbank.cell.v1.ReplicaAdmin/", Allow::OPERATORS),
+                (Plane::Client, "/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
+                (Plane::Client, "/cellbank.cell.v1.ReplicaAdmin/Status", Allow::ROUTERS.or(Allow::OPERATORS)),
+                (Plane::Client, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
             ],
         )
     }
@@ -345,8 +420,41 @@ mod tests {
         assert!(policy.check(path, &id("cellbank://local/cell/3/replica/2")).is_ok());
         assert!(policy.check(path, &id("cellbank://local/cell/4/replica/2")).is_err());
         assert!(policy.check(path, &id("cellbank://local/router/1")).is_err());
-        let routers = Policy::new(Member::Routers, &[("/cellbank.cell.v1.RaftTransport/", Allow::GROUP)]);
+        let routers =
+            Policy::new(Member::Routers, &[(Plane::Client, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP)]);
         assert!(routers.check(path, &id("cellbank://local/router/2")).is_ok());
         assert!(routers.check(path, &id("cellbank://local/cell/1/replica/1")).is_err());
+    }
+
+    #[test]
+    fn a_path_of_another_plane_is_refused_naming_it_and_connections_follow_the_planes_rules() {
+        let rules = [
+            (Plane::Client, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Peer, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Client, "/cellbank.v1.Ledger/", Allow::SERVICES.or(Allow::OPERATORS)),
+            (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+            (Plane::Peer, "/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
+        ];
+        let client = Policy::new(Member::Cell(3), &rules);
+        let peer = client.on(Plane::Peer);
+        let replica = id("cellbank://local/cell/3/replica/1");
+        let other_cell = id("cellbank://local/cell/4/replica/1");
+        let router = id("cellbank://local/router/1");
+        let service = id("cellbank://local/service/payments");
+        let raft = "/cellbank.cell.v1.RaftTransport/Stream";
+        assert!(peer.check(raft, &replica).is_ok());
+        let refused = client.check(raft, &replica).unwrap_err();
+        assert_eq!(refused.rule, Some("/cellbank.cell.v1.RaftTransport/"));
+        assert!(refused.message.contains("served on the peer plane"), "{}", refused.message);
+        assert!(peer.check("/cellbank.v1.Ledger/Transfer", &service).unwrap_err().message.contains("client plane"));
+        // Health is open on both planes, yet opens neither to everyone.
+        assert!(peer.check("/grpc.health.v1.Health/Check", &router).is_ok());
+        assert!(peer.admits_connection(&replica).is_ok());
+        assert!(peer.admits_connection(&router).is_ok());
+        let why = peer.admits_connection(&service).unwrap_err();
+        assert!(why.contains("may not connect to the peer plane"), "{why}");
+        assert!(peer.admits_connection(&other_cell).is_err());
+        assert!(client.admits_connection(&service).is_ok());
+        assert!(client.admits_connection(&router).is_err());
     }
 }

@@ -18,7 +18,10 @@
 //!   proposes (and again when it applies);
 //! - [`pair`]: how a cell's pair state is read (its role, its mode, whether
 //!   it waits for its standby);
-//! - [`server`]: reflection, which every server of the project offers;
+//! - [`planes`]: the client, peer and admin planes every process serves
+//!   on its own listeners, and their ports;
+//! - [`server`]: the listeners, gates and settings of every server of the
+//!   project, and reflection;
 //! - [`tls`]: mutual TLS, the identities certificates carry, credentials
 //!   that reload, the accept loop of every server;
 //! - [`gate`]: who may call what (the policy layer of every server) and
@@ -38,6 +41,7 @@ pub mod errors;
 pub mod gate;
 pub mod integrity;
 pub mod pair;
+pub mod planes;
 pub mod retry;
 pub mod routers;
 pub mod server;

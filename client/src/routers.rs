@@ -27,7 +27,7 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn connect(addr: &str) -> Result<RouterAdminClient<Channel>, Status> {
     let channel = ChannelSettings::OPERATOR
-        .connect(addr)
+        .connect(&crate::planes::Plane::Admin.of(addr))
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach router {addr}: {e}")))?;
     Ok(channel::router_admin(channel))

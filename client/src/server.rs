@@ -20,7 +20,9 @@ pub fn reflection_services() -> Result<
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
-/// How a server takes its connections and whom it lets call what.
+/// How a process's servers take their connections and whom they let call
+/// what: the same credentials, policy and throttles on every plane.
+#[derive(Clone)]
 pub struct Security {
     /// TLS with these credentials; `None`: plaintext (an insecure process).
     pub credentials: Option<std::sync::Arc<crate::tls::Credentials>>,
@@ -29,33 +31,131 @@ pub struct Security {
     pub on_handshake_refused: crate::tls::HandshakeObserver,
     /// Told of every call refused by the policy.
     pub on_denied: crate::gate::DeniedObserver,
+    /// Failed handshakes per address, over all of the process's listeners.
+    handshakes: std::sync::Arc<crate::throttle::Throttle<std::net::IpAddr>>,
+    /// Refused calls per identity, over all of the process's listeners.
+    calls: std::sync::Arc<crate::throttle::Throttle<std::sync::Arc<crate::tls::Identity>>>,
+}
+
+impl Security {
+    pub fn new(
+        credentials: Option<std::sync::Arc<crate::tls::Credentials>>,
+        policy: crate::gate::Policy,
+        on_handshake_refused: crate::tls::HandshakeObserver,
+        on_denied: crate::gate::DeniedObserver,
+    ) -> Security {
+        Security {
+            credentials,
+            policy,
+            on_handshake_refused,
+            on_denied,
+            handshakes: std::sync::Arc::new(crate::tls::handshake_throttle()),
+            calls: std::sync::Arc::new(crate::throttle::Throttle::standard()),
+        }
+    }
 }
 
 /// Requests one connection may have under way at once; more wait for one
 /// to finish (HTTP/2 flow control pushes back on the caller).
 pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
 
-/// A gRPC server builder with the project's settings and `security`'s
-/// gate in front of every service, and the stream of its connections
-/// (handshakes done, throttled per address) to serve it on.
+/// A server builder with the project's settings and the gate of
+/// `security`'s policy on one plane in front of every service.
+pub type Builder =
+    tonic::transport::Server<tower::layer::util::Stack<crate::gate::GateLayer, tower::layer::util::Identity>>;
+
+/// The services of one plane, ready to serve.
+pub type Planed =
+    tonic::transport::server::Router<tower::layer::util::Stack<crate::gate::GateLayer, tower::layer::util::Identity>>;
+
+/// A gRPC server builder for `plane` with the project's settings and
+/// `security`'s gate in front of every service, and the stream of its
+/// connections (handshakes done, identities let in by the plane, throttled
+/// per address) to serve it on.
 pub fn secured(
     listener: tokio::net::TcpListener,
-    security: Security,
-) -> (
-    tonic::transport::Server<tower::layer::util::Stack<crate::gate::GateLayer, tower::layer::util::Identity>>,
-    tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::tls::ServerConn>>,
-) {
+    plane: crate::planes::Plane,
+    security: &Security,
+) -> (Builder, tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::tls::ServerConn>>) {
     let insecure = security.credentials.is_none();
+    let policy = security.policy.on(plane);
+    let connections = policy.clone();
     let incoming = crate::tls::incoming(
         listener,
-        security.credentials,
-        std::sync::Arc::new(crate::tls::handshake_throttle()),
-        security.on_handshake_refused,
+        security.credentials.clone(),
+        security.handshakes.clone(),
+        security.on_handshake_refused.clone(),
+        std::sync::Arc::new(move |identity: &crate::tls::Identity| connections.admits_connection(identity)),
     );
-    let gate = crate::gate::GateLayer::new(security.policy, insecure, security.on_denied);
+    let gate =
+        crate::gate::GateLayer::with_throttle(policy, insecure, security.on_denied.clone(), security.calls.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .layer(gate);
     (server, incoming)
+}
+
+/// The listeners of a process known by `listen`: one per plane, on the
+/// planes' ports ([`crate::planes`]).
+pub struct Listeners {
+    /// The process's address (the client plane's).
+    pub addr: std::net::SocketAddr,
+    listeners: Vec<(crate::planes::Plane, tokio::net::TcpListener)>,
+}
+
+impl Listeners {
+    pub async fn bind(listen: std::net::SocketAddr) -> std::io::Result<Listeners> {
+        crate::planes::check_process_addr(&listen.to_string()).map_err(std::io::Error::other)?;
+        let mut listeners = Vec::new();
+        for plane in crate::planes::Plane::ALL {
+            let addr = plane.listen(listen);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{plane} plane: cannot listen on {addr}: {e}")))?;
+            listeners.push((plane, listener));
+        }
+        Ok(Listeners { addr: listen, listeners })
+    }
+}
+
+/// A process's servers, one per plane, until [`Serving::stop`].
+pub struct Serving {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+/// Serves every plane of `listeners`, each with the services `services`
+/// mounts for it.
+pub fn serve(
+    listeners: Listeners,
+    security: &Security,
+    services: impl Fn(crate::planes::Plane, Builder) -> Planed,
+) -> Serving {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = listeners
+        .listeners
+        .into_iter()
+        .map(|(plane, listener)| {
+            let (server, incoming) = secured(listener, plane, security);
+            let mut stopped = stopped.clone();
+            tokio::spawn(services(plane, server).serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }))
+        })
+        .collect();
+    Serving { stop, tasks }
+}
+
+impl Serving {
+    /// Stops taking calls: waits up to `grace` for calls under way, then
+    /// drops the rest.
+    pub async fn stop(self, grace: std::time::Duration) {
+        let _ = self.stop.send(true);
+        for mut task in self.tasks {
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
 }

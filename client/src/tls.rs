@@ -514,7 +514,14 @@ pub enum HandshakeRefusal {
     /// The address failed lately: the connection waits this long before
     /// its handshake starts (or, with too many waiting, is closed).
     Throttled(Duration),
+    /// The identity has no business on this listener's plane
+    /// ([`crate::planes`]).
+    WrongPlane(String),
 }
+
+/// Decides, once per connection after its handshake, whether the proven
+/// identity may hold a connection to this listener.
+pub type ConnectionFilter = Arc<dyn Fn(&Identity) -> Result<(), String> + Send + Sync>;
 
 /// Called for every refused connection (metrics and the audit trail).
 pub type HandshakeObserver = Arc<dyn Fn(IpAddr, &HandshakeRefusal) + Send + Sync>;
@@ -536,7 +543,8 @@ pub fn handshake_throttle() -> Throttle<IpAddr> {
 }
 
 /// The connections of `listener`, each past its TLS handshake when
-/// `credentials` are given (plaintext otherwise). Failed handshakes are
+/// `credentials` are given (plaintext otherwise) and its proven identity
+/// let in by `admit` (the listener's plane). Failed handshakes are
 /// reported to `observer` and throttled per address: after a failure, an
 /// address's new connections wait until its bar ends before their
 /// handshake starts (a time that doubles with each failure, see
@@ -549,6 +557,7 @@ pub fn incoming(
     credentials: Option<Arc<Credentials>>,
     throttle: Arc<Throttle<IpAddr>>,
     observer: HandshakeObserver,
+    admit: ConnectionFilter,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<ServerConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
@@ -588,15 +597,15 @@ pub fn incoming(
                     }
                 }
             };
-            let (tx, throttle, observer, handshakes) =
-                (tx.clone(), throttle.clone(), observer.clone(), handshakes.clone());
+            let (tx, throttle, observer, handshakes, admit) =
+                (tx.clone(), throttle.clone(), observer.clone(), handshakes.clone(), admit.clone());
             tokio::spawn(async move {
                 if let Some(left) = wait {
                     tokio::time::sleep(left).await;
                 }
                 drop(delay_permit);
                 let Ok(_permit) = handshakes.acquire_owned().await else { return };
-                match handshake(stream, addr, &credentials).await {
+                match handshake(stream, addr, &credentials, &admit).await {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -615,6 +624,7 @@ async fn handshake(
     stream: TcpStream,
     addr: SocketAddr,
     credentials: &Credentials,
+    admit: &ConnectionFilter,
 ) -> Result<ServerConn, HandshakeRefusal> {
     let loaded = credentials.current();
     let acceptor = tokio_rustls::TlsAcceptor::from(loaded.server.clone());
@@ -630,6 +640,7 @@ async fn handshake(
         Some(Err(why)) => return Err(HandshakeRefusal::NoIdentity(why)),
         None => return Err(HandshakeRefusal::Failed("no client certificate".into())),
     };
+    admit(&identity).map_err(HandshakeRefusal::WrongPlane)?;
     Ok(ServerConn {
         io: Conn::Tls(Box::new(tls)),
         info: PeerInfo { addr: Some(addr), identity: Some(Arc::new(identity)) },

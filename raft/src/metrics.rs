@@ -59,7 +59,7 @@ pub fn security_observers(
     let handshakes = prometheus::IntCounterVec::new(
         prometheus::Opts::new(
             "tls_handshakes_refused_total",
-            "Connections refused before their first call (failed, no_identity), or held back after failures from their address (throttled).",
+            "Connections refused before their first call (failed, no_identity, wrong_plane), or held back after failures from their address (throttled).",
         ),
         &["reason"],
     )
@@ -76,13 +76,14 @@ pub fn security_observers(
             HandshakeRefusal::Failed(_) => "failed",
             HandshakeRefusal::NoIdentity(_) => "no_identity",
             HandshakeRefusal::Throttled(_) => "throttled",
+            HandshakeRefusal::WrongPlane(_) => "wrong_plane",
         };
         handshakes.with_label_values(&[reason]).inc();
         match refusal {
             // A barred address is refused without a word per connection:
             // the failure that barred it was written down already.
             HandshakeRefusal::Throttled(_) => {}
-            HandshakeRefusal::Failed(why) | HandshakeRefusal::NoIdentity(why) => {
+            HandshakeRefusal::Failed(why) | HandshakeRefusal::NoIdentity(why) | HandshakeRefusal::WrongPlane(why) => {
                 tracing::warn!(target: "cellbank::audit", event = "connection_refused", peer = %ip, reason, why = %why);
             }
         }

@@ -187,8 +187,9 @@ fn report(reporter: &Option<Reporter>, report: Report) {
     }
 }
 
+/// A channel to the peer plane of the process at `addr`.
 pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    cellbank_client::ChannelSettings::PEER.connect(addr).await
+    cellbank_client::ChannelSettings::PEER.connect(&cellbank_client::planes::Plane::Peer.of(addr)).await
 }
 
 #[derive(Clone)]

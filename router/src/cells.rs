@@ -1,7 +1,8 @@
 //! Long-lived connections from a router to every replica of every cell, and
 //! the retry loop that carries one request to the right cell.
 //!
-//! - One HTTP/2 channel per replica, kept for the router's lifetime; calls
+//! - One HTTP/2 channel per plane of each replica (client: the ledger;
+//!   peer: credits; admin: configure, status), kept for the router's lifetime; calls
 //!   from many clients are multiplexed (pipelined) on it.
 //! - A request goes to the replica believed to lead its cell, with the
 //!   slice's routing epoch in `cellbank-epoch`.
@@ -21,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cellbank_client::channel::{self, ChannelSettings};
+use cellbank_client::planes::Plane;
 use cellbank_client::retry::{self, RetryPolicy};
 use cellbank_proto::cell::clearing_client::ClearingClient;
 use cellbank_proto::cell::replica_admin_client::ReplicaAdminClient;
@@ -43,7 +45,8 @@ pub struct ReplicaConn {
     pub ledger: LedgerClient<Channel>,
     pub clearing: ClearingClient<Channel>,
     pub admin: ReplicaAdminClient<Channel>,
-    pub channel: Channel,
+    /// The admin plane's channel (health probes).
+    pub admin_channel: Channel,
 }
 
 pub struct CellConn {
@@ -58,13 +61,14 @@ impl CellConn {
         let replicas = addrs
             .iter()
             .filter_map(|addr| {
-                let channel = ChannelSettings::INTERNAL.lazy(addr).ok()?;
+                let plane = |plane: Plane| ChannelSettings::INTERNAL.lazy(&plane.of(addr)).ok();
+                let admin = plane(Plane::Admin)?;
                 Some(ReplicaConn {
                     addr: addr.clone(),
-                    ledger: channel::ledger(channel.clone()),
-                    clearing: channel::clearing(channel.clone()),
-                    admin: channel::admin(channel.clone()),
-                    channel,
+                    ledger: channel::ledger(plane(Plane::Client)?),
+                    clearing: channel::clearing(plane(Plane::Peer)?),
+                    admin: channel::admin(admin.clone()),
+                    admin_channel: admin,
                 })
             })
             .collect();

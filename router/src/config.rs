@@ -128,8 +128,18 @@ impl RouterConfig {
             "peers must include this router ({})",
             self.router_id
         );
+        let process = |what: String, addr: &str| {
+            cellbank_client::planes::check_process_addr(addr).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        };
+        process("listen".into(), &self.listen.to_string())?;
         for (id, addr) in &self.peers {
             addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
+            process(format!("peer {id}"), addr)?;
+        }
+        for cell in &self.cells {
+            for addr in &cell.replicas {
+                process(format!("cell {}", cell.id), addr)?;
+            }
         }
         anyhow::ensure!(self.coordinator.probe_interval_ms > 0, "probe_interval_ms must be positive");
         if !self.cells.is_empty() {

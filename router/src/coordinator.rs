@@ -321,7 +321,7 @@ impl Coordinator {
             if isolated {
                 return ReplicaProbe { addr: replica.addr.clone(), ..Default::default() };
             }
-            let mut health = HealthClient::new(replica.channel.clone());
+            let mut health = HealthClient::new(replica.admin_channel.clone());
             let mut admin = replica.admin.clone();
             let check = tokio::time::timeout(timeout, health.check(HealthCheckRequest { service: String::new() }));
             let status = tokio::time::timeout(timeout, admin.status(StatusRequest {}));

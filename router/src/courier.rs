@@ -40,19 +40,14 @@ impl Courier for CourierService {
             .min(Duration::from_secs(30));
         let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(50));
         let caller = cellbank_client::gate::caller(&request).cloned();
-        let peer = cellbank_client::gate::peer_addr(&request);
+        let refuser = cellbank_client::gate::refuser(&request);
         let batch = request.into_inner();
         let sender = batch.sender.ok_or_else(|| Status::invalid_argument("sender: must be set"))?;
         if let Err(status) = check_caller(caller.as_ref(), &sender) {
-            if let Some(identity) = &caller {
-                cellbank_client::gate::audit_denied(
-                    peer,
-                    identity,
-                    "/cellbank.router.v1.Courier/DeliverCredits",
-                    &status,
-                );
-            }
-            return Err(status);
+            return Err(match &refuser {
+                Some(refuser) => refuser.refuse("/cellbank.router.v1.Courier/DeliverCredits", status),
+                None => status,
+            });
         }
         let credits = batch.credits;
         if let Some(other) = credits.iter().find(|c| c.source_pair_id != sender.source_pair_id) {

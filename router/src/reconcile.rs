@@ -153,7 +153,7 @@ impl Report {
 }
 
 async fn admin_client(addr: &str) -> anyhow::Result<ReplicaAdminClient<Channel>> {
-    Ok(channel::admin(ChannelSettings::OPERATOR.connect(addr).await?))
+    Ok(channel::admin(ChannelSettings::OPERATOR.connect(&cellbank_client::planes::Plane::Admin.of(addr)).await?))
 }
 
 async fn audit(addr: &str) -> anyhow::Result<AuditResponse> {

@@ -1,12 +1,15 @@
 //! Assembles one router: RocksDB for the table's log, the table group's
-//! Raft node, the connections to the cells, the coordinator, and one gRPC
-//! server for the client front door (`cellbank.v1.Ledger`), the admin API,
-//! the table group's Raft transport, health and reflection.
+//! Raft node, the connections to the cells, the coordinator, and the gRPC
+//! servers of its three planes: client (the front door,
+//! `cellbank.v1.Ledger`, and reflection), peer (the table group's Raft
+//! transport, the courier of credits out of cells) and admin (the admin
+//! API); health on each.
 
 use std::sync::Arc;
 
 use cellbank_client::gate::{Allow, Member, Policy};
-use cellbank_client::server::Security;
+use cellbank_client::planes::Plane;
+use cellbank_client::server::{Listeners, Security, Serving};
 use cellbank_client::MESSAGE_BYTES_MAX;
 use cellbank_proto::cell::raft_transport_server::RaftTransportServer;
 use cellbank_proto::router::router_admin_server::RouterAdminServer;
@@ -18,7 +21,6 @@ use cellbank_raft::metrics::{self, RaftMetrics};
 use cellbank_raft::service::TransportService;
 use cellbank_raft::storage::open_db;
 use cellbank_raft::transport::{GrpcTransport, INTERNAL_MESSAGE_BYTES_MAX};
-use tokio::sync::oneshot;
 
 use crate::admin::AdminService;
 use crate::cells::CellPool;
@@ -35,27 +37,29 @@ pub struct Router {
     pub node: DriverHandle<TableMachine>,
     pub addr: std::net::SocketAddr,
     pub table: TableView,
-    server_stop: Option<oneshot::Sender<()>>,
+    serving: Option<Serving>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    server_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     thread: Option<std::thread::JoinHandle<()>>,
     _transport: Arc<GrpcTransport>,
 }
 
-/// Who may call what on a router (see [`cellbank_client::gate`]).
+/// Who may call what on a router, on which plane (see
+/// [`cellbank_client::gate`] and [`cellbank_client::planes`]).
 pub fn policy() -> Policy {
     Policy::new(
         Member::Routers,
         &[
-            ("/grpc.health.v1.Health/", Allow::ANYONE),
-            ("/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
-            ("/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
-            ("/cellbank.v1.Ledger/", Allow::SERVICES.or(Allow::OPERATORS)),
+            (Plane::Client, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Peer, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Admin, "/grpc.health.v1.Health/", Allow::ANYONE),
+            (Plane::Client, "/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
+            (Plane::Client, "/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
+            (Plane::Client, "/cellbank.v1.Ledger/", Allow::SERVICES.or(Allow::OPERATORS)),
             // Credits leave cells through the routers.
-            ("/cellbank.router.v1.Courier/", Allow::REPLICAS),
-            ("/cellbank.router.v1.RouterAdmin/", Allow::OPERATORS),
+            (Plane::Peer, "/cellbank.router.v1.Courier/", Allow::REPLICAS),
             // The routing table's Raft group: the other routers only.
-            ("/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+            (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+            (Plane::Admin, "/cellbank.router.v1.RouterAdmin/", Allow::OPERATORS),
         ],
     )
 }
@@ -74,8 +78,8 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     std::fs::create_dir_all(&config.data_dir)?;
     let metrics = Arc::new(RaftMetrics::new(ROUTER_GROUP_ID, config.router_id));
     let db = open_db(&config.data_dir.join("rocksdb"));
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
+    let listeners = Listeners::bind(config.listen).await?;
+    let addr = listeners.addr;
     let table: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
     let machine = TableMachine::new(Some(db.clone()), table.clone());
     let member = GroupMember {
@@ -125,47 +129,33 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         paused: None,
     })
     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (on_handshake_refused, on_denied) = metrics::security_observers(&metrics.registry);
-    let security = Security { credentials, policy: policy(), on_handshake_refused, on_denied };
-    let (mut server, incoming) = cellbank_client::server::secured(listener, security);
-    let server_task = tokio::spawn(
-        server
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(front)
-            .add_service(courier)
-            .add_service(admin)
-            .add_service(transport_service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let security = Security::new(credentials, policy(), on_handshake_refused, on_denied);
+    let serving = cellbank_client::server::serve(listeners, &security, |plane, mut server| match plane {
+        Plane::Client => server
+            .add_service(health_service.clone())
+            .add_service(reflection.clone())
+            .add_service(reflection_alpha.clone())
+            .add_service(front.clone()),
+        Plane::Peer => server
+            .add_service(health_service.clone())
+            .add_service(courier.clone())
+            .add_service(transport_service.clone()),
+        Plane::Admin => server.add_service(health_service.clone()).add_service(admin.clone()),
+    });
     if let Some(metrics_addr) = config.metrics_listen {
         let listener = metrics::bind(metrics_addr).await?;
         tasks.push(tokio::spawn(metrics::serve(listener, metrics.registry.clone())));
     }
     tracing::info!(router = config.router_id, %addr, data = %config.data_dir.display(), "router started");
-    Ok(Router {
-        node: handle,
-        addr,
-        table,
-        server_stop: Some(stop_tx),
-        tasks,
-        server_task,
-        thread: Some(thread),
-        _transport: transport,
-    })
+    Ok(Router { node: handle, addr, table, serving: Some(serving), tasks, thread: Some(thread), _transport: transport })
 }
 
 impl Router {
     pub async fn stop(mut self) {
-        if let Some(stop) = self.server_stop.take() {
-            let _ = stop.send(());
+        if let Some(serving) = self.serving.take() {
+            serving.stop(std::time::Duration::from_secs(2)).await;
         }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.server_task).await;
-        self.server_task.abort();
         for task in &self.tasks {
             task.abort();
         }

@@ -81,7 +81,8 @@ impl Cluster {
     }
 
     async fn admin(addr: &str) -> Option<ReplicaAdminClient<tonic::transport::Channel>> {
-        cellbank_client::ChannelSettings::SERVICE.connect(addr).await.ok().map(cellbank_client::channel::admin)
+        let addr = cellbank_client::planes::Plane::Admin.of(addr);
+        cellbank_client::ChannelSettings::SERVICE.connect(&addr).await.ok().map(cellbank_client::channel::admin)
     }
 
     /// The leader replica of a cell, if one answers.

@@ -156,7 +156,8 @@ impl Cell {
 
     pub async fn admin(&self, id: u64) -> Option<ReplicaAdminClient<Channel>> {
         let addr = &self.replicas[&id].addr;
-        cellbank_client::ChannelSettings::SERVICE.connect(addr).await.ok().map(cellbank_client::channel::admin)
+        let addr = cellbank_client::planes::Plane::Admin.of(addr);
+        cellbank_client::ChannelSettings::SERVICE.connect(&addr).await.ok().map(cellbank_client::channel::admin)
     }
 
     pub async fn status(&self, id: u64) -> Option<ReplicaStatus> {

@@ -102,17 +102,17 @@ impl StandbyApi for StandbyService {
             return Err(context.unavailable(format!("replica {} is not the leader", context.replica_id), leader_id));
         }
         let caller = cellbank_client::gate::caller(&request).cloned();
-        let peer = cellbank_client::gate::peer_addr(&request);
+        let refuser = cellbank_client::gate::refuser(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ShipBatch { kind: Some(ship_batch::Kind::Hello(hello)) }) => hello,
             _ => return Err(Status::invalid_argument("the first message must be a hello")),
         };
         if let Err(status) = check_shipper(caller.as_ref(), hello.source_cell_id) {
-            if let Some(identity) = &caller {
-                cellbank_client::gate::audit_denied(peer, identity, "/cellbank.cell.v1.Standby/Replicate", &status);
-            }
-            return Err(status);
+            return Err(match &refuser {
+                Some(refuser) => refuser.refuse("/cellbank.cell.v1.Standby/Replicate", status),
+                None => status,
+            });
         }
         cellbank_client::integrity::check_cluster(&hello.cluster, &context.cluster)?;
         self.check_hello(&hello)?;

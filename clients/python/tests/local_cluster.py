@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import grpc
 
-from cellbank_client import Tls, TlsError, open_channel
+from cellbank_client import Tls, TlsError, admin_plane, open_channel
 from cellbank_client._gen.cellbank.router.v1 import router_pb2, router_pb2_grpc
 from cellbank_client.tls import OPERATOR_ADMIN, SERVICE_CLI
 
@@ -42,21 +42,28 @@ _GIVEN_PORTS: set = set()
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on, below the kernel's ephemeral range
-    (as cellbank's own supervisor picks them: an outgoing connection can take
+    """A loopback port nobody listens on, nor on the two after it (a
+    process's peer and admin planes), below the kernel's ephemeral range (as
+    cellbank's own supervisor picks them: an outgoing connection can take
     an ephemeral port between being chosen and being bound)."""
     for _ in range(10_000):
-        port = random.randint(20_000, 31_999)
-        if port in _GIVEN_PORTS:
+        port = random.randint(20_000, 31_997)
+        ports = range(port, port + 3)
+        if any(p in _GIVEN_PORTS for p in ports):
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN_PORTS.add(port)
-        return port
-    raise RuntimeError("no free loopback port between 20000 and 32000")
+        if all(_bindable(p) for p in ports):
+            _GIVEN_PORTS.update(ports)
+            return port
+    raise RuntimeError("no free loopback ports between 20000 and 32000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def slice_of(user_id: int, slice_count: int) -> int:
@@ -188,7 +195,7 @@ class LocalCluster:
             operator = self.tls(OPERATOR_ADMIN)
         except TlsError:
             return None
-        with open_channel(self.router, tls=operator) as channel:
+        with open_channel(admin_plane(self.router), tls=operator) as channel:
             stub = router_pb2_grpc.RouterAdminStub(channel)
             try:
                 return stub.Status(router_pb2.ClusterStatusRequest(), timeout=timeout)

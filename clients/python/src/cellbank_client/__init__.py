@@ -14,7 +14,8 @@
 ``errors`` decodes the structured details of a refusal; ``retry`` is the
 retry policy shared with the Rust client crate; ``tls`` holds the
 credentials (:class:`Tls`), and :func:`open_channel` makes a channel with
-them for the generated stubs of any service (``RouterAdmin`` with an
+them for the generated stubs of any service (``RouterAdmin``, at
+:func:`admin_plane` of a router's address, with an
 operator's certificate, say).
 """
 
@@ -27,7 +28,7 @@ except ModuleNotFoundError as missing:  # pragma: no cover
 
 from . import errors, retry, tls
 from ._gen.cellbank.v1 import ledger_pb2_grpc as pb_grpc
-from .client import CellbankClient, open_channel, result_name, settlement_name
+from .client import CellbankClient, admin_plane, open_channel, result_name, settlement_name
 from .errors import CellbankError, ErrorDetails, FieldViolation, decode_error
 from .retry import Backoff, RetryPolicy, retryable
 from .tls import Tls, TlsError
@@ -43,6 +44,7 @@ __all__ = [
     "TlsError",
     "decode_error",
     "errors",
+    "admin_plane",
     "open_channel",
     "pb",
     "pb_grpc",

@@ -79,13 +79,24 @@ def open_channel(
     of the two is required. ``options``: the channel arguments, the
     client's own settings (message limits, keepalive, reconnect backoff)
     unless given. For the generated stubs of any cellbank service, e.g.
-    ``router_pb2_grpc.RouterAdminStub(open_channel(router, tls=operator))``.
+    ``router_pb2_grpc.RouterAdminStub(open_channel(admin_plane(router), tls=operator))``.
     """
     _check_security(tls, insecure)
     settings = list(_CHANNEL_OPTIONS if options is None else options)
     if tls is None:
         return grpc.insecure_channel(target, options=settings)
     return grpc.secure_channel(target, tls.credentials(), options=settings + tls.channel_options())
+
+
+def admin_plane(addr: str) -> str:
+    """The admin plane's address of the process at ``addr`` (``host:port``):
+    every cellbank process serves its client API on its port, its peers on
+    the next port and its admin API (``RouterAdmin``, ``ReplicaAdmin``) on
+    the one after."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65533:
+        raise ValueError(f"{addr!r} is not host:port with room for the admin plane")
+    return f"{host}:{int(port) + 2}"
 
 
 def _id(transfer_id: TransferId) -> bytes:
@@ -333,4 +344,4 @@ def _name(enum, value: int) -> str:
         return f"UNKNOWN({value})"
 
 
-__all__ = ["CellbankClient", "open_channel", "result_name", "settlement_name"]
+__all__ = ["CellbankClient", "admin_plane", "open_channel", "result_name", "settlement_name"]
