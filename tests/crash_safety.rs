@@ -115,3 +115,53 @@ async fn follower_left_behind_catches_up_from_snapshot() {
     ledger_checks::stop_load(&history, load).await;
     ledger_checks::verify(&cell, &users, &history).await;
 }
+
+/// A follower that stops in the middle of installing a snapshot (an
+/// injected crash once its state is half replaced) installs the same
+/// snapshot again from its file when it restarts, before it serves, and
+/// the ledger loses and duplicates nothing.
+#[cfg(feature = "fault-points")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_stopped_in_the_middle_of_a_snapshot_install_completes_it_at_restart() {
+    let mut cell = Cell::start(3, &["--log-compact-threshold-entries", "40", "--log-retain-entries", "10"]);
+    let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
+    let users = ledger_checks::users(20);
+    ledger_checks::seed(&cell.client(), &users).await;
+    let behind = *cell.running().iter().find(|id| **id != leader).expect("a follower");
+    let last_seen = cell.status(behind).await.expect("follower status").last_log_index;
+    cell.kill(behind);
+
+    let history = Arc::new(History::default());
+    let load = ledger_checks::start_load(cell.endpoints(), users.clone(), 8, history.clone(), 12);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(5), 0).await.expect("leader");
+        if cell.status(leader).await.map(|s| s.first_log_index).unwrap_or(0) > last_seen + 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the leader never compacted past the follower");
+    }
+    let replica = cell.replicas.get_mut(&behind).unwrap();
+    replica.env = vec![(cellbank_raft::faults::STARTUP_ENV.into(), "snapshot.install=crash:60000".into())];
+    cell.restart(behind);
+    assert!(cell.wait_exit(behind, Duration::from_secs(30)), "the follower never reached the install\n{}", cell.logs());
+    assert!(cell.logs().contains("stopping in the middle of a snapshot install"), "{}", cell.logs());
+
+    cell.replicas.get_mut(&behind).unwrap().env.clear();
+    cell.restart(behind);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(status) = cell.status(behind).await {
+            if status.applied_index > last_seen && status.first_log_index > last_seen {
+                println!("follower {behind} serves again at applied {}", status.applied_index);
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the follower never came back\n{}", cell.logs());
+    }
+    assert!(cell.logs().contains("a snapshot install was interrupted: installing it again"), "{}", cell.logs());
+    ledger_checks::stop_load(&history, load).await;
+    ledger_checks::verify(&cell, &users, &history).await;
+}

@@ -103,6 +103,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         addr: addr.to_string(),
         tuning: &config.raft,
         peers: &config.peers,
+        snapshot_dir: config.data_dir.join("snapshots"),
     };
     let Group { handle, thread, transport } = group::start(member, db.clone(), ledger, metrics.raft.clone());
 

@@ -17,6 +17,9 @@
 //! - `disk.sync`: synced log writes are slowed (`delay`) or fail (`error`:
 //!   the replica stops, as it does on a real failed fsync).
 //! - `clock`: the replica's wall clock is moved by `offset_ms`.
+//! - `snapshot.install` (action `crash`): the replica aborts in the middle
+//!   of installing a snapshot (its first pair written), as a power cut
+//!   would stop it; at its next start it installs the snapshot again.
 //!
 //! A fault can also be in place from the first instant of a process, before
 //! its gRPC server answers (an old active restarted cut off from its
@@ -27,7 +30,8 @@ use std::time::Duration;
 
 use cellbank_proto::cell::{FaultList, InjectFaultRequest};
 
-pub const POINTS: &[&str] = &["raft.send", "raft.recv", "standby.ship", "standby.ack", "disk.sync", "clock"];
+pub const POINTS: &[&str] =
+    &["raft.send", "raft.recv", "standby.ship", "standby.ack", "disk.sync", "clock", "snapshot.install"];
 /// Longest a fault may last before it heals itself.
 pub const DURATION_MAX: Duration = Duration::from_secs(600);
 /// Largest delay one fault may add.
@@ -115,6 +119,7 @@ pub fn validate(request: &InjectFaultRequest) -> Result<(), InvalidFault> {
         "raft.send" | "raft.recv" | "standby.ship" => &["drop", "delay"],
         "standby.ack" => &["skip"],
         "disk.sync" => &["delay", "error"],
+        "snapshot.install" => &["crash"],
         _ => &["offset"],
     };
     if !allowed.contains(&request.action.as_str()) {
@@ -287,6 +292,12 @@ pub fn disk_sync() -> Result<(), String> {
 #[inline]
 pub fn skip_standby_ack() -> bool {
     registry::find("standby.ack", 0).is_some()
+}
+
+/// `snapshot.install`: true while an install must stop the process half way.
+#[inline]
+pub fn crash_installing_snapshot() -> bool {
+    registry::find("snapshot.install", 0).is_some()
 }
 
 /// `clock`: milliseconds added to the replica's wall clock.

@@ -9,6 +9,7 @@ use rocksdb::DB;
 
 use super::driver::{self, DriverHandle, Input, MessageSink};
 use super::node::{election_stagger_ticks, NodeConfig, RaftNode};
+use super::snapshot::SnapshotDir;
 use super::transport::{GrpcTransport, Report};
 use super::StateMachine;
 use crate::config::RaftTuning;
@@ -31,6 +32,8 @@ pub struct GroupMember<'a> {
     pub tuning: &'a RaftTuning,
     /// The founding members (empty when joining an existing group).
     pub peers: &'a BTreeMap<u64, String>,
+    /// Where snapshot bodies are built and received.
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 pub fn node_config(replica_id: u64, tuning: &RaftTuning) -> NodeConfig {
@@ -47,7 +50,9 @@ pub fn node_config(replica_id: u64, tuning: &RaftTuning) -> NodeConfig {
 
 /// Must run inside a tokio runtime (the transport's tasks live there).
 pub fn start<SM: StateMachine>(member: GroupMember<'_>, db: Arc<DB>, sm: SM, metrics: Arc<RaftMetrics>) -> Group<SM> {
-    let node = RaftNode::open(node_config(member.replica_id, member.tuning), db, sm, member.peers, metrics.clone());
+    let snapshots = Arc::new(SnapshotDir::open(&member.snapshot_dir));
+    let config = node_config(member.replica_id, member.tuning);
+    let node = RaftNode::open(config, db, sm, member.peers, snapshots.clone(), metrics.clone());
     let transport = GrpcTransport::new(
         member.cluster.to_string(),
         member.group_id,
@@ -55,6 +60,7 @@ pub fn start<SM: StateMachine>(member: GroupMember<'_>, db: Arc<DB>, sm: SM, met
         member.addr,
         tokio::runtime::Handle::current(),
         metrics,
+        snapshots,
     );
     let sink: Arc<dyn MessageSink> = transport.clone();
     // The reporter is bound before the node thread starts so that every peer

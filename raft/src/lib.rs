@@ -12,6 +12,8 @@
 //! - [`driver`]: the one thread that owns a `RaftNode` in production: ticks on
 //!   a fixed cadence, drains an input queue, batches proposals.
 //! - [`group`]: opens a member's storage and starts its node and driver.
+//! - [`snapshot`]: snapshot bodies as files: built, received and installed
+//!   a bounded piece at a time;
 //! - [`transport`]: peer messages over long-lived gRPC streams, snapshots in
 //!   chunks; [`service`]: the `RaftTransport` service that receives them.
 //! - [`config`]: election and log-compaction tuning; [`metrics`]: the
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod mutation;
 pub mod node;
 pub mod service;
+pub mod snapshot;
 pub mod storage;
 pub mod transport;
 
@@ -91,6 +94,15 @@ pub trait StateMachine: Send + 'static {
     /// The transport service calls it on its own threads (a full decode of
     /// every appended entry stays off the Raft thread).
     fn check_entry(_data: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether a pair of the state region may be in a snapshot body: called
+    /// for every state pair of a snapshot as it is received, before raft
+    /// sees the snapshot, so a body the state machine could not read is
+    /// refused instead of installed. The transport calls it on its own
+    /// threads.
+    fn check_snapshot_pair(_key: &[u8], _value: &[u8]) -> Result<(), String> {
         Ok(())
     }
 

@@ -265,8 +265,9 @@ impl<SM: StateMachine> RaftNode<SM> {
     pub fn open(
         config: NodeConfig,
         db: Arc<DB>,
-        sm: SM,
+        mut sm: SM,
         bootstrap_peers: &BTreeMap<u64, String>,
+        snapshots: Arc<crate::snapshot::SnapshotDir>,
         metrics: Arc<RaftMetrics>,
     ) -> RaftNode<SM> {
         let is_new = db.get(super::storage::CONF_STATE_KEY).expect("read conf state").is_none();
@@ -276,7 +277,10 @@ impl<SM: StateMachine> RaftNode<SM> {
             }
         }
         let voters: Vec<u64> = if is_new { bootstrap_peers.keys().copied().collect() } else { Vec::new() };
-        let storage = RaftStorage::open(db.clone(), &voters);
+        let storage = RaftStorage::open(db.clone(), &voters, snapshots);
+        if storage.resumed_install {
+            sm.restored();
+        }
         let applied_index = storage.applied_index();
         let raft_config = raft::Config {
             id: config.replica_id,
@@ -320,6 +324,11 @@ impl<SM: StateMachine> RaftNode<SM> {
 
     pub fn replica_id(&self) -> u64 {
         self.config.replica_id
+    }
+
+    /// This replica's snapshot files.
+    pub fn snapshots(&self) -> &Arc<crate::snapshot::SnapshotDir> {
+        self.raw.store().snapshots()
     }
 
     pub fn is_leader(&self) -> bool {
@@ -454,6 +463,15 @@ impl<SM: StateMachine> RaftNode<SM> {
                 // commit index with another term would replace committed
                 // state.
                 let metadata = message.get_snapshot().get_metadata();
+                // Its body came through the transport's snapshot stream into
+                // this replica's snapshot directory, checked as it arrived.
+                let body = crate::snapshot::BodyRef::decode(&message.get_snapshot().data)
+                    .map_err(|e| StepError::BadSnapshot { from, why: e.to_string() })?;
+                self.raw
+                    .store()
+                    .snapshots()
+                    .check_received(metadata, &body)
+                    .map_err(|e| StepError::BadSnapshot { from, why: e.to_string() })?;
                 let known = log.term(metadata.index).unwrap_or(0);
                 let conflicts = metadata.index <= log.committed && known != 0 && known != metadata.term;
                 if conflicts || (metadata.index == log.committed && !log.match_term(metadata.index, metadata.term)) {
@@ -1031,7 +1049,7 @@ fn check_snapshot(message: &Message) -> Result<(), StepError> {
         return Err(bad(format!("a joint configuration {cs:?}")));
     }
     check_conf_state(cs).map_err(bad)?;
-    crate::storage::decode_snapshot_body(&snapshot.data).map_err(|e| bad(e.to_string()))?;
+    crate::snapshot::BodyRef::decode(&snapshot.data).map_err(|e| bad(e.to_string()))?;
     Ok(())
 }
 

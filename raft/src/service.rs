@@ -1,7 +1,8 @@
 //! The `RaftTransport` service: receives peer messages and snapshots for one
 //! Raft group (a ledger cell, or the routers' table group) and hands them to
 //! its driver. Messages for another group or replica are refused or skipped;
-//! a snapshot body that cannot be installed is refused before raft sees it.
+//! a snapshot body is written to the replica's snapshot files as it
+//! arrives, and one that cannot be installed is refused before raft sees it.
 
 use std::sync::Arc;
 
@@ -91,6 +92,12 @@ impl<SM: StateMachine> RaftTransport for TransportService<SM> {
             }
             for bytes in &batch.messages {
                 let Some(message) = self.decode(bytes)? else { continue };
+                if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    // A snapshot's body comes through SendSnapshot, which
+                    // checks it into this replica's snapshot files.
+                    self.metrics.raft_messages_refused_total.inc();
+                    return Err(Status::invalid_argument("messages: a MsgSnapshot must come through SendSnapshot"));
+                }
                 if crate::faults::message("raft.recv", message.from) == Some(crate::faults::Hit::Drop) {
                     continue;
                 }
@@ -161,7 +168,7 @@ impl<SM: StateMachine> TransportService<SM> {
             self.next_chunk(&mut stream).await?.ok_or_else(|| Status::invalid_argument("snapshot: empty stream"))?;
         self.check_cell(first.cell_id)?;
         integrity::check_cluster(&first.cluster, &self.cluster)?;
-        let mut message = self
+        let message = self
             .decode(&first.message)?
             .ok_or_else(|| Status::invalid_argument("message: snapshot for another replica"))?;
         if message.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
@@ -173,25 +180,41 @@ impl<SM: StateMachine> TransportService<SM> {
                 first.total_len
             )));
         }
-        let mut body = Vec::new();
-        body.extend_from_slice(&first.data);
-        while let Some(chunk) = self.next_chunk(&mut stream).await? {
-            if body.len() + chunk.data.len() > first.total_len as usize {
-                return Err(Status::invalid_argument("data: snapshot longer than total_len"));
-            }
-            body.extend_from_slice(&chunk.data);
-        }
-        if body.len() as u64 != first.total_len {
+        let invalid = |e: crate::snapshot::SnapshotBodyError| Status::invalid_argument(format!("data: {e}"));
+        let body = crate::snapshot::BodyRef::decode(&message.get_snapshot().data).map_err(invalid)?;
+        if body.len != first.total_len {
             return Err(Status::invalid_argument(format!(
-                "data: got {} of {} snapshot bytes",
-                body.len(),
-                first.total_len
+                "total_len: {} but the snapshot's body has {}",
+                first.total_len, body.len
             )));
         }
-        // Decoded here, before raft accepts it: a body that cannot be
-        // installed is refused now instead of crashing the replica later.
-        crate::storage::decode_snapshot_body(&body).map_err(|e| Status::invalid_argument(format!("data: {e}")))?;
-        message.mut_snapshot().data = body.into();
+        // The body goes to a file as it arrives, each pair checked (its
+        // region, and the state machine's rule) on the blocking pool; a
+        // body that cannot be installed is refused before raft sees it.
+        let snapshots = self.transport.snapshots().clone();
+        let metadata = message.get_snapshot().get_metadata().clone();
+        let mut incoming =
+            tokio::task::spawn_blocking(move || snapshots.receive(&metadata, body, SM::check_snapshot_pair))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(invalid)?;
+        let mut data = first.data;
+        loop {
+            if !data.is_empty() {
+                incoming = tokio::task::spawn_blocking(move || incoming.write(&data).map(|()| incoming))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(invalid)?;
+            }
+            match self.next_chunk(&mut stream).await? {
+                Some(chunk) => data = chunk.data,
+                None => break,
+            }
+        }
+        tokio::task::spawn_blocking(move || incoming.finish())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(invalid)?;
         self.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(TransportAck {}))
     }

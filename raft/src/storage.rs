@@ -29,6 +29,9 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+
+pub use crate::snapshot::SnapshotBodyError;
+use crate::snapshot::{BodyRef, SnapshotDir};
 use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
@@ -42,6 +45,9 @@ pub const LOG_PREFIX: u8 = 0x02;
 pub const APPLIED_INDEX_KEY: &[u8] = b"\x03a";
 pub const CONF_STATE_KEY: &[u8] = b"\x03c";
 pub const PEER_PREFIX: &[u8] = b"\x03p";
+/// Present while a snapshot is being installed (its body reference and
+/// metadata): a replica that stops half way installs it again at start.
+pub const INSTALLING_KEY: &[u8] = b"\x01s";
 /// Every state machine key starts with this byte.
 pub const STATE_PREFIX: u8 = 0x04;
 
@@ -68,7 +74,7 @@ pub fn peer_key(replica_id: u64) -> Vec<u8> {
     key
 }
 
-fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
+pub(crate) fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
     panic!("storage failure ({what}): {err}; stopping the replica rather than diverge")
 }
 
@@ -97,76 +103,11 @@ pub fn open_db(path: &Path) -> Arc<DB> {
     }
 }
 
-fn read_u64_pair(bytes: &[u8]) -> (u64, u64) {
+pub(crate) fn read_u64_pair(bytes: &[u8]) -> (u64, u64) {
     assert_eq!(bytes.len(), 16, "truncated state must be 16 bytes");
     let a = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
     let b = u64::from_be_bytes(bytes[8..].try_into().expect("8 bytes"));
     (a, b)
-}
-
-/// The snapshot body: every peer-address key and every state machine key with
-/// its value, as length-prefixed pairs.
-/// An owned key-value pair read from RocksDB.
-pub type OwnedPair = (Box<[u8]>, Box<[u8]>);
-
-pub fn encode_snapshot_body(pairs: impl Iterator<Item = OwnedPair>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (key, value) in pairs {
-        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
-        out.extend_from_slice(&key);
-        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        out.extend_from_slice(&value);
-    }
-    out
-}
-
-/// Borrowed key-value pairs of a snapshot body.
-pub type SnapshotPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
-
-/// Why a snapshot body cannot be installed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SnapshotBodyError {
-    #[error("snapshot body truncated in a length")]
-    TruncatedLength,
-    #[error("snapshot body truncated in a value")]
-    TruncatedValue,
-    #[error("snapshot key outside the state region: {0:02x?}")]
-    KeyOutsideState(Vec<u8>),
-    #[error("snapshot peer address is not UTF-8")]
-    PeerAddressNotUtf8,
-}
-
-pub fn decode_snapshot_body(mut body: &[u8]) -> Result<SnapshotPairs<'_>, SnapshotBodyError> {
-    let mut pairs = Vec::new();
-    let take = |body: &mut &[u8]| -> Result<usize, SnapshotBodyError> {
-        if body.len() < 4 {
-            return Err(SnapshotBodyError::TruncatedLength);
-        }
-        let len = u32::from_be_bytes(body[..4].try_into().expect("4 bytes")) as usize;
-        *body = &body[4..];
-        if body.len() < len {
-            return Err(SnapshotBodyError::TruncatedValue);
-        }
-        Ok(len)
-    };
-    while !body.is_empty() {
-        let key_len = take(&mut body)?;
-        let (key, rest) = body.split_at(key_len);
-        body = rest;
-        let value_len = take(&mut body)?;
-        let (value, rest) = body.split_at(value_len);
-        body = rest;
-        let is_state = key.first() == Some(&STATE_PREFIX);
-        let is_peer = key.starts_with(PEER_PREFIX) && key.len() == PEER_PREFIX.len() + 8;
-        if !is_state && !is_peer {
-            return Err(SnapshotBodyError::KeyOutsideState(key.to_vec()));
-        }
-        if is_peer && std::str::from_utf8(value).is_err() {
-            return Err(SnapshotBodyError::PeerAddressNotUtf8);
-        }
-        pairs.push((key, value));
-    }
-    Ok(pairs)
 }
 
 /// Snapshots are built off the Raft thread: building one means reading the
@@ -193,6 +134,10 @@ pub struct RaftStorage {
     entry_sizes: VecDeque<(u64, u64)>,
     log_bytes: u64,
     snapshot_build: Arc<Mutex<SnapshotBuild>>,
+    snapshots: Arc<SnapshotDir>,
+    /// An install a stop interrupted was completed when the storage opened:
+    /// the state machine must drop what it loaded before.
+    pub resumed_install: bool,
 }
 
 impl RaftStorage {
@@ -200,7 +145,17 @@ impl RaftStorage {
     /// empty, bootstraps the conf state with them (every founding replica does
     /// the same); a replica that joins later starts with no voters and is
     /// initialized by a snapshot from the leader.
-    pub fn open(db: Arc<DB>, initial_voters: &[u64]) -> RaftStorage {
+    pub fn open(db: Arc<DB>, initial_voters: &[u64], snapshots: Arc<SnapshotDir>) -> RaftStorage {
+        let resumed_install = match db.get(INSTALLING_KEY).unwrap_or_else(|e| fatal("read", e)) {
+            Some(marker) => {
+                let (body, meta) = decode_marker(&marker);
+                tracing::warn!(index = meta.index, "a snapshot install was interrupted: installing it again");
+                write_snapshot_state(&db, &snapshots, &body, &meta)
+                    .unwrap_or_else(|e| fatal("resume the snapshot install", e));
+                true
+            }
+            None => false,
+        };
         let get = |key: &[u8]| db.get(key).unwrap_or_else(|e| fatal("read", e));
         let conf_state = match get(CONF_STATE_KEY) {
             Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
@@ -274,7 +229,13 @@ impl RaftStorage {
             entry_sizes,
             log_bytes,
             snapshot_build: Arc::new(Mutex::new(SnapshotBuild::Idle)),
+            snapshots,
+            resumed_install,
         }
+    }
+
+    pub fn snapshots(&self) -> &Arc<SnapshotDir> {
+        &self.snapshots
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -472,35 +433,14 @@ impl RaftStorage {
         }
     }
 
-    /// Replaces the whole state with a snapshot from the leader, durably.
+    /// Replaces the whole state with a snapshot from the leader, durably,
+    /// from its received body file (checked again first: a body damaged on
+    /// this disk stops the replica before anything is changed).
     pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotBodyError> {
         let meta = snapshot.get_metadata();
-        let pairs = decode_snapshot_body(&snapshot.data)?;
-        let mut batch = WriteBatch::default();
-        batch.delete_range(vec![LOG_PREFIX], vec![LOG_PREFIX + 1]);
-        batch.delete_range(vec![STATE_PREFIX], vec![STATE_PREFIX + 1]);
-        let mut peer_end = PEER_PREFIX.to_vec();
-        peer_end.push(0xff);
-        peer_end.extend_from_slice(&[0xff; 8]);
-        batch.delete_range(PEER_PREFIX.to_vec(), peer_end);
-        for (key, value) in pairs {
-            batch.put(key, value);
-        }
-        let mut state = meta.index.to_be_bytes().to_vec();
-        state.extend_from_slice(&meta.term.to_be_bytes());
-        batch.put(TRUNCATED_STATE_KEY, state);
-        batch.put(APPLIED_INDEX_KEY, meta.index.to_be_bytes());
-        batch.put(CONF_STATE_KEY, meta.get_conf_state().write_to_bytes().expect("encode"));
-        let mut hs = self.hard_state.clone();
-        hs.commit = hs.commit.max(meta.index);
-        if meta.term > hs.term {
-            hs.term = meta.term;
-            hs.vote = 0;
-        }
-        batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode"));
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts).unwrap_or_else(|e| fatal("install snapshot", e));
+        let body = BodyRef::decode(&snapshot.data)?;
+        SnapshotDir::read(&self.snapshots.received(meta), &body, &mut |_, _| Ok(()))?;
+        let hs = write_snapshot_state(&self.db, &self.snapshots, &body, meta)?;
         self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
         self.truncated_index = meta.index;
@@ -603,12 +543,24 @@ impl raft::Storage for RaftStorage {
         *build = SnapshotBuild::Building;
         let db = self.db.clone();
         let slot = self.snapshot_build.clone();
+        let snapshots = self.snapshots.clone();
         std::thread::Builder::new()
             .name("snapshot-build".into())
             .spawn(move || {
-                let snapshot = build_snapshot(&db);
-                tracing::info!(index = snapshot.get_metadata().index, bytes = snapshot.data.len(), "built a snapshot");
-                *slot.lock().expect("snapshot lock") = SnapshotBuild::Ready(snapshot);
+                let built = snapshots.build(&db);
+                let mut slot = slot.lock().expect("snapshot lock");
+                match built {
+                    Ok(snapshot) => {
+                        let body = BodyRef::decode(&snapshot.data).expect("a body reference");
+                        tracing::info!(index = snapshot.get_metadata().index, bytes = body.len, "built a snapshot");
+                        *slot = SnapshotBuild::Ready(snapshot);
+                    }
+                    Err(error) => {
+                        // A full disk, say: raft asks again later.
+                        tracing::error!(%error, "cannot build a snapshot");
+                        *slot = SnapshotBuild::Idle;
+                    }
+                }
             })
             .expect("spawn snapshot builder");
         Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
@@ -622,51 +574,80 @@ pub fn read_u64(view: &rocksdb::SnapshotWithThreadMode<'_, DB>, key: &[u8]) -> O
         .map(|bytes| u64::from_be_bytes(bytes[..8].try_into().expect("8-byte value")))
 }
 
-/// Builds a snapshot of the applied state from one consistent RocksDB view:
-/// the applied index, the conf state and the state region are read at the
-/// same instant (they are written together by each apply batch).
-pub fn build_snapshot(db: &DB) -> Snapshot {
-    let view = db.snapshot();
-    let applied = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
-    let conf_state = match view.get(CONF_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
-        Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
-        None => ConfState::default(),
-    };
-    let (truncated_index, truncated_term) = match view.get(TRUNCATED_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
-        Some(bytes) => read_u64_pair(&bytes),
-        None => (0, 0),
-    };
-    let term = if applied == truncated_index {
-        truncated_term
-    } else {
-        let bytes = view
-            .get(log_key(applied))
-            .unwrap_or_else(|e| fatal("read", e))
-            .unwrap_or_else(|| fatal("snapshot", format!("applied entry {applied} is not in the log")));
-        Entry::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("decode entry", e)).term
-    };
-    let mut pairs: Vec<OwnedPair> = Vec::new();
-    for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
-        let mut iter = view.raw_iterator();
-        iter.seek(&prefix);
-        while iter.valid() {
-            let key = iter.key().expect("key");
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            pairs.push((key.into(), iter.value().expect("value").into()));
-            iter.next();
+/// Most bytes of pairs written to RocksDB in one batch while installing.
+const INSTALL_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn encode_marker(body: &BodyRef, meta: &SnapshotMetadata) -> Vec<u8> {
+    let mut marker = body.encode();
+    marker.extend_from_slice(&meta.write_to_bytes().expect("encode snapshot metadata"));
+    marker
+}
+
+fn decode_marker(marker: &[u8]) -> (BodyRef, SnapshotMetadata) {
+    let split = BodyRef::ENCODED_BYTES.min(marker.len());
+    let body = BodyRef::decode(&marker[..split]).unwrap_or_else(|e| fatal("snapshot install marker", e));
+    let meta =
+        SnapshotMetadata::parse_from_bytes(&marker[split..]).unwrap_or_else(|e| fatal("snapshot install marker", e));
+    (body, meta)
+}
+
+/// Writes a received snapshot's state in bounded batches: first (fsynced)
+/// the install marker with the old log and state deleted, then the pairs,
+/// then (fsynced) the snapshot's log, apply and conf state with the marker
+/// removed. A stop in between leaves the marker, and the storage installs
+/// the same file again when it opens; the file is removed after. Returns
+/// the hard state written.
+fn write_snapshot_state(
+    db: &DB,
+    snapshots: &SnapshotDir,
+    body: &BodyRef,
+    meta: &SnapshotMetadata,
+) -> Result<HardState, SnapshotBodyError> {
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    let mut batch = WriteBatch::default();
+    batch.put(INSTALLING_KEY, encode_marker(body, meta));
+    batch.delete_range(vec![LOG_PREFIX], vec![LOG_PREFIX + 1]);
+    batch.delete_range(vec![STATE_PREFIX], vec![STATE_PREFIX + 1]);
+    let mut peer_end = PEER_PREFIX.to_vec();
+    peer_end.push(0xff);
+    peer_end.extend_from_slice(&[0xff; 8]);
+    batch.delete_range(PEER_PREFIX.to_vec(), peer_end);
+    db.write_opt(batch, &synced).unwrap_or_else(|e| fatal("start a snapshot install", e));
+
+    let path = snapshots.received(meta);
+    let mut batch = WriteBatch::default();
+    SnapshotDir::read(&path, body, &mut |key, value| {
+        batch.put(key, value);
+        if crate::faults::crash_installing_snapshot() {
+            db.write(std::mem::take(&mut batch)).unwrap_or_else(|e| fatal("install snapshot", e));
+            tracing::error!("injected fault: stopping in the middle of a snapshot install");
+            std::process::abort();
         }
-        iter.status().unwrap_or_else(|e| fatal("scan for snapshot", e));
+        if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
+            db.write(std::mem::take(&mut batch)).unwrap_or_else(|e| fatal("install snapshot", e));
+        }
+        Ok(())
+    })?;
+    let mut state = meta.index.to_be_bytes().to_vec();
+    state.extend_from_slice(&meta.term.to_be_bytes());
+    batch.put(TRUNCATED_STATE_KEY, state);
+    batch.put(APPLIED_INDEX_KEY, meta.index.to_be_bytes());
+    batch.put(CONF_STATE_KEY, meta.get_conf_state().write_to_bytes().expect("encode"));
+    let mut hs = match db.get(HARD_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
+        Some(bytes) => HardState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("hard state", e)),
+        None => HardState::default(),
+    };
+    hs.commit = hs.commit.max(meta.index);
+    if meta.term > hs.term {
+        hs.term = meta.term;
+        hs.vote = 0;
     }
-    let mut snapshot = Snapshot::default();
-    snapshot.data = encode_snapshot_body(pairs.into_iter()).into();
-    let mut meta = SnapshotMetadata::default();
-    meta.index = applied;
-    meta.term = term;
-    meta.set_conf_state(conf_state);
-    snapshot.set_metadata(meta);
-    snapshot
+    batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode"));
+    batch.delete(INSTALLING_KEY);
+    db.write_opt(batch, &synced).unwrap_or_else(|e| fatal("install snapshot", e));
+    snapshots.prune("received", None);
+    Ok(hs)
 }
 
 #[cfg(test)]
@@ -685,7 +666,7 @@ mod tests {
     #[test]
     fn founding_starts_past_the_bootstrap_index() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = RaftStorage::open(open_db(dir.path()), &[1, 2, 3]);
+        let storage = open_in(dir.path(), &[1, 2, 3]);
         assert_eq!(storage.first_index().unwrap(), BOOTSTRAP_INDEX + 1);
         assert_eq!(storage.last_index().unwrap(), BOOTSTRAP_INDEX);
         assert_eq!(storage.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM);
@@ -704,13 +685,13 @@ mod tests {
     fn apply_raises_commit_only_to_the_applied_index() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut storage = RaftStorage::open(open_db(dir.path()), &[1]);
+            let mut storage = open_in(dir.path(), &[1]);
             let mut hs = storage.hard_state().clone();
             hs.term = 6;
             storage.append(&[entry(6, 6), entry(7, 6), entry(8, 6)], Some(&hs), true);
             storage.write_apply(WriteBatch::default(), 7, None);
         }
-        let storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let storage = open_in(dir.path(), &[1]);
         let state = storage.initial_state().unwrap();
         assert_eq!(state.hard_state.commit, 7);
         assert_eq!(state.hard_state.term, 6);
@@ -721,7 +702,7 @@ mod tests {
     #[test]
     fn conflicting_append_truncates_the_tail_and_compaction_keeps_terms() {
         let dir = tempfile::tempdir().unwrap();
-        let mut storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let mut storage = open_in(dir.path(), &[1]);
         storage.append(&[entry(6, 6), entry(7, 6), entry(8, 6)], None, true);
         storage.append(&[entry(7, 7)], None, true);
         assert_eq!(storage.last_index().unwrap(), 7);
@@ -731,7 +712,7 @@ mod tests {
         assert_eq!(storage.first_index().unwrap(), 7);
         assert_eq!(storage.term(6).unwrap(), 6);
         drop(storage);
-        let storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let storage = open_in(dir.path(), &[1]);
         assert_eq!((storage.first_index().unwrap(), storage.last_index().unwrap()), (7, 7));
         assert_eq!(storage.entries(7, 8, None, GetEntriesContext::empty(false)).unwrap()[0].term, 7);
     }
@@ -739,7 +720,7 @@ mod tests {
     #[test]
     fn log_bytes_are_counted_through_appends_conflicts_compaction_and_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let mut storage = open_in(dir.path(), &[1]);
         let entries: Vec<Entry> = (6..=15).map(|i| entry(i, 6)).collect();
         let size = entries[0].compute_size() as u64;
         storage.append(&entries, None, true);
@@ -752,36 +733,88 @@ mod tests {
         storage.compact(10, 14);
         assert_eq!(storage.log_bytes(), 4 * size);
         drop(storage);
-        let storage = RaftStorage::open(open_db(dir.path()), &[1]);
+        let storage = open_in(dir.path(), &[1]);
         assert_eq!(storage.log_bytes(), 4 * size);
         assert_eq!(storage.compaction_index_for_bytes(u64::MAX), 10);
     }
 
+    fn open_in(dir: &Path, voters: &[u64]) -> RaftStorage {
+        RaftStorage::open(open_db(&dir.join("db")), voters, Arc::new(SnapshotDir::open(&dir.join("snapshots"))))
+    }
+
+    fn state_of(db: &DB) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
+            for item in db.prefix_iterator(&prefix) {
+                let (key, value) = item.unwrap();
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                out.push((key.to_vec(), value.to_vec()));
+            }
+        }
+        out
+    }
+
     #[test]
-    fn snapshot_bodies_round_trip_and_reject_foreign_keys() {
-        let pairs: Vec<OwnedPair> = vec![
-            (peer_key(2).into_boxed_slice(), b"127.0.0.1:1".to_vec().into_boxed_slice()),
-            (vec![STATE_PREFIX, 1].into_boxed_slice(), vec![9; 3].into_boxed_slice()),
-        ];
-        let body = encode_snapshot_body(pairs.clone().into_iter());
-        let decoded = decode_snapshot_body(&body).unwrap();
-        assert_eq!(decoded.len(), 2);
-        assert_eq!(decoded[1].1, &[9, 9, 9]);
-        let foreign = encode_snapshot_body(
-            vec![(HARD_STATE_KEY.to_vec().into_boxed_slice(), vec![1].into_boxed_slice())].into_iter(),
-        );
-        assert_eq!(decode_snapshot_body(&foreign), Err(SnapshotBodyError::KeyOutsideState(HARD_STATE_KEY.to_vec())));
-        assert_eq!(decode_snapshot_body(&body[..body.len() - 1]), Err(SnapshotBodyError::TruncatedValue));
-        assert_eq!(decode_snapshot_body(&body[..2]), Err(SnapshotBodyError::TruncatedLength));
-        let short_peer_key = encode_snapshot_body(
-            vec![(PEER_PREFIX.to_vec().into_boxed_slice(), vec![1].into_boxed_slice())].into_iter(),
-        );
-        assert_eq!(
-            decode_snapshot_body(&short_peer_key),
-            Err(SnapshotBodyError::KeyOutsideState(PEER_PREFIX.to_vec()))
-        );
-        let bad_peer =
-            encode_snapshot_body(vec![(peer_key(3).into_boxed_slice(), vec![0xff].into_boxed_slice())].into_iter());
-        assert_eq!(decode_snapshot_body(&bad_peer), Err(SnapshotBodyError::PeerAddressNotUtf8));
+    fn a_snapshot_goes_through_files_and_an_interrupted_install_completes_at_the_next_start() {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let leader_db = open_db(&leader_dir.path().join("db"));
+        let leader_snapshots = Arc::new(SnapshotDir::open(&leader_dir.path().join("snapshots")));
+        let _leader = RaftStorage::open(leader_db.clone(), &[1, 2], leader_snapshots.clone());
+        leader_db.put(peer_key(2), b"127.0.0.1:7120").unwrap();
+        for i in 0..2_000u32 {
+            leader_db.put([&[STATE_PREFIX][..], &i.to_be_bytes()].concat(), vec![7; 1 + (i % 300) as usize]).unwrap();
+        }
+        let snapshot = leader_snapshots.build(&leader_db).unwrap();
+        assert_eq!(snapshot.get_metadata().index, BOOTSTRAP_INDEX);
+        assert_eq!(snapshot.data.len(), BodyRef::ENCODED_BYTES, "raft carries a reference, not the body");
+        let want = state_of(&leader_db);
+
+        // A follower receives the body a piece at a time and installs it.
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"));
+        let snapshots = Arc::new(SnapshotDir::open(&dir.path().join("snapshots")));
+        let mut storage = RaftStorage::open(db.clone(), &[], snapshots.clone());
+        db.put([STATE_PREFIX, 0xee], b"stale").unwrap();
+        snapshots.carry_from(&leader_snapshots, &snapshot, |_, _| Ok(())).unwrap();
+        storage.install_snapshot(&snapshot).unwrap();
+        assert_eq!(state_of(&db), want);
+        assert_eq!(storage.applied_index(), BOOTSTRAP_INDEX);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), BOOTSTRAP_INDEX + 1);
+        assert!(!snapshots.received(snapshot.get_metadata()).exists(), "the body file is removed once installed");
+
+        // Another stops after the install began (the marker written, the
+        // old state deleted, some pairs in): at its next start the storage
+        // installs the same file again before anything reads the state.
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"));
+        let snapshots = Arc::new(SnapshotDir::open(&dir.path().join("snapshots")));
+        drop(RaftStorage::open(db.clone(), &[], snapshots.clone()));
+        snapshots.carry_from(&leader_snapshots, &snapshot, |_, _| Ok(())).unwrap();
+        let body = BodyRef::decode(&snapshot.data).unwrap();
+        db.put(INSTALLING_KEY, encode_marker(&body, snapshot.get_metadata())).unwrap();
+        db.put([STATE_PREFIX, 0, 0, 0, 1], b"half written").unwrap();
+        let storage = RaftStorage::open(db.clone(), &[], snapshots.clone());
+        assert!(storage.resumed_install);
+        assert_eq!(state_of(&db), want);
+        assert_eq!(storage.applied_index(), BOOTSTRAP_INDEX);
+        assert!(db.get(INSTALLING_KEY).unwrap().is_none());
+
+        // A body damaged on the follower's disk is refused before anything
+        // changes.
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"));
+        let snapshots = Arc::new(SnapshotDir::open(&dir.path().join("snapshots")));
+        let mut storage = RaftStorage::open(db.clone(), &[], snapshots.clone());
+        db.put([STATE_PREFIX, 1], b"kept").unwrap();
+        snapshots.carry_from(&leader_snapshots, &snapshot, |_, _| Ok(())).unwrap();
+        let path = snapshots.received(snapshot.get_metadata());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(storage.install_snapshot(&snapshot), Err(SnapshotBodyError::Mismatch(_))));
+        assert_eq!(state_of(&db), vec![(vec![STATE_PREFIX, 1], b"kept".to_vec())]);
     }
 }

@@ -5,8 +5,9 @@
 //! reports the peer unreachable and reconnects with a jittered backoff
 //! (`RetryPolicy::PEER_RECONNECT`: a restarted replica is not met by every
 //! peer at the same instant). Snapshots go
-//! through `RaftTransport.SendSnapshot` in [`SNAPSHOT_CHUNK_BYTES`] chunks,
-//! and the outcome is reported back to the node. Every queue is bounded;
+//! through `RaftTransport.SendSnapshot` in [`SNAPSHOT_CHUNK_BYTES`] chunks
+//! read from their body file ([`crate::snapshot`]), and the outcome is
+//! reported back to the node. Every queue is bounded;
 //! Raft tolerates lost messages, so a full queue drops rather than blocks.
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::driver::MessageSink;
 use super::node::is_snapshot;
+use super::snapshot::{BodyRef, SnapshotDir};
 use crate::metrics::RaftMetrics;
 
 /// Messages waiting for one peer's stream.
@@ -58,6 +60,7 @@ pub struct GrpcTransport {
     peers: Mutex<HashMap<u64, Peer>>,
     reporter: Mutex<Option<Reporter>>,
     metrics: Arc<RaftMetrics>,
+    snapshots: Arc<SnapshotDir>,
 }
 
 impl GrpcTransport {
@@ -68,6 +71,7 @@ impl GrpcTransport {
         addr: String,
         runtime: tokio::runtime::Handle,
         metrics: Arc<RaftMetrics>,
+        snapshots: Arc<SnapshotDir>,
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             cluster,
@@ -78,7 +82,14 @@ impl GrpcTransport {
             peers: Mutex::new(HashMap::new()),
             reporter: Mutex::new(None),
             metrics,
+            snapshots,
         })
+    }
+
+    /// This replica's snapshot files (built ones are sent from here,
+    /// received ones written here).
+    pub fn snapshots(&self) -> &Arc<SnapshotDir> {
+        &self.snapshots
     }
 
     pub fn set_reporter(&self, reporter: Reporter) {
@@ -107,7 +118,15 @@ impl GrpcTransport {
             replica_id: self.replica_id,
             addr: self.addr.clone(),
         };
-        let task = self.runtime.spawn(run_peer(identity, id, addr.clone(), rx, reporter, self.metrics.clone()));
+        let task = self.runtime.spawn(run_peer(
+            identity,
+            id,
+            addr.clone(),
+            rx,
+            reporter,
+            self.metrics.clone(),
+            self.snapshots.clone(),
+        ));
         peers.insert(id, Peer { addr, tx, task });
     }
 
@@ -207,6 +226,7 @@ async fn run_peer(
     mut rx: mpsc::Receiver<Message>,
     reporter: Option<Reporter>,
     metrics: Arc<RaftMetrics>,
+    snapshots: Arc<SnapshotDir>,
 ) {
     let policy = cellbank_client::RetryPolicy::PEER_RECONNECT;
     let mut backoff = policy.backoff();
@@ -244,8 +264,14 @@ async fn run_peer(
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 if is_snapshot(&message) {
-                    let snapshot =
-                        send_snapshot(channel.clone(), identity.clone(), message, reporter.clone(), metrics.clone());
+                    let snapshot = send_snapshot(
+                        channel.clone(),
+                        identity.clone(),
+                        message,
+                        reporter.clone(),
+                        metrics.clone(),
+                        snapshots.clone(),
+                    );
                     tokio::spawn(snapshot);
                 } else {
                     let bytes = message.write_to_bytes().expect("encode raft message");
@@ -281,32 +307,68 @@ async fn run_peer(
     }
 }
 
+/// Sends a snapshot: its message (with the body's reference) in the first
+/// chunk, then the body read from its file a chunk at a time, two chunks
+/// in memory at most.
 async fn send_snapshot(
     channel: tonic::transport::Channel,
     identity: Identity,
-    mut message: Message,
+    message: Message,
     reporter: Option<Reporter>,
     metrics: Arc<RaftMetrics>,
+    snapshots: Arc<SnapshotDir>,
 ) {
     let to = message.to;
-    let body = std::mem::take(&mut message.mut_snapshot().data);
+    let body = match BodyRef::decode(&message.get_snapshot().data) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::error!(to, %error, "a snapshot to send has no body reference");
+            report(&reporter, Report::Snapshot { replica_id: to, delivered: false });
+            return;
+        }
+    };
+    let path = snapshots.built(message.get_snapshot().get_metadata());
     let head = message.write_to_bytes().expect("encode snapshot message");
-    let total_len = body.len() as u64;
     let cell_id = identity.cell_id;
     let sealed = |mut chunk: SnapshotChunk| {
         chunk.checksum = cellbank_client::integrity::snapshot_chunk(&chunk);
         chunk
     };
-    let first = SnapshotChunk { cell_id, message: head, total_len, cluster: identity.cluster, ..Default::default() };
-    let mut chunks = vec![sealed(first)];
-    for piece in body.chunks(SNAPSHOT_CHUNK_BYTES) {
-        chunks.push(sealed(SnapshotChunk { cell_id, data: piece.to_vec(), ..Default::default() }));
-    }
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(2);
+    let first =
+        SnapshotChunk { cell_id, message: head, total_len: body.len, cluster: identity.cluster, ..Default::default() };
+    let _ = tx.send(sealed(first)).await;
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Read as _;
+        let mut file = std::fs::File::open(&path)?;
+        loop {
+            let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < data.len() {
+                let n = file.read(&mut data[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(());
+            }
+            data.truncate(filled);
+            if tx.blocking_send(sealed(SnapshotChunk { cell_id, data, ..Default::default() })).is_err() {
+                return Ok(());
+            }
+        }
+    });
     let mut client = cellbank_client::channel::raft_transport(channel);
-    let delivered = client.send_snapshot(tokio_stream::iter(chunks)).await.is_ok();
+    let delivered = client.send_snapshot(ReceiverStream::new(rx)).await.is_ok();
+    if let Ok(Err(error)) = reader.await {
+        // The receiver got a short body and refused it.
+        tracing::error!(to, %error, "cannot read a snapshot body to send");
+    }
     if delivered {
         metrics.snapshots_sent_total.inc();
     }
-    tracing::info!(to, bytes = total_len, delivered, "sent snapshot");
+    tracing::info!(to, bytes = body.len, delivered, "sent snapshot");
     report(&reporter, Report::Snapshot { replica_id: to, delivered });
 }

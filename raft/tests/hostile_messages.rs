@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use cellbank_raft::metrics::RaftMetrics;
 use cellbank_raft::node::{NodeConfig, RaftNode};
+use cellbank_raft::snapshot::SnapshotDir;
 use cellbank_raft::storage::{open_db, STATE_PREFIX};
 use cellbank_raft::{Kv, StateMachine};
 use protobuf::Message as _;
@@ -76,11 +77,13 @@ impl Cell {
         let mut nodes = BTreeMap::new();
         for id in 1..=REPLICAS {
             let db = open_db(&dir.path().join(id.to_string()));
+            let snapshots = Arc::new(SnapshotDir::open(&dir.path().join(format!("{id}-snapshots"))));
             let mut config = NodeConfig::new(id);
             // Snapshots and compaction are part of what is exercised.
             config.log_compact_threshold_entries = 40;
             config.log_retain_entries = 10;
-            nodes.insert(id, RaftNode::open(config, db, Counter, &bootstrap, Arc::new(RaftMetrics::new(1, id))));
+            let metrics = Arc::new(RaftMetrics::new(1, id));
+            nodes.insert(id, RaftNode::open(config, db, Counter, &bootstrap, snapshots, metrics));
         }
         let mut cell = Cell { _dir: dir, nodes, in_flight: Vec::new() };
         cell.nodes.get_mut(&1).expect("replica 1").campaign();
@@ -104,6 +107,14 @@ impl Cell {
                 return;
             }
             for message in std::mem::take(&mut self.in_flight) {
+                // A snapshot's body travels as the transport carries it,
+                // from the sender's files to the receiver's.
+                if message.get_msg_type() == MessageType::MsgSnapshot {
+                    let (from, to) = (self.nodes.get(&message.from), self.nodes.get(&message.to));
+                    if let (Some(from), Some(to)) = (from, to) {
+                        let _ = to.snapshots().carry_from(from.snapshots(), message.get_snapshot(), |_, _| Ok(()));
+                    }
+                }
                 if let Some(node) = self.nodes.get_mut(&message.to) {
                     let _ = node.step(message);
                 }
@@ -386,7 +397,21 @@ fn transport_decoders_take_any_bytes() {
             }
             bytes
         };
-        bodies += u64::from(cellbank_raft::storage::decode_snapshot_body(&bytes).is_ok());
+        // A body decodes the same whole or pushed in pieces of any size
+        // (as it arrives from the network).
+        let whole = cellbank_raft::snapshot::decode_body(&bytes);
+        let mut decoder = cellbank_raft::snapshot::BodyDecoder::new();
+        let mut pieces = Ok(());
+        let mut at = 0;
+        while at < bytes.len() && pieces.is_ok() {
+            let end = (at + rng.gen_range(1..=16)).min(bytes.len());
+            pieces = decoder.push(&bytes[at..end], &mut |_, _| Ok(()));
+            at = end;
+        }
+        let pieces = pieces.and_then(|()| decoder.finish());
+        assert_eq!(whole.is_ok(), pieces.is_ok(), "{bytes:02x?}");
+        bodies += u64::from(whole.is_ok());
+        let _ = cellbank_raft::snapshot::BodyRef::decode(&bytes);
         let _ = Message::parse_from_bytes(&bytes);
         if let Ok(batch) = RaftBatch::decode(bytes.as_slice()) {
             batches += 1;

@@ -79,7 +79,9 @@ impl Cluster {
     }
 
     fn open(&self, id: u64) -> RaftNode<KvMachine> {
-        let db = open_db(self.dirs[&id].path());
+        let dir = self.dirs[&id].path();
+        let db = open_db(&dir.join("db"));
+        let snapshots = Arc::new(cellbank_raft::snapshot::SnapshotDir::open(&dir.join("snapshots")));
         let mut config = NodeConfig::new(id);
         config.log_compact_threshold_entries = u64::MAX;
         // A follower campaigns by itself only after exactly 20 ticks, so
@@ -87,7 +89,7 @@ impl Cluster {
         // usual 10 ticks.
         config.min_election_tick = 20;
         config.max_election_tick = 21;
-        RaftNode::open(config, db, KvMachine, &self.bootstrap, Arc::new(RaftMetrics::new(1, id)))
+        RaftNode::open(config, db, KvMachine, &self.bootstrap, snapshots, Arc::new(RaftMetrics::new(1, id)))
     }
 
     fn node(&mut self, id: u64) -> Result<&mut RaftNode<KvMachine>, Box<dyn Error>> {

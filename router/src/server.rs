@@ -89,6 +89,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         addr: addr.to_string(),
         tuning: &config.raft,
         peers: &config.peers,
+        snapshot_dir: config.data_dir.join("snapshots"),
     };
     let Group { handle, thread, transport } = group::start(member, db.clone(), machine, metrics.clone());
     let router_metrics = RouterMetrics::register(&metrics.registry);

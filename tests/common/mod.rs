@@ -62,6 +62,8 @@ pub struct Replica {
     pub data_dir: PathBuf,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
+    /// Environment of the next start (fault points from the first instant).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Cell {
@@ -83,7 +85,7 @@ impl Cell {
         for (id, addr) in founders {
             let data_dir = cell.dir.path().join(format!("replica-{id}"));
             let extra = extra_args.iter().map(|s| s.to_string()).collect();
-            cell.replicas.insert(id, Replica { id, addr, data_dir, child: None, extra_args: extra });
+            cell.replicas.insert(id, Replica { id, addr, data_dir, child: None, extra_args: extra, env: Vec::new() });
             cell.spawn(id, true);
         }
         cell
@@ -94,7 +96,8 @@ impl Cell {
         let addr = format!("127.0.0.1:{}", free_port());
         let data_dir = self.dir.path().join(format!("replica-{id}"));
         let extra = extra_args.iter().map(|s| s.to_string()).collect();
-        self.replicas.insert(id, Replica { id, addr: addr.clone(), data_dir, child: None, extra_args: extra });
+        self.replicas
+            .insert(id, Replica { id, addr: addr.clone(), data_dir, child: None, extra_args: extra, env: Vec::new() });
         self.spawn(id, false);
         addr
     }
@@ -119,6 +122,7 @@ impl Cell {
             .arg(test_certs())
             .args(&replica.extra_args)
             .env("RUST_LOG", "info,raft=info")
+            .envs(replica.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -132,6 +136,22 @@ impl Cell {
     pub fn restart(&mut self, id: u64) {
         let founder = self.founders.contains_key(&id);
         self.spawn(id, founder);
+    }
+
+    /// Waits up to `timeout` for a replica to end by itself (an injected
+    /// crash), reaping it; false if it still runs.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> bool {
+        let replica = self.replicas.get_mut(&id).expect("known replica");
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            let child = replica.child.as_mut().expect("replica started");
+            if child.try_wait().expect("poll the replica").is_some() {
+                replica.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// SIGKILL: no shutdown path runs.
