@@ -743,34 +743,42 @@ impl Shipper {
         }
     }
 
-    /// Ships the ledger at this replica's applied index, in chunks. Returns
-    /// the snapshot's index once the standby has committed the last chunk.
+    /// Ships the ledger at this replica's applied index, in chunks read
+    /// from one RocksDB view as they are sent (at most
+    /// [`SHIP_IN_FLIGHT_MAX`] unacknowledged, two more read ahead: the
+    /// ledger is never in memory whole). Returns the snapshot's index once
+    /// the standby has committed the last chunk.
     async fn send_snapshot(
         &self,
         pair_state: &PairState,
         tx: &mpsc::Sender<ShipBatch>,
         acks: &mut tonic::Streaming<ShipAck>,
     ) -> Result<u64, SessionEnd> {
-        let chunks = self.build_snapshot_chunks(pair_state);
-        let snapshot_index = chunks.last().expect("at least one chunk").snapshot_index;
-        tracing::info!(
-            cell = self.cell_id,
-            snapshot_index,
-            chunks = chunks.len(),
-            "rebuilding the standby from a snapshot"
-        );
-        let total = chunks.len();
-        let mut sent = 0;
-        let mut acked = 0;
-        let mut chunks = chunks.into_iter();
-        while acked < total {
-            while sent < total && sent - acked < SHIP_IN_FLIGHT_MAX {
-                let mut chunk = chunks.next().expect("counted");
+        let mut chunks = snapshot_chunks(self.db.clone(), self.cell_id, pair_state.epoch);
+        let mut snapshot_index = None;
+        let (mut sent, mut acked, mut last_sent) = (0usize, 0usize, false);
+        loop {
+            while !last_sent && sent - acked < SHIP_IN_FLIGHT_MAX {
+                let Some(mut chunk) = chunks.recv().await else {
+                    return Err(SessionEnd::Failed("the snapshot could not be read".into()));
+                };
+                if snapshot_index.is_none() {
+                    tracing::info!(
+                        cell = self.cell_id,
+                        snapshot_index = chunk.snapshot_index,
+                        "rebuilding the standby from a snapshot"
+                    );
+                }
+                snapshot_index.get_or_insert(chunk.snapshot_index);
+                last_sent = chunk.last;
                 chunk.checksum = cellbank_client::integrity::source_snapshot(&chunk);
                 if tx.send(ShipBatch { kind: Some(ship_batch::Kind::Snapshot(chunk)) }).await.is_err() {
                     return Err(SessionEnd::Failed("the stream closed".into()));
                 }
                 sent += 1;
+            }
+            if last_sent && acked == sent {
+                break;
             }
             match tokio::time::timeout(ACK_TIMEOUT * 5, acks.message()).await {
                 Ok(Ok(Some(_))) => acked += 1,
@@ -779,6 +787,8 @@ impl Shipper {
                 Err(_) => return Err(SessionEnd::Failed("no snapshot ack in time".into())),
             }
         }
+        let snapshot_index = snapshot_index.expect("at least one chunk was sent");
+        tracing::info!(cell = self.cell_id, snapshot_index, chunks = sent, "the standby holds the snapshot");
         self.set_ship_state(|s| s.acked_index = s.acked_index.max(snapshot_index));
         Ok(snapshot_index)
     }
@@ -786,20 +796,25 @@ impl Shipper {
     fn hello(&self, pair_state: &PairState) -> ShipHello {
         ShipHello { source_cell_id: self.cell_id, epoch: pair_state.epoch, cluster: self.cluster.clone() }
     }
+}
 
-    /// The ledger region and this cell's pair state, from one consistent view.
-    fn build_snapshot_chunks(&self, pair_state: &PairState) -> Vec<SourceSnapshotChunk> {
-        let view = self.db.snapshot();
+/// The ledger region and this cell's pair state, from one consistent
+/// view, in chunks of about [`SNAPSHOT_CHUNK_BYTES_MAX`] read on the
+/// blocking pool as the receiver takes them; the channel closes early
+/// if reading fails.
+fn snapshot_chunks(db: Arc<DB>, cell_id: u64, epoch: u64) -> mpsc::Receiver<SourceSnapshotChunk> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let view = db.snapshot();
         let snapshot_index = read_u64(&view, APPLIED_INDEX_KEY).expect("a cell always has an applied index");
         let source_state = view
             .get(pair::OWN_PAIR_KEY)
             .expect("storage failure (read pair state)")
             .map(|bytes| prost::Message::decode(bytes.as_slice()).expect("pair state decodes"))
             .unwrap_or_else(pair::unpaired);
-        let mut chunks = Vec::new();
         let new_chunk = |n: u64| SourceSnapshotChunk {
-            source_cell_id: self.cell_id,
-            epoch: pair_state.epoch,
+            source_cell_id: cell_id,
+            epoch,
             snapshot_index,
             chunk: n,
             ..Default::default()
@@ -819,16 +834,22 @@ impl Shipper {
             current.values.push(value.to_vec());
             if bytes >= SNAPSHOT_CHUNK_BYTES_MAX {
                 let n = current.chunk + 1;
-                chunks.push(std::mem::replace(&mut current, new_chunk(n)));
+                if tx.blocking_send(std::mem::replace(&mut current, new_chunk(n))).is_err() {
+                    return;
+                }
                 bytes = 0;
             }
             iter.next();
         }
+        if let Err(error) = iter.status() {
+            tracing::error!(%error, "cannot read the ledger for the standby's snapshot");
+            return;
+        }
         current.last = true;
         current.source_state = Some(source_state);
-        chunks.push(current);
-        chunks
-    }
+        let _ = tx.blocking_send(current);
+    });
+    rx
 }
 
 #[cfg(test)]
@@ -863,6 +884,39 @@ mod tests {
     }
     use super::*;
     use cellbank_proto::cell::{PairRole, ReplicationMode};
+
+    /// A standby rebuild reads the ledger a chunk at a time as the stream
+    /// takes them: every key once, in order, the pair state with the last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_snapshot_is_read_in_chunks_as_they_are_taken() {
+        use cellbank_raft::storage::STATE_PREFIX;
+        let dir = tempfile::tempdir().unwrap();
+        let db = cellbank_raft::storage::open_db(dir.path());
+        db.put(APPLIED_INDEX_KEY, 42u64.to_be_bytes()).unwrap();
+        let keys: Vec<Vec<u8>> =
+            (0..3_000u32).map(|i| [&[STATE_PREFIX, b'a'][..], &i.to_be_bytes()].concat()).collect();
+        for key in &keys {
+            db.put(key, vec![1u8; 1_000]).unwrap();
+        }
+        db.put([STATE_PREFIX, b'z', b'q'], b"outside the ledger").unwrap();
+        let mut chunks = snapshot_chunks(db, 3, 7);
+        let mut seen = Vec::new();
+        let mut count = 0;
+        while let Some(chunk) = chunks.recv().await {
+            assert_eq!((chunk.source_cell_id, chunk.epoch, chunk.snapshot_index, chunk.chunk), (3, 7, 42, count));
+            assert_eq!(chunk.last, chunk.source_state.is_some());
+            let bytes: usize = chunk.keys.iter().chain(&chunk.values).map(Vec::len).sum();
+            assert!(bytes < SNAPSHOT_CHUNK_BYTES_MAX + 2_000, "a chunk of {bytes} bytes");
+            seen.extend(chunk.keys);
+            count += 1;
+            if chunk.last {
+                break;
+            }
+        }
+        assert!(count >= 3, "{count} chunks");
+        assert_eq!(seen, keys);
+        assert!(chunks.recv().await.is_none(), "nothing after the last chunk");
+    }
 
     const INDEX: u64 = 100;
 

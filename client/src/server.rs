@@ -59,6 +59,19 @@ impl Security {
 /// to finish (HTTP/2 flow control pushes back on the caller).
 pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
 
+/// Longest a call on the client plane may take when its caller set no
+/// shorter deadline (`grpc-timeout`): every call there is unary.
+pub const CLIENT_CALL_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// The same on the admin plane (an audit of a large ledger takes a while).
+pub const ADMIN_CALL_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+/// HTTP/2 pings on every server connection: a peer that stops answering
+/// them for [`KEEPALIVE_TIMEOUT`] is dropped with its calls and streams.
+/// This bounds the peer plane's long-lived streams (Raft, the standby
+/// stream), which live as long as their connection answers; each also has
+/// its own limits between messages (snapshot chunks, standby acks).
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A server builder with the project's settings and the gate of
 /// `security`'s policy on one plane in front of every service.
 pub type Builder =
@@ -92,7 +105,14 @@ pub fn secured(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
-        .layer(gate);
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    let server = match plane {
+        crate::planes::Plane::Client => server.timeout(CLIENT_CALL_MAX),
+        crate::planes::Plane::Admin => server.timeout(ADMIN_CALL_MAX),
+        crate::planes::Plane::Peer => server,
+    };
+    let server = server.layer(gate);
     (server, incoming)
 }
 
