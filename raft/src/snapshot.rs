@@ -378,6 +378,23 @@ impl SnapshotDir {
         Ok(())
     }
 
+    /// Removes the received bodies of snapshots older than `metadata`'s:
+    /// raft has a newer one to install, or refused them.
+    pub fn prune_received_before(&self, metadata: &SnapshotMetadata) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let index = name
+                .strip_prefix("received-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|index| index.parse::<u64>().ok());
+            if index.is_some_and(|index| index < metadata.index) && name.ends_with(".snap") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Removes every file of `kind` but `keep`.
     pub fn prune(&self, kind: &str, keep: Option<&Path>) {
         let Ok(entries) = std::fs::read_dir(&self.path) else { return };
@@ -567,6 +584,14 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         assert_eq!(BodyRef::decode(&reference.encode()), Ok(reference));
+
+        // Bodies of older snapshots go once a newer one is received.
+        let mut newer = meta.clone();
+        newer.index = 9;
+        std::fs::write(snapshots.received(&newer), b"x").unwrap();
+        snapshots.prune_received_before(&newer);
+        assert!(!snapshots.received(&meta).exists());
+        assert!(snapshots.received(&newer).exists());
         assert_eq!(BodyRef::decode(&bytes), Err(SnapshotBodyError::NotAReference(bytes.len())));
     }
 }

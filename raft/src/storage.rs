@@ -154,7 +154,12 @@ impl RaftStorage {
                     .unwrap_or_else(|e| fatal("resume the snapshot install", e));
                 true
             }
-            None => false,
+            None => {
+                // Bodies received before a stop: raft asks again if it
+                // still needs one.
+                snapshots.prune("received", None);
+                false
+            }
         };
         let get = |key: &[u8]| db.get(key).unwrap_or_else(|e| fatal("read", e));
         let conf_state = match get(CONF_STATE_KEY) {

@@ -66,9 +66,20 @@ fn state_of<'a>(view: &'a rocksdb::SnapshotWithThreadMode<'a, DB>) -> StateIter<
     StateIter { iter }
 }
 
+/// UNAVAILABLE while `view` shows a snapshot being installed: the state
+/// region is then part old, part new, and its figures mean nothing.
+fn check_not_installing(view: &rocksdb::SnapshotWithThreadMode<'_, DB>) -> Result<(), Status> {
+    match view.get(cellbank_raft::storage::INSTALLING_KEY) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Status::unavailable("this replica is installing a snapshot: ask again, or ask another")),
+        Err(e) => Err(Status::internal(format!("read: {e}"))),
+    }
+}
+
 /// Reconciliation figures of this replica (see `ledger::audit`).
-pub fn audit_of(db: &DB, outbox_limit: usize) -> AuditResponse {
+pub fn audit_of(db: &DB, outbox_limit: usize) -> Result<AuditResponse, Status> {
     let view = db.snapshot();
+    check_not_installing(&view)?;
     let mut response = ledger::audit::audit(|| state_of(&view), outbox_limit);
     response.applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
     let own = pair::read(&cellbank_raft::ReadOnlyDb(db), pair::Slot::Own);
@@ -76,7 +87,7 @@ pub fn audit_of(db: &DB, outbox_limit: usize) -> AuditResponse {
         response.source_index = own.source_index;
     }
     response.pair = Some(own);
-    response
+    Ok(response)
 }
 
 /// What this cell credited from one source pair (seq <= cutoff), and which
@@ -205,16 +216,17 @@ pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse
 
 /// Digest of the state region at the replica's applied index, from one
 /// consistent view of the database.
-pub fn digest_of(db: &DB) -> DigestResponse {
+pub fn digest_of(db: &DB) -> Result<DigestResponse, Status> {
     let view = db.snapshot();
+    check_not_installing(&view)?;
     let digest = ledger::digest(state_of(&view));
-    DigestResponse {
+    Ok(DigestResponse {
         applied_index: read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0),
         digest: digest.digest_hex,
         accounts: digest.accounts,
         transfers: digest.transfers,
         balance_sum_by_currency: digest.balance_sum_by_currency.into_iter().map(|(c, s)| (c, s.to_string())).collect(),
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -308,7 +320,7 @@ impl ReplicaAdmin for AdminService {
         let db = self.context.db.clone();
         let response = tokio::task::spawn_blocking(move || audit_of(&db, limit))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(response))
     }
 
@@ -366,8 +378,9 @@ impl ReplicaAdmin for AdminService {
 
     async fn digest(&self, _request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
         let db = self.context.db.clone();
-        let response =
-            tokio::task::spawn_blocking(move || digest_of(&db)).await.map_err(|e| Status::internal(e.to_string()))?;
+        let response = tokio::task::spawn_blocking(move || digest_of(&db))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(response))
     }
 
@@ -407,5 +420,25 @@ impl ReplicaAdmin for AdminService {
         let r = request.into_inner();
         self.context.node.send(Input::TransferLeader(r.replica_id)).map_err(|e| self.context.node_error(e))?;
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a snapshot install is under way the state region is part old,
+    /// part new: a digest or an audit then would compare replicas on
+    /// nonsense, so both refuse until the install is done.
+    #[test]
+    fn digest_and_audit_refuse_while_a_snapshot_is_being_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = cellbank_raft::storage::open_db(dir.path());
+        assert!(digest_of(&db).is_ok());
+        db.put(cellbank_raft::storage::INSTALLING_KEY, b"marker").unwrap();
+        assert_eq!(digest_of(&db).unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(audit_of(&db, 10).unwrap_err().code(), tonic::Code::Unavailable);
+        db.delete(cellbank_raft::storage::INSTALLING_KEY).unwrap();
+        assert!(audit_of(&db, 10).is_ok());
     }
 }
