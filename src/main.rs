@@ -159,11 +159,50 @@ enum Command {
     },
     /// Run the deterministic simulator over many seeds, or replay one.
     Sim(sim::SimArgs),
+    /// Capacity planning: what each pair and slice holds and carries.
+    Capacity {
+        #[command(subcommand)]
+        action: CapacityAction,
+    },
     /// Certificates: the cluster CA and one per process, service and operator.
     Certs {
         #[command(subcommand)]
         action: certs_cli::CertsAction,
     },
+}
+
+#[derive(Subcommand)]
+enum CapacityAction {
+    /// Per pair: slices, user accounts, balances, stored bytes, writes and
+    /// requests per second; then the hottest slices.
+    Status {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        /// How long to measure rates over.
+        #[arg(long, default_value_t = 2000)]
+        window_ms: u64,
+        /// How many of the hottest slices to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print the whole report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn capacity(action: CapacityAction) -> anyhow::Result<()> {
+    match action {
+        CapacityAction::Status { endpoints, window_ms, top, json } => {
+            let report =
+                cellbank::capacity::gather(&endpoints.endpoints, std::time::Duration::from_millis(window_ms)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", cellbank::capacity::render(&report, top));
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -382,9 +421,11 @@ fn main() {
             }
         }
         // The bench reads the routing table (an operator's call) to place its load.
-        Command::Status { .. } | Command::Admin { .. } | Command::Chaos { .. } | Command::Bench(_) => {
-            cli.tls.install("operator-admin")
-        }
+        Command::Status { .. }
+        | Command::Admin { .. }
+        | Command::Chaos { .. }
+        | Command::Bench(_)
+        | Command::Capacity { .. } => cli.tls.install("operator-admin"),
         _ => cli.tls.install("service-cli"),
     };
     if let Err(error) = credentials {
@@ -416,6 +457,7 @@ fn main() {
             Command::Bench(args) => bench::run(args).await,
             Command::Chaos { action } => chaos::run(action).await,
             Command::Sim(_) => unreachable!("run before the runtime starts"),
+            Command::Capacity { action } => capacity(action).await,
             Command::Certs { action } => certs_cli::run(action),
         }
     });

@@ -22,6 +22,7 @@
 //!   on its own listeners, and their ports;
 //! - [`server`]: the listeners, gates and settings of every server of the
 //!   project, and reflection;
+//! - [`slices`]: which slice a user is in;
 //! - [`tls`]: mutual TLS, the identities certificates carry, credentials
 //!   that reload, the accept loop of every server;
 //! - [`gate`]: who may call what (the policy layer of every server) and
@@ -45,6 +46,7 @@ pub mod planes;
 pub mod retry;
 pub mod routers;
 pub mod server;
+pub mod slices;
 pub mod throttle;
 pub mod tls;
 pub mod validate;

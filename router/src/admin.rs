@@ -269,6 +269,15 @@ impl RouterAdmin for AdminService {
         Ok(Response::new(IsolateCellsResponse { isolated_cell_ids: isolated }))
     }
 
+    async fn slice_load(&self, _request: Request<SliceLoadRequest>) -> Result<Response<SliceLoadResponse>, Status> {
+        let load = self.coordinator.pool.load();
+        Ok(Response::new(SliceLoadResponse {
+            router_id: self.router_id,
+            counting_ms: load.counting_ms(),
+            slices: load.counters(),
+        }))
+    }
+
     async fn settlement(
         &self,
         request: Request<cellbank_proto::cell::SettlementRequest>,

@@ -102,6 +102,7 @@ pub struct CellPool {
     /// Injected fault: cells this router treats as unreachable, until when.
     isolated: RwLock<HashMap<u64, Instant>>,
     metrics: Option<Arc<RouterMetrics>>,
+    load: crate::load::Load,
 }
 
 /// Longest an injected isolation lasts.
@@ -121,7 +122,24 @@ impl CellPool {
     }
 
     pub fn with_metrics(table: TableView, metrics: Option<Arc<RouterMetrics>>) -> Arc<CellPool> {
-        Arc::new(CellPool { cells: RwLock::new(HashMap::new()), table, isolated: RwLock::new(HashMap::new()), metrics })
+        let load = crate::load::Load::new(metrics.clone());
+        Arc::new(CellPool {
+            cells: RwLock::new(HashMap::new()),
+            table,
+            isolated: RwLock::new(HashMap::new()),
+            metrics,
+            load,
+        })
+    }
+
+    /// What this router carried to each slice.
+    pub fn load(&self) -> &crate::load::Load {
+        &self.load
+    }
+
+    /// Counts a call routed by `user_id` (see [`crate::load`]).
+    pub fn record(&self, user_id: u64, kind: crate::load::Kind, bytes: usize) {
+        self.load.record(&self.table.borrow(), user_id, kind, bytes);
     }
 
     fn count_retry(&self, reason: &str) {

@@ -82,6 +82,9 @@ impl Courier for CourierService {
                     deliveries[position].error =
                         format!("pair {} does not serve user {}", credit.dest_pair_id, credit.to_user_id);
                 } else {
+                    // Applied at the recipient's slice: load there.
+                    let bytes = prost::Message::encoded_len(&credit);
+                    self.pool.load().record(&table, credit.to_user_id, crate::load::Kind::Write, bytes);
                     let part = parts.entry(credit.dest_pair_id).or_default();
                     part.0.push(position);
                     part.1.credits.push(credit);

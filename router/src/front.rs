@@ -27,10 +27,12 @@ use cellbank_client::validate;
 use cellbank_proto::v1::ledger_server::Ledger as LedgerApi;
 use cellbank_proto::v1::*;
 use cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
+use prost::Message as _;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::cells::CellPool;
+use crate::load::Kind;
 use crate::scopes::{Operation, Scopes};
 use crate::table::{self, to_pair, Route};
 
@@ -211,6 +213,7 @@ impl LedgerApi for Front {
         self.allow(&request, Operation::OpenAccount, &[])?;
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
+        self.pool.record(r.user_id, Kind::Write, r.encoded_len());
         let response = self
             .pool
             .call(by_user(r.user_id), deadline, r.clone(), |mut c, req| async move { c.open_account(req).await })
@@ -237,6 +240,7 @@ impl LedgerApi for Front {
             amount: r.amount,
         };
         Front::check_move(TransferKind::Deposit, &check).map_err(invalid)?;
+        self.pool.record(r.user_id, Kind::Write, r.encoded_len());
         let response =
             self.pool.call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.deposit(req).await }).await?;
         Ok(Response::new(response))
@@ -258,6 +262,7 @@ impl LedgerApi for Front {
             amount: r.amount,
         };
         Front::check_move(TransferKind::Withdraw, &check).map_err(invalid)?;
+        self.pool.record(r.user_id, Kind::Write, r.encoded_len());
         let response =
             self.pool.call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.withdraw(req).await }).await?;
         Ok(Response::new(response))
@@ -271,6 +276,7 @@ impl LedgerApi for Front {
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
+        self.pool.record(r.from_user_id, Kind::Write, r.encoded_len());
         if let Some((source, dest)) = self.pairs_of(r.from_user_id, r.to_user_id).filter(|(a, b)| a != b) {
             let item =
                 cellbank_proto::cell::CrossCellItem { transfer: Some(r), source_pair_id: source, dest_pair_id: dest };
@@ -326,6 +332,7 @@ impl LedgerApi for Front {
                     });
                     continue;
                 }
+                self.pool.load().record(&table, item.from_user_id, Kind::Write, item.encoded_len());
                 let from = table::route(&table, item.from_user_id).expect("bootstrapped table routes every user");
                 let to = table::route(&table, item.to_user_id).expect("bootstrapped table routes every user");
                 if from.pair_id != to.pair_id {
@@ -382,6 +389,7 @@ impl LedgerApi for Front {
         self.allow(&request, Operation::GetAccount, &[])?;
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
+        self.pool.record(r.user_id, Kind::Read, r.encoded_len());
         let response = self
             .pool
             .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.get_account(req).await })
@@ -436,6 +444,7 @@ impl LedgerApi for Front {
         let namespace = namespace_of(&request);
         let r = request.into_inner();
         validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
+        self.pool.record(r.user_id, Kind::Read, r.encoded_len());
         let mut response = self
             .pool
             .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.list_transfers(req).await })
@@ -457,6 +466,7 @@ impl LedgerApi for Front {
         validate::take_transfer_id(&mut r).map_err(invalid)?;
         validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         validate::user_id("sender_user_id", r.sender_user_id).map_err(invalid)?;
+        self.pool.record(r.sender_user_id, Kind::Write, r.encoded_len());
         let response = self
             .pool
             .call(by_user(r.sender_user_id), deadline, r, |mut c, req| async move { c.send_envelope(req).await })
@@ -473,6 +483,8 @@ impl LedgerApi for Front {
         let r = request.into_inner();
         let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
         validate::user_id("user_id", r.user_id).map_err(invalid)?;
+        // A grab takes its share in the envelope's cell (the sender's).
+        self.pool.record(sender, Kind::Write, r.encoded_len());
         if self.forbid_own_grab && r.user_id == sender {
             return Ok(Response::new(refused(
                 ResultCode::OwnEnvelope,
@@ -527,6 +539,7 @@ impl LedgerApi for Front {
         self.allow(&request, Operation::GetEnvelope, &[])?;
         let r = request.into_inner();
         let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
+        self.pool.record(sender, Kind::Read, r.encoded_len());
         let response =
             self.pool.call(by_user(sender), deadline, r, |mut c, req| async move { c.get_envelope(req).await }).await?;
         Ok(Response::new(response))

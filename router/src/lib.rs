@@ -12,6 +12,7 @@
 //! - [`admin`]: the operators' API; [`admin_client`]: calls to it that
 //!   follow the coordinator (CLI, drills, tests).
 //! - [`reconcile`]: the cluster-wide reconciliation behind `admin reconcile`.
+//! - [`load`]: requests, writes and bytes carried to each slice.
 //! - [`metrics`]: the router's Prometheus metrics.
 //! - [`server`]: assembles a router.
 
@@ -25,6 +26,7 @@ pub mod coordinator;
 pub mod courier;
 pub mod front;
 pub mod grabs;
+pub mod load;
 pub mod metrics;
 pub mod reconcile;
 pub mod scopes;

@@ -20,6 +20,10 @@ pub struct RouterMetrics {
     pub replication_lag_ms: IntGaugeVec,
     /// Per cell: replicas that answered the last probe.
     pub replicas_reachable: IntGaugeVec,
+    /// Calls carried to each pair, by kind (read, write); see `load`.
+    pub pair_requests_total: IntCounterVec,
+    /// Bytes of those calls.
+    pub pair_request_bytes_total: IntCounterVec,
 }
 
 impl RouterMetrics {
@@ -34,6 +38,12 @@ impl RouterMetrics {
             registry.register(Box::new(vec.clone())).expect("register");
             vec
         };
+        let pair_requests_total = IntCounterVec::new(
+            Opts::new("router_pair_requests_total", "Calls carried to each pair, by kind (read, write)."),
+            &["pair", "kind"],
+        )
+        .expect("counter vec");
+        registry.register(Box::new(pair_requests_total.clone())).expect("register");
         let failovers_total =
             IntCounter::new("router_failovers_total", "Changes of active cell this router made.").expect("counter");
         registry.register(Box::new(failovers_total.clone())).expect("register");
@@ -58,6 +68,12 @@ impl RouterMetrics {
                 "router_cell_replicas_reachable",
                 "Replicas that answered the last probe.",
                 "cell",
+            ),
+            pair_requests_total,
+            pair_request_bytes_total: counter_vec(
+                "router_pair_request_bytes_total",
+                "Encoded bytes of the calls carried to each pair.",
+                "pair",
             ),
         })
     }

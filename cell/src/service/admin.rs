@@ -10,7 +10,8 @@ use cellbank_proto::cell::{
     command, AuditRequest, AuditResponse, ChangeMembershipRequest, ChangeMembershipResponse, Command, ConfigureCommand,
     ConfigureRequest, ConfigureResponse, DebitsRequest, DebitsResponse, DigestRequest, DigestResponse, InboxCredit,
     InboxRequest, InboxResponse, PairRole, PeerAddress, PeerInfo, ReplicaStatus, ReplicationMode, SettlementFigure,
-    SettlementRequest, SettlementResponse, StatusRequest, TransferLeaderRequest, TransferLeaderResponse,
+    SettlementRequest, SettlementResponse, SliceFigure, SliceFiguresRequest, SliceFiguresResponse, StatusRequest,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use cellbank_proto::v1::*;
 use prost::Message as _;
@@ -74,6 +75,63 @@ fn check_not_installing(view: &rocksdb::SnapshotWithThreadMode<'_, DB>) -> Resul
         Ok(Some(_)) => Err(Status::unavailable("this replica is installing a snapshot: ask again, or ask another")),
         Err(e) => Err(Status::internal(format!("read: {e}"))),
     }
+}
+
+/// Users' accounts, balances and record bytes per slice, from one view
+/// (two scans: user accounts, then their histories, both in key order).
+pub fn slice_figures_of(db: &DB, slice_count: u32) -> Result<SliceFiguresResponse, Status> {
+    use cellbank_client::slices::{slice_of, SLICES_MAX};
+    if slice_count == 0 || slice_count > SLICES_MAX {
+        return Err(cellbank_client::errors::invalid_argument(
+            "slice_count",
+            &format!("must be 1..={SLICES_MAX}, not {slice_count}"),
+        ));
+    }
+    let view = db.snapshot();
+    check_not_installing(&view)?;
+    #[derive(Default)]
+    struct Figure {
+        accounts: u64,
+        balances: std::collections::BTreeMap<String, i128>,
+        bytes: u64,
+    }
+    let mut figures: std::collections::BTreeMap<u32, Figure> = Default::default();
+    let user = ledger::AccountKind::User as u8;
+    for family in [b'a', b'h'] {
+        let prefix = [STATE_PREFIX, family, user];
+        let mut iter = view.raw_iterator();
+        iter.seek(prefix);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(&prefix) || key.len() < 11 {
+                break;
+            }
+            let owner = u64::from_be_bytes(key[3..11].try_into().expect("8 bytes"));
+            let figure = figures.entry(slice_of(owner, slice_count)).or_default();
+            figure.bytes += (key.len() + value.len()) as u64;
+            if family == b'a' {
+                let id = ledger::AccountId::from_key(key)
+                    .ok_or_else(|| Status::internal(format!("an account key of the wrong shape: {key:02x?}")))?;
+                let account = ledger::Account::decode(value)
+                    .ok_or_else(|| Status::internal(format!("a corrupt account record for {}", id.describe())))?;
+                figure.accounts += 1;
+                *figure.balances.entry(id.currency.as_str().to_string()).or_default() += account.balance;
+            }
+            iter.next();
+        }
+        iter.status().map_err(|e| Status::internal(format!("scan: {e}")))?;
+    }
+    Ok(SliceFiguresResponse {
+        applied_index: read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0),
+        slices: figures
+            .into_iter()
+            .map(|(slice, f)| SliceFigure {
+                slice,
+                accounts: f.accounts,
+                balance_by_currency: f.balances.into_iter().map(|(c, b)| (c, b.to_string())).collect(),
+                bytes: f.bytes,
+            })
+            .collect(),
+    })
 }
 
 /// Reconciliation figures of this replica (see `ledger::audit`).
@@ -364,6 +422,18 @@ impl ReplicaAdmin for AdminService {
         Ok(Response::new(response))
     }
 
+    async fn slice_figures(
+        &self,
+        request: Request<SliceFiguresRequest>,
+    ) -> Result<Response<SliceFiguresResponse>, Status> {
+        let slice_count = request.into_inner().slice_count;
+        let db = self.context.db.clone();
+        let response = tokio::task::spawn_blocking(move || slice_figures_of(&db, slice_count))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(response))
+    }
+
     async fn settlement(&self, request: Request<SettlementRequest>) -> Result<Response<SettlementResponse>, Status> {
         let r = request.into_inner();
         if r.to_ms != 0 && r.to_ms <= r.from_ms {
@@ -440,5 +510,40 @@ mod tests {
         assert_eq!(audit_of(&db, 10).unwrap_err().code(), tonic::Code::Unavailable);
         db.delete(cellbank_raft::storage::INSTALLING_KEY).unwrap();
         assert!(audit_of(&db, 10).is_ok());
+    }
+
+    #[test]
+    fn slice_figures_count_users_accounts_balances_and_bytes_by_slice() {
+        use cellbank_client::currency::Currency;
+        use cellbank_client::slices::slice_of;
+        let dir = tempfile::tempdir().unwrap();
+        let db = cellbank_raft::storage::open_db(dir.path());
+        let (cny, usd) = (Currency::parse("CNY").unwrap(), Currency::parse("USD").unwrap());
+        let put = |id: ledger::AccountId, balance: i128| {
+            db.put(id.key(), ledger::Account { balance, version: 1 }.encode()).unwrap();
+        };
+        for user in 1..=40u64 {
+            put(ledger::AccountId::user(user, cny), 100 * user as i128);
+            db.put(ledger::AccountId::user(user, cny).history_key(0), vec![0u8; 30]).unwrap();
+        }
+        put(ledger::AccountId::user(7, usd), 5);
+        // System accounts are not a slice's.
+        put(ledger::AccountId::settlement(cny), -1_000_000);
+        let figures = slice_figures_of(&db, 4).unwrap();
+        let total: u64 = figures.slices.iter().map(|f| f.accounts).sum();
+        assert_eq!(total, 41);
+        let seven = figures.slices.iter().find(|f| f.slice == slice_of(7, 4)).unwrap();
+        assert_eq!(seven.balance_by_currency.get("USD").map(String::as_str), Some("5"));
+        let cny_total: i128 =
+            figures.slices.iter().map(|f| f.balance_by_currency["CNY"].parse::<i128>().unwrap()).sum();
+        assert_eq!(cny_total, (1..=40).map(|u| 100 * u).sum::<i128>());
+        for figure in &figures.slices {
+            let users = (1..=40u64).filter(|u| slice_of(*u, 4) == figure.slice).count() as u64;
+            let usd = u64::from(slice_of(7, 4) == figure.slice);
+            assert_eq!(figure.accounts, users + usd, "slice {}", figure.slice);
+            // 14-byte key + 24-byte account; 22-byte history key + 30 bytes.
+            assert_eq!(figure.bytes, users * (38 + 52) + usd * 38, "slice {}", figure.slice);
+        }
+        assert_eq!(slice_figures_of(&db, 0).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }
