@@ -806,6 +806,12 @@ fn snapshot_chunks(db: Arc<DB>, cell_id: u64, epoch: u64) -> mpsc::Receiver<Sour
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let view = db.snapshot();
+        if cellbank_raft::storage::installing(&view) {
+            // This replica stopped leading and is installing a snapshot of
+            // its own cell: nothing consistent to ship.
+            tracing::warn!("not shipping a snapshot while one is being installed here");
+            return;
+        }
         let snapshot_index = read_u64(&view, APPLIED_INDEX_KEY).expect("a cell always has an applied index");
         let source_state = view
             .get(pair::OWN_PAIR_KEY)

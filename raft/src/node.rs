@@ -387,6 +387,13 @@ impl<SM: StateMachine> RaftNode<SM> {
                 self.refusal_logged = Some(now);
                 tracing::warn!(replica = self.config.replica_id, "refused a raft message: {refusal}");
             }
+            // A refused snapshot's received body will never be installed.
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                if let Ok(body) = crate::snapshot::BodyRef::decode(&message.get_snapshot().data) {
+                    let path = self.snapshots().received(message.get_snapshot().get_metadata(), &body);
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             return Err(refusal);
         }
         self.raw.step(message).map_err(StepError::Raft)

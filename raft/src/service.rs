@@ -211,15 +211,10 @@ impl<SM: StateMachine> TransportService<SM> {
                 None => break,
             }
         }
-        let (snapshots, metadata) = (self.transport.snapshots().clone(), message.get_snapshot().get_metadata().clone());
-        tokio::task::spawn_blocking(move || {
-            incoming.finish()?;
-            snapshots.prune_received_before(&metadata);
-            Ok::<_, crate::snapshot::SnapshotBodyError>(())
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(invalid)?;
+        tokio::task::spawn_blocking(move || incoming.finish())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(invalid)?;
         self.node.send(Input::Raft(Box::new(message))).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(TransportAck {}))
     }

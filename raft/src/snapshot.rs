@@ -57,6 +57,8 @@ pub enum SnapshotBodyError {
     Refused(String),
     #[error("snapshot file: {0}")]
     Io(String),
+    #[error("a snapshot is being installed here")]
+    Installing,
 }
 
 fn io(what: &str, path: &Path, error: std::io::Error) -> SnapshotBodyError {
@@ -187,10 +189,13 @@ pub fn encode_pair(out: &mut impl Write, key: &[u8], value: &[u8]) -> std::io::R
     out.write_all(value)
 }
 
-/// A body file being written: counted, summed, and renamed into place by
-/// [`BodyWriter::finish`] once fsynced.
+/// A body file being written under a name of its own (no other writer
+/// touches it), counted and summed, renamed into place by
+/// [`BodyWriter::finish`] once fsynced; dropped unfinished, it removes its
+/// temporary file.
 struct BodyWriter {
-    out: BufWriter<File>,
+    /// Taken by `finish`.
+    out: Option<BufWriter<File>>,
     tmp: PathBuf,
     path: PathBuf,
     len: u64,
@@ -199,10 +204,11 @@ struct BodyWriter {
 
 impl BodyWriter {
     fn create(path: PathBuf) -> Result<BodyWriter, SnapshotBodyError> {
-        let tmp = path.with_extension("tmp");
-        let file = File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
+        let tmp = path.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
+        let file =
+            std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io("create", &tmp, e))?;
         Ok(BodyWriter {
-            out: BufWriter::with_capacity(READ_BYTES, file),
+            out: Some(BufWriter::with_capacity(READ_BYTES, file)),
             tmp,
             path,
             len: 0,
@@ -211,28 +217,43 @@ impl BodyWriter {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), SnapshotBodyError> {
-        self.out.write_all(bytes).map_err(|e| io("write", &self.tmp, e))?;
+        let out = self.out.as_mut().expect("written before finish");
+        out.write_all(bytes).map_err(|e| io("write", &self.tmp, e))?;
         self.crc.update(bytes);
         self.len += bytes.len() as u64;
         Ok(())
     }
 
-    fn finish(self) -> Result<BodyRef, SnapshotBodyError> {
-        let file = self.out.into_inner().map_err(|e| io("write", &self.tmp, e.into_error()))?;
+    fn finish(mut self) -> Result<BodyRef, SnapshotBodyError> {
+        let out = self.out.take().expect("finished once");
+        let file = out.into_inner().map_err(|e| io("write", &self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| io("sync", &self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| io("rename", &self.tmp, e))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("sync", dir, e))?;
-        }
-        Ok(BodyRef { len: self.len, crc: self.crc.finalize() })
+        sync_dir(&self.path)?;
+        Ok(BodyRef { len: self.len, crc: self.crc.clone().finalize() })
     }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_dir(path: &Path) -> Result<(), SnapshotBodyError> {
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("sync", dir, e))?;
+    }
+    Ok(())
 }
 
 /// A snapshot body arriving from the leader, checked as it is written.
 pub struct Incoming {
-    /// Taken by [`Incoming::finish`].
-    writer: Option<BodyWriter>,
+    writer: BodyWriter,
     decoder: BodyDecoder,
     expected: BodyRef,
     check: fn(&[u8], &[u8]) -> Result<(), String>,
@@ -242,8 +263,7 @@ impl Incoming {
     /// Appends the next piece; refuses a body longer than its reference or
     /// a pair the region rules or the state machine refuse.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SnapshotBodyError> {
-        let writer = self.writer.as_mut().expect("written before finish");
-        if writer.len + bytes.len() as u64 > self.expected.len {
+        if self.writer.len + bytes.len() as u64 > self.expected.len {
             return Err(SnapshotBodyError::Mismatch(format!("longer than its {} bytes", self.expected.len)));
         }
         let check = self.check;
@@ -253,14 +273,14 @@ impl Incoming {
             }
             Ok(())
         })?;
-        writer.write(bytes)
+        self.writer.write(bytes)
     }
 
     /// Ends the body: whole pairs, the length and CRC-32 the leader named,
     /// fsynced under its final name.
-    pub fn finish(mut self) -> Result<BodyRef, SnapshotBodyError> {
-        std::mem::take(&mut self.decoder).finish()?;
-        let writer = self.writer.as_ref().expect("finished once");
+    pub fn finish(self) -> Result<BodyRef, SnapshotBodyError> {
+        self.decoder.finish()?;
+        let writer = self.writer;
         if writer.len != self.expected.len {
             return Err(SnapshotBodyError::Mismatch(format!("{} of {} bytes", writer.len, self.expected.len)));
         }
@@ -271,16 +291,7 @@ impl Incoming {
                 self.expected.crc
             )));
         }
-        self.writer.take().expect("finished once").finish()
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        // A receive that did not finish leaves nothing behind.
-        if let Some(writer) = &self.writer {
-            let _ = std::fs::remove_file(&writer.tmp);
-        }
+        writer.finish()
     }
 }
 
@@ -292,12 +303,13 @@ pub struct SnapshotDir {
 
 impl SnapshotDir {
     /// Opens (creates) the directory and drops what an interrupted write
-    /// left there.
+    /// or build left there.
     pub fn open(path: &Path) -> SnapshotDir {
         std::fs::create_dir_all(path).unwrap_or_else(|e| fatal("create the snapshot directory", e));
         if let Ok(entries) = std::fs::read_dir(path) {
             for entry in entries.flatten() {
-                if entry.path().extension().is_some_and(|ext| ext == "tmp") {
+                let provisional = entry.file_name().to_string_lossy().starts_with("building-");
+                if provisional || entry.path().extension().is_some_and(|ext| ext == "tmp") {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
@@ -309,18 +321,34 @@ impl SnapshotDir {
         &self.path
     }
 
-    fn file(&self, kind: &str, index: u64, term: u64) -> PathBuf {
-        self.path.join(format!("{kind}-{index}-{term}.snap"))
+    fn file(&self, kind: &str, metadata: &SnapshotMetadata, body: &BodyRef) -> PathBuf {
+        self.path.join(format!("{kind}-{}-{}-{:08x}.snap", metadata.index, metadata.term, body.crc))
     }
 
     /// The body file of a snapshot this replica built.
-    pub fn built(&self, metadata: &SnapshotMetadata) -> PathBuf {
-        self.file("built", metadata.index, metadata.term)
+    pub fn built(&self, metadata: &SnapshotMetadata, body: &BodyRef) -> PathBuf {
+        self.file("built", metadata, body)
     }
 
-    /// The body file of a snapshot this replica received.
-    pub fn received(&self, metadata: &SnapshotMetadata) -> PathBuf {
-        self.file("received", metadata.index, metadata.term)
+    /// The body file of a snapshot this replica received (the CRC-32 in the
+    /// name: two bodies for one index and term never share a file).
+    pub fn received(&self, metadata: &SnapshotMetadata, body: &BodyRef) -> PathBuf {
+        self.file("received", metadata, body)
+    }
+
+    /// A received body once its install began: named in the install marker
+    /// (by the same metadata and reference), touched by no pruning, removed
+    /// when the install is done.
+    pub fn installing(&self, metadata: &SnapshotMetadata, body: &BodyRef) -> PathBuf {
+        self.file("installing", metadata, body)
+    }
+
+    /// Takes a received body for installing (a rename, made durable).
+    pub fn pin_for_install(&self, metadata: &SnapshotMetadata, body: &BodyRef) -> Result<PathBuf, SnapshotBodyError> {
+        let (from, to) = (self.received(metadata, body), self.installing(metadata, body));
+        std::fs::rename(&from, &to).map_err(|e| io("rename", &from, e))?;
+        sync_dir(&to)?;
+        Ok(to)
     }
 
     /// Starts receiving the body of the snapshot `metadata` names, which
@@ -332,14 +360,14 @@ impl SnapshotDir {
         expected: BodyRef,
         check: fn(&[u8], &[u8]) -> Result<(), String>,
     ) -> Result<Incoming, SnapshotBodyError> {
-        let writer = BodyWriter::create(self.received(metadata))?;
-        Ok(Incoming { writer: Some(writer), decoder: BodyDecoder::new(), expected, check })
+        let writer = BodyWriter::create(self.received(metadata, &expected))?;
+        Ok(Incoming { writer, decoder: BodyDecoder::new(), expected, check })
     }
 
     /// Whether a received snapshot's body is here, whole (it was checked as
     /// it arrived; its length is checked again).
     pub fn check_received(&self, metadata: &SnapshotMetadata, body: &BodyRef) -> Result<(), SnapshotBodyError> {
-        let path = self.received(metadata);
+        let path = self.received(metadata, body);
         let len = std::fs::metadata(&path).map_err(|e| io("read", &path, e))?.len();
         if len != body.len {
             return Err(SnapshotBodyError::Mismatch(format!("{} holds {len} of {} bytes", path.display(), body.len)));
@@ -378,19 +406,40 @@ impl SnapshotDir {
         Ok(())
     }
 
-    /// Removes the received bodies of snapshots older than `metadata`'s:
-    /// raft has a newer one to install, or refused them.
-    pub fn prune_received_before(&self, metadata: &SnapshotMetadata) {
+    /// Removes the received bodies of snapshots at or below `index`:
+    /// raft will not install them (one at `index` was just installed).
+    pub fn prune_received_through(&self, index: u64) {
         let Ok(entries) = std::fs::read_dir(&self.path) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let index = name
-                .strip_prefix("received-")
-                .and_then(|rest| rest.split('-').next())
-                .and_then(|index| index.parse::<u64>().ok());
-            if index.is_some_and(|index| index < metadata.index) && name.ends_with(".snap") {
+            let at = name.strip_prefix("received-").and_then(|rest| rest.split('-').next()?.parse::<u64>().ok());
+            if at.is_some_and(|at| at <= index) && name.ends_with(".snap") {
                 let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Keeps the newest built body and the one before it (a send of the
+    /// previous snapshot may still be queued for a peer that is
+    /// reconnecting), removing older ones.
+    fn prune_built(&self, newest: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
+        let mut built: Vec<(u64, u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let mut parts = name.strip_prefix("built-")?.split('-');
+                let index = parts.next()?.parse().ok()?;
+                let term = parts.next()?.parse().ok()?;
+                Some((index, term, entry.path()))
+            })
+            .collect();
+        built.sort();
+        let keep = built.len().saturating_sub(2);
+        for (_, _, path) in built.into_iter().take(keep) {
+            if path != newest {
+                let _ = std::fs::remove_file(path);
             }
         }
     }
@@ -414,6 +463,9 @@ impl SnapshotDir {
     pub fn build(&self, db: &DB) -> Result<Snapshot, SnapshotBodyError> {
         use protobuf::Message as _;
         let view = db.snapshot();
+        if crate::storage::installing(&view) {
+            return Err(SnapshotBodyError::Installing);
+        }
         let applied = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
         let conf_state = match view.get(CONF_STATE_KEY).unwrap_or_else(|e| fatal("read", e)) {
             Some(bytes) => ConfState::parse_from_bytes(&bytes).unwrap_or_else(|e| fatal("conf state", e)),
@@ -437,8 +489,9 @@ impl SnapshotDir {
         meta.index = applied;
         meta.term = term;
         meta.set_conf_state(conf_state);
-        let path = self.built(&meta);
-        let mut writer = BodyWriter::create(path.clone())?;
+        // Written under a provisional name; renamed once its CRC-32 is known.
+        let provisional = self.path.join(format!("building-{}-{}.snap", meta.index, meta.term));
+        let mut writer = BodyWriter::create(provisional.clone())?;
         let mut pair = Vec::new();
         for prefix in [PEER_PREFIX.to_vec(), vec![STATE_PREFIX]] {
             let mut iter = view.raw_iterator();
@@ -456,7 +509,10 @@ impl SnapshotDir {
             iter.status().unwrap_or_else(|e| fatal("scan for snapshot", e));
         }
         let body = writer.finish()?;
-        self.prune("built", Some(&path));
+        let path = self.built(&meta, &body);
+        std::fs::rename(&provisional, &path).map_err(|e| io("rename", &provisional, e))?;
+        sync_dir(&path)?;
+        self.prune_built(&path);
         let mut snapshot = Snapshot::default();
         snapshot.data = body.encode().into();
         snapshot.set_metadata(meta);
@@ -473,7 +529,7 @@ impl SnapshotDir {
         check: fn(&[u8], &[u8]) -> Result<(), String>,
     ) -> Result<(), SnapshotBodyError> {
         let body = BodyRef::decode(&snapshot.data)?;
-        let path = from.built(snapshot.get_metadata());
+        let path = from.built(snapshot.get_metadata(), &body);
         let mut file = File::open(&path).map_err(|e| io("open", &path, e))?;
         let mut incoming = self.receive(snapshot.get_metadata(), body, check)?;
         let mut buf = vec![0u8; 64 * 1024];
@@ -559,7 +615,7 @@ mod tests {
         assert_eq!(incoming.finish().unwrap(), reference);
         snapshots.check_received(&meta, &reference).unwrap();
         let mut read = 0;
-        SnapshotDir::read(&snapshots.received(&meta), &reference, &mut |_, _| {
+        SnapshotDir::read(&snapshots.received(&meta, &reference), &reference, &mut |_, _| {
             read += 1;
             Ok(())
         })
@@ -573,6 +629,7 @@ mod tests {
         let short = BodyRef { len: 3, ..reference };
         let mut incoming = snapshots.receive(&meta, short, ok).unwrap();
         assert!(matches!(incoming.write(&bytes), Err(SnapshotBodyError::Mismatch(_))));
+        drop(incoming);
         let refuse_two = |key: &[u8], _: &[u8]| if key[1] == 2 { Err("no two".to_string()) } else { Ok(()) };
         let mut incoming = snapshots.receive(&meta, reference, refuse_two).unwrap();
         assert_eq!(incoming.write(&bytes), Err(SnapshotBodyError::Refused("no two".into())));
@@ -585,13 +642,16 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
         assert_eq!(BodyRef::decode(&reference.encode()), Ok(reference));
 
-        // Bodies of older snapshots go once a newer one is received.
+        // Two bodies for one index and term never share a file; once one
+        // at an index is installed, bodies at or below it go.
+        let other = BodyRef { crc: reference.crc ^ 0xff, ..reference };
+        assert_ne!(snapshots.received(&meta, &reference), snapshots.received(&meta, &other));
         let mut newer = meta.clone();
         newer.index = 9;
-        std::fs::write(snapshots.received(&newer), b"x").unwrap();
-        snapshots.prune_received_before(&newer);
-        assert!(!snapshots.received(&meta).exists());
-        assert!(snapshots.received(&newer).exists());
+        std::fs::write(snapshots.received(&newer, &reference), b"x").unwrap();
+        snapshots.prune_received_through(7);
+        assert!(!snapshots.received(&meta, &reference).exists());
+        assert!(snapshots.received(&newer, &reference).exists());
         assert_eq!(BodyRef::decode(&bytes), Err(SnapshotBodyError::NotAReference(bytes.len())));
     }
 }

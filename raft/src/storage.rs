@@ -155,9 +155,10 @@ impl RaftStorage {
                 true
             }
             None => {
-                // Bodies received before a stop: raft asks again if it
-                // still needs one.
+                // Bodies received (or pinned, before their install began)
+                // before a stop: raft asks again if it still needs one.
                 snapshots.prune("received", None);
+                snapshots.prune("installing", None);
                 false
             }
         };
@@ -444,7 +445,12 @@ impl RaftStorage {
     pub fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotBodyError> {
         let meta = snapshot.get_metadata();
         let body = BodyRef::decode(&snapshot.data)?;
-        SnapshotDir::read(&self.snapshots.received(meta), &body, &mut |_, _| Ok(()))?;
+        // Pinned under a name no pruning touches before anything changes.
+        let path = self.snapshots.pin_for_install(meta, &body)?;
+        if let Err(error) = SnapshotDir::read(&path, &body, &mut |_, _| Ok(())) {
+            let _ = std::fs::remove_file(&path);
+            return Err(error);
+        }
         let hs = write_snapshot_state(&self.db, &self.snapshots, &body, meta)?;
         self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
@@ -579,6 +585,12 @@ pub fn read_u64(view: &rocksdb::SnapshotWithThreadMode<'_, DB>, key: &[u8]) -> O
         .map(|bytes| u64::from_be_bytes(bytes[..8].try_into().expect("8-byte value")))
 }
 
+/// Whether `view` shows a snapshot install under way: its state region is
+/// then part old, part new, and nothing should be read from it.
+pub fn installing(view: &rocksdb::SnapshotWithThreadMode<'_, DB>) -> bool {
+    view.get(INSTALLING_KEY).unwrap_or_else(|e| fatal("read", e)).is_some()
+}
+
 /// Most bytes of pairs written to RocksDB in one batch while installing.
 const INSTALL_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -596,12 +608,12 @@ fn decode_marker(marker: &[u8]) -> (BodyRef, SnapshotMetadata) {
     (body, meta)
 }
 
-/// Writes a received snapshot's state in bounded batches: first (fsynced)
+/// Writes a pinned snapshot body's state in bounded batches: first (fsynced)
 /// the install marker with the old log and state deleted, then the pairs,
 /// then (fsynced) the snapshot's log, apply and conf state with the marker
 /// removed. A stop in between leaves the marker, and the storage installs
-/// the same file again when it opens; the file is removed after. Returns
-/// the hard state written.
+/// the same pinned file again when it opens; the file is removed after.
+/// Returns the hard state written.
 fn write_snapshot_state(
     db: &DB,
     snapshots: &SnapshotDir,
@@ -620,7 +632,7 @@ fn write_snapshot_state(
     batch.delete_range(PEER_PREFIX.to_vec(), peer_end);
     db.write_opt(batch, &synced).unwrap_or_else(|e| fatal("start a snapshot install", e));
 
-    let path = snapshots.received(meta);
+    let path = snapshots.installing(meta, body);
     let mut batch = WriteBatch::default();
     SnapshotDir::read(&path, body, &mut |key, value| {
         batch.put(key, value);
@@ -651,7 +663,8 @@ fn write_snapshot_state(
     batch.put(HARD_STATE_KEY, hs.write_to_bytes().expect("encode"));
     batch.delete(INSTALLING_KEY);
     db.write_opt(batch, &synced).unwrap_or_else(|e| fatal("install snapshot", e));
-    snapshots.prune("received", None);
+    let _ = std::fs::remove_file(&path);
+    snapshots.prune_received_through(meta.index);
     Ok(hs)
 }
 
@@ -787,7 +800,10 @@ mod tests {
         assert_eq!(state_of(&db), want);
         assert_eq!(storage.applied_index(), BOOTSTRAP_INDEX);
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), BOOTSTRAP_INDEX + 1);
-        assert!(!snapshots.received(snapshot.get_metadata()).exists(), "the body file is removed once installed");
+        let body = BodyRef::decode(&snapshot.data).unwrap();
+        let meta = snapshot.get_metadata();
+        assert!(!snapshots.received(meta, &body).exists(), "the body file is removed once installed");
+        assert!(!snapshots.installing(meta, &body).exists(), "the body file is removed once installed");
 
         // Another stops after the install began (the marker written, the
         // old state deleted, some pairs in): at its next start the storage
@@ -797,7 +813,9 @@ mod tests {
         let snapshots = Arc::new(SnapshotDir::open(&dir.path().join("snapshots")));
         drop(RaftStorage::open(db.clone(), &[], snapshots.clone()));
         snapshots.carry_from(&leader_snapshots, &snapshot, |_, _| Ok(())).unwrap();
-        let body = BodyRef::decode(&snapshot.data).unwrap();
+        snapshots.pin_for_install(meta, &body).unwrap();
+        // A newer body arriving meanwhile prunes nothing the install needs.
+        snapshots.prune_received_through(u64::MAX);
         db.put(INSTALLING_KEY, encode_marker(&body, snapshot.get_metadata())).unwrap();
         db.put([STATE_PREFIX, 0, 0, 0, 1], b"half written").unwrap();
         let storage = RaftStorage::open(db.clone(), &[], snapshots.clone());
@@ -805,6 +823,7 @@ mod tests {
         assert_eq!(state_of(&db), want);
         assert_eq!(storage.applied_index(), BOOTSTRAP_INDEX);
         assert!(db.get(INSTALLING_KEY).unwrap().is_none());
+        assert!(!snapshots.installing(meta, &body).exists());
 
         // A body damaged on the follower's disk is refused before anything
         // changes.
@@ -814,7 +833,7 @@ mod tests {
         let mut storage = RaftStorage::open(db.clone(), &[], snapshots.clone());
         db.put([STATE_PREFIX, 1], b"kept").unwrap();
         snapshots.carry_from(&leader_snapshots, &snapshot, |_, _| Ok(())).unwrap();
-        let path = snapshots.received(snapshot.get_metadata());
+        let path = snapshots.received(meta, &body);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;

@@ -327,7 +327,7 @@ async fn send_snapshot(
             return;
         }
     };
-    let path = snapshots.built(message.get_snapshot().get_metadata());
+    let path = snapshots.built(message.get_snapshot().get_metadata(), &body);
     let head = message.write_to_bytes().expect("encode snapshot message");
     let cell_id = identity.cell_id;
     let sealed = |mut chunk: SnapshotChunk| {

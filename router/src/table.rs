@@ -301,6 +301,22 @@ impl StateMachine for TableMachine {
         TableBatch::decode(data).map(|_| ()).map_err(|e| format!("not a table batch: {e}"))
     }
 
+    /// A snapshot holds the table and the audit log, nothing else: each
+    /// must decode, or installing it would panic every restart.
+    fn check_snapshot_pair(key: &[u8], value: &[u8]) -> Result<(), String> {
+        if key == TABLE_KEY {
+            let table = RoutingTable::decode(value).map_err(|e| format!("the routing table: {e}"))?;
+            if let Some(pair) = table.pairs.iter().find(|p| p.epoch == 0) {
+                return Err(format!("the routing table: pair {} has epoch 0", pair.pair_id));
+            }
+            return Ok(());
+        }
+        if key.starts_with(AUDIT_PREFIX) && key.len() == AUDIT_PREFIX.len() + 8 {
+            return AuditRecord::decode(value).map(|_| ()).map_err(|e| format!("an audit record: {e}"));
+        }
+        Err(format!("a key the routing table never writes: {key:02x?}"))
+    }
+
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TableCommandResult> {
         let batch = TableBatch::decode(data)
             .unwrap_or_else(|e| panic!("entry {index} is not a table batch ({e}); the log is corrupt"));
@@ -441,5 +457,19 @@ mod tests {
             assert_eq!(result.detail, refusal);
         }
         assert_eq!(view.borrow().pairs, before);
+    }
+
+    #[test]
+    fn a_snapshot_pair_must_be_the_table_or_an_audit_record() {
+        use cellbank_raft::StateMachine;
+        let table = RoutingTable { slice_count: 4, ..Default::default() };
+        assert!(TableMachine::check_snapshot_pair(TABLE_KEY, &table.encode_to_vec()).is_ok());
+        assert!(TableMachine::check_snapshot_pair(TABLE_KEY, &[0xff, 0xff, 0xff]).is_err());
+        let zero_epoch = RoutingTable { pairs: vec![Pair { pair_id: 1, ..Default::default() }], ..Default::default() };
+        assert!(TableMachine::check_snapshot_pair(TABLE_KEY, &zero_epoch.encode_to_vec()).is_err());
+        let record = AuditRecord { seq: 1, what: "x".into(), ..Default::default() };
+        assert!(TableMachine::check_snapshot_pair(&audit_key(1), &record.encode_to_vec()).is_ok());
+        assert!(TableMachine::check_snapshot_pair(&audit_key(1), &[0xff]).is_err());
+        assert!(TableMachine::check_snapshot_pair(&[cellbank_raft::storage::STATE_PREFIX, b'Q'], b"").is_err());
     }
 }

@@ -960,13 +960,16 @@ impl StateMachine for Ledger {
     }
 
     /// The ledger's records are checked family by family as the standby's
-    /// snapshot chunks are; the rest of the state region (pair state,
-    /// counters) is read when the snapshot is installed.
+    /// snapshot chunks are, and the pair states must decode (a replica
+    /// reads them at every start).
     fn check_snapshot_pair(key: &[u8], value: &[u8]) -> Result<(), String> {
         if key >= pair::LEDGER_START && key < pair::LEDGER_END {
-            records::check_record(key, value)?;
+            return records::check_record(key, value);
         }
-        Ok(())
+        if key == pair::OWN_PAIR_KEY || key == pair::SOURCE_PAIR_KEY {
+            return PairState::decode(value).map(|_| ()).map_err(|e| format!("a pair state: {e}"));
+        }
+        Err(format!("a key the ledger never writes: {key:02x?}"))
     }
 
     fn apply(&mut self, kv: &mut dyn Kv, index: u64, data: &[u8]) -> Vec<TransferResult> {

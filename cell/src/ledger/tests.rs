@@ -1072,3 +1072,18 @@ fn mutate(rng: &mut impl rand::Rng, bytes: &mut Vec<u8>, corpus: &[Vec<u8>]) {
         _ => bytes.push(rng.gen()),
     }
 }
+
+/// A Raft snapshot's pairs: ledger records checked family by family, the
+/// pair states decoded (every start reads them), nothing else allowed.
+#[test]
+fn a_snapshot_pair_must_be_a_valid_ledger_record_or_pair_state() {
+    use cellbank_raft::StateMachine;
+    let account = AccountId::user(3, Currency::parse("CNY").unwrap());
+    let stored = Account { balance: 10, version: 1 }.encode();
+    assert!(Ledger::check_snapshot_pair(&account.key(), &stored).is_ok());
+    assert!(Ledger::check_snapshot_pair(&account.key(), &stored[..5]).is_err());
+    let state = pair::unpaired();
+    assert!(Ledger::check_snapshot_pair(pair::OWN_PAIR_KEY, &state.encode_to_vec()).is_ok());
+    assert!(Ledger::check_snapshot_pair(pair::SOURCE_PAIR_KEY, &[0xff, 0xff, 0xff]).is_err());
+    assert!(Ledger::check_snapshot_pair(&[STATE_PREFIX, b'z', b'q'], b"").is_err());
+}

@@ -70,11 +70,10 @@ fn state_of<'a>(view: &'a rocksdb::SnapshotWithThreadMode<'a, DB>) -> StateIter<
 /// UNAVAILABLE while `view` shows a snapshot being installed: the state
 /// region is then part old, part new, and its figures mean nothing.
 fn check_not_installing(view: &rocksdb::SnapshotWithThreadMode<'_, DB>) -> Result<(), Status> {
-    match view.get(cellbank_raft::storage::INSTALLING_KEY) {
-        Ok(None) => Ok(()),
-        Ok(Some(_)) => Err(Status::unavailable("this replica is installing a snapshot: ask again, or ask another")),
-        Err(e) => Err(Status::internal(format!("read: {e}"))),
+    if cellbank_raft::storage::installing(view) {
+        return Err(Status::unavailable("this replica is installing a snapshot: ask again, or ask another"));
     }
+    Ok(())
 }
 
 /// Users' accounts, balances and record bytes per slice, from one view
@@ -140,7 +139,7 @@ pub fn audit_of(db: &DB, outbox_limit: usize) -> Result<AuditResponse, Status> {
     check_not_installing(&view)?;
     let mut response = ledger::audit::audit(|| state_of(&view), outbox_limit);
     response.applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
-    let own = pair::read(&cellbank_raft::ReadOnlyDb(db), pair::Slot::Own);
+    let own = pair::read(&SnapshotKv(&view), pair::Slot::Own);
     if pair::role(&own) == PairRole::Standby {
         response.source_index = own.source_index;
     }
@@ -150,8 +149,9 @@ pub fn audit_of(db: &DB, outbox_limit: usize) -> Result<AuditResponse, Status> {
 
 /// What this cell credited from one source pair (seq <= cutoff), and which
 /// of the asked seqs it credited.
-pub fn inbox_of(db: &DB, request: &InboxRequest) -> InboxResponse {
+pub fn inbox_of(db: &DB, request: &InboxRequest) -> Result<InboxResponse, Status> {
     let view = db.snapshot();
+    check_not_installing(&view)?;
     let applied_index = read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0);
     let kv = SnapshotKv(&view);
     let credited_ok = |record: &TransferRecord| record.result == ResultCode::Ok as i32;
@@ -230,18 +230,20 @@ pub fn inbox_of(db: &DB, request: &InboxRequest) -> InboxResponse {
             iter.next();
         }
     }
-    response
+    Ok(response)
 }
 
 /// Credits one `Inbox` call lists at most.
 pub const INBOX_CREDITS_LISTED_MAX: usize = 100_000;
 
 /// Credits received per source pair and currency in `[from_ms, to_ms)`.
-pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse {
+pub fn settlement_of(db: &DB, request: &SettlementRequest) -> Result<SettlementResponse, Status> {
     let from_minute = request.from_ms / 60_000;
     let to_minute = if request.to_ms == 0 { u64::MAX } else { request.to_ms.div_ceil(60_000) };
     let mut totals: std::collections::BTreeMap<(u64, String), (u128, u128)> = Default::default();
-    let mut iter = db.raw_iterator();
+    let view = db.snapshot();
+    check_not_installing(&view)?;
+    let mut iter = view.raw_iterator();
     iter.seek(ledger::keys::BUCKET_PREFIX);
     while iter.valid() {
         let key = iter.key().expect("key");
@@ -259,7 +261,7 @@ pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse
         }
         iter.next();
     }
-    SettlementResponse {
+    Ok(SettlementResponse {
         received: totals
             .into_iter()
             .map(|((peer, currency), (amount, count))| SettlementFigure {
@@ -269,7 +271,7 @@ pub fn settlement_of(db: &DB, request: &SettlementRequest) -> SettlementResponse
                 credits: count as u64,
             })
             .collect(),
-    }
+    })
 }
 
 /// Digest of the state region at the replica's applied index, from one
@@ -396,14 +398,15 @@ impl ReplicaAdmin for AdminService {
         let db = self.context.db.clone();
         let response = tokio::task::spawn_blocking(move || {
             let view = db.snapshot();
+            check_not_installing(&view)?;
             let kv = SnapshotKv(&view);
-            DebitsResponse {
+            Ok::<_, Status>(DebitsResponse {
                 held: credits.iter().map(|c| ledger::clearing::holds_debit(&kv, c)).collect(),
                 applied_index: read_u64(&view, APPLIED_INDEX_KEY).unwrap_or(0),
-            }
+            })
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(response))
     }
 
@@ -418,7 +421,7 @@ impl ReplicaAdmin for AdminService {
         let db = self.context.db.clone();
         let response = tokio::task::spawn_blocking(move || inbox_of(&db, &r))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(response))
     }
 
@@ -442,7 +445,7 @@ impl ReplicaAdmin for AdminService {
         let db = self.context.db.clone();
         let response = tokio::task::spawn_blocking(move || settlement_of(&db, &r))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(response))
     }
 
