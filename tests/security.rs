@@ -59,7 +59,11 @@ async fn channel_from(addr: &str, credentials: &Arc<Credentials>, local: IpAddr)
     ChannelSettings::SERVICE
         .endpoint(addr)
         .unwrap()
-        .connect_with_connector(cellbank_client::tls::connector(credentials.clone(), Some(local)))
+        .connect_with_connector(cellbank_client::tls::connector(
+            credentials.clone(),
+            Some(local),
+            cellbank_client::tls::Expect::Any,
+        ))
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))
 }
@@ -394,6 +398,16 @@ async fn every_wrong_caller_is_refused_counted_and_audited_and_nothing_changes()
             .unwrap_or_else(|| panic!("no audit line for {who}'s connection"));
         assert!(line.contains("peer=127.0.0.1") && line.contains("wrong_plane"), "{line}");
     }
+
+    // A client that knows whom it dials refuses another process answering
+    // there: a replica's certificate does not pass for a router's, nor one
+    // cell's for another's.
+    use cellbank_client::tls::Expect;
+    let error = ChannelSettings::OPERATOR.connect_to(&admin(&cell(1)), Expect::Router).await.unwrap_err();
+    assert!(format!("{error:?}").contains("not a router"), "{error:?}");
+    assert!(ChannelSettings::OPERATOR.connect_to(&admin(&cell(1)), Expect::Replica(Some(2))).await.is_err());
+    assert!(ChannelSettings::OPERATOR.connect_to(&admin(&cell(1)), Expect::Replica(Some(1))).await.is_ok());
+    assert!(ChannelSettings::OPERATOR.connect_to(&admin(&router), Expect::Router).await.is_ok());
 
     // Nothing changed anywhere, and the books reconcile.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -332,7 +332,8 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
         .iter()
         .filter_map(|addr| {
             let peer = cellbank_client::planes::Plane::Peer.of(addr);
-            let channel = cellbank_client::ChannelSettings::INTERNAL.lazy(&peer).ok()?;
+            let channel =
+                cellbank_client::ChannelSettings::INTERNAL.lazy_to(&peer, cellbank_client::tls::Expect::Router).ok()?;
             Some(cellbank_client::channel::courier(channel))
         })
         .collect();

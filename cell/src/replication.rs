@@ -551,7 +551,9 @@ impl Shipper {
         }
         let addr = &addrs[*preferred % addrs.len()];
         let peer = cellbank_client::planes::Plane::Peer.of(addr);
-        let channel = ChannelSettings::PEER.connect(&peer).await.map_err(|e| format!("connect {peer}: {e}"))?;
+        let expect = cellbank_client::tls::Expect::Replica(Some(pair_state.standby_cell_id));
+        let channel =
+            ChannelSettings::PEER.connect_to(&peer, expect).await.map_err(|e| format!("connect {peer}: {e}"))?;
         Ok(channel::standby(channel, SHIP_MESSAGE_BYTES_MAX))
     }
 

@@ -18,7 +18,7 @@ use cellbank_proto::router::router_admin_client::RouterAdminClient;
 use cellbank_proto::v1::ledger_client::LedgerClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::tls::Credentials;
+use crate::tls::{Credentials, Expect};
 
 /// Largest client-facing message (a full `SubmitTransfers` batch fits).
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -87,24 +87,32 @@ impl ChannelSettings {
     /// A channel that connects on its first call (and again after a
     /// failure): for long-lived connections to peers that may be down.
     /// Over TLS with the process's credentials when it has them
-    /// ([`crate::tls::use_credentials`]).
+    /// ([`crate::tls::use_credentials`]), to any process of the cluster.
     pub fn lazy(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        self.lazy_as(addr, crate::tls::process_credentials().as_ref())
+        self.lazy_to(addr, Expect::Any)
     }
 
     /// A channel connected now, or the reason it could not be.
     pub async fn connect(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        self.connect_as(addr, crate::tls::process_credentials().as_ref()).await
+        self.connect_to(addr, Expect::Any).await
+    }
+
+    /// [`ChannelSettings::lazy`] to a server whose certificate `expect`
+    /// accepts (a router's channel to a cell's replicas, say).
+    pub fn lazy_to(&self, addr: &str, expect: Expect) -> Result<Channel, tonic::transport::Error> {
+        self.lazy_with(addr, crate::tls::process_credentials().as_ref(), expect)
+    }
+
+    /// [`ChannelSettings::connect`] to a server whose certificate `expect`
+    /// accepts.
+    pub async fn connect_to(&self, addr: &str, expect: Expect) -> Result<Channel, tonic::transport::Error> {
+        self.connect_with(addr, crate::tls::process_credentials().as_ref(), expect).await
     }
 
     /// [`ChannelSettings::lazy`] with the given credentials (`None`:
     /// plaintext) instead of the process's.
     pub fn lazy_as(&self, addr: &str, tls: Option<&Arc<Credentials>>) -> Result<Channel, tonic::transport::Error> {
-        let endpoint = self.endpoint(addr)?;
-        Ok(match tls {
-            Some(credentials) => endpoint.connect_with_connector_lazy(crate::tls::connector(credentials.clone(), None)),
-            None => endpoint.connect_lazy(),
-        })
+        self.lazy_with(addr, tls, Expect::Any)
     }
 
     /// [`ChannelSettings::connect`] with the given credentials (`None`:
@@ -114,10 +122,34 @@ impl ChannelSettings {
         addr: &str,
         tls: Option<&Arc<Credentials>>,
     ) -> Result<Channel, tonic::transport::Error> {
+        self.connect_with(addr, tls, Expect::Any).await
+    }
+
+    fn lazy_with(
+        &self,
+        addr: &str,
+        tls: Option<&Arc<Credentials>>,
+        expect: Expect,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let endpoint = self.endpoint(addr)?;
+        Ok(match tls {
+            Some(credentials) => {
+                endpoint.connect_with_connector_lazy(crate::tls::connector(credentials.clone(), None, expect))
+            }
+            None => endpoint.connect_lazy(),
+        })
+    }
+
+    async fn connect_with(
+        &self,
+        addr: &str,
+        tls: Option<&Arc<Credentials>>,
+        expect: Expect,
+    ) -> Result<Channel, tonic::transport::Error> {
         let endpoint = self.endpoint(addr)?;
         match tls {
             Some(credentials) => {
-                endpoint.connect_with_connector(crate::tls::connector(credentials.clone(), None)).await
+                endpoint.connect_with_connector(crate::tls::connector(credentials.clone(), None, expect)).await
             }
             None => endpoint.connect().await,
         }

@@ -27,7 +27,7 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn connect(addr: &str) -> Result<RouterAdminClient<Channel>, Status> {
     let channel = ChannelSettings::OPERATOR
-        .connect(&crate::planes::Plane::Admin.of(addr))
+        .connect_to(&crate::planes::Plane::Admin.of(addr), crate::tls::Expect::Router)
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach router {addr}: {e}")))?;
     Ok(channel::router_admin(channel))

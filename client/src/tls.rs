@@ -647,15 +647,54 @@ async fn handshake(
     })
 }
 
+/// Which server a client accepts, checked after each handshake against
+/// the identity its certificate proves (every server's certificate also
+/// names the cluster, which the handshake checks): a client that knows
+/// what it dials does not talk to another process of the cluster that
+/// answers at that address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Any process of the cluster (a client given a list of addresses that
+    /// may be routers or replicas).
+    Any,
+    Router,
+    /// A replica, of one cell when given.
+    Replica(Option<u64>),
+}
+
+impl Expect {
+    pub fn check(self, identity: &Identity) -> Result<(), String> {
+        let fits = match (self, identity) {
+            (Expect::Any, identity) => identity.is_process(),
+            (Expect::Router, Identity::Router { .. }) => true,
+            (Expect::Replica(None), Identity::Replica { .. }) => true,
+            (Expect::Replica(Some(cell)), Identity::Replica { cell: theirs, .. }) => cell == *theirs,
+            _ => false,
+        };
+        if fits {
+            return Ok(());
+        }
+        let wanted = match self {
+            Expect::Any => "a process of the cluster".to_string(),
+            Expect::Router => "a router".to_string(),
+            Expect::Replica(None) => "a replica".to_string(),
+            Expect::Replica(Some(cell)) => format!("a replica of cell {cell}"),
+        };
+        Err(format!("the server is {identity}, not {wanted}"))
+    }
+}
+
 /// A TLS connection of a client, as hyper wants it.
 pub type ClientConn = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// The connector of a channel that dials `http://host:port` and speaks TLS
 /// with `credentials` (the certificate presented, the CA trusted, the
-/// cluster's server name asked for), from `local` when given.
+/// cluster's server name asked for), from `local` when given, and keeps
+/// the connection only to a server `expect` accepts.
 pub fn connector(
     credentials: Arc<Credentials>,
     local: Option<IpAddr>,
+    expect: Expect,
 ) -> impl tower::Service<
     http::Uri,
     Response = ClientConn,
@@ -690,6 +729,12 @@ pub fn connector(
             let tls = tokio_rustls::TlsConnector::from(loaded.client.clone())
                 .connect(loaded.server_name.clone(), stream)
                 .await?;
+            let server = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| identity_of(c));
+            match server {
+                Some(Ok(identity)) => expect.check(&identity).map_err(std::io::Error::other)?,
+                Some(Err(why)) => return Err(std::io::Error::other(format!("the server's certificate: {why}"))),
+                None => return Err(std::io::Error::other("the server presented no certificate")),
+            }
             Ok(hyper_util::rt::TokioIo::new(tls))
         }
     })
@@ -698,6 +743,21 @@ pub fn connector(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_accepts_only_the_server_it_expects() {
+        let router = Identity::parse("cellbank://local/router/1").unwrap();
+        let replica = Identity::parse("cellbank://local/cell/3/replica/2").unwrap();
+        let service = Identity::parse("cellbank://local/service/payments").unwrap();
+        assert!(Expect::Router.check(&router).is_ok());
+        assert!(Expect::Router.check(&replica).unwrap_err().contains("not a router"));
+        assert!(Expect::Replica(Some(3)).check(&replica).is_ok());
+        assert!(Expect::Replica(Some(4)).check(&replica).unwrap_err().contains("not a replica of cell 4"));
+        assert!(Expect::Replica(None).check(&router).is_err());
+        assert!(Expect::Any.check(&router).is_ok() && Expect::Any.check(&replica).is_ok());
+        // A service's or an operator's certificate never serves.
+        assert!(Expect::Any.check(&service).is_err());
+    }
 
     #[test]
     fn identities_read_back_what_they_print_and_refuse_anything_else() {

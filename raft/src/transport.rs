@@ -206,9 +206,13 @@ fn report(reporter: &Option<Reporter>, report: Report) {
     }
 }
 
-/// A channel to the peer plane of the process at `addr`.
-pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    cellbank_client::ChannelSettings::PEER.connect(&cellbank_client::planes::Plane::Peer.of(addr)).await
+/// A channel to the peer plane of the process at `addr`, a member of
+/// group `group_id` (its certificate must say so: a replica of that cell,
+/// or a router for the routers' group 0).
+pub async fn connect(addr: &str, group_id: u64) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use cellbank_client::tls::Expect;
+    let expect = if group_id == 0 { Expect::Router } else { Expect::Replica(Some(group_id)) };
+    cellbank_client::ChannelSettings::PEER.connect_to(&cellbank_client::planes::Plane::Peer.of(addr), expect).await
 }
 
 #[derive(Clone)]
@@ -231,7 +235,7 @@ async fn run_peer(
     let policy = cellbank_client::RetryPolicy::PEER_RECONNECT;
     let mut backoff = policy.backoff();
     loop {
-        let channel = match connect(&addr).await {
+        let channel = match connect(&addr, identity.cell_id).await {
             Ok(channel) => channel,
             Err(_) => {
                 // Drop what queued up while the peer was down: raft resends.

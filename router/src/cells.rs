@@ -61,7 +61,8 @@ impl CellConn {
         let replicas = addrs
             .iter()
             .filter_map(|addr| {
-                let plane = |plane: Plane| ChannelSettings::INTERNAL.lazy(&plane.of(addr)).ok();
+                let expect = cellbank_client::tls::Expect::Replica(Some(cell_id));
+                let plane = |plane: Plane| ChannelSettings::INTERNAL.lazy_to(&plane.of(addr), expect).ok();
                 let admin = plane(Plane::Admin)?;
                 Some(ReplicaConn {
                     addr: addr.clone(),

@@ -153,7 +153,10 @@ impl Report {
 }
 
 async fn admin_client(addr: &str) -> anyhow::Result<ReplicaAdminClient<Channel>> {
-    Ok(channel::admin(ChannelSettings::OPERATOR.connect(&cellbank_client::planes::Plane::Admin.of(addr)).await?))
+    let admin_plane = cellbank_client::planes::Plane::Admin.of(addr);
+    Ok(channel::admin(
+        ChannelSettings::OPERATOR.connect_to(&admin_plane, cellbank_client::tls::Expect::Replica(None)).await?,
+    ))
 }
 
 async fn audit(addr: &str) -> anyhow::Result<AuditResponse> {
