@@ -80,7 +80,7 @@ pub struct ProcessTopology {
 }
 
 fn default_slice_count() -> u32 {
-    64
+    cellbank_router::config::SLICE_COUNT_DEFAULT
 }
 
 /// A loopback port nobody listens on, nor on the two after it (a process

@@ -110,8 +110,12 @@ pub struct PairConfig {
     pub standby: Option<u64>,
 }
 
+/// Enough to spread over hundreds of pairs (see the README's "Choosing
+/// the slice count"); fixed once the table is bootstrapped.
+pub const SLICE_COUNT_DEFAULT: u32 = 4096;
+
 fn default_slice_count() -> u32 {
-    64
+    SLICE_COUNT_DEFAULT
 }
 
 impl RouterConfig {
