@@ -75,8 +75,21 @@ async fn leader_kill_then_whole_cell_kill() {
     ledger_checks::verify(&cell, &users, &history).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn follower_left_behind_catches_up_from_snapshot() {
+/// A follower left behind past the leader's compacted log: a cell of three
+/// compacting every 40 entries, 20 seeded users, one follower killed and
+/// writes going on until the leader's log starts past what it held. Returns
+/// the cell, the users, the follower, its last log index, and the load
+/// (still running) with its history.
+struct LeftBehind {
+    cell: Cell,
+    users: Vec<u64>,
+    behind: u64,
+    last_seen: u64,
+    history: Arc<History>,
+    load: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn leave_a_follower_behind(seed: u64) -> LeftBehind {
     let mut cell = Cell::start(3, &["--log-compact-threshold-entries", "40", "--log-retain-entries", "10"]);
     let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
     let users = ledger_checks::users(20);
@@ -86,7 +99,7 @@ async fn follower_left_behind_catches_up_from_snapshot() {
     cell.kill(behind);
 
     let history = Arc::new(History::default());
-    let load = ledger_checks::start_load(cell.endpoints(), users.clone(), 8, history.clone(), 11);
+    let load = ledger_checks::start_load(cell.endpoints(), users.clone(), 8, history.clone(), seed);
     let started = std::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -98,6 +111,12 @@ async fn follower_left_behind_catches_up_from_snapshot() {
         }
         assert!(started.elapsed() < Duration::from_secs(60), "the leader never compacted past the follower");
     }
+    LeftBehind { cell, users, behind, last_seen, history, load }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_left_behind_catches_up_from_snapshot() {
+    let LeftBehind { mut cell, users, behind, last_seen, history, load } = leave_a_follower_behind(11).await;
     cell.restart(behind);
     // Keep writing while it catches up.
     let started = std::time::Instant::now();
@@ -105,6 +124,7 @@ async fn follower_left_behind_catches_up_from_snapshot() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Some(status) = cell.status(behind).await {
             if status.snapshots_installed >= 1 {
+                assert!(status.applied_index > last_seen, "{status:?}");
                 println!("follower {behind} installed a snapshot; applied {}", status.applied_index);
                 break;
             }
@@ -123,25 +143,7 @@ async fn follower_left_behind_catches_up_from_snapshot() {
 #[cfg(feature = "fault-points")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_stopped_in_the_middle_of_a_snapshot_install_completes_it_at_restart() {
-    let mut cell = Cell::start(3, &["--log-compact-threshold-entries", "40", "--log-retain-entries", "10"]);
-    let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
-    let users = ledger_checks::users(20);
-    ledger_checks::seed(&cell.client(), &users).await;
-    let behind = *cell.running().iter().find(|id| **id != leader).expect("a follower");
-    let last_seen = cell.status(behind).await.expect("follower status").last_log_index;
-    cell.kill(behind);
-
-    let history = Arc::new(History::default());
-    let load = ledger_checks::start_load(cell.endpoints(), users.clone(), 8, history.clone(), 12);
-    let started = std::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (leader, _, _) = cell.wait_for_leader(Duration::from_secs(5), 0).await.expect("leader");
-        if cell.status(leader).await.map(|s| s.first_log_index).unwrap_or(0) > last_seen + 1 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the leader never compacted past the follower");
-    }
+    let LeftBehind { mut cell, users, behind, last_seen, history, load } = leave_a_follower_behind(12).await;
     let replica = cell.replicas.get_mut(&behind).unwrap();
     replica.env = vec![(cellbank_raft::faults::STARTUP_ENV.into(), "snapshot.install=crash:60000".into())];
     cell.restart(behind);
