@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cellbank_client::gate::{Allow, Member, Policy};
+use cellbank_client::gate::{Allow, Member, Policy, OPEN_RULES};
 use cellbank_client::planes::Plane;
 use cellbank_client::server::{Listeners, Security, Serving};
 use cellbank_proto::cell::clearing_server::ClearingServer;
@@ -48,31 +48,24 @@ pub struct Replica {
 /// Who may call what on a replica, on which plane (see
 /// [`cellbank_client::gate`] and [`cellbank_client::planes`]).
 pub fn policy(cell_id: u64) -> Policy {
-    Policy::new(
-        Member::Cell(cell_id),
-        &[
-            (Plane::Client, "/grpc.health.v1.Health/", Allow::ANYONE),
-            (Plane::Peer, "/grpc.health.v1.Health/", Allow::ANYONE),
-            (Plane::Admin, "/grpc.health.v1.Health/", Allow::ANYONE),
-            (Plane::Client, "/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
-            (Plane::Client, "/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
-            // Services go through the routers, where their scopes are
-            // enforced; operators may ask a cell directly.
-            (Plane::Client, "/cellbank.v1.Ledger/", Allow::ROUTERS.or(Allow::OPERATORS)),
-            // Raft messages from the other replicas of this cell only.
-            (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
-            // Any replica may open the stream; the hello's source cell must
-            // be the caller's, and the pair state's (StandbyService).
-            (Plane::Peer, "/cellbank.cell.v1.Standby/", Allow::REPLICAS),
-            // Credits, envelope grabs and sends come through the routers.
-            (Plane::Peer, "/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
-            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/", Allow::ROUTERS.or(Allow::OPERATORS)),
-            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
-            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ChangeMembership", Allow::OPERATORS),
-            (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/TransferLeader", Allow::OPERATORS),
-            (Plane::Admin, "/cellbank.cell.v1.FaultPoints/", Allow::OPERATORS),
-        ],
-    )
+    let own = [
+        // Services go through the routers, where their scopes are
+        // enforced; operators may ask a cell directly.
+        (Plane::Client, "/cellbank.v1.Ledger/", Allow::ROUTERS.or(Allow::OPERATORS)),
+        // Raft messages from the other replicas of this cell only.
+        (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+        // Any replica may open the stream; the hello's source cell must
+        // be the caller's, and the pair state's (StandbyService).
+        (Plane::Peer, "/cellbank.cell.v1.Standby/", Allow::REPLICAS),
+        // Credits, envelope grabs and sends come through the routers.
+        (Plane::Peer, "/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/", Allow::ROUTERS.or(Allow::OPERATORS)),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ChangeMembership", Allow::OPERATORS),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/TransferLeader", Allow::OPERATORS),
+        (Plane::Admin, "/cellbank.cell.v1.FaultPoints/", Allow::OPERATORS),
+    ];
+    Policy::new(Member::Cell(cell_id), &[&OPEN_RULES[..], &own[..]].concat())
 }
 
 pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {

@@ -6,7 +6,7 @@
 //! and the callers it admits ([`Allow`]); the longest matching path decides
 //! and a path no rule names is refused (deny by default). The caller is the
 //! identity its TLS certificate proved ([`crate::tls::PeerInfo`]); a request
-//! let in carries it as [`Caller`], so handlers narrow further (the standby
+//! let in carries it in its [`Refuser`], so handlers narrow further (the standby
 //! admits only its source cell's replicas, the routers' audit log records
 //! who) and never trust a name the request itself gives; a handler that
 //! refuses a caller does so through the request's [`Refuser`], so its
@@ -79,6 +79,17 @@ impl Allow {
         }
     }
 }
+
+/// The rules every server of the project starts from: health on every
+/// plane, reflection on the client plane, both open to any identity the
+/// plane's listener lets in.
+pub const OPEN_RULES: [(Plane, &str, Allow); 5] = [
+    (Plane::Client, "/grpc.health.v1.Health/", Allow::ANYONE),
+    (Plane::Peer, "/grpc.health.v1.Health/", Allow::ANYONE),
+    (Plane::Admin, "/grpc.health.v1.Health/", Allow::ANYONE),
+    (Plane::Client, "/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
+    (Plane::Client, "/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
+];
 
 /// Which Raft group a server is a member of ([`Allow::GROUP`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,20 +216,12 @@ impl Policy {
     }
 }
 
-/// The identity a request was let in with (absent on an insecure server).
-#[derive(Clone, Debug)]
-pub struct Caller(pub Arc<Identity>);
-
-/// The caller of `request`, as the gate proved it.
-pub fn caller<T>(request: &tonic::Request<T>) -> Option<&Identity> {
-    request.extensions().get::<Caller>().map(|caller| caller.0.as_ref())
-}
-
-/// A handler's way to refuse a caller the policy let in, for a check the
-/// policy cannot make (a standby's source cell, a courier batch's sender):
-/// the refusal is reported and throttled as the gate's own are (counted,
-/// written to the audit trail with the rule `handler`, the identity barred
-/// for a while). Present on every request a secure gate let in.
+/// The caller a request was let in with (absent on an insecure server):
+/// the identity the gate proved, and the handler's way to refuse it for a
+/// check the policy cannot make (a standby's source cell, a courier batch's
+/// sender), reported and throttled as the gate's own refusals are
+/// (counted, written to the audit trail with the rule `handler`, the
+/// identity barred for a while). One request extension for both.
 #[derive(Clone)]
 pub struct Refuser {
     shared: Arc<GateShared>,
@@ -241,6 +244,11 @@ impl Refuser {
         });
         status
     }
+}
+
+/// The caller of `request`, as the gate proved it.
+pub fn caller<T>(request: &tonic::Request<T>) -> Option<&Identity> {
+    request.extensions().get::<Refuser>().map(|refuser| refuser.identity.as_ref())
 }
 
 /// The [`Refuser`] of `request` (none on an insecure server).
@@ -357,9 +365,7 @@ where
             Ok(caller) => {
                 if let Some(identity) = caller {
                     let addr = request.extensions().get::<PeerInfo>().and_then(|info| info.addr);
-                    let refuser = Refuser { shared: self.shared.clone(), addr, identity: identity.clone() };
-                    request.extensions_mut().insert(refuser);
-                    request.extensions_mut().insert(Caller(identity));
+                    request.extensions_mut().insert(Refuser { shared: self.shared.clone(), addr, identity });
                 }
                 // The ready service answers this call; a clone waits for the next.
                 let clone = self.inner.clone();

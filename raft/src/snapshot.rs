@@ -406,54 +406,56 @@ impl SnapshotDir {
         Ok(())
     }
 
-    /// Removes the received bodies of snapshots at or below `index`:
-    /// raft will not install them (one at `index` was just installed).
-    pub fn prune_received_through(&self, index: u64) {
-        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let at = name.strip_prefix("received-").and_then(|rest| rest.split('-').next()?.parse::<u64>().ok());
-            if at.is_some_and(|at| at <= index) && name.ends_with(".snap") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    /// Keeps the newest built body and the one before it (a send of the
-    /// previous snapshot may still be queued for a peer that is
-    /// reconnecting), removing older ones.
-    fn prune_built(&self, newest: &Path) {
-        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
-        let mut built: Vec<(u64, u64, PathBuf)> = entries
+    /// The body files here: (kind, index, term, path) of every
+    /// `<kind>-<index>-<term>-<crc>.snap`.
+    fn bodies(&self) -> Vec<(String, u64, u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.path) else { return Vec::new() };
+        entries
             .flatten()
             .filter_map(|entry| {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let mut parts = name.strip_prefix("built-")?.split('-');
+                let mut parts = name.strip_suffix(".snap")?.split('-');
+                let kind = parts.next()?.to_string();
                 let index = parts.next()?.parse().ok()?;
                 let term = parts.next()?.parse().ok()?;
-                Some((index, term, entry.path()))
+                Some((kind, index, term, entry.path()))
             })
-            .collect();
-        built.sort();
-        let keep = built.len().saturating_sub(2);
-        for (_, _, path) in built.into_iter().take(keep) {
-            if path != newest {
+            .collect()
+    }
+
+    /// Removes the body files `remove` picks (by kind and index). A file
+    /// that cannot be removed stays until the next pruning: nothing reads a
+    /// body it was not handed by name.
+    fn remove_where(&self, remove: impl Fn(&str, u64) -> bool) {
+        for (kind, index, _, path) in self.bodies() {
+            if remove(&kind, index) {
                 let _ = std::fs::remove_file(path);
             }
         }
     }
 
-    /// Removes every file of `kind` but `keep`.
-    pub fn prune(&self, kind: &str, keep: Option<&Path>) {
-        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with(&format!("{kind}-")) && Some(path.as_path()) != keep {
-                let _ = std::fs::remove_file(&path);
-            }
+    /// Removes the received bodies of snapshots at or below `index`:
+    /// raft will not install them (one at `index` was just installed).
+    pub fn prune_received_through(&self, index: u64) {
+        self.remove_where(|kind, at| kind == "received" && at <= index);
+    }
+
+    /// Keeps the newest built body and the one before it (a send of the
+    /// previous snapshot may still be queued for a peer that is
+    /// reconnecting), removing older ones.
+    fn prune_built(&self) {
+        let mut built: Vec<(u64, u64, PathBuf)> =
+            self.bodies().into_iter().filter(|(kind, ..)| kind == "built").map(|(_, i, t, p)| (i, t, p)).collect();
+        built.sort();
+        let keep = built.len().saturating_sub(2);
+        for (_, _, path) in built.into_iter().take(keep) {
+            let _ = std::fs::remove_file(path);
         }
+    }
+
+    /// Removes every body file of `kind`.
+    pub fn prune(&self, kind: &str) {
+        self.remove_where(|k, _| k == kind);
     }
 
     /// Builds a snapshot of the applied state from one consistent RocksDB
@@ -512,7 +514,7 @@ impl SnapshotDir {
         let path = self.built(&meta, &body);
         std::fs::rename(&provisional, &path).map_err(|e| io("rename", &provisional, e))?;
         sync_dir(&path)?;
-        self.prune_built(&path);
+        self.prune_built();
         let mut snapshot = Snapshot::default();
         snapshot.data = body.encode().into();
         snapshot.set_metadata(meta);

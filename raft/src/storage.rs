@@ -157,8 +157,8 @@ impl RaftStorage {
             None => {
                 // Bodies received (or pinned, before their install began)
                 // before a stop: raft asks again if it still needs one.
-                snapshots.prune("received", None);
-                snapshots.prune("installing", None);
+                snapshots.prune("received");
+                snapshots.prune("installing");
                 false
             }
         };

@@ -341,6 +341,7 @@ async fn send_snapshot(
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(2);
     let first =
         SnapshotChunk { cell_id, message: head, total_len: body.len, cluster: identity.cluster, ..Default::default() };
+    // `rx` is held until the call below: the first chunk always fits.
     let _ = tx.send(sealed(first)).await;
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Read as _;

@@ -71,6 +71,7 @@ impl Courier for CourierService {
             if table.slice_count == 0 {
                 return Err(Status::unavailable("the routing table is not ready yet"));
             }
+            let mut load = Vec::with_capacity(credits.len());
             for (position, credit) in credits.into_iter().enumerate() {
                 let serves_recipient =
                     table::route(&table, credit.to_user_id).is_some_and(|r| r.pair_id == credit.dest_pair_id);
@@ -83,13 +84,13 @@ impl Courier for CourierService {
                         format!("pair {} does not serve user {}", credit.dest_pair_id, credit.to_user_id);
                 } else {
                     // Applied at the recipient's slice: load there.
-                    let bytes = prost::Message::encoded_len(&credit);
-                    self.pool.load().record(&table, credit.to_user_id, crate::load::Kind::Write, bytes);
+                    load.push((credit.to_user_id, crate::load::Kind::Write, prost::Message::encoded_len(&credit)));
                     let part = parts.entry(credit.dest_pair_id).or_default();
                     part.0.push(position);
                     part.1.credits.push(credit);
                 }
             }
+            self.pool.load().record_many(&table, load);
         }
         let calls = parts.into_iter().map(|(pair_id, (positions, mut batch))| {
             batch.sender = Some(sender);

@@ -319,6 +319,8 @@ impl LedgerApi for Front {
             if table.slice_count == 0 {
                 return Err(Status::unavailable("the routing table is not ready yet"));
             }
+            // Valid items count at their sender's slice.
+            let mut load = Vec::with_capacity(items.len());
             for (position, mut item) in items.into_iter().enumerate() {
                 let checked = validate::take_transfer_id(&mut item)
                     .and_then(|()| validate::in_namespace(namespace.as_deref(), &mut item.transfer_id))
@@ -332,7 +334,7 @@ impl LedgerApi for Front {
                     });
                     continue;
                 }
-                self.pool.load().record(&table, item.from_user_id, Kind::Write, item.encoded_len());
+                load.push((item.from_user_id, Kind::Write, item.encoded_len()));
                 let from = table::route(&table, item.from_user_id).expect("bootstrapped table routes every user");
                 let to = table::route(&table, item.to_user_id).expect("bootstrapped table routes every user");
                 if from.pair_id != to.pair_id {
@@ -349,6 +351,7 @@ impl LedgerApi for Front {
                 part.0.push(position);
                 part.1.push(item);
             }
+            self.pool.load().record_many(&table, load);
         }
         let local_calls = parts.into_iter().map(|(pair_id, (positions, transfers))| {
             let pool = self.pool.clone();

@@ -50,23 +50,51 @@ impl Load {
     /// Counts one call routed by `user_id` (nothing before the table is
     /// bootstrapped).
     pub fn record(&self, table: &RoutingTable, user_id: u64, kind: Kind, bytes: usize) {
-        let Some(route) = table::route(table, user_id) else { return };
-        let slices = self.slices.get_or_init(|| (0..table.slice_count.max(1)).map(|_| Counters::default()).collect());
-        if let Some(counters) = slices.get(route.slice as usize) {
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            if kind == Kind::Write {
-                counters.writes.fetch_add(1, Ordering::Relaxed);
-            }
-            counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.record_many(table, std::iter::once((user_id, kind, bytes)));
+    }
+
+    /// Counts many calls (the items of a batch, the credits of a delivery):
+    /// each at its slice, and the per-pair Prometheus counters once per pair
+    /// of the batch rather than once per item.
+    pub fn record_many(&self, table: &RoutingTable, calls: impl IntoIterator<Item = (u64, Kind, usize)>) {
+        if table.slice_count == 0 {
+            return;
         }
-        if let Some(metrics) = &self.metrics {
-            let pair = route.pair_id.to_string();
-            let kind = match kind {
-                Kind::Read => "read",
-                Kind::Write => "write",
+        let slices = self.slices.get_or_init(|| (0..table.slice_count.max(1)).map(|_| Counters::default()).collect());
+        // (pair, reads, writes, bytes): a batch names few pairs.
+        let mut pairs: Vec<(u64, u64, u64, u64)> = Vec::new();
+        for (user_id, kind, bytes) in calls {
+            let Some(route) = table::route(table, user_id) else { continue };
+            if let Some(counters) = slices.get(route.slice as usize) {
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                if kind == Kind::Write {
+                    counters.writes.fetch_add(1, Ordering::Relaxed);
+                }
+                counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            let at = match pairs.iter().position(|p| p.0 == route.pair_id) {
+                Some(at) => at,
+                None => {
+                    pairs.push((route.pair_id, 0, 0, 0));
+                    pairs.len() - 1
+                }
             };
-            metrics.pair_requests_total.with_label_values(&[&pair, kind]).inc();
-            metrics.pair_request_bytes_total.with_label_values(&[&pair]).inc_by(bytes as u64);
+            let pair = &mut pairs[at];
+            match kind {
+                Kind::Read => pair.1 += 1,
+                Kind::Write => pair.2 += 1,
+            }
+            pair.3 += bytes as u64;
+        }
+        let Some(metrics) = &self.metrics else { return };
+        for (pair_id, reads, writes, bytes) in pairs {
+            let pair = pair_id.to_string();
+            for (kind, count) in [("read", reads), ("write", writes)] {
+                if count > 0 {
+                    metrics.pair_requests_total.with_label_values(&[&pair, kind]).inc_by(count);
+                }
+            }
+            metrics.pair_request_bytes_total.with_label_values(&[&pair]).inc_by(bytes);
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use cellbank_client::gate::{Allow, Member, Policy};
+use cellbank_client::gate::{Allow, Member, Policy, OPEN_RULES};
 use cellbank_client::planes::Plane;
 use cellbank_client::server::{Listeners, Security, Serving};
 use cellbank_client::MESSAGE_BYTES_MAX;
@@ -46,22 +46,15 @@ pub struct Router {
 /// Who may call what on a router, on which plane (see
 /// [`cellbank_client::gate`] and [`cellbank_client::planes`]).
 pub fn policy() -> Policy {
-    Policy::new(
-        Member::Routers,
-        &[
-            (Plane::Client, "/grpc.health.v1.Health/", Allow::ANYONE),
-            (Plane::Peer, "/grpc.health.v1.Health/", Allow::ANYONE),
-            (Plane::Admin, "/grpc.health.v1.Health/", Allow::ANYONE),
-            (Plane::Client, "/grpc.reflection.v1.ServerReflection/", Allow::ANYONE),
-            (Plane::Client, "/grpc.reflection.v1alpha.ServerReflection/", Allow::ANYONE),
-            (Plane::Client, "/cellbank.v1.Ledger/", Allow::SERVICES.or(Allow::OPERATORS)),
-            // Credits leave cells through the routers.
-            (Plane::Peer, "/cellbank.router.v1.Courier/", Allow::REPLICAS),
-            // The routing table's Raft group: the other routers only.
-            (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
-            (Plane::Admin, "/cellbank.router.v1.RouterAdmin/", Allow::OPERATORS),
-        ],
-    )
+    let own = [
+        (Plane::Client, "/cellbank.v1.Ledger/", Allow::SERVICES.or(Allow::OPERATORS)),
+        // Credits leave cells through the routers.
+        (Plane::Peer, "/cellbank.router.v1.Courier/", Allow::REPLICAS),
+        // The routing table's Raft group: the other routers only.
+        (Plane::Peer, "/cellbank.cell.v1.RaftTransport/", Allow::GROUP),
+        (Plane::Admin, "/cellbank.router.v1.RouterAdmin/", Allow::OPERATORS),
+    ];
+    Policy::new(Member::Routers, &[&OPEN_RULES[..], &own[..]].concat())
 }
 
 pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
