@@ -134,6 +134,74 @@ pub async fn rebuild_standby(endpoints: &Endpoints, auth: &AdminAuth, pair_id: u
     Ok(())
 }
 
+/// A new cell: its replicas as given, or three on the local address plan
+/// when none are given and the routers are on this machine.
+pub fn new_cell(endpoints: &Endpoints, cell_id: u64, replicas: Vec<String>) -> anyhow::Result<CellReplicas> {
+    if !replicas.is_empty() {
+        return Ok(CellReplicas { cell_id, replicas });
+    }
+    let local = endpoints.endpoints.iter().all(|e| {
+        let addr = e.trim_start_matches("https://").trim_start_matches("http://");
+        cellbank::supervisor::is_loopback(addr)
+    });
+    anyhow::ensure!(
+        local,
+        "cell {cell_id}: give its replicas' addresses (--active-replicas / --standby-replicas); only a cluster on \
+         this machine has a default"
+    );
+    let replicas =
+        (1..=3).map(|r| cellbank::supervisor::local_replica_addr(cell_id, r)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(CellReplicas { cell_id, replicas })
+}
+
+/// Adds a pair, then waits up to `wait` for it to be SYNC (NO_STANDBY:
+/// for its active cell to have a leader), printing its progress.
+pub async fn add_pair(
+    endpoints: &Endpoints,
+    auth: &AdminAuth,
+    add: AddPair,
+    wait: std::time::Duration,
+) -> anyhow::Result<()> {
+    let client = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref());
+    let pair_id = add.pair_id;
+    for cell in add.active.iter().chain(add.standby.iter()) {
+        println!("cell {}: {}", cell.cell_id, cell.replicas.join(", "));
+    }
+    let message = AddPairRequest { pair: Some(add), who: auth.who.clone(), why: auth.why.clone() };
+    let response = client.add_pair(message).await?;
+    print_action("add-pair", &response);
+    if wait.is_zero() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let status = client.status().await?;
+        let pair = status.pairs.iter().find(|p| p.pair.as_ref().is_some_and(|p| p.pair_id == pair_id));
+        let (mode, leader) = pair
+            .and_then(|p| {
+                p.pair.as_ref().map(|x| (PairMode::try_from(x.mode).unwrap_or_default(), p.active_leader_replica))
+            })
+            .unwrap_or_default();
+        let ready = mode == PairMode::Sync || (mode == PairMode::NoStandby && leader != 0);
+        let now = format!("pair {pair_id}: {}", mode_name(mode as i32));
+        if now != last {
+            println!("{now} after {:.1} s", started.elapsed().as_secs_f64());
+            last = now;
+        }
+        if ready {
+            println!("pair {pair_id} is ready for slices");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < wait,
+            "pair {pair_id} was added but is not ready after {} s: are its cells' replicas running? (`cellbank status`)",
+            wait.as_secs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 pub async fn audit(endpoints: &Endpoints, auth: &AdminAuth) -> anyhow::Result<()> {
     let records = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref()).audit_log().await?;
     for record in records {

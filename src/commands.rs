@@ -111,6 +111,37 @@ pub enum AdminAction {
         #[arg(long)]
         pair: u64,
     },
+    /// Add a pair of new cells to the routing table, with no slices. Start
+    /// their replicas (a running `cellbank up` starts those on this machine
+    /// itself); the coordinator pairs the cells and returns the pair to SYNC
+    /// once the standby holds a copy. Waits for SYNC unless --wait-secs 0.
+    AddPair {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        /// The new pair's id.
+        #[arg(long)]
+        pair: u64,
+        /// The new active cell's id.
+        #[arg(long)]
+        active: u64,
+        /// The active cell's replica addresses (host:port, the n-th is
+        /// replica n). Default, for a cluster on this machine: three on the
+        /// local address plan (cell C's replica R at 127.0.0.1:7000 + 100C + 10R).
+        #[arg(long, value_delimiter = ',')]
+        active_replicas: Vec<String>,
+        /// The new standby cell's id (none: a pair without a standby).
+        #[arg(long)]
+        standby: Option<u64>,
+        /// The standby cell's replica addresses (default as for the active).
+        #[arg(long, value_delimiter = ',')]
+        standby_replicas: Vec<String>,
+        /// How long to wait for the pair to be SYNC (NO_STANDBY: for its
+        /// active to have a leader); 0: do not wait.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
     /// Print the routing table's audit log of admin actions.
     Audit {
         #[command(flatten)]
@@ -434,6 +465,21 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             crate::cluster::rebuild_standby(&endpoints, &auth, pair).await
         }
         AdminAction::Audit { endpoints, auth } => crate::cluster::audit(&endpoints, &auth).await,
+        AdminAction::AddPair {
+            endpoints,
+            auth,
+            pair,
+            active,
+            active_replicas,
+            standby,
+            standby_replicas,
+            wait_secs,
+        } => {
+            let active = crate::cluster::new_cell(&endpoints, active, active_replicas)?;
+            let standby = standby.map(|id| crate::cluster::new_cell(&endpoints, id, standby_replicas)).transpose()?;
+            let add = cellbank_proto::router::AddPair { pair_id: pair, active: Some(active), standby };
+            crate::cluster::add_pair(&endpoints, &auth, add, std::time::Duration::from_secs(wait_secs)).await
+        }
         AdminAction::Reconcile { endpoints, auth, json, outbox_age_max_ms, settle_timeout_ms } => {
             let status = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
                 .status()

@@ -15,3 +15,7 @@ pub use cellbank_client::routers;
 pub mod certs;
 pub use cellbank_router::reconcile;
 pub mod supervisor;
+
+/// The default local cluster's topology, built into the binary so that
+/// `cellbank up` works from any directory.
+pub const DEFAULT_TOPOLOGY: &str = include_str!("../deploy/local/cluster.toml");

@@ -239,6 +239,128 @@ impl Topology {
     }
 }
 
+/// Writes the config of each replica and registers it, stopped.
+fn register_replicas(
+    processes: &mut BTreeMap<ProcessId, Managed>,
+    configs: Vec<ReplicaConfig>,
+) -> anyhow::Result<Vec<ProcessId>> {
+    let mut ids = Vec::new();
+    for config in configs {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let path = config.data_dir.join("replica.toml");
+        std::fs::write(&path, toml::to_string(&config)?)?;
+        let id = ProcessId::Replica { cell: config.cell_id, replica: config.replica_id };
+        let managed = Managed {
+            args: vec!["cell".into(), "--config".into(), path.display().to_string()],
+            dir: config.data_dir.clone(),
+            addr: config.listen.to_string(),
+            metrics: config.metrics_listen.map(|m| m.to_string()),
+            child: None,
+        };
+        processes.insert(id, managed);
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// The address of replica `replica` of cell `cell` in the local clusters
+/// `cellbank up` makes: `127.0.0.1:7000 + 100 × cell + 10 × replica`
+/// (cell 1's replicas at 7110, 7120, 7130), each process taking that port
+/// and the two after it.
+pub fn local_replica_addr(cell: u64, replica: u64) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        (1..=LOCAL_CELLS_MAX).contains(&cell) && (1..=9).contains(&replica),
+        "the local address plan covers cells 1 to {LOCAL_CELLS_MAX} of 1 to 9 replicas, not cell {cell} replica \
+         {replica}: give the addresses"
+    );
+    Ok(format!("127.0.0.1:{}", 7000 + 100 * cell + 10 * replica))
+}
+
+/// Where the local address plan puts a replica's metrics: `9000 + 100 ×
+/// cell + replica`.
+pub fn local_metrics_addr(cell: u64, replica: u64) -> String {
+    format!("127.0.0.1:{}", 9000 + 100 * cell + replica)
+}
+
+/// The highest cell id of the local address plan (its ports stay below the
+/// kernel's ephemeral range).
+pub const LOCAL_CELLS_MAX: u64 = 240;
+
+/// Whether an address names this machine (a supervisor starts only those).
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Cells and pairs added to a running cluster (`admin add-pair`) that its
+/// supervisor adopted, kept in the data directory so that the next start
+/// runs them too.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adopted {
+    #[serde(default)]
+    cells: Vec<CellTopology>,
+    #[serde(default)]
+    pairs: Vec<PairConfig>,
+}
+
+/// The file in a data directory that lists the adopted cells.
+pub const ADOPTED_FILE: &str = "adopted.toml";
+
+impl Topology {
+    /// A local cluster of `pairs` pairs on the local address plan: one
+    /// router at 127.0.0.1:7000, active cells 1..=pairs, each with the
+    /// cell `pairs` above it as its synchronous standby, three replicas
+    /// each. Two pairs is the built-in default cluster.
+    pub fn local(pairs: u64) -> anyhow::Result<Topology> {
+        anyhow::ensure!(
+            (1..=LOCAL_CELLS_MAX / 2).contains(&pairs),
+            "--pairs: 1 to {} (the local address plan's cells)",
+            LOCAL_CELLS_MAX / 2
+        );
+        let mut topology = Topology::from_toml(crate::DEFAULT_TOPOLOGY)?;
+        topology.cells = (1..=2 * pairs)
+            .map(|cell| -> anyhow::Result<CellTopology> {
+                let replicas = (1..=3)
+                    .map(|r| {
+                        Ok(ProcessTopology {
+                            id: r,
+                            listen: local_replica_addr(cell, r)?,
+                            metrics: Some(local_metrics_addr(cell, r)),
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                Ok(CellTopology { id: cell, replicas, raft: RaftTuning::default() })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        topology.pairs = (1..=pairs).map(|id| PairConfig { id, active: id, standby: Some(id + pairs) }).collect();
+        Ok(topology)
+    }
+
+    /// Adds the cells and pairs this data directory's supervisor adopted
+    /// earlier (those the topology does not name already).
+    fn merge_adopted(&mut self) -> anyhow::Result<()> {
+        let path = self.data_dir.join(ADOPTED_FILE);
+        let adopted: Adopted = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        for cell in adopted.cells {
+            if self.cells.iter().all(|c| c.id != cell.id) {
+                self.cells.push(cell);
+            }
+        }
+        for pair in adopted.pairs {
+            if self.pairs.iter().all(|p| p.id != pair.id) {
+                self.pairs.push(pair);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One process of the cluster (the type the chaos drills name processes by).
 pub use cellbank_chaos::faults::Proc as ProcessId;
 
@@ -256,6 +378,9 @@ pub struct Supervisor {
     processes: BTreeMap<ProcessId, Managed>,
     /// Extra environment for every process (e.g. RUST_LOG).
     env: Vec<(String, String)>,
+    /// Cells of the table this supervisor does not run (addresses
+    /// elsewhere).
+    left_alone: std::collections::BTreeSet<u64>,
 }
 
 impl Supervisor {
@@ -279,21 +404,10 @@ impl Supervisor {
         if !topology.policy_path().exists() {
             std::fs::write(topology.policy_path(), cellbank_router::scopes::LOCAL_POLICY)?;
         }
+        let mut topology = topology;
+        topology.merge_adopted()?;
         let mut processes = BTreeMap::new();
-        for config in topology.replica_configs()? {
-            std::fs::create_dir_all(&config.data_dir)?;
-            let path = config.data_dir.join("replica.toml");
-            std::fs::write(&path, toml::to_string(&config)?)?;
-            let id = ProcessId::Replica { cell: config.cell_id, replica: config.replica_id };
-            let managed = Managed {
-                args: vec!["cell".into(), "--config".into(), path.display().to_string()],
-                dir: config.data_dir.clone(),
-                addr: config.listen.to_string(),
-                metrics: config.metrics_listen.map(|m| m.to_string()),
-                child: None,
-            };
-            processes.insert(id, managed);
-        }
+        register_replicas(&mut processes, topology.replica_configs()?)?;
         for config in topology.router_configs()? {
             std::fs::create_dir_all(&config.data_dir)?;
             let path = config.data_dir.join("router.toml");
@@ -307,7 +421,7 @@ impl Supervisor {
             };
             processes.insert(ProcessId::Router(config.router_id), managed);
         }
-        Ok(Supervisor { exe, topology, processes, env: Vec::new() })
+        Ok(Supervisor { exe, topology, processes, env: Vec::new(), left_alone: Default::default() })
     }
 
     /// Fails when another process already listens on one of the cluster's
@@ -409,6 +523,85 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// Takes on the cells the routing table names and this supervisor does
+    /// not run (a pair added with `admin add-pair`) when all their replicas
+    /// are on this machine: writes their configs and certificates, starts
+    /// them, and records them in the data directory ([`ADOPTED_FILE`]) so
+    /// that the next start runs them too. Replica `n` is the cell's `n`-th
+    /// address. Returns the processes started, and the cells it leaves to
+    /// others (an address elsewhere).
+    pub fn adopt(
+        &mut self,
+        table: &cellbank_proto::router::RoutingTable,
+    ) -> anyhow::Result<(Vec<ProcessId>, Vec<u64>)> {
+        let mut adopted = Vec::new();
+        let mut elsewhere = Vec::new();
+        for cell in &table.cells {
+            if self.topology.cells.iter().any(|c| c.id == cell.cell_id) {
+                continue;
+            }
+            if self.left_alone.contains(&cell.cell_id) {
+                continue;
+            }
+            if !cell.replicas.iter().all(|a| is_loopback(a)) {
+                self.left_alone.insert(cell.cell_id);
+                elsewhere.push(cell.cell_id);
+                continue;
+            }
+            let replicas = (1u64..)
+                .zip(&cell.replicas)
+                .map(|(id, listen)| {
+                    let planned = local_replica_addr(cell.cell_id, id).is_ok_and(|a| a == *listen);
+                    let metrics = planned.then(|| local_metrics_addr(cell.cell_id, id));
+                    ProcessTopology { id, listen: listen.clone(), metrics }
+                })
+                .collect();
+            adopted.push(CellTopology { id: cell.cell_id, replicas, raft: RaftTuning::default() });
+        }
+        if adopted.is_empty() {
+            return Ok((Vec::new(), elsewhere));
+        }
+        let pairs: Vec<PairConfig> = table
+            .pairs
+            .iter()
+            .filter(|p| adopted.iter().any(|c| c.id == p.active_cell_id || c.id == p.standby_cell_id))
+            .map(|p| PairConfig {
+                id: p.pair_id,
+                active: p.active_cell_id,
+                standby: (p.standby_cell_id != 0).then_some(p.standby_cell_id),
+            })
+            .collect();
+        let path = self.topology.data_dir.join(ADOPTED_FILE);
+        let mut record: Adopted = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text)?,
+            Err(_) => Adopted::default(),
+        };
+        record.cells.extend(adopted.iter().cloned());
+        record.pairs.extend(pairs.iter().cloned());
+        let new_ids: Vec<u64> = adopted.iter().map(|c| c.id).collect();
+        self.topology.cells.extend(adopted);
+        self.topology.pairs.extend(pairs);
+        if !self.topology.insecure {
+            let dir = self.topology.certs_dir();
+            crate::certs::ensure(&dir, &self.topology.cluster, &self.topology.identities())
+                .with_context(|| format!("certificates in {}", dir.display()))?;
+        }
+        let configs = self.topology.replica_configs()?.into_iter().filter(|c| new_ids.contains(&c.cell_id)).collect();
+        let ids = register_replicas(&mut self.processes, configs)?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, toml::to_string(&record)?)?;
+        std::fs::rename(&tmp, &path)?;
+        for id in &ids {
+            self.start(*id)?;
+        }
+        Ok((ids, elsewhere))
+    }
+
+    /// Whether [`Supervisor::adopt`] left this cell to others.
+    pub fn left_alone(&self, cell_id: u64) -> bool {
+        self.left_alone.contains(&cell_id)
     }
 
     pub fn is_running(&self, id: ProcessId) -> bool {

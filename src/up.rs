@@ -13,15 +13,21 @@ use anyhow::Context;
 use cellbank::supervisor::{Supervisor, Topology};
 use cellbank_proto::router::PairMode;
 
-/// Built into the binary so `cellbank up` works from any directory.
-pub const DEFAULT_TOPOLOGY: &str = include_str!("../deploy/local/cluster.toml");
+pub use cellbank::DEFAULT_TOPOLOGY;
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args)]
 pub struct UpArgs {
     /// Topology file; the built-in default (a router, two pairs of cells) when absent.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pairs")]
     topology: Option<PathBuf>,
+    /// A local cluster of this many pairs (each an active cell and its
+    /// synchronous standby, three replicas each, on the local address plan:
+    /// cell C's replica R at 127.0.0.1:7000 + 100C + 10R) instead of the
+    /// default two. Pairs added later with `admin add-pair` are started by
+    /// this command while it runs, and again at every start.
+    #[arg(long)]
+    pairs: Option<u64>,
     /// Data directory; overrides the topology's `data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -42,7 +48,9 @@ pub fn load_topology(path: Option<&PathBuf>) -> anyhow::Result<Topology> {
     Topology::from_toml(&text).context("parsing the topology")
 }
 
-async fn status_line(supervisor: &mut Supervisor, token: Option<&str>) -> String {
+/// One status line, and the processes of cells added to the table since
+/// the last tick started (see [`Supervisor::adopt`]).
+async fn tick(supervisor: &mut Supervisor, token: Option<&str>) -> String {
     let exited: Vec<String> =
         supervisor.exited().into_iter().map(|(id, status)| format!("{id} exited ({status})")).collect();
     if !exited.is_empty() {
@@ -62,6 +70,29 @@ async fn status_line(supervisor: &mut Supervisor, token: Option<&str>) -> String
         Ok(Err(e)) => return format!("routers: {}", e.message()),
         Err(_) => return "routers: starting".into(),
     };
+    if let Some(table) = &status.table {
+        let known = |cell: &u64| supervisor.topology.cells.iter().any(|c| c.id == *cell);
+        if table.cells.iter().any(|c| !known(&c.cell_id) && !supervisor.left_alone(c.cell_id)) {
+            match tokio::task::block_in_place(|| supervisor.adopt(table)) {
+                Ok((started, elsewhere)) => {
+                    eprintln!();
+                    for id in &started {
+                        println!(
+                            "{id:<22} grpc {} (added to the table; started)",
+                            supervisor.addr(*id).unwrap_or_default()
+                        );
+                    }
+                    for cell in elsewhere {
+                        println!("cell {cell}: added to the table with addresses off this machine; not started here");
+                    }
+                    if let Err(e) = record_addresses(supervisor) {
+                        println!("could not record the new addresses: {e:#}");
+                    }
+                }
+                Err(e) => return format!("starting the added cells failed: {e:#}"),
+            }
+        }
+    }
     let mut parts = vec![format!("router {} leads (term {})", status.leader_router_id, status.term)];
     for pair in &status.pairs {
         let Some(p) = &pair.pair else { continue };
@@ -85,13 +116,32 @@ pub const ADDRESSES_FILE: &str = "addresses.txt";
 /// made with: the routing table and every cell's Raft address book hold
 /// them, so processes moved to other ports would not find each other.
 /// Records them on the first start.
+fn addresses(supervisor: &Supervisor) -> String {
+    supervisor.ids().into_iter().map(|id| format!("{id} {}\n", supervisor.addr(id).unwrap_or_default())).collect()
+}
+
+/// Records the addresses of every process the supervisor now runs (after
+/// it adopted added cells).
+fn record_addresses(supervisor: &Supervisor) -> anyhow::Result<()> {
+    let path = supervisor.topology.data_dir.join(ADDRESSES_FILE);
+    let tmp = path.with_extension("txt.tmp");
+    std::fs::write(&tmp, addresses(supervisor))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
 fn check_addresses(supervisor: &Supervisor) -> anyhow::Result<()> {
     let dir = &supervisor.topology.data_dir;
     let path = dir.join(ADDRESSES_FILE);
-    let now: String =
-        supervisor.ids().into_iter().map(|id| format!("{id} {}\n", supervisor.addr(id).unwrap_or_default())).collect();
+    let now = addresses(supervisor);
     match std::fs::read_to_string(&path) {
         Ok(recorded) if recorded == now => Ok(()),
+        Ok(recorded) if recorded.lines().all(|line| now.lines().any(|l| l == line)) => anyhow::bail!(
+            "{} was made with fewer processes than this topology has; a cluster grows by `cellbank admin \
+             add-pair` while it runs (this command then starts the new cells, now and at every start): start \
+             with the topology it was made with, or delete the directory to start afresh",
+            dir.display()
+        ),
         Ok(recorded) => {
             let moved = recorded.lines().find(|line| !now.lines().any(|l| l == *line)).unwrap_or("a process");
             anyhow::bail!(
@@ -127,7 +177,10 @@ fn walk_for(dir: &std::path::Path, name: &str, depth: usize) -> bool {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let mut topology = load_topology(args.topology.as_ref())?;
+    let mut topology = match args.pairs {
+        Some(pairs) => Topology::local(pairs)?,
+        None => load_topology(args.topology.as_ref())?,
+    };
     if let Some(dir) = &args.data_dir {
         topology.data_dir = dir.clone();
     }
@@ -197,7 +250,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut stop => break,
             _ = ticker.tick() => {
-                let line = status_line(&mut supervisor, token.as_deref()).await;
+                let line = tick(&mut supervisor, token.as_deref()).await;
                 eprint!("\r\x1b[2K{line}");
                 if let Some(secs) = args.exit_after_secs {
                     if started.elapsed() >= Duration::from_secs(secs) {

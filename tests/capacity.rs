@@ -106,3 +106,106 @@ async fn capacity_status_shows_what_each_pair_holds_and_the_hottest_slice_first(
     assert!(far_slice.writes >= 2 * seeded + 5, "{far_slice:?}, {seeded} users seeded there");
     assert_eq!(far_slice.accounts, seeded);
 }
+
+/// `admin add-pair` on a running cluster under load: bad requests are
+/// refused and change nothing; a good one adds a pair with no slices, the
+/// supervisor (what `cellbank up` runs) starts its processes from the
+/// table, the coordinator pairs them and brings the pair to SYNC, the load
+/// on the old pair never notices, and the next start of the cluster runs
+/// the added cells again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
+    use cellbank_proto::router::{AddPair, AddPairRequest, CellReplicas};
+    use common::ledger_checks::{start_load, stop_load, verify_ledger, History};
+
+    let mut cluster = Cluster::start(1, 1, |_| {});
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let users: Vec<u64> = (1..=20).collect();
+    seed(&client, &users).await;
+    let history = std::sync::Arc::new(History::default());
+    let load = start_load(cluster.routers(), users.clone(), 2, history.clone(), 7);
+    let before = cluster.status().await.unwrap().table.unwrap();
+    let topology_before = cluster.sup.topology.clone();
+
+    let admin = cellbank::routers::ClusterClient::new(&cluster.routers(), None);
+    let fresh = |cell_id: u64| CellReplicas {
+        cell_id,
+        replicas: (0..3).map(|_| format!("127.0.0.1:{}", common::free_port())).collect(),
+    };
+    let request = |pair: Option<AddPair>| AddPairRequest { pair, who: String::new(), why: "test".into() };
+    let add = |pair_id: u64, active: CellReplicas, standby: Option<CellReplicas>| {
+        request(Some(AddPair { pair_id, active: Some(active), standby }))
+    };
+    let taken = before.cells[0].replicas[0].clone();
+    for (bad, code, words) in [
+        (request(None), tonic::Code::InvalidArgument, "pair: must be set"),
+        (add(0, fresh(3), None), tonic::Code::InvalidArgument, "pair_id: must be set"),
+        (add(1, fresh(3), Some(fresh(4))), tonic::Code::AlreadyExists, "pair 1 already exists"),
+        (add(2, fresh(2), Some(fresh(4))), tonic::Code::AlreadyExists, "cell 2 already exists"),
+        (
+            add(2, CellReplicas { cell_id: 3, replicas: vec![taken.clone()] }, None),
+            tonic::Code::AlreadyExists,
+            "is already a replica of cell 1",
+        ),
+        (add(2, CellReplicas { cell_id: 3, replicas: vec![] }, None), tonic::Code::InvalidArgument, "0 replicas"),
+        (
+            add(2, CellReplicas { cell_id: 3, replicas: vec!["nowhere".into()] }, None),
+            tonic::Code::InvalidArgument,
+            "is not host:port",
+        ),
+        (add(2, fresh(3), Some(fresh(3))), tonic::Code::InvalidArgument, "cell 3 is in two pairs"),
+    ] {
+        let refused = admin.add_pair(bad).await.expect_err("a bad pair is refused");
+        assert_eq!(refused.code(), code, "{}", refused.message());
+        assert!(refused.message().contains(words), "{}", refused.message());
+    }
+    let unchanged = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!((&unchanged.cells, &unchanged.pairs), (&before.cells, &before.pairs));
+
+    let started = std::time::Instant::now();
+    let response = admin.add_pair(add(2, fresh(3), Some(fresh(4)))).await.expect("pair 2 added");
+    assert_eq!((response.active_cell_id, response.standby_cell_id, response.new_epoch), (3, 4, 1));
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let pair = table.pairs.iter().find(|p| p.pair_id == 2).expect("pair 2 in the table");
+    assert_eq!(pair.mode, PairMode::Degraded as i32);
+    assert!(table.slice_pair.iter().all(|p| *p == 1), "a new pair takes no slices");
+    // The same request again: the pair exists now.
+    let again = admin.add_pair(add(2, fresh(5), None)).await.expect_err("added once");
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+
+    let (ids, elsewhere) = cluster.sup.adopt(&table).expect("the supervisor starts the new cells");
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    assert!(elsewhere.is_empty());
+    assert!(ids.iter().all(|id| cluster.sup.is_running(*id)));
+    cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(60)).await;
+    println!("pair 2 added and SYNC in {:.1} s under load", started.elapsed().as_secs_f64());
+    let audit = admin.audit_log().await.unwrap();
+    assert!(
+        audit.iter().any(|r| r.what.starts_with("add pair 2 (pair 2: cell 3 active, cell 4 standby")),
+        "{audit:#?}"
+    );
+
+    stop_load(&history, load).await;
+    assert!(history.acked_count() > 20, "the load ran ({})", history.acked_count());
+    verify_ledger(&client, &users, &history).await;
+    let status = cluster.status().await.unwrap();
+    let report = cellbank::reconcile::reconcile(&status, &cellbank::reconcile::Options::default()).await;
+    assert!(report.ok(), "{:#?}", report.discrepancies);
+
+    // The next start of this data directory runs the added cells too.
+    cluster.sup.stop_all(Duration::from_secs(5));
+    cluster.sup = cellbank::supervisor::Supervisor::new(env!("CARGO_BIN_EXE_cellbank").into(), topology_before)
+        .expect("supervisor");
+    assert_eq!(cluster.sup.cell_replicas(3).len(), 3);
+    assert_eq!(cluster.sup.cell_replicas(4).len(), 3);
+    cluster.sup.start_all().expect("restart");
+    cluster
+        .wait_until("both pairs SYNC after the restart", Duration::from_secs(60), |s| {
+            [1, 2].iter().all(|p| Cluster::pair_of(s, *p).mode == PairMode::Sync as i32)
+        })
+        .await;
+    let table = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!(table.cells.len(), 4);
+    assert!(cluster.sup.adopt(&table).unwrap().0.is_empty(), "nothing left to adopt");
+}

@@ -146,6 +146,16 @@ impl ClusterClient {
         .await
     }
 
+    /// Adds a pair of new cells with no slices (not repeated if its outcome
+    /// is unknown).
+    pub async fn add_pair(&self, message: AddPairRequest) -> Result<AdminActionResponse, Status> {
+        self.call(false, |mut c, m| {
+            let message = message.clone();
+            async move { c.add_pair(request(message, m)).await }
+        })
+        .await
+    }
+
     /// The routers' audit log of operator and coordinator actions.
     pub async fn audit_log(&self) -> Result<Vec<AuditRecord>, Status> {
         let response =

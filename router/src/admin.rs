@@ -246,6 +246,16 @@ impl RouterAdmin for AdminService {
         Ok(Response::new(response))
     }
 
+    async fn add_pair(&self, request: Request<AddPairRequest>) -> Result<Response<AdminActionResponse>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let who = Self::who(&request, &request.get_ref().who);
+        let r = request.into_inner();
+        let add = r.pair.ok_or_else(|| Status::invalid_argument("pair: must be set"))?;
+        let response = self.coordinator.add_pair(add, &who, &r.why).await?;
+        Ok(Response::new(response))
+    }
+
     async fn isolate_cells(
         &self,
         request: Request<IsolateCellsRequest>,

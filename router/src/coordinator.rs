@@ -47,7 +47,7 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::cells::CellPool;
 use crate::config::CoordinatorConfig;
 use crate::metrics::RouterMetrics;
-use crate::table::{self, TableMachine};
+use crate::table::{self, TableMachine, TableRefusal};
 
 /// Why an operator's action on a pair is refused before it changes
 /// anything (FAILED_PRECONDITION at the service edge).
@@ -103,6 +103,9 @@ pub enum CoordinatorError {
     /// The table refused the command (its words, from the replicated log).
     #[error("{0}")]
     TableRefused(String),
+    /// A pair to add that the table would refuse, found before proposing.
+    #[error("{0}")]
+    BadNewPair(TableRefusal),
     /// A cell's own answer to a configure call, passed on as it came.
     #[error("{}", .status.message())]
     Cell { cell_id: u64, status: Status },
@@ -124,6 +127,13 @@ impl CoordinatorError {
         match self {
             CoordinatorError::Refused(_) | CoordinatorError::TableRefused(_) => Code::FailedPrecondition,
             CoordinatorError::UnknownPair(_) | CoordinatorError::UnknownCell(_) => Code::NotFound,
+            CoordinatorError::BadNewPair(refusal) => match refusal {
+                TableRefusal::PairExists(_) | TableRefusal::CellExists(_) | TableRefusal::AddressTaken { .. } => {
+                    Code::AlreadyExists
+                }
+                TableRefusal::NotBootstrapped => Code::FailedPrecondition,
+                _ => Code::InvalidArgument,
+            },
             CoordinatorError::Cell { status, .. } => status.code(),
             // The table changed: the action happened, and the coordinator
             // finishes it. Not UNAVAILABLE, which says nothing was done and
@@ -697,6 +707,32 @@ impl Coordinator {
                 "cell {} is rebuilding from cell {}; the pair is DEGRADED until it catches up",
                 pair.standby_cell_id, pair.active_cell_id
             ),
+            ..Default::default()
+        })
+    }
+
+    /// Adds a pair of new cells (no slices) to the table. The passes that
+    /// follow pair the cells once they answer and return the pair to SYNC
+    /// once its standby holds a copy, as for the pairs of the first table.
+    pub async fn add_pair(
+        &self,
+        add: cellbank_proto::router::AddPair,
+        who: &str,
+        why: &str,
+    ) -> Result<AdminActionResponse, CoordinatorError> {
+        self.require_leader()?;
+        let _guard = self.actions.lock().await;
+        self.table_barrier().await?;
+        let (pair, _) = table::check_add_pair(&self.pool.table(), &add).map_err(CoordinatorError::BadNewPair)?;
+        let what = format!("add pair {}", add.pair_id);
+        let command =
+            TableCommand { kind: Some(table_command::Kind::AddPair(add)), audit: Some(audit(who, what, why)) };
+        let detail = self.propose(command).await?;
+        Ok(AdminActionResponse {
+            new_epoch: pair.epoch,
+            active_cell_id: pair.active_cell_id,
+            standby_cell_id: pair.standby_cell_id,
+            detail,
             ..Default::default()
         })
     }

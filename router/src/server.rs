@@ -75,6 +75,14 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     let addr = listeners.addr;
     let table: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
     let machine = TableMachine::new(Some(db.clone()), table.clone());
+    let drift = crate::table::config_drift(&config.seed_table(), &table.borrow());
+    if !drift.is_empty() {
+        tracing::warn!(
+            "this router's config differs from the routing table it holds, and the table wins (the config only \
+             seeds a new table; add cells with `cellbank admin add-pair`): {}",
+            drift.join("; ")
+        );
+    }
     let member = GroupMember {
         cluster: &config.cluster,
         group_id: ROUTER_GROUP_ID,

@@ -4,8 +4,9 @@
 //! and the audit log.
 //!
 //! Invariants, checked on apply:
-//! - The table is bootstrapped once; afterwards the slice count and the set
-//!   of cells never change through this log.
+//! - The table is bootstrapped once; afterwards the slice count never
+//!   changes, and cells and pairs are only added (`AddPair`: new ids, new
+//!   addresses, no slices), never removed.
 //! - A pair's epoch only grows, by exactly one per change of active cell,
 //!   and every slice of the pair carries the pair's epoch.
 //! - A pair with no standby is never failed over and has mode NO_STANDBY.
@@ -15,7 +16,8 @@
 use std::sync::Arc;
 
 use cellbank_proto::router::{
-    table_command, AuditRecord, Pair, PairMode, RoutingTable, TableBatch, TableCommand, TableCommandResult,
+    table_command, AuditRecord, CellReplicas, Pair, PairMode, RoutingTable, TableBatch, TableCommand,
+    TableCommandResult,
 };
 use cellbank_raft::{Kv, StateMachine};
 use prost::Message;
@@ -124,6 +126,83 @@ pub enum TableRefusal {
     NotNextEpoch { pair: u64, epoch: u64, named: u64 },
     #[error("empty command")]
     Empty,
+    #[error("pair_id: must be set")]
+    PairIdZero,
+    #[error("pair {0} already exists")]
+    PairExists(u64),
+    #[error("cell {0} already exists")]
+    CellExists(u64),
+    #[error("{cell}: {detail}")]
+    BadCell { cell: String, detail: String },
+    #[error("address {addr} is already a replica of cell {cell}")]
+    AddressTaken { addr: String, cell: u64 },
+}
+
+/// Most replicas a cell added through the table may have (a Raft group
+/// larger than this buys no safety and costs every write).
+pub const REPLICAS_MAX: usize = 9;
+/// Longest replica address (a DNS name of 253 bytes and a port).
+pub const ADDRESS_MAX: usize = 260;
+
+/// Checks a pair to add against `table` and returns it as the table will
+/// hold it (epoch 1, DEGRADED until its standby holds a copy, or
+/// NO_STANDBY) with its cells. The same rule runs at the admin API (for a
+/// clear error before anything is proposed) and on apply.
+pub fn check_add_pair(
+    table: &RoutingTable,
+    add: &cellbank_proto::router::AddPair,
+) -> Result<(Pair, Vec<CellReplicas>), TableRefusal> {
+    if table.slice_count == 0 {
+        return Err(TableRefusal::NotBootstrapped);
+    }
+    if add.pair_id == 0 {
+        return Err(TableRefusal::PairIdZero);
+    }
+    if find_pair(table, add.pair_id).is_some() {
+        return Err(TableRefusal::PairExists(add.pair_id));
+    }
+    let active = add.active.as_ref().ok_or(TableRefusal::Invalid(InvalidTable::NoActive(add.pair_id)))?;
+    let cells: Vec<(&str, &CellReplicas)> =
+        std::iter::once(("active", active)).chain(add.standby.as_ref().map(|s| ("standby", s))).collect();
+    let mut addresses: std::collections::BTreeMap<&str, u64> =
+        table.cells.iter().flat_map(|c| c.replicas.iter().map(|a| (a.as_str(), c.cell_id))).collect();
+    for (i, (role, cell)) in cells.iter().enumerate() {
+        let name = format!("{role} cell {}", cell.cell_id);
+        let bad = |detail: String| TableRefusal::BadCell { cell: name.clone(), detail };
+        if cell.cell_id == 0 {
+            return Err(bad("the cell id must be set".into()));
+        }
+        if table.cells.iter().any(|c| c.cell_id == cell.cell_id) {
+            return Err(TableRefusal::CellExists(cell.cell_id));
+        }
+        if i == 1 && cell.cell_id == active.cell_id {
+            return Err(TableRefusal::Invalid(InvalidTable::CellInTwoPairs(cell.cell_id)));
+        }
+        if cell.replicas.is_empty() || cell.replicas.len() > REPLICAS_MAX {
+            return Err(bad(format!("{} replicas; a cell has 1 to {REPLICAS_MAX}", cell.replicas.len())));
+        }
+        for addr in &cell.replicas {
+            if addr.len() > ADDRESS_MAX {
+                return Err(bad(format!("an address of {} bytes; at most {ADDRESS_MAX}", addr.len())));
+            }
+            cellbank_client::planes::check_process_addr(addr).map_err(bad)?;
+            if let Some(owner) = addresses.insert(addr, cell.cell_id) {
+                return Err(TableRefusal::AddressTaken { addr: addr.clone(), cell: owner });
+            }
+        }
+    }
+    let standby_cell_id = add.standby.as_ref().map(|s| s.cell_id).unwrap_or(0);
+    let mode = if standby_cell_id == 0 { PairMode::NoStandby } else { PairMode::Degraded };
+    let pair = Pair {
+        pair_id: add.pair_id,
+        active_cell_id: active.cell_id,
+        standby_cell_id,
+        mode: mode as i32,
+        epoch: 1,
+        last_failover_ms: 0,
+        mode_seq: 0,
+    };
+    Ok((pair, cells.into_iter().map(|(_, c)| c.clone()).collect()))
 }
 
 /// Checks a table offered for bootstrap.
@@ -163,6 +242,38 @@ pub fn check_bootstrap(table: &RoutingTable) -> Result<(), InvalidTable> {
         }
     }
     Ok(())
+}
+
+/// How a router's config (the table it would bootstrap) differs from the
+/// table the routers hold: the config seeds the table once, and later
+/// edits to it change nothing (cells and pairs are added with `AddPair`).
+/// Changes of active cell are not differences: the table records them.
+pub fn config_drift(seed: &RoutingTable, table: &RoutingTable) -> Vec<String> {
+    let mut drift = Vec::new();
+    if table.slice_count == 0 {
+        return drift;
+    }
+    if seed.slice_count != table.slice_count {
+        drift.push(format!("slice_count {} (the table has {})", seed.slice_count, table.slice_count));
+    }
+    for cell in &seed.cells {
+        match table.cells.iter().find(|c| c.cell_id == cell.cell_id) {
+            None => drift.push(format!("cell {} (not in the table)", cell.cell_id)),
+            Some(held) if held.replicas != cell.replicas => drift.push(format!(
+                "cell {} at {} (the table has {})",
+                cell.cell_id,
+                cell.replicas.join(","),
+                held.replicas.join(",")
+            )),
+            Some(_) => {}
+        }
+    }
+    for pair in &seed.pairs {
+        if find_pair(table, pair.pair_id).is_none() {
+            drift.push(format!("pair {} (not in the table)", pair.pair_id));
+        }
+    }
+    drift
 }
 
 /// The routing table state machine.
@@ -248,6 +359,22 @@ impl TableMachine {
                     }
                 }
                 Ok(Some(format!("cell {active} is active at epoch {epoch}")))
+            }
+            Some(table_command::Kind::AddPair(add)) => {
+                let (pair, cells) = check_add_pair(&self.table, add)?;
+                let text = match pair.standby_cell_id {
+                    0 => {
+                        format!("pair {}: cell {} active, no standby; no slices yet", pair.pair_id, pair.active_cell_id)
+                    }
+                    standby => format!(
+                        "pair {}: cell {} active, cell {standby} standby, DEGRADED until the standby holds a copy; \
+                         no slices yet",
+                        pair.pair_id, pair.active_cell_id
+                    ),
+                };
+                self.table.cells.extend(cells);
+                self.table.pairs.push(pair);
+                Ok(Some(text))
             }
             None => Err(TableRefusal::Empty),
         }
@@ -457,6 +584,103 @@ mod tests {
             assert_eq!(result.detail, refusal);
         }
         assert_eq!(view.borrow().pairs, before);
+    }
+
+    fn cell(cell_id: u64, ports: &[u16]) -> CellReplicas {
+        CellReplicas { cell_id, replicas: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect() }
+    }
+
+    fn add(pair_id: u64, active: CellReplicas, standby: Option<CellReplicas>) -> table_command::Kind {
+        table_command::Kind::AddPair(cellbank_proto::router::AddPair { pair_id, active: Some(active), standby })
+    }
+
+    #[test]
+    fn a_pair_is_added_with_new_cells_and_no_slices() {
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
+        let mut machine = TableMachine::new(None, view.clone());
+        let mut kv = BTreeMap::new();
+        let early = apply(&mut machine, &mut kv, add(3, cell(5, &[100]), None));
+        assert_eq!(early.detail, "the table is not bootstrapped yet");
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
+        let added = apply(&mut machine, &mut kv, add(3, cell(5, &[500, 510, 520]), Some(cell(6, &[600, 610]))));
+        assert!(added.ok, "{}", added.detail);
+        let table = view.borrow().clone();
+        let pair = find_pair(&table, 3).unwrap();
+        assert_eq!((pair.active_cell_id, pair.standby_cell_id, pair.epoch), (5, 6, 1));
+        assert_eq!(mode(pair), PairMode::Degraded);
+        assert_eq!(cell_addrs(&table, 5), vec!["127.0.0.1:500", "127.0.0.1:510", "127.0.0.1:520"]);
+        assert_eq!(cell_addrs(&table, 6).len(), 2);
+        assert!(table.slice_pair.iter().all(|p| *p != 3), "a new pair has no slices");
+        assert_eq!(table.slice_count, 4);
+        let lone = apply(&mut machine, &mut kv, add(4, cell(7, &[700]), None));
+        assert!(lone.ok, "{}", lone.detail);
+        assert_eq!(mode(find_pair(&view.borrow(), 4).unwrap()), PairMode::NoStandby);
+        // What a restarted router reads back.
+        assert_eq!(read_table(&kv), view.borrow().clone());
+
+        let before = view.borrow().clone();
+        let long = format!("{}.example:7000", "h".repeat(ADDRESS_MAX));
+        for (command, refusal) in [
+            (add(0, cell(9, &[900]), None), "pair_id: must be set".to_string()),
+            (add(1, cell(9, &[900]), None), "pair 1 already exists".into()),
+            (add(9, cell(2, &[900]), None), "cell 2 already exists".into()),
+            (add(9, cell(9, &[900]), Some(cell(6, &[901]))), "cell 6 already exists".into()),
+            (add(9, cell(9, &[900]), Some(cell(9, &[901]))), "pairs: cell 9 is in two pairs".into()),
+            (add(9, cell(0, &[900]), None), "active cell 0: the cell id must be set".into()),
+            (add(9, cell(9, &[]), None), "active cell 9: 0 replicas; a cell has 1 to 9".into()),
+            (add(9, cell(9, &[900; 10]), None), "active cell 9: 10 replicas; a cell has 1 to 9".into()),
+            (add(9, cell(9, &[500]), None), "address 127.0.0.1:500 is already a replica of cell 5".into()),
+            (add(9, cell(9, &[900, 900]), None), "address 127.0.0.1:900 is already a replica of cell 9".into()),
+            (add(9, cell(9, &[900]), Some(cell(10, &[900]))), "address 127.0.0.1:900 is already a replica of cell 9".into()),
+            (
+                add(9, CellReplicas { cell_id: 9, replicas: vec!["no-port".into()] }, None),
+                "active cell 9: \"no-port\" is not host:port".into(),
+            ),
+            (
+                add(9, CellReplicas { cell_id: 9, replicas: vec!["127.0.0.1:65535".into()] }, None),
+                "active cell 9: \"127.0.0.1:65535\": the port must leave room for the peer and admin planes (at most 65533)".into(),
+            ),
+            (
+                add(9, CellReplicas { cell_id: 9, replicas: vec![long.clone()] }, None),
+                format!("active cell 9: an address of {} bytes; at most {ADDRESS_MAX}", long.len()),
+            ),
+            (
+                table_command::Kind::AddPair(cellbank_proto::router::AddPair { pair_id: 9, active: None, standby: None }),
+                "pairs: pair 9 has no active cell".into(),
+            ),
+        ] {
+            let result = apply(&mut machine, &mut kv, command);
+            assert!(!result.ok);
+            assert_eq!(result.detail, refusal);
+        }
+        let after = view.borrow().clone();
+        assert_eq!((after.cells, after.pairs, after.slice_pair), (before.cells, before.pairs, before.slice_pair));
+    }
+
+    #[test]
+    fn a_config_that_differs_from_the_table_is_named() {
+        let table = bootstrap_table();
+        assert!(config_drift(&table, &RoutingTable::default()).is_empty(), "no table yet: nothing to compare");
+        assert!(config_drift(&table, &table).is_empty());
+        // A failover swaps the active in the table, not a difference.
+        let mut failed_over = table.clone();
+        failed_over.pairs[0].active_cell_id = 3;
+        failed_over.pairs[0].standby_cell_id = 1;
+        assert!(config_drift(&table, &failed_over).is_empty());
+        let mut edited = table.clone();
+        edited.slice_count = 8;
+        edited.cells[1].replicas = vec!["127.0.0.1:9".into()];
+        edited.cells.push(cell(5, &[500]));
+        edited.pairs.push(Pair { pair_id: 3, ..table.pairs[0] });
+        assert_eq!(
+            config_drift(&edited, &table),
+            vec![
+                "slice_count 8 (the table has 4)".to_string(),
+                "cell 2 at 127.0.0.1:9 (the table has 127.0.0.1:2)".into(),
+                "cell 5 (not in the table)".into(),
+                "pair 3 (not in the table)".into(),
+            ]
+        );
     }
 
     #[test]
