@@ -56,6 +56,21 @@ pub fn print_status(status: &ClusterStatus) {
             pair_status.outbox_oldest_age_ms
         );
     }
+    let moves = status.table.as_ref().map(|t| t.moves.clone()).unwrap_or_default();
+    if !moves.is_empty() {
+        println!("slice moves under way:");
+        let now = cellbank_client::clock::unix_ms();
+        for m in moves {
+            println!(
+                "  move {}: slice {} pair {} -> pair {} for {} ms",
+                m.move_id,
+                m.slice,
+                m.from_pair_id,
+                m.to_pair_id,
+                now.saturating_sub(m.started_ms)
+            );
+        }
+    }
     println!("replicas:");
     println!(
         "  {:<5} {:<22} {:<10} {:<9} {:>5} {:>9} {:>9} {:<10} {:>6}",
@@ -200,6 +215,44 @@ pub async fn add_pair(
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// Moves a slice (given, or the slice of `user`) to `to_pair`.
+pub async fn move_slice(
+    endpoints: &Endpoints,
+    auth: &AdminAuth,
+    slice: Option<u32>,
+    user: Option<u64>,
+    to_pair: u64,
+) -> anyhow::Result<()> {
+    let client = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref());
+    let slice = match (slice, user) {
+        (Some(slice), _) => slice,
+        (None, Some(user)) => {
+            let table = client.status().await?.table.unwrap_or_default();
+            anyhow::ensure!(table.slice_count > 0, "the routing table is not ready yet");
+            let slice = cellbank_client::slices::slice_of(user, table.slice_count);
+            println!("user {user} is in slice {slice}");
+            slice
+        }
+        (None, None) => anyhow::bail!("--slice or --user"),
+    };
+    let message = MoveSliceRequest { slice, to_pair_id: to_pair, who: auth.who.clone(), why: auth.why.clone() };
+    let response = client.move_slice(message).await?;
+    println!("{}", response.detail);
+    println!(
+        "slice {slice}: pair {} -> pair {} (move {}, slice epoch {}); writes to it waited at most {} ms; {} ms in all; \
+         {} account(s), {} record(s)",
+        response.from_pair_id,
+        response.to_pair_id,
+        response.move_id,
+        response.slice_epoch,
+        response.freeze_ms,
+        response.total_ms,
+        response.accounts,
+        response.records
+    );
+    Ok(())
 }
 
 pub async fn audit(endpoints: &Endpoints, auth: &AdminAuth) -> anyhow::Result<()> {

@@ -142,6 +142,22 @@ pub enum AdminAction {
         #[arg(long, default_value_t = 120)]
         wait_secs: u64,
     },
+    /// Move one slice to another pair under load: a brief freeze of that
+    /// slice's writes, its balances and records sent to the target, the
+    /// table flipped. Give the slice, or a user whose slice it is.
+    MoveSlice {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        slice: Option<u32>,
+        /// The user whose slice moves.
+        #[arg(long)]
+        user: Option<u64>,
+        #[arg(long)]
+        to_pair: u64,
+    },
     /// Print the routing table's audit log of admin actions.
     Audit {
         #[command(flatten)]
@@ -465,6 +481,9 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             crate::cluster::rebuild_standby(&endpoints, &auth, pair).await
         }
         AdminAction::Audit { endpoints, auth } => crate::cluster::audit(&endpoints, &auth).await,
+        AdminAction::MoveSlice { endpoints, auth, slice, user, to_pair } => {
+            crate::cluster::move_slice(&endpoints, &auth, slice, user, to_pair).await
+        }
         AdminAction::AddPair {
             endpoints,
             auth,

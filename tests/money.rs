@@ -415,6 +415,64 @@ async fn money_crosses_cells_exactly_once_through_a_whole_cell_failover() {
     assert_reconciles(&cluster).await;
 }
 
+/// Slices move between the two pairs one after another while transfers
+/// (same-cell and cross-cell) and envelope grabs run: the slice of an
+/// envelope's sender (its envelope open) is refused and nothing changes;
+/// every other move ends with the slice served by its new pair, and every
+/// outcome, balance, history, share and clearing figure checks out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn money_stays_exact_while_slices_move_under_load() {
+    use cellbank_proto::router::MoveSliceRequest;
+    let Setup { cluster, users, senders, heard, load } = setup(23).await;
+    let admin = cellbank::routers::ClusterClient::new(&cluster.routers(), None);
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let slice = |user: u64| cellbank_client::slices::slice_of(user, table.slice_count);
+    let request =
+        |slice: u32, to_pair_id: u64| MoveSliceRequest { slice, to_pair_id, who: String::new(), why: "test".into() };
+
+    // An envelope's sender's slice stays while the envelope is open.
+    let sender_slice = slice(senders[0].0);
+    let other = if table.slice_pair[sender_slice as usize] == 1 { 2 } else { 1 };
+    let refused = admin.move_slice(request(sender_slice, other)).await.expect_err("open envelopes stay");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("open"), "{}", refused.message());
+    assert!(refused.message().contains("rolled back"), "{}", refused.message());
+    let after = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!(after.slice_pair, table.slice_pair, "a refused move changes no slice");
+    assert!(after.moves.is_empty());
+
+    // Slices of users with accounts, none an envelope's sender.
+    let busy: BTreeSet<u32> = senders.iter().map(|(s, _)| slice(*s)).collect();
+    let mut movable: Vec<u32> = users.iter().map(|u| slice(*u)).filter(|s| !busy.contains(s)).collect();
+    movable.sort();
+    movable.dedup();
+    let mut freezes = Vec::new();
+    for &moving in movable.iter().take(4) {
+        let from = cluster.status().await.unwrap().table.unwrap().slice_pair[moving as usize];
+        let to = if from == 1 { 2 } else { 1 };
+        let done = admin.move_slice(request(moving, to)).await.expect("a move under load");
+        println!("{} ({} ms frozen, {} ms in all)", done.detail, done.freeze_ms, done.total_ms);
+        freezes.push(done.freeze_ms);
+        let table = cluster.status().await.unwrap().table.unwrap();
+        assert_eq!(table.slice_pair[moving as usize], to);
+        assert!(table.moves.is_empty());
+        wait_for_acks(&heard, 50, Duration::from_secs(20)).await;
+    }
+    assert_eq!(freezes.len(), 4, "four slices moved");
+    // And one back where it came from.
+    let back = movable[0];
+    let from = cluster.status().await.unwrap().table.unwrap().slice_pair[back as usize];
+    admin.move_slice(request(back, if from == 1 { 2 } else { 1 })).await.expect("moved back");
+    wait_for_acks(&heard, 100, Duration::from_secs(20)).await;
+    stop_load(&heard, load).await;
+    verify(&cluster, &users, &senders, &heard).await;
+    assert_reconciles(&cluster).await;
+    let audit = admin.audit_log().await.unwrap();
+    let finished = audit.iter().filter(|r| r.what.starts_with("finish move")).count();
+    assert_eq!(finished, 5, "every move is in the audit log");
+    assert!(audit.iter().any(|r| r.what.starts_with("roll back move")), "the refused one too");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     let cluster = Cluster::start(1, 2, |_| {});

@@ -31,7 +31,7 @@ use cellbank_client::retry::{Backoff, RetryPolicy};
 use cellbank_proto::cell::clearing_server::Clearing;
 use cellbank_proto::cell::{
     command, Command, CreditBatch, CreditResults, CreditSender, CrossCellBatch, CrossCellResults, ExpireCommand,
-    GrabBatch, GrabCommand, GrabResults, MoveCommand, OutboxEntry, SettleCommand,
+    GrabBatch, GrabCommand, GrabResults, MoveCommand, OutboxEntry, RedirectCommand, SettleCommand,
 };
 use cellbank_proto::router::courier_client::CourierClient;
 use cellbank_proto::v1::{GrabEnvelopeResponse, ResultCode, TransferKind, TransferResult};
@@ -58,6 +58,8 @@ pub const PASS_INTERVAL: Duration = Duration::from_millis(2);
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one delivery may take before it counts as failed.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How soon credits to a slice on the move are delivered again.
+pub const SLICE_MOVING_RETRY: Duration = Duration::from_millis(50);
 /// How often the sweeper looks for expired envelopes.
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 pub const EXPIRIES_PER_SWEEP_MAX: usize = 256;
@@ -77,6 +79,7 @@ async fn propose_items(
     context: &ReplicaContext,
     timeout: Duration,
     checked: Vec<Result<Command, validate::Invalid>>,
+    credits: bool,
 ) -> Result<Vec<TransferResult>, Status> {
     if checked.is_empty() {
         return Err(Status::invalid_argument("items: must hold at least one item"));
@@ -100,7 +103,11 @@ async fn propose_items(
         }
     }
     if !commands.is_empty() {
-        let applied = context.propose(timeout, commands).await?;
+        let applied = if credits {
+            context.propose_credits(timeout, commands).await?
+        } else {
+            context.propose(timeout, commands).await?
+        };
         for (position, result) in positions.into_iter().zip(applied) {
             results[position] = Some(result);
         }
@@ -141,7 +148,7 @@ impl Clearing for ClearingService {
                 Ok(Command { kind: Some(command::Kind::Move(movement)) })
             })
             .collect();
-        let results = propose_items(&self.context, timeout, checked).await?;
+        let results = propose_items(&self.context, timeout, checked, false).await?;
         Ok(Response::new(CrossCellResults { results }))
     }
 
@@ -164,7 +171,7 @@ impl Clearing for ClearingService {
                 Ok(Command { kind: Some(command::Kind::Grab(grab)) })
             })
             .collect();
-        let results = propose_items(&self.context, timeout, checked).await?;
+        let results = propose_items(&self.context, timeout, checked, false).await?;
         let results = items
             .into_iter()
             .zip(results)
@@ -206,7 +213,7 @@ impl Clearing for ClearingService {
             .collect();
         // `propose_items` answers only once every result may be acknowledged
         // (the same rule as a client write: the source settles on it).
-        let results = propose_items(&self.context, timeout, checked).await?;
+        let results = propose_items(&self.context, timeout, checked, true).await?;
         if let Some(stale) = results.iter().find(|r| r.code == ResultCode::StaleSender as i32) {
             let newest = crate::ledger::clearing::read_sender_epoch(
                 &cellbank_raft::ReadOnlyDb(&self.context.db),
@@ -396,16 +403,23 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
                 let first = next_router;
                 next_router = (next_router + 1) % clients.len();
                 tokio::spawn(async move {
-                    let settled = deliver(&context, &clients, first, &sender, &chunk).await;
+                    let (settled, moving) = deliver(&context, &clients, first, &sender, &chunk).await;
                     let mut state = state.lock().expect("courier lock");
                     for entry in &chunk {
                         state.in_flight.remove(&entry.seq);
-                        if settled.contains(&entry.seq) {
+                        if settled.contains(&entry.seq) || moving.contains(&entry.seq) {
                             state.dest_of.remove(&entry.seq);
                         }
                     }
                     if settled.len() == chunk.len() {
                         state.backoff.remove(&dest);
+                    } else if settled.len() + moving.len() == chunk.len() {
+                        // Only credits to slices on the move: asked again
+                        // soon, without the backoff of a sick destination.
+                        state.backoff.remove(&dest);
+                        state
+                            .backoff
+                            .insert(dest, (RetryPolicy::COURIER.backoff(), Instant::now() + SLICE_MOVING_RETRY));
                     } else {
                         context.metrics.credit_delivery_failures_total.inc();
                         let (mut backoff, _) = state
@@ -436,7 +450,8 @@ fn sender_of(context: &ReplicaContext, due: &[OutboxEntry]) -> Option<CreditSend
 }
 
 /// Delivers one batch and settles what got a final answer; returns the
-/// settled seqs. A router that says this cell is not its pair's active at
+/// settled seqs and those whose recipient's slice is on the move (each
+/// redirected when the answer names the pair it moved to). A router that says this cell is not its pair's active at
 /// its epoch makes it record its deposition.
 async fn deliver(
     context: &ReplicaContext,
@@ -444,7 +459,7 @@ async fn deliver(
     first: usize,
     sender: &CreditSender,
     entries: &[OutboxEntry],
-) -> std::collections::HashSet<u64> {
+) -> (std::collections::HashSet<u64>, std::collections::HashSet<u64>) {
     let batch = CreditBatch {
         credits: entries.iter().map(|e| e.credit.clone().unwrap_or_default()).collect(),
         sender: Some(*sender),
@@ -478,12 +493,25 @@ async fn deliver(
         }
     }
     let mut settled = std::collections::HashSet::new();
-    let Some(deliveries) = deliveries.filter(|d| d.len() == entries.len()) else { return settled };
+    let mut moving = std::collections::HashSet::new();
+    let Some(deliveries) = deliveries.filter(|d| d.len() == entries.len()) else { return (settled, moving) };
     let mut commands = Vec::new();
     let mut answers = Vec::new();
+    let mut redirects = Vec::new();
     for (entry, delivery) in entries.iter().zip(deliveries) {
         let result = delivery.result.unwrap_or_default();
         let code = ResultCode::try_from(result.code).unwrap_or(ResultCode::Unspecified);
+        if delivery.answered && code == ResultCode::SliceMoving {
+            // The recipient's slice is moving: wait for it; or it moved on,
+            // and the credit goes to the pair that serves it now.
+            moving.insert(entry.seq);
+            let from_pair_id = entry.credit.as_ref().map(|c| c.dest_pair_id).unwrap_or(0);
+            if result.moved_to_pair_id != 0 && from_pair_id != 0 {
+                let redirect = RedirectCommand { seq: entry.seq, from_pair_id, to_pair_id: result.moved_to_pair_id };
+                redirects.push(Command { kind: Some(command::Kind::Redirect(redirect)) });
+            }
+            continue;
+        }
         if !delivery.answered || !settles(code) {
             if delivery.answered {
                 tracing::warn!(seq = entry.seq, code = code.short_name(), detail = %result.detail, "a credit got no final answer");
@@ -494,8 +522,18 @@ async fn deliver(
         commands.push(Command { kind: Some(command::Kind::Settle(settle)) });
         answers.push((entry.seq, code));
     }
+    if !redirects.is_empty() {
+        match context.within(DELIVERY_TIMEOUT, context.node.propose(redirects)).await {
+            Ok(results) => {
+                for result in results.iter().filter(|r| r.code != ResultCode::Ok as i32) {
+                    tracing::warn!(detail = %result.detail, "a credit's redirect did not apply; it is asked again");
+                }
+            }
+            Err(status) => tracing::debug!(%status, "redirecting credits failed; they are delivered again"),
+        }
+    }
     if commands.is_empty() {
-        return settled;
+        return (settled, moving);
     }
     match context.within(DELIVERY_TIMEOUT, context.node.propose(commands)).await {
         Ok(results) => {
@@ -514,7 +552,7 @@ async fn deliver(
         }
         Err(status) => tracing::debug!(%status, "settling delivered credits failed; they are delivered again"),
     }
-    settled
+    (settled, moving)
 }
 
 /// Expired envelopes with money left, by expiry (at most `limit`).

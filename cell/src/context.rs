@@ -167,6 +167,24 @@ impl ReplicaContext {
         timeout: Duration,
         commands: Vec<Command>,
     ) -> Result<Vec<TransferResult>, Status> {
+        self.propose_of(timeout, commands, false).await
+    }
+
+    /// [`Self::propose`] for credits: each result is passed back as it is.
+    pub(crate) async fn propose_credits(
+        &self,
+        timeout: Duration,
+        commands: Vec<Command>,
+    ) -> Result<Vec<TransferResult>, Status> {
+        self.propose_of(timeout, commands, true).await
+    }
+
+    async fn propose_of(
+        &self,
+        timeout: Duration,
+        commands: Vec<Command>,
+        credits: bool,
+    ) -> Result<Vec<TransferResult>, Status> {
         if let Some(refusal) = self.disk.refusal(self.cell_id, self.replica_id) {
             return Err(refusal);
         }
@@ -175,6 +193,16 @@ impl ReplicaContext {
         if let Some(refused) = results.iter().find(|r| r.code == ResultCode::CellNotWritable as i32) {
             let epoch = self.pair.borrow().epoch;
             return Err(with_epoch(Status::unavailable(format!("nothing applied: {}", refused.detail)), epoch));
+        }
+        // A write for a user whose slice is moving (or has moved) away:
+        // the caller retries it where the routing table then sends it (the
+        // other items of the call are idempotent: a retry answers them as
+        // recorded). A credit's answer is the courier's to read.
+        let refused = results.iter().find(|r| r.code == ResultCode::SliceMoving as i32);
+        if let Some(refused) = refused.filter(|_| !credits) {
+            let epoch = self.pair.borrow().epoch;
+            let message = format!("nothing applied for that user: {}; ask the routers again", refused.detail);
+            return Err(with_epoch(Status::unavailable(message), epoch));
         }
         // The client hears of these results only once they may be
         // acknowledged: the entry that carried them is judged by the rule

@@ -61,6 +61,11 @@ pub fn policy(cell_id: u64) -> Policy {
         (Plane::Peer, "/cellbank.cell.v1.Clearing/", Allow::ROUTERS),
         (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/", Allow::ROUTERS.or(Allow::OPERATORS)),
         (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/Configure", Allow::ROUTERS),
+        // A slice's move: the coordinator's steps only.
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/FreezeSlice", Allow::ROUTERS),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ThawSlice", Allow::ROUTERS),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ExportSlice", Allow::ROUTERS),
+        (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ImportSlice", Allow::ROUTERS),
         (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/ChangeMembership", Allow::OPERATORS),
         (Plane::Admin, "/cellbank.cell.v1.ReplicaAdmin/TransferLeader", Allow::OPERATORS),
         (Plane::Admin, "/cellbank.cell.v1.FaultPoints/", Allow::OPERATORS),

@@ -156,6 +156,16 @@ impl ClusterClient {
         .await
     }
 
+    /// Moves a slice to another pair (not repeated if its outcome is
+    /// unknown: the table shows whether the move ended).
+    pub async fn move_slice(&self, message: MoveSliceRequest) -> Result<MoveSliceResponse, Status> {
+        self.call(false, |mut c, m| {
+            let message = message.clone();
+            async move { c.move_slice(request(message, m)).await }
+        })
+        .await
+    }
+
     /// The routers' audit log of operator and coordinator actions.
     pub async fn audit_log(&self) -> Result<Vec<AuditRecord>, Status> {
         let response =

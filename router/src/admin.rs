@@ -256,6 +256,18 @@ impl RouterAdmin for AdminService {
         Ok(Response::new(response))
     }
 
+    async fn move_slice(&self, request: Request<MoveSliceRequest>) -> Result<Response<MoveSliceResponse>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let who = Self::who(&request, &request.get_ref().who);
+        let r = request.into_inner();
+        if r.to_pair_id == 0 {
+            return Err(Status::invalid_argument("to_pair_id: must be set"));
+        }
+        let response = self.coordinator.move_slice(r.slice, r.to_pair_id, &who, &r.why).await?;
+        Ok(Response::new(response))
+    }
+
     async fn isolate_cells(
         &self,
         request: Request<IsolateCellsRequest>,

@@ -285,7 +285,10 @@ impl CellPool {
     {
         let mut backoff = RetryPolicy::ROUTER.backoff();
         let mut last_error: Option<Status> = None;
+        let mut table_changes = self.table.subscribe();
         loop {
+            let mut wait_for_table = false;
+            table_changes.borrow_and_update();
             let now = Instant::now();
             if now >= deadline {
                 return Err(last_error.unwrap_or_else(|| Status::deadline_exceeded("no cell answered in time")));
@@ -345,12 +348,19 @@ impl CellPool {
                 self.count_retry("unreachable");
                 cell.rotate(position);
             } else {
+                // Not serving: a failover, or the user's slice moving away.
+                // Either ends with a new table, so a change wakes the retry.
                 self.count_retry("cell_not_serving");
+                wait_for_table = true;
             }
             last_error = Some(status);
             if !retry_now {
-                let delay = backoff.next_delay(false);
-                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+                let delay = backoff.next_delay(false).min(deadline.saturating_duration_since(Instant::now()));
+                if wait_for_table {
+                    let _ = tokio::time::timeout(delay, table_changes.changed()).await;
+                } else {
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
     }
@@ -450,6 +460,8 @@ mod tests {
             slice_pair: vec![1],
             slice_epoch: vec![epoch],
             audit_count: 0,
+            moves: vec![],
+            last_move_id: 0,
         }
     }
 

@@ -33,9 +33,10 @@ use cellbank_client::pair::PROMOTION_SETTLE;
 use cellbank_proto::cell::{
     ConfigureRequest, ConfigureResponse, PairRole, PairState, ReplicaStatus, ReplicationMode, StatusRequest,
 };
+use cellbank_proto::cell::{ExportSliceRequest, FreezeSliceCommand, ThawSliceCommand};
 use cellbank_proto::router::{
-    table_command, AdminActionResponse, AuditRecord, ChangeActive, Pair, PairMode, RoutingTable, SetPairMode,
-    TableCommand,
+    table_command, AdminActionResponse, AuditRecord, BeginMove, ChangeActive, EndMove, MoveSliceResponse, Pair,
+    PairMode, RoutingTable, SetPairMode, SliceMove, TableCommand,
 };
 use cellbank_raft::driver::{DriverHandle, NodeError};
 use cellbank_raft::node::ProposeError;
@@ -106,6 +107,16 @@ pub enum CoordinatorError {
     /// A pair to add that the table would refuse, found before proposing.
     #[error("{0}")]
     BadNewPair(TableRefusal),
+    /// A slice move the table would refuse, found before anything moved.
+    #[error("{0}")]
+    BadMove(TableRefusal),
+    #[error("move {move_id} was rolled back, nothing moved: {why}")]
+    MoveRolledBack { move_id: u64, why: String },
+    #[error(
+        "move {move_id} has not ended: {why}; the slice's money left its old pair, so the coordinator finishes \
+         the move (see `cellbank status`)"
+    )]
+    MoveStuck { move_id: u64, why: String },
     /// A cell's own answer to a configure call, passed on as it came.
     #[error("{}", .status.message())]
     Cell { cell_id: u64, status: Status },
@@ -134,6 +145,14 @@ impl CoordinatorError {
                 TableRefusal::NotBootstrapped => Code::FailedPrecondition,
                 _ => Code::InvalidArgument,
             },
+            CoordinatorError::BadMove(refusal) => match refusal {
+                TableRefusal::UnknownSlice { .. } | TableRefusal::UnknownPair(_) => Code::NotFound,
+                TableRefusal::SamePair { .. } => Code::InvalidArgument,
+                TableRefusal::AlreadyMoving { .. } => Code::AlreadyExists,
+                _ => Code::FailedPrecondition,
+            },
+            CoordinatorError::MoveRolledBack { .. } => Code::FailedPrecondition,
+            CoordinatorError::MoveStuck { .. } => Code::Aborted,
             CoordinatorError::Cell { status, .. } => status.code(),
             // The table changed: the action happened, and the coordinator
             // finishes it. Not UNAVAILABLE, which says nothing was done and
@@ -170,6 +189,14 @@ impl From<CoordinatorError> for Status {
 const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time limit of one routing-table proposal.
 const TABLE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time limit of one call of a slice move's step.
+const MOVE_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a frozen slice waits for its credits out to settle before the
+/// move is rolled back.
+const MOVE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a move whose money left keeps asking the target to import
+/// before it reports the move stuck (the next pass carries on).
+const MOVE_IMPORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A switchover waits this long for the standby to catch up after fencing.
 const SWITCHOVER_CATCH_UP_MAX: Duration = Duration::from_secs(5);
 
@@ -207,6 +234,8 @@ pub struct Coordinator {
     health: Mutex<HashMap<u64, CellHealth>>,
     actions: tokio::sync::Mutex<()>,
     metrics: Arc<RouterMetrics>,
+    /// Slice moves this router is driving now (by move id).
+    driving: Mutex<std::collections::HashSet<u64>>,
 }
 
 fn is_leader_role(status: &ReplicaStatus) -> bool {
@@ -243,6 +272,7 @@ impl Coordinator {
             health: Mutex::new(HashMap::new()),
             actions: tokio::sync::Mutex::new(()),
             metrics,
+            driving: Mutex::new(Default::default()),
         })
     }
 
@@ -313,6 +343,7 @@ impl Coordinator {
                 tracing::warn!("coordinator pass: {e}");
             }
             self.export_gauges();
+            self.resume_moves();
         }
     }
 
@@ -735,6 +766,183 @@ impl Coordinator {
             detail,
             ..Default::default()
         })
+    }
+
+    /// Moves `slice` to `to_pair_id` (see [`Coordinator::drive_move`]):
+    /// records the move in the table, then drives it to its end.
+    pub async fn move_slice(
+        self: &Arc<Self>,
+        slice: u32,
+        to_pair_id: u64,
+        who: &str,
+        why: &str,
+    ) -> Result<MoveSliceResponse, CoordinatorError> {
+        self.require_leader()?;
+        let started = Instant::now();
+        let record = {
+            let _guard = self.actions.lock().await;
+            self.table_barrier().await?;
+            table::check_move(&self.pool.table(), slice, to_pair_id).map_err(CoordinatorError::BadMove)?;
+            let command = TableCommand {
+                kind: Some(table_command::Kind::BeginMove(BeginMove { slice, to_pair_id })),
+                audit: Some(audit(who, format!("move slice {slice} to pair {to_pair_id}"), why)),
+            };
+            self.propose(command).await?;
+            let table = self.pool.table();
+            table.moves.iter().find(|m| m.slice == slice).cloned().ok_or(CoordinatorError::TableTimeout)?
+        };
+        if !self.driving.lock().expect("driving lock").insert(record.move_id) {
+            return Err(CoordinatorError::TableRefused(format!("move {} is already being driven", record.move_id)));
+        }
+        let outcome = self.drive_move(&record).await;
+        self.driving.lock().expect("driving lock").remove(&record.move_id);
+        let mut response = outcome?;
+        response.total_ms = started.elapsed().as_millis() as u64;
+        Ok(response)
+    }
+
+    /// Drives the table's moves that no task of this router drives (a move
+    /// a previous coordinator began), each to its end.
+    fn resume_moves(self: &Arc<Self>) {
+        let table = self.pool.table();
+        for record in table.moves {
+            if !self.driving.lock().expect("driving lock").insert(record.move_id) {
+                continue;
+            }
+            let coordinator = self.clone();
+            tokio::spawn(async move {
+                tracing::info!(move_id = record.move_id, slice = record.slice, "resuming a slice move");
+                match coordinator.drive_move(&record).await {
+                    Ok(done) => tracing::info!(move_id = record.move_id, "{}", done.detail),
+                    Err(e) => tracing::warn!(move_id = record.move_id, "the move did not end: {e}; retried"),
+                }
+                coordinator.driving.lock().expect("driving lock").remove(&record.move_id);
+            });
+        }
+    }
+
+    /// One move, every step idempotent so that any coordinator can run it
+    /// again from the start: freeze the slice at the source; wait for the
+    /// slice's credits out to settle (then its balances leave: SliceOut)
+    /// and take its records; import them at the target; flip the table.
+    /// Until the balances leave, a failure rolls the move back (thaw, and
+    /// the table forgets it); afterwards it only goes forward.
+    async fn drive_move(&self, record: &SliceMove) -> Result<MoveSliceResponse, CoordinatorError> {
+        let (slice, from, to, move_id) = (record.slice, record.from_pair_id, record.to_pair_id, record.move_id);
+        let slice_count = self.pool.table().slice_count;
+        let frozen_at = Instant::now();
+        let freeze = FreezeSliceCommand { move_id, slice, slice_count, to_pair_id: to };
+        let step_deadline = || Instant::now() + MOVE_STEP_TIMEOUT;
+        let frozen = self
+            .pool
+            .call_admin(
+                table::to_pair(from),
+                step_deadline(),
+                freeze,
+                |mut c, r| async move { c.freeze_slice(r).await },
+            )
+            .await;
+        if let Err(status) = frozen {
+            self.end_move(move_id, false, &format!("the source did not freeze the slice: {}", status.message()))
+                .await?;
+            return Err(CoordinatorError::MoveRolledBack { move_id, why: status.message().to_string() });
+        }
+        // Its credits out settle within a few courier rounds.
+        let request = ExportSliceRequest { move_id, slice, source_pair_id: from, to_pair_id: to };
+        let drain_until = Instant::now() + MOVE_DRAIN_TIMEOUT;
+        let exported = loop {
+            let asked = self
+                .pool
+                .call_admin(table::to_pair(from), step_deadline(), request, |mut c, r| async move {
+                    c.export_slice(r).await
+                })
+                .await;
+            match asked {
+                Ok(exported) => break exported,
+                Err(status) => {
+                    let retry =
+                        status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::DeadlineExceeded;
+                    if retry && Instant::now() < drain_until {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    // Rolled back unless the money already left (then the
+                    // thaw is refused, and a later pass goes forward).
+                    let thaw = ThawSliceCommand { move_id, slice };
+                    let thawed = self
+                        .pool
+                        .call_admin(table::to_pair(from), step_deadline(), thaw, |mut c, r| async move {
+                            c.thaw_slice(r).await
+                        })
+                        .await;
+                    let why = status.message().to_string();
+                    return match thawed {
+                        Ok(_) => {
+                            self.end_move(move_id, false, &why).await?;
+                            Err(CoordinatorError::MoveRolledBack { move_id, why })
+                        }
+                        Err(refused) => Err(CoordinatorError::MoveStuck {
+                            move_id,
+                            why: format!("{why}; the rollback was refused: {}", refused.message()),
+                        }),
+                    };
+                }
+            }
+        };
+        let import = exported.import.clone().unwrap_or_default();
+        // From here the slice's money has left the source: forward only.
+        let import_until = Instant::now() + MOVE_IMPORT_TIMEOUT;
+        loop {
+            let imported = self
+                .pool
+                .call_admin(table::to_pair(to), step_deadline(), import.clone(), |mut c, r| async move {
+                    c.import_slice(r).await
+                })
+                .await;
+            match imported {
+                Ok(_) => break,
+                Err(status) if Instant::now() < import_until && status.code() != tonic::Code::FailedPrecondition => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => {
+                    return Err(CoordinatorError::MoveStuck {
+                        move_id,
+                        why: format!("pair {to} did not import the slice: {}", status.message()),
+                    })
+                }
+            }
+        }
+        let detail = self.end_move(move_id, true, "").await?;
+        let freeze_ms = frozen_at.elapsed().as_millis() as u64;
+        self.metrics.actions_total.with_label_values(&["move_slice"]).inc();
+        let slice_epoch = self.pool.table().slice_epoch.get(slice as usize).copied().unwrap_or(0);
+        Ok(MoveSliceResponse {
+            move_id,
+            from_pair_id: from,
+            to_pair_id: to,
+            slice_epoch,
+            freeze_ms,
+            total_ms: 0,
+            accounts: exported.accounts,
+            records: exported.records,
+            detail,
+        })
+    }
+
+    /// Ends a move in the table (done: the slice is the target's). A move
+    /// already ended (by an earlier run) is not an error.
+    async fn end_move(&self, move_id: u64, done: bool, why: &str) -> Result<String, CoordinatorError> {
+        let _guard = self.actions.lock().await;
+        self.table_barrier().await?;
+        if !self.pool.table().moves.iter().any(|m| m.move_id == move_id) {
+            return Ok(format!("move {move_id} ended before"));
+        }
+        let what = if done { format!("finish move {move_id}") } else { format!("roll back move {move_id}") };
+        let command = TableCommand {
+            kind: Some(table_command::Kind::EndMove(EndMove { move_id, done })),
+            audit: Some(audit("coordinator", what, why)),
+        };
+        self.propose(command).await
     }
 
     fn require_leader(&self) -> Result<(), CoordinatorError> {

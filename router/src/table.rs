@@ -7,8 +7,10 @@
 //! - The table is bootstrapped once; afterwards the slice count never
 //!   changes, and cells and pairs are only added (`AddPair`: new ids, new
 //!   addresses, no slices), never removed.
-//! - A pair's epoch only grows, by exactly one per change of active cell,
-//!   and every slice of the pair carries the pair's epoch.
+//! - A pair's epoch only grows, by exactly one per change of active cell.
+//!   A slice's epoch grows by one when its pair's active changes and when
+//!   it moves to another pair (`EndMove`); a move is recorded from
+//!   `BeginMove` to `EndMove`, at most one per slice.
 //! - A pair with no standby is never failed over and has mode NO_STANDBY.
 //! - Every admin action that applies leaves an audit record (who, what,
 //!   when, why); the record's time is the proposer's clock, in the entry.
@@ -16,7 +18,7 @@
 use std::sync::Arc;
 
 use cellbank_proto::router::{
-    table_command, AuditRecord, CellReplicas, Pair, PairMode, RoutingTable, TableBatch, TableCommand,
+    table_command, AuditRecord, CellReplicas, Pair, PairMode, RoutingTable, SliceMove, TableBatch, TableCommand,
     TableCommandResult,
 };
 use cellbank_raft::{Kv, StateMachine};
@@ -136,6 +138,49 @@ pub enum TableRefusal {
     BadCell { cell: String, detail: String },
     #[error("address {addr} is already a replica of cell {cell}")]
     AddressTaken { addr: String, cell: u64 },
+    #[error("slice {slice}: there are {count} slices (0 to {})", .count - 1)]
+    UnknownSlice { slice: u32, count: u32 },
+    #[error("slice {slice} already belongs to pair {pair}")]
+    SamePair { slice: u32, pair: u64 },
+    #[error("slice {slice} is already moving (move {move_id}, to pair {to})")]
+    AlreadyMoving { slice: u32, move_id: u64, to: u64 },
+    #[error("pair {pair} is {}: {role} pair must be SYNC (or have no standby) for a slice to move", .mode.as_str_name())]
+    NotReady { pair: u64, mode: PairMode, role: &'static str },
+    #[error("{0} moves are under way; one more waits until one ends")]
+    TooManyMoves(usize),
+    #[error("no move {0} is under way")]
+    UnknownMove(u64),
+}
+
+/// Most slice moves under way at once.
+pub const MOVES_MAX: usize = 16;
+
+/// Checks a move of `slice` to `to_pair_id` against `table`: the slice
+/// exists and belongs to another pair, no move of it is under way, and
+/// both pairs are SYNC (or without a standby). Returns the source pair.
+pub fn check_move(table: &RoutingTable, slice: u32, to_pair_id: u64) -> Result<u64, TableRefusal> {
+    if table.slice_count == 0 {
+        return Err(TableRefusal::NotBootstrapped);
+    }
+    let from =
+        *table.slice_pair.get(slice as usize).ok_or(TableRefusal::UnknownSlice { slice, count: table.slice_count })?;
+    let target = find_pair(table, to_pair_id).ok_or(TableRefusal::UnknownPair(to_pair_id))?;
+    if from == to_pair_id {
+        return Err(TableRefusal::SamePair { slice, pair: from });
+    }
+    if let Some(moving) = table.moves.iter().find(|m| m.slice == slice) {
+        return Err(TableRefusal::AlreadyMoving { slice, move_id: moving.move_id, to: moving.to_pair_id });
+    }
+    if table.moves.len() >= MOVES_MAX {
+        return Err(TableRefusal::TooManyMoves(table.moves.len()));
+    }
+    let source = find_pair(table, from).ok_or(TableRefusal::UnknownPair(from))?;
+    for (pair, role) in [(target, "the target"), (source, "the source")] {
+        if !matches!(mode(pair), PairMode::Sync | PairMode::NoStandby) {
+            return Err(TableRefusal::NotReady { pair: pair.pair_id, mode: mode(pair), role });
+        }
+    }
+    Ok(from)
 }
 
 /// Most replicas a cell added through the table may have (a Raft group
@@ -355,10 +400,43 @@ impl TableMachine {
                 let active = pair.active_cell_id;
                 for (slice, owner) in self.table.slice_pair.iter().enumerate() {
                     if *owner == pair_id {
-                        self.table.slice_epoch[slice] = epoch;
+                        self.table.slice_epoch[slice] += 1;
                     }
                 }
                 Ok(Some(format!("cell {active} is active at epoch {epoch}")))
+            }
+            Some(table_command::Kind::BeginMove(begin)) => {
+                let from = check_move(&self.table, begin.slice, begin.to_pair_id)?;
+                self.table.last_move_id += 1;
+                let move_id = self.table.last_move_id;
+                self.table.moves.push(SliceMove {
+                    move_id,
+                    slice: begin.slice,
+                    from_pair_id: from,
+                    to_pair_id: begin.to_pair_id,
+                    started_ms: timestamp_ms,
+                });
+                Ok(Some(format!("move {move_id}: slice {} from pair {from} to pair {}", begin.slice, begin.to_pair_id)))
+            }
+            Some(table_command::Kind::EndMove(end)) => {
+                let position = self
+                    .table
+                    .moves
+                    .iter()
+                    .position(|m| m.move_id == end.move_id)
+                    .ok_or(TableRefusal::UnknownMove(end.move_id))?;
+                let moved = self.table.moves.remove(position);
+                let slice = moved.slice as usize;
+                if !end.done {
+                    return Ok(Some(format!("move {}: rolled back; slice {slice} stays", moved.move_id)))
+                        .inspect(|_| write_table(kv, &self.table));
+                }
+                self.table.slice_pair[slice] = moved.to_pair_id;
+                self.table.slice_epoch[slice] += 1;
+                Ok(Some(format!(
+                    "move {}: slice {slice} is served by pair {} at slice epoch {}",
+                    moved.move_id, moved.to_pair_id, self.table.slice_epoch[slice]
+                )))
             }
             Some(table_command::Kind::AddPair(add)) => {
                 let (pair, cells) = check_add_pair(&self.table, add)?;

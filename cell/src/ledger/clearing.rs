@@ -62,7 +62,7 @@ fn read_position(kv: &dyn Kv, peer: u64, currency: Currency) -> Position {
     kv.get(&keys::position(peer, currency)).map(|v| Position::decode(&v)).unwrap_or_default()
 }
 
-fn update_position(kv: &mut dyn Kv, peer: u64, currency: Currency, change: impl FnOnce(&mut Position)) {
+pub(super) fn update_position(kv: &mut dyn Kv, peer: u64, currency: Currency, change: impl FnOnce(&mut Position)) {
     let mut position = read_position(kv, peer, currency);
     change(&mut position);
     kv.put(&keys::position(peer, currency), &position.encode());
@@ -89,8 +89,8 @@ pub fn validate_credit(credit: &CreditCommand) -> Result<Currency, validate::Inv
         return Err(invalid("seq", "must be set"));
     }
     let kind = TransferKind::try_from(credit.kind).unwrap_or(TransferKind::Unspecified);
-    if kind != TransferKind::Transfer && kind != TransferKind::EnvelopeGrab {
-        return Err(invalid("kind", "a credit comes from a TRANSFER or an ENVELOPE_GRAB"));
+    if kind != TransferKind::Transfer && kind != TransferKind::EnvelopeGrab && kind != TransferKind::SliceMove {
+        return Err(invalid("kind", "a credit comes from a TRANSFER, an ENVELOPE_GRAB or a SLICE_MOVE"));
     }
     if credit.transfer_id.is_empty() || credit.transfer_id.len() > CREDIT_ID_BYTES_MAX {
         return Err(invalid("transfer_id", "must be 1 to 255 bytes (a transfer id or an envelope id)"));
@@ -180,6 +180,19 @@ impl Ledger {
         timestamp_ms: u64,
         credit: &CreditCommand,
     ) -> TransferResult {
+        self.apply_credit_of(kv, index, timestamp_ms, credit, false)
+    }
+
+    /// [`Ledger::apply_credit`]; `importing`: inside a slice's import,
+    /// the only place a SLICE_MOVE credit applies.
+    pub(super) fn apply_credit_of(
+        &mut self,
+        kv: &mut dyn Kv,
+        index: u64,
+        timestamp_ms: u64,
+        credit: &CreditCommand,
+        importing: bool,
+    ) -> TransferResult {
         let currency = match validate_credit(credit) {
             Ok(currency) => currency,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
@@ -241,6 +254,15 @@ impl Ledger {
             }
             return recorded_answer(&recorded);
         }
+        if !importing {
+            if credit.kind == TransferKind::SliceMove as i32 {
+                let detail = format!("credit {} moves a slice: it applies with the slice's import", credit.seq);
+                return rejection(ResultCode::SliceMoving, "kind", detail, index);
+            }
+            if let Some(refusal) = self.slice_refusal(kv, credit.to_user_id, index) {
+                return refusal;
+            }
+        }
         let debit = AccountId::clearing(credit.source_pair_id, currency);
         let recipient = AccountId::user(credit.to_user_id, currency);
         let (code, detail) = self.post(kv, &debit, &recipient, credit.amount, &key);
@@ -289,6 +311,7 @@ impl Ledger {
 pub fn holds_debit(kv: &dyn Kv, credit: &cellbank_proto::cell::InboxCredit) -> bool {
     let record = match TransferKind::try_from(credit.kind) {
         Ok(TransferKind::Transfer) => read_record(kv, &super::transfer_key(&credit.transfer_id)),
+        Ok(TransferKind::SliceMove) => read_record(kv, &keys::slice_move(credit.to_user_id, &credit.transfer_id)),
         Ok(TransferKind::EnvelopeGrab) => {
             let Ok(envelope_id) = std::str::from_utf8(&credit.transfer_id) else { return false };
             kv.get(&keys::grabber(envelope_id, credit.to_user_id))
@@ -350,6 +373,14 @@ impl Ledger {
             record.settlement = Settlement::Credited as i32;
             record.credited_at_ms = settle.credited_at_ms;
         } else {
+            // Never into a slice that left (its money went with it); a
+            // frozen one takes its refunds, which is how it drains.
+            let gone = super::slices::mark_of_user(self.marks(kv), entry.refund_user_id)
+                .is_some_and(|m| m.mark == cellbank_proto::cell::SliceMark::Gone as i32);
+            if gone {
+                let detail = format!("user {}'s slice moved to another pair", entry.refund_user_id);
+                return rejection(ResultCode::SliceMoving, "refund_user_id", detail, index);
+            }
             let refund_key = keys::refund(settle.seq);
             let clearing = AccountId::clearing(credit.dest_pair_id, currency);
             let sender = AccountId::user(entry.refund_user_id, currency);

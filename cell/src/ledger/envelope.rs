@@ -93,6 +93,9 @@ impl Ledger {
             Ok(currency) => currency,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
+        if let Some(refusal) = self.slice_refusal(kv, send.sender_user_id, index) {
+            return refusal;
+        }
         let id = envelope_id(send.sender_user_id, &send.transfer_id);
         // A retry is answered before the clock is looked at: the expiry it
         // names may have passed since the send.
@@ -170,6 +173,13 @@ impl Ledger {
             Ok(sender) => sender,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
+        // The envelope lives with its sender's slice; a grabber of this
+        // pair is credited here.
+        let local = grab.grabber_pair_id == grab.envelope_pair_id;
+        let users: &[u64] = if local { &[sender, grab.user_id] } else { &[sender] };
+        if let Some(refusal) = self.slices_refusal(kv, users, index) {
+            return refusal;
+        }
         let Some(mut envelope) = read_envelope(kv, &grab.envelope_id) else {
             return rejection(ResultCode::EnvelopeNotFound, "envelope_id", "no such envelope".into(), index);
         };
@@ -213,7 +223,6 @@ impl Ledger {
             return rejection(ResultCode::EnvelopeExpired, "envelope_id", "the envelope expired".into(), index);
         }
         let currency = Currency::parse(&envelope.currency).expect("envelope currencies were validated");
-        let local = grab.grabber_pair_id == grab.envelope_pair_id;
         if local && self.account(kv, &AccountId::user(grab.user_id, currency)).is_none() {
             return rejection(
                 ResultCode::AccountNotFound,
@@ -294,6 +303,9 @@ impl Ledger {
         let Some(mut envelope) = read_envelope(kv, &expire.envelope_id) else {
             return rejection(ResultCode::EnvelopeNotFound, "envelope_id", "no such envelope".into(), index);
         };
+        if let Some(refusal) = self.slice_refusal(kv, envelope.sender_user_id, index) {
+            return refusal;
+        }
         match state(&envelope) {
             EnvelopeState::Expired => {
                 return rejection(ResultCode::EnvelopeExpired, "", "expired before".into(), index)

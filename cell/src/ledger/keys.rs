@@ -24,6 +24,13 @@
 //! - `'G' len id user` the share position a user holds (u32).
 //! - `'r' len id` the refund record of an expired envelope.
 //! - `'x' expires_at len id` an open envelope, by expiry.
+//! - `'w'` the slices moving out of, gone from or moved into this cell
+//!   (`SliceMarks`).
+//! - `'v' user transfer_id` the record of a balance leaving with its slice
+//!   (`TransferRecord`, kind SLICE_MOVE).
+//! - `'M' source_pair key` a record a moved slice brought from its old
+//!   pair (the key it had there, without its prefix byte), kept apart from
+//!   this cell's own records; the slice's histories name it.
 
 use super::Currency;
 use cellbank_raft::storage::STATE_PREFIX;
@@ -38,6 +45,29 @@ pub const ENVELOPE_PREFIX: &[u8] = &[STATE_PREFIX, b'e'];
 pub const EXPIRY_PREFIX: &[u8] = &[STATE_PREFIX, b'x'];
 pub const ACCOUNT_PREFIX: &[u8] = &[STATE_PREFIX, b'a'];
 pub const HISTORY_PREFIX: &[u8] = &[STATE_PREFIX, b'h'];
+pub const SLICE_MARKS: &[u8] = &[STATE_PREFIX, b'w'];
+pub const MOVED_PREFIX: &[u8] = &[STATE_PREFIX, b'M'];
+pub const TRANSFER_PREFIX: &[u8] = &[STATE_PREFIX, b't'];
+
+/// The record of part of a user's balance leaving with its slice.
+pub fn slice_move(user_id: u64, transfer_id: &[u8]) -> Vec<u8> {
+    with(&[STATE_PREFIX, b'v'], &[&user_id.to_be_bytes(), transfer_id])
+}
+
+/// Where a record that came with a moved slice from `source_pair_id`
+/// (under `key` there) is kept.
+pub fn moved(source_pair_id: u64, key: &[u8]) -> Vec<u8> {
+    with(MOVED_PREFIX, &[&source_pair_id.to_be_bytes(), key.get(1..).unwrap_or_default()])
+}
+
+/// The sender of the envelope an envelope record (`'e'`, `'g'`, `'G'`,
+/// `'r'`) belongs to: ids are `<sender>.<transfer id>`.
+pub fn envelope_sender_of_key(key: &[u8]) -> Option<u64> {
+    let rest = key.get(2..)?;
+    let len = *rest.first()? as usize;
+    let id = std::str::from_utf8(rest.get(1..1 + len)?).ok()?;
+    id.split_once('.')?.0.parse().ok()
+}
 
 fn with(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut key = Vec::with_capacity(prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());

@@ -23,6 +23,7 @@ pub mod envelope;
 pub mod keys;
 pub mod pair;
 pub mod records;
+pub mod slices;
 
 use std::collections::BTreeMap;
 
@@ -336,6 +337,8 @@ pub struct Ledger {
     /// The pair state slot of the command being applied (the epoch a new
     /// outbox entry was created under comes from it).
     applying_slot: Option<pair::Slot>,
+    /// Cached slice marks (`slices`); dropped whenever the state is replaced.
+    marks: Option<cellbank_proto::cell::SliceMarks>,
 }
 
 /// Why shipped entries or a snapshot chunk cannot be taken at all.
@@ -436,6 +439,7 @@ impl Ledger {
     /// force from `applied` (a restart, or a state replaced wholesale).
     pub fn load_pair_view(&mut self, kv: &dyn Kv, applied: u64) {
         self.accounts.clear();
+        self.marks = None;
         self.pair_own = None;
         self.pair_source = None;
         let state = pair::read(kv, pair::Slot::Own);
@@ -545,6 +549,11 @@ impl Ledger {
             | Some(command::Kind::SendEnvelope(_))
             | Some(command::Kind::Grab(_))
             | Some(command::Kind::Expire(_))
+            | Some(command::Kind::FreezeSlice(_))
+            | Some(command::Kind::ThawSlice(_))
+            | Some(command::Kind::SliceOut(_))
+            | Some(command::Kind::SliceIn(_))
+            | Some(command::Kind::Redirect(_))
                 if !pair::writable(&self.pair(kv, slot)) =>
             {
                 let state = self.pair(kv, slot);
@@ -585,6 +594,26 @@ impl Ledger {
             Some(command::Kind::Expire(expire)) => {
                 let now = ledger_clock(kv, timestamp_ms);
                 let result = self.expire(kv, index, now, expire);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::FreezeSlice(freeze)) => self.freeze_slice(kv, index, freeze),
+            Some(command::Kind::ThawSlice(thaw)) => self.thaw_slice(kv, index, thaw),
+            Some(command::Kind::SliceOut(out)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.slice_out(kv, index, now, out);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::SliceIn(import)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.slice_in(kv, index, now, import);
+                advance_clock(kv, now, &result);
+                result
+            }
+            Some(command::Kind::Redirect(redirect)) => {
+                let now = ledger_clock(kv, timestamp_ms);
+                let result = self.redirect(kv, index, now, redirect);
                 advance_clock(kv, now, &result);
                 result
             }
@@ -738,6 +767,7 @@ impl Ledger {
             own.rebuild_snapshot_index = chunk.snapshot_index;
         }
         self.accounts.clear();
+        self.marks = None;
         for (key, value) in chunk.keys.iter().zip(&chunk.values) {
             kv.put(key, value);
         }
@@ -757,6 +787,9 @@ impl Ledger {
             Ok(currency) => currency,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
+        if let Some(refusal) = self.slice_refusal(kv, open.user_id, index) {
+            return refusal;
+        }
         let id = AccountId::user(open.user_id, currency);
         if self.account(kv, &id).is_some() {
             return result(ResultCode::AccountAlreadyExists, index);
@@ -770,10 +803,22 @@ impl Ledger {
             Ok(valid) => valid,
             Err(invalid) => return rejection(ResultCode::InvalidItem, invalid.field, invalid.detail, index),
         };
+        let cross_cell = command.dest_pair_id != 0;
+        // A slice moving out takes no writes for its users, retries
+        // included: the router asks again at the slice's new pair, which
+        // holds the recorded answer.
+        let users: &[u64] = match valid.kind {
+            TransferKind::Deposit => &[command.to_user_id],
+            TransferKind::Withdraw => &[command.from_user_id],
+            _ if cross_cell => &[command.from_user_id],
+            _ => &[command.from_user_id, command.to_user_id],
+        };
+        if let Some(refusal) = self.slices_refusal(kv, users, index) {
+            return refusal;
+        }
         if let Some(recorded) = read_transfer(kv, &command.transfer_id) {
             return recorded_answer(&recorded, first_differing_field(&recorded, command), index);
         }
-        let cross_cell = command.dest_pair_id != 0;
         let (debit, credit) = match valid.kind {
             TransferKind::Deposit => {
                 (AccountId::settlement(valid.currency), AccountId::user(command.to_user_id, valid.currency))
@@ -950,6 +995,7 @@ impl StateMachine for Ledger {
 
     fn restored(&mut self) {
         self.accounts.clear();
+        self.marks = None;
         self.pair_own = None;
         self.pair_source = None;
         self.reload_pair_view();

@@ -51,7 +51,14 @@ pub fn check_record(key: &[u8], value: &[u8]) -> Result<(), String> {
             }
             parse_history(value).map(|_| ()).ok_or_else(|| "a history entry too short".into())
         }
-        b't' | b'f' | b'i' | b'g' | b'r' => record("a transfer record"),
+        b't' | b'f' | b'i' | b'g' | b'r' | b'v' => record("a transfer record"),
+        b'M' => {
+            if key.len() < 11 {
+                return Err("a moved record's key of the wrong length".into());
+            }
+            record("a moved record")
+        }
+        b'w' => cellbank_proto::cell::SliceMarks::decode(value).map(|_| ()).map_err(|e| format!("slice marks: {e}")),
         b'k' => exact(8, "the ledger clock"),
         b'n' => {
             exact(8, "the outbox sequence")?;

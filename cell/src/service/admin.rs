@@ -30,6 +30,34 @@ pub struct AdminService {
     pub context: ReplicaContext,
 }
 
+impl AdminService {
+    /// Proposes one step of a slice's move (under the acknowledgement rule,
+    /// like a client write): FAILED_PRECONDITION with the cell's words when
+    /// the ledger refused it.
+    async fn slice_step(
+        &self,
+        timeout: std::time::Duration,
+        command: Command,
+    ) -> Result<Response<cellbank_proto::cell::SliceStepResponse>, Status> {
+        if !self.context.node.shared.is_leader.load(Ordering::Relaxed) {
+            let leader_id = self.context.node.shared.leader_id.load(Ordering::Relaxed);
+            return Err(self
+                .context
+                .unavailable(format!("replica {} is not the leader", self.context.replica_id), leader_id));
+        }
+        let mut results = self.context.propose(timeout, vec![command]).await?;
+        let result = results.pop().expect("one result per command");
+        if result.code != ResultCode::Ok as i32 {
+            let epoch = self.context.pair.borrow().epoch;
+            return Err(with_epoch(Status::failed_precondition(result.detail), epoch));
+        }
+        Ok(Response::new(cellbank_proto::cell::SliceStepResponse {
+            detail: if result.duplicate { "done before".into() } else { String::new() },
+            applied_index: result.applied_index,
+        }))
+    }
+}
+
 fn peer_infos(peers: &std::collections::BTreeMap<u64, String>, voters: &[u64]) -> Vec<PeerInfo> {
     peers
         .iter()
@@ -88,6 +116,7 @@ pub fn slice_figures_of(db: &DB, slice_count: u32) -> Result<SliceFiguresRespons
     }
     let view = db.snapshot();
     check_not_installing(&view)?;
+    let gone = super::moves::gone_slices(db);
     #[derive(Default)]
     struct Figure {
         accounts: u64,
@@ -105,7 +134,13 @@ pub fn slice_figures_of(db: &DB, slice_count: u32) -> Result<SliceFiguresRespons
                 break;
             }
             let owner = u64::from_be_bytes(key[3..11].try_into().expect("8 bytes"));
-            let figure = figures.entry(slice_of(owner, slice_count)).or_default();
+            let slice = slice_of(owner, slice_count);
+            if gone.contains(&slice) {
+                // Left behind at zero by a move: the slice is served elsewhere.
+                iter.next();
+                continue;
+            }
+            let figure = figures.entry(slice).or_default();
             figure.bytes += (key.len() + value.len()) as u64;
             if family == b'a' {
                 let id = ledger::AccountId::from_key(key)
@@ -370,6 +405,72 @@ impl ReplicaAdmin for AdminService {
             applied_index: result.applied_index,
             state: Some(self.context.pair.borrow().clone()),
         }))
+    }
+
+    async fn freeze_slice(
+        &self,
+        request: Request<cellbank_proto::cell::FreezeSliceCommand>,
+    ) -> Result<Response<cellbank_proto::cell::SliceStepResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let command = Command { kind: Some(command::Kind::FreezeSlice(request.into_inner())) };
+        self.slice_step(timeout, command).await
+    }
+
+    async fn thaw_slice(
+        &self,
+        request: Request<cellbank_proto::cell::ThawSliceCommand>,
+    ) -> Result<Response<cellbank_proto::cell::SliceStepResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let command = Command { kind: Some(command::Kind::ThawSlice(request.into_inner())) };
+        self.slice_step(timeout, command).await
+    }
+
+    async fn export_slice(
+        &self,
+        request: Request<cellbank_proto::cell::ExportSliceRequest>,
+    ) -> Result<Response<cellbank_proto::cell::ExportSliceResponse>, Status> {
+        use cellbank_proto::cell::SliceMark;
+        let timeout = timeout_of(&request);
+        let r = request.into_inner();
+        if r.move_id == 0 || r.source_pair_id == 0 || r.to_pair_id == 0 {
+            return Err(Status::invalid_argument("move_id, source_pair_id and to_pair_id must be set"));
+        }
+        // Everything this cell applied before the call is in the views below.
+        self.context.within(timeout, self.context.node.read_index()).await?;
+        let mark = super::moves::mark_in(&self.context.db.snapshot(), r.slice);
+        let frozen = mark.as_ref().is_some_and(|m| m.move_id == r.move_id && m.mark == SliceMark::Frozen as i32);
+        if frozen {
+            let db = self.context.db.clone();
+            let (move_id, slice) = (r.move_id, r.slice);
+            let accounts = tokio::task::spawn_blocking(move || super::moves::ready_to_leave(&db, move_id, slice))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+            let out = cellbank_proto::cell::SliceOutCommand {
+                move_id: r.move_id,
+                slice: r.slice,
+                source_pair_id: r.source_pair_id,
+                accounts,
+            };
+            self.slice_step(timeout, Command { kind: Some(command::Kind::SliceOut(out)) }).await?;
+        }
+        let db = self.context.db.clone();
+        let epoch = self.context.pair.borrow().epoch;
+        let import =
+            tokio::task::spawn_blocking(move || super::moves::export(&db, r.move_id, r.slice, r.source_pair_id, epoch))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+        let accounts = import.keys.iter().filter(|k| k.get(1) == Some(&b'a')).count() as u64;
+        let records = import.keys.len() as u64;
+        Ok(Response::new(cellbank_proto::cell::ExportSliceResponse { import: Some(import), accounts, records }))
+    }
+
+    async fn import_slice(
+        &self,
+        request: Request<cellbank_proto::cell::SliceInCommand>,
+    ) -> Result<Response<cellbank_proto::cell::SliceStepResponse>, Status> {
+        let timeout = timeout_of(&request);
+        let command = Command { kind: Some(command::Kind::SliceIn(request.into_inner())) };
+        self.slice_step(timeout, command).await
     }
 
     async fn audit(&self, request: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {

@@ -47,7 +47,7 @@ fn page<T>(
     prefix: &[u8],
     start: &[u8],
     page_size: u32,
-    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Status>,
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, Status>,
 ) -> Result<(Vec<T>, Vec<u8>), Status> {
     let mut iter = view.raw_iterator();
     iter.seek(start);
@@ -61,7 +61,7 @@ fn page<T>(
         if items.len() as u32 == page_size {
             return Ok((items, suffix.to_vec()));
         }
-        items.push(item(suffix, iter.value().expect("value"))?);
+        items.extend(item(suffix, iter.value().expect("value"))?);
         iter.next();
     }
     Ok((items, Vec::new()))
@@ -261,7 +261,13 @@ impl LedgerApi for LedgerService {
                     .map_err(|e| Status::internal(e.to_string()))?
                     .ok_or_else(|| Status::internal("history names a record that does not exist"))?;
                 let record = TransferRecord::decode(record.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
-                Ok(with_text_id(record))
+                // A balance that moved with its slice left and arrived in
+                // pairs of entries that cancel out: bookkeeping between
+                // pairs, not a movement of the user's money.
+                if record.kind == TransferKind::SliceMove as i32 {
+                    return Ok(None);
+                }
+                Ok(Some(with_text_id(record)))
             })?;
         Ok(Response::new(ListTransfersResponse { transfers, next_page_token }))
     }
@@ -348,13 +354,13 @@ impl LedgerApi for LedgerService {
         let (grabs, next_page_token) = page(&view, &prefix, &first, page_size, |suffix, value| {
             let share_index = u32::from_be_bytes(suffix.try_into().expect("grab key ends in u32"));
             let record = TransferRecord::decode(value).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(EnvelopeGrab {
+            Ok(Some(EnvelopeGrab {
                 user_id: record.to_user_id,
                 amount: record.amount,
                 share_index,
                 settlement: record.settlement,
                 timestamp_ms: record.timestamp_ms,
-            })
+            }))
         })?;
         Ok(Response::new(GetEnvelopeResponse { envelope: Some(envelope), grabs, next_page_token }))
     }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod ledger;
+pub mod moves;
 pub mod standby;
 
 pub use admin::AdminService;
