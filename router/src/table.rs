@@ -736,6 +736,69 @@ mod tests {
     }
 
     #[test]
+    fn a_move_is_recorded_from_begin_to_end_and_refused_when_it_cannot_be() {
+        use cellbank_proto::router::{BeginMove, EndMove};
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
+        let mut machine = TableMachine::new(None, view.clone());
+        let mut kv = BTreeMap::new();
+        let begin = |slice, to_pair_id| table_command::Kind::BeginMove(BeginMove { slice, to_pair_id });
+        let end = |move_id, done| table_command::Kind::EndMove(EndMove { move_id, done });
+        assert!(!apply(&mut machine, &mut kv, begin(0, 2)).ok, "no table yet");
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
+        // Both pairs DEGRADED: neither may take or give a slice.
+        let degraded = apply(&mut machine, &mut kv, begin(0, 2));
+        assert_eq!(
+            degraded.detail,
+            "pair 2 is PAIR_MODE_DEGRADED: the target pair must be SYNC (or have no standby) for a slice to move"
+        );
+        for pair_id in [1, 2] {
+            let sync = table_command::Kind::SetMode(SetPairMode { pair_id, epoch: 1, mode: PairMode::Sync as i32 });
+            assert!(apply(&mut machine, &mut kv, sync).ok);
+        }
+        let before = view.borrow().clone();
+        for (command, refusal) in [
+            (begin(4, 2), "slice 4: there are 4 slices (0 to 3)"),
+            (begin(0, 9), "unknown pair 9"),
+            (begin(0, 1), "slice 0 already belongs to pair 1"),
+            (end(1, true), "no move 1 is under way"),
+        ] {
+            let result = apply(&mut machine, &mut kv, command);
+            assert!(!result.ok);
+            assert_eq!(result.detail, refusal);
+        }
+        assert_eq!(view.borrow().slice_pair, before.slice_pair);
+        let begun = apply(&mut machine, &mut kv, begin(0, 2));
+        assert_eq!(begun.detail, "move 1: slice 0 from pair 1 to pair 2");
+        let twice = apply(&mut machine, &mut kv, begin(0, 2));
+        assert_eq!(twice.detail, "slice 0 is already moving (move 1, to pair 2)");
+        assert_eq!(view.borrow().moves.len(), 1);
+        assert_eq!(view.borrow().slice_pair, before.slice_pair, "the slice is served where it was until the end");
+        let done = apply(&mut machine, &mut kv, end(1, true));
+        assert_eq!(done.detail, "move 1: slice 0 is served by pair 2 at slice epoch 2");
+        let table = view.borrow().clone();
+        assert_eq!(table.slice_pair, vec![2, 2, 1, 2]);
+        assert_eq!(table.slice_epoch, vec![2, 1, 1, 1]);
+        assert!(table.moves.is_empty());
+        assert!(!apply(&mut machine, &mut kv, end(1, true)).ok, "ended once");
+        // A move rolled back leaves the slice where it was.
+        assert!(apply(&mut machine, &mut kv, begin(2, 2)).ok);
+        let rolled = apply(&mut machine, &mut kv, end(2, false));
+        assert_eq!(rolled.detail, "move 2: rolled back; slice 2 stays");
+        assert_eq!(view.borrow().slice_pair, vec![2, 2, 1, 2]);
+        // A change of active grows its slices' epochs by one, moved or not.
+        let change = ChangeActive { pair_id: 2, new_epoch: 2, mode: PairMode::Degraded as i32 };
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::ChangeActive(change)).ok);
+        assert_eq!(view.borrow().slice_epoch, vec![3, 2, 1, 2]);
+        // The source degraded: refused.
+        let source = apply(&mut machine, &mut kv, begin(1, 1));
+        assert_eq!(
+            source.detail,
+            "pair 2 is PAIR_MODE_DEGRADED: the source pair must be SYNC (or have no standby) for a slice to move"
+        );
+        assert_eq!(read_table(&kv), view.borrow().clone());
+    }
+
+    #[test]
     fn a_config_that_differs_from_the_table_is_named() {
         let table = bootstrap_table();
         assert!(config_drift(&table, &RoutingTable::default()).is_empty(), "no table yet: nothing to compare");

@@ -1087,3 +1087,217 @@ fn a_snapshot_pair_must_be_a_valid_ledger_record_or_pair_state() {
     assert!(Ledger::check_snapshot_pair(pair::SOURCE_PAIR_KEY, &[0xff, 0xff, 0xff]).is_err());
     assert!(Ledger::check_snapshot_pair(&[STATE_PREFIX, b'z', b'q'], b"").is_err());
 }
+
+// ---- Slices moving between pairs ----
+
+const SLICES: u32 = 4;
+
+fn slice_cmd(kind: command::Kind) -> Command {
+    Command { kind: Some(kind) }
+}
+
+/// Users of `slice` (of [`SLICES`]) and of other slices, among 1..=200.
+fn users_of(slice: u32, n: usize) -> (Vec<u64>, Vec<u64>) {
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for user in 1..=200u64 {
+        if cellbank_client::slices::slice_of(user, SLICES) == slice {
+            inside.push(user);
+        } else {
+            outside.push(user);
+        }
+    }
+    inside.truncate(n);
+    outside.truncate(n);
+    (inside, outside)
+}
+
+/// What the source's export carries, built from its memory the way
+/// `service::moves::export` builds it from a RocksDB view: the slice's
+/// accounts and histories, the transfer records its users routed, the
+/// other records its histories name (moved apart), and the move's credits.
+fn export_of(h: &Harness, move_id: u64, slice: u32, from_pair: u64) -> cellbank_proto::cell::SliceInCommand {
+    let of_slice = |user: u64| cellbank_client::slices::slice_of(user, SLICES) == slice;
+    let user = |key: &[u8], family: u8| {
+        key[1] == family
+            && key[2] == AccountKind::User as u8
+            && of_slice(u64::from_be_bytes(key[3..11].try_into().unwrap()))
+    };
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
+        h.kv.iter().filter(|(k, _)| user(k, b'a')).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let transfers: Vec<(Vec<u8>, Vec<u8>)> =
+        h.kv.iter()
+            .filter(|(k, v)| {
+                k[1] == b't'
+                    && {
+                        let r = read_record(&h.kv, k).unwrap();
+                        of_slice(if r.kind == TransferKind::Deposit as i32 { r.to_user_id } else { r.from_user_id })
+                    }
+                    && !v.is_empty()
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    for (key, value) in h.kv.iter().filter(|(k, _)| user(k, b'h')) {
+        let (delta, record) = parse_history(value).unwrap();
+        if transfers.iter().any(|(k, _)| k.as_slice() == record) {
+            pairs.push((key.clone(), value.clone()));
+        } else {
+            let moved = keys::moved(from_pair, record);
+            pairs.push((moved.clone(), h.kv[record].clone()));
+            pairs.push((key.clone(), history_value(delta, &moved)));
+        }
+    }
+    pairs.extend(transfers);
+    let credits =
+        pending(h).into_iter().filter_map(|e| e.credit).filter(|c| c.kind == TransferKind::SliceMove as i32).collect();
+    let (keys, values) = pairs.into_iter().unzip();
+    cellbank_proto::cell::SliceInCommand {
+        move_id,
+        slice,
+        slice_count: SLICES,
+        from_pair_id: from_pair,
+        keys,
+        values,
+        credits,
+    }
+}
+
+fn no_mismatch(h: &Harness) {
+    let audit = audit_of(h);
+    assert!(audit.mismatches.is_empty(), "{:#?}", audit.mismatches);
+    h.assert_conserved();
+}
+
+#[test]
+fn a_slice_moves_with_its_money_records_and_answers() {
+    use cellbank_proto::cell::{FreezeSliceCommand, SliceAccount, SliceOutCommand, ThawSliceCommand};
+    let (mut a, mut b) = (Harness::new(), Harness::new());
+    let slice = 1;
+    let (inside, outside) = users_of(slice, 3);
+    for user in inside.iter().chain(&outside) {
+        a.apply(open(*user, "CNY"));
+        a.apply(deposit(&format!("d{user}"), *user, 1_000));
+    }
+    let (s1, s2, o1) = (inside[0], inside[1], outside[0]);
+    assert_eq!(a.code(transfer("local", o1, s1, 10)), ResultCode::Ok);
+    assert_eq!(a.code(transfer("broke", s2, o1, 1_000_000)), ResultCode::InsufficientFunds);
+    // A credit from pair 3 to a user of the slice.
+    let from_c = CreditCommand {
+        source_pair_id: 3,
+        seq: 9,
+        transfer_id: b"far".to_vec(),
+        kind: TransferKind::Transfer as i32,
+        from_user_id: 77,
+        to_user_id: s2,
+        currency: "CNY".into(),
+        amount: 5,
+        dest_pair_id: CELL_A,
+        created_epoch: 1,
+        ..Default::default()
+    };
+    assert_eq!(a.code(slice_cmd(command::Kind::Credit(from_c.clone()))), ResultCode::Ok);
+    let freeze = FreezeSliceCommand { move_id: 7, slice, slice_count: SLICES, to_pair_id: CELL_B };
+
+    // Frozen: the slice's users take no writes; others do; credits wait.
+    assert_eq!(a.code(slice_cmd(command::Kind::FreezeSlice(freeze))), ResultCode::Ok);
+    assert!(a.apply(slice_cmd(command::Kind::FreezeSlice(freeze))).duplicate);
+    let before = a.kv.clone();
+    for refused in [deposit("late", s1, 1), transfer("late2", o1, s1, 1), transfer("late3", s1, o1, 1), open(s1, "USD")]
+    {
+        let answer = a.apply(refused);
+        assert_eq!(answer.code, ResultCode::SliceMoving as i32, "{}", answer.detail);
+        assert_eq!(answer.moved_to_pair_id, 0);
+    }
+    let waiting = CreditCommand { seq: 10, transfer_id: b"far2".to_vec(), ..from_c.clone() };
+    assert_eq!(a.code(slice_cmd(command::Kind::Credit(waiting.clone()))), ResultCode::SliceMoving);
+    assert_eq!(a.kv, before, "nothing refused was recorded");
+    // A redelivery of a credit applied before the freeze gets its answer.
+    let again = a.apply(slice_cmd(command::Kind::Credit(from_c.clone())));
+    assert!(again.duplicate && again.code == ResultCode::Ok as i32);
+    assert_eq!(a.code(transfer("other", o1, outside[1], 1)), ResultCode::Ok);
+
+    // Out: every balance leaves through the clearing account of pair 2.
+    let accounts: Vec<SliceAccount> =
+        inside.iter().map(|u| SliceAccount { user_id: *u, currency: "CNY".into() }).collect();
+    let out = SliceOutCommand { move_id: 7, slice, source_pair_id: CELL_A, accounts: accounts.clone() };
+    let wrong = SliceOutCommand { accounts: vec![SliceAccount { user_id: o1, currency: "CNY".into() }], ..out.clone() };
+    assert_eq!(a.code(slice_cmd(command::Kind::SliceOut(wrong))), ResultCode::InvalidItem);
+    let held: i128 = inside.iter().map(|u| a.balance(*u).unwrap()).sum();
+    assert_eq!(a.code(slice_cmd(command::Kind::SliceOut(out.clone()))), ResultCode::Ok);
+    assert!(a.apply(slice_cmd(command::Kind::SliceOut(out))).duplicate, "out once");
+    assert!(inside.iter().all(|u| a.balance(*u) == Some(0)));
+    no_mismatch(&a);
+    let gone = a.apply(slice_cmd(command::Kind::Credit(waiting.clone())));
+    assert_eq!((gone.code, gone.moved_to_pair_id), (ResultCode::SliceMoving as i32, CELL_B));
+    let thaw = a.apply(slice_cmd(command::Kind::ThawSlice(ThawSliceCommand { move_id: 7, slice })));
+    assert_eq!(thaw.code, ResultCode::InvalidItem as i32, "no thaw once the money left");
+    let credits: i128 = pending(&a).iter().map(|e| e.credit.as_ref().unwrap().amount as i128).sum();
+    assert_eq!(credits, held);
+
+    // In: one command; the balances arrive through the clearing account of
+    // pair 1; the slice's answers come with it.
+    let import = export_of(&a, 7, slice, CELL_A);
+    let mut stray = import.clone();
+    stray.keys.push(AccountId::user(o1, Currency::parse("CNY").unwrap()).key());
+    stray.values.push(Account::default().encode().to_vec());
+    let before = b.kv.clone();
+    assert_eq!(b.code(slice_cmd(command::Kind::SliceIn(stray))), ResultCode::InvalidItem);
+    assert_eq!(b.kv, before, "a refused import writes nothing");
+    assert_eq!(b.code(slice_cmd(command::Kind::SliceIn(import.clone()))), ResultCode::Ok);
+    assert!(b.apply(slice_cmd(command::Kind::SliceIn(import.clone()))).duplicate, "in once");
+    let arrived: i128 = inside.iter().map(|u| b.balance(*u).unwrap()).sum();
+    assert_eq!(arrived, held);
+    assert_eq!(b.balance(s1), Some(1_010));
+    assert_eq!(b.balance(s2), Some(1_005));
+    no_mismatch(&b);
+    // A retry of a failed transfer of the slice answers as first recorded.
+    let retry = b.apply(transfer("broke", s2, o1, 1_000_000));
+    assert!(retry.duplicate && retry.code == ResultCode::InsufficientFunds as i32);
+    // The source's courier delivers the same credits: answered from the inbox.
+    for entry in pending(&a) {
+        let answer = b.apply(credit_of(&entry));
+        assert!(answer.duplicate && answer.code == ResultCode::Ok as i32, "{}", answer.detail);
+        assert_eq!(a.code(settle(entry.seq, ResultCode::Ok, 5)), ResultCode::Ok);
+    }
+    assert!(pending(&a).is_empty());
+    no_mismatch(&a);
+    // The new pair serves the slice.
+    assert_eq!(b.code(transfer("after", s1, s2, 3)), ResultCode::Ok);
+    // A SLICE_MOVE credit through the courier never applies on its own.
+    let forged = CreditCommand {
+        seq: 99,
+        kind: TransferKind::SliceMove as i32,
+        transfer_id: b"slice-move/8/CNY/1".to_vec(),
+        ..from_c
+    };
+    assert_eq!(b.code(slice_cmd(command::Kind::Credit(forged))), ResultCode::SliceMoving);
+}
+
+#[test]
+fn a_credit_to_a_moved_slice_is_redirected_by_its_source() {
+    let mut c = Harness::new();
+    c.apply(open(1, "CNY"));
+    c.apply(deposit("d1", 1, 1_000));
+    assert_eq!(c.apply(cross("x1", 1, 2, 300)).code, ResultCode::Ok as i32);
+    let entry = pending(&c).pop().unwrap();
+    let redirect = |to: u64| {
+        slice_cmd(command::Kind::Redirect(cellbank_proto::cell::RedirectCommand {
+            seq: entry.seq,
+            from_pair_id: CELL_B,
+            to_pair_id: to,
+        }))
+    };
+    assert_eq!(c.code(redirect(CELL_B)), ResultCode::InvalidItem);
+    assert_eq!(c.code(redirect(5)), ResultCode::Ok);
+    assert!(c.apply(redirect(6)).duplicate, "redirected once");
+    let moved = pending(&c).pop().unwrap();
+    assert_eq!(moved.credit.as_ref().unwrap().dest_pair_id, 5);
+    no_mismatch(&c);
+    let positions = audit_of(&c).positions;
+    let of = |peer: u64| positions.iter().find(|p| p.peer_pair_id == peer).cloned().unwrap();
+    assert_eq!((of(CELL_B).sent.as_str(), of(CELL_B).refunded.as_str()), ("300", "300"));
+    assert_eq!(of(5).sent, "300");
+    // Settled by pair 5's answer; nothing is left in transit.
+    assert_eq!(c.code(settle(entry.seq, ResultCode::Ok, 9)), ResultCode::Ok);
+    assert!(pending(&c).is_empty());
+    no_mismatch(&c);
+}

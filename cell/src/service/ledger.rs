@@ -84,6 +84,28 @@ pub struct LedgerService {
 }
 
 impl LedgerService {
+    /// A read of a user whose slice has left this cell is refused
+    /// (UNAVAILABLE: the router asks again where the table then points):
+    /// what is left here is the slice as it was when it left.
+    fn check_slice_here(&self, kv: &dyn cellbank_raft::Kv, user_id: u64) -> Result<(), Status> {
+        let marks = ledger::slices::read_marks(kv);
+        match ledger::slices::mark_of_user(&marks, user_id) {
+            Some(mark) if mark.mark == cellbank_proto::cell::SliceMark::Gone as i32 => {
+                let epoch = self.context.pair.borrow().epoch;
+                Err(cellbank_client::errors::with_epoch(
+                    Status::unavailable(format!(
+                        "slice {} of user {user_id} moved to pair {}: ask the routers again",
+                        mark.slice, mark.peer_pair_id
+                    )),
+                    epoch,
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl LedgerService {
     /// A request that names a transfer, let in: its deadline, the gate
     /// passed, its text id folded into the byte id.
     fn accept<R: validate::NamesTransfer>(&self, request: Request<R>) -> Result<(Duration, R), Status> {
@@ -208,6 +230,7 @@ impl LedgerApi for LedgerService {
         let currency = validate::open_account(r.user_id, &r.currency).map_err(invalid)?;
         let (view, read_index) = self.context.read_view(timeout).await?;
         let kv = SnapshotKv(&view);
+        self.check_slice_here(&kv, r.user_id)?;
         let account = ledger::get_user_account(&kv, r.user_id, currency)
             .ok_or_else(|| Status::not_found(format!("no account for user {} in {}", r.user_id, r.currency)))?;
         Ok(Response::new(GetAccountResponse {
@@ -247,6 +270,7 @@ impl LedgerApi for LedgerService {
             _ => return Err(Status::invalid_argument("page_token: not a token this server issued")),
         };
         let (view, _) = self.context.read_view(timeout).await?;
+        self.check_slice_here(&SnapshotKv(&view), r.user_id)?;
         let id = AccountId::user(r.user_id, currency);
         let account_exists = view.get(id.key()).map_err(|e| Status::internal(e.to_string()))?.is_some();
         if !account_exists {

@@ -12,9 +12,18 @@ use crate::context::SnapshotKv;
 use crate::ledger::{self, keys, slices};
 use cellbank_raft::storage::STATE_PREFIX;
 
-/// The most bytes one slice may carry to its new pair (one Raft entry at
-/// the target). A larger slice is refused before anything moves.
-pub const SLICE_BYTES_MAX: usize = 48 << 20;
+/// The most bytes one slice may carry to its new pair: its import is one
+/// Raft entry at the target, which the target ships to its standby in one
+/// message with other entries (at most `replication::SHIP_MESSAGE_BYTES_MAX`
+/// in all). A larger slice
+/// is refused before anything moves.
+pub const SLICE_BYTES_MAX: usize = 2 << 20;
+/// What a slice's export grows by per account when its balances leave (a
+/// history entry, the moved record of the balance, its credit), at most.
+const LEAVING_BYTES_PER_ACCOUNT: usize = 512;
+const _: () = assert!(
+    SLICE_BYTES_MAX + 2 * crate::replication::SHIP_BATCH_BYTES_MAX <= crate::replication::SHIP_MESSAGE_BYTES_MAX
+);
 
 type View<'a> = rocksdb::SnapshotWithThreadMode<'a, DB>;
 
@@ -100,18 +109,16 @@ pub fn ready_to_leave(db: &DB, move_id: u64, slice: u32) -> Result<Vec<SliceAcco
             open.len()
         )));
     }
-    let mut bytes = 0usize;
     let mut accounts = Vec::new();
-    for (key, value) in scan(&view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key))) {
-        bytes += key.len() + value.len();
+    for (key, _) in scan(&view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key))) {
         let id = ledger::AccountId::from_key(&key)
             .ok_or_else(|| Status::internal(format!("an account key of the wrong shape: {key:02x?}")))?;
         accounts.push(SliceAccount { user_id: id.owner, currency: id.currency.as_str().to_string() });
     }
-    for (key, value) in scan(&view, &user_prefix(b'h'), |key, _| key.len() >= 11 && of_slice(owner_of(key))) {
-        // A history entry, and the record it names, at most.
-        bytes += 2 * (key.len() + value.len()) + 256;
-    }
+    // What the export will carry: these records, and what leaving adds.
+    let records = collect(&view, count, slice, 0)?;
+    let bytes =
+        records.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>() + accounts.len() * LEAVING_BYTES_PER_ACCOUNT;
     if bytes > SLICE_BYTES_MAX {
         return Err(Status::failed_precondition(format!(
             "slice {slice} holds about {bytes} bytes; one move carries at most {SLICE_BYTES_MAX}"
@@ -142,16 +149,36 @@ pub fn export(
         return Err(Status::failed_precondition(format!("slice {slice} has not left for move {move_id} here")));
     }
     let count = marks.slice_count;
+    let pairs = collect(&view, count, slice, source_pair_id)?;
+    let tag = format!("slice-move/{move_id}/").into_bytes();
+    let credits = scan(&view, keys::OUTBOX_PREFIX, |_, value| {
+        OutboxEntry::decode(value).is_ok_and(|e| {
+            e.credit
+                .as_ref()
+                .is_some_and(|c| c.kind == TransferKind::SliceMove as i32 && c.transfer_id.starts_with(&tag))
+        })
+    })
+    .into_iter()
+    .filter_map(|(_, value)| OutboxEntry::decode(value.as_slice()).ok()?.credit)
+    .map(|credit| cellbank_proto::cell::CreditCommand { sender_epoch, ..credit })
+    .collect();
+    let (keys, values) = pairs.into_iter().unzip();
+    Ok(SliceInCommand { move_id, slice, slice_count: count, from_pair_id: source_pair_id, keys, values, credits })
+}
+
+/// The records of `slice` in `view` as its new pair takes them (see
+/// [`export`]).
+fn collect(view: &View<'_>, count: u32, slice: u32, source_pair_id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Status> {
     let of_slice = |user: u64| slice_of(user, count) == slice;
-    let kv = SnapshotKv(&view);
+    let kv = SnapshotKv(view);
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    pairs.extend(scan(&view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key))));
-    let transfers = scan(&view, keys::TRANSFER_PREFIX, |_, value| {
+    pairs.extend(scan(view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key))));
+    let transfers = scan(view, keys::TRANSFER_PREFIX, |_, value| {
         TransferRecord::decode(value).is_ok_and(|r| of_slice(routing_user(&r)))
     });
     let carried: std::collections::HashSet<Vec<u8>> = transfers.iter().map(|(k, _)| k.clone()).collect();
     let mut moved: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
-    for (key, value) in scan(&view, &user_prefix(b'h'), |key, _| key.len() >= 11 && of_slice(owner_of(key))) {
+    for (key, value) in scan(view, &user_prefix(b'h'), |key, _| key.len() >= 11 && of_slice(owner_of(key))) {
         let (delta, record_key) =
             ledger::parse_history(&value).ok_or_else(|| Status::internal("a history entry is malformed"))?;
         if carried.contains(record_key) {
@@ -167,24 +194,11 @@ pub fn export(
     pairs.extend(transfers);
     pairs.extend(moved);
     for family in [b'e', b'g', b'G', b'r'] {
-        pairs.extend(scan(&view, &[STATE_PREFIX, family], |key, _| {
+        pairs.extend(scan(view, &[STATE_PREFIX, family], |key, _| {
             keys::envelope_sender_of_key(key).is_some_and(of_slice)
         }));
     }
-    let tag = format!("slice-move/{move_id}/").into_bytes();
-    let credits = scan(&view, keys::OUTBOX_PREFIX, |_, value| {
-        OutboxEntry::decode(value).is_ok_and(|e| {
-            e.credit
-                .as_ref()
-                .is_some_and(|c| c.kind == TransferKind::SliceMove as i32 && c.transfer_id.starts_with(&tag))
-        })
-    })
-    .into_iter()
-    .filter_map(|(_, value)| OutboxEntry::decode(value.as_slice()).ok()?.credit)
-    .map(|credit| cellbank_proto::cell::CreditCommand { sender_epoch, ..credit })
-    .collect();
-    let (keys, values) = pairs.into_iter().unzip();
-    Ok(SliceInCommand { move_id, slice, slice_count: count, from_pair_id: source_pair_id, keys, values, credits })
+    Ok(pairs)
 }
 
 fn kv_get(kv: &SnapshotKv<'_, '_>, key: &[u8]) -> Option<Vec<u8>> {
