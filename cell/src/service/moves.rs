@@ -26,6 +26,8 @@ const _: () = assert!(
 );
 
 type View<'a> = rocksdb::SnapshotWithThreadMode<'a, DB>;
+/// A key and its value.
+type Pair = (Vec<u8>, Vec<u8>);
 
 fn check_not_installing(view: &View<'_>) -> Result<(), Status> {
     if cellbank_raft::storage::installing(view) {
@@ -35,7 +37,7 @@ fn check_not_installing(view: &View<'_>) -> Result<(), Status> {
 }
 
 /// Every key and value under `prefix`, in key order, for which `keep` holds.
-fn scan(view: &View<'_>, prefix: &[u8], mut keep: impl FnMut(&[u8], &[u8]) -> bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn scan(view: &View<'_>, prefix: &[u8], mut keep: impl FnMut(&[u8], &[u8]) -> bool) -> Vec<Pair> {
     let mut out = Vec::new();
     let mut iter = view.raw_iterator();
     iter.seek(prefix);
@@ -168,10 +170,10 @@ pub fn export(
 
 /// The records of `slice` in `view` as its new pair takes them (see
 /// [`export`]).
-fn collect(view: &View<'_>, count: u32, slice: u32, source_pair_id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Status> {
+fn collect(view: &View<'_>, count: u32, slice: u32, source_pair_id: u64) -> Result<Vec<Pair>, Status> {
     let of_slice = |user: u64| slice_of(user, count) == slice;
     let kv = SnapshotKv(view);
-    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut pairs: Vec<Pair> = Vec::new();
     pairs.extend(scan(view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key))));
     let transfers = scan(view, keys::TRANSFER_PREFIX, |_, value| {
         TransferRecord::decode(value).is_ok_and(|r| of_slice(routing_user(&r)))
