@@ -110,8 +110,9 @@ async fn capacity_status_shows_what_each_pair_holds_and_the_hottest_slice_first(
 /// `admin add-pair` on a running cluster under load: bad requests are
 /// refused and change nothing; a good one adds a pair with no slices, the
 /// supervisor (what `cellbank up` runs) starts its processes from the
-/// table, the coordinator pairs them and brings the pair to SYNC, the load
-/// on the old pair never notices, and the next start of the cluster runs
+/// table, the coordinator pairs them and brings the pair to SYNC, a
+/// quarter of the slices move to it, every outcome the load heard is in
+/// the ledger and reconcile passes, and the next start of the cluster runs
 /// the added cells again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
@@ -185,6 +186,24 @@ async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
         audit.iter().any(|r| r.what.starts_with("add pair 2 (pair 2: cell 3 active, cell 4 standby")),
         "{audit:#?}"
     );
+
+    // A quarter of the slices move to the new pair, one at a time, under
+    // the same load.
+    let moving = std::time::Instant::now();
+    let quarter = table.slice_count / 4;
+    for slice in 0..quarter {
+        let request = cellbank_proto::router::MoveSliceRequest {
+            slice,
+            to_pair_id: 2,
+            who: String::new(),
+            why: "a quarter to the new pair".into(),
+        };
+        let done = admin.move_slice(request).await.expect("a slice moves to the new pair");
+        println!("{} ({} ms frozen)", done.detail, done.freeze_ms);
+    }
+    println!("{quarter} slices moved in {:.1} s under load", moving.elapsed().as_secs_f64());
+    let table = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!(table.slice_pair.iter().filter(|p| **p == 2).count() as u32, quarter);
 
     stop_load(&history, load).await;
     assert!(history.acked_count() > 20, "the load ran ({})", history.acked_count());
