@@ -217,6 +217,7 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     let config = cellbank_router::config::RouterConfig::from_toml(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
     abort_on_panic();
+    cellbank_raft::faults::inject_from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
     let router = cellbank_router::server::start(config).await?;
     wait_for_signal().await;
     tracing::info!("stopping on signal");

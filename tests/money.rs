@@ -17,6 +17,7 @@ use cellbank_client::clock::unix_ms;
 use cellbank_client::CellClient;
 use cellbank_proto::router::PairMode;
 use cellbank_proto::v1::*;
+use cellbank_router::table;
 use common::call;
 use common::cluster::Cluster;
 use rand::{Rng, SeedableRng};
@@ -358,7 +359,12 @@ struct Setup {
 
 /// Two pairs, 40 users spread over them, four envelopes, load running.
 async fn setup(seed: u64) -> Setup {
-    let cluster = Cluster::start(1, 2, |t| t.coordinator.cooldown_ms = 5_000);
+    setup_with(seed, 1).await
+}
+
+/// [`setup`] behind `routers` routers.
+async fn setup_with(seed: u64, routers: u64) -> Setup {
+    let cluster = Cluster::start(routers, 2, |t| t.coordinator.cooldown_ms = 5_000);
     cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(30)).await;
     cluster.wait_for_mode(2, PairMode::Sync, Duration::from_secs(30)).await;
     let client = cluster.client();
@@ -471,6 +477,182 @@ async fn money_stays_exact_while_slices_move_under_load() {
     let finished = audit.iter().filter(|r| r.what.starts_with("finish move")).count();
     assert_eq!(finished, 5, "every move is in the audit log");
     assert!(audit.iter().any(|r| r.what.starts_with("roll back move")), "the refused one too");
+}
+
+/// Slices of users (not an envelope's sender) in key order.
+fn movable_slices(table: &cellbank_proto::router::RoutingTable, users: &[u64], senders: &[(u64, String)]) -> Vec<u32> {
+    let slice = |user: u64| cellbank_client::slices::slice_of(user, table.slice_count);
+    let busy: BTreeSet<u32> = senders.iter().map(|(s, _)| slice(*s)).collect();
+    let slices: BTreeSet<u32> = users.iter().map(|u| slice(*u)).filter(|s| !busy.contains(s)).collect();
+    slices.into_iter().collect()
+}
+
+/// The slice is served by the pair the table names and by no other: a
+/// write to one of its users sent straight to each other pair's active
+/// cell is refused as moved (or finds no account: never its slice), and
+/// the routers serve it.
+async fn assert_one_owner(cluster: &Cluster, users: &[u64], slice: u32) {
+    let table = cluster.status().await.unwrap().table.unwrap();
+    assert!(table.moves.iter().all(|m| m.slice != slice), "the move of slice {slice} ended");
+    let owner = table.slice_pair[slice as usize];
+    let user = *users.iter().find(|u| cellbank_client::slices::slice_of(**u, table.slice_count) == slice).unwrap();
+    let probe = |n: &str| DepositRequest {
+        transfer_id_text: String::new(),
+        transfer_id: format!("owner-{slice}-{n}").into_bytes(),
+        user_id: user,
+        currency: CURRENCY.into(),
+        amount: 1,
+    };
+    for pair in table.pairs.iter().filter(|p| p.pair_id != owner) {
+        let mut direct = CellClient::new(cluster.sup.cell_endpoints(pair.active_cell_id));
+        direct.deadline = Duration::from_secs(2);
+        match direct.deposit(probe(&format!("p{}", pair.pair_id))).await {
+            // A pair the slice left refuses it as moved.
+            Err(status) => assert!(
+                matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded),
+                "pair {}: {status}",
+                pair.pair_id
+            ),
+            // A pair it never lived in holds no account of its users.
+            Ok(answer) => {
+                assert_eq!(answer.result.unwrap().code, ResultCode::AccountNotFound as i32, "pair {}", pair.pair_id)
+            }
+        }
+    }
+    let read = GetAccountRequest { user_id: user, currency: CURRENCY.into() };
+    cluster.client().get_account(read).await.expect("the owner serves the slice");
+}
+
+/// A move whose coordinator dies at each step of it (the slice frozen; its
+/// money left the source; the target imported it, the table not flipped):
+/// the next coordinator finds the move in the table and finishes it, once;
+/// the slice ends with one owner and every checker passes. Each step is
+/// armed on every router for one move, and a router that stops is started
+/// again unarmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_ends_once_though_its_coordinator_dies_at_each_step() {
+    use cellbank::supervisor::ProcessId;
+    use cellbank_proto::router::MoveSliceRequest;
+    let Setup { mut cluster, users, senders, heard, load } = setup_with(24, 3).await;
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let slices = movable_slices(&table, &users, &senders);
+    let routers = [ProcessId::Router(1), ProcessId::Router(2), ProcessId::Router(3)];
+    for (n, step) in ["move.frozen", "move.left", "move.imported"].into_iter().enumerate() {
+        let fault = format!("{step}=crash:600000");
+        for router in routers {
+            cluster.sup.kill(router);
+            cluster.sup.start_with_env(router, &[("CELLBANK_FAULTS", &fault)]).expect("restart armed");
+            cluster.wait_until("the routers lead again", Duration::from_secs(20), |s| s.leader_router_id != 0).await;
+        }
+        let slice = slices[n];
+        let from = cluster.status().await.unwrap().table.unwrap().slice_pair[slice as usize];
+        let to = if from == 1 { 2 } else { 1 };
+        let admin = cellbank::routers::ClusterClient::new(&cluster.routers(), None);
+        let request = MoveSliceRequest { slice, to_pair_id: to, who: String::new(), why: step.into() };
+        let asked = tokio::spawn(async move { admin.move_slice(request).await });
+        let started = Instant::now();
+        let mut crashed = Vec::new();
+        loop {
+            for (id, status) in cluster.sup.exited() {
+                println!("{id} stopped at {step}: {status}");
+                crashed.push(id);
+                cluster.sup.start(id).expect("restart unarmed");
+            }
+            let ended = cluster.status().await.and_then(|s| s.table).is_some_and(|t| t.moves.is_empty());
+            if ended && !crashed.is_empty() {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the move of slice {slice} never ended ({step})");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let answer = asked.await.unwrap();
+        println!(
+            "{step}: the caller heard {:?}",
+            answer.as_ref().map(|r| &r.detail).map_err(|e| e.message().to_string())
+        );
+        let table = cluster.status().await.unwrap().table.unwrap();
+        assert_eq!(table.slice_pair[slice as usize], to, "{step}: the move was finished, not rolled back");
+        // Disarm the routers still armed.
+        for router in routers {
+            if !crashed.contains(&router) {
+                cluster.sup.kill(router);
+                cluster.sup.start(router).expect("restart unarmed");
+                cluster
+                    .wait_until("the routers lead again", Duration::from_secs(20), |s| s.leader_router_id != 0)
+                    .await;
+            }
+        }
+        assert_one_owner(&cluster, &users, slice).await;
+    }
+    wait_for_acks(&heard, 100, Duration::from_secs(30)).await;
+    stop_load(&heard, load).await;
+    verify(&cluster, &users, &senders, &heard).await;
+    assert_reconciles(&cluster).await;
+}
+
+/// Moves while the source's leader, then the target's, is killed in the
+/// middle: each move finishes or rolls back (the table then keeps the slice
+/// where it was), the slice has one owner, and every checker passes. With
+/// the whole target pair down, a move is refused before any money leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moves_finish_or_roll_back_while_cell_leaders_die() {
+    use cellbank_proto::router::MoveSliceRequest;
+    let Setup { mut cluster, users, senders, heard, load } = setup(25).await;
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let slices = movable_slices(&table, &users, &senders);
+    for (n, victim) in ["source", "target", "source", "target"].into_iter().enumerate() {
+        let slice = slices[n];
+        let table = cluster.status().await.unwrap().table.unwrap();
+        let from = table.slice_pair[slice as usize];
+        let to = if from == 1 { 2 } else { 1 };
+        let cell = table::find_pair(&table, if victim == "source" { from } else { to }).unwrap().active_cell_id;
+        let leader = cluster.cell_leader(cell).await.expect("a leader");
+        let admin = cellbank::routers::ClusterClient::new(&cluster.routers(), None);
+        let request = MoveSliceRequest { slice, to_pair_id: to, who: String::new(), why: victim.into() };
+        let asked = tokio::spawn(async move { admin.move_slice(request).await });
+        tokio::time::sleep(Duration::from_millis(5 + 10 * n as u64)).await;
+        cluster.sup.kill(leader);
+        let answer = asked.await.unwrap();
+        println!(
+            "{victim} leader {leader} killed: {:?}",
+            answer.as_ref().map(|r| &r.detail).map_err(|e| e.message().to_string())
+        );
+        cluster.sup.start(leader).expect("restart");
+        cluster
+            .wait_until("the move ended", Duration::from_secs(60), |s| {
+                s.table.as_ref().is_some_and(|t| t.moves.is_empty())
+            })
+            .await;
+        let owner = cluster.status().await.unwrap().table.unwrap().slice_pair[slice as usize];
+        assert!(owner == from || owner == to);
+        if answer.is_ok() {
+            assert_eq!(owner, to, "a move that answered OK finished");
+        }
+        assert_one_owner(&cluster, &users, slice).await;
+        wait_for_acks(&heard, 50, Duration::from_secs(30)).await;
+    }
+    // The whole target pair down: refused before any money leaves.
+    let slice = slices[4];
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let from = table.slice_pair[slice as usize];
+    let to = if from == 1 { 2 } else { 1 };
+    let target = table::find_pair(&table, to).unwrap().clone();
+    cluster.sup.kill_cell(target.active_cell_id);
+    cluster.sup.kill_cell(target.standby_cell_id);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let admin = cellbank::routers::ClusterClient::new(&cluster.routers(), None);
+    let request = MoveSliceRequest { slice, to_pair_id: to, who: String::new(), why: "target down".into() };
+    let refused = admin.move_slice(request).await.expect_err("no move to a pair that is down");
+    println!("target pair down: {}", refused.message());
+    assert_eq!(cluster.status().await.unwrap().table.unwrap().slice_pair[slice as usize], from);
+    cluster.sup.start_cell(target.active_cell_id).unwrap();
+    cluster.sup.start_cell(target.standby_cell_id).unwrap();
+    cluster.wait_for_mode(to, PairMode::Sync, Duration::from_secs(60)).await;
+    assert_one_owner(&cluster, &users, slice).await;
+    wait_for_acks(&heard, 100, Duration::from_secs(30)).await;
+    stop_load(&heard, load).await;
+    verify(&cluster, &users, &senders, &heard).await;
+    assert_reconciles(&cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -20,6 +20,10 @@
 //! - `snapshot.install` (action `crash`): the replica aborts in the middle
 //!   of installing a snapshot (its first pair written), as a power cut
 //!   would stop it; at its next start it installs the snapshot again.
+//! - `move.frozen`, `move.left`, `move.imported` (action `crash`, on a
+//!   router): the coordinator aborts in the middle of a slice move, once
+//!   the source froze the slice, once the slice's money left it, or once
+//!   the target imported it (before the table's flip).
 //!
 //! A fault can also be in place from the first instant of a process, before
 //! its gRPC server answers (an old active restarted cut off from its
@@ -30,8 +34,18 @@ use std::time::Duration;
 
 use cellbank_proto::cell::{FaultList, InjectFaultRequest};
 
-pub const POINTS: &[&str] =
-    &["raft.send", "raft.recv", "standby.ship", "standby.ack", "disk.sync", "clock", "snapshot.install"];
+pub const POINTS: &[&str] = &[
+    "raft.send",
+    "raft.recv",
+    "standby.ship",
+    "standby.ack",
+    "disk.sync",
+    "clock",
+    "snapshot.install",
+    "move.frozen",
+    "move.left",
+    "move.imported",
+];
 /// Longest a fault may last before it heals itself.
 pub const DURATION_MAX: Duration = Duration::from_secs(600);
 /// Largest delay one fault may add.
@@ -119,7 +133,7 @@ pub fn validate(request: &InjectFaultRequest) -> Result<(), InvalidFault> {
         "raft.send" | "raft.recv" | "standby.ship" => &["drop", "delay"],
         "standby.ack" => &["skip"],
         "disk.sync" => &["delay", "error"],
-        "snapshot.install" => &["crash"],
+        "snapshot.install" | "move.frozen" | "move.left" | "move.imported" => &["crash"],
         _ => &["offset"],
     };
     if !allowed.contains(&request.action.as_str()) {
@@ -298,6 +312,15 @@ pub fn skip_standby_ack() -> bool {
 #[inline]
 pub fn crash_installing_snapshot() -> bool {
     registry::find("snapshot.install", 0).is_some()
+}
+
+/// `move.<step>`: stops the process (a coordinator) at that step of a
+/// slice move, as a power cut would.
+pub fn crash_at_move_step(point: &str) {
+    if registry::find(point, 0).is_some() {
+        tracing::error!(point, "injected fault: stopping in the middle of a slice move");
+        std::process::abort();
+    }
 }
 
 /// `clock`: milliseconds added to the replica's wall clock.

@@ -843,9 +843,20 @@ impl Coordinator {
             )
             .await;
         if let Err(status) = frozen {
-            self.end_move(move_id, false, &format!("the source did not freeze the slice: {}", status.message()))
-                .await?;
-            return Err(CoordinatorError::MoveRolledBack { move_id, why: status.message().to_string() });
+            let why = format!("the source did not freeze the slice: {}", status.message());
+            return self.roll_back(from, move_id, slice, why).await;
+        }
+        cellbank_raft::faults::crash_at_move_step("move.frozen");
+        // Nothing leaves for a target with no reachable leader (its money
+        // would wait there, the slice served by no one).
+        let target = table::find_pair(&self.pool.table(), to).map(|p| p.active_cell_id).unwrap_or(0);
+        if self.cell_health(target).leader.is_none() {
+            let why = format!("pair {to}'s active cell {target} has no reachable leader");
+            match self.roll_back(from, move_id, slice, why).await {
+                // The money left before (a move run again): forward.
+                Err(CoordinatorError::MoveStuck { .. }) => {}
+                outcome => return outcome,
+            }
         }
         // Its credits out settle within a few courier rounds.
         let request = ExportSliceRequest { move_id, slice, source_pair_id: from, to_pair_id: to };
@@ -866,29 +877,11 @@ impl Coordinator {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         continue;
                     }
-                    // Rolled back unless the money already left (then the
-                    // thaw is refused, and a later pass goes forward).
-                    let thaw = ThawSliceCommand { move_id, slice };
-                    let thawed = self
-                        .pool
-                        .call_admin(table::to_pair(from), step_deadline(), thaw, |mut c, r| async move {
-                            c.thaw_slice(r).await
-                        })
-                        .await;
-                    let why = status.message().to_string();
-                    return match thawed {
-                        Ok(_) => {
-                            self.end_move(move_id, false, &why).await?;
-                            Err(CoordinatorError::MoveRolledBack { move_id, why })
-                        }
-                        Err(refused) => Err(CoordinatorError::MoveStuck {
-                            move_id,
-                            why: format!("{why}; the rollback was refused: {}", refused.message()),
-                        }),
-                    };
+                    return self.roll_back(from, move_id, slice, status.message().to_string()).await;
                 }
             }
         };
+        cellbank_raft::faults::crash_at_move_step("move.left");
         let import = exported.import.clone().unwrap_or_default();
         // From here the slice's money has left the source: forward only.
         let import_until = Instant::now() + MOVE_IMPORT_TIMEOUT;
@@ -912,6 +905,7 @@ impl Coordinator {
                 }
             }
         }
+        cellbank_raft::faults::crash_at_move_step("move.imported");
         let detail = self.end_move(move_id, true, "").await?;
         let freeze_ms = frozen_at.elapsed().as_millis() as u64;
         self.metrics.actions_total.with_label_values(&["move_slice"]).inc();
@@ -927,6 +921,35 @@ impl Coordinator {
             records: exported.records,
             detail,
         })
+    }
+
+    /// Rolls a move back: the source thaws the slice, then the table
+    /// forgets the move. When the source refuses (the slice's money has
+    /// left, or the source cannot be reached) the move stays in the table
+    /// and a later pass drives it again.
+    async fn roll_back(
+        &self,
+        from: u64,
+        move_id: u64,
+        slice: u32,
+        why: String,
+    ) -> Result<MoveSliceResponse, CoordinatorError> {
+        let thaw = ThawSliceCommand { move_id, slice };
+        let deadline = Instant::now() + MOVE_STEP_TIMEOUT;
+        let thawed = self
+            .pool
+            .call_admin(table::to_pair(from), deadline, thaw, |mut c, r| async move { c.thaw_slice(r).await })
+            .await;
+        match thawed {
+            Ok(_) => {
+                self.end_move(move_id, false, &why).await?;
+                Err(CoordinatorError::MoveRolledBack { move_id, why })
+            }
+            Err(refused) => Err(CoordinatorError::MoveStuck {
+                move_id,
+                why: format!("{why}; the rollback was refused: {}", refused.message()),
+            }),
+        }
     }
 
     /// Ends a move in the table (done: the slice is the target's). A move

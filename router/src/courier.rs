@@ -64,6 +64,8 @@ impl Courier for CourierService {
             check_sender(&table, &sender)?;
         }
         let mut deliveries: Vec<Delivery> = vec![Delivery::default(); credits.len()];
+        // Per credit: the pair it names and its recipient.
+        let dests: Vec<(u64, u64)>;
         // destination pair -> (positions, credits)
         let mut parts: BTreeMap<u64, (Vec<usize>, CreditBatch)> = BTreeMap::new();
         {
@@ -72,6 +74,7 @@ impl Courier for CourierService {
                 return Err(Status::unavailable("the routing table is not ready yet"));
             }
             let mut load = Vec::with_capacity(credits.len());
+            dests = credits.iter().map(|c| (c.dest_pair_id, c.to_user_id)).collect();
             for (position, credit) in credits.into_iter().enumerate() {
                 // To the pair the credit names even when the recipient's
                 // slice has moved on since: that pair answers from its
@@ -104,7 +107,9 @@ impl Courier for CourierService {
         for (positions, outcome) in futures::future::join_all(calls).await {
             match outcome {
                 Ok(results) if results.results.len() == positions.len() => {
-                    for (position, result) in positions.into_iter().zip(results.results) {
+                    let table = self.pool.table_view().borrow().clone();
+                    for (position, mut result) in positions.into_iter().zip(results.results) {
+                        redirect_to_owner(&table, &dests[position], &mut result);
                         deliveries[position] = Delivery { answered: true, result: Some(result), error: String::new() };
                     }
                 }
@@ -122,6 +127,24 @@ impl Courier for CourierService {
         }
         Ok(Response::new(Deliveries { deliveries }))
     }
+}
+
+/// A destination that says the recipient's slice left it (SLICE_MOVING
+/// with the pair it went to) has the credit redirected to the pair the
+/// table says serves the slice now, and only once the table says so: the
+/// table flips a move only after the new pair imported the slice (a
+/// credit redirected sooner would find no account there and be refunded).
+/// Until then the answer is plain SLICE_MOVING, and the source asks again.
+pub fn redirect_to_owner(
+    table: &cellbank_proto::router::RoutingTable,
+    (named, to_user): &(u64, u64),
+    result: &mut cellbank_proto::v1::TransferResult,
+) {
+    if result.code != cellbank_proto::v1::ResultCode::SliceMoving as i32 || result.moved_to_pair_id == 0 {
+        return;
+    }
+    let owner = table::route(table, *to_user).map(|r| r.pair_id).unwrap_or(0);
+    result.moved_to_pair_id = if owner != 0 && owner != *named { owner } else { 0 };
 }
 
 /// Refuses a sender the routing table does not name as its pair's active at
@@ -193,5 +216,44 @@ mod tests {
         assert_eq!(ahead.code(), tonic::Code::Unavailable, "a table behind the sender is retried");
         let unknown = CreditSender { source_pair_id: 9, cell_id: 3, epoch: 2 };
         assert_eq!(check_sender(&table(), &unknown).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_credit_is_redirected_only_once_the_table_names_the_slices_new_pair() {
+        use cellbank_proto::v1::{ResultCode, TransferResult};
+        let user = 7;
+        let slice = table::slice_of(user, 4) as usize;
+        let mut table = RoutingTable {
+            slice_count: 4,
+            pairs: (1..=3)
+                .map(|pair_id| Pair { pair_id, active_cell_id: pair_id, epoch: 1, ..Default::default() })
+                .collect(),
+            slice_pair: vec![1; 4],
+            ..Default::default()
+        };
+        let moved =
+            || TransferResult { code: ResultCode::SliceMoving as i32, moved_to_pair_id: 2, ..Default::default() };
+        // The old pair says the slice left for pair 2; the table has not
+        // flipped yet (pair 2 may not hold it yet): no redirect.
+        let mut answer = moved();
+        redirect_to_owner(&table, &(1, user), &mut answer);
+        assert_eq!(answer.moved_to_pair_id, 0);
+        // Flipped: to pair 2.
+        table.slice_pair[slice] = 2;
+        let mut answer = moved();
+        redirect_to_owner(&table, &(1, user), &mut answer);
+        assert_eq!(answer.moved_to_pair_id, 2);
+        // Moved on since to pair 3: to where the table says it is now.
+        table.slice_pair[slice] = 3;
+        let mut answer = moved();
+        redirect_to_owner(&table, &(1, user), &mut answer);
+        assert_eq!(answer.moved_to_pair_id, 3);
+        // A frozen slice's answer carries no pair; other answers pass as they are.
+        let mut frozen = TransferResult { code: ResultCode::SliceMoving as i32, ..Default::default() };
+        redirect_to_owner(&table, &(1, user), &mut frozen);
+        assert_eq!(frozen.moved_to_pair_id, 0);
+        let mut ok = TransferResult { code: ResultCode::Ok as i32, moved_to_pair_id: 0, ..Default::default() };
+        redirect_to_owner(&table, &(1, user), &mut ok);
+        assert_eq!(ok.code, ResultCode::Ok as i32);
     }
 }

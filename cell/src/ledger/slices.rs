@@ -133,7 +133,9 @@ impl Ledger {
             return invalid("slice_count", format!("this cell's slices are of {}", marks.slice_count));
         }
         match mark_of_slice(&marks, freeze.slice) {
-            Some(state) if state.move_id == freeze.move_id && mark(state) == SliceMark::Frozen => {
+            // Frozen by this move before, or its money already left: a
+            // coordinator that runs the move again goes on from there.
+            Some(state) if state.move_id == freeze.move_id && blocks(state) => {
                 let mut answer = result(ResultCode::Ok, index);
                 answer.duplicate = true;
                 return answer;
