@@ -636,7 +636,7 @@ async fn moves_finish_or_roll_back_while_cell_leaders_die() {
     let table = cluster.status().await.unwrap().table.unwrap();
     let from = table.slice_pair[slice as usize];
     let to = if from == 1 { 2 } else { 1 };
-    let target = table::find_pair(&table, to).unwrap().clone();
+    let target = *table::find_pair(&table, to).unwrap();
     cluster.sup.kill_cell(target.active_cell_id);
     cluster.sup.kill_cell(target.standby_cell_id);
     tokio::time::sleep(Duration::from_millis(800)).await;
