@@ -529,6 +529,7 @@ async fn assert_one_owner(cluster: &Cluster, users: &[u64], slice: u32) {
 /// the slice ends with one owner and every checker passes. Each step is
 /// armed on every router for one move, and a router that stops is started
 /// again unarmed.
+#[cfg(feature = "fault-points")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_move_ends_once_though_its_coordinator_dies_at_each_step() {
     use cellbank::supervisor::ProcessId;
