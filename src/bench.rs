@@ -55,10 +55,12 @@ pub struct BenchArgs {
     #[command(flatten)]
     endpoints: Endpoints,
     /// `load` drives a running cluster; `failover` starts its own local
-    /// cluster and measures failover, leader-kill and switchover times.
+    /// cluster and measures failover, leader-kill and switchover times;
+    /// `move-slice` moves slices between two pairs of a running cluster
+    /// under load and measures each slice's freeze.
     #[arg(long, default_value = "load")]
     scenario: String,
-    /// Failover scenario: runs of each measurement.
+    /// Failover scenario: runs of each measurement; move-slice: slices moved.
     #[arg(long, default_value_t = 10)]
     runs: usize,
     /// Failover scenario: data directory of its cluster (a temporary one when absent).
@@ -343,7 +345,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario.as_str() {
         "load" => {}
         "failover" => return crate::failover_bench::run(args.runs, args.json, args.data_dir.clone()).await,
-        other => anyhow::bail!("--scenario: {other:?} is not load or failover"),
+        "move-slice" => {
+            let options = crate::move_bench::MoveBench {
+                endpoints: args.endpoints.endpoints.clone(),
+                moves: args.runs,
+                concurrency: args.concurrency,
+                accounts: args.accounts,
+                first_user: args.first_user,
+                currency: args.currency.clone(),
+                warmup: Duration::from_secs(args.warmup),
+                json: args.json,
+                seed: args.seed.unwrap_or_else(rand::random),
+            };
+            return crate::move_bench::run(options).await;
+        }
+        other => anyhow::bail!("--scenario: {other:?} is not load, failover or move-slice"),
     }
     match args.workload.as_str() {
         "same-cell" | "cross-cell" => {}

@@ -24,6 +24,7 @@ mod cluster;
 mod commands;
 mod envelope_bench;
 mod failover_bench;
+mod move_bench;
 mod sim;
 mod up;
 

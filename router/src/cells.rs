@@ -113,6 +113,18 @@ pub const ISOLATION_MAX: Duration = Duration::from_secs(600);
 /// crate's rule allows for an idempotent call (every call a router carries
 /// is: writes by their transfer id, credits by their seq), except an
 /// overloaded cell's RESOURCE_EXHAUSTED, which goes back to the caller.
+/// What a planned call ends with when its plan no longer holds.
+pub fn replan() -> Status {
+    Status::aborted(REPLAN)
+}
+
+const REPLAN: &str = "the routing table changed under this call's plan: plan it again";
+
+/// Whether a planned call ended because its plan no longer holds.
+pub fn is_replan(status: &Status) -> bool {
+    status.code() == tonic::Code::Aborted && status.message() == REPLAN
+}
+
 pub fn is_retried(status: &Status) -> bool {
     retry::retryable(status, true) && status.code() != tonic::Code::ResourceExhausted
 }
@@ -231,7 +243,49 @@ impl CellPool {
         F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, deadline, message, |r| r.ledger.clone(), call).await;
+        let outcome = self.call_with_retries(pick, &|_| true, deadline, message, |r| r.ledger.clone(), call).await;
+        self.count_outcome(&outcome);
+        outcome
+    }
+
+    /// [`CellPool::call`] for a call planned from the table (which cell
+    /// takes it depends on more than one user): before each attempt
+    /// `plan_holds` is asked of the table, and once it fails (a slice the
+    /// plan relied on moved) the call ends with [`replan`] instead of being
+    /// retried where the old plan pointed.
+    pub async fn call_planned<Req, Resp, F, Fut>(
+        &self,
+        pick: impl Fn(&RoutingTable) -> Option<Route>,
+        plan_holds: &(dyn Fn(&RoutingTable) -> bool + Sync),
+        deadline: Instant,
+        message: Req,
+        call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let outcome = self.call_with_retries(pick, plan_holds, deadline, message, |r| r.ledger.clone(), call).await;
+        self.count_outcome(&outcome);
+        outcome
+    }
+
+    /// [`CellPool::call_planned`] on a cell's `Clearing` service.
+    pub async fn call_clearing_planned<Req, Resp, F, Fut>(
+        &self,
+        pick: impl Fn(&RoutingTable) -> Option<Route>,
+        plan_holds: &(dyn Fn(&RoutingTable) -> bool + Sync),
+        deadline: Instant,
+        message: Req,
+        call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(ClearingClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let outcome = self.call_with_retries(pick, plan_holds, deadline, message, |r| r.clearing.clone(), call).await;
         self.count_outcome(&outcome);
         outcome
     }
@@ -249,7 +303,7 @@ impl CellPool {
         F: Fn(ReplicaAdminClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        self.call_with_retries(pick, deadline, message, |r| r.admin.clone(), call).await
+        self.call_with_retries(pick, &|_| true, deadline, message, |r| r.admin.clone(), call).await
     }
 
     /// [`CellPool::call`] on a cell's internal `Clearing` service.
@@ -265,7 +319,7 @@ impl CellPool {
         F: Fn(ClearingClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, deadline, message, |r| r.clearing.clone(), call).await;
+        let outcome = self.call_with_retries(pick, &|_| true, deadline, message, |r| r.clearing.clone(), call).await;
         self.count_outcome(&outcome);
         outcome
     }
@@ -273,6 +327,7 @@ impl CellPool {
     async fn call_with_retries<Req, Resp, C, F, Fut>(
         &self,
         pick: impl Fn(&RoutingTable) -> Option<Route>,
+        plan_holds: &(dyn Fn(&RoutingTable) -> bool + Sync),
         deadline: Instant,
         message: Req,
         client: impl Fn(&ReplicaConn) -> C,
@@ -294,6 +349,9 @@ impl CellPool {
                 return Err(last_error.unwrap_or_else(|| Status::deadline_exceeded("no cell answered in time")));
             }
             let remaining = deadline - now;
+            if !plan_holds(&self.table.borrow()) {
+                return Err(replan());
+            }
             let Some(route) = pick(&self.table.borrow()) else {
                 last_error = Some(Status::unavailable("the routing table is not ready yet"));
                 tokio::time::sleep(backoff.next_delay(false).min(remaining)).await;

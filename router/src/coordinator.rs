@@ -882,6 +882,7 @@ impl Coordinator {
             }
         };
         cellbank_raft::faults::crash_at_move_step("move.left");
+        let left_at = Instant::now();
         let import = exported.import.clone().unwrap_or_default();
         // From here the slice's money has left the source: forward only.
         let import_until = Instant::now() + MOVE_IMPORT_TIMEOUT;
@@ -906,8 +907,19 @@ impl Coordinator {
             }
         }
         cellbank_raft::faults::crash_at_move_step("move.imported");
+        let imported_at = Instant::now();
         let detail = self.end_move(move_id, true, "").await?;
         let freeze_ms = frozen_at.elapsed().as_millis() as u64;
+        tracing::info!(
+            move_id,
+            slice,
+            freeze_ms,
+            frozen_to_left_ms = left_at.duration_since(frozen_at).as_millis() as u64,
+            import_ms = imported_at.duration_since(left_at).as_millis() as u64,
+            flip_ms = imported_at.elapsed().as_millis() as u64,
+            records = exported.records,
+            "slice moved"
+        );
         self.metrics.actions_total.with_label_values(&["move_slice"]).inc();
         let slice_epoch = self.pool.table().slice_epoch.get(slice as usize).copied().unwrap_or(0);
         Ok(MoveSliceResponse {

@@ -93,6 +93,11 @@ fn invalid(error: validate::Invalid) -> Status {
     cellbank_client::errors::invalid_argument(error.field, &error.detail)
 }
 
+/// The pairs of two users in `table` (None before it is bootstrapped).
+fn pairs_in(table: &cellbank_proto::router::RoutingTable, from: u64, to: u64) -> Option<(u64, u64)> {
+    Some((table::route(table, from)?.pair_id, table::route(table, to)?.pair_id))
+}
+
 fn by_user(user_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> {
     move |t| table::route(t, user_id)
 }
@@ -124,8 +129,7 @@ impl Front {
 
     /// The pairs of two users (None before the table is bootstrapped).
     fn pairs_of(&self, from: u64, to: u64) -> Option<(u64, u64)> {
-        let table = self.pool.table_view().borrow();
-        Some((table::route(&table, from)?.pair_id, table::route(&table, to)?.pair_id))
+        pairs_in(&self.pool.table_view().borrow(), from, to)
     }
 
     /// The currency of an envelope (read once from its cell, then remembered).
@@ -173,13 +177,16 @@ impl Front {
     async fn send_cross_cell(
         pool: &CellPool,
         source_pair_id: u64,
+        plan_holds: &(dyn Fn(&cellbank_proto::router::RoutingTable) -> bool + Sync),
         deadline: Instant,
         items: Vec<cellbank_proto::cell::CrossCellItem>,
     ) -> Result<Vec<TransferResult>, Status> {
         let expected = items.len();
         let batch = cellbank_proto::cell::CrossCellBatch { items };
         let response = pool
-            .call_clearing(to_pair(source_pair_id), deadline, batch, |mut c, req| async move { c.send(req).await })
+            .call_clearing_planned(to_pair(source_pair_id), plan_holds, deadline, batch, |mut c, req| async move {
+                c.send(req).await
+            })
             .await?;
         if response.results.len() != expected {
             return Err(Status::internal("a cell answered with the wrong number of results"));
@@ -277,17 +284,40 @@ impl LedgerApi for Front {
         validate::in_namespace(namespace.as_deref(), &mut r.transfer_id).map_err(invalid)?;
         Front::check_move(TransferKind::Transfer, &r).map_err(invalid)?;
         self.pool.record(r.from_user_id, Kind::Write, r.encoded_len());
-        if let Some((source, dest)) = self.pairs_of(r.from_user_id, r.to_user_id).filter(|(a, b)| a != b) {
-            let item =
-                cellbank_proto::cell::CrossCellItem { transfer: Some(r), source_pair_id: source, dest_pair_id: dest };
-            let mut results = Front::send_cross_cell(&self.pool, source, deadline, vec![item]).await?;
-            return Ok(Response::new(TransferResponse { result: results.pop() }));
+        let (from, to) = (r.from_user_id, r.to_user_id);
+        // Planned again whenever a slice moves under the plan (a retry of
+        // a transfer id is answered as first recorded, wherever it goes).
+        loop {
+            let plan = self.pairs_of(from, to);
+            let outcome = match plan.filter(|(a, b)| a != b) {
+                Some((source, dest)) => {
+                    let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                        table::route(t, from).map(|r| r.pair_id) == Some(source)
+                    };
+                    let item = cellbank_proto::cell::CrossCellItem {
+                        transfer: Some(r.clone()),
+                        source_pair_id: source,
+                        dest_pair_id: dest,
+                    };
+                    Front::send_cross_cell(&self.pool, source, &holds, deadline, vec![item])
+                        .await
+                        .map(|mut results| TransferResponse { result: results.pop() })
+                }
+                None => {
+                    let holds =
+                        move |t: &cellbank_proto::router::RoutingTable| plan.is_none() || pairs_in(t, from, to) == plan;
+                    self.pool
+                        .call_planned(by_user(from), &holds, deadline, r.clone(), |mut c, req| async move {
+                            c.transfer(req).await
+                        })
+                        .await
+                }
+            };
+            match outcome {
+                Err(status) if crate::cells::is_replan(&status) => continue,
+                outcome => return outcome.map(Response::new),
+            }
         }
-        let response = self
-            .pool
-            .call(by_user(r.from_user_id), deadline, r, |mut c, req| async move { c.transfer(req).await })
-            .await?;
-        Ok(Response::new(response))
     }
 
     async fn submit_transfers(
@@ -309,11 +339,9 @@ impl LedgerApi for Front {
             )));
         }
         let mut results: Vec<Option<TransferResult>> = vec![None; items.len()];
-        // pair id -> (positions, items)
-        let mut parts: std::collections::BTreeMap<u64, (Vec<usize>, Vec<TransferRequest>)> = Default::default();
-        // sender pair id -> (positions, cross-cell items)
-        let mut cross: std::collections::BTreeMap<u64, (Vec<usize>, Vec<cellbank_proto::cell::CrossCellItem>)> =
-            Default::default();
+        // The valid items, planned (and planned again when a slice of
+        // their plan moves) until each has its result.
+        let mut pending: Vec<(usize, TransferRequest)> = Vec::with_capacity(items.len());
         {
             let table = self.pool.table_view().borrow();
             if table.slice_count == 0 {
@@ -335,52 +363,105 @@ impl LedgerApi for Front {
                     continue;
                 }
                 load.push((item.from_user_id, Kind::Write, item.encoded_len()));
-                let from = table::route(&table, item.from_user_id).expect("bootstrapped table routes every user");
-                let to = table::route(&table, item.to_user_id).expect("bootstrapped table routes every user");
-                if from.pair_id != to.pair_id {
-                    let part = cross.entry(from.pair_id).or_default();
-                    part.0.push(position);
-                    part.1.push(cellbank_proto::cell::CrossCellItem {
-                        transfer: Some(item),
-                        source_pair_id: from.pair_id,
-                        dest_pair_id: to.pair_id,
-                    });
-                    continue;
-                }
-                let part = parts.entry(from.pair_id).or_default();
-                part.0.push(position);
-                part.1.push(item);
+                pending.push((position, item));
             }
             self.pool.load().record_many(&table, load);
         }
-        let local_calls = parts.into_iter().map(|(pair_id, (positions, transfers))| {
-            let pool = self.pool.clone();
-            async move {
-                let message = SubmitTransfersRequest { transfers };
-                let response =
-                    pool.call(to_pair(pair_id), deadline, message, |mut c, req| async move {
-                        c.submit_transfers(req).await
-                    })
-                    .await?;
-                if response.results.len() != positions.len() {
-                    return Err(Status::internal("a cell answered with the wrong number of results"));
+        while !pending.is_empty() {
+            // pair id -> (positions, items)
+            let mut parts: std::collections::BTreeMap<u64, (Vec<usize>, Vec<TransferRequest>)> = Default::default();
+            // sender pair id -> (positions, cross-cell items)
+            let mut cross: std::collections::BTreeMap<u64, (Vec<usize>, Vec<cellbank_proto::cell::CrossCellItem>)> =
+                Default::default();
+            {
+                let table = self.pool.table_view().borrow();
+                for (position, item) in pending.drain(..) {
+                    let from = table::route(&table, item.from_user_id).expect("bootstrapped table routes every user");
+                    let to = table::route(&table, item.to_user_id).expect("bootstrapped table routes every user");
+                    if from.pair_id != to.pair_id {
+                        let part = cross.entry(from.pair_id).or_default();
+                        part.0.push(position);
+                        part.1.push(cellbank_proto::cell::CrossCellItem {
+                            transfer: Some(item),
+                            source_pair_id: from.pair_id,
+                            dest_pair_id: to.pair_id,
+                        });
+                        continue;
+                    }
+                    let part = parts.entry(from.pair_id).or_default();
+                    part.0.push(position);
+                    part.1.push(item);
                 }
-                Ok::<_, Status>((positions, response.results))
             }
-        });
-        let cross_calls = cross.into_iter().map(|(pair_id, (positions, items))| {
-            let pool = self.pool.clone();
-            async move {
-                let results = Front::send_cross_cell(&pool, pair_id, deadline, items).await?;
-                Ok::<_, Status>((positions, results))
+            let local_calls = parts.into_iter().map(|(pair_id, (positions, transfers))| {
+                let pool = self.pool.clone();
+                async move {
+                    // Every item's two users are still in this pair.
+                    let users: Vec<(u64, u64)> = transfers.iter().map(|t| (t.from_user_id, t.to_user_id)).collect();
+                    let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                        users.iter().all(|(a, b)| pairs_in(t, *a, *b) == Some((pair_id, pair_id)))
+                    };
+                    let message = SubmitTransfersRequest { transfers };
+                    let outcome = pool
+                        .call_planned(to_pair(pair_id), &holds, deadline, message.clone(), |mut c, req| async move {
+                            c.submit_transfers(req).await
+                        })
+                        .await;
+                    let replanned = |status: Status| {
+                        if crate::cells::is_replan(&status) {
+                            Ok(Err(positions.iter().copied().zip(message.transfers.clone()).collect::<Vec<_>>()))
+                        } else {
+                            Err(status)
+                        }
+                    };
+                    let response = match outcome {
+                        Ok(response) => response,
+                        Err(status) => return replanned(status),
+                    };
+                    if response.results.len() != positions.len() {
+                        return Err(Status::internal("a cell answered with the wrong number of results"));
+                    }
+                    Ok::<_, Status>(Ok((positions.clone(), response.results)))
+                }
+            });
+            let cross_calls = cross.into_iter().map(|(pair_id, (positions, items))| {
+                let pool = self.pool.clone();
+                async move {
+                    // Every item's sender is still in this pair (a credit
+                    // follows its recipient by itself).
+                    let senders: Vec<u64> =
+                        items.iter().map(|i| i.transfer.as_ref().map(|t| t.from_user_id).unwrap_or(0)).collect();
+                    let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                        senders.iter().all(|u| table::route(t, *u).map(|r| r.pair_id) == Some(pair_id))
+                    };
+                    match Front::send_cross_cell(&pool, pair_id, &holds, deadline, items.clone()).await {
+                        Ok(results) => Ok::<_, Status>(Ok((positions, results))),
+                        Err(status) if crate::cells::is_replan(&status) => {
+                            Ok(Err(positions.into_iter().zip(items.into_iter().filter_map(|i| i.transfer)).collect()))
+                        }
+                        Err(status) => Err(status),
+                    }
+                }
+            });
+            let (local, remote) =
+                futures::future::join(futures::future::join_all(local_calls), futures::future::join_all(cross_calls))
+                    .await;
+            for part in local.into_iter().chain(remote) {
+                match part? {
+                    Ok((positions, part_results)) => {
+                        for (position, result) in positions.into_iter().zip(part_results) {
+                            results[position] = Some(result);
+                        }
+                    }
+                    Err(again) => pending.extend(again),
+                }
             }
-        });
-        let (local, remote) =
-            futures::future::join(futures::future::join_all(local_calls), futures::future::join_all(cross_calls)).await;
-        for part in local.into_iter().chain(remote) {
-            let (positions, part_results) = part?;
-            for (position, result) in positions.into_iter().zip(part_results) {
-                results[position] = Some(result);
+            if !pending.is_empty() {
+                // A slice moved under the plan: wait for the table's news.
+                if Instant::now() >= deadline {
+                    return Err(Status::deadline_exceeded("slices kept moving under this call until its deadline"));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
         let results = results.into_iter().map(|r| r.expect("every item has a result")).collect();
@@ -495,6 +576,30 @@ impl LedgerApi for Front {
                 "senders may not grab their own envelope".into(),
             )));
         }
+        loop {
+            match self.grab_planned(&r, sender, deadline).await {
+                Err(status) if crate::cells::is_replan(&status) => continue,
+                outcome => return outcome.map(Response::new),
+            }
+        }
+    }
+
+    async fn get_envelope(
+        &self,
+        request: Request<GetEnvelopeRequest>,
+    ) -> Result<Response<GetEnvelopeResponse>, Status> {
+        self.get_envelope_of(request).await
+    }
+}
+
+impl Front {
+    /// A grab planned from the table as it is now (see `grab_envelope`).
+    async fn grab_planned(
+        &self,
+        r: &GrabEnvelopeRequest,
+        sender: u64,
+        deadline: Instant,
+    ) -> Result<GrabEnvelopeResponse, Status> {
         let Some((envelope_pair_id, grabber_pair_id)) = self.pairs_of(sender, r.user_id) else {
             return Err(Status::unavailable("the routing table is not ready yet"));
         };
@@ -509,32 +614,27 @@ impl LedgerApi for Front {
                 }
             })?;
             if currency.is_empty() {
-                return Ok(Response::new(refused(
-                    ResultCode::EnvelopeNotFound,
-                    "envelope_id",
-                    "no such envelope".into(),
-                )));
+                return Ok(refused(ResultCode::EnvelopeNotFound, "envelope_id", "no such envelope".into()));
             }
             if !self.account_exists(r.user_id, &currency, deadline).await? {
-                return Ok(Response::new(refused(
+                return Ok(refused(
                     ResultCode::AccountNotFound,
                     "user_id",
                     format!("user {} has no {currency} account", r.user_id),
-                )));
+                ));
             }
         }
         let item = cellbank_proto::cell::GrabItem {
-            envelope_id: r.envelope_id,
+            envelope_id: r.envelope_id.clone(),
             user_id: r.user_id,
             envelope_pair_id,
             grabber_pair_id,
             forbid_own: self.forbid_own_grab,
         };
-        let response = self.grabs.grab(item, deadline).await?;
-        Ok(Response::new(response))
+        self.grabs.grab(item, deadline).await
     }
 
-    async fn get_envelope(
+    async fn get_envelope_of(
         &self,
         request: Request<GetEnvelopeRequest>,
     ) -> Result<Response<GetEnvelopeResponse>, Status> {

@@ -90,8 +90,24 @@ async fn run(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waitin
         tokio::spawn(async move {
             let deadline = batch.iter().map(|w| w.deadline).min().expect("a batch is never empty");
             let message = GrabBatch { items: batch.iter().map(|w| w.item.clone()).collect() };
-            let outcome =
-                pool.call_clearing(table::to_pair(pair_id), deadline, message, |mut c, req| async move {
+            // Each grab's plan: the envelope's and the grabber's pairs. A
+            // slice that moves under it sends the grabs back to be planned
+            // again (nothing of the batch applied).
+            let plans: Vec<(u64, u64, u64, u64)> = batch
+                .iter()
+                .map(|w| {
+                    let sender = cellbank_client::validate::envelope_id(&w.item.envelope_id).unwrap_or(0);
+                    (sender, w.item.envelope_pair_id, w.item.user_id, w.item.grabber_pair_id)
+                })
+                .collect();
+            let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                plans.iter().all(|(sender, envelope_pair, grabber, grabber_pair)| {
+                    table::route(t, *sender).map(|r| r.pair_id) == Some(*envelope_pair)
+                        && table::route(t, *grabber).map(|r| r.pair_id) == Some(*grabber_pair)
+                })
+            };
+            let outcome = pool
+                .call_clearing_planned(table::to_pair(pair_id), &holds, deadline, message, |mut c, req| async move {
                     c.grab(req).await
                 })
                 .await;

@@ -439,12 +439,15 @@ impl ReplicaAdmin for AdminService {
         self.context.within(timeout, self.context.node.read_index()).await?;
         let mark = super::moves::mark_in(&self.context.db.snapshot(), r.slice);
         let frozen = mark.as_ref().is_some_and(|m| m.move_id == r.move_id && m.mark == SliceMark::Frozen as i32);
+        let mut carried = None;
         if frozen {
             let db = self.context.db.clone();
             let (move_id, slice) = (r.move_id, r.slice);
-            let accounts = tokio::task::spawn_blocking(move || super::moves::ready_to_leave(&db, move_id, slice))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+            let (accounts, before) =
+                tokio::task::spawn_blocking(move || super::moves::ready_to_leave(&db, move_id, slice))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))??;
+            carried = Some(before);
             let out = cellbank_proto::cell::SliceOutCommand {
                 move_id: r.move_id,
                 slice: r.slice,
@@ -455,10 +458,11 @@ impl ReplicaAdmin for AdminService {
         }
         let db = self.context.db.clone();
         let epoch = self.context.pair.borrow().epoch;
-        let import =
-            tokio::task::spawn_blocking(move || super::moves::export(&db, r.move_id, r.slice, r.source_pair_id, epoch))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+        let import = tokio::task::spawn_blocking(move || {
+            super::moves::export(&db, r.move_id, r.slice, r.source_pair_id, epoch, carried)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         let accounts = import.keys.iter().filter(|k| k.get(1) == Some(&b'a')).count() as u64;
         let records = import.keys.len() as u64;
         Ok(Response::new(cellbank_proto::cell::ExportSliceResponse { import: Some(import), accounts, records }))

@@ -79,7 +79,7 @@ pub fn mark_in(view: &View<'_>, slice: u32) -> Option<SliceMarkState> {
 /// Whether a frozen slice may leave: nothing from its users is in the
 /// outbox (their credits out have settled), none of their envelopes is
 /// open, and it fits one import. Returns its user accounts.
-pub fn ready_to_leave(db: &DB, move_id: u64, slice: u32) -> Result<Vec<SliceAccount>, Status> {
+pub fn ready_to_leave(db: &DB, move_id: u64, slice: u32) -> Result<(Vec<SliceAccount>, Carried), Status> {
     let view = db.snapshot();
     check_not_installing(&view)?;
     let marks = slices::read_marks(&SnapshotKv(&view));
@@ -118,7 +118,8 @@ pub fn ready_to_leave(db: &DB, move_id: u64, slice: u32) -> Result<Vec<SliceAcco
         accounts.push(SliceAccount { user_id: id.owner, currency: id.currency.as_str().to_string() });
     }
     // What the export will carry: these records, and what leaving adds.
-    let records = collect(&view, count, slice, 0)?;
+    let carried = carried(&view, count, slice);
+    let records = collect(&view, count, slice, 0, &carried)?;
     let bytes =
         records.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>() + accounts.len() * LEAVING_BYTES_PER_ACCOUNT;
     if bytes > SLICE_BYTES_MAX {
@@ -126,7 +127,29 @@ pub fn ready_to_leave(db: &DB, move_id: u64, slice: u32) -> Result<Vec<SliceAcco
             "slice {slice} holds about {bytes} bytes; one move carries at most {SLICE_BYTES_MAX}"
         )));
     }
-    Ok(accounts)
+    Ok((accounts, carried))
+}
+
+/// The records a frozen slice carries that its leaving does not change:
+/// the transfer records its users routed, and its senders' envelopes (a
+/// frozen slice writes neither).
+pub struct Carried {
+    transfers: Vec<Pair>,
+    envelopes: Vec<Pair>,
+}
+
+fn carried(view: &View<'_>, count: u32, slice: u32) -> Carried {
+    let of_slice = |user: u64| slice_of(user, count) == slice;
+    let transfers = scan(view, keys::TRANSFER_PREFIX, |_, value| {
+        TransferRecord::decode(value).is_ok_and(|r| of_slice(routing_user(&r)))
+    });
+    let mut envelopes = Vec::new();
+    for family in [b'e', b'g', b'G', b'r'] {
+        envelopes.extend(scan(view, &[STATE_PREFIX, family], |key, _| {
+            keys::envelope_sender_of_key(key).is_some_and(of_slice)
+        }));
+    }
+    Carried { transfers, envelopes }
 }
 
 /// What the target needs to serve a slice that has left this cell: its
@@ -141,6 +164,7 @@ pub fn export(
     slice: u32,
     source_pair_id: u64,
     sender_epoch: u64,
+    carried_before: Option<Carried>,
 ) -> Result<SliceInCommand, Status> {
     let view = db.snapshot();
     check_not_installing(&view)?;
@@ -151,7 +175,8 @@ pub fn export(
         return Err(Status::failed_precondition(format!("slice {slice} has not left for move {move_id} here")));
     }
     let count = marks.slice_count;
-    let pairs = collect(&view, count, slice, source_pair_id)?;
+    let carried = carried_before.unwrap_or_else(|| carried(&view, count, slice));
+    let pairs = collect(&view, count, slice, source_pair_id, &carried)?;
     let tag = format!("slice-move/{move_id}/").into_bytes();
     let credits = scan(&view, keys::OUTBOX_PREFIX, |_, value| {
         OutboxEntry::decode(value).is_ok_and(|e| {
@@ -169,37 +194,43 @@ pub fn export(
 }
 
 /// The records of `slice` in `view` as its new pair takes them (see
-/// [`export`]).
-fn collect(view: &View<'_>, count: u32, slice: u32, source_pair_id: u64) -> Result<Vec<Pair>, Status> {
+/// [`export`]): its users' accounts, their histories (a seek per account),
+/// the records those name, and what `carried` holds.
+fn collect(
+    view: &View<'_>,
+    count: u32,
+    slice: u32,
+    source_pair_id: u64,
+    carried: &Carried,
+) -> Result<Vec<Pair>, Status> {
     let of_slice = |user: u64| slice_of(user, count) == slice;
     let kv = SnapshotKv(view);
-    let mut pairs: Vec<Pair> = Vec::new();
-    pairs.extend(scan(view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key))));
-    let transfers = scan(view, keys::TRANSFER_PREFIX, |_, value| {
-        TransferRecord::decode(value).is_ok_and(|r| of_slice(routing_user(&r)))
-    });
-    let carried: std::collections::HashSet<Vec<u8>> = transfers.iter().map(|(k, _)| k.clone()).collect();
+    let accounts = scan(view, &user_prefix(b'a'), |key, _| key.len() >= 11 && of_slice(owner_of(key)));
+    let transfer_keys: std::collections::HashSet<&[u8]> = carried.transfers.iter().map(|(k, _)| k.as_slice()).collect();
     let mut moved: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
-    for (key, value) in scan(view, &user_prefix(b'h'), |key, _| key.len() >= 11 && of_slice(owner_of(key))) {
-        let (delta, record_key) =
-            ledger::parse_history(&value).ok_or_else(|| Status::internal("a history entry is malformed"))?;
-        if carried.contains(record_key) {
-            pairs.push((key, value));
-            continue;
+    let mut histories = Vec::new();
+    for (key, _) in &accounts {
+        let id = ledger::AccountId::from_key(key)
+            .ok_or_else(|| Status::internal(format!("an account key of the wrong shape: {key:02x?}")))?;
+        for (key, value) in scan(view, &id.history_prefix(), |_, _| true) {
+            let (delta, record_key) =
+                ledger::parse_history(&value).ok_or_else(|| Status::internal("a history entry is malformed"))?;
+            if transfer_keys.contains(record_key) {
+                histories.push((key, value));
+                continue;
+            }
+            let at_target = keys::moved(source_pair_id, record_key);
+            if let Some(record) = kv_get(&kv, record_key) {
+                moved.insert(at_target.clone(), record);
+            }
+            histories.push((key, ledger::history_value(delta, &at_target)));
         }
-        let at_target = keys::moved(source_pair_id, record_key);
-        if let Some(record) = kv_get(&kv, record_key) {
-            moved.insert(at_target.clone(), record);
-        }
-        pairs.push((key, ledger::history_value(delta, &at_target)));
     }
-    pairs.extend(transfers);
+    let mut pairs = accounts;
+    pairs.extend(histories);
+    pairs.extend(carried.transfers.iter().cloned());
     pairs.extend(moved);
-    for family in [b'e', b'g', b'G', b'r'] {
-        pairs.extend(scan(view, &[STATE_PREFIX, family], |key, _| {
-            keys::envelope_sender_of_key(key).is_some_and(of_slice)
-        }));
-    }
+    pairs.extend(carried.envelopes.iter().cloned());
     Ok(pairs)
 }
 
