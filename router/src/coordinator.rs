@@ -789,11 +789,14 @@ impl Coordinator {
             };
             self.propose(command).await?;
             let table = self.pool.table();
-            table.moves.iter().find(|m| m.slice == slice).cloned().ok_or(CoordinatorError::TableTimeout)?
+            let record =
+                table.moves.iter().find(|m| m.slice == slice).cloned().ok_or(CoordinatorError::TableTimeout)?;
+            // Claimed before the lock is let go: a pass never resumes it.
+            if !self.driving.lock().expect("driving lock").insert(record.move_id) {
+                return Err(CoordinatorError::TableRefused(format!("move {} is already being driven", record.move_id)));
+            }
+            record
         };
-        if !self.driving.lock().expect("driving lock").insert(record.move_id) {
-            return Err(CoordinatorError::TableRefused(format!("move {} is already being driven", record.move_id)));
-        }
         let outcome = self.drive_move(&record).await;
         self.driving.lock().expect("driving lock").remove(&record.move_id);
         let mut response = outcome?;
@@ -829,6 +832,7 @@ impl Coordinator {
     /// the table forgets it); afterwards it only goes forward.
     async fn drive_move(&self, record: &SliceMove) -> Result<MoveSliceResponse, CoordinatorError> {
         let (slice, from, to, move_id) = (record.slice, record.from_pair_id, record.to_pair_id, record.move_id);
+        self.still_driving(move_id)?;
         let slice_count = self.pool.table().slice_count;
         let frozen_at = Instant::now();
         let freeze = FreezeSliceCommand { move_id, slice, slice_count, to_pair_id: to };
@@ -862,6 +866,7 @@ impl Coordinator {
         let request = ExportSliceRequest { move_id, slice, source_pair_id: from, to_pair_id: to };
         let drain_until = Instant::now() + MOVE_DRAIN_TIMEOUT;
         let exported = loop {
+            self.still_driving(move_id)?;
             let asked = self
                 .pool
                 .call_admin(table::to_pair(from), step_deadline(), request, |mut c, r| async move {
@@ -887,6 +892,7 @@ impl Coordinator {
         // From here the slice's money has left the source: forward only.
         let import_until = Instant::now() + MOVE_IMPORT_TIMEOUT;
         loop {
+            self.still_driving(move_id)?;
             let imported = self
                 .pool
                 .call_admin(table::to_pair(to), step_deadline(), import.clone(), |mut c, r| async move {
@@ -933,6 +939,17 @@ impl Coordinator {
             records: exported.records,
             detail,
         })
+    }
+
+    /// Whether this router may still drive move `move_id`: it leads the
+    /// routers, and the move is in the table. A coordinator that lost its
+    /// place stops (cells refuse a late step of an ended move anyway).
+    fn still_driving(&self, move_id: u64) -> Result<(), CoordinatorError> {
+        self.require_leader()?;
+        if !self.pool.table().moves.iter().any(|m| m.move_id == move_id) {
+            return Err(CoordinatorError::TableRefused(format!("move {move_id} is no longer in the table")));
+        }
+        Ok(())
     }
 
     /// Rolls a move back: the source thaws the slice, then the table

@@ -206,11 +206,32 @@ impl Ledger {
             );
             return rejection(ResultCode::StaleSender, "sender_epoch", detail, index);
         }
+        let key = keys::inbox(credit.source_pair_id, credit.seq);
+        let business =
+            keys::credit_business(credit.source_pair_id, credit.kind, credit.to_user_id, &credit.transfer_id);
+        // A credit this cell never applied, for a slice that is moving or
+        // has moved (or one carrying a slice's balance, which applies only
+        // with its import), is refused before anything is written.
+        // Applied here, or (for a slice that moved in) at its old pair.
+        let carried_key = keys::carried(&key).expect("an inbox key");
+        let carried_business = keys::carried(&business).expect("a business key");
+        let applied_before = kv.get(&key).is_some()
+            || kv.get(&business).is_some()
+            || kv.get(&carried_key).is_some()
+            || kv.get(&carried_business).is_some();
+        if !importing && !applied_before {
+            if credit.kind == TransferKind::SliceMove as i32 {
+                let detail = format!("credit {} moves a slice: it applies with the slice's import", credit.seq);
+                return rejection(ResultCode::SliceMoving, "kind", detail, index);
+            }
+            if let Some(refusal) = self.slice_refusal(kv, credit.to_user_id, index) {
+                return refusal;
+            }
+        }
         if credit.sender_epoch > newest_sender {
             kv.put(&keys::sender_epoch(credit.source_pair_id), &credit.sender_epoch.to_be_bytes());
         }
-        let key = keys::inbox(credit.source_pair_id, credit.seq);
-        if let Some(recorded) = read_record(kv, &key) {
+        if let Some(recorded) = read_record(kv, &key).or_else(|| read_record(kv, &carried_key)) {
             if recorded.transfer_id != credit.transfer_id
                 || recorded.amount != credit.amount
                 || recorded.to_user_id != credit.to_user_id
@@ -235,13 +256,19 @@ impl Ledger {
             }
             return recorded_answer(&recorded);
         }
-        let business =
-            keys::credit_business(credit.source_pair_id, credit.kind, credit.to_user_id, &credit.transfer_id);
-        if let Some(first_seq) = kv.get(&business) {
+        let first = match kv.get(&business) {
+            Some(seq) => Some((seq, keys::inbox(credit.source_pair_id, 0))),
+            None => kv
+                .get(&carried_business)
+                .map(|seq| (seq, keys::carried(&keys::inbox(credit.source_pair_id, 0)).expect("an inbox key"))),
+        };
+        if let Some((first_seq, family)) = first {
             // The same payment under another seq (a forked history, or a
             // sender that recreated it): the first one's answer, no money.
             let first_seq = u64::from_be_bytes(first_seq.as_slice().try_into().expect("a business key holds a seq"));
-            let Some(recorded) = read_record(kv, &keys::inbox(credit.source_pair_id, first_seq)) else {
+            let mut first_key = family[..family.len() - 8].to_vec();
+            first_key.extend_from_slice(&first_seq.to_be_bytes());
+            let Some(recorded) = read_record(kv, &first_key) else {
                 return inconsistent(format!("a business key names credit {first_seq}, which is missing"), index);
             };
             if recorded.amount != credit.amount || recorded.currency != credit.currency {
@@ -253,15 +280,6 @@ impl Ledger {
                 return rejection(ResultCode::IdReusedWithDifferentFields, "transfer_id", detail, index);
             }
             return recorded_answer(&recorded);
-        }
-        if !importing {
-            if credit.kind == TransferKind::SliceMove as i32 {
-                let detail = format!("credit {} moves a slice: it applies with the slice's import", credit.seq);
-                return rejection(ResultCode::SliceMoving, "kind", detail, index);
-            }
-            if let Some(refusal) = self.slice_refusal(kv, credit.to_user_id, index) {
-                return refusal;
-            }
         }
         let debit = AccountId::clearing(credit.source_pair_id, currency);
         let recipient = AccountId::user(credit.to_user_id, currency);

@@ -28,6 +28,9 @@
 //!   (`SliceMarks`).
 //! - `'v' user transfer_id` the record of a balance leaving with its slice
 //!   (`TransferRecord`, kind SLICE_MOVE).
+//! - `'I' source_pair seq`, `'B' …` the inbox records and business keys
+//!   of credits a moved slice's users received at their old pair
+//!   ([`carried`]).
 //! - `'M' source_pair key` a record a moved slice brought from its old
 //!   pair (the key it had there, without its prefix byte), kept apart from
 //!   this cell's own records; the slice's histories name it.
@@ -58,6 +61,22 @@ pub fn slice_move(user_id: u64, transfer_id: &[u8]) -> Vec<u8> {
 /// (under `key` there) is kept.
 pub fn moved(source_pair_id: u64, key: &[u8]) -> Vec<u8> {
     with(MOVED_PREFIX, &[&source_pair_id.to_be_bytes(), key.get(1..).unwrap_or_default()])
+}
+
+/// Where a pair that took in a slice keeps the inbox record (`'i'`) or the
+/// business key (`'b'`) of a credit its old pair applied to one of the
+/// slice's users (the same key, family `'I'` or `'B'`): a late delivery of
+/// that credit gets its recorded answer here too, and the inbox's own sums
+/// (what this pair credited) leave them out.
+pub fn carried(key: &[u8]) -> Option<Vec<u8>> {
+    let family = match key.get(1)? {
+        b'i' => b'I',
+        b'b' => b'B',
+        _ => return None,
+    };
+    let mut carried = key.to_vec();
+    carried[1] = family;
+    Some(carried)
 }
 
 /// The sender of the envelope an envelope record (`'e'`, `'g'`, `'G'`,

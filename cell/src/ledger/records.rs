@@ -51,7 +51,8 @@ pub fn check_record(key: &[u8], value: &[u8]) -> Result<(), String> {
             }
             parse_history(value).map(|_| ()).ok_or_else(|| "a history entry too short".into())
         }
-        b't' | b'f' | b'i' | b'g' | b'r' | b'v' => record("a transfer record"),
+        b't' | b'f' | b'i' | b'I' | b'g' | b'r' | b'v' => record("a transfer record"),
+        b'B' => exact(8, "a carried credit's business key"),
         b'M' => {
             if key.len() < 11 {
                 return Err("a moved record's key of the wrong length".into());

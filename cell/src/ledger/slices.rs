@@ -11,6 +11,11 @@
 //! - GONE (moved out, to `peer_pair_id`): as FROZEN, and a credit that was
 //!   never applied here is answered with the pair to redirect it to.
 //! - HELD (moved in): served like any slice.
+//! - no mark, with a move id (a move rolled back): served like any slice.
+//!
+//! Every mark keeps the id of the last move of its slice this cell took a
+//! step of; a step of an older move (a late call from a coordinator that
+//! lost its place) is refused, so a move that ended never acts again.
 //!
 //! A move (driven by the coordinator) is four commands: `FreezeSlice` at
 //! the source; `SliceOut` at the source once nothing from the slice's
@@ -49,7 +54,7 @@ pub fn move_transfer_id(move_id: u64, currency: &str, part: u32) -> Vec<u8> {
 }
 
 /// The families of records a `SliceIn` may carry.
-pub const IMPORT_FAMILIES: &[u8] = b"ahtMegGr";
+pub const IMPORT_FAMILIES: &[u8] = b"ahtMegGrIB";
 
 pub fn read_marks(kv: &dyn Kv) -> SliceMarks {
     kv.get(keys::SLICE_MARKS)
@@ -78,6 +83,10 @@ fn set_mark(marks: &mut SliceMarks, state: SliceMarkState) {
     marks.slices.retain(|m| m.slice != state.slice);
     marks.slices.push(state);
     marks.slices.sort_by_key(|m| m.slice);
+}
+
+fn stale(move_id: u64, slice: u32, seen: u64) -> String {
+    format!("move {move_id} of slice {slice} is stale: this cell has seen move {seen} of it")
 }
 
 /// Where a user of a marked slice may not be written: FROZEN or GONE.
@@ -140,6 +149,11 @@ impl Ledger {
                 answer.duplicate = true;
                 return answer;
             }
+            // A step of a move that ended (or a later one this cell saw):
+            // a late call from a coordinator that lost its place.
+            Some(state) if state.move_id >= freeze.move_id => {
+                return invalid("move_id", stale(freeze.move_id, freeze.slice, state.move_id));
+            }
             Some(state) if blocks(state) => {
                 let detail =
                     format!("slice {} is {} here (move {})", freeze.slice, mark(state).as_str_name(), state.move_id);
@@ -165,7 +179,10 @@ impl Ledger {
         let mut marks = self.marks(kv).clone();
         match mark_of_slice(&marks, thaw.slice) {
             Some(state) if state.move_id == thaw.move_id && mark(state) == SliceMark::Frozen => {
-                marks.slices.retain(|m| m.slice != thaw.slice);
+                // Served here again; the move id stays, so that no late
+                // step of this move (or an older one) applies.
+                let served = SliceMarkState { mark: SliceMark::Unspecified as i32, ..*state };
+                set_mark(&mut marks, served);
                 self.store_marks(kv, marks);
                 result(ResultCode::Ok, index)
             }
@@ -293,6 +310,9 @@ impl Ledger {
             }
             Some(state) if mark(state) == SliceMark::Frozen => {
                 return invalid("slice", format!("slice {} is moving out of this cell", import.slice));
+            }
+            Some(state) if state.move_id >= import.move_id => {
+                return invalid("move_id", stale(import.move_id, import.slice, state.move_id));
             }
             _ => {}
         }

@@ -1144,6 +1144,13 @@ fn export_of(h: &Harness, move_id: u64, slice: u32, from_pair: u64) -> cellbank_
             let moved = keys::moved(from_pair, record);
             pairs.push((moved.clone(), h.kv[record].clone()));
             pairs.push((key.clone(), history_value(delta, &moved)));
+            if let Some(inbox) = keys::carried(record) {
+                let credit = read_record(&h.kv, record).unwrap();
+                let source = u64::from_be_bytes(record[2..10].try_into().unwrap());
+                let business = keys::credit_business(source, credit.kind, credit.to_user_id, &credit.transfer_id);
+                pairs.push((inbox, h.kv[record].clone()));
+                pairs.push((keys::carried(&business).unwrap(), record[10..18].to_vec()));
+            }
         }
     }
     pairs.extend(transfers);
@@ -1260,6 +1267,14 @@ fn a_slice_moves_with_its_money_records_and_answers() {
     }
     assert!(pending(&a).is_empty());
     no_mismatch(&a);
+    // A late delivery of a credit the old pair applied: its recorded
+    // answer, no money (under its seq, or under another one).
+    let late = b.apply(slice_cmd(command::Kind::Credit(from_c.clone())));
+    assert!(late.duplicate && late.code == ResultCode::Ok as i32, "{}", late.detail);
+    let forked = b.apply(slice_cmd(command::Kind::Credit(CreditCommand { seq: 11, ..from_c.clone() })));
+    assert!(forked.duplicate && forked.code == ResultCode::Ok as i32, "{}", forked.detail);
+    assert_eq!(b.balance(s2), Some(1_005));
+    no_mismatch(&b);
     // The new pair serves the slice.
     assert_eq!(b.code(transfer("after", s1, s2, 3)), ResultCode::Ok);
     // A SLICE_MOVE credit through the courier never applies on its own.
@@ -1300,4 +1315,46 @@ fn a_credit_to_a_moved_slice_is_redirected_by_its_source() {
     assert_eq!(c.code(settle(entry.seq, ResultCode::Ok, 9)), ResultCode::Ok);
     assert!(pending(&c).is_empty());
     no_mismatch(&c);
+}
+
+#[test]
+fn a_step_of_an_older_move_never_applies() {
+    use cellbank_proto::cell::{FreezeSliceCommand, SliceInCommand, ThawSliceCommand};
+    let mut h = Harness::new();
+    let freeze = |move_id| {
+        slice_cmd(command::Kind::FreezeSlice(FreezeSliceCommand {
+            move_id,
+            slice: 1,
+            slice_count: SLICES,
+            to_pair_id: 2,
+        }))
+    };
+    let thaw = |move_id| slice_cmd(command::Kind::ThawSlice(ThawSliceCommand { move_id, slice: 1 }));
+    let import = |move_id| {
+        slice_cmd(command::Kind::SliceIn(SliceInCommand {
+            move_id,
+            slice: 1,
+            slice_count: SLICES,
+            from_pair_id: 3,
+            ..Default::default()
+        }))
+    };
+    assert_eq!(h.code(freeze(3)), ResultCode::Ok);
+    assert_eq!(h.code(thaw(3)), ResultCode::Ok);
+    // A late freeze of the move that was rolled back: refused.
+    let late = h.apply(freeze(3));
+    assert_eq!(late.code, ResultCode::InvalidItem as i32);
+    assert!(late.detail.contains("stale"), "{}", late.detail);
+    assert_eq!(h.code(freeze(4)), ResultCode::Ok);
+    assert_eq!(h.code(thaw(4)), ResultCode::Ok);
+    // An import of an older move: refused; of a newer one: taken, once.
+    assert_eq!(h.code(import(2)), ResultCode::InvalidItem);
+    assert_eq!(h.code(import(5)), ResultCode::Ok);
+    assert!(h.apply(import(5)).duplicate);
+    assert_eq!(h.code(freeze(4)), ResultCode::InvalidItem);
+    assert_eq!(h.code(import(4)), ResultCode::InvalidItem);
+    // A thaw of an older move changes nothing.
+    let before = h.kv.clone();
+    assert!(h.apply(thaw(3)).duplicate);
+    assert_eq!(h.kv, before);
 }

@@ -439,7 +439,20 @@ impl ReplicaAdmin for AdminService {
         self.context.within(timeout, self.context.node.read_index()).await?;
         let mark = super::moves::mark_in(&self.context.db.snapshot(), r.slice);
         let frozen = mark.as_ref().is_some_and(|m| m.move_id == r.move_id && m.mark == SliceMark::Frozen as i32);
+        let gone = mark.as_ref().is_some_and(|m| m.move_id == r.move_id && m.mark == SliceMark::Gone as i32);
         let mut carried = None;
+        if gone {
+            // Left before (a move run again): proposed again, it changes
+            // nothing, and its answer waits until the standby holds the
+            // leaving, so nothing is exported that a failover could undo.
+            let out = cellbank_proto::cell::SliceOutCommand {
+                move_id: r.move_id,
+                slice: r.slice,
+                source_pair_id: r.source_pair_id,
+                accounts: Vec::new(),
+            };
+            self.slice_step(timeout, Command { kind: Some(command::Kind::SliceOut(out)) }).await?;
+        }
         if frozen {
             let db = self.context.db.clone();
             let (move_id, slice) = (r.move_id, r.slice);

@@ -221,6 +221,27 @@ fn collect(
             }
             let at_target = keys::moved(source_pair_id, record_key);
             if let Some(record) = kv_get(&kv, record_key) {
+                // A credit the user received: its inbox record and business
+                // key go along, so that no late delivery applies it again.
+                // (Through every pair the slice lived in: a moved record's
+                // key holds the key it had.)
+                let mut original = record_key;
+                while original.get(1) == Some(&b'M') && original.len() > 10 {
+                    original = &original[9..];
+                }
+                let original = [&[STATE_PREFIX][..], original.get(1..).unwrap_or_default()].concat();
+                let original = if record_key.get(1) == Some(&b'M') { original } else { record_key.to_vec() };
+                if let (Some(inbox), Ok(credit), true) = (
+                    keys::carried(&original),
+                    cellbank_proto::v1::TransferRecord::decode(record.as_slice()),
+                    original.len() == 18,
+                ) {
+                    let source = u64::from_be_bytes(original[2..10].try_into().expect("an inbox key holds its pair"));
+                    let seq = &original[10..18];
+                    let business = keys::credit_business(source, credit.kind, credit.to_user_id, &credit.transfer_id);
+                    moved.insert(inbox, record.clone());
+                    moved.insert(keys::carried(&business).expect("a business key"), seq.to_vec());
+                }
                 moved.insert(at_target.clone(), record);
             }
             histories.push((key, ledger::history_value(delta, &at_target)));
