@@ -189,10 +189,114 @@ enum CapacityAction {
         #[arg(long)]
         json: bool,
     },
+    /// Propose slice moves that even the load (writes the routers counted;
+    /// accounts when there were none) with few bytes moved; `--apply` runs
+    /// them one slice at a time, each in the routers' audit log.
+    Plan {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: cluster::AdminAuth,
+        /// The pairs to spread the load over (comma-separated); slices of
+        /// other pairs leave them.
+        #[arg(long, value_delimiter = ',', conflicts_with = "after_add_pair")]
+        target_pairs: Vec<u64>,
+        /// Spread the load over every pair, pair P (just added) included.
+        #[arg(long)]
+        after_add_pair: Option<u64>,
+        /// How long to measure rates over.
+        #[arg(long, default_value_t = 2000)]
+        window_ms: u64,
+        /// How far above the mean a pair may stay (a fraction).
+        #[arg(long, default_value_t = 0.05)]
+        tolerance: f64,
+        /// Most moves in the plan.
+        #[arg(long, default_value_t = 64)]
+        max_moves: usize,
+        /// Run the plan.
+        #[arg(long)]
+        apply: bool,
+        /// With --apply: stop after a move that kept its slice frozen longer.
+        #[arg(long, default_value_t = 1000)]
+        max_freeze_ms: u64,
+        /// With --apply: the pause between moves (gentler during a peak).
+        #[arg(long, default_value_t = 500)]
+        pause_ms: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 async fn capacity(action: CapacityAction) -> anyhow::Result<()> {
     match action {
+        CapacityAction::Plan {
+            endpoints,
+            auth,
+            target_pairs,
+            after_add_pair,
+            window_ms,
+            tolerance,
+            max_moves,
+            apply,
+            max_freeze_ms,
+            pause_ms,
+            json,
+        } => {
+            let report =
+                cellbank::capacity::gather(&endpoints.endpoints, std::time::Duration::from_millis(window_ms)).await?;
+            let status = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
+                .status()
+                .await?;
+            let table = status.table.unwrap_or_default();
+            let known: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).collect();
+            let targets = match (after_add_pair, target_pairs.is_empty()) {
+                (Some(pair), true) => {
+                    anyhow::ensure!(known.contains(&pair), "--after-add-pair: no pair {pair} (pairs: {known:?})");
+                    known.clone()
+                }
+                (None, false) => {
+                    if let Some(unknown) = target_pairs.iter().find(|p| !known.contains(p)) {
+                        anyhow::bail!("--target-pairs: no pair {unknown} (pairs: {known:?})");
+                    }
+                    target_pairs
+                }
+                _ => anyhow::bail!("give --target-pairs or --after-add-pair"),
+            };
+            anyhow::ensure!((0.0..1.0).contains(&tolerance), "--tolerance is a fraction below 1");
+            let plan = cellbank::capacity::plan(&report.slices, &table.slice_pair, &targets, tolerance, max_moves);
+            if json && !apply {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+                return Ok(());
+            }
+            if !json {
+                print!("{}", cellbank::capacity::render_plan(&plan));
+            }
+            if !apply {
+                if !plan.moves.is_empty() {
+                    println!("(a plan only: --apply runs it, one slice at a time)");
+                }
+                return Ok(());
+            }
+            let why = if auth.why.is_empty() { "capacity plan".to_string() } else { auth.why.clone() };
+            let done = cellbank::capacity::apply_plan(
+                &endpoints.endpoints,
+                &plan,
+                &auth.who,
+                &why,
+                std::time::Duration::from_millis(max_freeze_ms),
+                std::time::Duration::from_millis(pause_ms),
+                !json,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&done.iter().map(|d| &d.detail).collect::<Vec<_>>())?);
+            } else {
+                let worst = done.iter().map(|d| d.freeze_ms).max().unwrap_or(0);
+                println!("{} slice(s) moved; the longest freeze {worst} ms", done.len());
+            }
+            Ok(())
+        }
         CapacityAction::Status { endpoints, window_ms, top, json } => {
             let report =
                 cellbank::capacity::gather(&endpoints.endpoints, std::time::Duration::from_millis(window_ms)).await?;

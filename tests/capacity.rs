@@ -105,6 +105,37 @@ async fn capacity_status_shows_what_each_pair_holds_and_the_hottest_slice_first(
     let seeded = users.iter().filter(|u| slice(**u) == slice(far)).count() as u64;
     assert!(far_slice.writes >= 2 * seeded + 5, "{far_slice:?}, {seeded} users seeded there");
     assert_eq!(far_slice.accounts, seeded);
+
+    // A plan over both pairs evens the writes out; applied, the table
+    // ends as planned and the books stay exact.
+    let plan = cellbank::capacity::plan(&report.slices, &table.slice_pair, &[1, 2], 0.05, 16);
+    print!("{}", cellbank::capacity::render_plan(&plan));
+    let spread = |i: usize| -> f64 {
+        let loads: Vec<f64> = plan.loads.values().map(|l| if i == 0 { l.0 } else { l.1 }).collect();
+        loads.iter().cloned().fold(f64::MIN, f64::max) - loads.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    assert!(spread(1) <= spread(0), "the plan never widens the gap: {plan:?}");
+    assert!(!plan.moves.is_empty(), "one user's traffic leaves the pairs uneven: {plan:?}");
+    assert_eq!(plan.dominant.map(|d| d.0), Some(slice(hot)), "the hot user's slice outweighs a pair's share");
+    let done = cellbank::capacity::apply_plan(
+        &cluster.routers(),
+        &plan,
+        "tester",
+        "even the load",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        false,
+    )
+    .await
+    .expect("the plan applies");
+    assert_eq!(done.len(), plan.moves.len());
+    let after = cluster.status().await.unwrap().table.unwrap();
+    for planned in &plan.moves {
+        assert_eq!(after.slice_pair[planned.slice as usize], planned.to_pair_id, "slice {}", planned.slice);
+    }
+    let status = cluster.status().await.unwrap();
+    let reconciled = cellbank::reconcile::reconcile(&status, &cellbank::reconcile::Options::default()).await;
+    assert!(reconciled.ok(), "{:#?}", reconciled.discrepancies);
 }
 
 /// `admin add-pair` on a running cluster under load: bad requests are
