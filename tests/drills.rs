@@ -130,6 +130,27 @@ fn drill_old_active_restarts_isolated() {
     assert!(lasted >= 24_000, "the step ended {lasted} ms after the kill: {fault}");
 }
 
+/// How many slices a drill's move-slices step moved (from its journal).
+fn slices_moved(journal: &Value) -> u64 {
+    let faults = journal["faults"].as_array().expect("faults");
+    let step = faults.iter().find(|f| f["fault"] == "move-slices").expect("a move-slices step");
+    let detail = step["detail"].as_str().expect("a detail");
+    println!("move-slices: {detail}");
+    detail.split(' ').next().and_then(|n| n.parse().ok()).expect("the count moved")
+}
+
+#[test]
+fn drill_move_under_leader_kill() {
+    let journal = library_drill_passes("move-under-leader-kill");
+    assert!(slices_moved(&journal) >= 8, "most of the 16 slices moved");
+}
+
+#[test]
+fn drill_router_leader_killed_mid_move() {
+    let journal = library_drill_passes("router-leader-kill-mid-move");
+    assert!(slices_moved(&journal) >= 32, "most of the 64 slices moved");
+}
+
 #[test]
 fn drill_switchover_under_load() {
     let journal = library_drill_passes("switchover-under-load");

@@ -240,6 +240,9 @@ pub enum FaultKind {
     /// operator action): the active is fenced and the standby promoted even
     /// if it is behind or the active is healthy.
     Failover,
+    /// `slices` slices of the pair move to another pair, one after another
+    /// (an operator action: `admin move-slice`).
+    MoveSlices,
     /// Writes are acknowledged without waiting for the standby, whose
     /// stream is cut: synchronous replication off. Breaks RPO = 0 on
     /// purpose: it exists to prove that the lost-write checker fails.
@@ -333,6 +336,9 @@ pub struct Step {
     /// lost after that too), so the drill observes a long outage.
     #[serde(default)]
     pub permanent: bool,
+    /// Move-slices: how many of the pair's slices move (1..=64).
+    #[serde(default)]
+    pub slices: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -557,9 +563,16 @@ impl Drill {
                 }
                 last_at = t;
             }
-            let needs_duration =
-                !matches!(step.fault, FaultKind::Restart | FaultKind::Switchover | FaultKind::Failover)
-                    && !step.permanent;
+            let needs_duration = !matches!(
+                step.fault,
+                FaultKind::Restart | FaultKind::Switchover | FaultKind::Failover | FaultKind::MoveSlices
+            ) && !step.permanent;
+            if step.fault == FaultKind::MoveSlices && !(1..=64).contains(&step.slices) {
+                return err("slices", at("slices: 1..=64 slices of the pair move".into()));
+            }
+            if step.fault != FaultKind::MoveSlices && step.slices != 0 {
+                return err("slices", at("slices: only for move-slices".into()));
+            }
             if step.permanent {
                 if step.fault != FaultKind::Kill || step.target.role != Role::Cell {
                     return err("permanent", at("permanent: only a kill of a whole cell (role = \"cell\")".into()));
@@ -596,6 +609,7 @@ impl Drill {
                 | FaultKind::CutStandby
                 | FaultKind::Switchover
                 | FaultKind::Failover
+                | FaultKind::MoveSlices
                 | FaultKind::UnsafeAsyncStandby => &[Role::Cell],
                 _ => &[Role::Leader, Role::Follower, Role::Replica, Role::Cell],
             };
@@ -612,7 +626,11 @@ impl Drill {
                 FaultKind::ClockJump if step.offset_ms == 0 || step.offset_ms.abs() > 86_400_000 => {
                     return err("offset_ms", at("offset_ms: non-zero, at most a day either way".into()))
                 }
-                FaultKind::CutStandby | FaultKind::Switchover | FaultKind::Failover | FaultKind::UnsafeAsyncStandby
+                FaultKind::CutStandby
+                | FaultKind::Switchover
+                | FaultKind::Failover
+                | FaultKind::MoveSlices
+                | FaultKind::UnsafeAsyncStandby
                     if step.target.side != Side::Active =>
                 {
                     return err("side", at("target.side: this fault acts on the active cell".into()))

@@ -182,6 +182,62 @@ impl Access {
         Ok(response.write_pause_ms)
     }
 
+    /// Moves `count` slices of `pair_id` to another pair, one at a time
+    /// (the next pair by id, wrapping). A move whose call fails (its
+    /// coordinator died: the next one finishes it) is waited out until the
+    /// table no longer lists it; a move refused and rolled back is counted
+    /// as such. Returns what happened, for the journal.
+    pub async fn move_slices(&self, pair_id: u64, count: u32, why: &str) -> anyhow::Result<String> {
+        let client = routers::ClusterClient::new(&self.routers, self.token.as_deref());
+        let table = client.status().await?.table.unwrap_or_default();
+        let mut others: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).filter(|p| *p != pair_id).collect();
+        others.sort_unstable();
+        let to = others.iter().copied().find(|p| *p > pair_id).or(others.first().copied());
+        let to = to.ok_or_else(|| anyhow::anyhow!("pair {pair_id} has no other pair to move slices to"))?;
+        let slices: Vec<u32> = (0..table.slice_count)
+            .filter(|s| table.slice_pair.get(*s as usize) == Some(&pair_id))
+            .take(count as usize)
+            .collect();
+        let (mut moved, mut rolled_back, mut resumed, mut freeze_max) = (0, 0, 0, 0);
+        for slice in slices {
+            let message = cellbank_proto::router::MoveSliceRequest {
+                slice,
+                to_pair_id: to,
+                who: "chaos drill".into(),
+                why: why.to_string(),
+            };
+            match client.move_slice(message).await {
+                Ok(answer) => {
+                    moved += 1;
+                    freeze_max = freeze_max.max(answer.freeze_ms);
+                }
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => rolled_back += 1,
+                Err(status) => {
+                    // The coordinator died mid-move, say: the next one ends it.
+                    let _ = status;
+                    resumed += 1;
+                    let started = std::time::Instant::now();
+                    loop {
+                        let ended =
+                            client.status().await.ok().and_then(|s| s.table).is_some_and(|t| t.moves.is_empty());
+                        if ended {
+                            break;
+                        }
+                        anyhow::ensure!(
+                            started.elapsed() < Duration::from_secs(60),
+                            "move of slice {slice} never ended"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        Ok(format!(
+            "{moved} slice(s) moved to pair {to} (longest freeze {freeze_max} ms), {rolled_back} rolled back, \
+             {resumed} ended by the next coordinator"
+        ))
+    }
+
     /// A forced failover of the pair (RouterAdmin.Failover, force = true):
     /// the coordinator fences the active if it can, gives the standby up to
     /// 5 s to catch up, and promotes it whatever it holds.

@@ -82,7 +82,7 @@ pub struct FaultRecord {
 impl FaultKind {
     /// An operator action on the pair whose outage is the call itself.
     fn is_pair_action(self) -> bool {
-        matches!(self, FaultKind::Switchover | FaultKind::Failover)
+        matches!(self, FaultKind::Switchover | FaultKind::Failover | FaultKind::MoveSlices)
     }
 }
 
@@ -228,6 +228,10 @@ struct Run<'a> {
     halt: Arc<std::sync::atomic::AtomicBool>,
     /// Cells killed for good, and their processes (never restarted).
     lost: Vec<(u64, Vec<Proc>)>,
+    /// Steps that run alongside the timeline (slice moves: other steps may
+    /// strike in the middle of them): their record and their task, which
+    /// answers what happened and when it ended.
+    background: Vec<(usize, tokio::task::JoinHandle<anyhow::Result<(String, u64)>>)>,
 }
 
 impl<'a> Run<'a> {
@@ -395,6 +399,19 @@ impl<'a> Run<'a> {
                 let pause = self.cluster.access.switchover(step.pair, "planned switchover drill").await?;
                 record.targets = vec![format!("pair {} (cell {cell} active)", step.pair)];
                 record.detail = format!("write pause reported by the coordinator: {pause} ms");
+            }
+            FaultKind::MoveSlices => {
+                // In the background: the timeline goes on, so a later step
+                // can strike in the middle of the moves.
+                let (access, recorder, pair, slices) =
+                    (self.cluster.access.clone(), self.recorder.clone(), step.pair, d.slices);
+                let task = tokio::spawn(async move {
+                    let detail = access.move_slices(pair, slices, "slice move drill").await?;
+                    Ok((detail, recorder.now_ms()))
+                });
+                self.background.push((self.faults.len(), task));
+                record.targets = vec![format!("{} slices of pair {}", d.slices, step.pair)];
+                record.detail = "moving".into();
             }
             FaultKind::Failover => {
                 let answer = self.cluster.access.failover(step.pair, "forced failover drill").await?;
@@ -849,6 +866,7 @@ pub async fn run(
         radius: setup.blast_radius.clone(),
         halt: options.halt.clone(),
         lost: Vec::new(),
+        background: Vec::new(),
     };
     // 3: the steady state before.
     let steady = run.steady_state_before(options, &access).await;
@@ -1138,10 +1156,26 @@ impl Run<'_> {
                 break;
             }
             // Kill faults without a duration stay until the end of the method.
-            if next >= plan.len() && self.live.iter().all(|l| l.heal_at_ms.is_none()) {
+            let background_done = self.background.iter().all(|(_, task)| task.is_finished());
+            if next >= plan.len() && self.live.iter().all(|l| l.heal_at_ms.is_none()) && background_done {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (record, task) in std::mem::take(&mut self.background) {
+            match task.await {
+                Ok(Ok((detail, end_ms))) => {
+                    self.faults[record].detail = detail;
+                    self.faults[record].end_ms = end_ms;
+                }
+                Ok(Err(e)) => {
+                    self.faults[record].detail = format!("failed: {e:#}");
+                    aborted.get_or_insert(format!("step {} failed: {e:#}", self.faults[record].step));
+                }
+                Err(e) => {
+                    aborted.get_or_insert(format!("step {} stopped: {e}", self.faults[record].step));
+                }
+            }
         }
         (recorder.now_ms(), aborted)
     }
