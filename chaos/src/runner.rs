@@ -231,8 +231,11 @@ struct Run<'a> {
     /// Steps that run alongside the timeline (slice moves: other steps may
     /// strike in the middle of them): their record and their task, which
     /// answers what happened and when it ended.
-    background: Vec<(usize, tokio::task::JoinHandle<anyhow::Result<(String, u64)>>)>,
+    background: Vec<(usize, Background)>,
 }
+
+/// A step running alongside the timeline: what happened, and when it ended.
+type Background = tokio::task::JoinHandle<anyhow::Result<(String, u64)>>;
 
 impl<'a> Run<'a> {
     fn event(&mut self, what: String) {
