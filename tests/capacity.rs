@@ -206,6 +206,30 @@ async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
     let again = admin.add_pair(add(2, fresh(5), None)).await.expect_err("added once");
     assert_eq!(again.code(), tonic::Code::AlreadyExists);
 
+    // Moves that cannot be are refused, naming why, and change nothing:
+    // to the new pair before it is SYNC, an unknown slice or pair, a slice
+    // to the pair it is on.
+    let move_to = |slice: u32, to_pair_id: u64| cellbank_proto::router::MoveSliceRequest {
+        slice,
+        to_pair_id,
+        who: String::new(),
+        why: "bad input".into(),
+    };
+    for (bad, code, words) in [
+        (move_to(0, 2), tonic::Code::FailedPrecondition, "pair 2 is PAIR_MODE_DEGRADED: the target pair must be SYNC"),
+        (move_to(table.slice_count, 1), tonic::Code::NotFound, "there are 16 slices"),
+        (move_to(0, 9), tonic::Code::NotFound, "unknown pair 9"),
+        (move_to(0, 1), tonic::Code::InvalidArgument, "slice 0 already belongs to pair 1"),
+        (move_to(0, 0), tonic::Code::InvalidArgument, "to_pair_id: must be set"),
+    ] {
+        let refused = admin.move_slice(bad).await.expect_err("a move that cannot be");
+        assert_eq!(refused.code(), code, "{}", refused.message());
+        assert!(refused.message().contains(words), "{}", refused.message());
+    }
+    let unchanged = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!(unchanged.slice_pair, table.slice_pair);
+    assert!(unchanged.moves.is_empty());
+
     let (ids, elsewhere) = cluster.sup.adopt(&table).expect("the supervisor starts the new cells");
     assert_eq!(ids.len(), 6, "{ids:?}");
     assert!(elsewhere.is_empty());
@@ -217,6 +241,24 @@ async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
         audit.iter().any(|r| r.what.starts_with("add pair 2 (pair 2: cell 3 active, cell 4 standby")),
         "{audit:#?}"
     );
+
+    // Two moves of one slice at once: one moves it, the other is refused
+    // (already moving, or already there).
+    let twice = |admin: cellbank::routers::ClusterClient| async move { admin.move_slice(move_to(15, 2)).await };
+    let (first, second) = tokio::join!(
+        twice(cellbank::routers::ClusterClient::new(&cluster.routers(), None)),
+        twice(cellbank::routers::ClusterClient::new(&cluster.routers(), None))
+    );
+    let outcomes = [first, second];
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    let refused = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
+    assert!(
+        matches!(refused.code(), tonic::Code::AlreadyExists | tonic::Code::InvalidArgument),
+        "{}",
+        refused.message()
+    );
+    // And back, so that the quarter below is the first four slices.
+    admin.move_slice(move_to(15, 1)).await.expect("moved back");
 
     // A quarter of the slices move to the new pair, one at a time, under
     // the same load.
