@@ -243,9 +243,7 @@ impl CellPool {
         F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, &|_| true, deadline, message, |r| r.ledger.clone(), call).await;
-        self.count_outcome(&outcome);
-        outcome
+        self.call_planned(pick, &|_| true, deadline, message, call).await
     }
 
     /// [`CellPool::call`] for a call planned from the table (which cell
@@ -319,9 +317,7 @@ impl CellPool {
         F: Fn(ClearingClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, &|_| true, deadline, message, |r| r.clearing.clone(), call).await;
-        self.count_outcome(&outcome);
-        outcome
+        self.call_clearing_planned(pick, &|_| true, deadline, message, call).await
     }
 
     async fn call_with_retries<Req, Resp, C, F, Fut>(

@@ -107,7 +107,7 @@ impl Courier for CourierService {
         for (positions, outcome) in futures::future::join_all(calls).await {
             match outcome {
                 Ok(results) if results.results.len() == positions.len() => {
-                    let table = self.pool.table_view().borrow().clone();
+                    let table = self.pool.table_view().borrow();
                     for (position, mut result) in positions.into_iter().zip(results.results) {
                         redirect_to_owner(&table, &dests[position], &mut result);
                         deliveries[position] = Delivery { answered: true, result: Some(result), error: String::new() };

@@ -209,29 +209,37 @@ impl Ledger {
         let key = keys::inbox(credit.source_pair_id, credit.seq);
         let business =
             keys::credit_business(credit.source_pair_id, credit.kind, credit.to_user_id, &credit.transfer_id);
-        // A credit this cell never applied, for a slice that is moving or
-        // has moved (or one carrying a slice's balance, which applies only
-        // with its import), is refused before anything is written.
-        // Applied here, or (for a slice that moved in) at its old pair.
+        // Records a slice brought from its old pair (`keys::carried`): only
+        // a cell with slice marks can hold any, so no other looks for them.
+        let carries = !self.marks(kv).slices.is_empty();
         let carried_key = keys::carried(&key).expect("an inbox key");
         let carried_business = keys::carried(&business).expect("a business key");
-        let applied_before = kv.get(&key).is_some()
-            || kv.get(&business).is_some()
-            || kv.get(&carried_key).is_some()
-            || kv.get(&carried_business).is_some();
-        if !importing && !applied_before {
-            if credit.kind == TransferKind::SliceMove as i32 {
-                let detail = format!("credit {} moves a slice: it applies with the slice's import", credit.seq);
-                return rejection(ResultCode::SliceMoving, "kind", detail, index);
-            }
-            if let Some(refusal) = self.slice_refusal(kv, credit.to_user_id, index) {
+        // A credit this cell never applied (here, or for a slice that moved
+        // in, at its old pair), for a slice that is moving or has moved, or
+        // one carrying a slice's balance (which applies only with its
+        // import), is refused before anything is written.
+        let refusal = if importing {
+            None
+        } else if credit.kind == TransferKind::SliceMove as i32 {
+            let detail = format!("credit {} moves a slice: it applies with the slice's import", credit.seq);
+            Some(rejection(ResultCode::SliceMoving, "kind", detail, index))
+        } else {
+            self.slice_refusal(kv, credit.to_user_id, index)
+        };
+        if let Some(refusal) = refusal {
+            let applied_before = kv.get(&key).is_some()
+                || kv.get(&business).is_some()
+                || (carries && (kv.get(&carried_key).is_some() || kv.get(&carried_business).is_some()));
+            if !applied_before {
                 return refusal;
             }
         }
         if credit.sender_epoch > newest_sender {
             kv.put(&keys::sender_epoch(credit.source_pair_id), &credit.sender_epoch.to_be_bytes());
         }
-        if let Some(recorded) = read_record(kv, &key).or_else(|| read_record(kv, &carried_key)) {
+        if let Some(recorded) =
+            read_record(kv, &key).or_else(|| carries.then(|| read_record(kv, &carried_key)).flatten())
+        {
             if recorded.transfer_id != credit.transfer_id
                 || recorded.amount != credit.amount
                 || recorded.to_user_id != credit.to_user_id
@@ -257,17 +265,16 @@ impl Ledger {
             return recorded_answer(&recorded);
         }
         let first = match kv.get(&business) {
-            Some(seq) => Some((seq, keys::inbox(credit.source_pair_id, 0))),
-            None => kv
-                .get(&carried_business)
-                .map(|seq| (seq, keys::carried(&keys::inbox(credit.source_pair_id, 0)).expect("an inbox key"))),
+            Some(seq) => Some((seq, false)),
+            None if carries => kv.get(&carried_business).map(|seq| (seq, true)),
+            None => None,
         };
-        if let Some((first_seq, family)) = first {
+        if let Some((first_seq, carried)) = first {
             // The same payment under another seq (a forked history, or a
             // sender that recreated it): the first one's answer, no money.
             let first_seq = u64::from_be_bytes(first_seq.as_slice().try_into().expect("a business key holds a seq"));
-            let mut first_key = family[..family.len() - 8].to_vec();
-            first_key.extend_from_slice(&first_seq.to_be_bytes());
+            let inbox = keys::inbox(credit.source_pair_id, first_seq);
+            let first_key = if carried { keys::carried(&inbox).expect("an inbox key") } else { inbox };
             let Some(recorded) = read_record(kv, &first_key) else {
                 return inconsistent(format!("a business key names credit {first_seq}, which is missing"), index);
             };

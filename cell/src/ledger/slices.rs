@@ -85,6 +85,11 @@ fn set_mark(marks: &mut SliceMarks, state: SliceMarkState) {
     marks.slices.sort_by_key(|m| m.slice);
 }
 
+/// The answer to a step applied before (a coordinator running it again).
+fn done_before(index: u64) -> TransferResult {
+    TransferResult { duplicate: true, ..result(ResultCode::Ok, index) }
+}
+
 fn stale(move_id: u64, slice: u32, seen: u64) -> String {
     format!("move {move_id} of slice {slice} is stale: this cell has seen move {seen} of it")
 }
@@ -145,9 +150,7 @@ impl Ledger {
             // Frozen by this move before, or its money already left: a
             // coordinator that runs the move again goes on from there.
             Some(state) if state.move_id == freeze.move_id && blocks(state) => {
-                let mut answer = result(ResultCode::Ok, index);
-                answer.duplicate = true;
-                return answer;
+                return done_before(index);
             }
             // A step of a move that ended (or a later one this cell saw):
             // a late call from a coordinator that lost its place.
@@ -193,11 +196,7 @@ impl Ledger {
                 index,
             ),
             // Not frozen by this move (thawed before, or never frozen).
-            _ => {
-                let mut answer = result(ResultCode::Ok, index);
-                answer.duplicate = true;
-                answer
-            }
+            _ => done_before(index),
         }
     }
 
@@ -211,9 +210,7 @@ impl Ledger {
         let mut marks = self.marks(kv).clone();
         let state = match mark_of_slice(&marks, out.slice) {
             Some(state) if state.move_id == out.move_id && mark(state) == SliceMark::Gone => {
-                let mut answer = result(ResultCode::Ok, index);
-                answer.duplicate = true;
-                return answer;
+                return done_before(index);
             }
             Some(state) if state.move_id == out.move_id && mark(state) == SliceMark::Frozen => *state,
             _ => {
@@ -304,9 +301,7 @@ impl Ledger {
         let mut marks = self.marks(kv).clone();
         match mark_of_slice(&marks, import.slice) {
             Some(state) if state.move_id == import.move_id && mark(state) == SliceMark::Held => {
-                let mut answer = result(ResultCode::Ok, index);
-                answer.duplicate = true;
-                return answer;
+                return done_before(index);
             }
             Some(state) if mark(state) == SliceMark::Frozen => {
                 return invalid("slice", format!("slice {} is moving out of this cell", import.slice));
@@ -388,16 +383,12 @@ impl Ledger {
         redirect: &RedirectCommand,
     ) -> TransferResult {
         let Some(mut entry) = read_outbox(kv, redirect.seq) else {
-            let mut answer = result(ResultCode::Ok, index);
-            answer.duplicate = true;
-            return answer;
+            return done_before(index);
         };
         let mut credit = entry.credit.clone().expect("an outbox entry holds its credit");
         if credit.dest_pair_id != redirect.from_pair_id {
             // Redirected before.
-            let mut answer = result(ResultCode::Ok, index);
-            answer.duplicate = true;
-            return answer;
+            return done_before(index);
         }
         if redirect.to_pair_id == 0 || redirect.to_pair_id == redirect.from_pair_id {
             return rejection(ResultCode::InvalidItem, "to_pair_id", "another pair must be named".into(), index);
