@@ -158,6 +158,30 @@ pub enum AdminAction {
         #[arg(long)]
         to_pair: u64,
     },
+    /// Replace one replica of a cell by a new one at another address (a
+    /// host replaced). Start the new replica's process first, with no
+    /// founding peers (`cellbank cell --cell-id C --replica-id N --listen
+    /// … [--advertise …]`). The table and the cell's membership change one
+    /// step at a time; run the same command again to carry on after a
+    /// failure.
+    ReplaceReplica {
+        #[command(flatten)]
+        endpoints: Endpoints,
+        #[command(flatten)]
+        auth: crate::cluster::AdminAuth,
+        #[arg(long)]
+        cell: u64,
+        /// The address of the replica that leaves, as `cellbank status`
+        /// lists it.
+        #[arg(long)]
+        old_addr: String,
+        /// The id of the replica that joins (not yet used in the cell).
+        #[arg(long)]
+        new_id: u64,
+        /// Its address (host:port, as the other processes reach it).
+        #[arg(long)]
+        new_addr: String,
+    },
     /// Print the routing table's audit log of admin actions.
     Audit {
         #[command(flatten)]
@@ -481,6 +505,22 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             crate::cluster::rebuild_standby(&endpoints, &auth, pair).await
         }
         AdminAction::Audit { endpoints, auth } => crate::cluster::audit(&endpoints, &auth).await,
+        AdminAction::ReplaceReplica { endpoints, auth, cell, old_addr, new_id, new_addr } => {
+            let replace = cellbank::hosts::Replace {
+                cell_id: cell,
+                old_addr,
+                new_replica_id: new_id,
+                new_addr,
+                who: auth.who.clone(),
+                why: auth.why.clone(),
+            };
+            let done =
+                cellbank::hosts::replace_replica(&endpoints.endpoints, auth.admin_token.as_deref(), &replace).await?;
+            println!("{}", done.detail);
+            println!("cell {cell} replicas: {}", done.replicas.join(", "));
+            println!("took {} ms ({} ms catching up)", done.total.as_millis(), done.catch_up.as_millis());
+            Ok(())
+        }
         AdminAction::MoveSlice { endpoints, auth, slice, user, to_pair } => {
             crate::cluster::move_slice(&endpoints, &auth, slice, user, to_pair).await
         }

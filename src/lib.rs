@@ -6,6 +6,7 @@
 //! - [`capacity`]: what each pair and slice holds and carries;
 //! - [`certs`]: the cluster CA and every process's, service's and
 //!   operator's certificate.
+//! - [`hosts`]: replacing a replica of a cell by one at another address.
 //! - [`routers`]: admin calls that find the coordinator (from the client
 //!   crate); [`reconcile`]: cluster-wide reconciliation (from the router
 //!   crate).
@@ -13,6 +14,7 @@
 pub mod capacity;
 pub use cellbank_client::routers;
 pub mod certs;
+pub mod hosts;
 pub use cellbank_router::reconcile;
 pub mod supervisor;
 

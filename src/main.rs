@@ -341,6 +341,11 @@ struct CellArgs {
     replica_id: u64,
     #[arg(long, default_value = "127.0.0.1:7110")]
     listen: SocketAddr,
+    /// The address the other processes reach this replica at (HOST:PORT, a
+    /// host name allowed), when not --listen: behind NAT, in a container,
+    /// bound to 0.0.0.0. Default: this replica's --peer entry, else --listen.
+    #[arg(long)]
+    advertise: Option<String>,
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     #[arg(long, default_value = "data/cell-1/replica-1")]
@@ -393,6 +398,7 @@ fn cell_config(args: CellArgs) -> anyhow::Result<cellbank_cell::config::ReplicaC
             cell_id: args.cell_id,
             replica_id: args.replica_id,
             listen: args.listen,
+            advertise: args.advertise,
             metrics_listen: args.metrics_listen,
             data_dir: args.data_dir,
             peers: parse_peers(&args.peers)?,

@@ -77,6 +77,24 @@ pub struct ProcessTopology {
     pub listen: String,
     #[serde(default)]
     pub metrics: Option<String>,
+    /// The address the other processes reach it at, when not `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// A replica that joined its cell through a membership change (it
+    /// starts with no founding peers) rather than founding it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joined: bool,
+}
+
+impl ProcessTopology {
+    pub fn new(id: u64, listen: String, metrics: Option<String>) -> ProcessTopology {
+        ProcessTopology { id, listen, metrics, advertise: None, joined: false }
+    }
+
+    /// The address the other processes reach it at.
+    pub fn addr(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
 }
 
 fn default_slice_count() -> u32 {
@@ -115,7 +133,7 @@ impl Topology {
     /// `routers` routers and `pairs` active cells of `replicas` replicas each
     /// (plus as many standbys when `standby`), on free loopback ports.
     pub fn on_free_ports(data_dir: &Path, routers: u64, pairs: u64, replicas: u64, standby: bool) -> Topology {
-        let process = |id| ProcessTopology { id, listen: format!("127.0.0.1:{}", free_port()), metrics: None };
+        let process = |id| ProcessTopology::new(id, format!("127.0.0.1:{}", free_port()), None);
         let cell_count = if standby { pairs * 2 } else { pairs };
         let cells = (1..=cell_count)
             .map(|id| CellTopology { id, replicas: (1..=replicas).map(process).collect(), raft: RaftTuning::default() })
@@ -173,10 +191,12 @@ impl Topology {
 
     pub fn replica_configs(&self) -> anyhow::Result<Vec<ReplicaConfig>> {
         let mut configs = Vec::new();
-        let routers: Vec<String> = self.routers.iter().map(|r| r.listen.clone()).collect();
+        let routers: Vec<String> = self.routers.iter().map(|r| r.addr().to_string()).collect();
         for cell in &self.cells {
-            let peers: BTreeMap<u64, String> = cell.replicas.iter().map(|r| (r.id, r.listen.clone())).collect();
+            let founders: BTreeMap<u64, String> =
+                cell.replicas.iter().filter(|r| !r.joined).map(|r| (r.id, r.addr().to_string())).collect();
             for replica in &cell.replicas {
+                let peers = if replica.joined { BTreeMap::new() } else { founders.clone() };
                 configs.push(ReplicaConfig {
                     cell_id: cell.id,
                     replica_id: replica.id,
@@ -184,9 +204,10 @@ impl Topology {
                         .listen
                         .parse()
                         .with_context(|| format!("cell {} replica {}", cell.id, replica.id))?,
+                    advertise: replica.advertise.clone(),
                     metrics_listen: replica.metrics.as_deref().map(str::parse).transpose()?,
                     data_dir: self.data_dir.join(format!("cell-{}", cell.id)).join(format!("replica-{}", replica.id)),
-                    peers: peers.clone(),
+                    peers,
                     raft: cell.raft.clone(),
                     routers: routers.clone(),
                     admin_token: self.admin_token.clone(),
@@ -205,11 +226,11 @@ impl Topology {
     }
 
     pub fn router_configs(&self) -> anyhow::Result<Vec<RouterConfig>> {
-        let peers: BTreeMap<u64, String> = self.routers.iter().map(|r| (r.id, r.listen.clone())).collect();
+        let peers: BTreeMap<u64, String> = self.routers.iter().map(|r| (r.id, r.addr().to_string())).collect();
         let cells: Vec<CellConfig> = self
             .cells
             .iter()
-            .map(|c| CellConfig { id: c.id, replicas: c.replicas.iter().map(|r| r.listen.clone()).collect() })
+            .map(|c| CellConfig { id: c.id, replicas: c.replicas.iter().map(|r| r.addr().to_string()).collect() })
             .collect();
         let mut configs = Vec::new();
         for router in &self.routers {
@@ -253,7 +274,7 @@ fn register_replicas(
         let managed = Managed {
             args: vec!["cell".into(), "--config".into(), path.display().to_string()],
             dir: config.data_dir.clone(),
-            addr: config.listen.to_string(),
+            addr: config.advertised(config.listen),
             metrics: config.metrics_listen.map(|m| m.to_string()),
             child: None,
         };
@@ -261,6 +282,13 @@ fn register_replicas(
         ids.push(id);
     }
     Ok(ids)
+}
+
+fn id_of(id: ProcessId) -> u64 {
+    match id {
+        ProcessId::Replica { replica, .. } => replica,
+        ProcessId::Router(router) => router,
+    }
 }
 
 /// The address of replica `replica` of cell `cell` in the local clusters
@@ -303,6 +331,46 @@ struct Adopted {
     cells: Vec<CellTopology>,
     #[serde(default)]
     pairs: Vec<PairConfig>,
+    /// Replicas that joined a cell (a replica replaced), in order.
+    #[serde(default)]
+    joined: Vec<JoinedReplica>,
+    /// Replicas that left a cell for good.
+    #[serde(default)]
+    retired: Vec<RetiredReplica>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinedReplica {
+    cell: u64,
+    replica: ProcessTopology,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetiredReplica {
+    cell: u64,
+    replica: u64,
+}
+
+fn read_adopted(path: &Path) -> anyhow::Result<Adopted> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Adopted::default()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_adopted(path: &Path, record: &Adopted) -> anyhow::Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, toml::to_string(record)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The replica of cell `cell` that the local address plan puts at `addr`.
+fn local_plan_replica(cell: u64, addr: &str) -> Option<u64> {
+    (1..=9).find(|r| local_replica_addr(cell, *r).is_ok_and(|a| a == addr))
 }
 
 /// The file in a data directory that lists the adopted cells.
@@ -324,11 +392,7 @@ impl Topology {
             .map(|cell| -> anyhow::Result<CellTopology> {
                 let replicas = (1..=3)
                     .map(|r| {
-                        Ok(ProcessTopology {
-                            id: r,
-                            listen: local_replica_addr(cell, r)?,
-                            metrics: Some(local_metrics_addr(cell, r)),
-                        })
+                        Ok(ProcessTopology::new(r, local_replica_addr(cell, r)?, Some(local_metrics_addr(cell, r))))
                     })
                     .collect::<anyhow::Result<_>>()?;
                 Ok(CellTopology { id: cell, replicas, raft: RaftTuning::default() })
@@ -341,12 +405,7 @@ impl Topology {
     /// Adds the cells and pairs this data directory's supervisor adopted
     /// earlier (those the topology does not name already).
     fn merge_adopted(&mut self) -> anyhow::Result<()> {
-        let path = self.data_dir.join(ADOPTED_FILE);
-        let adopted: Adopted = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
+        let adopted = read_adopted(&self.data_dir.join(ADOPTED_FILE))?;
         for cell in adopted.cells {
             if self.cells.iter().all(|c| c.id != cell.id) {
                 self.cells.push(cell);
@@ -355,6 +414,18 @@ impl Topology {
         for pair in adopted.pairs {
             if self.pairs.iter().all(|p| p.id != pair.id) {
                 self.pairs.push(pair);
+            }
+        }
+        for joined in adopted.joined {
+            if let Some(cell) = self.cells.iter_mut().find(|c| c.id == joined.cell) {
+                if cell.replicas.iter().all(|r| r.id != joined.replica.id) {
+                    cell.replicas.push(ProcessTopology { joined: true, ..joined.replica });
+                }
+            }
+        }
+        for retired in adopted.retired {
+            if let Some(cell) = self.cells.iter_mut().find(|c| c.id == retired.cell) {
+                cell.replicas.retain(|r| r.id != retired.replica);
             }
         }
         Ok(())
@@ -381,6 +452,9 @@ pub struct Supervisor {
     /// Cells of the table this supervisor does not run (addresses
     /// elsewhere).
     left_alone: std::collections::BTreeSet<u64>,
+    /// Replica addresses of its cells that the table gained and this
+    /// supervisor does not run (not on its address plan).
+    foreign: std::collections::BTreeSet<String>,
 }
 
 impl Supervisor {
@@ -415,13 +489,20 @@ impl Supervisor {
             let managed = Managed {
                 args: vec!["router".into(), "--config".into(), path.display().to_string()],
                 dir: config.data_dir.clone(),
-                addr: config.listen.to_string(),
+                addr: config.peers[&config.router_id].clone(),
                 metrics: config.metrics_listen.map(|m| m.to_string()),
                 child: None,
             };
             processes.insert(ProcessId::Router(config.router_id), managed);
         }
-        Ok(Supervisor { exe, topology, processes, env: Vec::new(), left_alone: Default::default() })
+        Ok(Supervisor {
+            exe,
+            topology,
+            processes,
+            env: Vec::new(),
+            left_alone: Default::default(),
+            foreign: Default::default(),
+        })
     }
 
     /// Fails when another process already listens on one of the cluster's
@@ -525,6 +606,97 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Starts a new replica of a running cell, to join it through a
+    /// membership change (`admin replace-replica`): with no founding peers,
+    /// its certificate issued, its config written. Returns its id.
+    pub fn join_replica(&mut self, cell: u64, replica: ProcessTopology) -> anyhow::Result<ProcessId> {
+        let id = ProcessId::Replica { cell, replica: replica.id };
+        anyhow::ensure!(!self.processes.contains_key(&id), "{id} already exists");
+        let topology =
+            self.topology.cells.iter_mut().find(|c| c.id == cell).with_context(|| format!("no cell {cell}"))?;
+        topology.replicas.push(ProcessTopology { joined: true, ..replica });
+        if !self.topology.insecure {
+            let dir = self.topology.certs_dir();
+            crate::certs::ensure(&dir, &self.topology.cluster, &self.topology.identities())
+                .with_context(|| format!("certificates in {}", dir.display()))?;
+        }
+        let config =
+            self.topology.replica_configs()?.into_iter().filter(|c| c.cell_id == cell && c.replica_id == id_of(id));
+        register_replicas(&mut self.processes, config.collect())?;
+        self.start(id)?;
+        Ok(id)
+    }
+
+    /// Follows the table's replica addresses of the cells this supervisor
+    /// runs (a replica replaced with `admin replace-replica`): starts a
+    /// replica whose address the table gained, when the address is on the
+    /// local address plan (which names its replica id), and stops for good
+    /// a replica whose address the table dropped (the last step of a
+    /// replacement, after the cell removed it). Both are recorded in the
+    /// data directory ([`ADOPTED_FILE`]) for the next start. Returns what
+    /// it did, and addresses it leaves to others (once each).
+    pub fn follow_replicas(&mut self, table: &cellbank_proto::router::RoutingTable) -> anyhow::Result<Vec<String>> {
+        let mut done = Vec::new();
+        let mut joined = Vec::new();
+        let mut retired = Vec::new();
+        for cell in &table.cells {
+            let Some(ours) = self.topology.cells.iter().find(|c| c.id == cell.cell_id) else { continue };
+            for addr in &cell.replicas {
+                if ours.replicas.iter().any(|r| r.addr() == addr) || self.foreign.contains(addr) {
+                    continue;
+                }
+                match local_plan_replica(cell.cell_id, addr).filter(|id| ours.replicas.iter().all(|r| r.id != *id)) {
+                    Some(id) if is_loopback(addr) => joined.push((
+                        cell.cell_id,
+                        ProcessTopology::new(id, addr.clone(), Some(local_metrics_addr(cell.cell_id, id))),
+                    )),
+                    _ => {
+                        self.foreign.insert(addr.clone());
+                        done.push(format!(
+                            "cell {}: replica address {addr} is not on this machine's address plan; not started here",
+                            cell.cell_id
+                        ));
+                    }
+                }
+            }
+            for replica in &ours.replicas {
+                if !cell.replicas.iter().any(|a| a == replica.addr()) {
+                    retired.push(ProcessId::Replica { cell: cell.cell_id, replica: replica.id });
+                }
+            }
+        }
+        if joined.is_empty() && retired.is_empty() {
+            return Ok(done);
+        }
+        let path = self.topology.data_dir.join(ADOPTED_FILE);
+        let mut record = read_adopted(&path)?;
+        for (cell, replica) in joined {
+            let id = self.join_replica(cell, replica.clone())?;
+            done.push(format!("{id} joined cell {cell} at {} (started)", replica.addr()));
+            record.joined.push(JoinedReplica { cell, replica });
+        }
+        for id in retired {
+            self.retire(id);
+            done.push(format!("{id} left its cell (stopped)"));
+            if let ProcessId::Replica { cell, replica } = id {
+                record.retired.push(RetiredReplica { cell, replica });
+            }
+        }
+        write_adopted(&path, &record)?;
+        Ok(done)
+    }
+
+    /// Stops a replica for good (it left its cell) and forgets it.
+    pub fn retire(&mut self, id: ProcessId) {
+        self.kill(id);
+        self.processes.remove(&id);
+        if let ProcessId::Replica { cell, replica } = id {
+            if let Some(topology) = self.topology.cells.iter_mut().find(|c| c.id == cell) {
+                topology.replicas.retain(|r| r.id != replica);
+            }
+        }
+    }
+
     /// Takes on the cells the routing table names and this supervisor does
     /// not run (a pair added with `admin add-pair`) when all their replicas
     /// are on this machine: writes their configs and certificates, starts
@@ -555,7 +727,7 @@ impl Supervisor {
                 .map(|(id, listen)| {
                     let planned = local_replica_addr(cell.cell_id, id).is_ok_and(|a| a == *listen);
                     let metrics = planned.then(|| local_metrics_addr(cell.cell_id, id));
-                    ProcessTopology { id, listen: listen.clone(), metrics }
+                    ProcessTopology::new(id, listen.clone(), metrics)
                 })
                 .collect();
             adopted.push(CellTopology { id: cell.cell_id, replicas, raft: RaftTuning::default() });
@@ -574,10 +746,7 @@ impl Supervisor {
             })
             .collect();
         let path = self.topology.data_dir.join(ADOPTED_FILE);
-        let mut record: Adopted = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)?,
-            Err(_) => Adopted::default(),
-        };
+        let mut record = read_adopted(&path)?;
         record.cells.extend(adopted.iter().cloned());
         record.pairs.extend(pairs.iter().cloned());
         let new_ids: Vec<u64> = adopted.iter().map(|c| c.id).collect();
@@ -590,9 +759,7 @@ impl Supervisor {
         }
         let configs = self.topology.replica_configs()?.into_iter().filter(|c| new_ids.contains(&c.cell_id)).collect();
         let ids = register_replicas(&mut self.processes, configs)?;
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, toml::to_string(&record)?)?;
-        std::fs::rename(&tmp, &path)?;
+        write_adopted(&path, &record)?;
         for id in &ids {
             self.start(*id)?;
         }
@@ -695,5 +862,42 @@ impl Drop for Supervisor {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replaced replica is remembered: the next start runs the replica
+    /// that joined (with no founding peers) and not the one that left, and
+    /// the routers' seed lists the cell as the table does.
+    #[test]
+    fn replicas_that_joined_and_left_are_merged_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut topology = Topology::local(1).unwrap();
+        topology.data_dir = dir.path().to_path_buf();
+        let record = Adopted {
+            joined: vec![JoinedReplica {
+                cell: 1,
+                replica: ProcessTopology::new(4, local_replica_addr(1, 4).unwrap(), None),
+            }],
+            retired: vec![RetiredReplica { cell: 1, replica: 1 }],
+            ..Default::default()
+        };
+        write_adopted(&dir.path().join(ADOPTED_FILE), &record).unwrap();
+        topology.merge_adopted().unwrap();
+        let ids: Vec<(u64, bool)> = topology.cells[0].replicas.iter().map(|r| (r.id, r.joined)).collect();
+        assert_eq!(ids, vec![(2, false), (3, false), (4, true)]);
+        let configs = topology.replica_configs().unwrap();
+        let joined = configs.iter().find(|c| c.cell_id == 1 && c.replica_id == 4).unwrap();
+        assert!(joined.peers.is_empty(), "a replica that joined never founds a cell");
+        let founder = configs.iter().find(|c| c.cell_id == 1 && c.replica_id == 2).unwrap();
+        assert_eq!(founder.peers.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        let router = &topology.router_configs().unwrap()[0];
+        assert_eq!(router.cells[0].replicas, vec!["127.0.0.1:7120", "127.0.0.1:7130", "127.0.0.1:7140"]);
+        assert_eq!(local_plan_replica(1, "127.0.0.1:7140"), Some(4));
+        assert_eq!(local_plan_replica(2, "127.0.0.1:7140"), None);
+        assert_eq!(local_plan_replica(1, "127.0.0.1:7145"), None);
     }
 }

@@ -93,6 +93,21 @@ async fn tick(supervisor: &mut Supervisor, token: Option<&str>) -> String {
             }
         }
     }
+    if let Some(table) = &status.table {
+        match tokio::task::block_in_place(|| supervisor.follow_replicas(table)) {
+            Ok(done) if !done.is_empty() => {
+                eprintln!();
+                for line in done {
+                    println!("{line}");
+                }
+                if let Err(e) = record_addresses(supervisor) {
+                    println!("could not record the new addresses: {e:#}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return format!("following the table's replicas failed: {e:#}"),
+        }
+    }
     let mut parts = vec![format!("router {} leads (term {})", status.leader_router_id, status.term)];
     for pair in &status.pairs {
         let Some(p) = &pair.pair else { continue };

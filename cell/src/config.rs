@@ -16,6 +16,13 @@ pub struct ReplicaConfig {
     /// The replica's address: its client plane listens here, its peer
     /// and admin planes on the next two ports (`cellbank_client::planes`).
     pub listen: SocketAddr,
+    /// The address the other processes reach this replica at (`host:port`,
+    /// a host name or an IP), when it is not `listen`: behind NAT, in a
+    /// container, or bound to 0.0.0.0. Its port must map to `listen`'s, and
+    /// the next two ports to the peer and admin planes'. Default: this
+    /// replica's entry in `peers`, else `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// Prometheus metrics over HTTP; none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -83,16 +90,32 @@ impl ReplicaConfig {
         process("listen".into(), &self.listen.to_string())?;
         for (id, addr) in &self.peers {
             anyhow::ensure!(*id > 0, "peer ids start at 1");
-            addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
             process(format!("peer {id}"), addr)?;
+        }
+        if let Some(advertise) = &self.advertise {
+            process("advertise".into(), advertise)?;
+            if let Some(founding) = self.peers.get(&self.replica_id) {
+                anyhow::ensure!(
+                    founding == advertise,
+                    "advertise {advertise:?} differs from this replica's founding address {founding:?} in peers"
+                );
+            }
         }
         anyhow::ensure!(self.raft.election_tick > self.raft.heartbeat_tick, "election_tick must exceed heartbeat_tick");
         for addr in &self.routers {
-            addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("routers: {addr:?} is not host:port"))?;
             process("routers".into(), addr)?;
         }
         anyhow::ensure!(self.raft.log_compact_threshold_entries > 0, "log_compact_threshold_entries must be positive");
         Ok(())
+    }
+
+    /// The address this replica gives its peers (see `advertise`);
+    /// `bound` is where its listener ended up.
+    pub fn advertised(&self, bound: SocketAddr) -> String {
+        self.advertise
+            .clone()
+            .or_else(|| self.peers.get(&self.replica_id).cloned())
+            .unwrap_or_else(|| bound.to_string())
     }
 }
 
@@ -106,9 +129,12 @@ mod tests {
             cell_id: 1,
             replica_id: 2,
             listen: "127.0.0.1:7120".parse().unwrap(),
+            advertise: Some("cell-1-b.example:7120".into()),
             metrics_listen: None,
             data_dir: "data/x".into(),
-            peers: [(1, "127.0.0.1:7110".to_string()), (2, "127.0.0.1:7120".to_string())].into_iter().collect(),
+            peers: [(1, "cell-1-a.example:7110".to_string()), (2, "cell-1-b.example:7120".to_string())]
+                .into_iter()
+                .collect(),
             raft: RaftTuning::default(),
             routers: vec!["127.0.0.1:7000".into()],
             admin_token: Some("t".into()),
@@ -119,6 +145,26 @@ mod tests {
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(ReplicaConfig::from_toml(&text).unwrap(), config);
+    }
+
+    /// Peers and routers may be host names; a replica may advertise an
+    /// address other than the one it binds, the same as its founding one.
+    #[test]
+    fn host_names_and_an_advertised_address() {
+        let base = "cell_id = 1\nreplica_id = 2\nlisten = \"0.0.0.0:7120\"\ndata_dir = \"d\"\n";
+        let joiner = format!("{base}advertise = \"cell-1-b.example:7120\"\nrouters = [\"router-1.example:7000\"]\n");
+        let config = ReplicaConfig::from_toml(&joiner).unwrap();
+        assert_eq!(config.advertised("0.0.0.0:7120".parse().unwrap()), "cell-1-b.example:7120");
+        let founder = format!("{base}[peers]\n1 = \"cell-1-a.example:7110\"\n2 = \"cell-1-b.example:7120\"\n");
+        let config = ReplicaConfig::from_toml(&founder).unwrap();
+        assert_eq!(config.advertised("0.0.0.0:7120".parse().unwrap()), "cell-1-b.example:7120");
+        let plain = ReplicaConfig::from_toml(base).unwrap();
+        assert_eq!(plain.advertised("0.0.0.0:7120".parse().unwrap()), "0.0.0.0:7120");
+        let clash = founder.replace("[peers]", "advertise = \"other.example:7120\"\n[peers]");
+        let refused = ReplicaConfig::from_toml(&clash).unwrap_err().to_string();
+        assert!(refused.contains("differs from this replica's founding address"), "{refused}");
+        let bad = format!("{base}advertise = \"cell-1-b.example\"\n");
+        assert!(ReplicaConfig::from_toml(&bad).unwrap_err().to_string().contains("advertise"));
     }
 
     #[test]

@@ -166,6 +166,16 @@ impl ClusterClient {
         .await
     }
 
+    /// Sets a cell's replica addresses in the table (not repeated if its
+    /// outcome is unknown: the table shows whether it applied).
+    pub async fn set_cell_replicas(&self, message: SetCellReplicasRequest) -> Result<AdminActionResponse, Status> {
+        self.call(false, |mut c, m| {
+            let message = message.clone();
+            async move { c.set_cell_replicas(request(message, m)).await }
+        })
+        .await
+    }
+
     /// The routers' audit log of operator and coordinator actions.
     pub async fn audit_log(&self) -> Result<Vec<AuditRecord>, Status> {
         let response =

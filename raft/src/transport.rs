@@ -99,7 +99,7 @@ impl GrpcTransport {
     /// Learns a peer's address from a message it sent, if it is not known
     /// yet (a replica that joined has no address book until its snapshot).
     pub fn learn(&self, replica_id: u64, addr: &str) {
-        if replica_id == self.replica_id || addr.parse::<std::net::SocketAddr>().is_err() {
+        if replica_id == self.replica_id || cellbank_client::planes::check_process_addr(addr).is_err() {
             return;
         }
         let mut peers = self.peers.lock().expect("peers lock");

@@ -268,6 +268,19 @@ impl RouterAdmin for AdminService {
         Ok(Response::new(response))
     }
 
+    async fn set_cell_replicas(
+        &self,
+        request: Request<SetCellReplicasRequest>,
+    ) -> Result<Response<AdminActionResponse>, Status> {
+        self.authorize(&request)?;
+        self.require_coordinator()?;
+        let who = Self::who(&request, &request.get_ref().who);
+        let r = request.into_inner();
+        let set = r.set.ok_or_else(|| Status::invalid_argument("set: must be set"))?;
+        let response = self.coordinator.set_cell_replicas(set, &who, &r.why).await?;
+        Ok(Response::new(response))
+    }
+
     async fn isolate_cells(
         &self,
         request: Request<IsolateCellsRequest>,

@@ -51,6 +51,8 @@ pub struct ReplicaConn {
 
 pub struct CellConn {
     pub cell_id: u64,
+    /// The table's addresses of the cell these connections were made for.
+    addrs: Vec<String>,
     pub replicas: Vec<ReplicaConn>,
     /// The replica believed to lead.
     leader: AtomicUsize,
@@ -73,7 +75,7 @@ impl CellConn {
                 })
             })
             .collect();
-        CellConn { cell_id, replicas, leader: AtomicUsize::new(0) }
+        CellConn { cell_id, addrs: addrs.to_vec(), replicas, leader: AtomicUsize::new(0) }
     }
 
     pub fn leader(&self) -> &ReplicaConn {
@@ -197,17 +199,35 @@ impl CellPool {
         &self.table
     }
 
-    /// The connections to a cell, made on first use.
+    /// The connections to a cell, made on first use and made again when
+    /// the table's addresses of the cell change (a replica replaced).
     pub fn cell(&self, cell_id: u64) -> Option<Arc<CellConn>> {
+        let current = |conn: &CellConn| {
+            let table = self.table.borrow();
+            table.cells.iter().find(|c| c.cell_id == cell_id).is_some_and(|c| c.replicas == conn.addrs)
+        };
         if let Some(conn) = self.cells.read().expect("cells lock").get(&cell_id) {
-            return Some(conn.clone());
+            if current(conn) {
+                return Some(conn.clone());
+            }
         }
         let addrs = table::cell_addrs(&self.table.borrow(), cell_id);
         if addrs.is_empty() {
             return None;
         }
+        let mut cells = self.cells.write().expect("cells lock");
+        if let Some(conn) = cells.get(&cell_id) {
+            if conn.addrs == addrs {
+                return Some(conn.clone());
+            }
+        }
         let conn = Arc::new(CellConn::new(cell_id, &addrs));
-        Some(self.cells.write().expect("cells lock").entry(cell_id).or_insert(conn).clone())
+        if let Some(old) = cells.get(&cell_id) {
+            // Keep following the leader if it is still a replica.
+            conn.follow(&old.leader().addr.clone());
+        }
+        cells.insert(cell_id, conn.clone());
+        Some(conn)
     }
 
     /// Waits (up to `limit`) for the table to show a pair epoch of at least

@@ -18,7 +18,11 @@ pub struct RouterConfig {
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
-    /// The routers' Raft group: router id -> address (this router included).
+    /// The routers' Raft group: router id -> address (this router
+    /// included), host names allowed. This router's entry is the address it
+    /// advertises to the others, which may differ from `listen` (behind
+    /// NAT, in a container, bound to 0.0.0.0) when its ports map to
+    /// `listen`'s.
     #[serde(with = "cellbank_raft::config::peer_map")]
     pub peers: BTreeMap<u64, String>,
     #[serde(default = "default_slice_count")]
@@ -137,9 +141,9 @@ impl RouterConfig {
         };
         process("listen".into(), &self.listen.to_string())?;
         for (id, addr) in &self.peers {
-            addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("peer {id}: {addr:?} is not host:port"))?;
             process(format!("peer {id}"), addr)?;
         }
+
         for cell in &self.cells {
             for addr in &cell.replicas {
                 process(format!("cell {}", cell.id), addr)?;

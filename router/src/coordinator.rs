@@ -110,6 +110,10 @@ pub enum CoordinatorError {
     /// A slice move the table would refuse, found before anything moved.
     #[error("{0}")]
     BadMove(TableRefusal),
+    /// New replica addresses the table would refuse, found before
+    /// proposing.
+    #[error("{0}")]
+    BadReplicas(TableRefusal),
     #[error("move {move_id} was rolled back, nothing moved: {why}")]
     MoveRolledBack { move_id: u64, why: String },
     #[error(
@@ -150,6 +154,12 @@ impl CoordinatorError {
                 TableRefusal::SamePair { .. } => Code::InvalidArgument,
                 TableRefusal::AlreadyMoving { .. } => Code::AlreadyExists,
                 _ => Code::FailedPrecondition,
+            },
+            CoordinatorError::BadReplicas(refusal) => match refusal {
+                TableRefusal::UnknownCell(_) => Code::NotFound,
+                TableRefusal::AddressTaken { .. } => Code::AlreadyExists,
+                TableRefusal::NotBootstrapped => Code::FailedPrecondition,
+                _ => Code::InvalidArgument,
             },
             CoordinatorError::MoveRolledBack { .. } => Code::FailedPrecondition,
             CoordinatorError::MoveStuck { .. } => Code::Aborted,
@@ -766,6 +776,34 @@ impl Coordinator {
             detail,
             ..Default::default()
         })
+    }
+
+    /// Sets a cell's replica addresses (one added or one removed; see
+    /// [`table::check_set_replicas`]).
+    pub async fn set_cell_replicas(
+        &self,
+        set: cellbank_proto::router::SetCellReplicas,
+        who: &str,
+        why: &str,
+    ) -> Result<AdminActionResponse, CoordinatorError> {
+        self.require_leader()?;
+        let _guard = self.actions.lock().await;
+        self.table_barrier().await?;
+        let table = self.pool.table();
+        table::check_set_replicas(&table, &set).map_err(CoordinatorError::BadReplicas)?;
+        let before = table::cell_addrs(&table, set.cell_id);
+        let what = match set.replicas.iter().find(|a| !before.contains(a)) {
+            Some(added) => format!("cell {}: add replica address {added}", set.cell_id),
+            None => {
+                let gone = before.iter().find(|a| !set.replicas.contains(a)).cloned().unwrap_or_default();
+                format!("cell {}: remove replica address {gone}", set.cell_id)
+            }
+        };
+        let command =
+            TableCommand { kind: Some(table_command::Kind::SetReplicas(set)), audit: Some(audit(who, what, why)) };
+        let detail = self.propose(command).await?;
+        self.count("set_cell_replicas");
+        Ok(AdminActionResponse { detail, ..Default::default() })
     }
 
     /// Moves `slice` to `to_pair_id` (see [`Coordinator::drive_move`]):

@@ -79,7 +79,8 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     if !drift.is_empty() {
         tracing::warn!(
             "this router's config differs from the routing table it holds, and the table wins (the config only \
-             seeds a new table; add cells with `cellbank admin add-pair`): {}",
+             seeds a new table; add cells with `cellbank admin add-pair`, replace replicas with `cellbank admin \
+             replace-replica`): {}",
             drift.join("; ")
         );
     }
@@ -87,7 +88,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         cluster: &config.cluster,
         group_id: ROUTER_GROUP_ID,
         replica_id: config.router_id,
-        addr: addr.to_string(),
+        addr: config.peers.get(&config.router_id).cloned().unwrap_or_else(|| addr.to_string()),
         tuning: &config.raft,
         peers: &config.peers,
         snapshot_dir: config.data_dir.join("snapshots"),

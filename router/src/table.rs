@@ -6,7 +6,9 @@
 //! Invariants, checked on apply:
 //! - The table is bootstrapped once; afterwards the slice count never
 //!   changes, and cells and pairs are only added (`AddPair`: new ids, new
-//!   addresses, no slices), never removed.
+//!   addresses, no slices), never removed. A cell's replica addresses
+//!   change one at a time (`SetCellReplicas`), never to an address another
+//!   cell uses.
 //! - A pair's epoch only grows, by exactly one per change of active cell.
 //!   A slice's epoch grows by one when its pair's active changes and when
 //!   it moves to another pair (`EndMove`); a move is recorded from
@@ -150,6 +152,10 @@ pub enum TableRefusal {
     TooManyMoves(usize),
     #[error("no move {0} is under way")]
     UnknownMove(u64),
+    #[error("unknown cell {0}")]
+    UnknownCell(u64),
+    #[error("cell {cell}: {detail}")]
+    BadReplicas { cell: u64, detail: String },
 }
 
 /// Most slice moves under way at once.
@@ -250,6 +256,46 @@ pub fn check_add_pair(
     Ok((pair, cells.into_iter().map(|(_, c)| c.clone()).collect()))
 }
 
+/// Checks new replica addresses of a cell against `table`: the cell
+/// exists; it keeps 1 to [`REPLICAS_MAX`] distinct, well-formed addresses
+/// that no other cell uses; and exactly one address is added or one
+/// removed (a replica replaced is added first and removed later, so that
+/// the routers can reach the cell's leader at every step).
+pub fn check_set_replicas(
+    table: &RoutingTable,
+    set: &cellbank_proto::router::SetCellReplicas,
+) -> Result<(), TableRefusal> {
+    if table.slice_count == 0 {
+        return Err(TableRefusal::NotBootstrapped);
+    }
+    let cell = table.cells.iter().find(|c| c.cell_id == set.cell_id).ok_or(TableRefusal::UnknownCell(set.cell_id))?;
+    let bad = |detail: String| TableRefusal::BadReplicas { cell: set.cell_id, detail };
+    if set.replicas.is_empty() || set.replicas.len() > REPLICAS_MAX {
+        return Err(bad(format!("{} replicas; a cell has 1 to {REPLICAS_MAX}", set.replicas.len())));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for addr in &set.replicas {
+        if addr.len() > ADDRESS_MAX {
+            return Err(bad(format!("an address of {} bytes; at most {ADDRESS_MAX}", addr.len())));
+        }
+        cellbank_client::planes::check_process_addr(addr).map_err(bad)?;
+        if !seen.insert(addr.as_str()) {
+            return Err(bad(format!("{addr} is listed twice")));
+        }
+        if let Some(owner) = table.cells.iter().find(|c| c.cell_id != set.cell_id && c.replicas.contains(addr)) {
+            return Err(TableRefusal::AddressTaken { addr: addr.clone(), cell: owner.cell_id });
+        }
+    }
+    let added = set.replicas.iter().filter(|a| !cell.replicas.contains(a)).count();
+    let removed = cell.replicas.iter().filter(|a| !set.replicas.contains(a)).count();
+    if added + removed != 1 {
+        return Err(bad(format!(
+            "{added} addresses added and {removed} removed; one replica is added or removed at a time"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a table offered for bootstrap.
 pub fn check_bootstrap(table: &RoutingTable) -> Result<(), InvalidTable> {
     if table.slice_count == 0 || table.slice_count > SLICES_MAX {
@@ -304,7 +350,7 @@ pub fn config_drift(seed: &RoutingTable, table: &RoutingTable) -> Vec<String> {
     for cell in &seed.cells {
         match table.cells.iter().find(|c| c.cell_id == cell.cell_id) {
             None => drift.push(format!("cell {} (not in the table)", cell.cell_id)),
-            Some(held) if held.replicas != cell.replicas => drift.push(format!(
+            Some(held) if sorted(&held.replicas) != sorted(&cell.replicas) => drift.push(format!(
                 "cell {} at {} (the table has {})",
                 cell.cell_id,
                 cell.replicas.join(","),
@@ -319,6 +365,12 @@ pub fn config_drift(seed: &RoutingTable, table: &RoutingTable) -> Vec<String> {
         }
     }
     drift
+}
+
+fn sorted(addrs: &[String]) -> Vec<&String> {
+    let mut addrs: Vec<&String> = addrs.iter().collect();
+    addrs.sort();
+    addrs
 }
 
 /// The routing table state machine.
@@ -437,6 +489,20 @@ impl TableMachine {
                     "move {}: slice {slice} is served by pair {} at slice epoch {}",
                     moved.move_id, moved.to_pair_id, self.table.slice_epoch[slice]
                 )))
+            }
+            Some(table_command::Kind::SetReplicas(set)) => {
+                check_set_replicas(&self.table, set)?;
+                let cell = self.table.cells.iter_mut().find(|c| c.cell_id == set.cell_id).expect("checked");
+                let added: Vec<&String> = set.replicas.iter().filter(|a| !cell.replicas.contains(a)).collect();
+                let text = match added.first() {
+                    Some(addr) => format!("cell {}: replica at {addr} added", set.cell_id),
+                    None => {
+                        let gone = cell.replicas.iter().find(|a| !set.replicas.contains(a)).expect("checked");
+                        format!("cell {}: replica at {gone} removed", set.cell_id)
+                    }
+                };
+                cell.replicas = set.replicas.clone();
+                Ok(Some(text))
             }
             Some(table_command::Kind::AddPair(add)) => {
                 let (pair, cells) = check_add_pair(&self.table, add)?;
@@ -591,6 +657,60 @@ mod tests {
         let audit = AuditRecord { who: "tester".into(), what: "act".into(), why: "test".into(), ..Default::default() };
         let data = machine.encode_batch(vec![TableCommand { kind: Some(command), audit: Some(audit) }], 1_000);
         machine.apply(kv, 6, &data).pop().unwrap()
+    }
+
+    /// A replica replaced: its new address is added (a host name is fine),
+    /// then the old one removed, one at a time; every other change is
+    /// refused with the table's words and changes nothing.
+    #[test]
+    fn replica_addresses_change_one_at_a_time_and_never_to_another_cells() {
+        use cellbank_proto::router::SetCellReplicas;
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(RoutingTable::default()));
+        let mut machine = TableMachine::new(None, view.clone());
+        let mut kv = BTreeMap::new();
+        let set = |cell_id: u64, replicas: &[&str]| {
+            table_command::Kind::SetReplicas(SetCellReplicas {
+                cell_id,
+                replicas: replicas.iter().map(|a| a.to_string()).collect(),
+            })
+        };
+        let early = apply(&mut machine, &mut kv, set(1, &["127.0.0.1:1"]));
+        assert_eq!(early.detail, "the table is not bootstrapped yet");
+        assert!(apply(&mut machine, &mut kv, table_command::Kind::Bootstrap(bootstrap_table())).ok);
+        let before = view.borrow().cells.clone();
+        let long = format!("{}:7000", "h".repeat(ADDRESS_MAX));
+        for (command, refusal) in [
+            (set(9, &["127.0.0.1:1", "a:1"]), "unknown cell 9".to_string()),
+            (set(1, &[]), "cell 1: 0 replicas; a cell has 1 to 9".into()),
+            (set(1, &["127.0.0.1:1", "127.0.0.1:2"]), "address 127.0.0.1:2 is already a replica of cell 2".into()),
+            (set(1, &["127.0.0.1:1", "nowhere"]), "cell 1: \"nowhere\" is not host:port".into()),
+            (set(1, &["127.0.0.1:1", "a:7000", "a:7000"]), "cell 1: a:7000 is listed twice".into()),
+            (
+                set(1, &["a:7000", "b:7000"]),
+                "cell 1: 2 addresses added and 1 removed; one replica is added or removed at a time".into(),
+            ),
+            (
+                set(1, &["127.0.0.1:1"]),
+                "cell 1: 0 addresses added and 0 removed; one replica is added or removed at a time".into(),
+            ),
+            (
+                set(1, &["127.0.0.1:1", &long]),
+                format!("cell 1: an address of {} bytes; at most {ADDRESS_MAX}", long.len()),
+            ),
+        ] {
+            let result = apply(&mut machine, &mut kv, command);
+            assert!(!result.ok);
+            assert_eq!(result.detail, refusal);
+        }
+        assert_eq!(view.borrow().cells, before);
+        let added = apply(&mut machine, &mut kv, set(1, &["127.0.0.1:1", "cell-1-d.example:7140"]));
+        assert_eq!(added.detail, "cell 1: replica at cell-1-d.example:7140 added");
+        assert_eq!(cell_addrs(&view.borrow(), 1), vec!["127.0.0.1:1", "cell-1-d.example:7140"]);
+        let removed = apply(&mut machine, &mut kv, set(1, &["cell-1-d.example:7140"]));
+        assert_eq!(removed.detail, "cell 1: replica at 127.0.0.1:1 removed");
+        assert_eq!(cell_addrs(&view.borrow(), 1), vec!["cell-1-d.example:7140"]);
+        // The old address is free again, for another cell's replica too.
+        assert!(apply(&mut machine, &mut kv, set(2, &["127.0.0.1:2", "127.0.0.1:1"])).ok);
     }
 
     #[test]

@@ -588,8 +588,8 @@ impl ReplicaAdmin for AdminService {
         change.node_id = r.replica_id;
         match Action::try_from(r.action).unwrap_or(Action::Unspecified) {
             Action::AddVoter => {
-                if r.addr.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(Status::invalid_argument(format!("addr: {:?} is not host:port", r.addr)));
+                if let Err(why) = cellbank_client::planes::check_process_addr(&r.addr) {
+                    return Err(Status::invalid_argument(format!("addr: {why}")));
                 }
                 change.set_change_type(ConfChangeType::AddNode);
                 change.context = PeerAddress { replica_id: r.replica_id, addr: r.addr }.encode_to_vec().into();
