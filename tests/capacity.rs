@@ -142,9 +142,9 @@ async fn capacity_status_shows_what_each_pair_holds_and_the_hottest_slice_first(
 /// refused and change nothing; a good one adds a pair with no slices, the
 /// supervisor (what `cellbank up` runs) starts its processes from the
 /// table, the coordinator pairs them and brings the pair to SYNC, a
-/// quarter of the slices move to it, every outcome the load heard is in
-/// the ledger and reconcile passes, and the next start of the cluster runs
-/// the added cells again.
+/// quarter of the slices move to it, a move from a DEGRADED pair is
+/// refused, every outcome the load heard is in the ledger and reconcile
+/// passes, and the next start of the cluster runs the added cells again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
     use cellbank_proto::router::{AddPair, AddPairRequest, CellReplicas};
@@ -277,6 +277,22 @@ async fn a_pair_added_live_is_started_paired_and_brought_to_sync() {
     println!("{quarter} slices moved in {:.1} s under load", moving.elapsed().as_secs_f64());
     let table = cluster.status().await.unwrap().table.unwrap();
     assert_eq!(table.slice_pair.iter().filter(|p| **p == 2).count() as u32, quarter);
+
+    // A move from a pair whose standby is down (DEGRADED) is refused and
+    // changes nothing; once the standby is back and SYNC, it would go.
+    cluster.sup.kill_cell(2);
+    cluster.wait_for_mode(1, PairMode::Degraded, Duration::from_secs(30)).await;
+    let refused = admin.move_slice(move_to(15, 2)).await.expect_err("the source is DEGRADED");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+    assert!(
+        refused.message().contains("pair 1 is PAIR_MODE_DEGRADED: the source pair must be SYNC"),
+        "{}",
+        refused.message()
+    );
+    let unchanged = cluster.status().await.unwrap().table.unwrap();
+    assert_eq!((&unchanged.slice_pair, unchanged.moves.len()), (&table.slice_pair, 0));
+    cluster.sup.start_cell(2).expect("the standby restarts");
+    cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
 
     stop_load(&history, load).await;
     assert!(history.acked_count() > 20, "the load ran ({})", history.acked_count());
