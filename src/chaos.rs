@@ -106,6 +106,26 @@ impl Processes for Local {
     fn stop_all(&mut self) {
         self.supervisor.stop_all(Duration::from_secs(5));
     }
+
+    fn plan_pair(
+        &self,
+        table: &cellbank_proto::router::RoutingTable,
+    ) -> anyhow::Result<cellbank_proto::router::AddPair> {
+        use cellbank_proto::router::CellReplicas;
+        let pair_id = table.pairs.iter().map(|p| p.pair_id).max().unwrap_or(0) + 1;
+        let cell_id = table.cells.iter().map(|c| c.cell_id).max().unwrap_or(0) + 1;
+        let cell = |cell_id: u64| CellReplicas {
+            cell_id,
+            replicas: (0..3).map(|_| format!("127.0.0.1:{}", cellbank::supervisor::free_port())).collect(),
+        };
+        Ok(cellbank_proto::router::AddPair { pair_id, active: Some(cell(cell_id)), standby: Some(cell(cell_id + 1)) })
+    }
+
+    fn adopt(&mut self, table: &cellbank_proto::router::RoutingTable) -> anyhow::Result<Vec<Proc>> {
+        let (started, elsewhere) = self.supervisor.adopt(table)?;
+        anyhow::ensure!(elsewhere.is_empty(), "cells {elsewhere:?} are not on this machine");
+        Ok(started)
+    }
 }
 
 fn load(path: &Path) -> anyhow::Result<Drill> {

@@ -132,10 +132,14 @@ fn drill_old_active_restarts_isolated() {
 
 /// How many slices a drill's move-slices step moved (from its journal).
 fn slices_moved(journal: &Value) -> u64 {
+    slices_moved_by(journal, "move-slices")
+}
+
+fn slices_moved_by(journal: &Value, fault: &str) -> u64 {
     let faults = journal["faults"].as_array().expect("faults");
-    let step = faults.iter().find(|f| f["fault"] == "move-slices").expect("a move-slices step");
+    let step = faults.iter().find(|f| f["fault"] == fault).unwrap_or_else(|| panic!("a {fault} step"));
     let detail = step["detail"].as_str().expect("a detail");
-    println!("move-slices: {detail}");
+    println!("{fault}: {detail}");
     detail.split(' ').next().and_then(|n| n.parse().ok()).expect("the count moved")
 }
 
@@ -143,6 +147,14 @@ fn slices_moved(journal: &Value) -> u64 {
 fn drill_move_under_leader_kill() {
     let journal = library_drill_passes("move-under-leader-kill");
     assert!(slices_moved(&journal) >= 8, "most of the 16 slices moved");
+}
+
+#[test]
+fn drill_add_pair_at_peak() {
+    let journal = library_drill_passes("add-pair-at-peak");
+    assert_eq!(slices_moved_by(&journal, "add-pair"), 16, "every slice moved to the new pair");
+    let detail = journal["faults"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("pair 3 was SYNC"), "{detail}");
 }
 
 #[test]

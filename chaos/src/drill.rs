@@ -243,6 +243,11 @@ pub enum FaultKind {
     /// `slices` slices of the pair move to another pair, one after another
     /// (an operator action: `admin move-slice`).
     MoveSlices,
+    /// A new pair is added (an operator action: `admin add-pair`, an
+    /// active and a standby cell of three replicas on free ports of this
+    /// machine, started by the runner), and once it is SYNC `slices`
+    /// slices of the target pair move to it. Local clusters only.
+    AddPair,
     /// Writes are acknowledged without waiting for the standby, whose
     /// stream is cut: synchronous replication off. Breaks RPO = 0 on
     /// purpose: it exists to prove that the lost-write checker fails.
@@ -336,7 +341,7 @@ pub struct Step {
     /// lost after that too), so the drill observes a long outage.
     #[serde(default)]
     pub permanent: bool,
-    /// Move-slices: how many of the pair's slices move (1..=64).
+    /// Move-slices and add-pair: how many of the pair's slices move (1..=64).
     #[serde(default)]
     pub slices: u32,
 }
@@ -565,13 +570,18 @@ impl Drill {
             }
             let needs_duration = !matches!(
                 step.fault,
-                FaultKind::Restart | FaultKind::Switchover | FaultKind::Failover | FaultKind::MoveSlices
+                FaultKind::Restart
+                    | FaultKind::Switchover
+                    | FaultKind::Failover
+                    | FaultKind::MoveSlices
+                    | FaultKind::AddPair
             ) && !step.permanent;
-            if step.fault == FaultKind::MoveSlices && !(1..=64).contains(&step.slices) {
+            let moves = matches!(step.fault, FaultKind::MoveSlices | FaultKind::AddPair);
+            if moves && !(1..=64).contains(&step.slices) {
                 return err("slices", at("slices: 1..=64 slices of the pair move".into()));
             }
-            if step.fault != FaultKind::MoveSlices && step.slices != 0 {
-                return err("slices", at("slices: only for move-slices".into()));
+            if !moves && step.slices != 0 {
+                return err("slices", at("slices: only for move-slices and add-pair".into()));
             }
             if step.permanent {
                 if step.fault != FaultKind::Kill || step.target.role != Role::Cell {
@@ -610,6 +620,7 @@ impl Drill {
                 | FaultKind::Switchover
                 | FaultKind::Failover
                 | FaultKind::MoveSlices
+                | FaultKind::AddPair
                 | FaultKind::UnsafeAsyncStandby => &[Role::Cell],
                 _ => &[Role::Leader, Role::Follower, Role::Replica, Role::Cell],
             };
@@ -630,6 +641,7 @@ impl Drill {
                 | FaultKind::Switchover
                 | FaultKind::Failover
                 | FaultKind::MoveSlices
+                | FaultKind::AddPair
                 | FaultKind::UnsafeAsyncStandby
                     if step.target.side != Side::Active =>
                 {
@@ -638,7 +650,7 @@ impl Drill {
                 _ => {}
             }
             if c.mode == ClusterMode::Attach {
-                if step.fault.is_process_fault() {
+                if step.fault.is_process_fault() || step.fault == FaultKind::AddPair {
                     return err(
                         "fault",
                         at("process faults need a local cluster the runner owns (cluster.mode = \"local\")".into()),

@@ -46,6 +46,12 @@ pub trait Processes: Send {
     fn reap_exited(&mut self) -> Vec<Proc>;
     /// Stops everything (end of a drill on a cluster the runner started).
     fn stop_all(&mut self);
+    /// A new pair for `table` (ids after its highest, replicas on free
+    /// ports of this machine), for `admin add-pair`.
+    fn plan_pair(&self, table: &RoutingTable) -> anyhow::Result<cellbank_proto::router::AddPair>;
+    /// Starts the processes of cells `table` names that are not running
+    /// yet (a pair just added); returns them.
+    fn adopt(&mut self, table: &RoutingTable) -> anyhow::Result<Vec<Proc>>;
 }
 
 /// Admin credentials and the routers.
@@ -188,11 +194,17 @@ impl Access {
     /// table no longer lists it; a move refused and rolled back is counted
     /// as such. Returns what happened, for the journal.
     pub async fn move_slices(&self, pair_id: u64, count: u32, why: &str) -> anyhow::Result<String> {
+        self.move_slices_to(pair_id, None, count, why).await
+    }
+
+    /// [`Access::move_slices`] to the pair `to` (by default the next pair
+    /// after `pair_id`, else the first).
+    pub async fn move_slices_to(&self, pair_id: u64, to: Option<u64>, count: u32, why: &str) -> anyhow::Result<String> {
         let client = routers::ClusterClient::new(&self.routers, self.token.as_deref());
         let table = client.status().await?.table.unwrap_or_default();
         let mut others: Vec<u64> = table.pairs.iter().map(|p| p.pair_id).filter(|p| *p != pair_id).collect();
         others.sort_unstable();
-        let to = others.iter().copied().find(|p| *p > pair_id).or(others.first().copied());
+        let to = to.or_else(|| others.iter().copied().find(|p| *p > pair_id)).or(others.first().copied());
         let to = to.ok_or_else(|| anyhow::anyhow!("pair {pair_id} has no other pair to move slices to"))?;
         let slices: Vec<u32> = (0..table.slice_count)
             .filter(|s| table.slice_pair.get(*s as usize) == Some(&pair_id))
@@ -236,6 +248,14 @@ impl Access {
             "{moved} slice(s) moved to pair {to} (longest freeze {freeze_max} ms), {rolled_back} rolled back, \
              {resumed} ended by the next coordinator"
         ))
+    }
+
+    /// Adds a pair through the routers (RouterAdmin.AddPair).
+    pub async fn add_pair(&self, add: cellbank_proto::router::AddPair, why: &str) -> anyhow::Result<String> {
+        let client = routers::ClusterClient::new(&self.routers, self.token.as_deref());
+        let request =
+            cellbank_proto::router::AddPairRequest { pair: Some(add), who: "chaos drill".into(), why: why.to_string() };
+        Ok(client.add_pair(request).await?.detail)
     }
 
     /// A forced failover of the pair (RouterAdmin.Failover, force = true):

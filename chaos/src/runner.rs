@@ -82,7 +82,7 @@ pub struct FaultRecord {
 impl FaultKind {
     /// An operator action on the pair whose outage is the call itself.
     fn is_pair_action(self) -> bool {
-        matches!(self, FaultKind::Switchover | FaultKind::Failover | FaultKind::MoveSlices)
+        matches!(self, FaultKind::Switchover | FaultKind::Failover | FaultKind::MoveSlices | FaultKind::AddPair)
     }
 }
 
@@ -415,6 +415,49 @@ impl<'a> Run<'a> {
                 self.background.push((self.faults.len(), task));
                 record.targets = vec![format!("{} slices of pair {}", d.slices, step.pair)];
                 record.detail = "moving".into();
+            }
+            FaultKind::AddPair => {
+                let add = self.procs()?.plan_pair(&table)?;
+                let (pair_id, active, standby) =
+                    (add.pair_id, add.active.as_ref().map(|c| c.cell_id), add.standby.as_ref().map(|c| c.cell_id));
+                let added = self.cluster.access.add_pair(add, "a pair added at peak").await?;
+                let table = self.cluster.access.table().await?;
+                let started = self.procs()?.adopt(&table)?;
+                self.event(format!("pair {pair_id} added ({added}); {} processes started", started.len()));
+                // The pair comes to SYNC and the slices move in the
+                // background, as the timeline goes on.
+                let (access, recorder, from, slices) =
+                    (self.cluster.access.clone(), self.recorder.clone(), step.pair, d.slices);
+                let task = tokio::spawn(async move {
+                    let added_at = std::time::Instant::now();
+                    loop {
+                        let table = access.table().await.unwrap_or_default();
+                        let sync = table
+                            .pairs
+                            .iter()
+                            .any(|p| p.pair_id == pair_id && p.mode == cellbank_proto::router::PairMode::Sync as i32);
+                        if sync {
+                            break;
+                        }
+                        anyhow::ensure!(
+                            added_at.elapsed() < std::time::Duration::from_secs(90),
+                            "pair {pair_id} was not SYNC 90 s after it was added"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    let sync_ms = added_at.elapsed().as_millis();
+                    let moved = access.move_slices_to(from, Some(pair_id), slices, "a pair added at peak").await?;
+                    Ok((format!("{moved}; pair {pair_id} was SYNC {sync_ms} ms after it was added"), recorder.now_ms()))
+                });
+                self.background.push((self.faults.len(), task));
+                record.targets = vec![format!(
+                    "new pair {pair_id} (cell {} active, cell {} standby), then {} slices of pair {}",
+                    active.unwrap_or(0),
+                    standby.unwrap_or(0),
+                    d.slices,
+                    step.pair
+                )];
+                record.detail = "adding".into();
             }
             FaultKind::Failover => {
                 let answer = self.cluster.access.failover(step.pair, "forced failover drill").await?;
