@@ -39,6 +39,9 @@ use crate::table::{self, Route, TableView};
 /// Longest a request waits for this router's table to catch up with an
 /// epoch a cell named.
 const TABLE_CATCH_UP_MAX: Duration = Duration::from_millis(500);
+/// Longest a call for a user whose slice is moving waits for the table in
+/// one go before it looks again (a change of the table wakes it at once).
+const MOVING_WAIT_MAX: Duration = Duration::from_millis(100);
 
 pub struct ReplicaConn {
     pub addr: String,
@@ -373,6 +376,20 @@ impl CellPool {
                 tokio::time::sleep(backoff.next_delay(false).min(remaining)).await;
                 continue;
             };
+            if route.moving {
+                // Its pair refuses the user's writes (and, once the money
+                // left, reads) until the move ends, each refusal a round
+                // through its log: wait for the table to end the move
+                // instead, and go where it then says.
+                self.count_retry("slice_moving");
+                last_error = Some(Status::unavailable(format!(
+                    "slice {} is moving to another pair; nothing was sent: retry",
+                    route.slice
+                )));
+                let wait = remaining.min(MOVING_WAIT_MAX);
+                let _ = tokio::time::timeout(wait, table_changes.changed()).await;
+                continue;
+            }
             let Some(cell) = self.cell(route.cell_id) else {
                 return Err(Status::internal(format!(
                     "the routing table names cell {} without replicas",
@@ -570,6 +587,50 @@ mod tests {
         assert_eq!(seen.first(), Some(&1), "the first attempt carried the stale epoch");
         assert_eq!(seen.last(), Some(&2), "the last carried the new one");
         assert!(seen.iter().filter(|e| **e == 1).count() <= 2, "it waited for the table instead of spinning: {seen:?}");
+    }
+
+    /// A call for a user whose slice the table shows moving is not sent:
+    /// it waits for the table, and goes once the move has ended; with the
+    /// move never ending, it ends at its deadline having sent nothing.
+    #[tokio::test]
+    async fn a_call_for_a_moving_slice_waits_for_the_table_and_sends_nothing_meanwhile() {
+        use cellbank_proto::router::SliceMove;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let cell = FakeCell { epoch: 1, seen: seen.clone() };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LedgerServer::new(cell))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let moving = |addr: &str| RoutingTable {
+            moves: vec![SliceMove { move_id: 1, slice: 0, from_pair_id: 1, to_pair_id: 2, started_ms: 0 }],
+            ..table(addr, 1)
+        };
+        let view: TableView = Arc::new(tokio::sync::watch::Sender::new(moving(&addr)));
+        assert!(table::route(&view.borrow(), 7).unwrap().moving);
+        let pool = CellPool::new(view.clone());
+        let call = |deadline: Instant| {
+            let message = TransferRequest { transfer_id: b"t".to_vec(), ..Default::default() };
+            pool.call(|t| table::route(t, 7), deadline, message, |mut c, r| async move { c.transfer(r).await })
+        };
+        let refused = call(Instant::now() + Duration::from_millis(300)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("slice 0 is moving"), "{}", refused.message());
+        assert!(seen.lock().unwrap().is_empty(), "nothing was sent while the slice moved");
+        // The move ends 200 ms into the next call: it is served then.
+        let ended = view.clone();
+        let addr_later = addr.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ended.send_replace(table(&addr_later, 1));
+        });
+        let started = std::time::Instant::now();
+        let answer = call(Instant::now() + Duration::from_secs(5)).await.expect("served once the move ended");
+        assert_eq!(answer.result.unwrap().code, ResultCode::Ok as i32);
+        assert!(started.elapsed() >= Duration::from_millis(190), "it waited for the table");
+        assert_eq!(seen.lock().unwrap().len(), 1, "sent once, after the move");
     }
 
     #[tokio::test]

@@ -51,6 +51,10 @@ pub struct Route {
     pub pair_id: u64,
     pub cell_id: u64,
     pub epoch: u64,
+    /// The user's slice is moving (the table lists the move): its pair
+    /// refuses writes to it until the move ends, so a call waits for the
+    /// table instead (see `CellPool::call`).
+    pub moving: bool,
 }
 
 pub fn route(table: &RoutingTable, user_id: u64) -> Option<Route> {
@@ -60,14 +64,15 @@ pub fn route(table: &RoutingTable, user_id: u64) -> Option<Route> {
     let slice = slice_of(user_id, table.slice_count);
     let pair_id = *table.slice_pair.get(slice as usize)?;
     let pair = find_pair(table, pair_id)?;
-    Some(Route { slice, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
+    let moving = !table.moves.is_empty() && table.moves.iter().any(|m| m.slice == slice);
+    Some(Route { slice, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch, moving })
 }
 
 /// A route to a pair's active cell (for what names a pair, not a user).
 pub fn to_pair(pair_id: u64) -> impl Fn(&RoutingTable) -> Option<Route> + Clone {
     move |t| {
         let pair = find_pair(t, pair_id)?;
-        Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch })
+        Some(Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch, moving: false })
     }
 }
 

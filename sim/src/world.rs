@@ -2554,7 +2554,7 @@ impl World {
             Op::Read { pair, .. } => *pair,
         };
         let pair = table::find_pair(&table, pair_id).expect("the pair");
-        let route = table::Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch };
+        let route = table::Route { slice: 0, pair_id, cell_id: pair.active_cell_id, epoch: pair.epoch, moving: false };
         let hint = self.clients[c].leader_hint.get(&route.cell_id).copied();
         let rid = match hint {
             Some(rid) if rid != 0 => rid,

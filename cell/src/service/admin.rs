@@ -435,12 +435,15 @@ impl ReplicaAdmin for AdminService {
         if r.move_id == 0 || r.source_pair_id == 0 || r.to_pair_id == 0 {
             return Err(Status::invalid_argument("move_id, source_pair_id and to_pair_id must be set"));
         }
+        let started = std::time::Instant::now();
         // Everything this cell applied before the call is in the views below.
         self.context.within(timeout, self.context.node.read_index()).await?;
+        let barrier_ms = started.elapsed().as_millis() as u64;
         let mark = super::moves::mark_in(&self.context.db.snapshot(), r.slice);
         let frozen = mark.as_ref().is_some_and(|m| m.move_id == r.move_id && m.mark == SliceMark::Frozen as i32);
         let gone = mark.as_ref().is_some_and(|m| m.move_id == r.move_id && m.mark == SliceMark::Gone as i32);
         let mut carried = None;
+        let (mut checked_ms, mut left_ms) = (0, 0);
         if gone {
             // Left before (a move run again): proposed again, it changes
             // nothing, and its answer waits until the standby holds the
@@ -461,6 +464,7 @@ impl ReplicaAdmin for AdminService {
                     .await
                     .map_err(|e| Status::internal(e.to_string()))??;
             carried = Some(before);
+            checked_ms = started.elapsed().as_millis() as u64;
             let out = cellbank_proto::cell::SliceOutCommand {
                 move_id: r.move_id,
                 slice: r.slice,
@@ -468,6 +472,7 @@ impl ReplicaAdmin for AdminService {
                 accounts,
             };
             self.slice_step(timeout, Command { kind: Some(command::Kind::SliceOut(out)) }).await?;
+            left_ms = started.elapsed().as_millis() as u64;
         }
         let db = self.context.db.clone();
         let epoch = self.context.pair.borrow().epoch;
@@ -478,6 +483,19 @@ impl ReplicaAdmin for AdminService {
         .map_err(|e| Status::internal(e.to_string()))??;
         let accounts = import.keys.iter().filter(|k| k.get(1) == Some(&b'a')).count() as u64;
         let records = import.keys.len() as u64;
+        // Where the export's time went (the slice is frozen throughout):
+        // the read barrier, the checks and the scan of what the slice
+        // carries, the leaving's Raft round, the export's read.
+        tracing::info!(
+            move_id = r.move_id,
+            slice = r.slice,
+            barrier_ms,
+            checked_ms,
+            left_ms,
+            exported_ms = started.elapsed().as_millis() as u64,
+            records,
+            "slice exported"
+        );
         Ok(Response::new(cellbank_proto::cell::ExportSliceResponse { import: Some(import), accounts, records }))
     }
 
