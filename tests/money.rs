@@ -591,6 +591,82 @@ async fn a_move_ends_once_though_its_coordinator_dies_at_each_step() {
     assert_reconciles(&cluster).await;
 }
 
+/// A move whose money has left the source when its coordinator dies, and
+/// then the whole target pair: the next coordinator keeps the move (it
+/// only goes forward now), and finishes it once the target pair is back.
+/// Then the same with only the target's active cell killed: the target
+/// pair fails over to its standby, which takes the slice. Every checker
+/// passes and reconcile agrees.
+#[cfg(feature = "fault-points")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_whose_money_left_finishes_though_the_target_pair_dies() {
+    use cellbank::supervisor::ProcessId;
+    use cellbank_proto::router::MoveSliceRequest;
+    let Setup { mut cluster, users, senders, heard, load } = setup(26).await;
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let slices = movable_slices(&table, &users, &senders);
+    let router = ProcessId::Router(1);
+    for (n, whole_pair) in [true, false].into_iter().enumerate() {
+        let slice = slices[n];
+        let table = cluster.status().await.unwrap().table.unwrap();
+        let from = table.slice_pair[slice as usize];
+        let to = if from == 1 { 2 } else { 1 };
+        let target = *table::find_pair(&table, to).unwrap();
+        cluster.sup.kill(router);
+        cluster.sup.start_with_env(router, &[("CELLBANK_FAULTS", "move.left=crash:600000")]).expect("armed");
+        cluster.wait_until("the router leads", Duration::from_secs(20), |s| s.leader_router_id != 0).await;
+        let admin = cellbank::routers::ClusterClient::new(&cluster.routers(), None);
+        let request = MoveSliceRequest { slice, to_pair_id: to, who: String::new(), why: "target dies".into() };
+        let asked = tokio::spawn(async move { admin.move_slice(request).await });
+        let started = Instant::now();
+        while !cluster.sup.exited().iter().any(|(id, _)| *id == router) {
+            assert!(started.elapsed() < Duration::from_secs(30), "the coordinator never reached move.left");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = asked.await;
+        // The money has left pair `from`; now the target dies.
+        cluster.sup.kill_cell(target.active_cell_id);
+        if whole_pair {
+            cluster.sup.kill_cell(target.standby_cell_id);
+        }
+        cluster.sup.start(router).expect("restart unarmed");
+        cluster.wait_until("the router leads", Duration::from_secs(20), |s| s.leader_router_id != 0).await;
+        if whole_pair {
+            // Nothing to import into: the move waits, and is never rolled back.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let table = cluster.status().await.unwrap().table.unwrap();
+            assert!(table.moves.iter().any(|m| m.slice == slice), "the move is still under way");
+            assert_eq!(table.slice_pair[slice as usize], from, "not flipped before the target took it");
+            cluster.sup.start_cell(target.standby_cell_id).unwrap();
+            cluster.sup.start_cell(target.active_cell_id).unwrap();
+        }
+        cluster
+            .wait_until("the move ended", Duration::from_secs(90), |s| {
+                s.table.as_ref().is_some_and(|t| t.moves.is_empty())
+            })
+            .await;
+        let table = cluster.status().await.unwrap().table.unwrap();
+        assert_eq!(table.slice_pair[slice as usize], to, "the move finished at the target pair");
+        let now = *table::find_pair(&table, to).unwrap();
+        println!(
+            "whole pair down: {whole_pair}; pair {to} active cell {} (was {}); moved in {:.1} s",
+            now.active_cell_id,
+            target.active_cell_id,
+            started.elapsed().as_secs_f64()
+        );
+        if !whole_pair {
+            assert_eq!(now.active_cell_id, target.standby_cell_id, "the target pair failed over");
+            cluster.sup.start_cell(target.active_cell_id).unwrap();
+        }
+        cluster.wait_for_mode(to, PairMode::Sync, Duration::from_secs(90)).await;
+        assert_one_owner(&cluster, &users, slice).await;
+        wait_for_acks(&heard, 50, Duration::from_secs(30)).await;
+    }
+    stop_load(&heard, load).await;
+    verify(&cluster, &users, &senders, &heard).await;
+    assert_reconciles(&cluster).await;
+}
+
 /// Moves while the source's leader, then the target's, is killed in the
 /// middle: each move finishes or rolls back (the table then keeps the slice
 /// where it was), the slice has one owner, and every checker passes. With
