@@ -45,9 +45,9 @@ pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7000";
     about = "A cell-based transaction engine: Raft-replicated RocksDB ledgers behind gRPC."
 )]
 struct Cli {
-    /// Log format: `text` or `json`.
-    #[arg(long, global = true, default_value = "text", env = "CELLBANK_LOG_FORMAT")]
-    log_format: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CELLBANK_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(flatten)]
     tls: ClientTls,
     #[command(subcommand)]
@@ -483,7 +483,15 @@ pub async fn wait_for_signal() {
     }
 }
 
-fn init_logging(format: &str, default_level: &str) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line, for machines.
+    Json,
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     use std::io::IsTerminal;
@@ -491,7 +499,7 @@ fn init_logging(format: &str, default_level: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
@@ -506,7 +514,7 @@ fn main() {
         Command::Sim(_) => "off",
         _ => "warn",
     };
-    init_logging(&cli.log_format, default_level);
+    init_logging(cli.log_format, default_level);
     if let Command::Sim(args) = cli.command {
         // Plain threads, no runtime: the simulator is single-threaded per seed.
         if let Err(error) = sim::run(args) {

@@ -107,3 +107,18 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     assert_eq!((pair.active_cell_id, pair.standby_cell_id, pair.epoch), (1, 2, 1));
     assert_eq!(status.table.unwrap().audit_count, audit_before + 1);
 }
+
+/// An option value the command does not know is an error that names the
+/// values it knows, not a silent fallback (a log format, here, before any
+/// cluster is asked anything).
+#[test]
+fn an_unknown_log_format_is_an_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellbank"))
+        .args(["--log-format", "xml", "status"])
+        .output()
+        .expect("run cellbank");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid value 'xml' for '--log-format"), "{stderr}");
+    assert!(stderr.contains("[possible values: text, json]"), "{stderr}");
+}

@@ -108,9 +108,15 @@ impl RaftMetrics {
     /// A new registry for one process (series prefixed `cellbank_`, labelled
     /// with its group and replica) holding the Raft series.
     pub fn new(group_id: u64, replica_id: u64) -> RaftMetrics {
-        let labels = [("cell".to_string(), group_id.to_string()), ("replica".to_string(), replica_id.to_string())];
-        let registry =
-            Registry::new_custom(Some("cellbank".into()), Some(labels.into_iter().collect())).expect("registry");
+        RaftMetrics::with_labels(&[("cell", group_id), ("replica", replica_id)])
+    }
+
+    /// [`RaftMetrics::new`] with other process labels (a router is
+    /// `router="N"`: its own series name cells in a `cell` label, and a
+    /// label may appear once per series).
+    pub fn with_labels(labels: &[(&str, u64)]) -> RaftMetrics {
+        let labels = labels.iter().map(|(name, value)| (name.to_string(), value.to_string()));
+        let registry = Registry::new_custom(Some("cellbank".into()), Some(labels.collect())).expect("registry");
         let r = &registry;
         RaftMetrics {
             proposals_total: counter(r, "proposals_total", "Raft entries proposed by this replica."),

@@ -78,3 +78,33 @@ impl RouterMetrics {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prometheus refuses a scrape in which a series carries one label
+    /// twice: the router's series (labelled by cell, pair, ...) sit in a
+    /// registry whose own labels name the router, and no name repeats.
+    #[test]
+    fn no_series_of_a_router_repeats_a_label() {
+        let raft = cellbank_raft::metrics::RaftMetrics::with_labels(&[("router", 2)]);
+        let metrics = RouterMetrics::register(&raft.registry);
+        metrics.replicas_reachable.with_label_values(&["3"]).set(2);
+        metrics.pair_mode.with_label_values(&["1"]).set(1);
+        metrics.requests_total.with_label_values(&["ok"]).inc();
+        metrics.pair_requests_total.with_label_values(&["1", "write"]).inc();
+        let families = raft.registry.gather();
+        assert!(families.iter().any(|f| f.get_name() == "cellbank_router_cell_replicas_reachable"));
+        for family in &families {
+            for metric in family.get_metric() {
+                let mut names: Vec<&str> = metric.get_label().iter().map(|l| l.get_name()).collect();
+                assert!(names.contains(&"router"), "{}: {names:?}", family.get_name());
+                let count = names.len();
+                names.sort_unstable();
+                names.dedup();
+                assert_eq!(names.len(), count, "{} repeats a label", family.get_name());
+            }
+        }
+    }
+}

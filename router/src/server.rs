@@ -69,7 +69,7 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     // the same certificate.
     cellbank_client::tls::use_credentials(credentials.clone());
     std::fs::create_dir_all(&config.data_dir)?;
-    let metrics = Arc::new(RaftMetrics::new(ROUTER_GROUP_ID, config.router_id));
+    let metrics = Arc::new(RaftMetrics::with_labels(&[("router", config.router_id)]));
     let db = open_db(&config.data_dir.join("rocksdb"));
     let listeners = Listeners::bind(config.listen).await?;
     let addr = listeners.addr;
