@@ -4,16 +4,24 @@
 //! (`RouterAdmin.SetCellReplicas`); the cell's membership is changed by
 //! the operator directly (routers may not change a cell's membership).
 //!
-//! The order keeps the cell serving and the routers able to reach its
-//! leader at every step:
+//! Everything is checked before anything changes: the cell's leader (of
+//! the replicas that say they lead and count themselves voters, the one
+//! of the highest term), the new id and address unused in the cell, the
+//! table and the cell naming replicas alike, and, when both addresses are
+//! listed, that a replacement of the one by the other is under way (the
+//! audit log's last change of the cell added the new address). Then the
+//! order keeps the cell serving, and the routers able to reach its leader,
+//! at every step:
 //! 1. The table lists the new address too (a router that tries it before
-//!    the replica is a member hears that it has no leader and moves on).
-//! 2. Membership. While the old replica answers, the new one joins first
-//!    (the cell keeps tolerating a failure), catches up from a snapshot,
-//!    takes the leadership if the old one held it, and then the old one
-//!    leaves. When the old replica is down (the usual reason to replace a
-//!    host) it leaves first: otherwise a voter that is still catching up
-//!    would be needed for every commit of a cell with one replica down.
+//!    the replica is a member hears that it has no leader and moves on),
+//!    and the right process must answer there (replica N of cell C): else
+//!    the table is put back and the command stops.
+//! 2. Membership. The new replica joins as a learner (it never counts
+//!    toward a quorum while it catches up from a snapshot), then becomes a
+//!    voter. While the old replica answers it leaves after that, once the
+//!    leadership has moved off it (cells refuse a leader's removal of
+//!    itself). When it does not answer (the usual reason to replace a
+//!    host) it leaves first.
 //! 3. The table forgets the old address.
 //!
 //! Every step looks at what is already done (the table, the cell's
@@ -25,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cellbank_client::planes::Plane;
 use cellbank_client::routers::ClusterClient;
-use cellbank_client::{CellClient, ChannelSettings};
+use cellbank_client::ChannelSettings;
 use cellbank_proto::cell::change_membership_request::Action;
 use cellbank_proto::cell::{ChangeMembershipRequest, PeerInfo, ReplicaStatus, StatusRequest, TransferLeaderRequest};
 use cellbank_proto::router::{RoutingTable, SetCellReplicas, SetCellReplicasRequest};
@@ -39,6 +47,9 @@ const CATCH_UP_SLACK: u64 = 64;
 /// How long a cell may go without a leader that answers before a step
 /// gives up.
 const LEADER_WAIT_MAX: Duration = Duration::from_secs(15);
+/// How long the new replica's process may take to answer at its address
+/// once the table lists it (a supervisor starts it then).
+const PROCESS_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// One replacement.
 #[derive(Clone, Debug)]
@@ -114,23 +125,15 @@ pub async fn replace_replica(routers: &[String], admin_token: Option<&str>, r: &
         why: r.why.clone(),
     };
 
-    // 1. The table lists the new address.
+    // Everything is checked before anything changes.
     let table = cluster.status().await?.table.context("the routers have no table yet")?;
     let replicas = check_replace(&table, r).map_err(|e| anyhow::anyhow!(e))?;
-    if !replicas.contains(&r.new_addr) {
-        let mut with_new = replicas.clone();
-        with_new.push(r.new_addr.clone());
-        cluster.set_cell_replicas(set(with_new)).await.context("adding the new address to the table")?;
-    }
-
-    // 2. Membership.
+    let (has_old, has_new) = (replicas.contains(&r.old_addr), replicas.contains(&r.new_addr));
     let mut addrs = replicas.clone();
-    if !addrs.contains(&r.new_addr) {
+    if !has_new {
         addrs.push(r.new_addr.clone());
     }
-    // The new replica too: it may lead by the end.
-    let cell = CellClient::new(addrs);
-    let leader = leader_status(&cell).await?;
+    let (_, leader) = leader_of(&addrs).await?;
     let old_id = member_at(&leader.peers, &r.old_addr);
     if let Some(p) = leader.peers.iter().find(|p| p.replica_id == r.new_replica_id && p.addr != r.new_addr) {
         anyhow::bail!("cell {}: replica {} is already a member, at {}", r.cell_id, r.new_replica_id, p.addr);
@@ -138,20 +141,69 @@ pub async fn replace_replica(routers: &[String], admin_token: Option<&str>, r: &
     if let Some(p) = leader.peers.iter().find(|p| p.addr == r.new_addr && p.replica_id != r.new_replica_id) {
         anyhow::bail!("cell {}: {} is already the address of member {}", r.cell_id, r.new_addr, p.replica_id);
     }
-    let old_answers = old_id.is_some() && replica_status(&r.old_addr).await.is_some();
+    if let Some(p) = leader.peers.iter().find(|p| !addrs.contains(&p.addr)) {
+        // The table and the cell name a replica differently: which one
+        // leaves cannot be told from addresses.
+        anyhow::bail!(
+            "cell {}: member {} is at {}, which the table does not list ({}); the table and the cell must name \
+             replicas alike",
+            r.cell_id,
+            p.replica_id,
+            p.addr,
+            replicas.join(", ")
+        );
+    }
+    if has_old && has_new {
+        // Both listed: only a replacement of old by new that stopped
+        // midway, not a second replica to drop.
+        let audit = cluster.audit_log().await?;
+        let prefix = format!("cell {}: ", r.cell_id);
+        let last = audit.iter().rev().find(|a| a.what.starts_with(&prefix) && a.what.contains("replica address"));
+        let pending = format!("cell {}: add replica address {}", r.cell_id, r.new_addr);
+        anyhow::ensure!(
+            last.is_some_and(|a| a.what == pending),
+            "cell {}: {} and {} are both its replicas, and no replacement of one by the other is under way; \
+             replacing one by the other would only remove a replica",
+            r.cell_id,
+            r.old_addr,
+            r.new_addr
+        );
+    }
+
+    // 1. The table lists the new address, and the right process answers
+    //    there (else the table is put back as it was).
+    if !has_new {
+        let mut with_new = replicas.clone();
+        with_new.push(r.new_addr.clone());
+        cluster.set_cell_replicas(set(with_new)).await.context("adding the new address to the table")?;
+    }
+    if let Err(e) = await_process(r.cell_id, r.new_replica_id, &r.new_addr).await {
+        if !has_new {
+            cluster.set_cell_replicas(set(replicas.clone())).await.context("taking the new address out again")?;
+        }
+        return Err(e);
+    }
+
+    // 2. Membership.
+    let old_answers = old_id.is_some_and(|old| leader.replica_id == old)
+        || (old_id.is_some() && replica_status(&r.old_addr).await.is_some());
     if let (Some(old), false) = (old_id, old_answers) {
         println!("replica {old} at {} does not answer: it leaves first", r.old_addr);
-        change_membership(&cell, Action::Remove, old, String::new()).await?;
+        remove(&addrs, old, r.new_replica_id).await?;
     }
     let catch_up_started = Instant::now();
+    let (_, leader) = leader_of(&addrs).await?;
     if member_at(&leader.peers, &r.new_addr).is_none() {
-        change_membership(&cell, Action::AddVoter, r.new_replica_id, r.new_addr.clone()).await?;
+        change_membership(&addrs, Action::AddLearner, r.new_replica_id, r.new_addr.clone()).await?;
     }
-    await_caught_up(&cell, &r.new_addr).await?;
+    await_caught_up(&addrs, &r.new_addr).await?;
+    let (_, leader) = leader_of(&addrs).await?;
+    if !leader.peers.iter().any(|p| p.replica_id == r.new_replica_id && p.voter) {
+        change_membership(&addrs, Action::AddVoter, r.new_replica_id, r.new_addr.clone()).await?;
+    }
     let catch_up = catch_up_started.elapsed();
     if let (Some(old), true) = (old_id, old_answers) {
-        hand_over(&cell, old, r.new_replica_id).await?;
-        change_membership(&cell, Action::Remove, old, String::new()).await?;
+        remove(&addrs, old, r.new_replica_id).await?;
     }
 
     // 3. The table forgets the old address.
@@ -172,34 +224,50 @@ pub async fn replace_replica(routers: &[String], admin_token: Option<&str>, r: &
     Ok(Replaced { old_replica_id: old_id, replicas, catch_up, total: started.elapsed(), detail })
 }
 
-/// The status of the cell's leader, waiting out an election.
-async fn leader_status(cell: &CellClient) -> anyhow::Result<ReplicaStatus> {
+/// The cell's leader among `addrs`: of the replicas that say they lead
+/// and count themselves among the voters, the one of the highest term (a
+/// removed or cut-off replica may still think it leads). Waits out an
+/// election.
+pub async fn leader_of(addrs: &[String]) -> anyhow::Result<(String, ReplicaStatus)> {
     let until = Instant::now() + LEADER_WAIT_MAX;
     loop {
-        match cell.find_leader().await {
-            Ok((_, status)) => return Ok(status),
-            Err(e) if Instant::now() >= until => return Err(anyhow::anyhow!("no leader: {}", e.message())),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        let asked =
+            futures::future::join_all(addrs.iter().map(|a| async move { (a.clone(), replica_status(a).await) })).await;
+        let leader = asked
+            .into_iter()
+            .filter_map(|(addr, status)| Some((addr, status?)))
+            .filter(|(_, s)| {
+                cellbank_client::is_leader(s) && s.peers.iter().any(|p| p.replica_id == s.replica_id && p.voter)
+            })
+            .max_by_key(|(_, s)| s.term);
+        if let Some(found) = leader {
+            return Ok(found);
         }
+        anyhow::ensure!(Instant::now() < until, "no replica among {} leads the cell", addrs.join(", "));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-async fn change_membership(cell: &CellClient, action: Action, replica_id: u64, addr: String) -> anyhow::Result<()> {
+async fn admin_of(
+    addr: &str,
+) -> anyhow::Result<cellbank_proto::cell::replica_admin_client::ReplicaAdminClient<tonic::transport::Channel>> {
+    let channel = ChannelSettings::SERVICE.connect(&Plane::Admin.of(addr)).await?;
+    Ok(cellbank_client::channel::admin(channel))
+}
+
+async fn change_membership(addrs: &[String], action: Action, replica_id: u64, addr: String) -> anyhow::Result<()> {
     let until = Instant::now() + LEADER_WAIT_MAX;
     loop {
-        let (leader, _) = match cell.find_leader().await {
-            Ok(found) => found,
-            Err(e) if Instant::now() >= until => anyhow::bail!("no leader: {}", e.message()),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
+        let (leader, _) = leader_of(addrs).await?;
         let request = ChangeMembershipRequest { action: action as i32, replica_id, addr: addr.clone() };
-        match cell.admin(leader)?.change_membership(request).await {
+        match admin_of(&leader).await?.change_membership(request).await {
             Ok(done) => {
-                let members: Vec<String> =
-                    done.into_inner().peers.iter().map(|p| format!("{}@{}", p.replica_id, p.addr)).collect();
+                let members: Vec<String> = done
+                    .into_inner()
+                    .peers
+                    .iter()
+                    .map(|p| format!("{}@{}{}", p.replica_id, p.addr, if p.voter { "" } else { " (learner)" }))
+                    .collect();
                 println!("{}: replica {replica_id}; members {}", action.as_str_name(), members.join(", "));
                 return Ok(());
             }
@@ -212,13 +280,58 @@ async fn change_membership(cell: &CellClient, action: Action, replica_id: u64, a
     }
 }
 
+/// Removes replica `old`, first moving the leadership off it (to a voter
+/// that stays, `rather` only when no other will do).
+async fn remove(addrs: &[String], old: u64, rather: u64) -> anyhow::Result<()> {
+    let until = Instant::now() + LEADER_WAIT_MAX;
+    loop {
+        let (leader, status) = leader_of(addrs).await?;
+        if status.replica_id != old {
+            return change_membership(addrs, Action::Remove, old, String::new()).await;
+        }
+        anyhow::ensure!(Instant::now() < until, "replica {old} kept the leadership; run the same command again");
+        let to = status
+            .peers
+            .iter()
+            .filter(|p| p.voter && p.replica_id != old && p.replica_id != rather)
+            .map(|p| p.replica_id)
+            .next()
+            .unwrap_or(rather);
+        let _ = admin_of(&leader).await?.transfer_leader(TransferLeaderRequest { replica_id: to }).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits until replica `replica_id` of cell `cell_id` answers at `addr`;
+/// another process answering there is an error at once.
+async fn await_process(cell_id: u64, replica_id: u64, addr: &str) -> anyhow::Result<()> {
+    let until = Instant::now() + PROCESS_WAIT_MAX;
+    loop {
+        if let Some(status) = replica_status(addr).await {
+            anyhow::ensure!(
+                (status.cell_id, status.replica_id) == (cell_id, replica_id),
+                "the process at {addr} is replica {} of cell {}, not replica {replica_id} of cell {cell_id}",
+                status.replica_id,
+                status.cell_id
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < until,
+            "no replica answers at {addr}: start replica {replica_id} of cell {cell_id} there first, with no \
+             founding peers (nothing was changed)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until the replica at `addr` follows a leader and has applied
 /// within [`CATCH_UP_SLACK`] entries of it.
-async fn await_caught_up(cell: &CellClient, addr: &str) -> anyhow::Result<()> {
+async fn await_caught_up(addrs: &[String], addr: &str) -> anyhow::Result<()> {
     let until = Instant::now() + CATCH_UP_MAX;
     loop {
         let joined = replica_status(addr).await;
-        let leader = cell.find_leader().await.ok().map(|(_, s)| s);
+        let leader = leader_of(addrs).await.ok().map(|(_, s)| s);
         if let (Some(joined), Some(leader)) = (joined, leader) {
             if joined.leader_id != 0
                 && joined.applied_index > 0
@@ -229,32 +342,11 @@ async fn await_caught_up(cell: &CellClient, addr: &str) -> anyhow::Result<()> {
         }
         anyhow::ensure!(
             Instant::now() < until,
-            "the replica at {addr} did not catch up with its cell's leader within {} s (is its process running, \
-             started with no founding peers?); run the same command again to carry on",
+            "the replica at {addr} did not catch up with its cell's leader within {} s; run the same command \
+             again to carry on",
             CATCH_UP_MAX.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Moves the leadership off `old` (to `to`) if `old` leads the cell.
-async fn hand_over(cell: &CellClient, old: u64, to: u64) -> anyhow::Result<()> {
-    let until = Instant::now() + LEADER_WAIT_MAX;
-    loop {
-        let (index, leader) = match cell.find_leader().await {
-            Ok(found) => found,
-            Err(_) => {
-                anyhow::ensure!(Instant::now() < until, "the cell elected no leader while replica {old} handed over");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if leader.replica_id != old {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < until, "replica {old} kept the leadership; run the same command again");
-        let _ = cell.admin(index)?.transfer_leader(TransferLeaderRequest { replica_id: to }).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -266,10 +358,7 @@ fn member_at(peers: &[PeerInfo], addr: &str) -> Option<u64> {
 /// The status of one replica, asked directly; none when it does not answer
 /// within a second.
 async fn replica_status(addr: &str) -> Option<ReplicaStatus> {
-    let ask = async {
-        let channel = ChannelSettings::SERVICE.connect(&Plane::Admin.of(addr)).await.ok()?;
-        cellbank_client::channel::admin(channel).status(StatusRequest {}).await.ok().map(|r| r.into_inner())
-    };
+    let ask = async { admin_of(addr).await.ok()?.status(StatusRequest {}).await.ok().map(|r| r.into_inner()) };
     tokio::time::timeout(Duration::from_secs(1), ask).await.ok().flatten()
 }
 

@@ -455,6 +455,8 @@ pub struct Supervisor {
     /// Replica addresses of its cells that the table gained and this
     /// supervisor does not run (not on its address plan).
     foreign: std::collections::BTreeSet<String>,
+    /// The audit count of the newest table followed.
+    table_seen: u64,
 }
 
 impl Supervisor {
@@ -502,6 +504,7 @@ impl Supervisor {
             env: Vec::new(),
             left_alone: Default::default(),
             foreign: Default::default(),
+            table_seen: 0,
         })
     }
 
@@ -615,37 +618,70 @@ impl Supervisor {
         let topology =
             self.topology.cells.iter_mut().find(|c| c.id == cell).with_context(|| format!("no cell {cell}"))?;
         topology.replicas.push(ProcessTopology { joined: true, ..replica });
-        if !self.topology.insecure {
-            let dir = self.topology.certs_dir();
-            crate::certs::ensure(&dir, &self.topology.cluster, &self.topology.identities())
-                .with_context(|| format!("certificates in {}", dir.display()))?;
+        let started = (|| -> anyhow::Result<()> {
+            if !self.topology.insecure {
+                let dir = self.topology.certs_dir();
+                crate::certs::ensure(&dir, &self.topology.cluster, &self.topology.identities())
+                    .with_context(|| format!("certificates in {}", dir.display()))?;
+            }
+            let config =
+                self.topology.replica_configs()?.into_iter().filter(|c| c.cell_id == cell && c.replica_id == id_of(id));
+            register_replicas(&mut self.processes, config.collect())?;
+            self.start(id)
+        })();
+        if let Err(e) = started {
+            // Not started: not part of the cluster either.
+            self.retire(id);
+            return Err(e);
         }
-        let config =
-            self.topology.replica_configs()?.into_iter().filter(|c| c.cell_id == cell && c.replica_id == id_of(id));
-        register_replicas(&mut self.processes, config.collect())?;
-        self.start(id)?;
         Ok(id)
     }
 
     /// Follows the table's replica addresses of the cells this supervisor
     /// runs (a replica replaced with `admin replace-replica`): starts a
     /// replica whose address the table gained, when the address is on the
-    /// local address plan (which names its replica id), and stops for good
-    /// a replica whose address the table dropped (the last step of a
-    /// replacement, after the cell removed it). Both are recorded in the
-    /// data directory ([`ADOPTED_FILE`]) for the next start. Returns what
-    /// it did, and addresses it leaves to others (once each).
-    pub fn follow_replicas(&mut self, table: &cellbank_proto::router::RoutingTable) -> anyhow::Result<Vec<String>> {
+    /// local address plan (which names its replica id), and returns those
+    /// of its replicas whose addresses the table dropped: the caller stops
+    /// each with [`Supervisor::retire_left`] once the cell's leader
+    /// confirms it is no member. A table older than one followed before (a
+    /// router behind) is ignored. What it did is recorded in the data
+    /// directory ([`ADOPTED_FILE`]) as it goes, for the next start.
+    /// Returns what it did (and addresses it leaves to others, once each).
+    pub fn follow_replicas(
+        &mut self,
+        table: &cellbank_proto::router::RoutingTable,
+    ) -> anyhow::Result<(Vec<String>, Vec<ProcessId>)> {
         let mut done = Vec::new();
+        let mut gone = Vec::new();
+        if table.audit_count < self.table_seen {
+            return Ok((done, gone));
+        }
+        self.table_seen = table.audit_count;
+        let path = self.topology.data_dir.join(ADOPTED_FILE);
+        let retired = read_adopted(&path)?.retired;
         let mut joined = Vec::new();
-        let mut retired = Vec::new();
         for cell in &table.cells {
             let Some(ours) = self.topology.cells.iter().find(|c| c.id == cell.cell_id) else { continue };
             for addr in &cell.replicas {
                 if ours.replicas.iter().any(|r| r.addr() == addr) || self.foreign.contains(addr) {
                     continue;
                 }
-                match local_plan_replica(cell.cell_id, addr).filter(|id| ours.replicas.iter().all(|r| r.id != *id)) {
+                let planned =
+                    local_plan_replica(cell.cell_id, addr).filter(|id| ours.replicas.iter().all(|r| r.id != *id));
+                if let Some(id) =
+                    planned.filter(|id| retired.iter().any(|r| (r.cell, r.replica) == (cell.cell_id, *id)))
+                {
+                    // Its data directory holds a member that left: a
+                    // replica id is never used twice in a cell.
+                    self.foreign.insert(addr.clone());
+                    done.push(format!(
+                        "cell {}: {addr} is where replica {id} was, and it left the cell; ids are not used twice: \
+                         replace with another replica id and address",
+                        cell.cell_id
+                    ));
+                    continue;
+                }
+                match planned {
                     Some(id) if is_loopback(addr) => joined.push((
                         cell.cell_id,
                         ProcessTopology::new(id, addr.clone(), Some(local_metrics_addr(cell.cell_id, id))),
@@ -661,29 +697,34 @@ impl Supervisor {
             }
             for replica in &ours.replicas {
                 if !cell.replicas.iter().any(|a| a == replica.addr()) {
-                    retired.push(ProcessId::Replica { cell: cell.cell_id, replica: replica.id });
+                    gone.push(ProcessId::Replica { cell: cell.cell_id, replica: replica.id });
                 }
             }
         }
-        if joined.is_empty() && retired.is_empty() {
-            return Ok(done);
-        }
-        let path = self.topology.data_dir.join(ADOPTED_FILE);
-        let mut record = read_adopted(&path)?;
         for (cell, replica) in joined {
             let id = self.join_replica(cell, replica.clone())?;
             done.push(format!("{id} joined cell {cell} at {} (started)", replica.addr()));
+            let mut record = read_adopted(&path)?;
+            record.retired.retain(|r| (r.cell, r.replica) != (cell, replica.id));
             record.joined.push(JoinedReplica { cell, replica });
+            write_adopted(&path, &record)?;
         }
-        for id in retired {
-            self.retire(id);
-            done.push(format!("{id} left its cell (stopped)"));
-            if let ProcessId::Replica { cell, replica } = id {
-                record.retired.push(RetiredReplica { cell, replica });
-            }
+        Ok((done, gone))
+    }
+
+    /// Stops for good a replica that left its cell (see
+    /// [`Supervisor::follow_replicas`]), and records it.
+    pub fn retire_left(&mut self, id: ProcessId) -> anyhow::Result<String> {
+        let ProcessId::Replica { cell, replica } = id else { anyhow::bail!("{id} is not a replica") };
+        let path = self.topology.data_dir.join(ADOPTED_FILE);
+        let mut record = read_adopted(&path)?;
+        record.joined.retain(|j| (j.cell, j.replica.id) != (cell, replica));
+        if !record.retired.iter().any(|r| (r.cell, r.replica) == (cell, replica)) {
+            record.retired.push(RetiredReplica { cell, replica });
         }
         write_adopted(&path, &record)?;
-        Ok(done)
+        self.retire(id);
+        Ok(format!("{id} left its cell (stopped)"))
     }
 
     /// Stops a replica for good (it left its cell) and forgets it.

@@ -94,18 +94,27 @@ async fn tick(supervisor: &mut Supervisor, token: Option<&str>) -> String {
         }
     }
     if let Some(table) = &status.table {
-        match tokio::task::block_in_place(|| supervisor.follow_replicas(table)) {
-            Ok(done) if !done.is_empty() => {
-                eprintln!();
-                for line in done {
-                    println!("{line}");
-                }
-                if let Err(e) = record_addresses(supervisor) {
-                    println!("could not record the new addresses: {e:#}");
+        let (mut done, gone) = match tokio::task::block_in_place(|| supervisor.follow_replicas(table)) {
+            Ok(followed) => followed,
+            Err(e) => return format!("following the table's replicas failed: {e:#}"),
+        };
+        for id in gone {
+            // Only once the cell's leader no longer lists it.
+            if left_its_cell(table, id).await {
+                match tokio::task::block_in_place(|| supervisor.retire_left(id)) {
+                    Ok(line) => done.push(line),
+                    Err(e) => return format!("stopping {id} failed: {e:#}"),
                 }
             }
-            Ok(_) => {}
-            Err(e) => return format!("following the table's replicas failed: {e:#}"),
+        }
+        if !done.is_empty() {
+            eprintln!();
+            for line in done {
+                println!("{line}");
+            }
+            if let Err(e) = record_addresses(supervisor) {
+                println!("could not record the new addresses: {e:#}");
+            }
         }
     }
     let mut parts = vec![format!("router {} leads (term {})", status.leader_router_id, status.term)];
@@ -121,6 +130,18 @@ async fn tick(supervisor: &mut Supervisor, token: Option<&str>) -> String {
     let down = status.replicas.iter().filter(|r| !r.reachable).count();
     parts.push(format!("{down} replica(s) down"));
     parts.join(" | ")
+}
+
+/// Whether replica `id` is no member of its cell, as the cell's leader
+/// (found among the table's addresses of the cell) says; false when no
+/// leader answers.
+async fn left_its_cell(table: &cellbank_proto::router::RoutingTable, id: cellbank::supervisor::ProcessId) -> bool {
+    let cellbank::supervisor::ProcessId::Replica { cell, replica } = id else { return false };
+    let addrs = cellbank_router::table::cell_addrs(table, cell);
+    let Ok(leader) = tokio::time::timeout(Duration::from_secs(2), cellbank::hosts::leader_of(&addrs)).await else {
+        return false;
+    };
+    leader.is_ok_and(|(_, status)| status.peers.iter().all(|p| p.replica_id != replica))
 }
 
 /// The file in a data directory that records the address of every process

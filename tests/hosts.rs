@@ -96,6 +96,12 @@ async fn hosts_are_replaced_under_load_and_nothing_is_lost() {
     joiner.advertise = Some(format!("localhost:{port}"));
     let new_addr = joiner.addr().to_string();
     cluster.sup.join_replica(1, joiner).expect("start the new replica");
+    // Naming another replica id than the process at the address runs: the
+    // table gains the address, sees the wrong replica there, and is put
+    // back; nothing else changed.
+    let wrong = replace_replica(&routers, None, &replace(1, &old_addr, 6, &new_addr)).await.unwrap_err();
+    assert!(wrong.to_string().contains("is replica 4 of cell 1, not replica 6 of cell 1"), "{wrong:#}");
+    assert_eq!(cluster.status().await.unwrap().table.unwrap().cells, before.cells);
     let started = std::time::Instant::now();
     let done = replace_replica(&routers, None, &replace(1, &old_addr, 4, &new_addr)).await.expect("replaced");
     println!(
@@ -123,6 +129,13 @@ async fn hosts_are_replaced_under_load_and_nothing_is_lost() {
     let mut want: Vec<String> = expected.iter().map(|(_, a)| a.clone()).collect();
     want.sort();
     assert_eq!(listed, want, "the table lists the cell's members");
+
+    // Replacing a member by another member is no replacement: it would
+    // only shrink the cell. Refused; nothing changes.
+    let other = expected.iter().find(|(id, _)| *id != 4).unwrap().1.clone();
+    let shrink = replace_replica(&routers, None, &replace(1, &other, 4, &new_addr)).await.unwrap_err();
+    assert!(shrink.to_string().contains("no replacement of one by the other is under way"), "{shrink:#}");
+    assert_eq!(voters(&cluster, 1).await, expected);
 
     // The same replacement again: everything is done, nothing changes.
     let again = replace_replica(&routers, None, &replace(1, &old_addr, 4, &new_addr)).await.expect("a no-op");
@@ -154,7 +167,9 @@ async fn hosts_are_replaced_under_load_and_nothing_is_lost() {
     let audit = admin.audit_log().await.expect("audit log");
     let replaced: Vec<&str> =
         audit.iter().filter(|r| r.what.contains("replica address")).map(|r| r.what.as_str()).collect();
-    assert_eq!(replaced.len(), 4, "add and remove, for each replacement: {replaced:#?}");
+    // Add and remove for each replacement, and add and take back for the
+    // one that named the wrong replica.
+    assert_eq!(replaced.len(), 6, "{replaced:#?}");
     let status = cluster.status().await.unwrap();
     let reconciled = cellbank::reconcile::reconcile(&status, &cellbank::reconcile::Options::default()).await;
     assert!(reconciled.ok(), "{:#?}", reconciled.discrepancies);

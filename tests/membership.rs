@@ -59,6 +59,21 @@ async fn replace_a_replica() {
     add_and_catch_up(&mut cell, leader, 4).await;
     let mut admin = cell.admin(leader).await.expect("leader admin");
 
+    // The leader may not remove itself (it would go on leading a group it
+    // is not in): refused, nothing changes.
+    let refused = admin
+        .change_membership(ChangeMembershipRequest {
+            action: Action::Remove as i32,
+            replica_id: leader,
+            addr: String::new(),
+        })
+        .await
+        .expect_err("a leader's removal of itself is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("move the leadership"), "{}", refused.message());
+    let status = cell.status(leader).await.expect("leader status");
+    assert!(status.peers.iter().any(|p| p.replica_id == leader && p.voter), "still a voter");
+
     // Remove a founder that is not the leader, then stop its process.
     let removed = *cell.running().iter().find(|id| **id != leader && **id != 4).expect("a follower");
     let response = admin

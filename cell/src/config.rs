@@ -92,6 +92,13 @@ impl ReplicaConfig {
             anyhow::ensure!(*id > 0, "peer ids start at 1");
             process(format!("peer {id}"), addr)?;
         }
+        if self.listen.ip().is_unspecified() && self.advertise.is_none() && !self.peers.contains_key(&self.replica_id) {
+            anyhow::bail!(
+                "listen {} is every interface, which no peer can dial: give the address they reach this replica at \
+                 (advertise)",
+                self.listen
+            );
+        }
         if let Some(advertise) = &self.advertise {
             process("advertise".into(), advertise)?;
             if let Some(founding) = self.peers.get(&self.replica_id) {
@@ -158,8 +165,10 @@ mod tests {
         let founder = format!("{base}[peers]\n1 = \"cell-1-a.example:7110\"\n2 = \"cell-1-b.example:7120\"\n");
         let config = ReplicaConfig::from_toml(&founder).unwrap();
         assert_eq!(config.advertised("0.0.0.0:7120".parse().unwrap()), "cell-1-b.example:7120");
-        let plain = ReplicaConfig::from_toml(base).unwrap();
-        assert_eq!(plain.advertised("0.0.0.0:7120".parse().unwrap()), "0.0.0.0:7120");
+        let unspecified = ReplicaConfig::from_toml(base).unwrap_err().to_string();
+        assert!(unspecified.contains("which no peer can dial"), "{unspecified}");
+        let plain = ReplicaConfig::from_toml(&base.replace("0.0.0.0", "127.0.0.1")).unwrap();
+        assert_eq!(plain.advertised("127.0.0.1:7120".parse().unwrap()), "127.0.0.1:7120");
         let clash = founder.replace("[peers]", "advertise = \"other.example:7120\"\n[peers]");
         let refused = ReplicaConfig::from_toml(&clash).unwrap_err().to_string();
         assert!(refused.contains("differs from this replica's founding address"), "{refused}");

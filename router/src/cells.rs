@@ -225,6 +225,11 @@ impl CellPool {
             }
         }
         let conn = Arc::new(CellConn::new(cell_id, &addrs));
+        if conn.replicas.is_empty() {
+            // No address of the cell makes a channel (the table checks
+            // them; this is a guard, not a path).
+            return None;
+        }
         if let Some(old) = cells.get(&cell_id) {
             // Keep following the leader if it is still a replica.
             conn.follow(&old.leader().addr.clone());
@@ -382,10 +387,12 @@ impl CellPool {
                 // through its log: wait for the table to end the move
                 // instead, and go where it then says.
                 self.count_retry("slice_moving");
-                last_error = Some(Status::unavailable(format!(
-                    "slice {} is moving to another pair; nothing was sent: retry",
-                    route.slice
-                )));
+                if last_error.is_none() {
+                    last_error = Some(Status::unavailable(format!(
+                        "slice {} is moving to another pair; nothing was sent: retry",
+                        route.slice
+                    )));
+                }
                 let wait = remaining.min(MOVING_WAIT_MAX);
                 let _ = tokio::time::timeout(wait, table_changes.changed()).await;
                 continue;
@@ -429,6 +436,11 @@ impl CellPool {
             if let Some(hint) = leader_hint {
                 self.count_retry("leader_hint");
                 retry_now = hint != replica.addr && cell.follow(hint);
+                if !retry_now {
+                    // A leader at an address this router does not know
+                    // (the table is changing): try the next replica.
+                    cell.rotate(position);
+                }
             } else if let Some(epoch) = cell_epoch.filter(|e| *e > route.epoch) {
                 // This router's table is behind: wait for it to catch up.
                 self.count_retry("stale_table");

@@ -98,8 +98,17 @@ fn pairs_in(table: &cellbank_proto::router::RoutingTable, from: u64, to: u64) ->
     Some((table::route(table, from)?.pair_id, table::route(table, to)?.pair_id))
 }
 
+/// The route of a call that writes for `user_id` (held while the user's
+/// slice moves: see `CellPool::call`).
 fn by_user(user_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> {
     move |t| table::route(t, user_id)
+}
+
+/// The route of a read for `user_id`: sent while the slice moves (its
+/// pair serves it until the money leaves, then refuses it and the call
+/// waits for the table).
+fn reading(user_id: u64) -> impl Fn(&cellbank_proto::router::RoutingTable) -> Option<Route> {
+    move |t| table::route(t, user_id).map(|r| Route { moving: false, ..r })
 }
 
 fn refused(code: ResultCode, field: &str, detail: String) -> GrabEnvelopeResponse {
@@ -140,7 +149,7 @@ impl Front {
         let request = GetEnvelopeRequest { envelope_id: envelope_id.to_string(), page_size: 1, page_token: vec![] };
         let found = self
             .pool
-            .call(by_user(sender), deadline, request, |mut c, req| async move { c.get_envelope(req).await })
+            .call(reading(sender), deadline, request, |mut c, req| async move { c.get_envelope(req).await })
             .await?;
         let currency = found.envelope.map(|e| e.currency).unwrap_or_default();
         let mut cache = self.envelope_currencies.lock().expect("cache lock");
@@ -161,7 +170,7 @@ impl Front {
         let request = GetAccountRequest { user_id, currency: currency.to_string() };
         match self
             .pool
-            .call(by_user(user_id), deadline, request, |mut c, req| async move { c.get_account(req).await })
+            .call(reading(user_id), deadline, request, |mut c, req| async move { c.get_account(req).await })
             .await
         {
             Ok(_) => {
@@ -476,7 +485,7 @@ impl LedgerApi for Front {
         self.pool.record(r.user_id, Kind::Read, r.encoded_len());
         let response = self
             .pool
-            .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.get_account(req).await })
+            .call(reading(r.user_id), deadline, r, |mut c, req| async move { c.get_account(req).await })
             .await?;
         Ok(Response::new(response))
     }
@@ -531,7 +540,7 @@ impl LedgerApi for Front {
         self.pool.record(r.user_id, Kind::Read, r.encoded_len());
         let mut response = self
             .pool
-            .call(by_user(r.user_id), deadline, r, |mut c, req| async move { c.list_transfers(req).await })
+            .call(reading(r.user_id), deadline, r, |mut c, req| async move { c.list_transfers(req).await })
             .await?;
         for record in &mut response.transfers {
             as_known(namespace.as_deref(), record);
@@ -644,7 +653,7 @@ impl Front {
         let sender = validate::envelope_id(&r.envelope_id).map_err(invalid)?;
         self.pool.record(sender, Kind::Read, r.encoded_len());
         let response =
-            self.pool.call(by_user(sender), deadline, r, |mut c, req| async move { c.get_envelope(req).await }).await?;
+            self.pool.call(reading(sender), deadline, r, |mut c, req| async move { c.get_envelope(req).await }).await?;
         Ok(Response::new(response))
     }
 }

@@ -605,16 +605,34 @@ impl ReplicaAdmin for AdminService {
         let mut change = ConfChange::default();
         change.node_id = r.replica_id;
         match Action::try_from(r.action).unwrap_or(Action::Unspecified) {
-            Action::AddVoter => {
+            action @ (Action::AddVoter | Action::AddLearner) => {
                 if let Err(why) = cellbank_client::planes::check_process_addr(&r.addr) {
                     return Err(Status::invalid_argument(format!("addr: {why}")));
                 }
-                change.set_change_type(ConfChangeType::AddNode);
+                change.set_change_type(if action == Action::AddVoter {
+                    ConfChangeType::AddNode
+                } else {
+                    ConfChangeType::AddLearnerNode
+                });
                 change.context = PeerAddress { replica_id: r.replica_id, addr: r.addr }.encode_to_vec().into();
             }
-            Action::Remove => change.set_change_type(ConfChangeType::RemoveNode),
+            Action::Remove => {
+                // A leader that removed itself would go on leading a group
+                // it is not in; its leadership moves first.
+                if r.replica_id == self.context.replica_id && self.context.node.shared.is_leader.load(Ordering::Relaxed)
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "replica {} leads the cell: move the leadership to another replica first \
+                         (admin transfer-leader), then remove it",
+                        r.replica_id
+                    )));
+                }
+                change.set_change_type(ConfChangeType::RemoveNode)
+            }
             Action::Unspecified => {
-                return Err(Status::invalid_argument("action: must be ACTION_ADD_VOTER or ACTION_REMOVE"))
+                return Err(Status::invalid_argument(
+                    "action: must be ACTION_ADD_VOTER, ACTION_ADD_LEARNER or ACTION_REMOVE",
+                ))
             }
         }
         let (conf_state, peers) = self.context.within(timeout, self.context.node.conf_change(change)).await?;
