@@ -297,6 +297,8 @@ async fn remove(addrs: &[String], old: u64, rather: u64) -> anyhow::Result<()> {
             .map(|p| p.replica_id)
             .next()
             .unwrap_or(rather);
+        // Its outcome is seen at the next look at the leader (a refused
+        // or lost transfer is asked again until the limit).
         let _ = admin_of(&leader).await?.transfer_leader(TransferLeaderRequest { replica_id: to }).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -658,7 +658,9 @@ impl Supervisor {
         }
         self.table_seen = table.audit_count;
         let path = self.topology.data_dir.join(ADOPTED_FILE);
-        let retired = read_adopted(&path)?.retired;
+        // Read only when the table names an address this supervisor does
+        // not run (not at every tick).
+        let mut retired: Option<Vec<RetiredReplica>> = None;
         let mut joined = Vec::new();
         for cell in &table.cells {
             let Some(ours) = self.topology.cells.iter().find(|c| c.id == cell.cell_id) else { continue };
@@ -668,6 +670,10 @@ impl Supervisor {
                 }
                 let planned =
                     local_plan_replica(cell.cell_id, addr).filter(|id| ours.replicas.iter().all(|r| r.id != *id));
+                let retired = match &mut retired {
+                    Some(retired) => retired,
+                    None => retired.insert(read_adopted(&path)?.retired),
+                };
                 if let Some(id) =
                     planned.filter(|id| retired.iter().any(|r| (r.cell, r.replica) == (cell.cell_id, *id)))
                 {

@@ -271,20 +271,21 @@ impl CellPool {
         F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        self.call_planned(pick, &|_| true, deadline, message, call).await
+        self.call_planned(pick, &|_| true, deadline, &message, call).await
     }
 
     /// [`CellPool::call`] for a call planned from the table (which cell
     /// takes it depends on more than one user): before each attempt
     /// `plan_holds` is asked of the table, and once it fails (a slice the
     /// plan relied on moved) the call ends with [`replan`] instead of being
-    /// retried where the old plan pointed.
+    /// retried where the old plan pointed. The message is borrowed, so
+    /// that a caller whose plan failed still has it to plan again.
     pub async fn call_planned<Req, Resp, F, Fut>(
         &self,
         pick: impl Fn(&RoutingTable) -> Option<Route>,
         plan_holds: &(dyn Fn(&RoutingTable) -> bool + Sync),
         deadline: Instant,
-        message: Req,
+        message: &Req,
         call: F,
     ) -> Result<Resp, Status>
     where
@@ -303,7 +304,7 @@ impl CellPool {
         pick: impl Fn(&RoutingTable) -> Option<Route>,
         plan_holds: &(dyn Fn(&RoutingTable) -> bool + Sync),
         deadline: Instant,
-        message: Req,
+        message: &Req,
         call: F,
     ) -> Result<Resp, Status>
     where
@@ -329,7 +330,7 @@ impl CellPool {
         F: Fn(ReplicaAdminClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        self.call_with_retries(pick, &|_| true, deadline, message, |r| r.admin.clone(), call).await
+        self.call_with_retries(pick, &|_| true, deadline, &message, |r| r.admin.clone(), call).await
     }
 
     /// [`CellPool::call`] on a cell's internal `Clearing` service.
@@ -345,7 +346,7 @@ impl CellPool {
         F: Fn(ClearingClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        self.call_clearing_planned(pick, &|_| true, deadline, message, call).await
+        self.call_clearing_planned(pick, &|_| true, deadline, &message, call).await
     }
 
     async fn call_with_retries<Req, Resp, C, F, Fut>(
@@ -353,7 +354,7 @@ impl CellPool {
         pick: impl Fn(&RoutingTable) -> Option<Route>,
         plan_holds: &(dyn Fn(&RoutingTable) -> bool + Sync),
         deadline: Instant,
-        message: Req,
+        message: &Req,
         client: impl Fn(&ReplicaConn) -> C,
         call: F,
     ) -> Result<Resp, Status>

@@ -188,16 +188,14 @@ impl Front {
         source_pair_id: u64,
         plan_holds: &(dyn Fn(&cellbank_proto::router::RoutingTable) -> bool + Sync),
         deadline: Instant,
-        items: Vec<cellbank_proto::cell::CrossCellItem>,
+        batch: &cellbank_proto::cell::CrossCellBatch,
     ) -> Result<Vec<TransferResult>, Status> {
-        let expected = items.len();
-        let batch = cellbank_proto::cell::CrossCellBatch { items };
         let response = pool
             .call_clearing_planned(to_pair(source_pair_id), plan_holds, deadline, batch, |mut c, req| async move {
                 c.send(req).await
             })
             .await?;
-        if response.results.len() != expected {
+        if response.results.len() != batch.items.len() {
             return Err(Status::internal("a cell answered with the wrong number of results"));
         }
         Ok(response.results)
@@ -298,30 +296,33 @@ impl LedgerApi for Front {
         // a transfer id is answered as first recorded, wherever it goes).
         loop {
             let plan = self.pairs_of(from, to);
-            let outcome = match plan.filter(|(a, b)| a != b) {
-                Some((source, dest)) => {
-                    let holds = move |t: &cellbank_proto::router::RoutingTable| {
-                        table::route(t, from).map(|r| r.pair_id) == Some(source)
-                    };
-                    let item = cellbank_proto::cell::CrossCellItem {
-                        transfer: Some(r.clone()),
-                        source_pair_id: source,
-                        dest_pair_id: dest,
-                    };
-                    Front::send_cross_cell(&self.pool, source, &holds, deadline, vec![item])
-                        .await
-                        .map(|mut results| TransferResponse { result: results.pop() })
-                }
-                None => {
-                    let holds =
-                        move |t: &cellbank_proto::router::RoutingTable| plan.is_none() || pairs_in(t, from, to) == plan;
-                    self.pool
-                        .call_planned(by_user(from), &holds, deadline, r.clone(), |mut c, req| async move {
-                            c.transfer(req).await
-                        })
-                        .await
-                }
-            };
+            let outcome =
+                match plan.filter(|(a, b)| a != b) {
+                    Some((source, dest)) => {
+                        let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                            table::route(t, from).map(|r| r.pair_id) == Some(source)
+                        };
+                        let item = cellbank_proto::cell::CrossCellItem {
+                            transfer: Some(r.clone()),
+                            source_pair_id: source,
+                            dest_pair_id: dest,
+                        };
+                        let batch = cellbank_proto::cell::CrossCellBatch { items: vec![item] };
+                        Front::send_cross_cell(&self.pool, source, &holds, deadline, &batch)
+                            .await
+                            .map(|mut results| TransferResponse { result: results.pop() })
+                    }
+                    None => {
+                        let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                            plan.is_none() || pairs_in(t, from, to) == plan
+                        };
+                        self.pool
+                            .call_planned(by_user(from), &holds, deadline, &r, |mut c, req| async move {
+                                c.transfer(req).await
+                            })
+                            .await
+                    }
+                };
             match outcome {
                 Err(status) if crate::cells::is_replan(&status) => continue,
                 outcome => return outcome.map(Response::new),
@@ -412,25 +413,21 @@ impl LedgerApi for Front {
                     };
                     let message = SubmitTransfersRequest { transfers };
                     let outcome = pool
-                        .call_planned(to_pair(pair_id), &holds, deadline, message.clone(), |mut c, req| async move {
+                        .call_planned(to_pair(pair_id), &holds, deadline, &message, |mut c, req| async move {
                             c.submit_transfers(req).await
                         })
                         .await;
-                    let replanned = |status: Status| {
-                        if crate::cells::is_replan(&status) {
-                            Ok(Err(positions.iter().copied().zip(message.transfers.clone()).collect::<Vec<_>>()))
-                        } else {
-                            Err(status)
-                        }
-                    };
                     let response = match outcome {
                         Ok(response) => response,
-                        Err(status) => return replanned(status),
+                        Err(status) if crate::cells::is_replan(&status) => {
+                            return Ok(Err(positions.into_iter().zip(message.transfers).collect::<Vec<_>>()))
+                        }
+                        Err(status) => return Err(status),
                     };
                     if response.results.len() != positions.len() {
                         return Err(Status::internal("a cell answered with the wrong number of results"));
                     }
-                    Ok::<_, Status>(Ok((positions.clone(), response.results)))
+                    Ok::<_, Status>(Ok((positions, response.results)))
                 }
             });
             let cross_calls = cross.into_iter().map(|(pair_id, (positions, items))| {
@@ -443,11 +440,13 @@ impl LedgerApi for Front {
                     let holds = move |t: &cellbank_proto::router::RoutingTable| {
                         senders.iter().all(|u| table::route(t, *u).map(|r| r.pair_id) == Some(pair_id))
                     };
-                    match Front::send_cross_cell(&pool, pair_id, &holds, deadline, items.clone()).await {
+                    let batch = cellbank_proto::cell::CrossCellBatch { items };
+                    match Front::send_cross_cell(&pool, pair_id, &holds, deadline, &batch).await {
                         Ok(results) => Ok::<_, Status>(Ok((positions, results))),
-                        Err(status) if crate::cells::is_replan(&status) => {
-                            Ok(Err(positions.into_iter().zip(items.into_iter().filter_map(|i| i.transfer)).collect()))
-                        }
+                        Err(status) if crate::cells::is_replan(&status) => Ok(Err(positions
+                            .into_iter()
+                            .zip(batch.items.into_iter().filter_map(|i| i.transfer))
+                            .collect())),
                         Err(status) => Err(status),
                     }
                 }

@@ -107,7 +107,7 @@ async fn run(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waitin
                 })
             };
             let outcome = pool
-                .call_clearing_planned(table::to_pair(pair_id), &holds, deadline, message, |mut c, req| async move {
+                .call_clearing_planned(table::to_pair(pair_id), &holds, deadline, &message, |mut c, req| async move {
                     c.grab(req).await
                 })
                 .await;
