@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Installs what building cellbank needs on a fresh Debian machine that has a
-# Rust toolchain: clang's libraries for the RocksDB bindings. protoc is not
-# needed (a vendored one is used). Safe to run again: it installs only what
-# is missing.
+# Installs what building and testing cellbank needs on a fresh Debian
+# machine that has a Rust toolchain: clang's libraries for the RocksDB
+# bindings, and Prometheus (its server and promtool: the alert rules'
+# tests and the end-to-end scrape test). protoc is not needed (a vendored
+# one is used). Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 need_apt=()
-for pkg in libclang-dev clang; do
+for pkg in libclang-dev clang prometheus; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         need_apt+=("$pkg")
     fi

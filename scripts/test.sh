@@ -10,6 +10,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
 cargo fmt --all -- --check
 # The protos: buf lint, and no breaking change against the last release.
 ./scripts/buf.sh
+# The alert rules and the Prometheus config: valid, and each alert fires on
+# its fixture (deploy/prometheus/tests).
+(cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules tests/*.yml)
 # Both builds: the production one (no fault points) and the one the tests
 # and local clusters run (with them).
 cargo clippy --workspace --all-targets -- -D warnings

@@ -232,6 +232,15 @@ pub enum AdminAction {
         /// How long to wait for each pair's replicas to line up (ms).
         #[arg(long, default_value_t = 15_000)]
         settle_timeout_ms: u64,
+        /// Run again every this many seconds, for ever, instead of once
+        /// (a reconciler process: see `--metrics-listen`).
+        #[arg(long)]
+        every_secs: Option<u64>,
+        /// With `--every-secs`: serve the runs' outcomes as Prometheus
+        /// metrics (`cellbank_reconcile_*`) on this address, with
+        /// `/healthz` and `/ready` (ready once a run has ended).
+        #[arg(long, requires = "every_secs")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Settlement figures: per ordered pair of pairs and currency, what was
     /// credited across in a period (the clearing positions to pay).
@@ -539,14 +548,33 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             let add = cellbank_proto::router::AddPair { pair_id: pair, active: Some(active), standby };
             crate::cluster::add_pair(&endpoints, &auth, add, std::time::Duration::from_secs(wait_secs)).await
         }
-        AdminAction::Reconcile { endpoints, auth, json, outbox_age_max_ms, settle_timeout_ms } => {
-            let status = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
-                .status()
-                .await?;
+        AdminAction::Reconcile {
+            endpoints,
+            auth,
+            json,
+            outbox_age_max_ms,
+            settle_timeout_ms,
+            every_secs,
+            metrics_listen,
+        } => {
             let options = cellbank::reconcile::Options {
                 outbox_age_max: std::time::Duration::from_millis(outbox_age_max_ms),
                 settle_timeout: std::time::Duration::from_millis(settle_timeout_ms),
             };
+            if let Some(every) = every_secs {
+                anyhow::ensure!(every > 0, "--every-secs must be at least 1");
+                return crate::reconciler::run(
+                    &endpoints.endpoints,
+                    auth.admin_token.as_deref(),
+                    &options,
+                    std::time::Duration::from_secs(every),
+                    metrics_listen,
+                )
+                .await;
+            }
+            let status = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
+                .status()
+                .await?;
             let report = cellbank::reconcile::reconcile(&status, &options).await;
             match json.as_deref() {
                 Some("-") => println!("{}", serde_json::to_string_pretty(&report)?),

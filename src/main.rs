@@ -25,6 +25,7 @@ mod commands;
 mod envelope_bench;
 mod failover_bench;
 mod move_bench;
+mod reconciler;
 mod sim;
 mod up;
 
@@ -312,7 +313,7 @@ async fn capacity(action: CapacityAction) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 struct RouterArgs {
-    /// TOML config file (see deploy/local/router.example.toml).
+    /// TOML config file (see deploy/production/router.toml).
     #[arg(long)]
     config: PathBuf,
 }

@@ -261,8 +261,18 @@ async fn health_and_reflection_are_served() {
     cell.wait_for_leader(Duration::from_secs(15), 0).await.expect("a leader");
     let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cell.endpoints()[0]).await.unwrap();
     let mut health = HealthClient::new(channel.clone());
-    let reply = health.check(HealthCheckRequest { service: "cellbank.v1.Ledger".into() }).await.unwrap().into_inner();
-    assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // Health follows readiness: a replica that has just learnt its leader
+    // says SERVING within one check interval.
+    let started = std::time::Instant::now();
+    loop {
+        let reply =
+            health.check(HealthCheckRequest { service: "cellbank.v1.Ledger".into() }).await.unwrap().into_inner();
+        if reply.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never SERVING: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {

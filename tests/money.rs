@@ -620,6 +620,9 @@ async fn a_move_whose_money_left_finishes_though_the_target_pair_dies() {
         let asked = tokio::spawn(async move { admin.move_slice(request).await });
         let started = Instant::now();
         while !cluster.sup.exited().iter().any(|(id, _)| *id == router) {
+            if asked.is_finished() {
+                panic!("the move ended before move.left: {:?}", asked.await.unwrap().map(|r| r.detail));
+            }
             assert!(started.elapsed() < Duration::from_secs(30), "the coordinator never reached move.left");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

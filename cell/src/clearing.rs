@@ -359,7 +359,7 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
         if !serving(&context) {
             *state.lock().expect("courier lock") = CourierState::default();
             context.metrics.outbox_pending.set(0);
-            context.metrics.outbox_oldest_age_ms.set(0);
+            context.metrics.outbox_oldest_age_seconds.set(0.0);
             continue;
         }
         let (db, scan_state) = (context.db.clone(), state.clone());
@@ -374,7 +374,7 @@ pub async fn run_courier(context: ReplicaContext, routers: Vec<String>) {
             last_count = Instant::now();
         }
         let oldest = pass.oldest_created_at_ms.map(|at| now_ms().saturating_sub(at)).unwrap_or(0);
-        context.metrics.outbox_oldest_age_ms.set(oldest as i64);
+        context.metrics.outbox_oldest_age_seconds.set(oldest as f64 / 1000.0);
         if pass.due.is_empty() {
             continue;
         }

@@ -59,6 +59,12 @@ impl DiskWatch {
                 "1 while free space is below the watermark and writes are refused.",
             ),
         });
+        cellbank_raft::metrics::gauge(
+            registry,
+            "disk_min_free_bytes",
+            "The watermark: below this many free bytes, writes are refused.",
+        )
+        .set(i64::try_from(min_free_bytes).unwrap_or(i64::MAX));
         watch.check();
         watch
     }

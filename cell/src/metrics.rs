@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use cellbank_raft::metrics::{counter, gauge, RaftMetrics};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts};
 
 pub struct Metrics {
     pub raft: Arc<RaftMetrics>,
     pub results_total: IntCounterVec,
     pub outbox_pending: IntGauge,
-    pub outbox_oldest_age_ms: IntGauge,
+    pub outbox_oldest_age_seconds: Gauge,
     pub credits_delivered_total: IntCounter,
     pub credits_refused_total: IntCounter,
     pub credit_delivery_failures_total: IntCounter,
@@ -26,6 +26,10 @@ impl Metrics {
         let results_total =
             IntCounterVec::new(Opts::new("results_total", "Command results by result code."), &["code"]).expect("vec");
         r.register(Box::new(results_total.clone())).expect("register");
+        let outbox_oldest_age_seconds =
+            Gauge::new("outbox_oldest_age_seconds", "Leader: age of the oldest pending cross-cell credit.")
+                .expect("gauge");
+        r.register(Box::new(outbox_oldest_age_seconds.clone())).expect("register");
         Arc::new(Metrics {
             results_total,
             outbox_pending: gauge(
@@ -33,11 +37,7 @@ impl Metrics {
                 "outbox_pending",
                 "Leader: cross-cell credits not yet answered by their destination.",
             ),
-            outbox_oldest_age_ms: gauge(
-                r,
-                "outbox_oldest_age_ms",
-                "Leader: age of the oldest pending cross-cell credit.",
-            ),
+            outbox_oldest_age_seconds,
             credits_delivered_total: counter(
                 r,
                 "credits_delivered_total",

@@ -38,6 +38,7 @@ pub struct Replica {
     serving: Option<Serving>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     shipper_task: tokio::task::JoinHandle<()>,
+    health_task: tokio::task::JoinHandle<()>,
     courier_task: tokio::task::JoinHandle<()>,
     expiry_task: tokio::task::JoinHandle<()>,
     disk_task: tokio::task::JoinHandle<()>,
@@ -125,13 +126,28 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         cluster: config.cluster.clone(),
         cell_id: config.cell_id,
         node: handle.clone(),
-        db,
+        db: db.clone(),
         pair: pair_view,
         replication,
     });
     let shipper_task = tokio::spawn(shipper.run());
-    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let readiness: cellbank_raft::metrics::Readiness = {
+        let (shared, db, lag_max) = (handle.shared.clone(), db.clone(), config.raft.ready_lag_entries);
+        Arc::new(move || {
+            shared.readiness(lag_max)?;
+            match db.get(cellbank_raft::storage::INSTALLING_KEY) {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err("installing a snapshot".into()),
+                Err(e) => Err(format!("cannot read the store: {e}")),
+            }
+        })
+    };
+    let health_task = tokio::spawn(cellbank_client::server::follow_readiness(
+        health_reporter,
+        vec![<LedgerServer<LedgerService> as tonic::server::NamedService>::NAME],
+        readiness.clone(),
+    ));
     let (reflection, reflection_alpha) = cellbank_client::server::reflection_services()?;
     let ledger = LedgerServer::new(LedgerService { context: context.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
@@ -163,7 +179,8 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let faults = cellbank_raft::faults::FaultService { admin_token: config.admin_token.clone() };
     let faults = cellbank_proto::cell::fault_points_server::FaultPointsServer::new(faults);
     let (on_handshake_refused, on_denied) = cellbank_raft::metrics::security_observers(&metrics.raft.registry);
-    let security = Security::new(credentials, policy(config.cell_id), on_handshake_refused, on_denied);
+    let security = Security::new(credentials, policy(config.cell_id), on_handshake_refused, on_denied)
+        .observing_calls(cellbank_raft::metrics::call_observer(&metrics.raft.registry));
     let serving = cellbank_client::server::serve(listeners, &security, |plane, mut server| match plane {
         Plane::Client => server
             .add_service(health_service.clone())
@@ -182,7 +199,9 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
     let metrics_task = match config.metrics_listen {
         Some(metrics_addr) => {
             let listener = cellbank_raft::metrics::bind(metrics_addr).await?;
-            Some(tokio::spawn(cellbank_raft::metrics::serve(listener, metrics.raft.registry.clone())))
+            let endpoint =
+                cellbank_raft::metrics::Endpoint { registry: metrics.raft.registry.clone(), ready: readiness };
+            Some(tokio::spawn(cellbank_raft::metrics::serve(listener, endpoint)))
         }
         None => None,
     };
@@ -194,6 +213,7 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         serving: Some(serving),
         metrics_task,
         shipper_task,
+        health_task,
         courier_task,
         expiry_task,
         disk_task,
@@ -212,6 +232,7 @@ impl Replica {
             task.abort();
         }
         self.shipper_task.abort();
+        self.health_task.abort();
         self.courier_task.abort();
         self.expiry_task.abort();
         self.disk_task.abort();

@@ -270,18 +270,25 @@ pub struct Denied<'a> {
 /// Told of every refused call (metrics, the audit trail).
 pub type DeniedObserver = Arc<dyn Fn(&Denied<'_>) + Send + Sync>;
 
+/// Told of every call the gate let in, once its answer's head is out:
+/// the path, the gRPC code of the answer (`None` when the head carries
+/// none: a unary success, or a stream that started) and the time taken.
+pub type CallObserver = Arc<dyn Fn(&str, Option<tonic::Code>, Duration) + Send + Sync>;
+
 /// The layer that puts a [`Policy`] in front of a server's services.
 #[derive(Clone)]
 pub struct GateLayer {
     inner: Arc<GateShared>,
 }
 
+#[derive(Clone)]
 struct GateShared {
     policy: Policy,
     /// No TLS: every call is let in, with no caller.
     insecure: bool,
     throttle: Arc<Throttle<Arc<Identity>>>,
     observer: DeniedObserver,
+    calls: Option<CallObserver>,
 }
 
 impl GateLayer {
@@ -297,7 +304,13 @@ impl GateLayer {
         observer: DeniedObserver,
         throttle: Arc<Throttle<Arc<Identity>>>,
     ) -> GateLayer {
-        GateLayer { inner: Arc::new(GateShared { policy, insecure, throttle, observer }) }
+        GateLayer { inner: Arc::new(GateShared { policy, insecure, throttle, observer, calls: None }) }
+    }
+
+    /// The same, telling `calls` of every call let in (latency metrics).
+    pub fn observing(mut self, calls: Option<CallObserver>) -> GateLayer {
+        Arc::make_mut(&mut self.inner).calls = calls;
+        self
     }
 }
 
@@ -370,7 +383,23 @@ where
                 // The ready service answers this call; a clone waits for the next.
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(ready.call(request))
+                let Some(observer) = self.shared.calls.clone() else { return Box::pin(ready.call(request)) };
+                let uri = request.uri().clone();
+                let started = std::time::Instant::now();
+                let answer = ready.call(request);
+                Box::pin(async move {
+                    let answer = answer.await;
+                    if let Ok(response) = &answer {
+                        let code = response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .map(tonic::Code::from);
+                        observer(uri.path(), code, started.elapsed());
+                    }
+                    answer
+                })
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }

@@ -35,6 +35,8 @@ pub struct Security {
     handshakes: std::sync::Arc<crate::throttle::Throttle<std::net::IpAddr>>,
     /// Refused calls per identity, over all of the process's listeners.
     calls: std::sync::Arc<crate::throttle::Throttle<std::sync::Arc<crate::tls::Identity>>>,
+    /// Told of every call let in (latency and result metrics).
+    on_call: Option<crate::gate::CallObserver>,
 }
 
 impl Security {
@@ -51,7 +53,43 @@ impl Security {
             on_denied,
             handshakes: std::sync::Arc::new(crate::tls::handshake_throttle()),
             calls: std::sync::Arc::new(crate::throttle::Throttle::standard()),
+            on_call: None,
         }
+    }
+
+    /// The same, telling `on_call` of every call let in.
+    pub fn observing_calls(self, on_call: crate::gate::CallObserver) -> Security {
+        Security { on_call: Some(on_call), ..self }
+    }
+}
+
+/// How often gRPC health is brought in line with readiness.
+pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Keeps gRPC health (the whole server, `""`, and each of `services`) in
+/// line with `ready`: SERVING while it answers `Ok`, NOT_SERVING while it
+/// names a reason. Runs until aborted.
+pub async fn follow_readiness(
+    mut reporter: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+    ready: std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+) {
+    use tonic_health::ServingStatus;
+    let mut was: Option<bool> = None;
+    loop {
+        let now = ready();
+        if was != Some(now.is_ok()) {
+            let status = if now.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing };
+            for service in std::iter::once("").chain(services.iter().copied()) {
+                reporter.set_service_status(service, status).await;
+            }
+            match &now {
+                Ok(()) => tracing::info!("ready: gRPC health says SERVING"),
+                Err(why) => tracing::info!("not ready ({why}): gRPC health says NOT_SERVING"),
+            }
+            was = Some(now.is_ok());
+        }
+        tokio::time::sleep(HEALTH_INTERVAL).await;
     }
 }
 
@@ -101,7 +139,8 @@ pub fn secured(
         std::sync::Arc::new(move |identity: &crate::tls::Identity| connections.admits_connection(identity)),
     );
     let gate =
-        crate::gate::GateLayer::with_throttle(policy, insecure, security.on_denied.clone(), security.calls.clone());
+        crate::gate::GateLayer::with_throttle(policy, insecure, security.on_denied.clone(), security.calls.clone())
+            .observing(security.on_call.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)

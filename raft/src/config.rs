@@ -11,6 +11,9 @@ pub struct RaftTuning {
     pub log_compact_threshold_entries: u64,
     pub log_retain_entries: u64,
     pub log_compact_threshold_bytes: u64,
+    /// A follower further than this many entries behind the commit index
+    /// its leader sent is not ready (`/ready`, gRPC health).
+    pub ready_lag_entries: u64,
 }
 
 impl Default for RaftTuning {
@@ -21,6 +24,7 @@ impl Default for RaftTuning {
             log_compact_threshold_entries: 10_000,
             log_retain_entries: 2_000,
             log_compact_threshold_bytes: 64 * 1024 * 1024,
+            ready_lag_entries: 1_000,
         }
     }
 }

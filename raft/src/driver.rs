@@ -84,6 +84,34 @@ pub struct Shared {
     pub peers: RwLock<BTreeMap<u64, String>>,
     /// Log entries from this index on are kept for the standby shipper (0: none).
     pub retain_floor: AtomicU64,
+    /// The highest leader's commit index this replica has heard of (see
+    /// `RaftNode::leader_commit_seen`).
+    pub leader_commit_seen: AtomicU64,
+}
+
+impl Shared {
+    /// Whether this member can serve: it knows a leader, and (a follower)
+    /// has applied all but `lag_max` entries of the leader's commit index
+    /// it has heard of. A replica that is restarting, cut off from its
+    /// leader (it stops knowing one once its election timer fires) or far
+    /// behind is not ready; a leader is.
+    pub fn readiness(&self, lag_max: u64) -> Result<(), String> {
+        let leader = self.leader_id.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err("no known leader".into());
+        }
+        if self.is_leader.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let applied = self.applied_index.load(Ordering::Relaxed);
+        let commit = self.leader_commit_seen.load(Ordering::Relaxed);
+        if commit > applied.saturating_add(lag_max) {
+            return Err(format!(
+                "behind leader {leader}: applied index {applied}, the leader's commit index {commit} (more than {lag_max} entries)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Shared {
@@ -96,6 +124,7 @@ impl Default for Shared {
             applied: tokio::sync::watch::Sender::new(0),
             peers: RwLock::new(BTreeMap::new()),
             retain_floor: AtomicU64::new(0),
+            leader_commit_seen: AtomicU64::new(0),
         }
     }
 }
@@ -299,6 +328,7 @@ fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<d
         shared.leader_term.store(if node.is_leader() { node.term() } else { 0 }, Ordering::Relaxed);
         shared.is_leader.store(node.is_leader(), Ordering::Relaxed);
         shared.applied_index.store(node.applied_index(), Ordering::Relaxed);
+        shared.leader_commit_seen.store(node.leader_commit_seen(), Ordering::Relaxed);
         let applied = node.applied_index();
         shared.applied.send_if_modified(|value| {
             let changed = *value != applied;
@@ -333,4 +363,32 @@ fn handle_input<SM: StateMachine>(node: &mut RaftNode<SM>, input: Input<SM>) -> 
         Input::Shutdown => return false,
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ready means: a leader is known, and a follower has applied all but
+    /// the bound of the leader's commit index it heard of.
+    #[test]
+    fn a_replica_is_ready_with_a_leader_and_not_too_far_behind_it() {
+        let shared = Shared::default();
+        assert_eq!(shared.readiness(10), Err("no known leader".to_string()));
+        shared.leader_id.store(2, Ordering::Relaxed);
+        shared.leader_commit_seen.store(500, Ordering::Relaxed);
+        shared.applied_index.store(489, Ordering::Relaxed);
+        let behind = shared.readiness(10).unwrap_err();
+        assert!(behind.starts_with("behind leader 2: applied index 489, the leader's commit index 500"), "{behind}");
+        shared.applied_index.store(490, Ordering::Relaxed);
+        assert_eq!(shared.readiness(10), Ok(()));
+        // A leader is ready however its followers stand.
+        shared.applied_index.store(1, Ordering::Relaxed);
+        shared.is_leader.store(true, Ordering::Relaxed);
+        assert_eq!(shared.readiness(10), Ok(()));
+        // Cut off: the election timer fired and no leader is known.
+        shared.is_leader.store(false, Ordering::Relaxed);
+        shared.leader_id.store(0, Ordering::Relaxed);
+        assert!(shared.readiness(10).is_err());
+    }
 }

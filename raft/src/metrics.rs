@@ -8,8 +8,6 @@
 use std::net::SocketAddr;
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 pub struct RaftMetrics {
     pub registry: Registry,
     pub proposals_total: IntCounter,
@@ -104,6 +102,59 @@ pub fn security_observers(
     (on_handshake, on_denied)
 }
 
+/// Every gRPC call a server let in, timed and counted by service, method
+/// and result code: `cellbank_grpc_server_handling_seconds{service,method}`
+/// (until the answer's head is out: a whole unary call, the start of a
+/// stream) and `cellbank_grpc_server_handled_total{service,method,code}`.
+/// A path no service knows is counted as method `unknown`.
+pub fn call_observer(registry: &Registry) -> cellbank_client::gate::CallObserver {
+    let seconds = prometheus::HistogramVec::new(
+        HistogramOpts::new("grpc_server_handling_seconds", "Time a server took to answer a call, by method.")
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 15).expect("buckets")),
+        &["service", "method"],
+    )
+    .expect("histogram");
+    registry.register(Box::new(seconds.clone())).expect("register");
+    let handled = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("grpc_server_handled_total", "Calls a server answered, by method and gRPC code."),
+        &["service", "method", "code"],
+    )
+    .expect("counter");
+    registry.register(Box::new(handled.clone())).expect("register");
+    std::sync::Arc::new(move |path, code, took| {
+        let (service, method) = match (code, path.trim_start_matches('/').split_once('/')) {
+            (Some(tonic::Code::Unimplemented), _) | (_, None) => ("unknown", "unknown"),
+            (_, Some(parts)) => parts,
+        };
+        seconds.with_label_values(&[service, method]).observe(took.as_secs_f64());
+        handled.with_label_values(&[service, method, code_name(code.unwrap_or(tonic::Code::Ok))]).inc();
+    })
+}
+
+/// A gRPC code as gRPC's own libraries print it (`OK`, `NotFound`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
 impl RaftMetrics {
     /// A new registry for one process (series prefixed `cellbank_`, labelled
     /// with its group and replica) holding the Raft series.
@@ -118,6 +169,21 @@ impl RaftMetrics {
         let labels = labels.iter().map(|(name, value)| (name.to_string(), value.to_string()));
         let registry = Registry::new_custom(Some("cellbank".into()), Some(labels.collect())).expect("registry");
         let r = &registry;
+        let build = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "build_info",
+                "1, labelled with this build's version and whether it has fault points.",
+            ),
+            &["version", "fault_points"],
+        )
+        .expect("gauge");
+        r.register(Box::new(build.clone())).expect("register");
+        build
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                if cfg!(feature = "fault-points") { "true" } else { "false" },
+            ])
+            .set(1);
         RaftMetrics {
             proposals_total: counter(r, "proposals_total", "Raft entries proposed by this replica."),
             commands_per_entry: histogram(
@@ -162,25 +228,58 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(out).expect("metrics are UTF-8")
 }
 
-/// Longest request head the metrics endpoint reads.
-const HTTP_REQUEST_BYTES_MAX: usize = 8 * 1024;
-
-/// Serves `GET /metrics` (any path, in fact) in the Prometheus text format.
-/// Longest a scrape connection may take, from accept to the last byte
-/// written: a client that sends nothing, or reads nothing, is dropped.
+/// Longest a connection to the endpoint may take, from accept to the last
+/// byte written: a client that sends nothing, or reads nothing, is dropped.
 pub const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Scrape connections served at once; more are closed unanswered.
+/// Connections served at once; more are closed unanswered.
 pub const SCRAPES_IN_FLIGHT_MAX: usize = 32;
 
-pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
-    serve_with(listener, registry, SCRAPE_TIMEOUT).await
+/// Whether this process can serve: `Ok` when it can, else why not.
+pub type Readiness = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// What a process serves over HTTP: its metrics and whether it is ready.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub registry: Registry,
+    pub ready: Readiness,
 }
 
-/// [`serve`] with a given time limit per connection.
-pub async fn serve_with(listener: tokio::net::TcpListener, registry: Registry, timeout: std::time::Duration) {
+/// The endpoint's routes: `GET /metrics` (the Prometheus text format, with
+/// the process's own `process_*` series), `GET /healthz` (200 while the
+/// process runs) and `GET /ready` (200 when ready, 503 with the reason when
+/// not). Any other path is 404.
+pub fn routes(endpoint: Endpoint) -> axum::Router {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    let metrics = |axum::extract::State(endpoint): axum::extract::State<Endpoint>| async move {
+        let mut body = render(&endpoint.registry);
+        body.push_str(&process::render());
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    };
+    let ready = |axum::extract::State(endpoint): axum::extract::State<Endpoint>| async move {
+        match (endpoint.ready)() {
+            Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        }
+    };
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .with_state(endpoint)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) {
+    serve_with(listener, endpoint, SCRAPE_TIMEOUT).await
+}
+
+/// [`serve`] with a given time limit per connection. One request per
+/// connection (no keep-alive), so the limit bounds every request.
+pub async fn serve_with(listener: tokio::net::TcpListener, endpoint: Endpoint, timeout: std::time::Duration) {
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(SCRAPES_IN_FLIGHT_MAX));
+    let service = hyper_util::service::TowerToHyperService::new(routes(endpoint));
     loop {
-        let mut socket = match listener.accept().await {
+        let socket = match listener.accept().await {
             Ok((socket, _)) => socket,
             Err(_) => {
                 // Out of descriptors and the like: wait, do not spin.
@@ -189,61 +288,129 @@ pub async fn serve_with(listener: tokio::net::TcpListener, registry: Registry, t
             }
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
-        let registry = registry.clone();
+        let service = service.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let answer = async {
-                let mut buffer = vec![0u8; HTTP_REQUEST_BYTES_MAX];
-                let mut read = 0;
-                while read < buffer.len() {
-                    match socket.read(&mut buffer[read..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => read += n,
-                    }
-                    if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let body = render(&registry);
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
-            };
-            let _ = tokio::time::timeout(timeout, answer).await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .max_buf_size(HTTP_BUFFER_BYTES)
+                .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
+            let _ = tokio::time::timeout(timeout, connection).await;
         });
     }
 }
 
+/// Read buffer of a connection (the request head must fit).
+const HTTP_BUFFER_BYTES: usize = 16 * 1024;
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// The process's own series, as Prometheus's client libraries name them
+/// (`process_cpu_seconds_total`, `process_resident_memory_bytes`, ...),
+/// read from `/proc/self` at each scrape. Linux only; elsewhere none.
+pub mod process {
+    use std::fmt::Write;
+
+    pub fn render() -> String {
+        let mut out = String::new();
+        let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() else { return out };
+        // The fields after the command name (which may hold spaces).
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return out };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // Numbered as in proc(5), from field 3 (state) on.
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf reads a constant of the running system.
+        let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok())))
+            .unwrap_or(0.0);
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<f64>().ok()))
+            })
+            .unwrap_or(0.0);
+        let series = [
+            (
+                "process_cpu_seconds_total",
+                "counter",
+                "User and system CPU time spent.",
+                (field(14) + field(15)) / ticks,
+            ),
+            ("process_resident_memory_bytes", "gauge", "Resident memory size.", field(24) * page.max(1) as f64),
+            ("process_virtual_memory_bytes", "gauge", "Virtual memory size.", field(23)),
+            ("process_start_time_seconds", "gauge", "Start time since the Unix epoch.", boot + field(22) / ticks),
+            ("process_open_fds", "gauge", "Open file descriptors.", fds as f64),
+            ("process_max_fds", "gauge", "Most file descriptors the process may open.", max_fds),
+            ("process_threads", "gauge", "Operating system threads.", field(20)),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
 
     #[tokio::test]
-    async fn a_scrape_is_answered_and_a_silent_connection_is_dropped_after_the_limit() {
+    async fn the_endpoint_serves_metrics_liveness_and_readiness_and_drops_a_silent_connection() {
         let registry = RaftMetrics::new(1, 1).registry;
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ready.clone();
+        let readiness: Readiness = std::sync::Arc::new(move || {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("no known leader".into())
+            }
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_with(listener, registry, Duration::from_millis(200)));
-        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
-        scrape.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        scrape.read_to_string(&mut body).await.unwrap();
-        assert!(body.starts_with("HTTP/1.1 200 OK") && body.contains("cellbank_raft_term"), "{body}");
+        let endpoint = Endpoint { registry, ready: readiness };
+        tokio::spawn(serve_with(listener, endpoint, Duration::from_millis(300)));
+        let metrics = get(addr, "/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+        // The registry's labels come in no fixed order.
+        let term = metrics.lines().find(|l| l.starts_with("cellbank_raft_term{")).expect("the term");
+        assert!(term.contains("cell=\"1\"") && term.contains("replica=\"1\"") && term.ends_with("} 0"), "{term}");
+        assert!(metrics.contains("cellbank_build_info{"), "{metrics}");
+        let rss = metrics.lines().find_map(|l| l.strip_prefix("process_resident_memory_bytes ")).unwrap();
+        assert!(rss.parse::<f64>().unwrap() > 1e6, "{rss}");
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200 OK"));
+        let not_ready = get(addr, "/ready").await;
+        assert!(
+            not_ready.starts_with("HTTP/1.1 503") && not_ready.ends_with("not ready: no known leader\n"),
+            "{not_ready}"
+        );
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200 OK"));
+        assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
         // A client that connects and sends nothing is closed at the limit.
         let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         let started = Instant::now();
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "the silent connection was never closed");
-        assert!(rest.is_empty());
-        assert!(started.elapsed() >= Duration::from_millis(150), "closed after {:?}", started.elapsed());
+        assert!(started.elapsed() >= Duration::from_millis(250), "closed after {:?}", started.elapsed());
     }
 }

@@ -210,6 +210,10 @@ pub struct RaftNode<SM: StateMachine> {
     metrics: Arc<RaftMetrics>,
     /// When a refused message was last logged.
     refusal_logged: Option<std::time::Instant>,
+    /// The highest commit index a leader's append carried (an append
+    /// carries the leader's whole commit index, a heartbeat only what this
+    /// replica holds): how far behind this replica knows it is.
+    leader_commit_seen: u64,
     /// The lowest index another consumer of the log (the standby shipper)
     /// still needs; 0 when none.
     retain_floor: u64,
@@ -319,6 +323,7 @@ impl<SM: StateMachine> RaftNode<SM> {
             retain_floor: 0,
             metrics,
             refusal_logged: None,
+            leader_commit_seen: 0,
         }
     }
 
@@ -396,7 +401,15 @@ impl<SM: StateMachine> RaftNode<SM> {
             }
             return Err(refusal);
         }
+        if message.get_msg_type() == MessageType::MsgAppend {
+            self.leader_commit_seen = self.leader_commit_seen.max(message.commit);
+        }
         self.raw.step(message).map_err(StepError::Raft)
+    }
+
+    /// See the field: the highest leader's commit index an append carried.
+    pub fn leader_commit_seen(&self) -> u64 {
+        self.leader_commit_seen
     }
 
     /// Refuses, before raft-rs sees it, any message that an honest peer

@@ -166,13 +166,15 @@ impl CellPool {
         }
     }
 
-    fn count_outcome<T>(&self, outcome: &Result<T, Status>) {
+    /// Counts a call's outcome at the pair its route names now.
+    fn count_outcome<T>(&self, pick: impl Fn(&RoutingTable) -> Option<Route>, outcome: &Result<T, Status>) {
         if let Some(metrics) = &self.metrics {
-            let label = match outcome {
-                Ok(_) => "ok".to_string(),
-                Err(status) => format!("{:?}", status.code()),
+            let pair = pick(&self.table.borrow()).map(|r| r.pair_id.to_string()).unwrap_or_else(|| "none".into());
+            let code = match outcome {
+                Ok(_) => tonic::Code::Ok,
+                Err(status) => status.code(),
             };
-            metrics.requests_total.with_label_values(&[&label]).inc();
+            metrics.requests_total.with_label_values(&[&pair, cellbank_raft::metrics::code_name(code)]).inc();
         }
     }
 
@@ -293,8 +295,8 @@ impl CellPool {
         F: Fn(LedgerClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, plan_holds, deadline, message, |r| r.ledger.clone(), call).await;
-        self.count_outcome(&outcome);
+        let outcome = self.call_with_retries(&pick, plan_holds, deadline, message, |r| r.ledger.clone(), call).await;
+        self.count_outcome(pick, &outcome);
         outcome
     }
 
@@ -312,8 +314,8 @@ impl CellPool {
         F: Fn(ClearingClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let outcome = self.call_with_retries(pick, plan_holds, deadline, message, |r| r.clearing.clone(), call).await;
-        self.count_outcome(&outcome);
+        let outcome = self.call_with_retries(&pick, plan_holds, deadline, message, |r| r.clearing.clone(), call).await;
+        self.count_outcome(pick, &outcome);
         outcome
     }
 

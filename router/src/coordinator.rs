@@ -296,19 +296,38 @@ impl Coordinator {
         let health = self.health();
         for pair in &table.pairs {
             let label = pair.pair_id.to_string();
-            self.metrics.pair_mode.with_label_values(&[&label]).set(i64::from(pair.mode));
+            for mode in [PairMode::Sync, PairMode::Degraded, PairMode::NoStandby] {
+                let name = mode.as_str_name().trim_start_matches("PAIR_MODE_");
+                self.metrics.pair_mode.with_label_values(&[&label, name]).set(i64::from(pair.mode == mode as i32));
+            }
             self.metrics.pair_epoch.with_label_values(&[&label]).set(pair.epoch as i64);
             let leader = health.get(&pair.active_cell_id).and_then(|h| h.leader.clone());
             let (entries, ms) = leader
                 .map(|s| (s.applied_index.saturating_sub(s.standby_acked_index), s.standby_lag_ms))
                 .unwrap_or((0, 0));
             self.metrics.replication_lag_entries.with_label_values(&[&label]).set(entries as i64);
-            self.metrics.replication_lag_ms.with_label_values(&[&label]).set(ms as i64);
+            self.metrics.replication_lag_seconds.with_label_values(&[&label]).set(ms as f64 / 1000.0);
         }
         for (cell, cell_health) in &health {
             let reachable = cell_health.replicas.iter().filter(|r| r.reachable).count();
-            self.metrics.replicas_reachable.with_label_values(&[&cell.to_string()]).set(reachable as i64);
+            let cell = cell.to_string();
+            self.metrics.replicas_reachable.with_label_values(&[&cell]).set(reachable as i64);
+            self.metrics.cell_has_leader.with_label_values(&[&cell]).set(i64::from(cell_health.leader.is_some()));
         }
+        self.metrics.coordinating.set(1);
+    }
+
+    /// Clears the coordinator's gauges when this router stops leading: the
+    /// next leader's are the ones to read.
+    fn clear_gauges(&self) {
+        let m = &self.metrics;
+        m.pair_mode.reset();
+        m.pair_epoch.reset();
+        m.replication_lag_entries.reset();
+        m.replication_lag_seconds.reset();
+        m.replicas_reachable.reset();
+        m.cell_has_leader.reset();
+        m.coordinating.set(0);
     }
 
     fn is_leader(&self) -> bool {
@@ -330,6 +349,9 @@ impl Coordinator {
         loop {
             tokio::time::sleep(interval).await;
             if !self.is_leader() {
+                if was_leader {
+                    self.clear_gauges();
+                }
                 was_leader = false;
                 continue;
             }
@@ -821,6 +843,15 @@ impl Coordinator {
             let _guard = self.actions.lock().await;
             self.table_barrier().await?;
             table::check_move(&self.pool.table(), slice, to_pair_id).map_err(CoordinatorError::BadMove)?;
+            // A coordinator that has just taken over has not probed the
+            // cells yet: the target is probed now, and a move to a pair
+            // whose active cell has no leader is refused before the slice
+            // freezes (not frozen and then rolled back).
+            let target = table::find_pair(&self.pool.table(), to_pair_id).map(|p| p.active_cell_id).unwrap_or(0);
+            self.probe_cell(target).await;
+            if self.cell_health(target).leader.is_none() {
+                return Err(ActionRefusal::ActiveHasNoLeader(target).into());
+            }
             let command = TableCommand {
                 kind: Some(table_command::Kind::BeginMove(BeginMove { slice, to_pair_id })),
                 audit: Some(audit(who, format!("move slice {slice} to pair {to_pair_id}"), why)),

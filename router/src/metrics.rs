@@ -3,23 +3,30 @@
 
 use std::sync::Arc;
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub struct RouterMetrics {
-    /// Client requests carried to a cell, by outcome (`ok` or the gRPC code).
+    /// Calls carried to a cell, by pair and result (the gRPC code).
     pub requests_total: IntCounterVec,
     /// Retries inside one request, by reason.
     pub retries_total: IntCounterVec,
     /// Coordinator actions: failovers, degradations, returns to sync, switchovers.
     pub actions_total: IntCounterVec,
     pub failovers_total: IntCounter,
-    /// Per pair: 1 SYNC, 2 DEGRADED, 3 NO_STANDBY (set by the coordinator).
+    /// Per pair, one series per mode (SYNC, DEGRADED, NO_STANDBY): 1 for
+    /// the pair's mode, 0 for the others. These and the other per-pair and
+    /// per-cell gauges are the coordinator's: only the routers' leader
+    /// sets them, and a router that stops leading clears them.
     pub pair_mode: IntGaugeVec,
     pub pair_epoch: IntGaugeVec,
     pub replication_lag_entries: IntGaugeVec,
-    pub replication_lag_ms: IntGaugeVec,
+    pub replication_lag_seconds: GaugeVec,
     /// Per cell: replicas that answered the last probe.
     pub replicas_reachable: IntGaugeVec,
+    /// Per cell: 1 when the last probe found a serving leader.
+    pub cell_has_leader: IntGaugeVec,
+    /// 1 while this router is the routers' leader (it coordinates).
+    pub coordinating: IntGauge,
     /// Calls carried to each pair, by kind (read, write); see `load`.
     pub pair_requests_total: IntCounterVec,
     /// Bytes of those calls.
@@ -38,6 +45,30 @@ impl RouterMetrics {
             registry.register(Box::new(vec.clone())).expect("register");
             vec
         };
+        let pair_mode = IntGaugeVec::new(
+            Opts::new("router_pair_mode", "1 for the pair's mode (SYNC, DEGRADED, NO_STANDBY), 0 for the others."),
+            &["pair", "mode"],
+        )
+        .expect("gauge vec");
+        registry.register(Box::new(pair_mode.clone())).expect("register");
+        let requests_total = IntCounterVec::new(
+            Opts::new("router_requests_total", "Calls carried to cells, by pair and gRPC code."),
+            &["pair", "code"],
+        )
+        .expect("counter vec");
+        registry.register(Box::new(requests_total.clone())).expect("register");
+        let replication_lag_seconds = GaugeVec::new(
+            Opts::new(
+                "router_replication_lag_seconds",
+                "Age of the oldest entry the pair's standby does not hold yet.",
+            ),
+            &["pair"],
+        )
+        .expect("gauge vec");
+        registry.register(Box::new(replication_lag_seconds.clone())).expect("register");
+        let coordinating =
+            IntGauge::new("router_coordinating", "1 while this router is the routers' leader.").expect("gauge");
+        registry.register(Box::new(coordinating.clone())).expect("register");
         let pair_requests_total = IntCounterVec::new(
             Opts::new("router_pair_requests_total", "Calls carried to each pair, by kind (read, write)."),
             &["pair", "kind"],
@@ -48,27 +79,29 @@ impl RouterMetrics {
             IntCounter::new("router_failovers_total", "Changes of active cell this router made.").expect("counter");
         registry.register(Box::new(failovers_total.clone())).expect("register");
         Arc::new(RouterMetrics {
-            requests_total: counter_vec("router_requests_total", "Requests carried to cells, by outcome.", "outcome"),
+            requests_total,
             retries_total: counter_vec("router_retries_total", "Retries within a request, by reason.", "reason"),
             actions_total: counter_vec("router_coordinator_actions_total", "Coordinator actions, by kind.", "action"),
             failovers_total,
-            pair_mode: gauge_vec("router_pair_mode", "1 SYNC, 2 DEGRADED, 3 NO_STANDBY.", "pair"),
+            pair_mode,
             pair_epoch: gauge_vec("router_pair_epoch", "The pair's routing epoch.", "pair"),
             replication_lag_entries: gauge_vec(
                 "router_replication_lag_entries",
                 "Entries the standby does not hold yet.",
                 "pair",
             ),
-            replication_lag_ms: gauge_vec(
-                "router_replication_lag_ms",
-                "Age of the oldest entry the standby does not hold yet.",
-                "pair",
-            ),
+            replication_lag_seconds,
             replicas_reachable: gauge_vec(
                 "router_cell_replicas_reachable",
                 "Replicas that answered the last probe.",
                 "cell",
             ),
+            cell_has_leader: gauge_vec(
+                "router_cell_has_leader",
+                "1 when the last probe found the cell's serving leader.",
+                "cell",
+            ),
+            coordinating,
             pair_requests_total,
             pair_request_bytes_total: counter_vec(
                 "router_pair_request_bytes_total",
@@ -91,8 +124,8 @@ mod tests {
         let raft = cellbank_raft::metrics::RaftMetrics::with_labels(&[("router", 2)]);
         let metrics = RouterMetrics::register(&raft.registry);
         metrics.replicas_reachable.with_label_values(&["3"]).set(2);
-        metrics.pair_mode.with_label_values(&["1"]).set(1);
-        metrics.requests_total.with_label_values(&["ok"]).inc();
+        metrics.pair_mode.with_label_values(&["1", "SYNC"]).set(1);
+        metrics.requests_total.with_label_values(&["1", "OK"]).inc();
         metrics.pair_requests_total.with_label_values(&["1", "write"]).inc();
         let families = raft.registry.gather();
         assert!(families.iter().any(|f| f.get_name() == "cellbank_router_cell_replicas_reachable"));

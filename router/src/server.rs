@@ -100,8 +100,18 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         Coordinator::new(handle.clone(), pool.clone(), config.coordinator.clone(), config.seed_table(), router_metrics);
     let mut tasks = vec![tokio::spawn(coordinator.clone().run())];
 
-    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<LedgerServer<Front>>().await;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // A router can route once it holds a table (bootstrapped, or caught
+    // up from the routers' log after a restart).
+    let readiness: metrics::Readiness = {
+        let table = table.clone();
+        Arc::new(move || if table.borrow().slice_count > 0 { Ok(()) } else { Err("no routing table yet".into()) })
+    };
+    tasks.push(tokio::spawn(cellbank_client::server::follow_readiness(
+        health_reporter,
+        vec![<LedgerServer<Front> as tonic::server::NamedService>::NAME],
+        readiness.clone(),
+    )));
     let (reflection, reflection_alpha) = cellbank_client::server::reflection_services()?;
     let courier = cellbank_proto::router::courier_server::CourierServer::new(crate::courier::CourierService {
         pool: pool.clone(),
@@ -133,7 +143,8 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     })
     .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX);
     let (on_handshake_refused, on_denied) = metrics::security_observers(&metrics.registry);
-    let security = Security::new(credentials, policy(), on_handshake_refused, on_denied);
+    let security = Security::new(credentials, policy(), on_handshake_refused, on_denied)
+        .observing_calls(metrics::call_observer(&metrics.registry));
     let serving = cellbank_client::server::serve(listeners, &security, |plane, mut server| match plane {
         Plane::Client => server
             .add_service(health_service.clone())
@@ -148,7 +159,8 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     });
     if let Some(metrics_addr) = config.metrics_listen {
         let listener = metrics::bind(metrics_addr).await?;
-        tasks.push(tokio::spawn(metrics::serve(listener, metrics.registry.clone())));
+        let endpoint = metrics::Endpoint { registry: metrics.registry.clone(), ready: readiness };
+        tasks.push(tokio::spawn(metrics::serve(listener, endpoint)));
     }
     tracing::info!(router = config.router_id, %addr, data = %config.data_dir.display(), "router started");
     Ok(Router { node: handle, addr, table, serving: Some(serving), tasks, thread: Some(thread), _transport: transport })

@@ -20,6 +20,17 @@ impl Cluster {
     /// `routers` routers and `pairs` pairs of 3-replica cells (cell p is the
     /// active of pair p, cell p + pairs its standby).
     pub fn start(routers: u64, pairs: u64, tweak: impl FnOnce(&mut Topology)) -> Cluster {
+        Cluster::start_some(routers, pairs, tweak, |_| true)
+    }
+
+    /// [`Cluster::start`], starting only the processes `start` picks (the
+    /// test starts the others with `sup.start`).
+    pub fn start_some(
+        routers: u64,
+        pairs: u64,
+        tweak: impl FnOnce(&mut Topology),
+        start: impl Fn(ProcessId) -> bool,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut topology = Topology::on_free_ports(dir.path(), routers, pairs, 3, true);
         topology.slice_count = 16;
@@ -27,7 +38,9 @@ impl Cluster {
         tweak(&mut topology);
         let mut sup = Supervisor::new(env!("CARGO_BIN_EXE_cellbank").into(), topology).expect("supervisor");
         sup.set_env("RUST_LOG", "info,raft=info");
-        sup.start_all().expect("start the cluster");
+        for id in sup.ids().into_iter().filter(|id| start(*id)) {
+            sup.start(id).expect("start a process of the cluster");
+        }
         Cluster { sup, _dir: dir }
     }
 

@@ -358,7 +358,7 @@ impl ReplicaAdmin for AdminService {
                     .has_authority(self.context.node.shared.leader_term.load(Ordering::Relaxed), &pair_state),
             outbox_pending: if is_leader { self.context.metrics.outbox_pending.get().max(0) as u64 } else { 0 },
             outbox_oldest_age_ms: if is_leader {
-                self.context.metrics.outbox_oldest_age_ms.get().max(0) as u64
+                (self.context.metrics.outbox_oldest_age_seconds.get().max(0.0) * 1000.0).round() as u64
             } else {
                 0
             },
