@@ -22,8 +22,10 @@ for topology in deploy/local/cluster.toml deploy/local/no-standby.toml; do
     up_pid=$!
     # Wait until every pair is in its steady mode.
     for _ in $(seq 1 100); do
-      if "$bin" status 2>/dev/null | grep -Eq '^  [0-9]+ .*(SYNC|NO_STANDBY)' \
-        && ! "$bin" status 2>/dev/null | grep -q DEGRADED; then break; fi
+      if "$bin" status -o json 2>/dev/null | python3 -c '
+import json, sys
+pairs = json.load(sys.stdin)["pairs"]
+sys.exit(0 if pairs and all(p["mode"] in ("SYNC", "NO_STANDBY") for p in pairs) else 1)'; then break; fi
       sleep 0.3
     done
     if [ "$api" = batch ]; then

@@ -32,7 +32,10 @@ for round in $(seq 1 "$rounds"); do
       up_pid=$!
       # Wait until both pairs are SYNC.
       for _ in $(seq 1 100); do
-        if [ "$("$bin" status 2>/dev/null | grep -Ec '^  [0-9]+ .* SYNC ')" = 2 ]; then break; fi
+        if "$bin" status -o json 2>/dev/null | python3 -c '
+import json, sys
+pairs = json.load(sys.stdin)["pairs"]
+sys.exit(0 if len(pairs) == 2 and all(p["mode"] == "SYNC" for p in pairs) else 1)'; then break; fi
         sleep 0.3
       done
       if [ "$api" = batch ]; then

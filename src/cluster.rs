@@ -19,14 +19,7 @@ pub struct AdminAuth {
     pub why: String,
 }
 
-fn mode_name(mode: i32) -> &'static str {
-    match PairMode::try_from(mode).unwrap_or(PairMode::Unspecified) {
-        PairMode::Sync => "SYNC",
-        PairMode::Degraded => "DEGRADED",
-        PairMode::NoStandby => "NO_STANDBY",
-        PairMode::Unspecified => "?",
-    }
-}
+use crate::output::mode as mode_name;
 
 pub fn print_status(status: &ClusterStatus) {
     println!("routers (term {}):", status.term);
@@ -109,7 +102,11 @@ pub fn print_status(status: &ClusterStatus) {
 pub async fn status(endpoints: &Endpoints, token: Option<&str>) -> anyhow::Result<bool> {
     match ClusterClient::new(&endpoints.endpoints, token).status().await {
         Ok(status) => {
-            print_status(&status);
+            if crate::output::json() {
+                crate::output::print(&crate::output::cluster_status(&status));
+            } else {
+                print_status(&status);
+            }
             Ok(true)
         }
         Err(status) if status.code() == tonic::Code::Unimplemented => Ok(false),
@@ -257,6 +254,16 @@ pub async fn move_slice(
 
 pub async fn audit(endpoints: &Endpoints, auth: &AdminAuth) -> anyhow::Result<()> {
     let records = ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref()).audit_log().await?;
+    if crate::output::json() {
+        let records: Vec<_> = records
+            .iter()
+            .map(
+                |r| serde_json::json!({"seq": r.seq, "time_ms": r.time_ms, "who": r.who, "what": r.what, "why": r.why}),
+            )
+            .collect();
+        crate::output::print(&serde_json::json!({ "records": records }));
+        return Ok(());
+    }
     for record in records {
         println!("#{:<4} {}  {:<12} {}  why: {}", record.seq, record.time_ms, record.who, record.what, record.why);
     }

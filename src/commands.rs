@@ -7,6 +7,7 @@ use cellbank_proto::v1::*;
 use cellbank_proto::ShortName;
 use clap::{Args, Subcommand};
 
+use crate::output::{self, code as code_name, kind as kind_name, settlement as settlement_name};
 use crate::Endpoints;
 
 #[derive(Subcommand)]
@@ -312,16 +313,13 @@ fn fresh_id() -> String {
     format!("cli-{:016x}", rand::random::<u64>())
 }
 
-fn settlement_name(settlement: i32) -> &'static str {
-    Settlement::try_from(settlement).map(|s| s.short_name()).unwrap_or("UNKNOWN")
-}
-
-fn code_name(code: i32) -> &'static str {
-    ResultCode::try_from(code).map(|c| c.short_name()).unwrap_or("UNKNOWN")
-}
-
 fn print_result(transfer_id: &str, result: Option<TransferResult>) -> anyhow::Result<()> {
     let result = result.unwrap_or_default();
+    if output::json() {
+        output::print(&output::result(transfer_id, &result));
+        anyhow::ensure!(result.code == ResultCode::Ok as i32, "not applied: {}", code_name(result.code));
+        return Ok(());
+    }
     let mut line = format!("{}  transfer_id={transfer_id}", code_name(result.code));
     if result.duplicate {
         line.push_str("  (retry: the original result)");
@@ -345,7 +343,16 @@ pub async fn account(action: AccountAction) -> anyhow::Result<()> {
     let response = client(&args.endpoints)
         .open_account(OpenAccountRequest { user_id: args.user, currency: args.currency.clone() })
         .await?;
-    println!("{}  user={} currency={} {}", code_name(response.code), args.user, args.currency, response.detail);
+    if output::json() {
+        output::print(&serde_json::json!({
+            "code": code_name(response.code),
+            "user_id": args.user,
+            "currency": args.currency,
+            "detail": response.detail,
+        }));
+    } else {
+        println!("{}  user={} currency={} {}", code_name(response.code), args.user, args.currency, response.detail);
+    }
     Ok(())
 }
 
@@ -395,6 +402,16 @@ pub async fn balance(args: AccountArgs) -> anyhow::Result<()> {
     let response = client(&args.endpoints)
         .get_account(GetAccountRequest { user_id: args.user, currency: args.currency.clone() })
         .await?;
+    if output::json() {
+        output::print(&serde_json::json!({
+            "user_id": response.user_id,
+            "currency": response.currency,
+            "balance": response.balance,
+            "version": response.version,
+            "read_index": response.read_index,
+        }));
+        return Ok(());
+    }
     println!(
         "user {}  {} {}  (version {}, read at index {})",
         response.user_id, response.balance, response.currency, response.version, response.read_index
@@ -402,14 +419,13 @@ pub async fn balance(args: AccountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kind_name(kind: i32) -> &'static str {
-    TransferKind::try_from(kind).map(|k| k.short_name()).unwrap_or("UNKNOWN")
-}
-
 pub async fn history(args: HistoryArgs) -> anyhow::Result<()> {
     let client = client(&args.account.endpoints);
     let mut token = Vec::new();
-    println!("{:<8} {:<24} {:>10} {:>10} {:>16} {:<4}", "index", "transfer_id", "from", "to", "amount", "ccy");
+    let mut listed = Vec::new();
+    if !output::json() {
+        println!("{:<8} {:<24} {:>10} {:>10} {:>16} {:<4}", "index", "transfer_id", "from", "to", "amount", "ccy");
+    }
     loop {
         let response = client
             .list_transfers(ListTransfersRequest {
@@ -419,6 +435,20 @@ pub async fn history(args: HistoryArgs) -> anyhow::Result<()> {
                 page_token: token.clone(),
             })
             .await?;
+        if output::json() {
+            listed.extend(response.transfers.iter().map(output::record));
+            if response.next_page_token.is_empty() || !args.all {
+                output::print(&serde_json::json!({
+                    "user_id": args.account.user,
+                    "currency": args.account.currency,
+                    "transfers": listed,
+                    "more": !response.next_page_token.is_empty(),
+                }));
+                return Ok(());
+            }
+            token = response.next_page_token;
+            continue;
+        }
         for t in &response.transfers {
             let from = if t.from_user_id == 0 { "-".to_string() } else { t.from_user_id.to_string() };
             let to = if t.to_user_id == 0 { "-".to_string() } else { t.to_user_id.to_string() };
@@ -448,6 +478,10 @@ pub async fn get_transfer(args: GetTransferArgs) -> anyhow::Result<()> {
         .get_transfer(GetTransferRequest { transfer_id: args.id.clone().into_bytes(), ..Default::default() })
         .await?;
     let t = response.transfer.unwrap_or_default();
+    if output::json() {
+        output::print(&output::record(&t));
+        return Ok(());
+    }
     let mut settlement = settlement_name(t.settlement).to_string();
     if t.settlement == Settlement::Refunded as i32 {
         settlement.push_str(&format!(" ({})", code_name(t.refund_reason)));
@@ -469,6 +503,31 @@ pub async fn get_transfer(args: GetTransferArgs) -> anyhow::Result<()> {
 
 pub async fn status(endpoints: &[String]) -> anyhow::Result<()> {
     let client = CellClient::new(endpoints.to_vec());
+    if output::json() {
+        let mut replicas = Vec::new();
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            replicas.push(match client.admin(index)?.status(StatusRequest {}).await {
+                Ok(status) => {
+                    let s = status.into_inner();
+                    serde_json::json!({
+                        "addr": endpoint,
+                        "reachable": true,
+                        "replica_id": s.replica_id,
+                        "role": s.role,
+                        "term": s.term,
+                        "commit_index": s.commit_index,
+                        "applied_index": s.applied_index,
+                        "first_log_index": s.first_log_index,
+                        "leader_id": s.leader_id,
+                        "leader": cellbank_client::is_leader(&s),
+                    })
+                }
+                Err(e) => serde_json::json!({"addr": endpoint, "reachable": false, "error": e.message()}),
+            });
+        }
+        output::print(&serde_json::json!({ "replicas": replicas }));
+        return Ok(());
+    }
     println!(
         "{:<8} {:<22} {:<14} {:>6} {:>10} {:>10} {:>10} {:>7}",
         "replica", "addr", "role", "term", "commit", "applied", "log-first", "leader"
@@ -576,6 +635,7 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
                 .status()
                 .await?;
             let report = cellbank::reconcile::reconcile(&status, &options).await;
+            let json = if output::json() && json.is_none() { Some("-".to_string()) } else { json };
             match json.as_deref() {
                 Some("-") => println!("{}", serde_json::to_string_pretty(&report)?),
                 Some(path) => {
@@ -594,6 +654,23 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
             let figures = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
                 .settlement(request)
                 .await?;
+            if output::json() {
+                let lines: Vec<_> = figures
+                    .lines
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "from_pair_id": l.from_pair_id,
+                            "to_pair_id": l.to_pair_id,
+                            "currency": l.currency,
+                            "amount": l.amount,
+                            "credits": l.credits,
+                        })
+                    })
+                    .collect();
+                output::print(&serde_json::json!({"from_ms": figures.from_ms, "to_ms": figures.to_ms, "lines": lines}));
+                return Ok(());
+            }
             println!("credited across pairs, from {} to {} (ms; 0 = open):", figures.from_ms, figures.to_ms);
             println!("  {:<6} {:<6} {:<4} {:>20} {:>10}", "from", "to", "ccy", "amount", "credits");
             for line in &figures.lines {
@@ -630,8 +707,23 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
         }
         AdminAction::Digest(endpoints) => {
             let client = client(&endpoints);
+            let mut digests = Vec::new();
             for (index, endpoint) in endpoints.endpoints.iter().enumerate() {
                 match client.admin(index)?.digest(DigestRequest {}).await {
+                    Ok(d) if output::json() => {
+                        let d = d.into_inner();
+                        digests.push(serde_json::json!({
+                            "addr": endpoint,
+                            "applied_index": d.applied_index,
+                            "digest": d.digest,
+                            "accounts": d.accounts,
+                            "transfers": d.transfers,
+                            "balance_sum_by_currency": d.balance_sum_by_currency,
+                        }));
+                    }
+                    Err(e) if output::json() => {
+                        digests.push(serde_json::json!({"addr": endpoint, "error": e.message()}));
+                    }
                     Ok(d) => {
                         let d = d.into_inner();
                         println!(
@@ -641,6 +733,9 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
                     }
                     Err(e) => println!("{endpoint:<22} unreachable: {}", e.message()),
                 }
+            }
+            if output::json() {
+                output::print(&serde_json::json!({ "replicas": digests }));
             }
             Ok(())
         }
@@ -682,6 +777,15 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
                     expires_at_ms,
                 })
                 .await?;
+            if output::json() {
+                let result = response.result.clone().unwrap_or_default();
+                let mut value = output::result(&id, &result);
+                value["envelope_id"] = response.envelope_id.clone().into();
+                value["expires_at_ms"] = response.expires_at_ms.into();
+                output::print(&value);
+                anyhow::ensure!(result.code == ResultCode::Ok as i32, "not applied: {}", code_name(result.code));
+                return Ok(());
+            }
             print_result(&id, response.result)?;
             println!("envelope_id={}  expires_at_ms={}", response.envelope_id, response.expires_at_ms);
             Ok(())
@@ -691,6 +795,20 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
                 .grab_envelope(GrabEnvelopeRequest { envelope_id: envelope.clone(), user_id: user })
                 .await?;
             let result = response.result.clone().unwrap_or_default();
+            if output::json() {
+                output::print(&serde_json::json!({
+                    "envelope_id": envelope,
+                    "user_id": user,
+                    "code": code_name(result.code),
+                    "amount": response.amount,
+                    "currency": response.currency,
+                    "share_index": response.share_index,
+                    "settlement": settlement_name(result.settlement),
+                    "detail": result.detail,
+                }));
+                anyhow::ensure!(result.code == ResultCode::Ok as i32, "no share: {}", code_name(result.code));
+                return Ok(());
+            }
             println!(
                 "{}  envelope={envelope} user={user} amount={} {} share={} settlement={} {}",
                 code_name(result.code),
@@ -706,6 +824,8 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
         EnvelopeAction::Show { endpoints, envelope } => {
             let client = client(&endpoints);
             let mut token = Vec::new();
+            let mut shown: Option<serde_json::Value> = None;
+            let mut grabs = Vec::new();
             loop {
                 let response = client
                     .get_envelope(GetEnvelopeRequest {
@@ -714,6 +834,40 @@ pub async fn envelope(action: EnvelopeAction) -> anyhow::Result<()> {
                         page_token: token.clone(),
                     })
                     .await?;
+                if output::json() {
+                    if token.is_empty() {
+                        let e = response.envelope.clone().unwrap_or_default();
+                        shown = Some(serde_json::json!({
+                            "envelope_id": e.envelope_id,
+                            "sender_user_id": e.sender_user_id,
+                            "currency": e.currency,
+                            "total": e.total,
+                            "shares": e.shares,
+                            "split": EnvelopeSplit::try_from(e.split).map(|s| s.short_name()).unwrap_or("UNKNOWN"),
+                            "state": EnvelopeState::try_from(e.state).map(|s| s.short_name()).unwrap_or("UNKNOWN"),
+                            "shares_grabbed": e.shares_grabbed,
+                            "remaining": e.remaining,
+                            "refunded": e.refunded,
+                            "expires_at_ms": e.expires_at_ms,
+                        }));
+                    }
+                    grabs.extend(response.grabs.iter().map(|g| {
+                        serde_json::json!({
+                            "share_index": g.share_index,
+                            "user_id": g.user_id,
+                            "amount": g.amount,
+                            "settlement": settlement_name(g.settlement),
+                        })
+                    }));
+                    if response.next_page_token.is_empty() {
+                        let mut value = shown.take().unwrap_or_default();
+                        value["grabs"] = grabs.into();
+                        output::print(&value);
+                        return Ok(());
+                    }
+                    token = response.next_page_token;
+                    continue;
+                }
                 if token.is_empty() {
                     let e = response.envelope.clone().unwrap_or_default();
                     println!(

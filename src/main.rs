@@ -25,6 +25,7 @@ mod commands;
 mod envelope_bench;
 mod failover_bench;
 mod move_bench;
+mod output;
 mod reconciler;
 mod sim;
 mod up;
@@ -49,6 +50,11 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CELLBANK_LOG_FORMAT")]
     log_format: LogFormat,
+    /// How commands print state: `text` for people, `json` for scripts
+    /// (status, balance, history, get-transfer, envelope, admin audit,
+    /// digest, settlement, reconcile, capacity status and plan).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = output::Output::Text)]
+    output: output::Output,
     #[command(flatten)]
     tls: ClientTls,
     #[command(subcommand)]
@@ -186,7 +192,7 @@ enum CapacityAction {
         /// How many of the hottest slices to list.
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// Print the whole report as JSON.
+        /// Print the whole report as JSON (the same as `-o json`).
         #[arg(long)]
         json: bool,
     },
@@ -223,7 +229,7 @@ enum CapacityAction {
         /// With --apply: the pause between moves (gentler during a peak).
         #[arg(long, default_value_t = 500)]
         pause_ms: u64,
-        /// Print JSON.
+        /// Print JSON (the same as `-o json`).
         #[arg(long)]
         json: bool,
     },
@@ -244,6 +250,7 @@ async fn capacity(action: CapacityAction) -> anyhow::Result<()> {
             pause_ms,
             json,
         } => {
+            let json = json || output::json();
             let report =
                 cellbank::capacity::gather(&endpoints.endpoints, std::time::Duration::from_millis(window_ms)).await?;
             let status = cellbank::routers::ClusterClient::new(&endpoints.endpoints, auth.admin_token.as_deref())
@@ -301,7 +308,7 @@ async fn capacity(action: CapacityAction) -> anyhow::Result<()> {
         CapacityAction::Status { endpoints, window_ms, top, json } => {
             let report =
                 cellbank::capacity::gather(&endpoints.endpoints, std::time::Duration::from_millis(window_ms)).await?;
-            if json {
+            if json || output::json() {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", cellbank::capacity::render(&report, top));
@@ -516,6 +523,7 @@ fn main() {
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
+    output::set(cli.output);
     if let Command::Sim(args) = cli.command {
         // Plain threads, no runtime: the simulator is single-threaded per seed.
         if let Err(error) = sim::run(args) {

@@ -131,6 +131,7 @@ async fn prometheus_scrapes_every_process_and_an_alert_fires_when_a_standby_dies
     let client = cluster.client();
     let users: Vec<u64> = (1..=8).collect();
     common::open_and_seed(&client, &users, "CNY", 10_000).await;
+    traffic(&client, &users).await;
 
     let dir = tempfile::tempdir().unwrap();
     let reconciler_metrics = format!("127.0.0.1:{}", common::free_port());
@@ -251,11 +252,101 @@ async fn prometheus_scrapes_every_process_and_an_alert_fires_when_a_standby_dies
         firing.iter().all(|a| a["labels"]["alertname"] != "CellbankPairDegraded").then_some(())
     })
     .await;
+    // Every panel of every shipped dashboard returns data, now that the
+    // cluster has seen transfers, envelopes, a dead standby and recovery.
+    traffic(&client, &users).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut checked = 0;
+    for (board, panels) in dashboards() {
+        for (title, expr) in panels {
+            let expr = expr.replace("$__rate_interval", "1m");
+            eventually(&format!("{board} / {title}: {expr}"), Duration::from_secs(20), async || {
+                (!query(&prometheus, &expr).await.is_empty()).then_some(())
+            })
+            .await;
+            checked += 1;
+        }
+    }
+    println!("{checked} dashboard queries return data");
     drop(server);
     drop(reconciler);
     if std::thread::panicking() {
         println!("{}", log());
     }
+}
+
+/// Same-cell and cross-cell transfers and a red envelope grabbed by the
+/// other users, so that the series of each kind of traffic exist.
+async fn traffic(client: &cellbank_client::CellClient, users: &[u64]) {
+    use cellbank_proto::v1::*;
+    static ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let round = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for (n, pair) in users.windows(2).enumerate() {
+        let request = TransferRequest {
+            transfer_id_text: format!("traffic-{round}-{n}"),
+            transfer_id: Vec::new(),
+            from_user_id: pair[0],
+            to_user_id: pair[1],
+            currency: "CNY".into(),
+            amount: 1,
+        };
+        let answer = common::call(client, |mut c| {
+            let request = request.clone();
+            async move { c.transfer(request).await }
+        })
+        .await;
+        assert_eq!(answer.result.unwrap().code, ResultCode::Ok as i32);
+    }
+    let send = SendEnvelopeRequest {
+        transfer_id_text: format!("envelope-{round}"),
+        transfer_id: Vec::new(),
+        sender_user_id: users[0],
+        currency: "CNY".into(),
+        total: 100,
+        shares: 4,
+        split: EnvelopeSplit::Random as i32,
+        expires_at_ms: 0,
+    };
+    let sent = common::call(client, |mut c| {
+        let send = send.clone();
+        async move { c.send_envelope(send).await }
+    })
+    .await;
+    assert_eq!(sent.result.unwrap().code, ResultCode::Ok as i32);
+    for user in &users[1..5] {
+        let grab = GrabEnvelopeRequest { envelope_id: sent.envelope_id.clone(), user_id: *user };
+        common::call(client, |mut c| {
+            let grab = grab.clone();
+            async move { c.grab_envelope(grab).await }
+        })
+        .await;
+    }
+}
+
+/// Every shipped dashboard's panels: (board, [(panel title, query)]).
+fn dashboards() -> Vec<(String, Vec<(String, String)>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/dashboards");
+    let mut boards = Vec::new();
+    let mut uids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let board: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let uid = board["uid"].as_str().expect("a uid").to_string();
+        assert!(uids.insert(uid.clone()), "{uid} twice");
+        let mut panels = Vec::new();
+        for panel in board["panels"].as_array().expect("panels") {
+            let title = panel["title"].as_str().expect("a title").to_string();
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{uid} / {title}");
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{uid} / {title} has no query");
+            for target in targets {
+                panels.push((title.clone(), target["expr"].as_str().expect("an expr").to_string()));
+            }
+        }
+        boards.push((uid, panels));
+    }
+    assert_eq!(boards.len(), 5, "{boards:?}");
+    boards
 }
 
 /// gRPC health on a process's client plane (`""`: the whole server).
@@ -350,4 +441,59 @@ async fn a_replica_cut_off_or_restarting_is_not_ready_until_it_hears_its_leader(
     // The cell's leader was ready throughout.
     let leader_metrics = cluster.sup.metrics_addr(leader).unwrap();
     assert_eq!(http_get(&leader_metrics, "/ready").await.map(|(s, _)| s), Some(200));
+}
+
+/// A sampled trace id sent to the router with a transfer is in the
+/// router's log and in the log of the cell leader that applied it, at each
+/// step: the call, the proposal, its commit, the standby's acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_id_that_enters_at_the_router_is_in_the_cells_logs() {
+    use cellbank_proto::v1::ledger_client::LedgerClient;
+    use cellbank_proto::v1::{DepositRequest, ResultCode};
+    let cluster = Cluster::start(1, 1, |_| {});
+    cluster.wait_for_mode(1, cellbank_proto::router::PairMode::Sync, Duration::from_secs(60)).await;
+    let client = cluster.client();
+    common::open_and_seed(&client, &[7], "CNY", 100).await;
+    let trace_id = format!("{:032x}", rand::random::<u128>() | 1);
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cluster.routers()[0]).await.unwrap();
+    let mut request = tonic::Request::new(DepositRequest {
+        transfer_id_text: "traced-deposit".into(),
+        transfer_id: Vec::new(),
+        user_id: 7,
+        currency: "CNY".into(),
+        amount: 5,
+    });
+    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+    let answer = LedgerClient::new(channel).deposit(request).await.expect("the deposit").into_inner();
+    assert_eq!(answer.result.unwrap().code, ResultCode::Ok as i32);
+    let leader = cluster.cell_leader(1).await.expect("a leader");
+    let log_of = |id: ProcessId| std::fs::read_to_string(cluster.sup.log_path(id).unwrap()).unwrap_or_default();
+    let lines = |id: ProcessId| -> Vec<String> {
+        log_of(id).lines().filter(|l| l.contains(&trace_id)).map(str::to_string).collect()
+    };
+    // Logs are written as they happen; give the files a moment.
+    let router = eventually("the router's lines", Duration::from_secs(5), async || {
+        let found = lines(ProcessId::Router(1));
+        (found.len() >= 2).then_some(found)
+    })
+    .await;
+    assert!(
+        router.iter().any(|l| l.contains("call received") && l.contains("/cellbank.v1.Ledger/Deposit")),
+        "{router:?}"
+    );
+    assert!(router.iter().any(|l| l.contains("call answered")), "{router:?}");
+    let cell = eventually("the cell leader's lines", Duration::from_secs(5), async || {
+        let found = lines(leader);
+        (found.len() >= 5).then_some(found)
+    })
+    .await;
+    for step in ["call received", "proposing", "committed and applied", "acknowledged", "call answered"] {
+        assert!(cell.iter().any(|l| l.contains(step)), "{step}: {cell:?}");
+    }
+    println!("router:\n{}\ncell leader:\n{}", router.join("\n"), cell.join("\n"));
+    // Another request, unsampled, adds no line with a trace id.
+    let before = log_of(leader).lines().filter(|l| l.contains("trace_id")).count();
+    common::open_and_seed(&client, &[8], "CNY", 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(log_of(leader).lines().filter(|l| l.contains("trace_id")).count(), before);
 }

@@ -189,6 +189,10 @@ impl ReplicaContext {
             return Err(refusal);
         }
         let started = tokio::time::Instant::now();
+        let sampled = cellbank_client::trace::sampled();
+        if sampled {
+            tracing::info!(commands = commands.len(), "proposing");
+        }
         let results = self.within(timeout, self.node.propose(commands)).await?;
         if let Some(refused) = results.iter().find(|r| r.code == ResultCode::CellNotWritable as i32) {
             let epoch = self.pair.borrow().epoch;
@@ -212,7 +216,15 @@ impl ReplicaContext {
         let revealed = results.iter().map(|r| if r.entry_index > 0 { r.entry_index } else { r.applied_index }).max();
         let revealed = revealed.unwrap_or(0);
         let remaining = timeout.saturating_sub(started.elapsed());
+        if sampled {
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(entry_index = revealed, ms, "committed and applied");
+        }
         self.replication.wait_for(&self.pair, revealed, remaining).await?;
+        if sampled {
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(entry_index = revealed, ms, "acknowledged: the standby holds it (or the pair has none)");
+        }
         // One metric update per code per call, not per transfer.
         let mut counts: Vec<(i32, u64)> = Vec::new();
         for result in &results {

@@ -383,11 +383,19 @@ where
                 // The ready service answers this call; a clone waits for the next.
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
-                let Some(observer) = self.shared.calls.clone() else { return Box::pin(ready.call(request)) };
+                let trace = crate::trace::TraceContext::from_headers(request.headers());
+                let observer = self.shared.calls.clone();
+                if observer.is_none() && trace.is_none() {
+                    return Box::pin(ready.call(request));
+                }
                 let uri = request.uri().clone();
+                let sampled = trace.is_some_and(|t| t.sampled);
                 let started = std::time::Instant::now();
                 let answer = ready.call(request);
-                Box::pin(async move {
+                let answer = async move {
+                    if sampled {
+                        tracing::info!(path = uri.path(), "call received");
+                    }
                     let answer = answer.await;
                     if let Ok(response) = &answer {
                         let code = response
@@ -396,10 +404,30 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<i32>().ok())
                             .map(tonic::Code::from);
-                        observer(uri.path(), code, started.elapsed());
+                        if let Some(observer) = observer {
+                            observer(uri.path(), code, started.elapsed());
+                        }
+                        if sampled {
+                            let code = code.unwrap_or(tonic::Code::Ok);
+                            let ms = started.elapsed().as_secs_f64() * 1000.0;
+                            tracing::info!(path = uri.path(), ?code, ms, "call answered");
+                        }
                     }
                     answer
-                })
+                };
+                match trace {
+                    // A sampled call's log lines all carry its trace id.
+                    Some(context) => {
+                        use tracing::Instrument;
+                        let span = if context.sampled {
+                            tracing::info_span!("call", trace_id = %context.trace_id_hex())
+                        } else {
+                            tracing::Span::none()
+                        };
+                        Box::pin(crate::trace::scope(context, answer).instrument(span))
+                    }
+                    None => Box::pin(answer),
+                }
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }

@@ -49,6 +49,7 @@ pub mod server;
 pub mod slices;
 pub mod throttle;
 pub mod tls;
+pub mod trace;
 pub mod validate;
 
 pub use cell::CellClient;

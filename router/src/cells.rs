@@ -421,6 +421,8 @@ impl CellPool {
             if let Ok(value) = route.epoch.to_string().parse() {
                 request.metadata_mut().insert(EPOCH_METADATA_KEY, value);
             }
+            // The client's trace goes on to the cell.
+            cellbank_client::trace::inject(request.metadata_mut());
             let status = match tokio::time::timeout(remaining, call(client(replica), request)).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => status,

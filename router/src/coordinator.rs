@@ -307,7 +307,10 @@ impl Coordinator {
                 .unwrap_or((0, 0));
             self.metrics.replication_lag_entries.with_label_values(&[&label]).set(entries as i64);
             self.metrics.replication_lag_seconds.with_label_values(&[&label]).set(ms as f64 / 1000.0);
+            let slices = table.slice_pair.iter().filter(|p| **p == pair.pair_id).count();
+            self.metrics.pair_slices.with_label_values(&[&label]).set(slices as i64);
         }
+        self.metrics.slice_moves.set(table.moves.len() as i64);
         for (cell, cell_health) in &health {
             let reachable = cell_health.replicas.iter().filter(|r| r.reachable).count();
             let cell = cell.to_string();
@@ -327,6 +330,8 @@ impl Coordinator {
         m.replication_lag_seconds.reset();
         m.replicas_reachable.reset();
         m.cell_has_leader.reset();
+        m.pair_slices.reset();
+        m.slice_moves.set(0);
         m.coordinating.set(0);
     }
 

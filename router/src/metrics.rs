@@ -27,6 +27,10 @@ pub struct RouterMetrics {
     pub cell_has_leader: IntGaugeVec,
     /// 1 while this router is the routers' leader (it coordinates).
     pub coordinating: IntGauge,
+    /// Per pair: the slices the table gives it.
+    pub pair_slices: IntGaugeVec,
+    /// Slice moves the table lists as under way.
+    pub slice_moves: IntGauge,
     /// Calls carried to each pair, by kind (read, write); see `load`.
     pub pair_requests_total: IntCounterVec,
     /// Bytes of those calls.
@@ -69,6 +73,9 @@ impl RouterMetrics {
         let coordinating =
             IntGauge::new("router_coordinating", "1 while this router is the routers' leader.").expect("gauge");
         registry.register(Box::new(coordinating.clone())).expect("register");
+        let slice_moves =
+            IntGauge::new("router_slice_moves", "Slice moves under way (the coordinator's view).").expect("gauge");
+        registry.register(Box::new(slice_moves.clone())).expect("register");
         let pair_requests_total = IntCounterVec::new(
             Opts::new("router_pair_requests_total", "Calls carried to each pair, by kind (read, write)."),
             &["pair", "kind"],
@@ -102,6 +109,8 @@ impl RouterMetrics {
                 "cell",
             ),
             coordinating,
+            pair_slices: gauge_vec("router_pair_slices", "Slices the table gives the pair.", "pair"),
+            slice_moves,
             pair_requests_total,
             pair_request_bytes_total: counter_vec(
                 "router_pair_request_bytes_total",
@@ -112,6 +121,65 @@ impl RouterMetrics {
     }
 }
 
+/// Slices a router exports as Prometheus series: its busiest by requests
+/// since it started (every slice would be too many series; `cellbank
+/// capacity status` lists them all).
+pub const HOT_SLICES_EXPORTED: usize = 20;
+
+/// The busiest slices' counters (`cellbank_router_slice_requests_total`,
+/// `…_writes_total`, `…_request_bytes_total`, labelled `slice`), read from
+/// the router's per-slice counts at each scrape.
+pub struct HotSlices {
+    counters: Box<dyn Fn() -> Vec<cellbank_proto::router::SliceCounters> + Send + Sync>,
+    descs: Vec<prometheus::core::Desc>,
+}
+
+const HOT_SLICE_SERIES: [(&str, &str); 3] = [
+    ("router_slice_requests_total", "Calls carried to one of this router's busiest slices."),
+    ("router_slice_writes_total", "Writes carried to one of this router's busiest slices."),
+    ("router_slice_request_bytes_total", "Encoded bytes of the calls carried to one of this router's busiest slices."),
+];
+
+impl HotSlices {
+    pub fn new(counters: impl Fn() -> Vec<cellbank_proto::router::SliceCounters> + Send + Sync + 'static) -> HotSlices {
+        let descs = HOT_SLICE_SERIES
+            .iter()
+            .map(|(name, help)| {
+                prometheus::core::Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    vec!["slice".into()],
+                    Default::default(),
+                )
+                .expect("desc")
+            })
+            .collect();
+        HotSlices { counters: Box::new(counters), descs }
+    }
+}
+
+impl prometheus::core::Collector for HotSlices {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut hot = (self.counters)();
+        hot.sort_unstable_by_key(|c| (std::cmp::Reverse(c.requests), c.slice));
+        hot.truncate(HOT_SLICES_EXPORTED);
+        let mut families = Vec::new();
+        for (n, (name, help)) in HOT_SLICE_SERIES.iter().enumerate() {
+            let vec = IntCounterVec::new(Opts::new(*name, *help), &["slice"]).expect("counter vec");
+            for counters in &hot {
+                let value = [counters.requests, counters.writes, counters.request_bytes][n];
+                vec.with_label_values(&[&counters.slice.to_string()]).inc_by(value);
+            }
+            families.extend(prometheus::core::Collector::collect(&vec));
+        }
+        families
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +187,42 @@ mod tests {
     /// Prometheus refuses a scrape in which a series carries one label
     /// twice: the router's series (labelled by cell, pair, ...) sit in a
     /// registry whose own labels name the router, and no name repeats.
+    /// The busiest slices, and only they, are exported, with the router's
+    /// label, and a slice with more requests wins a place.
+    #[test]
+    fn a_router_exports_its_busiest_slices() {
+        let raft = cellbank_raft::metrics::RaftMetrics::with_labels(&[("router", 1)]);
+        let slices = (0..30u32)
+            .map(|slice| cellbank_proto::router::SliceCounters {
+                slice,
+                requests: u64::from(slice) * 10,
+                writes: u64::from(slice),
+                request_bytes: u64::from(slice) * 100,
+            })
+            .collect::<Vec<_>>();
+        raft.registry.register(Box::new(HotSlices::new(move || slices.clone()))).unwrap();
+        let families = raft.registry.gather();
+        for name in ["requests_total", "writes_total", "request_bytes_total"] {
+            let family = families
+                .iter()
+                .find(|f| f.get_name() == format!("cellbank_router_slice_{name}"))
+                .unwrap_or_else(|| panic!("{name}"));
+            let mut slices: Vec<u32> = family
+                .get_metric()
+                .iter()
+                .map(|m| {
+                    assert!(m.get_label().iter().any(|l| l.get_name() == "router" && l.get_value() == "1"));
+                    m.get_label().iter().find(|l| l.get_name() == "slice").unwrap().get_value().parse().unwrap()
+                })
+                .collect();
+            slices.sort_unstable();
+            assert_eq!(slices, (10..30).collect::<Vec<u32>>(), "{name}");
+        }
+        let writes = families.iter().find(|f| f.get_name() == "cellbank_router_slice_writes_total").unwrap();
+        let top = writes.get_metric().iter().map(|m| m.get_counter().get_value()).fold(0.0, f64::max);
+        assert_eq!(top, 29.0);
+    }
+
     #[test]
     fn no_series_of_a_router_repeats_a_label() {
         let raft = cellbank_raft::metrics::RaftMetrics::with_labels(&[("router", 2)]);

@@ -96,6 +96,11 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
     let Group { handle, thread, transport } = group::start(member, db.clone(), machine, metrics.clone());
     let router_metrics = RouterMetrics::register(&metrics.registry);
     let pool = CellPool::with_metrics(table.clone(), Some(router_metrics.clone()));
+    let busiest = pool.clone();
+    metrics
+        .registry
+        .register(Box::new(crate::metrics::HotSlices::new(move || busiest.load().counters())))
+        .expect("register the busiest slices");
     let coordinator =
         Coordinator::new(handle.clone(), pool.clone(), config.coordinator.clone(), config.seed_table(), router_metrics);
     let mut tasks = vec![tokio::spawn(coordinator.clone().run())];
