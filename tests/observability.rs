@@ -204,7 +204,7 @@ async fn prometheus_scrapes_every_process_and_an_alert_fires_when_a_standby_dies
         "cellbank_disk_min_free_bytes",
         "cellbank_grpc_server_handling_seconds_bucket{job=\"cellbank-router\",service=\"cellbank.v1.Ledger\"}",
         "cellbank_grpc_server_handled_total{job=\"cellbank-replica\",code=\"OK\"}",
-        "cellbank_router_requests_total{code=\"OK\"}",
+        "cellbank_router_requests_total{method=\"Transfer\",code=\"OK\"}",
         "cellbank_router_pair_mode{mode=\"SYNC\"} == 1",
         "cellbank_router_replication_lag_seconds",
         "cellbank_router_cell_has_leader == 1",

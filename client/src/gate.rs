@@ -270,6 +270,24 @@ pub struct Denied<'a> {
 /// Told of every refused call (metrics, the audit trail).
 pub type DeniedObserver = Arc<dyn Fn(&Denied<'_>) + Send + Sync>;
 
+tokio::task_local! {
+    /// The path of the call this task serves (set by the gate).
+    static CALL_PATH: http::Uri;
+}
+
+/// Calls `f` with the method name of the call this task serves (the last
+/// segment of its gRPC path; `none` outside a call the gate let in).
+pub fn with_call_method<R>(f: impl FnOnce(&str) -> R) -> R {
+    let mut f = Some(f);
+    fn method(path: &str) -> &str {
+        path.rsplit('/').next().unwrap_or("none")
+    }
+    if let Ok(answer) = CALL_PATH.try_with(|uri| (f.take().expect("called once"))(method(uri.path()))) {
+        return answer;
+    }
+    (f.take().expect("called once"))("none")
+}
+
 /// Told of every call the gate let in, once its answer's head is out:
 /// the path, the gRPC code of the answer (`None` when the head carries
 /// none: a unary success, or a stream that started) and the time taken.
@@ -391,7 +409,7 @@ where
                 let uri = request.uri().clone();
                 let sampled = trace.is_some_and(|t| t.sampled);
                 let started = std::time::Instant::now();
-                let answer = ready.call(request);
+                let answer = CALL_PATH.scope(uri.clone(), ready.call(request));
                 let answer = async move {
                     if sampled {
                         tracing::info!(path = uri.path(), "call received");
@@ -440,6 +458,14 @@ mod tests {
 
     fn id(uri: &str) -> Identity {
         Identity::parse(uri).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_call_names_its_method_to_what_it_calls() {
+        assert_eq!(with_call_method(str::to_owned), "none");
+        let uri: http::Uri = "/cellbank.v1.Ledger/Transfer".parse().unwrap();
+        let inside = CALL_PATH.scope(uri, async { with_call_method(str::to_owned) }).await;
+        assert_eq!(inside, "Transfer");
     }
 
     fn policy() -> Policy {

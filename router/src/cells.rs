@@ -166,7 +166,8 @@ impl CellPool {
         }
     }
 
-    /// Counts a call's outcome at the pair its route names now.
+    /// Counts a call's outcome at the pair its route names now, under the
+    /// method of the client call it serves (`none` for the router's own).
     fn count_outcome<T>(&self, pick: impl Fn(&RoutingTable) -> Option<Route>, outcome: &Result<T, Status>) {
         if let Some(metrics) = &self.metrics {
             let pair = pick(&self.table.borrow()).map(|r| r.pair_id.to_string()).unwrap_or_else(|| "none".into());
@@ -174,7 +175,10 @@ impl CellPool {
                 Ok(_) => tonic::Code::Ok,
                 Err(status) => status.code(),
             };
-            metrics.requests_total.with_label_values(&[&pair, cellbank_raft::metrics::code_name(code)]).inc();
+            let code = cellbank_raft::metrics::code_name(code);
+            cellbank_client::gate::with_call_method(|method| {
+                metrics.requests_total.with_label_values(&[method, &pair, code]).inc();
+            });
         }
     }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub struct RouterMetrics {
-    /// Calls carried to a cell, by pair and result (the gRPC code).
+    /// Calls carried to a cell, by the client call's method, pair and
+    /// result (the gRPC code).
     pub requests_total: IntCounterVec,
     /// Retries inside one request, by reason.
     pub retries_total: IntCounterVec,
@@ -56,8 +57,8 @@ impl RouterMetrics {
         .expect("gauge vec");
         registry.register(Box::new(pair_mode.clone())).expect("register");
         let requests_total = IntCounterVec::new(
-            Opts::new("router_requests_total", "Calls carried to cells, by pair and gRPC code."),
-            &["pair", "code"],
+            Opts::new("router_requests_total", "Calls carried to cells, by method, pair and gRPC code."),
+            &["method", "pair", "code"],
         )
         .expect("counter vec");
         registry.register(Box::new(requests_total.clone())).expect("register");
@@ -229,7 +230,7 @@ mod tests {
         let metrics = RouterMetrics::register(&raft.registry);
         metrics.replicas_reachable.with_label_values(&["3"]).set(2);
         metrics.pair_mode.with_label_values(&["1", "SYNC"]).set(1);
-        metrics.requests_total.with_label_values(&["1", "OK"]).inc();
+        metrics.requests_total.with_label_values(&["Transfer", "1", "OK"]).inc();
         metrics.pair_requests_total.with_label_values(&["1", "write"]).inc();
         let families = raft.registry.gather();
         assert!(families.iter().any(|f| f.get_name() == "cellbank_router_cell_replicas_reachable"));
