@@ -70,6 +70,23 @@ struct Local {
     supervisor: Supervisor,
 }
 
+/// A local drill's processes as Prometheus file-based discovery targets
+/// (`deploy/prometheus/prometheus.yml` reads `<temp dir>/cellbank-chaos/*.targets.json`),
+/// under the jobs the alert rules and dashboards know, labelled with the drill.
+fn prometheus_targets(drill: &str, supervisor: &Supervisor) -> serde_json::Value {
+    use cellbank::supervisor::ProcessId;
+    let ids = supervisor.ids();
+    let group = |job: &str, routers: bool| {
+        let targets: Vec<String> = ids
+            .iter()
+            .filter(|id| matches!(id, ProcessId::Router(_)) == routers)
+            .filter_map(|id| supervisor.metrics_addr(*id))
+            .collect();
+        serde_json::json!({ "targets": targets, "labels": { "job": job, "drill": drill } })
+    };
+    serde_json::json!([group("cellbank-router", true), group("cellbank-replica", false)])
+}
+
 impl Processes for Local {
     fn kill(&mut self, p: Proc) -> anyhow::Result<()> {
         anyhow::ensure!(self.supervisor.ids().contains(&p), "no {p} in this cluster");
@@ -174,7 +191,7 @@ async fn run_drill(
     admin_token: Option<String>,
 ) -> anyhow::Result<bool> {
     let mut local_certs = None;
-    let (cluster, local_token) = match drill.cluster.mode {
+    let (cluster, local_token, targets) = match drill.cluster.mode {
         ClusterMode::Attach => {
             let token =
                 admin_token.or_else(|| std::env::var(&drill.cluster.admin_token_env).ok()).filter(|t| !t.is_empty());
@@ -185,7 +202,7 @@ async fn run_drill(
                 );
             };
             let access = Access { routers: drill.cluster.router_addrs.clone(), token: Some(token) };
-            (Cluster { access, processes: None, logs: None }, None)
+            (Cluster { access, processes: None, logs: None }, None, None)
         }
         ClusterMode::Local => {
             let data = out.join("cluster");
@@ -196,6 +213,13 @@ async fn run_drill(
             let token = format!("drill-{:016x}", rand::random::<u64>());
             topology.admin_token = Some(token.clone());
             topology.fault_injection = true;
+            // Every process serves metrics, so that Prometheus can watch
+            // the drill (see `prometheus_targets`).
+            for process in
+                topology.routers.iter_mut().chain(topology.cells.iter_mut().flat_map(|c| c.replicas.iter_mut()))
+            {
+                process.metrics = Some(format!("127.0.0.1:{}", cellbank::supervisor::free_port()));
+            }
             local_certs = Some(topology.certs_dir());
             let mut supervisor = Supervisor::new(std::env::current_exe()?, topology)?;
             supervisor.check_ports_free()?;
@@ -203,7 +227,8 @@ async fn run_drill(
             eprintln!("local cluster: {} processes, data and logs in {}", supervisor.ids().len(), data.display());
             let access = Access { routers: supervisor.router_endpoints(), token: Some(token.clone()) };
             let logs = Some(data.display().to_string());
-            (Cluster { access, processes: Some(Box::new(Local { supervisor })), logs }, Some(token))
+            let targets = prometheus_targets(&drill.name, &supervisor);
+            (Cluster { access, processes: Some(Box::new(Local { supervisor })), logs }, Some(token), Some(targets))
         }
     };
     std::fs::create_dir_all(registry_dir())?;
@@ -218,6 +243,10 @@ async fn run_drill(
         local_certs,
     };
     write_private(&registration_path, &serde_json::to_vec(&registration)?)?;
+    let targets_path = registry_dir().join(format!("{}.targets.json", std::process::id()));
+    if let Some(targets) = &targets {
+        std::fs::write(&targets_path, serde_json::to_vec_pretty(targets)?)?;
+    }
     let halt = Arc::new(AtomicBool::new(false));
     let watcher = {
         let halt = halt.clone();
@@ -231,6 +260,7 @@ async fn run_drill(
     let outcome = runner::run(&drill, &options, cluster, &runner::Stdout).await;
     watcher.abort();
     let _ = std::fs::remove_file(&registration_path);
+    let _ = std::fs::remove_file(&targets_path);
     let journal = outcome?;
     let (json, html) = cellbank_chaos::report::write(&journal, out)?;
     print!("{}", cellbank_chaos::report::summary(&journal));

@@ -525,7 +525,7 @@ pub async fn status(endpoints: &[String]) -> anyhow::Result<()> {
                 Err(e) => serde_json::json!({"addr": endpoint, "reachable": false, "error": e.message()}),
             });
         }
-        output::print(&serde_json::json!({ "replicas": replicas }));
+        output::print(&serde_json::json!({ "kind": "cell", "replicas": replicas }));
         return Ok(());
     }
     println!(
@@ -640,7 +640,11 @@ pub async fn admin(action: AdminAction) -> anyhow::Result<()> {
                 Some("-") => println!("{}", serde_json::to_string_pretty(&report)?),
                 Some(path) => {
                     std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
-                    cellbank::reconcile::print(&report);
+                    if output::json() {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        cellbank::reconcile::print(&report);
+                    }
                 }
                 None => cellbank::reconcile::print(&report),
             }

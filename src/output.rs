@@ -150,6 +150,7 @@ pub fn cluster_status(status: &ClusterStatus) -> Value {
         })
         .collect();
     json!({
+        "kind": "cluster",
         "term": status.term,
         "routers": routers,
         "slice_count": table.slice_count,

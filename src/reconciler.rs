@@ -36,9 +36,15 @@ impl Metrics {
             registry.register(Box::new(gauge.clone())).expect("register");
             gauge
         };
-        let last_run = gauge("reconcile_last_run_timestamp_seconds", "When the last run ended (Unix time).");
+        let last_run = gauge(
+            "reconcile_last_run_timestamp_seconds",
+            "When the last run that reached the cluster ended (Unix time; runs that could not reach it do not count).",
+        );
         let duration = gauge("reconcile_last_run_duration_seconds", "How long the last run took.");
-        let last_ok = int_gauge("reconcile_last_ok", "1 when the last run found no discrepancy, else 0.");
+        let last_ok = int_gauge(
+            "reconcile_last_ok",
+            "1 when the last run that reached the cluster found no discrepancy, else 0 (0 before any run).",
+        );
         let discrepancies = int_gauge("reconcile_discrepancies", "Discrepancies the last run found.");
         for result in ["ok", "failed", "error"] {
             runs_total.with_label_values(&[result]);
@@ -99,9 +105,9 @@ pub async fn run(
         if let Ok(report) = &outcome {
             metrics.last_ok.set(i64::from(report.ok()));
             metrics.discrepancies.set(report.discrepancies.len() as i64);
+            metrics.duration.set(started.elapsed().as_secs_f64());
+            metrics.last_run.set(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
         }
-        metrics.duration.set(started.elapsed().as_secs_f64());
-        metrics.last_run.set(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
         tokio::time::sleep(every.saturating_sub(started.elapsed()).max(Duration::from_secs(1))).await;
     }
 }

@@ -36,6 +36,7 @@ async fn state_printing_commands_speak_json() {
     assert_eq!(status["replicas"].as_array().unwrap().len(), 12);
     assert_eq!(status["slice_count"], 16);
     assert!(status["routers"][0]["leader"].as_bool().unwrap());
+    assert_eq!(status["kind"], "cluster");
 
     for user in ["1", "2"] {
         let opened = cellbank(&cluster, &["account", "open", "--user", user]);

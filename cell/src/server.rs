@@ -131,11 +131,21 @@ pub async fn start(config: ReplicaConfig) -> anyhow::Result<Replica> {
         replication,
     });
     let shipper_task = tokio::spawn(shipper.run());
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
+    // Not serving until readiness says otherwise (the health service would
+    // otherwise answer SERVING for the whole server from the start).
+    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let readiness: cellbank_raft::metrics::Readiness = {
         let (shared, db, lag_max) = (handle.shared.clone(), db.clone(), config.raft.ready_lag_entries);
+        let disk = disk.clone();
         Arc::new(move || {
             shared.readiness(lag_max)?;
+            // A follower below its disk watermark drops appends: it falls
+            // behind without hearing how far (a leader then refuses writes
+            // itself, and stays the cell's leader).
+            if disk.is_low() && !shared.is_leader.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("the data disk is below its free-space watermark: appends are dropped".into());
+            }
             match db.get(cellbank_raft::storage::INSTALLING_KEY) {
                 Ok(None) => Ok(()),
                 Ok(Some(_)) => Err("installing a snapshot".into()),

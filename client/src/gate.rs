@@ -414,6 +414,10 @@ where
                     if sampled {
                         tracing::info!(path = uri.path(), "call received");
                     }
+                    // A call dropped before its answer (its deadline passed,
+                    // its caller went away) is counted as Canceled.
+                    let unanswered =
+                        observer.map(|observer| Unanswered { observer: Some(observer), uri: uri.clone(), started });
                     let answer = answer.await;
                     if let Ok(response) = &answer {
                         let code = response
@@ -422,8 +426,8 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<i32>().ok())
                             .map(tonic::Code::from);
-                        if let Some(observer) = observer {
-                            observer(uri.path(), code, started.elapsed());
+                        if let Some(pending) = unanswered {
+                            pending.answered(code);
                         }
                         if sampled {
                             let code = code.unwrap_or(tonic::Code::Ok);
@@ -452,12 +456,60 @@ where
     }
 }
 
+/// A call let in and not answered yet: told to the observer as Canceled if
+/// it is dropped unanswered.
+struct Unanswered {
+    observer: Option<CallObserver>,
+    uri: http::Uri,
+    started: std::time::Instant,
+}
+
+impl Unanswered {
+    fn answered(mut self, code: Option<tonic::Code>) {
+        if let Some(observer) = self.observer.take() {
+            observer(self.uri.path(), code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(observer) = self.observer.take() {
+            observer(self.uri.path(), Some(tonic::Code::Cancelled), self.started.elapsed());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn id(uri: &str) -> Identity {
         Identity::parse(uri).unwrap()
+    }
+
+    /// A call answered is told with its code; one dropped unanswered (its
+    /// deadline passed, its caller left) is told as Canceled, once.
+    #[test]
+    fn a_call_dropped_unanswered_is_counted_as_canceled() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let observer: CallObserver = Arc::new(move |path, code, _| {
+            record.lock().unwrap().push((path.to_string(), code));
+        });
+        let call = |observer: &CallObserver| Unanswered {
+            observer: Some(observer.clone()),
+            uri: "/cellbank.v1.Ledger/Transfer".parse().unwrap(),
+            started: std::time::Instant::now(),
+        };
+        call(&observer).answered(Some(tonic::Code::NotFound));
+        drop(call(&observer));
+        call(&observer).answered(None);
+        let path = "/cellbank.v1.Ledger/Transfer".to_string();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [(path.clone(), Some(tonic::Code::NotFound)), (path.clone(), Some(tonic::Code::Cancelled)), (path, None)]
+        );
     }
 
     #[tokio::test]

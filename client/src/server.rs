@@ -63,8 +63,9 @@ impl Security {
     }
 }
 
-/// How often gRPC health is brought in line with readiness.
-pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often gRPC health is brought in line with readiness: a new leader
+/// says SERVING within this (the coordinator finds leaders by it).
+pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// Keeps gRPC health (the whole server, `""`, and each of `services`) in
 /// line with `ready`: SERVING while it answers `Ok`, NOT_SERVING while it

@@ -2,13 +2,14 @@
 //! router to the cells in gRPC metadata, as W3C `traceparent`
 //! (`00-<trace id, 32 hex>-<parent span id, 16 hex>-<flags, 2 hex>`).
 //!
-//! The gate of every server reads it (a router makes one for a request that
-//! brings none) and runs the call inside a `tracing` span named `call` with
-//! the trace id, so every log line of the call carries it (text and JSON
-//! logs alike); calls a router makes on behalf of the request carry it on.
-//! A request whose flags say *sampled* (`01`) is also logged step by step
-//! at INFO: the call at each process, and at the cell its proposal, commit
-//! and the standby's acknowledgement. Unsampled requests log nothing extra.
+//! The gate of every server reads it and serves the call with it as the
+//! task's current trace, so that calls a router makes on behalf of the
+//! request carry it on (a router starts no trace of its own). A request
+//! whose flags say *sampled* (`01`) runs inside a `tracing` span named
+//! `call` with the trace id, so every log line of the call carries it (text
+//! and JSON logs alike), and is logged step by step at INFO: the call at
+//! each process, and at the cell its proposal, commit and the standby's
+//! acknowledgement. Unsampled requests log nothing extra.
 
 use std::fmt::Write;
 

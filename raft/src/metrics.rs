@@ -291,7 +291,11 @@ pub async fn serve_with(listener: tokio::net::TcpListener, endpoint: Endpoint, t
         let service = service.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // A client that sends no request head within a second is
+            // dropped: idle connections cannot hold the slots for long.
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT.min(timeout))
                 .keep_alive(false)
                 .max_buf_size(HTTP_BUFFER_BYTES)
                 .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
@@ -299,6 +303,9 @@ pub async fn serve_with(listener: tokio::net::TcpListener, endpoint: Endpoint, t
         });
     }
 }
+
+/// Longest wait for a request's head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Read buffer of a connection (the request head must fit).
 const HTTP_BUFFER_BYTES: usize = 16 * 1024;

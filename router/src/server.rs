@@ -105,7 +105,8 @@ pub async fn start(config: RouterConfig) -> anyhow::Result<Router> {
         Coordinator::new(handle.clone(), pool.clone(), config.coordinator.clone(), config.seed_table(), router_metrics);
     let mut tasks = vec![tokio::spawn(coordinator.clone().run())];
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     // A router can route once it holds a table (bootstrapped, or caught
     // up from the routers' log after a restart).
     let readiness: metrics::Readiness = {
