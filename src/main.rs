@@ -25,6 +25,7 @@ mod commands;
 mod envelope_bench;
 mod failover_bench;
 mod move_bench;
+mod otlp;
 mod output;
 mod reconciler;
 mod sim;
@@ -55,6 +56,10 @@ struct Cli {
     /// digest, settlement, reconcile, capacity status and plan).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = output::Output::Text)]
     output: output::Output,
+    /// A router or replica exports its sampled traces to this OTLP/gRPC
+    /// collector (`http://host:4317`); without it, traces are in the logs only.
+    #[arg(long, global = true, env = "CELLBANK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     tls: ClientTls,
     #[command(subcommand)]
@@ -499,19 +504,35 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat, default_level: &str) {
+/// Logs to stderr (text or JSON), and with `otlp` (endpoint, service
+/// name) spans to an OTLP collector too, from a task on `runtime`.
+fn init_logging(
+    format: LogFormat,
+    default_level: &str,
+    otlp: Option<(&str, &str)>,
+    runtime: Option<&tokio::runtime::Runtime>,
+) -> anyhow::Result<Option<otlp::Exporter>> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let (exporting, exporter) = match (otlp, runtime) {
+        (Some((endpoint, service)), Some(runtime)) => {
+            let _inside = runtime.enter();
+            let (layer, exporter) =
+                otlp::layer(endpoint, service).with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+            (Some(layer), Some(exporter))
+        }
+        _ => (None, None),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(exporting).with(filter);
     if format == LogFormat::Json {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    Ok(exporter)
 }
 
 fn main() {
@@ -522,7 +543,22 @@ fn main() {
         Command::Sim(_) => "off",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_level);
+    // The runtime comes first: an OTLP exporter sends from a task on it.
+    let runtime = (!matches!(cli.command, Command::Sim(_)))
+        .then(|| tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime"));
+    let service = match cli.command {
+        Command::Cell(_) => Some("cellbank-replica"),
+        Command::Router(_) => Some("cellbank-router"),
+        _ => None,
+    };
+    let otlp = cli.otlp_endpoint.as_deref().zip(service);
+    let exporter = match init_logging(cli.log_format, default_level, otlp, runtime.as_ref()) {
+        Ok(exporter) => exporter,
+        Err(error) => {
+            eprintln!("error: {}", describe_error(&error));
+            std::process::exit(1);
+        }
+    };
     output::set(cli.output);
     if let Command::Sim(args) = cli.command {
         // Plain threads, no runtime: the simulator is single-threaded per seed.
@@ -561,7 +597,7 @@ fn main() {
         eprintln!("error: {}", describe_error(&error));
         std::process::exit(1);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = runtime.expect("a runtime for every command but sim");
     let outcome = runtime.block_on(async move {
         match cli.command {
             Command::Cell(args) => run_cell(args).await,
@@ -590,6 +626,11 @@ fn main() {
             Command::Certs { action } => certs_cli::run(action),
         }
     });
+    // Batched spans go out before the process ends.
+    if let Some(exporter) = exporter {
+        let _inside = runtime.enter();
+        exporter.shutdown();
+    }
     if let Err(error) = outcome {
         eprintln!("error: {}", describe_error(&error));
         std::process::exit(1);

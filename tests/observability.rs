@@ -497,3 +497,102 @@ async fn a_trace_id_that_enters_at_the_router_is_in_the_cells_logs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(log_of(leader).lines().filter(|l| l.contains("trace_id")).count(), before);
 }
+
+/// An OTLP collector for the test: keeps every span it is sent, with the
+/// `service.name` of the process that sent it.
+#[derive(Default, Clone)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    self.spans.lock().unwrap().push((service.clone(), span));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// With `CELLBANK_OTLP_ENDPOINT` set, a sampled request's spans reach the
+/// collector as one trace: the router's `call` span is the child of the
+/// client's span named in its `traceparent`, and the cell leader's is the
+/// child of the router's, with the steps (proposing, committed, the
+/// standby's acknowledgement) as its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_traces_are_exported_over_otlp_as_one_trace() {
+    use cellbank_proto::v1::ledger_client::LedgerClient;
+    use cellbank_proto::v1::{DepositRequest, ResultCode};
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+        collector.clone(),
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut cluster = Cluster::start_some(1, 1, |_| {}, |_| false);
+    cluster.sup.set_env("CELLBANK_OTLP_ENDPOINT", &endpoint);
+    cluster.sup.set_env("OTEL_BSP_SCHEDULE_DELAY", "200");
+    cluster.sup.start_all().unwrap();
+    cluster.wait_for_mode(1, cellbank_proto::router::PairMode::Sync, Duration::from_secs(60)).await;
+    common::open_and_seed(&cluster.client(), &[9], "CNY", 100).await;
+    let trace_id: [u8; 16] = rand::random::<u128>().max(1).to_be_bytes();
+    let client_span = [0x11u8; 8];
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cluster.routers()[0]).await.unwrap();
+    let mut request = tonic::Request::new(DepositRequest {
+        transfer_id_text: "exported-deposit".into(),
+        transfer_id: Vec::new(),
+        user_id: 9,
+        currency: "CNY".into(),
+        amount: 5,
+    });
+    let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    let answer = LedgerClient::new(channel).deposit(request).await.expect("the deposit").into_inner();
+    assert_eq!(answer.result.unwrap().code, ResultCode::Ok as i32);
+    let spans = eventually("the router's and the cell's spans", Duration::from_secs(20), async || {
+        let spans: Vec<_> =
+            collector.spans.lock().unwrap().iter().filter(|(_, s)| s.trace_id == trace_id).cloned().collect();
+        let services: std::collections::BTreeSet<&str> = spans.iter().map(|(service, _)| service.as_str()).collect();
+        (services.contains("cellbank-router") && services.contains("cellbank-replica")).then_some(spans)
+    })
+    .await;
+    let router = spans.iter().find(|(service, _)| service == "cellbank-router").map(|(_, s)| s).unwrap();
+    let cell = spans.iter().find(|(service, _)| service == "cellbank-replica").map(|(_, s)| s).unwrap();
+    assert_eq!(router.name, "call");
+    assert_eq!(router.parent_span_id, client_span.to_vec(), "the router's span is the client's child");
+    assert_eq!(cell.parent_span_id, router.span_id, "the cell's span is the router's child");
+    let events: Vec<&str> = cell.events.iter().map(|e| e.name.as_str()).collect();
+    for step in ["call received", "proposing", "committed and applied", "call answered"] {
+        assert!(events.contains(&step), "{step}: {events:?}");
+    }
+    assert!(events.iter().any(|e| e.starts_with("acknowledged")), "{events:?}");
+    println!("{} spans of the trace; the cell's events: {events:?}", spans.len());
+}

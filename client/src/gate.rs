@@ -442,7 +442,9 @@ where
                     Some(context) => {
                         use tracing::Instrument;
                         let span = if context.sampled {
-                            tracing::info_span!("call", trace_id = %context.trace_id_hex())
+                            let span = tracing::info_span!("call", trace_id = %context.trace_id_hex());
+                            crate::trace::adopt(&span, &context);
+                            span
                         } else {
                             tracing::Span::none()
                         };

@@ -28,6 +28,26 @@ tokio::task_local! {
     static CURRENT: TraceContext;
 }
 
+/// Makes a sampled call's span a child of the caller's span (an exporter's).
+pub type AdoptHook = fn(&tracing::Span, &TraceContext);
+/// The exported id of the current span, to name as the parent of calls
+/// made on (an exporter's).
+pub type SpanIdHook = fn() -> Option<[u8; 8]>;
+
+static EXPORTER_HOOKS: std::sync::OnceLock<(AdoptHook, SpanIdHook)> = std::sync::OnceLock::new();
+
+/// Set once by a process that exports its spans (OTLP).
+pub fn set_exporter_hooks(adopt: AdoptHook, span_id: SpanIdHook) {
+    let _ = EXPORTER_HOOKS.set((adopt, span_id));
+}
+
+/// Links a sampled call's span to its caller's, when spans are exported.
+pub fn adopt(span: &tracing::Span, context: &TraceContext) {
+    if let Some((adopt, _)) = EXPORTER_HOOKS.get() {
+        adopt(span, context);
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -74,9 +94,11 @@ impl TraceContext {
         hex(&self.trace_id)
     }
 
-    /// The value to send on: the same trace, a new span of this process.
+    /// The value to send on: the same trace, and this process's span (the
+    /// exported one when spans are exported, else a new id).
     pub fn child_header(&self) -> String {
-        let span: [u8; 8] = rand::random();
+        let exported = EXPORTER_HOOKS.get().and_then(|(_, span_id)| span_id());
+        let span: [u8; 8] = exported.unwrap_or_else(rand::random);
         format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&span), u8::from(self.sampled))
     }
 
