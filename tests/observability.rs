@@ -596,3 +596,53 @@ async fn sampled_traces_are_exported_over_otlp_as_one_trace() {
     assert!(events.iter().any(|e| e.starts_with("acknowledged")), "{events:?}");
     println!("{} spans of the trace; the cell's events: {events:?}", spans.len());
 }
+
+/// A follower that comes back far behind its leader is not ready while it
+/// catches up: restarted with every sync slowed to 3 s, it hears its
+/// leader's commit index at once and applies the missed entries only after
+/// its slow sync, and says so; healed, it catches up and turns ready.
+#[cfg(feature = "fault-points")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_its_leader_is_not_ready_until_it_catches_up() {
+    use cellbank_chaos::faults::Access;
+    let mut cluster = Cluster::start(1, 1, |topology| {
+        with_metrics(topology);
+        for cell in &mut topology.cells {
+            cell.raft.ready_lag_entries = 5;
+        }
+    });
+    cluster.wait_for_mode(1, cellbank_proto::router::PairMode::Sync, Duration::from_secs(60)).await;
+    let client = cluster.client();
+    common::open_and_seed(&client, &[21], "CNY", 100).await;
+    let leader = cluster.cell_leader(1).await.expect("a leader");
+    let follower = cluster.sup.cell_replicas(1).into_iter().find(|id| *id != leader).unwrap();
+    let (metrics, addr) = (cluster.sup.metrics_addr(follower).unwrap(), cluster.sup.addr(follower).unwrap());
+    wait_ready_is(&metrics, &addr, true, Duration::from_secs(30)).await;
+    cluster.sup.kill(follower);
+    // Entries it will miss: one deposit each.
+    for n in 0..40 {
+        let request = cellbank_proto::v1::DepositRequest {
+            transfer_id_text: format!("missed-{n}"),
+            transfer_id: Vec::new(),
+            user_id: 21,
+            currency: "CNY".into(),
+            amount: 1,
+        };
+        common::call(&client, |mut c| {
+            let request = request.clone();
+            async move { c.deposit(request).await }
+        })
+        .await;
+    }
+    cluster.sup.start_with_env(follower, &[("CELLBANK_FAULTS", "disk.sync=delay:600000:3000")]).unwrap();
+    let why = eventually("the follower says it is behind", Duration::from_secs(30), async || {
+        let (status, body) = http_get(&metrics, "/ready").await?;
+        (status == 503 && body.contains("behind leader")).then_some(body)
+    })
+    .await;
+    println!("{}", why.trim());
+    assert!(why.contains("more than 5 entries"), "{why}");
+    let access = Access { routers: cluster.routers(), token: Some(TOKEN.into()) };
+    access.heal(&addr).await.expect("heal");
+    wait_ready_is(&metrics, &addr, true, Duration::from_secs(30)).await;
+}

@@ -315,6 +315,9 @@ fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<d
             next_tick = now + TICK;
         }
         node.set_retain_floor(shared.retain_floor.load(Ordering::Relaxed));
+        // Before the round's (maybe slow) persist: how far behind this
+        // replica now knows it is shows while it catches up.
+        shared.leader_commit_seen.store(node.leader_commit_seen(), Ordering::Relaxed);
         node.flush_proposals(now_ms());
         node.flush_reads();
         for _ in 0..READY_ROUNDS_MAX {
@@ -328,7 +331,6 @@ fn run<SM: StateMachine>(mut node: RaftNode<SM>, queues: Queues<SM>, sink: Arc<d
         shared.leader_term.store(if node.is_leader() { node.term() } else { 0 }, Ordering::Relaxed);
         shared.is_leader.store(node.is_leader(), Ordering::Relaxed);
         shared.applied_index.store(node.applied_index(), Ordering::Relaxed);
-        shared.leader_commit_seen.store(node.leader_commit_seen(), Ordering::Relaxed);
         let applied = node.applied_index();
         shared.applied.send_if_modified(|value| {
             let changed = *value != applied;
