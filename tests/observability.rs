@@ -369,6 +369,19 @@ async fn wait_ready_is(metrics: &str, addr: &str, ready: bool, timeout: Duration
     .await
 }
 
+/// Waits until the process at `metrics` answers `/healthz`, then until it
+/// says not ready; checks it still says so `still` later; returns why.
+async fn alive_and_not_ready(metrics: &str, addr: &str, still: Duration) -> String {
+    eventually(&format!("{metrics} alive"), Duration::from_secs(30), async || {
+        matches!(http_get(metrics, "/healthz").await, Some((200, _))).then_some(())
+    })
+    .await;
+    let why = wait_ready_is(metrics, addr, false, Duration::from_secs(10)).await;
+    tokio::time::sleep(still).await;
+    assert_eq!(http_get(metrics, "/ready").await.map(|(s, _)| s), Some(503), "ready again within {still:?}");
+    why
+}
+
 /// `/ready` and gRPC health say whether a router can serve: a router
 /// alone (no quorum of routers, so no table) is alive but not ready, and
 /// turns ready once the table is there.
@@ -378,15 +391,9 @@ async fn a_router_without_a_table_is_alive_but_not_ready() {
         Cluster::start_some(3, 1, with_metrics, |id| !matches!(id, ProcessId::Router(2) | ProcessId::Router(3)));
     let router = ProcessId::Router(1);
     let (router_metrics, router_addr) = (cluster.sup.metrics_addr(router).unwrap(), cluster.sup.addr(router).unwrap());
-    eventually("router 1 alive", Duration::from_secs(30), async || {
-        matches!(http_get(&router_metrics, "/healthz").await, Some((200, _))).then_some(())
-    })
-    .await;
-    let why = wait_ready_is(&router_metrics, &router_addr, false, Duration::from_secs(10)).await;
-    assert_eq!(why, "not ready: no routing table yet\n");
     // Still not ready a while later: no quorum, no table.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(http_get(&router_metrics, "/ready").await.map(|(s, _)| s), Some(503));
+    let why = alive_and_not_ready(&router_metrics, &router_addr, Duration::from_secs(3)).await;
+    assert_eq!(why, "not ready: no routing table yet\n");
     cluster.sup.start(ProcessId::Router(2)).unwrap();
     cluster.sup.start(ProcessId::Router(3)).unwrap();
     let started = Instant::now();
@@ -428,14 +435,8 @@ async fn a_replica_cut_off_or_restarting_is_not_ready_until_it_hears_its_leader(
     // Restarted, and unable to hear its leader from its first moment.
     cluster.sup.kill(follower);
     cluster.sup.start_with_env(follower, &[("CELLBANK_FAULTS", "raft.recv=drop:600000")]).unwrap();
-    eventually("the follower alive again", Duration::from_secs(30), async || {
-        matches!(http_get(&metrics, "/healthz").await, Some((200, _))).then_some(())
-    })
-    .await;
-    let why = wait_ready_is(&metrics, &addr, false, Duration::from_secs(10)).await;
+    let why = alive_and_not_ready(&metrics, &addr, Duration::from_secs(2)).await;
     assert_eq!(why, "not ready: no known leader\n");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(http_get(&metrics, "/ready").await.map(|(s, _)| s), Some(503));
     access.heal(&addr).await.expect("heal");
     wait_ready_is(&metrics, &addr, true, Duration::from_secs(30)).await;
     // The cell's leader was ready throughout.

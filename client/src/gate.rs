@@ -278,14 +278,9 @@ tokio::task_local! {
 /// Calls `f` with the method name of the call this task serves (the last
 /// segment of its gRPC path; `none` outside a call the gate let in).
 pub fn with_call_method<R>(f: impl FnOnce(&str) -> R) -> R {
-    let mut f = Some(f);
-    fn method(path: &str) -> &str {
-        path.rsplit('/').next().unwrap_or("none")
-    }
-    if let Ok(answer) = CALL_PATH.try_with(|uri| (f.take().expect("called once"))(method(uri.path()))) {
-        return answer;
-    }
-    (f.take().expect("called once"))("none")
+    // A `Uri` clone is a reference count, not a copy.
+    let uri = CALL_PATH.try_with(http::Uri::clone).ok();
+    f(uri.as_ref().and_then(|uri| uri.path().rsplit('/').next()).unwrap_or("none"))
 }
 
 /// Told of every call the gate let in, once its answer's head is out:
