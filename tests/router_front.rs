@@ -32,7 +32,7 @@ fn transfer(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
-    let cluster = Cluster::start(1, 2, |_| {});
+    let cluster = Cluster::start(1, 2, |t| t.routers[0].metrics = Some(format!("127.0.0.1:{}", common::free_port())));
     for pair in [1, 2] {
         cluster.wait_for_mode(pair, PairMode::Sync, Duration::from_secs(30)).await;
     }
@@ -148,4 +148,63 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     assert_eq!(balance(a2).await, seed_amount + 10 - 50 + 5 + 7);
     assert_eq!(balance(b1).await, seed_amount - 20 + 30);
     assert_eq!(balance(b2).await, seed_amount + 20 - 5);
+
+    // Many unary transfers into one pair at once: the router carries them
+    // to the cell in fewer calls than transfers (coalesced), and each gets
+    // the answer it would get alone: a retry of an id is a duplicate, an id
+    // reused with other fields is refused naming the field, an overdraft is
+    // refused, a malformed one never leaves the router.
+    let router_metrics = cluster.sup.metrics_addr(cellbank::supervisor::ProcessId::Router(1)).expect("router metrics");
+    let calls_to_pair_1 = || common::metric(&router_metrics, "cellbank_router_requests_total", "pair=\"1\"");
+    let before = calls_to_pair_1().await.expect("the router counts its calls to pair 1");
+    let (c1, c2) = (by_pair[&1][2], by_pair[&1][3]);
+    seed(&client, &[c1, c2]).await;
+    let send_all = |requests: Vec<TransferRequest>| {
+        let client = &client;
+        futures::future::join_all(
+            requests
+                .into_iter()
+                .map(move |r| async move { client.transfer(r).await.map(|response| response.result.unwrap()) }),
+        )
+    };
+    // 150 transfers of 1 from c1 and 150 of 3 from c2, at once.
+    let first: Vec<TransferRequest> = (0..300)
+        .map(|i| {
+            if i % 2 == 0 {
+                transfer(&format!("many-{i}"), c1, c2, 1)
+            } else {
+                transfer(&format!("many-{i}"), c2, c1, 3)
+            }
+        })
+        .collect();
+    for answer in send_all(first).await {
+        let answer = answer.expect("transfer");
+        assert!(answer.code == ResultCode::Ok as i32 && !answer.duplicate, "{answer:?}");
+    }
+    // Then 100 more of 1 from c1, at once with a retry, an id reused with
+    // another amount, an overdraft and a transfer without an id.
+    let mut second: Vec<TransferRequest> = (0..100).map(|i| transfer(&format!("more-{i}"), c1, c2, 1)).collect();
+    second.push(transfer("many-0", c1, c2, 1));
+    second.push(transfer("many-1", c2, c1, 4));
+    second.push(transfer("many-overdraft", c1, c2, seed_amount * 10));
+    second.push(transfer("", c1, c2, 1));
+    let answers = send_all(second).await;
+    for answer in &answers[..100] {
+        let answer = answer.as_ref().expect("transfer");
+        assert!(answer.code == ResultCode::Ok as i32 && !answer.duplicate, "{answer:?}");
+    }
+    let retried = answers[100].as_ref().expect("retry");
+    assert!(retried.code == ResultCode::Ok as i32 && retried.duplicate, "{retried:?}");
+    let reused = answers[101].as_ref().expect("reused id");
+    assert_eq!((reused.code, reused.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "amount"));
+    let overdraft = answers[102].as_ref().expect("overdraft");
+    assert_eq!(overdraft.code, ResultCode::InsufficientFunds as i32, "{overdraft:?}");
+    assert_eq!(answers[103].as_ref().unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(balance(c1).await, seed_amount - 150 + 450 - 100);
+    assert_eq!(balance(c2).await, seed_amount + 150 - 450 + 100);
+    let calls = calls_to_pair_1().await.unwrap() - before;
+    // Without coalescing: 402 calls (the malformed one stays here) and the
+    // seeds' 4.
+    assert!(calls <= 200, "403 transfers and 2 seeds went to pair 1 in {calls} calls: not coalesced");
+    eprintln!("403 unary transfers and 2 seeds reached pair 1 in {calls} calls");
 }

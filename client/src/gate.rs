@@ -283,6 +283,17 @@ pub fn with_call_method<R>(f: impl FnOnce(&str) -> R) -> R {
     f(uri.as_ref().and_then(|uri| uri.path().rsplit('/').next()).unwrap_or("none"))
 }
 
+/// The gRPC path of the call this task serves (`None` outside one).
+pub fn call_path() -> Option<http::Uri> {
+    CALL_PATH.try_with(http::Uri::clone).ok()
+}
+
+/// Runs `future` as part of serving the call at `path` (work a call hands
+/// to another task, such as a batch carrying many calls' items).
+pub async fn as_call<F: std::future::Future>(path: http::Uri, future: F) -> F::Output {
+    CALL_PATH.scope(path, future).await
+}
+
 /// Told of every call the gate let in, once its answer's head is out:
 /// the path, the gRPC code of the answer (`None` when the head carries
 /// none: a unary success, or a stream that started) and the time taken.

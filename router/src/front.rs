@@ -51,7 +51,8 @@ pub struct Front {
     accounts: std::sync::Mutex<std::collections::HashSet<(u64, String)>>,
     /// Envelope currencies, fixed at send.
     envelope_currencies: std::sync::Mutex<std::collections::HashMap<String, String>>,
-    grabs: crate::grabs::GrabBatcher,
+    grabs: crate::grabs::Batcher<crate::grabs::Grabs>,
+    transfers: crate::grabs::Batcher<crate::grabs::Transfers>,
 }
 
 /// Most entries in each of the front's caches; past this a cache is emptied.
@@ -121,7 +122,8 @@ fn refused(code: ResultCode, field: &str, detail: String) -> GrabEnvelopeRespons
 impl Front {
     pub fn new(pool: Arc<CellPool>, forbid_own_grab: bool, scopes: Arc<Scopes>) -> Front {
         Front {
-            grabs: crate::grabs::GrabBatcher::new(pool.clone()),
+            grabs: crate::grabs::Batcher::new(pool.clone()),
+            transfers: crate::grabs::Batcher::new(pool.clone()),
             pool,
             forbid_own_grab,
             scopes,
@@ -137,6 +139,11 @@ impl Front {
     }
 
     /// The pairs of two users (None before the table is bootstrapped).
+    /// Whether `user_id`'s slice is moving between pairs now.
+    fn moving(&self, user_id: u64) -> bool {
+        table::route(&self.pool.table_view().borrow(), user_id).is_some_and(|r| r.moving)
+    }
+
     fn pairs_of(&self, from: u64, to: u64) -> Option<(u64, u64)> {
         pairs_in(&self.pool.table_view().borrow(), from, to)
     }
@@ -296,33 +303,45 @@ impl LedgerApi for Front {
         // a transfer id is answered as first recorded, wherever it goes).
         loop {
             let plan = self.pairs_of(from, to);
-            let outcome =
-                match plan.filter(|(a, b)| a != b) {
-                    Some((source, dest)) => {
-                        let holds = move |t: &cellbank_proto::router::RoutingTable| {
-                            table::route(t, from).map(|r| r.pair_id) == Some(source)
-                        };
-                        let item = cellbank_proto::cell::CrossCellItem {
-                            transfer: Some(r.clone()),
-                            source_pair_id: source,
-                            dest_pair_id: dest,
-                        };
-                        let batch = cellbank_proto::cell::CrossCellBatch { items: vec![item] };
-                        Front::send_cross_cell(&self.pool, source, &holds, deadline, &batch)
-                            .await
-                            .map(|mut results| TransferResponse { result: results.pop() })
-                    }
-                    None => {
-                        let holds = move |t: &cellbank_proto::router::RoutingTable| {
-                            plan.is_none() || pairs_in(t, from, to) == plan
-                        };
-                        self.pool
-                            .call_planned(by_user(from), &holds, deadline, &r, |mut c, req| async move {
-                                c.transfer(req).await
-                            })
-                            .await
-                    }
-                };
+            let outcome = match plan {
+                Some((source, dest)) if source != dest => {
+                    let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                        table::route(t, from).map(|r| r.pair_id) == Some(source)
+                    };
+                    let item = cellbank_proto::cell::CrossCellItem {
+                        transfer: Some(r.clone()),
+                        source_pair_id: source,
+                        dest_pair_id: dest,
+                    };
+                    let batch = cellbank_proto::cell::CrossCellBatch { items: vec![item] };
+                    Front::send_cross_cell(&self.pool, source, &holds, deadline, &batch)
+                        .await
+                        .map(|mut results| TransferResponse { result: results.pop() })
+                }
+                // Coalesced with other callers' transfers into this
+                // pair, unless a slice of its users is moving (the direct
+                // call below waits for the move to end) or the call is
+                // traced (its trace follows it alone to the cell).
+                Some((pair_id, _)) if !cellbank_client::trace::sampled() && !self.moving(from) && !self.moving(to) => {
+                    self.transfers
+                        .submit(pair_id, r.clone(), deadline)
+                        .await
+                        .map(|result| TransferResponse { result: Some(result) })
+                }
+                _ => {
+                    let holds =
+                        move |t: &cellbank_proto::router::RoutingTable| plan.is_none() || pairs_in(t, from, to) == plan;
+                    self.pool
+                        .call_planned(
+                            by_user(from),
+                            &holds,
+                            deadline,
+                            &r,
+                            |mut c, req| async move { c.transfer(req).await },
+                        )
+                        .await
+                }
+            };
             match outcome {
                 Err(status) if crate::cells::is_replan(&status) => continue,
                 outcome => return outcome.map(Response::new),
@@ -639,7 +658,8 @@ impl Front {
             grabber_pair_id,
             forbid_own: self.forbid_own_grab,
         };
-        self.grabs.grab(item, deadline).await
+        let pair_id = item.envelope_pair_id;
+        self.grabs.submit(pair_id, item, deadline).await
     }
 
     async fn get_envelope_of(

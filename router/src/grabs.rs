@@ -1,19 +1,30 @@
-//! Coalescing of envelope grabs: concurrent grabs bound for one pair leave
-//! this router as one `Clearing.Grab` call, so a hot envelope grabbed by
-//! thousands at once costs a handful of calls and Raft entries, and no grab
-//! waits for another's cross-cell credit (the cell answers once the grab is
-//! applied; credits travel later through the outbox).
+//! Coalescing of calls bound for one pair: concurrent grabs leave this
+//! router as one `Clearing.Grab` call, and concurrent same-pair unary
+//! transfers as one `SubmitTransfers` call. A hot envelope grabbed by
+//! thousands at once costs a handful of calls and Raft entries, and a cell
+//! under many unary writers answers a few batched calls instead of one
+//! HTTP/2 stream per transfer. No grab waits for another's cross-cell
+//! credit (the cell answers once the grab is applied; credits travel later
+//! through the outbox).
 //!
-//! Per pair, one task takes what has queued up (at most [`GRAB_BATCH_MAX`])
-//! and sends it; up to [`GRAB_CALLS_IN_FLIGHT_MAX`] such calls run at once.
-//! A failed call fails each of its grabs with the call's status; grabs are
-//! idempotent per (envelope, user), so a client's retry is safe.
+//! Per pair and kind, one task takes what has queued up (at most
+//! [`Batched::BATCH_MAX`]) and sends it; up to [`Batched::IN_FLIGHT_MAX`]
+//! such calls run at once, so a lone caller goes out at once and callers
+//! pile up into batches only while earlier calls are in flight.
+//!
+//! A failed call fails each of its items with the call's status (a slice
+//! that moved under the batch's plan included: each caller plans again).
+//! Grabs are idempotent per (envelope, user) and transfers per transfer id,
+//! so a client's retry is safe; a batch's item gets the very result the
+//! cell gives that item alone.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
 use cellbank_proto::cell::{GrabBatch, GrabItem};
-use cellbank_proto::v1::GrabEnvelopeResponse;
+use cellbank_proto::router::RoutingTable;
+use cellbank_proto::v1::{GrabEnvelopeResponse, SubmitTransfersRequest, TransferRequest, TransferResult};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
@@ -21,100 +32,98 @@ use tonic::Status;
 use crate::cells::CellPool;
 use crate::table;
 
-pub const GRAB_BATCH_MAX: usize = 4096;
-pub const GRAB_CALLS_IN_FLIGHT_MAX: usize = 4;
-/// Grabs waiting per pair before callers are pushed back.
-pub const GRAB_QUEUE_MAX: usize = 65_536;
+/// Items waiting per pair before callers are pushed back.
+pub const QUEUE_MAX: usize = 65_536;
 
-type Reply = oneshot::Sender<Result<GrabEnvelopeResponse, Status>>;
+/// A kind of call that many callers' items share.
+pub trait Batched: Send + Sync + 'static {
+    type Item: Clone + Send + Sync + 'static;
+    type Answer: Send + 'static;
+    /// Most items in one call.
+    const BATCH_MAX: usize;
+    /// Calls of this kind in flight per pair.
+    const IN_FLIGHT_MAX: usize;
+    /// What a caller whose deadline passed is told.
+    fn timed_out() -> Status;
+    /// Sends `items` to `pair_id`'s active cell: one answer per item, in order.
+    fn call(
+        pool: Arc<CellPool>,
+        pair_id: u64,
+        items: Vec<Self::Item>,
+        deadline: Instant,
+    ) -> impl std::future::Future<Output = Result<Vec<Self::Answer>, Status>> + Send;
+}
 
-struct Waiting {
-    item: GrabItem,
+type Reply<A> = oneshot::Sender<Result<A, Status>>;
+
+struct Waiting<B: Batched> {
+    item: B::Item,
     deadline: Instant,
-    reply: Reply,
+    reply: Reply<B::Answer>,
+    /// The client call it serves, for the router's per-method counts.
+    path: Option<tonic::codegen::http::Uri>,
 }
 
-pub struct GrabBatcher {
+pub struct Batcher<B: Batched> {
     pool: Arc<CellPool>,
-    queues: Mutex<HashMap<u64, mpsc::Sender<Waiting>>>,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Waiting<B>>>>,
+    kind: PhantomData<B>,
 }
 
-impl GrabBatcher {
-    pub fn new(pool: Arc<CellPool>) -> GrabBatcher {
-        GrabBatcher { pool, queues: Mutex::new(HashMap::new()) }
+impl<B: Batched> Batcher<B> {
+    pub fn new(pool: Arc<CellPool>) -> Batcher<B> {
+        Batcher { pool, queues: Mutex::new(HashMap::new()), kind: PhantomData }
     }
 
-    fn queue(&self, pair_id: u64) -> mpsc::Sender<Waiting> {
-        let mut queues = self.queues.lock().expect("grab queues lock");
+    fn queue(&self, pair_id: u64) -> mpsc::Sender<Waiting<B>> {
+        let mut queues = self.queues.lock().expect("batch queues lock");
         queues
             .entry(pair_id)
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(GRAB_QUEUE_MAX);
-                tokio::spawn(run(self.pool.clone(), pair_id, rx));
+                let (tx, rx) = mpsc::channel(QUEUE_MAX);
+                tokio::spawn(run::<B>(self.pool.clone(), pair_id, rx));
                 tx
             })
             .clone()
     }
 
-    /// One grab, answered when its batch is applied.
-    pub async fn grab(&self, item: GrabItem, deadline: Instant) -> Result<GrabEnvelopeResponse, Status> {
+    /// One item, answered when its batch is.
+    pub async fn submit(&self, pair_id: u64, item: B::Item, deadline: Instant) -> Result<B::Answer, Status> {
         let (reply, answer) = oneshot::channel();
-        self.queue(item.envelope_pair_id)
-            .try_send(Waiting { item, deadline, reply })
-            .map_err(|_| Status::resource_exhausted("too many grabs waiting for this cell; retry"))?;
+        let path = cellbank_client::gate::call_path();
+        self.queue(pair_id)
+            .try_send(Waiting { item, deadline, reply, path })
+            .map_err(|_| Status::resource_exhausted("too many calls waiting for this cell; retry"))?;
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(Status::unavailable("the router is stopping")),
-            Err(_) => Err(Status::deadline_exceeded(
-                "the grab did not complete in time; its outcome is unknown: grab again (a second grab answers \
-                 ALREADY_GRABBED with the share if the first applied)",
-            )),
+            Err(_) => Err(B::timed_out()),
         }
     }
 }
 
-async fn run(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waiting>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(GRAB_CALLS_IN_FLIGHT_MAX));
+async fn run<B: Batched>(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waiting<B>>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(B::IN_FLIGHT_MAX));
     loop {
-        // Wait for a free call slot first, so grabs pile up meanwhile.
+        // Wait for a free call slot first, so items pile up meanwhile.
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
         let Some(first) = queue.recv().await else { return };
         let mut batch = vec![first];
-        while batch.len() < GRAB_BATCH_MAX {
+        while batch.len() < B::BATCH_MAX {
             match queue.try_recv() {
                 Ok(waiting) => batch.push(waiting),
                 Err(_) => break,
             }
         }
         let pool = pool.clone();
-        tokio::spawn(async move {
+        let path = batch[0].path.clone();
+        let send = async move {
             let deadline = batch.iter().map(|w| w.deadline).min().expect("a batch is never empty");
-            let message = GrabBatch { items: batch.iter().map(|w| w.item.clone()).collect() };
-            // Each grab's plan: the envelope's and the grabber's pairs. A
-            // slice that moves under it sends the grabs back to be planned
-            // again (nothing of the batch applied).
-            let plans: Vec<(u64, u64, u64, u64)> = batch
-                .iter()
-                .map(|w| {
-                    let sender = cellbank_client::validate::envelope_id(&w.item.envelope_id).unwrap_or(0);
-                    (sender, w.item.envelope_pair_id, w.item.user_id, w.item.grabber_pair_id)
-                })
-                .collect();
-            let holds = move |t: &cellbank_proto::router::RoutingTable| {
-                plans.iter().all(|(sender, envelope_pair, grabber, grabber_pair)| {
-                    table::route(t, *sender).map(|r| r.pair_id) == Some(*envelope_pair)
-                        && table::route(t, *grabber).map(|r| r.pair_id) == Some(*grabber_pair)
-                })
-            };
-            let outcome = pool
-                .call_clearing_planned(table::to_pair(pair_id), &holds, deadline, &message, |mut c, req| async move {
-                    c.grab(req).await
-                })
-                .await;
-            match outcome {
-                Ok(response) if response.results.len() == batch.len() => {
-                    for (waiting, result) in batch.into_iter().zip(response.results) {
-                        let _ = waiting.reply.send(Ok(result));
+            let items = batch.iter().map(|w| w.item.clone()).collect();
+            match B::call(pool, pair_id, items, deadline).await {
+                Ok(answers) if answers.len() == batch.len() => {
+                    for (waiting, answer) in batch.into_iter().zip(answers) {
+                        let _ = waiting.reply.send(Ok(answer));
                     }
                 }
                 Ok(_) => {
@@ -131,6 +140,99 @@ async fn run(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waitin
                 }
             }
             drop(permit);
-        });
+        };
+        match path {
+            Some(path) => tokio::spawn(cellbank_client::gate::as_call(path, send)),
+            None => tokio::spawn(send),
+        };
+    }
+}
+
+/// Envelope grabs, batched per envelope pair into `Clearing.Grab`.
+pub struct Grabs;
+
+impl Batched for Grabs {
+    type Item = GrabItem;
+    type Answer = GrabEnvelopeResponse;
+    const BATCH_MAX: usize = 4096;
+    const IN_FLIGHT_MAX: usize = 4;
+
+    fn timed_out() -> Status {
+        Status::deadline_exceeded(
+            "the grab did not complete in time; its outcome is unknown: grab again (a second grab answers \
+             ALREADY_GRABBED with the share if the first applied)",
+        )
+    }
+
+    async fn call(
+        pool: Arc<CellPool>,
+        pair_id: u64,
+        items: Vec<GrabItem>,
+        deadline: Instant,
+    ) -> Result<Vec<GrabEnvelopeResponse>, Status> {
+        // Each grab's plan: the envelope's and the grabber's pairs. A slice
+        // that moves under it sends the grabs back to be planned again
+        // (nothing of the batch applied).
+        let plans: Vec<(u64, u64, u64, u64)> = items
+            .iter()
+            .map(|item| {
+                let sender = cellbank_client::validate::envelope_id(&item.envelope_id).unwrap_or(0);
+                (sender, item.envelope_pair_id, item.user_id, item.grabber_pair_id)
+            })
+            .collect();
+        let holds = move |t: &RoutingTable| {
+            plans.iter().all(|(sender, envelope_pair, grabber, grabber_pair)| {
+                table::route(t, *sender).map(|r| r.pair_id) == Some(*envelope_pair)
+                    && table::route(t, *grabber).map(|r| r.pair_id) == Some(*grabber_pair)
+            })
+        };
+        let message = GrabBatch { items };
+        let response = pool
+            .call_clearing_planned(table::to_pair(pair_id), &holds, deadline, &message, |mut c, req| async move {
+                c.grab(req).await
+            })
+            .await?;
+        Ok(response.results)
+    }
+}
+
+/// Unary transfers whose two users share a pair, batched per pair into
+/// `SubmitTransfers`. Items come validated by the router (the cell's own
+/// rules), so the cell answers each as it would answer it alone.
+pub struct Transfers;
+
+impl Batched for Transfers {
+    type Item = TransferRequest;
+    type Answer = TransferResult;
+    const BATCH_MAX: usize = cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
+    const IN_FLIGHT_MAX: usize = 4;
+
+    fn timed_out() -> Status {
+        Status::deadline_exceeded(
+            "the transfer did not complete in time; its outcome is unknown: retry with the same transfer_id",
+        )
+    }
+
+    async fn call(
+        pool: Arc<CellPool>,
+        pair_id: u64,
+        transfers: Vec<TransferRequest>,
+        deadline: Instant,
+    ) -> Result<Vec<TransferResult>, Status> {
+        // Every item's two users are still in this pair.
+        let users: Vec<(u64, u64)> = transfers.iter().map(|t| (t.from_user_id, t.to_user_id)).collect();
+        let holds = move |t: &RoutingTable| {
+            users.iter().all(|(a, b)| {
+                table::route(t, *a).map(|r| r.pair_id) == Some(pair_id)
+                    && table::route(t, *b).map(|r| r.pair_id) == Some(pair_id)
+            })
+        };
+        let message = SubmitTransfersRequest { transfers };
+        let response = pool
+            .call_planned(table::to_pair(pair_id), &holds, deadline, &message, |mut c, req| async move {
+                c.submit_transfers(req).await
+            })
+            .await?;
+        Ok(response.results)
     }
 }
