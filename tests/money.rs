@@ -845,6 +845,29 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     .await;
     let envelope = found.envelope.unwrap();
     assert_eq!((envelope.shares_grabbed, envelope.remaining), (0, ENVELOPE_TOTAL), "the refused grab took nothing");
+
+    // A rush from the other pair: 20 grabbers with an account and 20
+    // without, at once (the router asks the grabbers' cell about them in
+    // batches). Each without one is refused and takes no share; each with
+    // one takes a share.
+    let others: Vec<u64> = (2000..).filter(|u| pair(*u) != pair(sender)).take(40).collect();
+    let (holders, strangers) = others.split_at(20);
+    for user in holders {
+        let opened = call(&client, |mut c| async move {
+            c.open_account(OpenAccountRequest { user_id: *user, currency: CURRENCY.into() }).await
+        })
+        .await;
+        assert_eq!(opened.code, ResultCode::Ok as i32);
+    }
+    let answers = futures::future::join_all(others.iter().map(|user| grab(*user, envelope_id.clone()))).await;
+    assert_eq!(&answers[..20], &[ResultCode::Ok as i32; 20], "holders: {answers:?}");
+    assert_eq!(&answers[20..], &[ResultCode::AccountNotFound as i32; 20], "strangers {strangers:?}: {answers:?}");
+    let found = call(&client, |mut c| {
+        let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
+        async move { c.get_envelope(request).await }
+    })
+    .await;
+    assert_eq!(found.envelope.unwrap().shares_grabbed, 20, "only the holders took shares");
     assert_reconciles(&cluster).await;
 }
 

@@ -30,8 +30,9 @@ use std::time::Duration;
 use cellbank_client::retry::{Backoff, RetryPolicy};
 use cellbank_proto::cell::clearing_server::Clearing;
 use cellbank_proto::cell::{
-    command, Command, CreditBatch, CreditResults, CreditSender, CrossCellBatch, CrossCellResults, ExpireCommand,
-    GrabBatch, GrabCommand, GrabResults, MoveCommand, OutboxEntry, RedirectCommand, SettleCommand,
+    command, AccountKeys, AccountsHeld, Command, CreditBatch, CreditResults, CreditSender, CrossCellBatch,
+    CrossCellResults, ExpireCommand, GrabBatch, GrabCommand, GrabResults, MoveCommand, OutboxEntry, RedirectCommand,
+    SettleCommand,
 };
 use cellbank_proto::router::courier_client::CourierClient;
 use cellbank_proto::v1::{GrabEnvelopeResponse, ResultCode, TransferKind, TransferResult};
@@ -184,6 +185,31 @@ impl Clearing for ClearingService {
             })
             .collect();
         Ok(Response::new(GrabResults { results }))
+    }
+
+    async fn holds_accounts(&self, request: Request<AccountKeys>) -> Result<Response<AccountsHeld>, Status> {
+        let timeout = timeout_of(&request);
+        self.context.gate(request.metadata())?;
+        let accounts = request.into_inner().accounts;
+        if accounts.len() > SUBMIT_TRANSFERS_ITEMS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "accounts: {} keys, at most {SUBMIT_TRANSFERS_ITEMS_MAX} per call",
+                accounts.len()
+            )));
+        }
+        let mut keys = Vec::with_capacity(accounts.len());
+        for key in &accounts {
+            let currency = validate::open_account(key.user_id, &key.currency).map_err(crate::context::invalid)?;
+            keys.push((key.user_id, currency));
+        }
+        let (view, _) = self.context.read_view(timeout).await?;
+        let kv = crate::context::SnapshotKv(&view);
+        let mut held = Vec::with_capacity(keys.len());
+        for (user_id, currency) in keys {
+            self.context.check_slice_here(&kv, user_id)?;
+            held.push(crate::ledger::get_user_account(&kv, user_id, currency).is_some());
+        }
+        Ok(Response::new(AccountsHeld { held }))
     }
 
     async fn apply_credits(&self, request: Request<CreditBatch>) -> Result<Response<CreditResults>, Status> {

@@ -82,15 +82,21 @@ pub fn open_db(path: &Path) -> Arc<DB> {
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
     options.set_max_background_jobs(2);
-    // Measured with `cellbank bench` (batched, one cell of three): universal
+    // Measured with `cellbank bench` on one cell of three (CPU the replicas
+    // spent per transfer, batched and unary through a router): universal
     // compaction keeps the write amplification, and so the background CPU,
-    // low for this write-heavy workload. 64 MiB memtables (instead of 8)
-    // flush an eighth as often, and most Raft log entries are deleted
-    // before they ever reach a file: in a 20 s run, 300 flushed and 370
-    // compacted bytes per transfer instead of 420 and 1,230, and 20% more
-    // transfers/s than the cheaper inserts of a small skip list gave.
+    // low for this write-heavy workload. Memtables trade two costs: a
+    // large one makes each insert a deeper, cache-missing skip-list search
+    // (unary entries of ~50 transfers land at random places: 86 us per
+    // transfer at 64 MiB against 67 at 16), a small one flushes often and
+    // writes Raft log entries to files before they are deleted (batched:
+    // 28 us at 64 MiB against 40 at 16). Four 16 MiB memtables merged into
+    // one flush give both: cheap inserts, and flushes that drop what was
+    // written and deleted in between (28 us batched, 70-74 unary).
     options.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
-    options.set_write_buffer_size(64 * 1024 * 1024);
+    options.set_write_buffer_size(16 * 1024 * 1024);
+    options.set_min_write_buffer_number_to_merge(4);
+    options.set_max_write_buffer_number(6);
     options.set_keep_log_file_num(4);
     // Most point reads during apply are misses (a new transfer id): bloom
     // filters on the memtable and on SST files let them skip the search.

@@ -50,9 +50,10 @@ pub struct Front {
     /// Accounts known to exist (user, currency): they are never closed.
     accounts: std::sync::Mutex<std::collections::HashSet<(u64, String)>>,
     /// Envelope currencies, fixed at send.
-    envelope_currencies: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    envelope_currencies: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<String>>>>,
     grabs: crate::grabs::Batcher<crate::grabs::Grabs>,
     transfers: crate::grabs::Batcher<crate::grabs::Transfers>,
+    account_checks: crate::grabs::Batcher<crate::grabs::AccountChecks>,
 }
 
 /// Most entries in each of the front's caches; past this a cache is emptied.
@@ -124,6 +125,7 @@ impl Front {
         Front {
             grabs: crate::grabs::Batcher::new(pool.clone()),
             transfers: crate::grabs::Batcher::new(pool.clone()),
+            account_checks: crate::grabs::Batcher::new(pool.clone()),
             pool,
             forbid_own_grab,
             scopes,
@@ -148,45 +150,56 @@ impl Front {
         pairs_in(&self.pool.table_view().borrow(), from, to)
     }
 
-    /// The currency of an envelope (read once from its cell, then remembered).
+    /// The currency of an envelope: read once from its cell, by one caller
+    /// while the others wait for its answer (a hot envelope's first grabs
+    /// arrive together), then remembered. An envelope not found is not
+    /// remembered: it may be sent yet.
     async fn envelope_currency(&self, envelope_id: &str, sender: u64, deadline: Instant) -> Result<String, Status> {
-        if let Some(currency) = self.envelope_currencies.lock().expect("cache lock").get(envelope_id) {
-            return Ok(currency.clone());
-        }
-        let request = GetEnvelopeRequest { envelope_id: envelope_id.to_string(), page_size: 1, page_token: vec![] };
-        let found = self
-            .pool
-            .call(reading(sender), deadline, request, |mut c, req| async move { c.get_envelope(req).await })
+        let once = {
+            let mut cache = self.envelope_currencies.lock().expect("cache lock");
+            if cache.len() >= CACHE_ENTRIES_MAX {
+                cache.clear();
+            }
+            cache.entry(envelope_id.to_string()).or_default().clone()
+        };
+        let currency = once
+            .get_or_try_init(|| async {
+                let request =
+                    GetEnvelopeRequest { envelope_id: envelope_id.to_string(), page_size: 1, page_token: vec![] };
+                let found = self
+                    .pool
+                    .call(reading(sender), deadline, request, |mut c, req| async move { c.get_envelope(req).await })
+                    .await?;
+                match found.envelope {
+                    Some(envelope) => Ok(envelope.currency),
+                    None => Err(Status::not_found("no such envelope")),
+                }
+            })
             .await?;
-        let currency = found.envelope.map(|e| e.currency).unwrap_or_default();
-        let mut cache = self.envelope_currencies.lock().expect("cache lock");
-        if cache.len() >= CACHE_ENTRIES_MAX {
-            cache.clear();
-        }
-        cache.insert(envelope_id.to_string(), currency.clone());
-        Ok(currency)
+        Ok(currency.clone())
     }
 
-    /// Whether the user holds an account in the currency (a linearizable
-    /// read at the user's cell; a positive answer is remembered).
-    async fn account_exists(&self, user_id: u64, currency: &str, deadline: Instant) -> Result<bool, Status> {
+    /// Whether the user holds an account in the currency: a linearizable
+    /// read at the user's pair, batched with other callers' (a positive
+    /// answer is remembered). A slice that moved under the check sends the
+    /// caller back to plan again.
+    async fn account_exists(
+        &self,
+        user_id: u64,
+        pair_id: u64,
+        currency: &str,
+        deadline: Instant,
+    ) -> Result<bool, Status> {
         let key = (user_id, currency.to_string());
         if self.accounts.lock().expect("cache lock").contains(&key) {
             return Ok(true);
         }
-        let request = GetAccountRequest { user_id, currency: currency.to_string() };
-        match self
-            .pool
-            .call(reading(user_id), deadline, request, |mut c, req| async move { c.get_account(req).await })
-            .await
-        {
-            Ok(_) => {
-                remember(&self.accounts, key);
-                Ok(true)
-            }
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(status) => Err(status),
+        let ask = cellbank_proto::cell::AccountKey { user_id, currency: currency.to_string() };
+        let held = self.account_checks.submit(pair_id, ask, deadline).await?;
+        if held {
+            remember(&self.accounts, key);
         }
+        Ok(held)
     }
 
     /// Cross-cell transfers of one sender pair.
@@ -643,7 +656,7 @@ impl Front {
             if currency.is_empty() {
                 return Ok(refused(ResultCode::EnvelopeNotFound, "envelope_id", "no such envelope".into()));
             }
-            if !self.account_exists(r.user_id, &currency, deadline).await? {
+            if !self.account_exists(r.user_id, grabber_pair_id, &currency, deadline).await? {
                 return Ok(refused(
                     ResultCode::AccountNotFound,
                     "user_id",

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-use cellbank_proto::cell::{GrabBatch, GrabItem};
+use cellbank_proto::cell::{AccountKey, AccountKeys, GrabBatch, GrabItem};
 use cellbank_proto::router::RoutingTable;
 use cellbank_proto::v1::{GrabEnvelopeResponse, SubmitTransfersRequest, TransferRequest, TransferResult};
 use tokio::sync::{mpsc, oneshot};
@@ -234,5 +234,40 @@ impl Batched for Transfers {
             })
             .await?;
         Ok(response.results)
+    }
+}
+
+/// The routers' check that cross-cell grabbers hold an account in the
+/// envelope's currency, batched per grabber pair into `HoldsAccounts` (a
+/// hot envelope's first grabs ask for thousands of users at once).
+pub struct AccountChecks;
+
+impl Batched for AccountChecks {
+    type Item = AccountKey;
+    type Answer = bool;
+    const BATCH_MAX: usize = cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
+    const IN_FLIGHT_MAX: usize = 4;
+
+    fn timed_out() -> Status {
+        Status::deadline_exceeded("the grabber's cell did not say in time whether the grabber holds an account")
+    }
+
+    async fn call(
+        pool: Arc<CellPool>,
+        pair_id: u64,
+        accounts: Vec<AccountKey>,
+        deadline: Instant,
+    ) -> Result<Vec<bool>, Status> {
+        // Every user is still in this pair.
+        let users: Vec<u64> = accounts.iter().map(|a| a.user_id).collect();
+        let holds =
+            move |t: &RoutingTable| users.iter().all(|u| table::route(t, *u).map(|r| r.pair_id) == Some(pair_id));
+        let message = AccountKeys { accounts };
+        let response = pool
+            .call_clearing_planned(table::to_pair(pair_id), &holds, deadline, &message, |mut c, req| async move {
+                c.holds_accounts(req).await
+            })
+            .await?;
+        Ok(response.held)
     }
 }

@@ -88,20 +88,7 @@ impl LedgerService {
     /// (UNAVAILABLE: the router asks again where the table then points):
     /// what is left here is the slice as it was when it left.
     fn check_slice_here(&self, kv: &dyn cellbank_raft::Kv, user_id: u64) -> Result<(), Status> {
-        let marks = ledger::slices::read_marks(kv);
-        match ledger::slices::mark_of_user(&marks, user_id) {
-            Some(mark) if mark.mark == cellbank_proto::cell::SliceMark::Gone as i32 => {
-                let epoch = self.context.pair.borrow().epoch;
-                Err(cellbank_client::errors::with_epoch(
-                    Status::unavailable(format!(
-                        "slice {} of user {user_id} moved to pair {}: ask the routers again",
-                        mark.slice, mark.peer_pair_id
-                    )),
-                    epoch,
-                ))
-            }
-            _ => Ok(()),
-        }
+        self.context.check_slice_here(kv, user_id)
     }
 }
 
