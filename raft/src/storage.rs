@@ -78,6 +78,9 @@ pub(crate) fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
     panic!("storage failure ({what}): {err}; stopping the replica rather than diverge")
 }
 
+/// The block cache of a replica: data, index and filter blocks.
+pub const BLOCK_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
 pub fn open_db(path: &Path) -> Arc<DB> {
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
@@ -104,7 +107,19 @@ pub fn open_db(path: &Path) -> Arc<DB> {
     options.set_memtable_prefix_bloom_ratio(0.1);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
-    table.set_block_cache(&rocksdb::Cache::new_lru_cache(128 * 1024 * 1024));
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+    // Index and filter blocks live in the block cache, partitioned, so a
+    // replica's memory is bounded by the cache whatever its data grows to
+    // (held outside it, they grew with every file: a replica's resident
+    // memory went from 300 to 560 MiB over ten minutes of batched load).
+    // Only the small top level of each file's partitioned index and filter
+    // stays pinned (universal compaction keeps its sorted runs in level 0,
+    // so pinning level 0 would pin blocks in proportion to the data).
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
+    table.set_pin_top_level_index_and_filter(true);
     options.set_block_based_table_factory(&table);
     match DB::open(&options, path) {
         Ok(db) => Arc::new(db),

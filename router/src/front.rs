@@ -140,12 +140,12 @@ impl Front {
         self.scopes.check(cellbank_client::gate::caller(request), operation, debits)
     }
 
-    /// The pairs of two users (None before the table is bootstrapped).
     /// Whether `user_id`'s slice is moving between pairs now.
     fn moving(&self, user_id: u64) -> bool {
         table::route(&self.pool.table_view().borrow(), user_id).is_some_and(|r| r.moving)
     }
 
+    /// The pairs of two users (None before the table is bootstrapped).
     fn pairs_of(&self, from: u64, to: u64) -> Option<(u64, u64)> {
         pairs_in(&self.pool.table_view().borrow(), from, to)
     }
@@ -162,7 +162,7 @@ impl Front {
             }
             cache.entry(envelope_id.to_string()).or_default().clone()
         };
-        let currency = once
+        let found = once
             .get_or_try_init(|| async {
                 let request =
                     GetEnvelopeRequest { envelope_id: envelope_id.to_string(), page_size: 1, page_token: vec![] };
@@ -175,8 +175,17 @@ impl Front {
                     None => Err(Status::not_found("no such envelope")),
                 }
             })
-            .await?;
-        Ok(currency.clone())
+            .await
+            .cloned();
+        if found.is_err() && !once.initialized() {
+            // Not remembered: ids of envelopes that do not exist must not
+            // fill the cache.
+            let mut cache = self.envelope_currencies.lock().expect("cache lock");
+            if cache.get(envelope_id).is_some_and(|cell| Arc::ptr_eq(cell, &once) && !cell.initialized()) {
+                cache.remove(envelope_id);
+            }
+        }
+        found
     }
 
     /// Whether the user holds an account in the currency: a linearizable

@@ -108,17 +108,32 @@ async fn run<B: Batched>(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Rec
         // Wait for a free call slot first, so items pile up meanwhile.
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
         let Some(first) = queue.recv().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < B::BATCH_MAX {
-            match queue.try_recv() {
-                Ok(waiting) => batch.push(waiting),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(waiting) = next.take() {
+            // A caller that went away, or whose deadline passed while it
+            // waited here, is not sent: its deadline must not cut short
+            // the others' call.
+            match (waiting.reply.is_closed(), waiting.deadline <= Instant::now()) {
+                (true, _) => {}
+                (false, true) => {
+                    let _ = waiting.reply.send(Err(B::timed_out()));
+                }
+                (false, false) => batch.push(waiting),
             }
+            if batch.len() < B::BATCH_MAX {
+                next = queue.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let pool = pool.clone();
         let path = batch[0].path.clone();
         let send = async move {
-            let deadline = batch.iter().map(|w| w.deadline).min().expect("a batch is never empty");
+            // Each caller waits for its answer only until its own deadline
+            // (`submit`); the call lasts until the latest of them.
+            let deadline = batch.iter().map(|w| w.deadline).max().expect("a batch is never empty");
             let items = batch.iter().map(|w| w.item.clone()).collect();
             match B::call(pool, pair_id, items, deadline).await {
                 Ok(answers) if answers.len() == batch.len() => {
@@ -219,13 +234,15 @@ impl Batched for Transfers {
         transfers: Vec<TransferRequest>,
         deadline: Instant,
     ) -> Result<Vec<TransferResult>, Status> {
-        // Every item's two users are still in this pair.
+        // Every item's two users are still in this pair, and neither's
+        // slice started moving: a move sends the callers back to plan
+        // again, and the direct call then waits for the move to end (a
+        // batch would be refused by the freeze and sent again, whole,
+        // through the source's log until the move ended).
         let users: Vec<(u64, u64)> = transfers.iter().map(|t| (t.from_user_id, t.to_user_id)).collect();
         let holds = move |t: &RoutingTable| {
-            users.iter().all(|(a, b)| {
-                table::route(t, *a).map(|r| r.pair_id) == Some(pair_id)
-                    && table::route(t, *b).map(|r| r.pair_id) == Some(pair_id)
-            })
+            let here = |user: u64| table::route(t, user).is_some_and(|r| r.pair_id == pair_id && !r.moving);
+            users.iter().all(|(a, b)| here(*a) && here(*b))
         };
         let message = SubmitTransfersRequest { transfers };
         let response = pool
