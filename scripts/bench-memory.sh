@@ -28,9 +28,10 @@ sys.exit(0 if pairs and all(p["mode"] == "NO_STANDBY" for p in pairs) else 1)' 2
 done
 "$bin" bench --api batch --batch-size 1000 --concurrency 16 --duration "$seconds" --warmup 0 --json >"$work/report.json" &
 bench_pid=$!
+started=$(date +%s)
 : >"$work/rss"
 while kill -0 "$bench_pid" 2>/dev/null; do
-    elapsed=$(( $(date +%s) - $(stat -c %Y "$work/report.json") ))
+    elapsed=$(( $(date +%s) - started ))
     for replica in 1 2 3; do
         pid="$(pgrep -f "cell-1/replica-$replica/replica.toml" | head -1 || true)"
         [ -n "$pid" ] && echo "$elapsed $replica $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")" >>"$work/rss"
