@@ -6,26 +6,9 @@
 # half of the run (in the first minutes the block cache, the memtables and
 # the Raft entry cache fill up to their bounds).
 #   ./scripts/bench-memory.sh [seconds]      (default 600)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo build --quiet --features fault-points
-bin="$CARGO_TARGET_DIR/debug/cellbank"
+source "$(dirname "$0")/bench-lib.sh"
 seconds="${1:-600}"
-work="$(mktemp -d)"
-up_pid=""
-trap '[ -n "$up_pid" ] && kill -INT "$up_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-export CELLBANK_CERTS="$work/data/certs"
-"$bin" up --topology deploy/local/one-cell.toml --data-dir "$work/data" >"$work/up.log" 2>&1 &
-up_pid=$!
-for _ in $(seq 1 200); do
-    "$bin" status -o json 2>/dev/null | python3 -c '
-import json, sys
-pairs = json.load(sys.stdin)["pairs"]
-sys.exit(0 if pairs and all(p["mode"] == "NO_STANDBY" for p in pairs) else 1)' 2>/dev/null && break
-    sleep 0.3
-done
+start_cluster --topology deploy/local/one-cell.toml
 "$bin" bench --api batch --batch-size 1000 --concurrency 16 --duration "$seconds" --warmup 0 --json >"$work/report.json" &
 bench_pid=$!
 started=$(date +%s)

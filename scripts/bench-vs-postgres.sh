@@ -8,57 +8,31 @@
 # cluster with mutual TLS (the default) and warms up before it measures.
 #   ./scripts/bench-vs-postgres.sh [seconds]      (default 30)
 # Prints one line per run as it ends, then the table (markdown).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
+source "$(dirname "$0")/bench-lib.sh"
 missing=()
 for pkg in postgresql-15 postgresql-contrib; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 ./scripts/apt-install.sh "${missing[@]}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cellbank-target}"
-cargo build --quiet --features fault-points
-bin="$CARGO_TARGET_DIR/debug/cellbank"
 seconds="${1:-30}"
 warmup=5
-work="$(mktemp -d)"
-chmod 755 "$work"
-up_pid=""
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-cleanup() {
-    if [ -n "$up_pid" ]; then kill -INT "$up_pid" 2>/dev/null || true; wait "$up_pid" 2>/dev/null || true; fi
+stop_postgres() {
     if [ -f "$work/pg/data/postmaster.pid" ]; then
         runuser -u postgres -- "$pg_bin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
     fi
-    rm -rf "$work"
 }
-trap cleanup EXIT
+bench_cleanup=stop_postgres
 rows=()
 
 cellbank_run() { # label topology api
-    local label="$1" topology="$2" api="$3" args
-    rm -rf "$work/data"
-    export CELLBANK_CERTS="$work/data/certs"
-    "$bin" up --topology "$topology" --data-dir "$work/data" >"$work/up.log" 2>&1 &
-    up_pid=$!
-    for _ in $(seq 1 200); do
-        if "$bin" status -o json 2>/dev/null | python3 -c '
-import json, sys
-pairs = json.load(sys.stdin)["pairs"]
-sys.exit(0 if pairs and all(p["mode"] in ("SYNC", "NO_STANDBY") for p in pairs) else 1)' 2>/dev/null; then break; fi
-        sleep 0.3
-    done
-    if [ "$api" = batch ]; then
-        args=(--api batch --batch-size 1000 --concurrency 16)
-    else
-        args=(--api unary --concurrency 256)
-    fi
-    "$bin" bench "${args[@]}" --duration "$seconds" --warmup "$warmup" --json >"$work/report.json"
-    kill -INT "$up_pid"
-    wait "$up_pid" || true
-    up_pid=""
+    local label="$1" topology="$2" api="$3"
+    start_cluster --topology "$topology"
+    bench_args_for "$api"
+    "$bin" bench "${bench_args[@]}" --duration "$seconds" --warmup "$warmup" --json >"$work/report.json"
+    stop_cluster
     local row
-    row="$(python3 - "$work/report.json" "$label" "bench ${args[*]}" <<'EOF'
+    row="$(python3 - "$work/report.json" "$label" "bench ${bench_args[*]}" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency_ms"]
