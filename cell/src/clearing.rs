@@ -204,11 +204,11 @@ impl Clearing for ClearingService {
         }
         let (view, _) = self.context.read_view(timeout).await?;
         let kv = crate::context::SnapshotKv(&view);
-        let mut held = Vec::with_capacity(keys.len());
-        for (user_id, currency) in keys {
-            self.context.check_slice_here(&kv, user_id)?;
-            held.push(crate::ledger::get_user_account(&kv, user_id, currency).is_some());
-        }
+        self.context.check_slices_here(&kv, keys.iter().map(|(user_id, _)| *user_id))?;
+        let held = keys
+            .into_iter()
+            .map(|(user_id, currency)| crate::ledger::get_user_account(&kv, user_id, currency).is_some())
+            .collect();
         Ok(Response::new(AccountsHeld { held }))
     }
 

@@ -326,24 +326,31 @@ pub(crate) fn invalid(error: validate::Invalid) -> Status {
 }
 
 impl ReplicaContext {
-    /// Refuses a read of `user_id` whose slice has left this cell (the
+    /// Refuses a read of any of `users` whose slice has left this cell (the
     /// zero balance it left behind is not the user's): UNAVAILABLE with
-    /// the pair's epoch, so the router asks the table again.
-    pub(crate) fn check_slice_here(&self, kv: &dyn cellbank_raft::Kv, user_id: u64) -> Result<(), Status> {
+    /// the pair's epoch, so the router asks the table again. The marks are
+    /// read once, however many users.
+    pub(crate) fn check_slices_here(
+        &self,
+        kv: &dyn cellbank_raft::Kv,
+        users: impl IntoIterator<Item = u64>,
+    ) -> Result<(), Status> {
         let marks = crate::ledger::slices::read_marks(kv);
-        match crate::ledger::slices::mark_of_user(&marks, user_id) {
-            Some(mark) if mark.mark == cellbank_proto::cell::SliceMark::Gone as i32 => {
+        for user_id in users {
+            if let Some(mark) = crate::ledger::slices::mark_of_user(&marks, user_id)
+                .filter(|mark| mark.mark == cellbank_proto::cell::SliceMark::Gone as i32)
+            {
                 let epoch = self.pair.borrow().epoch;
-                Err(with_epoch(
+                return Err(with_epoch(
                     Status::unavailable(format!(
                         "slice {} of user {user_id} moved to pair {}: ask the routers again",
                         mark.slice, mark.peer_pair_id
                     )),
                     epoch,
-                ))
+                ));
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 }
 

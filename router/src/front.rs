@@ -140,11 +140,6 @@ impl Front {
         self.scopes.check(cellbank_client::gate::caller(request), operation, debits)
     }
 
-    /// Whether `user_id`'s slice is moving between pairs now.
-    fn moving(&self, user_id: u64) -> bool {
-        table::route(&self.pool.table_view().borrow(), user_id).is_some_and(|r| r.moving)
-    }
-
     /// The pairs of two users (None before the table is bootstrapped).
     fn pairs_of(&self, from: u64, to: u64) -> Option<(u64, u64)> {
         pairs_in(&self.pool.table_view().borrow(), from, to)
@@ -157,10 +152,15 @@ impl Front {
     async fn envelope_currency(&self, envelope_id: &str, sender: u64, deadline: Instant) -> Result<String, Status> {
         let once = {
             let mut cache = self.envelope_currencies.lock().expect("cache lock");
-            if cache.len() >= CACHE_ENTRIES_MAX {
-                cache.clear();
+            match cache.get(envelope_id) {
+                Some(once) => once.clone(),
+                None => {
+                    if cache.len() >= CACHE_ENTRIES_MAX {
+                        cache.clear();
+                    }
+                    cache.entry(envelope_id.to_string()).or_default().clone()
+                }
             }
-            cache.entry(envelope_id.to_string()).or_default().clone()
         };
         let found = once
             .get_or_try_init(|| async {
@@ -324,46 +324,48 @@ impl LedgerApi for Front {
         // Planned again whenever a slice moves under the plan (a retry of
         // a transfer id is answered as first recorded, wherever it goes).
         loop {
-            let plan = self.pairs_of(from, to);
-            let outcome = match plan {
-                Some((source, dest)) if source != dest => {
-                    let holds = move |t: &cellbank_proto::router::RoutingTable| {
-                        table::route(t, from).map(|r| r.pair_id) == Some(source)
-                    };
-                    let item = cellbank_proto::cell::CrossCellItem {
-                        transfer: Some(r.clone()),
-                        source_pair_id: source,
-                        dest_pair_id: dest,
-                    };
-                    let batch = cellbank_proto::cell::CrossCellBatch { items: vec![item] };
-                    Front::send_cross_cell(&self.pool, source, &holds, deadline, &batch)
-                        .await
-                        .map(|mut results| TransferResponse { result: results.pop() })
-                }
-                // Coalesced with other callers' transfers into this
-                // pair, unless a slice of its users is moving (the direct
-                // call below waits for the move to end) or the call is
-                // traced (its trace follows it alone to the cell).
-                Some((pair_id, _)) if !cellbank_client::trace::sampled() && !self.moving(from) && !self.moving(to) => {
-                    self.transfers
+            let routes = {
+                let table = self.pool.table_view().borrow();
+                table::route(&table, from).zip(table::route(&table, to))
+            };
+            let plan = routes.as_ref().map(|(a, b)| (a.pair_id, b.pair_id));
+            let moving = routes.as_ref().is_some_and(|(a, b)| a.moving || b.moving);
+            let outcome =
+                match plan {
+                    Some((source, dest)) if source != dest => {
+                        let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                            table::route(t, from).map(|r| r.pair_id) == Some(source)
+                        };
+                        let item = cellbank_proto::cell::CrossCellItem {
+                            transfer: Some(r.clone()),
+                            source_pair_id: source,
+                            dest_pair_id: dest,
+                        };
+                        let batch = cellbank_proto::cell::CrossCellBatch { items: vec![item] };
+                        Front::send_cross_cell(&self.pool, source, &holds, deadline, &batch)
+                            .await
+                            .map(|mut results| TransferResponse { result: results.pop() })
+                    }
+                    // Coalesced with other callers' transfers into this
+                    // pair, unless a slice of its users is moving (the direct
+                    // call below waits for the move to end) or the call is
+                    // traced (its trace follows it alone to the cell).
+                    Some((pair_id, _)) if !moving && !cellbank_client::trace::sampled() => self
+                        .transfers
                         .submit(pair_id, r.clone(), deadline)
                         .await
-                        .map(|result| TransferResponse { result: Some(result) })
-                }
-                _ => {
-                    let holds =
-                        move |t: &cellbank_proto::router::RoutingTable| plan.is_none() || pairs_in(t, from, to) == plan;
-                    self.pool
-                        .call_planned(
-                            by_user(from),
-                            &holds,
-                            deadline,
-                            &r,
-                            |mut c, req| async move { c.transfer(req).await },
-                        )
-                        .await
-                }
-            };
+                        .map(|result| TransferResponse { result: Some(result) }),
+                    _ => {
+                        let holds = move |t: &cellbank_proto::router::RoutingTable| {
+                            plan.is_none() || pairs_in(t, from, to) == plan
+                        };
+                        self.pool
+                            .call_planned(by_user(from), &holds, deadline, &r, |mut c, req| async move {
+                                c.transfer(req).await
+                            })
+                            .await
+                    }
+                };
             match outcome {
                 Err(status) if crate::cells::is_replan(&status) => continue,
                 outcome => return outcome.map(Response::new),

@@ -37,7 +37,7 @@ pub const QUEUE_MAX: usize = 65_536;
 
 /// A kind of call that many callers' items share.
 pub trait Batched: Send + Sync + 'static {
-    type Item: Clone + Send + Sync + 'static;
+    type Item: Send + 'static;
     type Answer: Send + 'static;
     /// Most items in one call.
     const BATCH_MAX: usize;
@@ -134,23 +134,20 @@ async fn run<B: Batched>(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Rec
             // Each caller waits for its answer only until its own deadline
             // (`submit`); the call lasts until the latest of them.
             let deadline = batch.iter().map(|w| w.deadline).max().expect("a batch is never empty");
-            let items = batch.iter().map(|w| w.item.clone()).collect();
+            let (items, replies): (Vec<B::Item>, Vec<Reply<B::Answer>>) =
+                batch.into_iter().map(|w| (w.item, w.reply)).unzip();
             match B::call(pool, pair_id, items, deadline).await {
-                Ok(answers) if answers.len() == batch.len() => {
-                    for (waiting, answer) in batch.into_iter().zip(answers) {
-                        let _ = waiting.reply.send(Ok(answer));
+                Ok(answers) if answers.len() == replies.len() => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(Ok(answer));
                     }
                 }
-                Ok(_) => {
-                    for waiting in batch {
-                        let _ = waiting
-                            .reply
-                            .send(Err(Status::internal("a cell answered with the wrong number of results")));
-                    }
-                }
-                Err(status) => {
-                    for waiting in batch {
-                        let _ = waiting.reply.send(Err(status.clone()));
+                outcome => {
+                    let status = outcome
+                        .err()
+                        .unwrap_or_else(|| Status::internal("a cell answered with the wrong number of results"));
+                    for reply in replies {
+                        let _ = reply.send(Err(status.clone()));
                     }
                 }
             }

@@ -88,7 +88,7 @@ impl LedgerService {
     /// (UNAVAILABLE: the router asks again where the table then points):
     /// what is left here is the slice as it was when it left.
     fn check_slice_here(&self, kv: &dyn cellbank_raft::Kv, user_id: u64) -> Result<(), Status> {
-        self.context.check_slice_here(kv, user_id)
+        self.context.check_slices_here(kv, [user_id])
     }
 }
 
