@@ -20,7 +20,9 @@
 //!   in the figures instead of hiding (no coordinated omission).
 //!
 //! `--api unary` sends one `Transfer` per request; `--api batch` sends
-//! `SubmitTransfers` of `--batch-size` transfers. Throughput is counted in
+//! `SubmitTransfers` of `--batch-size` transfers; `--api coalesced` sends
+//! one transfer per request through the client crate's opt-in coalescer
+//! (concurrent requests leave as `SubmitTransfers` calls). Throughput is counted in
 //! transfers applied with result OK.
 
 use std::collections::BTreeMap;
@@ -66,7 +68,8 @@ pub struct BenchArgs {
     /// Failover scenario: data directory of its cluster (a temporary one when absent).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
-    /// `unary` (Transfer) or `batch` (SubmitTransfers).
+    /// `unary` (Transfer), `batch` (SubmitTransfers), or `coalesced` (one
+    /// transfer per request through the client's opt-in coalescer).
     #[arg(long, default_value = "unary")]
     api: String,
     /// Transfers per SubmitTransfers call.
@@ -226,12 +229,17 @@ async fn seed_accounts(client: &CellClient, args: &BenchArgs, run: u64) -> anyho
     Ok(())
 }
 
+/// How long a coalesced transfer may take before it is counted an error.
+const COALESCED_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Workload {
     cross_fraction: f64,
     /// Cross-cell transfers sent while measuring: (id, send time in Unix ms).
     cross_sent: Mutex<Vec<(Vec<u8>, u64)>>,
     measuring: Arc<std::sync::atomic::AtomicBool>,
     args_api_batch: bool,
+    /// One per connection when `--api coalesced`.
+    coalescers: Vec<cellbank_client::ledger::TransferCoalescer>,
     batch_size: usize,
     /// Users that may move money between each other (one group per cell).
     groups: Vec<Vec<u64>>,
@@ -302,6 +310,10 @@ impl Workload {
             let response = client.submit_transfers(SubmitTransfersRequest { transfers }).await?.into_inner();
             let ok = response.results.iter().filter(|r| r.code == ResultCode::Ok as i32).count() as u64;
             Ok((ok, response.results.len() as u64 - ok))
+        } else if !self.coalescers.is_empty() {
+            let coalescer = &self.coalescers[rng.gen_range(0..self.coalescers.len())];
+            let result = coalescer.transfer(self.transfer(rng), COALESCED_TIMEOUT).await?;
+            Ok(if result.code == ResultCode::Ok as i32 { (1, 0) } else { (0, 1) })
         } else {
             let response = client.transfer(self.transfer(rng)).await?.into_inner();
             let ok = response.result.map(|r| r.code == ResultCode::Ok as i32).unwrap_or(false);
@@ -367,7 +379,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--workload: {other:?} is not same-cell, cross-cell or envelopes"),
     }
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
-    anyhow::ensure!(args.api == "unary" || args.api == "batch", "--api is unary or batch");
+    anyhow::ensure!(["unary", "batch", "coalesced"].contains(&args.api.as_str()), "--api is unary, batch or coalesced");
     anyhow::ensure!(
         (1..=cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX).contains(&args.batch_size),
         "--batch-size is 1..=8189"
@@ -399,6 +411,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         cross_sent: Mutex::new(Vec::new()),
         measuring: measuring.clone(),
         args_api_batch: args.api == "batch",
+        coalescers: match args.api.as_str() {
+            "coalesced" => channels
+                .iter()
+                .map(|channel| {
+                    cellbank_client::ledger::TransferCoalescer::new(
+                        cellbank_client::channel::ledger(channel.clone()),
+                        Default::default(),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
         batch_size: args.batch_size,
         groups,
         currency: args.currency.clone(),

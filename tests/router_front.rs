@@ -207,4 +207,89 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     // seeds' 4.
     assert!(calls <= 200, "403 transfers and 2 seeds went to pair 1 in {calls} calls: not coalesced");
     eprintln!("403 unary transfers and 2 seeds reached pair 1 in {calls} calls");
+
+    // A service's opt-in coalescer: one transfer per caller, sent as
+    // SubmitTransfers calls, each caller answered as Transfer would answer
+    // it alone (a malformed one is INVALID_ARGUMENT naming its field).
+    let client_calls = |method: &'static str| {
+        let router_metrics = router_metrics.clone();
+        async move {
+            let label = format!("method=\"{method}\"");
+            common::metric(&router_metrics, "cellbank_grpc_server_handled_total", &label).await.unwrap_or(0)
+        }
+    };
+    let (submits_before, unary_before) = (client_calls("SubmitTransfers").await, client_calls("Transfer").await);
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cluster.routers()[0]).await.expect("channel");
+    let coalescer =
+        cellbank_client::ledger::TransferCoalescer::new(cellbank_client::channel::ledger(channel), Default::default());
+    let (d1, d2) = (by_pair[&1][4], by_pair[&2][2]);
+    seed(&client, &[d1, d2]).await;
+    // 200 from c1 to d1 (same pair) and 100 from d1 to d2 (across pairs),
+    // with a retry, an id reused with another amount, an overdraft and a
+    // transfer without an id among them.
+    let mut requests: Vec<TransferRequest> = (0..300)
+        .map(
+            |i| if i < 200 { transfer(&format!("co-{i}"), c1, d1, 2) } else { transfer(&format!("co-{i}"), d1, d2, 1) },
+        )
+        .collect();
+    requests.push(transfer("more-0", c1, c2, 1));
+    requests.push(transfer("many-2", c1, c2, 5));
+    requests.push(transfer("co-overdraft", c1, d1, seed_amount * 10));
+    requests.push(transfer("", c1, d1, 1));
+    let answers =
+        futures::future::join_all(requests.into_iter().map(|r| coalescer.transfer(r, Duration::from_secs(30)))).await;
+    for answer in &answers[..300] {
+        let answer = answer.as_ref().expect("coalesced transfer");
+        assert!(answer.code == ResultCode::Ok as i32 && !answer.duplicate, "{answer:?}");
+    }
+    for answer in &answers[200..300] {
+        let answer = answer.as_ref().unwrap();
+        assert_eq!(answer.settlement, Settlement::InTransit as i32, "across pairs: {answer:?}");
+    }
+    let retried = answers[300].as_ref().expect("retry");
+    assert!(retried.code == ResultCode::Ok as i32 && retried.duplicate, "{retried:?}");
+    let reused = answers[301].as_ref().expect("reused id");
+    assert_eq!((reused.code, reused.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "amount"));
+    let overdraft = answers[302].as_ref().expect("overdraft");
+    assert_eq!(overdraft.code, ResultCode::InsufficientFunds as i32, "{overdraft:?}");
+    let malformed = answers[303].as_ref().unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument, "{malformed:?}");
+    assert!(cellbank_client::errors::bad_field(malformed).is_some(), "names its field: {malformed:?}");
+    assert_eq!(balance(c1).await, seed_amount - 150 + 450 - 100 - 400);
+    // d1's credits are local; its debits crossed to pair 2 and are credited
+    // there once the courier delivers them.
+    assert_eq!(balance(d1).await, seed_amount + 400 - 100);
+    let delivered = tokio::time::timeout(Duration::from_secs(30), async {
+        while balance(d2).await != seed_amount + 100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(delivered.is_ok(), "the 100 cross-pair transfers reach d2");
+    let submits = client_calls("SubmitTransfers").await - submits_before;
+    let unary = client_calls("Transfer").await - unary_before;
+    assert_eq!(unary, 0, "the coalescer sends no Transfer calls when nothing is refused whole");
+    assert!((1..=150).contains(&submits), "304 transfers in {submits} SubmitTransfers calls: not coalesced");
+    eprintln!("304 coalesced transfers reached the router in {submits} SubmitTransfers calls");
+
+    // Small SubmitTransfers calls from many callers at once share calls to
+    // the cell, and each caller gets its own items' results in order.
+    let before = calls_to_pair_1().await.unwrap();
+    let calls = (0..40).map(|call| {
+        let items: Vec<TransferRequest> =
+            (0..3).map(|i| transfer(&format!("small-{call}-{i}"), c2, c1, 1 + i as u64)).collect();
+        let client = &client;
+        async move { (items.clone(), client.submit_transfers(SubmitTransfersRequest { transfers: items }).await) }
+    });
+    for (items, response) in futures::future::join_all(calls).await {
+        let results = response.expect("small batch").results;
+        assert_eq!(results.len(), items.len());
+        for result in &results {
+            assert!(result.code == ResultCode::Ok as i32 && !result.duplicate, "{result:?}");
+        }
+    }
+    let cell_calls = calls_to_pair_1().await.unwrap() - before;
+    assert!(cell_calls < 40, "40 small SubmitTransfers calls reached pair 1 in {cell_calls} calls: not coalesced");
+    assert_eq!(balance(c1).await, seed_amount - 150 + 450 - 100 - 400 + 40 * 6);
+    eprintln!("40 small SubmitTransfers calls reached pair 1 in {cell_calls} calls");
 }

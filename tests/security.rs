@@ -554,7 +554,7 @@ async fn a_service_does_only_what_its_scope_allows_and_a_new_policy_applies_with
     let policy = cluster.sup.topology.policy_path();
     let scoped = r#"
 [service.payments]
-operations = ["open_account", "transfer", "get_account", "get_transfer"]
+operations = ["open_account", "transfer", "submit_transfers", "get_account", "get_transfer"]
 debit_users = [[1, 4]]
 [service.payroll]
 operations = ["transfer", "get_transfer"]
@@ -648,6 +648,27 @@ operations = ["get_account"]
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     reporting.deposit(deposit("scoped-5")).await.expect("allowed by the new policy");
     assert_eq!(balance(1).await, 9_905);
+
+    // The service's opt-in coalescer: its callers' transfers leave as one
+    // SubmitTransfers call, which the scope refuses whole for the one
+    // caller debiting user 5; they are sent again one by one, and only
+    // that caller is refused.
+    let coalescer =
+        cellbank_client::ledger::TransferCoalescer::new(ledger("service/payments").await, Default::default());
+    let mut requests: Vec<TransferRequest> = (0..30).map(|i| transfer(&format!("co-{i}"), 1, 2)).collect();
+    requests.insert(15, transfer("co-outside", 5, 1));
+    let answers =
+        futures::future::join_all(requests.into_iter().map(|r| coalescer.transfer(r, Duration::from_secs(30)))).await;
+    for (position, answer) in answers.iter().enumerate().filter(|(position, _)| *position != 15) {
+        let answer = answer.as_ref().unwrap_or_else(|e| panic!("transfer {position}: {e:?}"));
+        assert_eq!(answer.code, cellbank_proto::v1::ResultCode::Ok as i32, "{answer:?}");
+    }
+    let refused = answers[15].as_ref().unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("may not debit user 5"), "{refused:?}");
+    assert_eq!(balance(1).await, 9_905 - 3_000);
+    assert_eq!(balance(2).await, 10_100 + 3_000);
+    assert_eq!(balance(5).await, 10_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

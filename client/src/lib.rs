@@ -10,6 +10,9 @@
 //!   deadline from;
 //! - [`errors`]: the structured details every refusal carries (the bad
 //!   field, the reason, the leader's address);
+//! - [`batch`]: coalescing of concurrent calls into batched ones (the
+//!   routers' calls to cells), and [`ledger`]: a service's opt-in
+//!   coalescing of its unary transfers into `SubmitTransfers`;
 //! - [`cell`]: a client of one cell that follows its leader;
 //! - [`routers`]: [`ClusterClient`], the routers' admin API (status,
 //!   operator actions, audit log), following the coordinator;
@@ -33,6 +36,7 @@
 // tonic::Status is the error of every call here, as of every gRPC client.
 #![allow(clippy::result_large_err)]
 
+pub mod batch;
 pub mod cell;
 pub mod channel;
 pub mod clock;
@@ -41,6 +45,7 @@ pub mod deadline;
 pub mod errors;
 pub mod gate;
 pub mod integrity;
+pub mod ledger;
 pub mod pair;
 pub mod planes;
 pub mod retry;

@@ -58,6 +58,10 @@ pub struct Front {
 
 /// Most entries in each of the front's caches; past this a cache is emptied.
 const CACHE_ENTRIES_MAX: usize = 1_000_000;
+/// A `SubmitTransfers` part for one pair of at most this many items joins
+/// the pair's coalesced calls (with unary transfers and other callers'
+/// small parts); a larger part is already a good call and goes alone.
+const COALESCED_PART_MAX: usize = 256;
 
 /// The namespace of the caller's transfer ids: a service's own
 /// (`validate::in_namespace`); none for an operator, or on an insecure
@@ -421,8 +425,9 @@ impl LedgerApi for Front {
             self.pool.load().record_many(&table, load);
         }
         while !pending.is_empty() {
-            // pair id -> (positions, items)
-            let mut parts: std::collections::BTreeMap<u64, (Vec<usize>, Vec<TransferRequest>)> = Default::default();
+            // pair id -> (positions, items, whether a slice of theirs moves)
+            let mut parts: std::collections::BTreeMap<u64, (Vec<usize>, Vec<TransferRequest>, bool)> =
+                Default::default();
             // sender pair id -> (positions, cross-cell items)
             let mut cross: std::collections::BTreeMap<u64, (Vec<usize>, Vec<cellbank_proto::cell::CrossCellItem>)> =
                 Default::default();
@@ -444,11 +449,33 @@ impl LedgerApi for Front {
                     let part = parts.entry(from.pair_id).or_default();
                     part.0.push(position);
                     part.1.push(item);
+                    part.2 |= from.moving || to.moving;
                 }
             }
-            let local_calls = parts.into_iter().map(|(pair_id, (positions, transfers))| {
+            let traced = cellbank_client::trace::sampled();
+            let local_calls = parts.into_iter().map(|(pair_id, (positions, transfers, moving))| {
                 let pool = self.pool.clone();
                 async move {
+                    // Coalesced with other calls' items bound for this pair
+                    // (small batches from many callers make few, larger
+                    // cell calls), unless a slice moves or the call is
+                    // traced: as for a unary transfer.
+                    if !moving && !traced && transfers.len() <= COALESCED_PART_MAX {
+                        let answers = futures::future::join_all(
+                            transfers.iter().map(|t| self.transfers.submit(pair_id, t.clone(), deadline)),
+                        )
+                        .await;
+                        let mut done = Vec::with_capacity(positions.len());
+                        let mut again = Vec::new();
+                        for ((position, transfer), answer) in positions.into_iter().zip(transfers).zip(answers) {
+                            match answer {
+                                Ok(result) => done.push((position, result)),
+                                Err(status) if crate::cells::is_replan(&status) => again.push((position, transfer)),
+                                Err(status) => return Err(status),
+                            }
+                        }
+                        return Ok((done, again));
+                    }
                     // Every item's two users are still in this pair.
                     let users: Vec<(u64, u64)> = transfers.iter().map(|t| (t.from_user_id, t.to_user_id)).collect();
                     let holds = move |t: &cellbank_proto::router::RoutingTable| {
@@ -463,14 +490,14 @@ impl LedgerApi for Front {
                     let response = match outcome {
                         Ok(response) => response,
                         Err(status) if crate::cells::is_replan(&status) => {
-                            return Ok(Err(positions.into_iter().zip(message.transfers).collect::<Vec<_>>()))
+                            return Ok((Vec::new(), positions.into_iter().zip(message.transfers).collect::<Vec<_>>()))
                         }
                         Err(status) => return Err(status),
                     };
                     if response.results.len() != positions.len() {
                         return Err(Status::internal("a cell answered with the wrong number of results"));
                     }
-                    Ok::<_, Status>(Ok((positions, response.results)))
+                    Ok::<_, Status>((positions.into_iter().zip(response.results).collect(), Vec::new()))
                 }
             });
             let cross_calls = cross.into_iter().map(|(pair_id, (positions, items))| {
@@ -485,11 +512,11 @@ impl LedgerApi for Front {
                     };
                     let batch = cellbank_proto::cell::CrossCellBatch { items };
                     match Front::send_cross_cell(&pool, pair_id, &holds, deadline, &batch).await {
-                        Ok(results) => Ok::<_, Status>(Ok((positions, results))),
-                        Err(status) if crate::cells::is_replan(&status) => Ok(Err(positions
-                            .into_iter()
-                            .zip(batch.items.into_iter().filter_map(|i| i.transfer))
-                            .collect())),
+                        Ok(results) => Ok::<_, Status>((positions.into_iter().zip(results).collect(), Vec::new())),
+                        Err(status) if crate::cells::is_replan(&status) => Ok((
+                            Vec::new(),
+                            positions.into_iter().zip(batch.items.into_iter().filter_map(|i| i.transfer)).collect(),
+                        )),
                         Err(status) => Err(status),
                     }
                 }
@@ -498,14 +525,11 @@ impl LedgerApi for Front {
                 futures::future::join(futures::future::join_all(local_calls), futures::future::join_all(cross_calls))
                     .await;
             for part in local.into_iter().chain(remote) {
-                match part? {
-                    Ok((positions, part_results)) => {
-                        for (position, result) in positions.into_iter().zip(part_results) {
-                            results[position] = Some(result);
-                        }
-                    }
-                    Err(again) => pending.extend(again),
+                let (done, again) = part?;
+                for (position, result) in done {
+                    results[position] = Some(result);
                 }
+                pending.extend(again);
             }
             if !pending.is_empty() {
                 // A slice moved under the plan: wait for the table's news.

@@ -7,9 +7,8 @@
 //! credit (the cell answers once the grab is applied; credits travel later
 //! through the outbox).
 //!
-//! Per pair and kind, one task takes what has queued up (at most
-//! [`Batched::BATCH_MAX`]) and sends it; up to [`Batched::IN_FLIGHT_MAX`]
-//! such calls run at once, so a lone caller goes out at once and callers
+//! Per pair and kind, one queue of [`cellbank_client::batch`] takes what
+//! has queued up and sends it; a lone caller goes out at once, and callers
 //! pile up into batches only while earlier calls are in flight.
 //!
 //! A failed call fails each of its items with the call's status (a slice
@@ -19,144 +18,40 @@
 //! cell gives that item alone.
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
+use cellbank_client::batch::{Batched, Queue};
 use cellbank_proto::cell::{AccountKey, AccountKeys, GrabBatch, GrabItem};
 use cellbank_proto::router::RoutingTable;
 use cellbank_proto::v1::{GrabEnvelopeResponse, SubmitTransfersRequest, TransferRequest, TransferResult};
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
 
 use crate::cells::CellPool;
 use crate::table;
 
-/// Items waiting per pair before callers are pushed back.
-pub const QUEUE_MAX: usize = 65_536;
+/// Where a batch goes: the pool, and the pair whose active cell answers.
+pub type PairTarget = (Arc<CellPool>, u64);
 
-/// A kind of call that many callers' items share.
-pub trait Batched: Send + Sync + 'static {
-    type Item: Send + 'static;
-    type Answer: Send + 'static;
-    /// Most items in one call.
-    const BATCH_MAX: usize;
-    /// Calls of this kind in flight per pair.
-    const IN_FLIGHT_MAX: usize;
-    /// What a caller whose deadline passed is told.
-    fn timed_out() -> Status;
-    /// Sends `items` to `pair_id`'s active cell: one answer per item, in order.
-    fn call(
-        pool: Arc<CellPool>,
-        pair_id: u64,
-        items: Vec<Self::Item>,
-        deadline: Instant,
-    ) -> impl std::future::Future<Output = Result<Vec<Self::Answer>, Status>> + Send;
-}
-
-type Reply<A> = oneshot::Sender<Result<A, Status>>;
-
-struct Waiting<B: Batched> {
-    item: B::Item,
-    deadline: Instant,
-    reply: Reply<B::Answer>,
-    /// The client call it serves, for the router's per-method counts.
-    path: Option<tonic::codegen::http::Uri>,
-}
-
-pub struct Batcher<B: Batched> {
+/// One queue per pair for one kind of batched call.
+pub struct Batcher<B: Batched<Target = PairTarget>> {
     pool: Arc<CellPool>,
-    queues: Mutex<HashMap<u64, mpsc::Sender<Waiting<B>>>>,
-    kind: PhantomData<B>,
+    queues: Mutex<HashMap<u64, Queue<B>>>,
 }
 
-impl<B: Batched> Batcher<B> {
+impl<B: Batched<Target = PairTarget>> Batcher<B> {
     pub fn new(pool: Arc<CellPool>) -> Batcher<B> {
-        Batcher { pool, queues: Mutex::new(HashMap::new()), kind: PhantomData }
+        Batcher { pool, queues: Mutex::new(HashMap::new()) }
     }
 
-    fn queue(&self, pair_id: u64) -> mpsc::Sender<Waiting<B>> {
+    fn queue(&self, pair_id: u64) -> Queue<B> {
         let mut queues = self.queues.lock().expect("batch queues lock");
-        queues
-            .entry(pair_id)
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(QUEUE_MAX);
-                tokio::spawn(run::<B>(self.pool.clone(), pair_id, rx));
-                tx
-            })
-            .clone()
+        queues.entry(pair_id).or_insert_with(|| Queue::new((self.pool.clone(), pair_id))).clone()
     }
 
     /// One item, answered when its batch is.
     pub async fn submit(&self, pair_id: u64, item: B::Item, deadline: Instant) -> Result<B::Answer, Status> {
-        let (reply, answer) = oneshot::channel();
-        let path = cellbank_client::gate::call_path();
-        self.queue(pair_id)
-            .try_send(Waiting { item, deadline, reply, path })
-            .map_err(|_| Status::resource_exhausted("too many calls waiting for this cell; retry"))?;
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(Status::unavailable("the router is stopping")),
-            Err(_) => Err(B::timed_out()),
-        }
-    }
-}
-
-async fn run<B: Batched>(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Receiver<Waiting<B>>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(B::IN_FLIGHT_MAX));
-    loop {
-        // Wait for a free call slot first, so items pile up meanwhile.
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let Some(first) = queue.recv().await else { return };
-        let mut batch = Vec::new();
-        let mut next = Some(first);
-        while let Some(waiting) = next.take() {
-            // A caller that went away, or whose deadline passed while it
-            // waited here, is not sent: its deadline must not cut short
-            // the others' call.
-            match (waiting.reply.is_closed(), waiting.deadline <= Instant::now()) {
-                (true, _) => {}
-                (false, true) => {
-                    let _ = waiting.reply.send(Err(B::timed_out()));
-                }
-                (false, false) => batch.push(waiting),
-            }
-            if batch.len() < B::BATCH_MAX {
-                next = queue.try_recv().ok();
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let pool = pool.clone();
-        let path = batch[0].path.clone();
-        let send = async move {
-            // Each caller waits for its answer only until its own deadline
-            // (`submit`); the call lasts until the latest of them.
-            let deadline = batch.iter().map(|w| w.deadline).max().expect("a batch is never empty");
-            let (items, replies): (Vec<B::Item>, Vec<Reply<B::Answer>>) =
-                batch.into_iter().map(|w| (w.item, w.reply)).unzip();
-            match B::call(pool, pair_id, items, deadline).await {
-                Ok(answers) if answers.len() == replies.len() => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                outcome => {
-                    let status = outcome
-                        .err()
-                        .unwrap_or_else(|| Status::internal("a cell answered with the wrong number of results"));
-                    for reply in replies {
-                        let _ = reply.send(Err(status.clone()));
-                    }
-                }
-            }
-            drop(permit);
-        };
-        match path {
-            Some(path) => tokio::spawn(cellbank_client::gate::as_call(path, send)),
-            None => tokio::spawn(send),
-        };
+        self.queue(pair_id).submit(item, deadline).await
     }
 }
 
@@ -164,6 +59,7 @@ async fn run<B: Batched>(pool: Arc<CellPool>, pair_id: u64, mut queue: mpsc::Rec
 pub struct Grabs;
 
 impl Batched for Grabs {
+    type Target = PairTarget;
     type Item = GrabItem;
     type Answer = GrabEnvelopeResponse;
     const BATCH_MAX: usize = 4096;
@@ -177,8 +73,7 @@ impl Batched for Grabs {
     }
 
     async fn call(
-        pool: Arc<CellPool>,
-        pair_id: u64,
+        (pool, pair_id): PairTarget,
         items: Vec<GrabItem>,
         deadline: Instant,
     ) -> Result<Vec<GrabEnvelopeResponse>, Status> {
@@ -214,6 +109,7 @@ impl Batched for Grabs {
 pub struct Transfers;
 
 impl Batched for Transfers {
+    type Target = PairTarget;
     type Item = TransferRequest;
     type Answer = TransferResult;
     const BATCH_MAX: usize = cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
@@ -226,8 +122,7 @@ impl Batched for Transfers {
     }
 
     async fn call(
-        pool: Arc<CellPool>,
-        pair_id: u64,
+        (pool, pair_id): PairTarget,
         transfers: Vec<TransferRequest>,
         deadline: Instant,
     ) -> Result<Vec<TransferResult>, Status> {
@@ -257,6 +152,7 @@ impl Batched for Transfers {
 pub struct AccountChecks;
 
 impl Batched for AccountChecks {
+    type Target = PairTarget;
     type Item = AccountKey;
     type Answer = bool;
     const BATCH_MAX: usize = cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
@@ -267,8 +163,7 @@ impl Batched for AccountChecks {
     }
 
     async fn call(
-        pool: Arc<CellPool>,
-        pair_id: u64,
+        (pool, pair_id): PairTarget,
         accounts: Vec<AccountKey>,
         deadline: Instant,
     ) -> Result<Vec<bool>, Status> {
