@@ -871,6 +871,74 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     assert_reconciles(&cluster).await;
 }
 
+/// During a rolling upgrade the routers may be newer than the cells: a
+/// cell that answers `HoldsAccounts` UNIMPLEMENTED (as a build from before
+/// it) is asked with `GetAccount`, and a rush of cross-cell grabs is
+/// answered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cross_cell_grabs_are_answered_by_cells_without_holds_accounts() {
+    let token = "upgrade-test-token";
+    let mut cluster = Cluster::start_some(1, 2, |t| t.admin_token = Some(token.to_string()), |_| false);
+    cluster.sup.set_env(cellbank_raft::faults::STARTUP_ENV, "clearing.holds_accounts=unimplemented:600000");
+    for id in cluster.sup.ids() {
+        cluster.sup.start(id).expect("start a process of the cluster");
+    }
+    for pair in [1, 2] {
+        cluster.wait_for_mode(pair, PairMode::Sync, Duration::from_secs(30)).await;
+    }
+    // The replicas do answer as older builds.
+    for cell in [1, 2] {
+        for addr in cluster.sup.cell_endpoints(cell) {
+            let addr = cellbank_client::planes::Plane::Admin.of(&addr);
+            let channel = cellbank_client::ChannelSettings::SERVICE.connect(&addr).await.unwrap();
+            let mut faults = cellbank_proto::cell::fault_points_client::FaultPointsClient::new(channel);
+            let mut request = tonic::Request::new(cellbank_proto::cell::ListFaultsRequest {});
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let list = faults.list(request).await.unwrap().into_inner();
+            let points: Vec<&str> = list.faults.iter().map(|f| f.point.as_str()).collect();
+            assert_eq!(points, ["clearing.holds_accounts"], "cell {cell} {addr}");
+        }
+    }
+    let client = cluster.client();
+    let table = cluster.status().await.unwrap().table.unwrap();
+    let pair = |user| cellbank_router::table::route(&table, user).unwrap().pair_id;
+    let sender = 1u64;
+    open_and_seed(&client, &[sender]).await;
+    let envelope_id = send_envelope(&client, sender, "rolling-upgrade", 0).await;
+    let others: Vec<u64> = (2000..).filter(|u| pair(*u) != pair(sender)).take(20).collect();
+    let (holders, strangers) = others.split_at(10);
+    for user in holders {
+        let opened = call(&client, |mut c| async move {
+            c.open_account(OpenAccountRequest { user_id: *user, currency: CURRENCY.into() }).await
+        })
+        .await;
+        assert_eq!(opened.code, ResultCode::Ok as i32);
+    }
+    let grabs = others.iter().map(|user| {
+        let (client, envelope_id) = (&client, envelope_id.clone());
+        async move {
+            call(client, |mut c| {
+                let request = GrabEnvelopeRequest { envelope_id: envelope_id.clone(), user_id: *user };
+                async move { c.grab_envelope(request).await }
+            })
+            .await
+            .result
+            .unwrap()
+            .code
+        }
+    });
+    let answers = futures::future::join_all(grabs).await;
+    assert_eq!(&answers[..10], &[ResultCode::Ok as i32; 10], "holders: {answers:?}");
+    assert_eq!(&answers[10..], &[ResultCode::AccountNotFound as i32; 10], "strangers {strangers:?}: {answers:?}");
+    let found = call(&client, |mut c| {
+        let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
+        async move { c.get_envelope(request).await }
+    })
+    .await;
+    assert_eq!(found.envelope.unwrap().shares_grabbed, 10, "only the holders took shares");
+    assert_reconciles(&cluster).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expiring_envelope_returns_the_rest_once_across_a_leader_change() {
     let mut cluster = Cluster::start(1, 2, |_| {});

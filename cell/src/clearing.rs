@@ -190,6 +190,9 @@ impl Clearing for ClearingService {
     async fn holds_accounts(&self, request: Request<AccountKeys>) -> Result<Response<AccountsHeld>, Status> {
         let timeout = timeout_of(&request);
         self.context.gate(request.metadata())?;
+        if cellbank_raft::faults::holds_accounts_unimplemented() {
+            return Err(Status::unimplemented("cellbank.cell.v1.Clearing/HoldsAccounts (fault point)"));
+        }
         let accounts = request.into_inner().accounts;
         if accounts.len() > SUBMIT_TRANSFERS_ITEMS_MAX {
             return Err(Status::invalid_argument(format!(

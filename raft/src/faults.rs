@@ -24,6 +24,9 @@
 //!   router): the coordinator aborts in the middle of a slice move, once
 //!   the source froze the slice, once the slice's money left it, or once
 //!   the target imported it (before the table's flip).
+//! - `clearing.holds_accounts` (action `unimplemented`): the replica
+//!   answers `Clearing.HoldsAccounts` UNIMPLEMENTED, as a build from before
+//!   that call would during a rolling upgrade.
 //!
 //! A fault can also be in place from the first instant of a process, before
 //! its gRPC server answers (an old active restarted cut off from its
@@ -45,6 +48,7 @@ pub const POINTS: &[&str] = &[
     "move.frozen",
     "move.left",
     "move.imported",
+    "clearing.holds_accounts",
 ];
 /// Longest a fault may last before it heals itself.
 pub const DURATION_MAX: Duration = Duration::from_secs(600);
@@ -134,6 +138,7 @@ pub fn validate(request: &InjectFaultRequest) -> Result<(), InvalidFault> {
         "standby.ack" => &["skip"],
         "disk.sync" => &["delay", "error"],
         "snapshot.install" | "move.frozen" | "move.left" | "move.imported" => &["crash"],
+        "clearing.holds_accounts" => &["unimplemented"],
         _ => &["offset"],
     };
     if !allowed.contains(&request.action.as_str()) {
@@ -306,6 +311,13 @@ pub fn disk_sync() -> Result<(), String> {
 #[inline]
 pub fn skip_standby_ack() -> bool {
     registry::find("standby.ack", 0).is_some()
+}
+
+/// `clearing.holds_accounts`: true while the replica answers as a build
+/// without `HoldsAccounts`.
+#[inline]
+pub fn holds_accounts_unimplemented() -> bool {
+    registry::find("clearing.holds_accounts", 0).is_some()
 }
 
 /// `snapshot.install`: true while an install must stop the process half way.

@@ -195,7 +195,9 @@ impl Front {
     /// Whether the user holds an account in the currency: a linearizable
     /// read at the user's pair, batched with other callers' (a positive
     /// answer is remembered). A slice that moved under the check sends the
-    /// caller back to plan again.
+    /// caller back to plan again. A cell of a build without `HoldsAccounts`
+    /// (met during a rolling upgrade, cells upgraded after routers) is asked
+    /// with `GetAccount`, one user per call.
     async fn account_exists(
         &self,
         user_id: u64,
@@ -208,7 +210,21 @@ impl Front {
             return Ok(true);
         }
         let ask = cellbank_proto::cell::AccountKey { user_id, currency: currency.to_string() };
-        let held = self.account_checks.submit(pair_id, ask, deadline).await?;
+        let held = match self.account_checks.submit(pair_id, ask, deadline).await {
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                let request = GetAccountRequest { user_id, currency: currency.to_string() };
+                let read = self
+                    .pool
+                    .call(reading(user_id), deadline, request, |mut c, req| async move { c.get_account(req).await })
+                    .await;
+                match read {
+                    Ok(_) => true,
+                    Err(status) if status.code() == tonic::Code::NotFound => false,
+                    Err(status) => return Err(status),
+                }
+            }
+            held => held?,
+        };
         if held {
             remember(&self.accounts, key);
         }
