@@ -48,12 +48,13 @@ stop_cluster() {
     fi
 }
 
-# The benchmark's arguments for `batch` (1,000 per call, 16 in flight) or
-# `unary` (256 in flight), in the array bench_args.
+# The benchmark's arguments for `batch` (1,000 per call, 16 in flight),
+# `unary` (256 in flight) or `coalesced` (256 in flight, one transfer each,
+# through the client's opt-in coalescer), in the array bench_args.
 bench_args_for() {
-    if [ "$1" = batch ]; then
-        bench_args=(--api batch --batch-size 1000 --concurrency 16)
-    else
-        bench_args=(--api unary --concurrency 256)
-    fi
+    case "$1" in
+        batch) bench_args=(--api batch --batch-size 1000 --concurrency 16) ;;
+        coalesced) bench_args=(--api coalesced --concurrency 256) ;;
+        *) bench_args=(--api unary --concurrency 256) ;;
+    esac
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The performance table in one run on this machine: cellbank's transfers
 # (one 3-replica cell behind a router, and the default cluster of two
-# pairs with synchronous standbys; batched SubmitTransfers and unary
-# Transfer) next to PostgreSQL's pgbench TPC-B-like figure (Debian's
+# pairs with synchronous standbys; batched SubmitTransfers, unary
+# Transfer, and unary transfers through the client's opt-in coalescer) next to PostgreSQL's pgbench TPC-B-like figure (Debian's
 # PostgreSQL, a fresh initdb, shared_buffers 1 GB, fsync and synchronous
 # commit on, scale 50, 64 clients). Every cellbank run starts a fresh
 # cluster with mutual TLS (the default) and warms up before it measures.
@@ -48,6 +48,8 @@ cellbank_run "one 3-replica cell behind one router, batched" deploy/local/one-ce
 cellbank_run "one 3-replica cell behind one router, unary" deploy/local/one-cell.toml unary
 cellbank_run "default cluster (2 pairs, synchronous standbys), batched" deploy/local/cluster.toml batch
 cellbank_run "default cluster (2 pairs, synchronous standbys), unary" deploy/local/cluster.toml unary
+cellbank_run "one 3-replica cell behind one router, unary through the client's coalescer" deploy/local/one-cell.toml coalesced
+cellbank_run "default cluster, unary through the client's coalescer" deploy/local/cluster.toml coalesced
 
 # PostgreSQL: its own data directory, socket and port, owned by its user.
 mkdir -p "$work/pg"

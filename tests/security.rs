@@ -549,7 +549,7 @@ async fn renewed_certificates_are_used_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_does_only_what_its_scope_allows_and_a_new_policy_applies_without_a_restart() {
     use cellbank_proto::v1::{DepositRequest, GetTransferRequest, TransferRequest};
-    let cluster = Cluster::start(1, 1, |_| {});
+    let cluster = Cluster::start(1, 1, |t| t.routers[0].metrics = Some(format!("127.0.0.1:{}", common::free_port())));
     cluster.wait_for_mode(1, PairMode::Sync, Duration::from_secs(60)).await;
     let policy = cluster.sup.topology.policy_path();
     let scoped = r#"
@@ -653,6 +653,16 @@ operations = ["get_account"]
     // SubmitTransfers call, which the scope refuses whole for the one
     // caller debiting user 5; they are sent again one by one, and only
     // that caller is refused.
+    let router_metrics = cluster.sup.metrics_addr(cellbank::supervisor::ProcessId::Router(1)).expect("router metrics");
+    let calls = |method: &'static str, code: &'static str| {
+        let router_metrics = router_metrics.clone();
+        async move {
+            let label = format!("code=\"{code}\",method=\"{method}\"");
+            common::metric(&router_metrics, "cellbank_grpc_server_handled_total", &label).await.unwrap_or(0)
+        }
+    };
+    let (refused_before, unary_before) =
+        (calls("SubmitTransfers", "PermissionDenied").await, calls("Transfer", "OK").await);
     let coalescer =
         cellbank_client::ledger::TransferCoalescer::new(ledger("service/payments").await, Default::default());
     let mut requests: Vec<TransferRequest> = (0..30).map(|i| transfer(&format!("co-{i}"), 1, 2)).collect();
@@ -666,6 +676,9 @@ operations = ["get_account"]
     let refused = answers[15].as_ref().unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("may not debit user 5"), "{refused:?}");
+    // The batch was refused whole, then its 30 other transfers went alone.
+    assert!(calls("SubmitTransfers", "PermissionDenied").await > refused_before, "a batch was refused whole");
+    assert!(calls("Transfer", "OK").await >= unary_before + 30, "the others went again one by one");
     assert_eq!(balance(1).await, 9_905 - 3_000);
     assert_eq!(balance(2).await, 10_100 + 3_000);
     assert_eq!(balance(5).await, 10_000);

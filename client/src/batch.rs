@@ -36,6 +36,11 @@ pub trait Batched: Send + Sync + 'static {
     const IN_FLIGHT_MAX: usize;
     /// What a caller whose deadline passed is told.
     fn timed_out() -> Status;
+    /// How many of a call's [`Batched::BATCH_MAX`] places this caller's
+    /// item takes (an item may be several that travel together, in order).
+    fn weight(_item: &Self::Item) -> usize {
+        1
+    }
     /// Sends `items` to `target`: one answer per item, in order.
     fn call(
         target: Self::Target,
@@ -92,11 +97,20 @@ impl<B: Batched> Queue<B> {
 
 async fn run<B: Batched>(target: B::Target, mut queue: mpsc::Receiver<Waiting<B>>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(B::IN_FLIGHT_MAX));
+    // An item that did not fit in the previous call: the first of the next.
+    let mut carried: Option<Waiting<B>> = None;
     loop {
         // Wait for a free call slot first, so items pile up meanwhile.
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let Some(first) = queue.recv().await else { return };
+        let first = match carried.take() {
+            Some(waiting) => waiting,
+            None => match queue.recv().await {
+                Some(waiting) => waiting,
+                None => return,
+            },
+        };
         let mut batch = Vec::new();
+        let mut weight = 0;
         let mut next = Some(first);
         while let Some(waiting) = next.take() {
             // A caller that went away, or whose deadline passed while it
@@ -107,9 +121,17 @@ async fn run<B: Batched>(target: B::Target, mut queue: mpsc::Receiver<Waiting<B>
                 (false, true) => {
                     let _ = waiting.reply.send(Err(B::timed_out()));
                 }
-                (false, false) => batch.push(waiting),
+                (false, false) => {
+                    let item_weight = B::weight(&waiting.item);
+                    if !batch.is_empty() && weight + item_weight > B::BATCH_MAX {
+                        carried = Some(waiting);
+                        break;
+                    }
+                    weight += item_weight;
+                    batch.push(waiting);
+                }
             }
-            if batch.len() < B::BATCH_MAX {
+            if weight < B::BATCH_MAX {
                 next = queue.try_recv().ok();
             }
         }

@@ -12,10 +12,17 @@
 //! - the call's status when the whole call failed (each caller may retry
 //!   with the same transfer id, as after a failed `Transfer`).
 //!
-//! A batch refused as a whole with PERMISSION_DENIED (one item's sender is
-//! outside the service's scope) is sent again one transfer per call, so
-//! that only the callers at fault are refused. The service's identity
-//! needs the `submit_transfers` scope as well as `transfer`. Per-call
+//! A batch refused or failed as a whole (PERMISSION_DENIED because one
+//! item's sender is outside the service's scope, or a failure after which
+//! some items may have applied) is sent again one transfer per `Transfer`
+//! call, with the same transfer ids, so that each caller hears its own
+//! answer (one whose transfer had applied hears it as a duplicate). Not
+//! after DEADLINE_EXCEEDED, CANCELLED, RESOURCE_EXHAUSTED or
+//! UNAUTHENTICATED: those reach every caller, whose outcome is then unknown
+//! (retry with the same transfer id, never a new one). The service's
+//! identity needs the `transfer` and `submit_transfers` scopes. The
+//! coalescer calls through the channel it is given and does not retry or
+//! follow leaders itself (the routers do that toward cells). Per-call
 //! metadata of the callers (trace context) does not travel: the batch
 //! carries the metadata the coalescer was made with.
 
@@ -75,13 +82,13 @@ impl Batched for Coalesced {
         transfers: Vec<TransferRequest>,
         deadline: Instant,
     ) -> Result<Vec<Self::Answer>, Status> {
-        // Kept only for a batch that may have to go again one by one.
-        let alone = (transfers.len() > 1).then(|| transfers.clone());
+        // Kept for a batch that has to go again one by one.
+        let alone = transfers.clone();
         match client.clone().submit_transfers(request(SubmitTransfersRequest { transfers }, &metadata, deadline)).await
         {
             Ok(response) => Ok(response.into_inner().results.into_iter().map(as_unary).collect()),
-            Err(status) if status.code() == Code::PermissionDenied && alone.is_some() => {
-                let each = alone.expect("checked").into_iter().map(|transfer| {
+            Err(status) if each_alone(&status) => {
+                let each = alone.into_iter().map(|transfer| {
                     let mut client = client.clone();
                     let request = request(transfer, &metadata, deadline);
                     async move {
@@ -95,6 +102,17 @@ impl Batched for Coalesced {
             Err(status) => Err(status),
         }
     }
+}
+
+/// Whether a batch refused or failed whole goes again one transfer per
+/// call, so that each caller hears its own answer: a refusal of the batch
+/// for one item (PERMISSION_DENIED: one sender outside the scope; or the
+/// `submit_transfers` scope missing) or a failure that may have come after
+/// some items applied. Not when time is up, the caller cancelled, the
+/// router is shedding load (the same calls alone would add to it) or the
+/// service is not who it says.
+fn each_alone(status: &Status) -> bool {
+    !matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted | Code::Unauthenticated)
 }
 
 /// A call of `message` with `metadata`, lasting until `deadline`.

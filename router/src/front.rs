@@ -372,9 +372,9 @@ impl LedgerApi for Front {
                     // traced (its trace follows it alone to the cell).
                     Some((pair_id, _)) if !moving && !cellbank_client::trace::sampled() => self
                         .transfers
-                        .submit(pair_id, r.clone(), deadline)
+                        .submit(pair_id, vec![r.clone()], deadline)
                         .await
-                        .map(|result| TransferResponse { result: Some(result) }),
+                        .map(|mut results| TransferResponse { result: results.pop() }),
                     _ => {
                         let holds = move |t: &cellbank_proto::router::RoutingTable| {
                             plan.is_none() || pairs_in(t, from, to) == plan
@@ -475,22 +475,16 @@ impl LedgerApi for Front {
                     // Coalesced with other calls' items bound for this pair
                     // (small batches from many callers make few, larger
                     // cell calls), unless a slice moves or the call is
-                    // traced: as for a unary transfer.
+                    // traced: as for a unary transfer. The part travels
+                    // whole, in order, in one cell call.
                     if !moving && !traced && transfers.len() <= COALESCED_PART_MAX {
-                        let answers = futures::future::join_all(
-                            transfers.iter().map(|t| self.transfers.submit(pair_id, t.clone(), deadline)),
-                        )
-                        .await;
-                        let mut done = Vec::with_capacity(positions.len());
-                        let mut again = Vec::new();
-                        for ((position, transfer), answer) in positions.into_iter().zip(transfers).zip(answers) {
-                            match answer {
-                                Ok(result) => done.push((position, result)),
-                                Err(status) if crate::cells::is_replan(&status) => again.push((position, transfer)),
-                                Err(status) => return Err(status),
+                        return match self.transfers.submit(pair_id, transfers.clone(), deadline).await {
+                            Ok(results) => Ok((positions.into_iter().zip(results).collect(), Vec::new())),
+                            Err(status) if crate::cells::is_replan(&status) => {
+                                Ok((Vec::new(), positions.into_iter().zip(transfers).collect()))
                             }
-                        }
-                        return Ok((done, again));
+                            Err(status) => Err(status),
+                        };
                     }
                     // Every item's two users are still in this pair.
                     let users: Vec<(u64, u64)> = transfers.iter().map(|t| (t.from_user_id, t.to_user_id)).collect();

@@ -108,10 +108,13 @@ impl Batched for Grabs {
 /// rules), so the cell answers each as it would answer it alone.
 pub struct Transfers;
 
+/// Each caller queues its transfers as one item (one for a unary call, a
+/// `SubmitTransfers` part for a batch): they travel in one call, in order,
+/// and the cell applies them in that order.
 impl Batched for Transfers {
     type Target = PairTarget;
-    type Item = TransferRequest;
-    type Answer = TransferResult;
+    type Item = Vec<TransferRequest>;
+    type Answer = Vec<TransferResult>;
     const BATCH_MAX: usize = cellbank_proto::SUBMIT_TRANSFERS_ITEMS_MAX;
     const IN_FLIGHT_MAX: usize = 4;
 
@@ -121,11 +124,17 @@ impl Batched for Transfers {
         )
     }
 
+    fn weight(transfers: &Vec<TransferRequest>) -> usize {
+        transfers.len()
+    }
+
     async fn call(
         (pool, pair_id): PairTarget,
-        transfers: Vec<TransferRequest>,
+        groups: Vec<Vec<TransferRequest>>,
         deadline: Instant,
-    ) -> Result<Vec<TransferResult>, Status> {
+    ) -> Result<Vec<Vec<TransferResult>>, Status> {
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        let transfers: Vec<TransferRequest> = groups.into_iter().flatten().collect();
         // Every item's two users are still in this pair, and neither's
         // slice started moving: a move sends the callers back to plan
         // again, and the direct call then waits for the move to end (a
@@ -142,7 +151,12 @@ impl Batched for Transfers {
                 c.submit_transfers(req).await
             })
             .await?;
-        Ok(response.results)
+        if response.results.len() != message.transfers.len() {
+            return Err(Status::internal("a cell answered with the wrong number of results"));
+        }
+        // Back to each caller, in its order.
+        let mut results = response.results.into_iter();
+        Ok(sizes.into_iter().map(|size| results.by_ref().take(size).collect()).collect())
     }
 }
 
