@@ -32,7 +32,8 @@ fn transfer(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
-    let cluster = Cluster::start(1, 2, |t| t.routers[0].metrics = Some(format!("127.0.0.1:{}", common::free_port())));
+    let mut cluster =
+        Cluster::start(1, 2, |t| t.routers[0].metrics = Some(format!("127.0.0.1:{}", common::free_port())));
     for pair in [1, 2] {
         cluster.wait_for_mode(pair, PairMode::Sync, Duration::from_secs(30)).await;
     }
@@ -315,5 +316,27 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     assert!(results.iter().all(|r| r.code == ResultCode::Ok as i32), "{results:?}");
     assert_eq!(balance(x).await, 0);
     assert_eq!(balance(c1).await, seed_amount - 150 + 450 - 100 - 400 + 40 * 4 + 60);
+
+    // A call whose part for one pair is recorded while its part for another
+    // fails is not answered as if nothing applied (which the clients' retry
+    // rule would send again as new): it is ABORTED, saying so.
+    cluster.sup.kill_cell(2);
+    cluster.sup.kill_cell(4);
+    let channel = cellbank_client::ChannelSettings::SERVICE.connect(&cluster.routers()[0]).await.expect("channel");
+    let mut ledger = cellbank_client::channel::ledger(channel);
+    let mut request = tonic::Request::new(SubmitTransfersRequest {
+        transfers: vec![transfer("split-1", a1, a2, 1), transfer("split-2", b1, b2, 1)],
+    });
+    request.set_timeout(Duration::from_secs(3));
+    let refused = ledger.submit_transfers(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("same transfer ids"), "{refused:?}");
+    assert!(!cellbank_client::retry::retryable(&refused, true), "not retried as if nothing applied");
+    assert_eq!(balance(a2).await, seed_amount + 10 - 50 + 5 + 7 + 1, "pair 1's item was recorded");
+    // A call all of whose items failed still says so as it is.
+    let mut request = tonic::Request::new(SubmitTransfersRequest { transfers: vec![transfer("split-3", b1, b2, 1)] });
+    request.set_timeout(Duration::from_secs(2));
+    let unavailable = ledger.submit_transfers(request).await.unwrap_err();
+    assert_eq!(unavailable.code(), tonic::Code::Unavailable, "{unavailable:?}");
     eprintln!("40 small SubmitTransfers calls reached pair 1 in {cell_calls} calls");
 }

@@ -89,14 +89,39 @@ fn remember<T: std::hash::Hash + Eq>(set: &std::sync::Mutex<std::collections::Ha
     set.insert(value);
 }
 
+/// When the router stops working on a call: a little before the caller's
+/// own deadline (a twentieth of it, at most 100 ms), so that the caller
+/// hears the router's answer (which part failed, and how) rather than its
+/// own timer's.
 fn deadline_of<T>(request: &Request<T>) -> Instant {
     let timeout =
         cellbank_client::deadline::of_request(request).unwrap_or(REQUEST_TIMEOUT_DEFAULT).min(REQUEST_TIMEOUT_MAX);
-    Instant::now() + timeout
+    Instant::now() + timeout.saturating_sub((timeout / 20).min(Duration::from_millis(100)))
 }
 
 fn invalid(error: validate::Invalid) -> Status {
     cellbank_client::errors::invalid_argument(error.field, &error.detail)
+}
+
+/// The answer to a `SubmitTransfers` call one of whose parts failed with
+/// `status`. When other parts' items were recorded (`some_recorded`), a
+/// status that says nothing applied (UNAVAILABLE, RESOURCE_EXHAUSTED: the
+/// clients' retry rule sends such a call again as if it had never been
+/// made) would be untrue: the call is ABORTED instead, saying that some
+/// items applied and that it goes again only with the same transfer ids.
+fn part_failed(status: Status, some_recorded: bool) -> Status {
+    // As the client will read it: the transport error behind a status
+    // does not cross the wire.
+    let says_nothing_applied = matches!(status.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted);
+    if !some_recorded || !says_nothing_applied {
+        return status;
+    }
+    Status::aborted(format!(
+        "some items of this call were recorded and others were not ({:?}: {}); send it again with the same \
+         transfer ids (a recorded item answers as a duplicate), never with new ones",
+        status.code(),
+        status.message()
+    ))
 }
 
 /// The pairs of two users in `table` (None before it is bootstrapped).
@@ -534,12 +559,22 @@ impl LedgerApi for Front {
             let (local, remote) =
                 futures::future::join(futures::future::join_all(local_calls), futures::future::join_all(cross_calls))
                     .await;
+            let mut failed = None;
             for part in local.into_iter().chain(remote) {
-                let (done, again) = part?;
-                for (position, result) in done {
-                    results[position] = Some(result);
+                match part {
+                    Ok((done, again)) => {
+                        for (position, result) in done {
+                            results[position] = Some(result);
+                        }
+                        pending.extend(again);
+                    }
+                    Err(status) => {
+                        failed.get_or_insert(status);
+                    }
                 }
-                pending.extend(again);
+            }
+            if let Some(status) = failed {
+                return Err(part_failed(status, results.iter().any(Option::is_some)));
             }
             if !pending.is_empty() {
                 // A slice moved under the plan: wait for the table's news.
