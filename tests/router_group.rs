@@ -134,9 +134,8 @@ async fn a_stale_router_is_refused_by_the_old_active_and_catches_up() {
         cluster.sup.pause(stale_id, false);
         let response = sent.await.unwrap().expect("served after catching up");
         assert_eq!(response.result.unwrap().code, cellbank_proto::v1::ResultCode::Ok as i32);
-        let after = common::metric(&stale_metrics, "cellbank_router_retries_total", "stale_table")
-            .await
-            .expect("the retries metric");
+        // Still no sample when this round's table caught up first.
+        let after = common::metric(&stale_metrics, "cellbank_router_retries_total", "stale_table").await.unwrap_or(0);
         println!("round {rounds}: stale-table retries on router {stale}: {before} before, {after} after");
         if after > before || rounds == 5 {
             break (before, after);
