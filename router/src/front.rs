@@ -437,6 +437,9 @@ impl LedgerApi for Front {
             )));
         }
         let mut results: Vec<Option<TransferResult>> = vec![None; items.len()];
+        // Whether a cell recorded any item of this call (a malformed item's
+        // result, given here, is not a record).
+        let mut recorded = false;
         // The valid items, planned (and planned again when a slice of
         // their plan moves) until each has its result.
         let mut pending: Vec<(usize, TransferRequest)> = Vec::with_capacity(items.len());
@@ -563,18 +566,20 @@ impl LedgerApi for Front {
             for part in local.into_iter().chain(remote) {
                 match part {
                     Ok((done, again)) => {
+                        recorded |= !done.is_empty();
                         for (position, result) in done {
                             results[position] = Some(result);
                         }
                         pending.extend(again);
                     }
+                    // One status answers the call: the first part's that failed.
                     Err(status) => {
                         failed.get_or_insert(status);
                     }
                 }
             }
             if let Some(status) = failed {
-                return Err(part_failed(status, results.iter().any(Option::is_some)));
+                return Err(part_failed(status, recorded));
             }
             if !pending.is_empty() {
                 // A slice moved under the plan: wait for the table's news.
