@@ -349,6 +349,53 @@ async fn assert_reconciles(cluster: &Cluster) {
     }
 }
 
+/// A grab of `envelope_id` by `user` through the routers: its result code.
+async fn grab(client: &CellClient, user: u64, envelope_id: &str) -> i32 {
+    call(client, |mut c| {
+        let request = GrabEnvelopeRequest { envelope_id: envelope_id.to_string(), user_id: user };
+        async move { c.grab_envelope(request).await }
+    })
+    .await
+    .result
+    .unwrap()
+    .code
+}
+
+/// A rush on `envelope_id` from another pair: `holders` open an account in
+/// its currency, then they and `strangers` grab at once. Each holder takes a
+/// share; each stranger is refused ACCOUNT_NOT_FOUND and takes none; the
+/// books reconcile.
+async fn rush_of_holders_and_strangers(
+    cluster: &Cluster,
+    client: &CellClient,
+    envelope_id: &str,
+    holders: &[u64],
+    strangers: &[u64],
+) {
+    for user in holders {
+        let opened = call(client, |mut c| async move {
+            c.open_account(OpenAccountRequest { user_id: *user, currency: CURRENCY.into() }).await
+        })
+        .await;
+        assert_eq!(opened.code, ResultCode::Ok as i32);
+    }
+    let everyone = holders.iter().chain(strangers);
+    let answers = futures::future::join_all(everyone.map(|user| grab(client, *user, envelope_id))).await;
+    let (held, refused) = answers.split_at(holders.len());
+    assert!(held.iter().all(|code| *code == ResultCode::Ok as i32), "holders: {answers:?}");
+    assert!(
+        refused.iter().all(|code| *code == ResultCode::AccountNotFound as i32),
+        "strangers {strangers:?}: {answers:?}"
+    );
+    let found = call(client, |mut c| {
+        let request = GetEnvelopeRequest { envelope_id: envelope_id.to_string(), page_size: 10, page_token: vec![] };
+        async move { c.get_envelope(request).await }
+    })
+    .await;
+    assert_eq!(found.envelope.unwrap().shares_grabbed, holders.len() as u32, "only the holders took shares");
+    assert_reconciles(cluster).await;
+}
+
 struct Setup {
     cluster: Cluster,
     users: Vec<u64>,
@@ -823,21 +870,11 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
         assert_eq!(cellbank_client::errors::bad_field(&refused).as_deref(), Some(field));
     }
     let envelope_id = send_envelope(&client, sender, "for-nobody", 0).await;
-    let grab = |user: u64, id: String| {
-        let client = &client;
-        async move {
-            call(client, |mut c| {
-                let request = GrabEnvelopeRequest { envelope_id: id.clone(), user_id: user };
-                async move { c.grab_envelope(request).await }
-            })
-            .await
-            .result
-            .unwrap()
-            .code
-        }
-    };
-    assert_eq!(grab(missing, envelope_id.clone()).await, ResultCode::AccountNotFound as i32);
-    assert_eq!(grab(missing, format!("{sender}.no-such-envelope")).await, ResultCode::EnvelopeNotFound as i32);
+    assert_eq!(grab(&client, missing, &envelope_id).await, ResultCode::AccountNotFound as i32);
+    assert_eq!(
+        grab(&client, missing, &format!("{sender}.no-such-envelope")).await,
+        ResultCode::EnvelopeNotFound as i32
+    );
     let found = call(&client, |mut c| {
         let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
         async move { c.get_envelope(request).await }
@@ -852,23 +889,7 @@ async fn a_transfer_to_a_missing_account_in_another_cell_is_refunded() {
     // one takes a share.
     let others: Vec<u64> = (2000..).filter(|u| pair(*u) != pair(sender)).take(40).collect();
     let (holders, strangers) = others.split_at(20);
-    for user in holders {
-        let opened = call(&client, |mut c| async move {
-            c.open_account(OpenAccountRequest { user_id: *user, currency: CURRENCY.into() }).await
-        })
-        .await;
-        assert_eq!(opened.code, ResultCode::Ok as i32);
-    }
-    let answers = futures::future::join_all(others.iter().map(|user| grab(*user, envelope_id.clone()))).await;
-    assert_eq!(&answers[..20], &[ResultCode::Ok as i32; 20], "holders: {answers:?}");
-    assert_eq!(&answers[20..], &[ResultCode::AccountNotFound as i32; 20], "strangers {strangers:?}: {answers:?}");
-    let found = call(&client, |mut c| {
-        let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
-        async move { c.get_envelope(request).await }
-    })
-    .await;
-    assert_eq!(found.envelope.unwrap().shares_grabbed, 20, "only the holders took shares");
-    assert_reconciles(&cluster).await;
+    rush_of_holders_and_strangers(&cluster, &client, &envelope_id, holders, strangers).await;
 }
 
 /// During a rolling upgrade the routers may be newer than the cells: a
@@ -907,36 +928,7 @@ async fn cross_cell_grabs_are_answered_by_cells_without_holds_accounts() {
     let envelope_id = send_envelope(&client, sender, "rolling-upgrade", 0).await;
     let others: Vec<u64> = (2000..).filter(|u| pair(*u) != pair(sender)).take(20).collect();
     let (holders, strangers) = others.split_at(10);
-    for user in holders {
-        let opened = call(&client, |mut c| async move {
-            c.open_account(OpenAccountRequest { user_id: *user, currency: CURRENCY.into() }).await
-        })
-        .await;
-        assert_eq!(opened.code, ResultCode::Ok as i32);
-    }
-    let grabs = others.iter().map(|user| {
-        let (client, envelope_id) = (&client, envelope_id.clone());
-        async move {
-            call(client, |mut c| {
-                let request = GrabEnvelopeRequest { envelope_id: envelope_id.clone(), user_id: *user };
-                async move { c.grab_envelope(request).await }
-            })
-            .await
-            .result
-            .unwrap()
-            .code
-        }
-    });
-    let answers = futures::future::join_all(grabs).await;
-    assert_eq!(&answers[..10], &[ResultCode::Ok as i32; 10], "holders: {answers:?}");
-    assert_eq!(&answers[10..], &[ResultCode::AccountNotFound as i32; 10], "strangers {strangers:?}: {answers:?}");
-    let found = call(&client, |mut c| {
-        let request = GetEnvelopeRequest { envelope_id: envelope_id.clone(), page_size: 10, page_token: vec![] };
-        async move { c.get_envelope(request).await }
-    })
-    .await;
-    assert_eq!(found.envelope.unwrap().shares_grabbed, 10, "only the holders took shares");
-    assert_reconciles(&cluster).await;
+    rush_of_holders_and_strangers(&cluster, &client, &envelope_id, holders, strangers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

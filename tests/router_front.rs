@@ -30,6 +30,21 @@ fn transfer(id: &str, from: u64, to: u64, amount: u64) -> TransferRequest {
     }
 }
 
+/// The answers to, in order: a retry of a recorded transfer, an id reused
+/// with another amount, an overdraft and a transfer without an id; each as
+/// `Transfer` answers it alone.
+fn assert_retry_reuse_overdraft_malformed(answers: &[Result<TransferResult, tonic::Status>]) {
+    let retried = answers[0].as_ref().expect("retry");
+    assert!(retried.code == ResultCode::Ok as i32 && retried.duplicate, "{retried:?}");
+    let reused = answers[1].as_ref().expect("reused id");
+    assert_eq!((reused.code, reused.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "amount"));
+    let overdraft = answers[2].as_ref().expect("overdraft");
+    assert_eq!(overdraft.code, ResultCode::InsufficientFunds as i32, "{overdraft:?}");
+    let malformed = answers[3].as_ref().unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument, "{malformed:?}");
+    assert!(cellbank_client::errors::bad_field(malformed).is_some(), "names its field: {malformed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
     let mut cluster =
@@ -194,13 +209,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         let answer = answer.as_ref().expect("transfer");
         assert!(answer.code == ResultCode::Ok as i32 && !answer.duplicate, "{answer:?}");
     }
-    let retried = answers[100].as_ref().expect("retry");
-    assert!(retried.code == ResultCode::Ok as i32 && retried.duplicate, "{retried:?}");
-    let reused = answers[101].as_ref().expect("reused id");
-    assert_eq!((reused.code, reused.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "amount"));
-    let overdraft = answers[102].as_ref().expect("overdraft");
-    assert_eq!(overdraft.code, ResultCode::InsufficientFunds as i32, "{overdraft:?}");
-    assert_eq!(answers[103].as_ref().unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_retry_reuse_overdraft_malformed(&answers[100..]);
     assert_eq!(balance(c1).await, seed_amount - 150 + 450 - 100);
     assert_eq!(balance(c2).await, seed_amount + 150 - 450 + 100);
     let calls = calls_to_pair_1().await.unwrap() - before;
@@ -247,15 +256,7 @@ async fn batches_split_by_cell_merge_in_order_and_cross_cell_items_travel() {
         let answer = answer.as_ref().unwrap();
         assert_eq!(answer.settlement, Settlement::InTransit as i32, "across pairs: {answer:?}");
     }
-    let retried = answers[300].as_ref().expect("retry");
-    assert!(retried.code == ResultCode::Ok as i32 && retried.duplicate, "{retried:?}");
-    let reused = answers[301].as_ref().expect("reused id");
-    assert_eq!((reused.code, reused.field.as_str()), (ResultCode::IdReusedWithDifferentFields as i32, "amount"));
-    let overdraft = answers[302].as_ref().expect("overdraft");
-    assert_eq!(overdraft.code, ResultCode::InsufficientFunds as i32, "{overdraft:?}");
-    let malformed = answers[303].as_ref().unwrap_err();
-    assert_eq!(malformed.code(), tonic::Code::InvalidArgument, "{malformed:?}");
-    assert!(cellbank_client::errors::bad_field(malformed).is_some(), "names its field: {malformed:?}");
+    assert_retry_reuse_overdraft_malformed(&answers[300..]);
     assert_eq!(balance(c1).await, seed_amount - 150 + 450 - 100 - 400);
     // d1's credits are local; its debits crossed to pair 2 and are credited
     // there once the courier delivers them.
